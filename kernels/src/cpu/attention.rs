@@ -1,0 +1,225 @@
+//! Multi-head softmax attention, tiled with an online softmax: never materialises more than a
+//! `Q_TILE x K_TILE` block of scores per task, so memory stays O(S) for any sequence length.
+//!
+//! Queries and keys/values are separate strided views, so a subset of query rows (one PipeFusion
+//! patch) can attend a full-sequence K/V buffer, and a fused `[.., 3d]` QKV projection can be read
+//! without copies.
+
+use rayon::prelude::*;
+
+use super::math::exp_fast;
+use super::matmul::{matmul_strided, MatRef};
+
+const Q_TILE: usize = 64;
+const K_TILE: usize = 256;
+
+/// A `[batch, seq, heads, head_dim]` view into a larger buffer: element `(b, s, h, j)` lives at
+/// `data[b * batch_stride + s * row_stride + col_offset + h * head_dim + j]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnInput<'a> {
+    /// The buffer.
+    pub data: &'a [f32],
+    /// Sequence length of this view.
+    pub seq: usize,
+    /// Elements between batches.
+    pub batch_stride: usize,
+    /// Elements between consecutive tokens.
+    pub row_stride: usize,
+    /// Offset of head 0 within a token row.
+    pub col_offset: usize,
+}
+
+impl AttnInput<'_> {
+    /// The largest index the view touches plus one, for bounds checks.
+    pub(crate) fn extent(&self, batch: usize, width: usize) -> usize {
+        if batch == 0 || self.seq == 0 {
+            return 0;
+        }
+        (batch - 1) * self.batch_stride + (self.seq - 1) * self.row_stride + self.col_offset + width
+    }
+    fn at(&self, b: usize, s: usize, col: usize) -> usize {
+        b * self.batch_stride + s * self.row_stride + self.col_offset + col
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttnDims {
+    pub(crate) batch: usize,
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// `out[b, i, h*dh..] = softmax(q_i · K^T * scale + bias[b]) · V` for every batch, head and query.
+/// `key_bias` (`[batch, seq_k]`) is added to every query's scores; `-inf` removes a key. A query
+/// whose keys are all removed gets zeros. `out` is `[batch, seq_q, heads * head_dim]`.
+pub(crate) fn attention(
+    out: &mut [f32],
+    q: AttnInput<'_>,
+    k: AttnInput<'_>,
+    v: AttnInput<'_>,
+    key_bias: Option<&[f32]>,
+    dims: AttnDims,
+) {
+    let AttnDims {
+        batch,
+        heads,
+        head_dim: dh,
+    } = dims;
+    let width = heads * dh;
+    let (sq, sk) = (q.seq, k.seq);
+    let q_tiles = sq.div_ceil(Q_TILE);
+    let scale = 1.0 / (dh as f32).sqrt();
+    // One task per (batch, head, query tile); each writes a disjoint block of `out`.
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..batch * heads * q_tiles)
+        .into_par_iter()
+        .for_each(|task| {
+            let (bh, qt) = (task / q_tiles, task % q_tiles);
+            let (b, h) = (bh / heads, bh % heads);
+            let q0 = qt * Q_TILE;
+            let rows = Q_TILE.min(sq - q0);
+            let bias = key_bias.map(|kb| &kb[b * sk..(b + 1) * sk]);
+            let mut acc = vec![0f32; rows * dh];
+            let mut scores = vec![0f32; rows * K_TILE];
+            let mut row_max = vec![f32::NEG_INFINITY; rows];
+            let mut row_sum = vec![0f32; rows];
+            for k0 in (0..sk).step_by(K_TILE) {
+                let cols = K_TILE.min(sk - k0);
+                let lhs = MatRef {
+                    ptr: q.data[q.at(b, q0, h * dh)..].as_ptr(),
+                    rs: q.row_stride as isize,
+                    cs: 1,
+                };
+                // rhs[j][c] = K[k0 + c][j]
+                let rhs = MatRef {
+                    ptr: k.data[k.at(b, k0, h * dh)..].as_ptr(),
+                    rs: 1,
+                    cs: k.row_stride as isize,
+                };
+                // SAFETY: q rows q0..q0+rows and k rows k0..k0+cols exist (checked by the caller via
+                // `extent`); `scores` holds rows x K_TILE.
+                unsafe {
+                    matmul_strided(
+                        scores.as_mut_ptr(),
+                        K_TILE as isize,
+                        rows,
+                        cols,
+                        dh,
+                        lhs,
+                        rhs,
+                        false,
+                    )
+                };
+                for r in 0..rows {
+                    let s = &mut scores[r * K_TILE..r * K_TILE + cols];
+                    let mut m = f32::NEG_INFINITY;
+                    for (c, x) in s.iter_mut().enumerate() {
+                        *x = *x * scale + bias.map_or(0.0, |bb| bb[k0 + c]);
+                        m = m.max(*x);
+                    }
+                    let new_max = row_max[r].max(m);
+                    if new_max == f32::NEG_INFINITY {
+                        s.iter_mut().for_each(|x| *x = 0.0);
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for x in s.iter_mut() {
+                        *x = exp_fast(*x - new_max);
+                        sum += *x;
+                    }
+                    let correction = exp_fast(row_max[r] - new_max);
+                    row_sum[r] = row_sum[r] * correction + sum;
+                    row_max[r] = new_max;
+                    if correction != 1.0 {
+                        acc[r * dh..(r + 1) * dh]
+                            .iter_mut()
+                            .for_each(|a| *a *= correction);
+                    }
+                }
+                let p = MatRef {
+                    ptr: scores.as_ptr(),
+                    rs: K_TILE as isize,
+                    cs: 1,
+                };
+                let vv = MatRef {
+                    ptr: v.data[v.at(b, k0, h * dh)..].as_ptr(),
+                    rs: v.row_stride as isize,
+                    cs: 1,
+                };
+                // SAFETY: as above for v; `acc` holds rows x dh.
+                unsafe {
+                    matmul_strided(acc.as_mut_ptr(), dh as isize, rows, dh, cols, p, vv, true)
+                };
+            }
+            for r in 0..rows {
+                let inv = if row_sum[r] > 0.0 {
+                    1.0 / row_sum[r]
+                } else {
+                    0.0
+                };
+                let dst = ((b * sq + q0 + r) * width + h * dh) as isize;
+                for j in 0..dh {
+                    // SAFETY: each (b, query row, head) block is written by exactly one task.
+                    unsafe { *out_ptr.get().offset(dst + j as isize) = acc[r * dh + j] * inv };
+                }
+            }
+        });
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint regions (see `attention`).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Reference attention: materialises the whole score matrix, f64 softmax.
+pub fn attention_slow(
+    q: AttnInput<'_>,
+    k: AttnInput<'_>,
+    v: AttnInput<'_>,
+    key_bias: Option<&[f32]>,
+    batch: usize,
+    heads: usize,
+    dh: usize,
+) -> Vec<f32> {
+    let (sq, sk) = (q.seq, k.seq);
+    let mut out = vec![0f32; batch * sq * heads * dh];
+    let scale = 1.0 / (dh as f64).sqrt();
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..sq {
+                let s: Vec<f64> = (0..sk)
+                    .map(|c| {
+                        let dot: f64 = (0..dh)
+                            .map(|j| {
+                                q.data[q.at(b, i, h * dh + j)] as f64
+                                    * k.data[k.at(b, c, h * dh + j)] as f64
+                            })
+                            .sum();
+                        dot * scale + key_bias.map_or(0.0, |kb| kb[b * sk + c] as f64)
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for j in 0..dh {
+                    let o: f64 = (0..sk)
+                        .map(|c| e[c] * v.data[v.at(b, c, h * dh + j)] as f64)
+                        .sum();
+                    out[(b * sq + i) * heads * dh + h * dh + j] = (o / z) as f32;
+                }
+            }
+        }
+    }
+    out
+}

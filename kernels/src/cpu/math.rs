@@ -1,0 +1,44 @@
+//! Scalar math written so that LLVM vectorises loops over it (no libm calls, no branches that
+//! block vectorisation): `exp` by range reduction plus a Cephes polynomial, and GELU / SiLU on top.
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// `e^x` with about 2 ulp error over the f32 range; returns 0 below -87.3 (and for -inf) and
+/// saturates at `e^88.3` above. Vectorisable.
+#[inline(always)]
+pub fn exp_fast(x: f32) -> f32 {
+    let xc = x.clamp(-87.3, 88.3);
+    // n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2]
+    let n = (xc * LOG2E + 0.5).floor();
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// `gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, computed as `x * sigmoid(2u)`,
+/// which is the same function.
+#[inline(always)]
+pub fn gelu_tanh_scalar(x: f32) -> f32 {
+    const K: f32 = 0.797_884_6; // sqrt(2/pi)
+    let u = K * (x + 0.044_715 * x * x * x);
+    x / (1.0 + exp_fast(-2.0 * u))
+}
+
+/// `silu(x) = x * sigmoid(x)`.
+#[inline(always)]
+pub(crate) fn silu_scalar(x: f32) -> f32 {
+    x / (1.0 + exp_fast(-x))
+}

@@ -1,0 +1,54 @@
+//! The CPU backend: a rayon pool per device and the f32 kernels it runs.
+
+pub(crate) mod activation;
+pub(crate) mod attention;
+pub(crate) mod layout;
+pub(crate) mod math;
+pub(crate) mod matmul;
+pub(crate) mod norm;
+
+use std::sync::Arc;
+
+use crate::{KernelError, Result};
+
+/// A CPU device: a thread pool of a fixed size on which all of its ops run.
+#[derive(Clone)]
+pub struct CpuDevice {
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for CpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cpu({} threads)", self.threads)
+    }
+}
+
+impl CpuDevice {
+    /// A device with its own pool of `threads` threads (at least 1).
+    pub fn new(threads: usize) -> Result<CpuDevice> {
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("pipefuse-cpu-{i}"))
+            .build()
+            .map_err(|e| KernelError::ThreadPool {
+                threads,
+                reason: e.to_string(),
+            })?;
+        Ok(CpuDevice {
+            pool: Arc::new(pool),
+            threads,
+        })
+    }
+
+    /// Number of threads of this device.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f` on this device's pool (nested calls from inside the pool run directly).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}

@@ -1,0 +1,411 @@
+//! `Device`: the one place where ops dispatch to a backend. Every method checks shapes and returns
+//! a [`KernelError`] naming the op instead of panicking.
+
+use std::ops::Range;
+
+use crate::cpu::attention::{AttnDims, AttnInput};
+use crate::cpu::layout::PatchGeom;
+use crate::cpu::{self, CpuDevice};
+use crate::cuda_stub::CudaDevice;
+use crate::{KernelError, Result, Tensor};
+
+/// Where ops run.
+#[derive(Debug, Clone)]
+pub enum Device {
+    /// The CPU backend with its own thread pool.
+    Cpu(CpuDevice),
+    /// A CUDA GPU (not constructible until the CUDA backend lands).
+    Cuda(CudaDevice),
+}
+
+/// A `[batch, seq, heads, head_dim]` view into a tensor for [`Device::attention`]: element
+/// `(b, s, h, j)` is at flat index `b * batch_stride + s * row_stride + col_offset + h * head_dim + j`.
+/// With a fused QKV projection `[B, S, 3d]`, Q/K/V are the views at `col_offset` 0, d and 2d.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnView<'a> {
+    /// The tensor viewed.
+    pub tensor: &'a Tensor,
+    /// Tokens in the view.
+    pub seq: usize,
+    /// Elements between batches.
+    pub batch_stride: usize,
+    /// Elements between tokens.
+    pub row_stride: usize,
+    /// Offset of head 0 in a token row.
+    pub col_offset: usize,
+}
+
+impl<'a> AttnView<'a> {
+    /// Views a contiguous `[B, S, width]` tensor at column `col_offset`.
+    pub fn of(tensor: &'a Tensor, col_offset: usize) -> Result<Self> {
+        let &[_, seq, width] = tensor.shape() else {
+            return Err(KernelError::shape(
+                "attention",
+                format!("expected [B, S, width], got {:?}", tensor.shape()),
+            ));
+        };
+        Ok(AttnView {
+            tensor,
+            seq,
+            batch_stride: seq * width,
+            row_stride: width,
+            col_offset,
+        })
+    }
+
+    fn cpu(&self) -> Result<AttnInput<'a>> {
+        Ok(AttnInput {
+            data: self.tensor.as_f32()?,
+            seq: self.seq,
+            batch_stride: self.batch_stride,
+            row_stride: self.row_stride,
+            col_offset: self.col_offset,
+        })
+    }
+}
+
+fn last_dim(op: &'static str, t: &Tensor) -> Result<usize> {
+    t.shape()
+        .last()
+        .copied()
+        .ok_or_else(|| KernelError::shape(op, "scalar tensor"))
+}
+
+fn check_len(op: &'static str, what: &str, t: &Tensor, want: usize) -> Result<()> {
+    if t.elem_count() != want {
+        return Err(KernelError::shape(
+            op,
+            format!("{what} has shape {:?}, expected {want} elements", t.shape()),
+        ));
+    }
+    Ok(())
+}
+
+impl Device {
+    /// A CPU device running its ops on `threads` threads.
+    pub fn cpu(threads: usize) -> Result<Device> {
+        Ok(Device::Cpu(CpuDevice::new(threads)?))
+    }
+
+    /// CUDA device `ordinal` (fails in this build: no CUDA backend yet).
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        CudaDevice::new(ordinal).map(Device::Cuda)
+    }
+
+    /// Human-readable name, e.g. `cpu(2 threads)`.
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu(c) => format!("{c:?}"),
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// Runs `f` with this device's threads available to nested parallel code.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match self {
+            Device::Cpu(c) => c.install(f),
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// `x[.., k] · w[n, k]^T + b[n]` (torch `Linear` layout) -> `[.., n]`.
+    pub fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let k = last_dim("linear", x)?;
+        let &[n, wk] = w.shape() else {
+            return Err(KernelError::shape(
+                "linear",
+                format!("weight must be [out, in], got {:?}", w.shape()),
+            ));
+        };
+        if wk != k {
+            return Err(KernelError::shape(
+                "linear",
+                format!("input {:?} vs weight {:?}", x.shape(), w.shape()),
+            ));
+        }
+        if let Some(b) = b {
+            check_len("linear", "bias", b, n)?;
+        }
+        let m = x.elem_count() / k.max(1);
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("checked non-scalar") = n;
+        match self {
+            Device::Cpu(c) => {
+                let mut y = vec![0f32; m * n];
+                let (xs, ws) = (x.as_f32()?, w.as_f32()?);
+                let bs = b.map(|b| b.as_f32()).transpose()?;
+                c.install(|| cpu::matmul::linear(&mut y, xs, ws, bs, m, k, n, c.threads()));
+                Tensor::from_vec(y, &shape)
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// GELU (tanh approximation) in place.
+    pub fn gelu_tanh_(&self, x: &mut Tensor) -> Result<()> {
+        match self {
+            Device::Cpu(c) => {
+                let xs = x.as_f32_mut()?;
+                c.install(|| cpu::activation::gelu_tanh(xs));
+                Ok(())
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// SiLU, returning a new tensor.
+    pub fn silu(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Device::Cpu(c) => {
+                let mut y = x.clone();
+                let ys = y.as_f32_mut()?;
+                c.install(|| cpu::activation::silu(ys));
+                Ok(y)
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// adaLN: `LN_eps(x) * (1 + scale[b]) + shift[b]` for `x: [B, n, d]`, `shift, scale: [B, d]`.
+    pub fn layer_norm_modulate(
+        &self,
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let &[batch, _, d] = x.shape() else {
+            return Err(KernelError::shape(
+                "layer_norm_modulate",
+                format!("x must be [B, n, d], got {:?}", x.shape()),
+            ));
+        };
+        check_len("layer_norm_modulate", "shift", shift, batch * d)?;
+        check_len("layer_norm_modulate", "scale", scale, batch * d)?;
+        match self {
+            Device::Cpu(c) => {
+                let mut y = vec![0f32; x.elem_count()];
+                let (xs, sh, sc) = (x.as_f32()?, shift.as_f32()?, scale.as_f32()?);
+                c.install(|| cpu::norm::layer_norm_modulate(&mut y, xs, sh, sc, batch, d, eps));
+                Tensor::from_vec(y, x.shape())
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// LayerNorm over the last dimension with optional affine `gamma`, `beta` (`[d]`).
+    pub fn layer_norm(
+        &self,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let d = last_dim("layer_norm", x)?;
+        for (what, t) in [("gamma", gamma), ("beta", beta)] {
+            if let Some(t) = t {
+                check_len("layer_norm", what, t, d)?;
+            }
+        }
+        match self {
+            Device::Cpu(c) => {
+                let mut y = vec![0f32; x.elem_count()];
+                let xs = x.as_f32()?;
+                let g = gamma.map(|t| t.as_f32()).transpose()?;
+                let b = beta.map(|t| t.as_f32()).transpose()?;
+                c.install(|| cpu::norm::layer_norm(&mut y, xs, g, b, d, eps));
+                Tensor::from_vec(y, x.shape())
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// Multi-head attention of `q` against `k`/`v` (see [`AttnView`]); `key_bias: [B, Sk]` is added
+    /// to the scores (`-inf` masks a key). Returns `[B, Sq, heads * head_dim]`.
+    pub fn attention(
+        &self,
+        q: AttnView<'_>,
+        k: AttnView<'_>,
+        v: AttnView<'_>,
+        key_bias: Option<&Tensor>,
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Tensor> {
+        let width = heads * head_dim;
+        if k.seq != v.seq {
+            return Err(KernelError::shape(
+                "attention",
+                format!("{} keys but {} values", k.seq, v.seq),
+            ));
+        }
+        if let Some(kb) = key_bias {
+            check_len("attention", "key bias", kb, batch * k.seq)?;
+        }
+        match self {
+            Device::Cpu(c) => {
+                let (qc, kc, vc) = (q.cpu()?, k.cpu()?, v.cpu()?);
+                for (name, view) in [("q", &qc), ("k", &kc), ("v", &vc)] {
+                    if view.extent(batch, width) > view.data.len() {
+                        return Err(KernelError::shape(
+                            "attention",
+                            format!(
+                                "{name} view exceeds its tensor of {} elements",
+                                view.data.len()
+                            ),
+                        ));
+                    }
+                }
+                let kb = key_bias.map(|t| t.as_f32()).transpose()?;
+                let mut out = vec![0f32; batch * q.seq * width];
+                let dims = AttnDims {
+                    batch,
+                    heads,
+                    head_dim,
+                };
+                c.install(|| cpu::attention::attention(&mut out, qc, kc, vc, kb, dims));
+                Tensor::from_vec(out, &[batch, q.seq, width])
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// `x += gate[b] * y` (or `x += y` without a gate) for `x, y: [B, n, d]`, `gate: [B, d]`.
+    pub fn add_gated_(&self, x: &mut Tensor, y: &Tensor, gate: Option<&Tensor>) -> Result<()> {
+        if x.shape() != y.shape() || x.shape().len() != 3 {
+            return Err(KernelError::shape(
+                "add_gated",
+                format!("{:?} vs {:?}", x.shape(), y.shape()),
+            ));
+        }
+        let (batch, d) = (x.dim(0), x.dim(2));
+        if let Some(g) = gate {
+            check_len("add_gated", "gate", g, batch * d)?;
+        }
+        match self {
+            Device::Cpu(c) => {
+                let ys = y.as_f32()?;
+                let g = gate.map(|t| t.as_f32()).transpose()?;
+                let xs = x.as_f32_mut()?;
+                c.install(|| cpu::layout::add_gated(xs, ys, g, batch, d));
+                Ok(())
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    /// Adds `rows: [n, d]` to every batch of `x: [B, n, d]`.
+    pub fn add_broadcast_(&self, x: &mut Tensor, rows: &Tensor) -> Result<()> {
+        let &[b, n, d] = x.shape() else {
+            return Err(KernelError::shape(
+                "add_broadcast",
+                format!("x must be [B, n, d], got {:?}", x.shape()),
+            ));
+        };
+        check_len("add_broadcast", "rows", rows, n * d)?;
+        let r = rows.as_f32()?;
+        let xs = x.as_f32_mut()?;
+        for i in 0..b {
+            xs[i * n * d..(i + 1) * n * d]
+                .iter_mut()
+                .zip(r)
+                .for_each(|(x, r)| *x += r);
+        }
+        Ok(())
+    }
+
+    /// Patch vectors `[B, rows.len() * W/p, C*p*p]` of token rows `rows` of `latent: [B, C, H, W]`.
+    pub fn patchify(&self, latent: &Tensor, patch: usize, rows: Range<usize>) -> Result<Tensor> {
+        let &[batch, channels, height, width] = latent.shape() else {
+            return Err(KernelError::shape(
+                "patchify",
+                format!("latent must be [B, C, H, W], got {:?}", latent.shape()),
+            ));
+        };
+        if patch == 0 || height % patch != 0 || width % patch != 0 || rows.end * patch > height {
+            return Err(KernelError::shape(
+                "patchify",
+                format!(
+                    "latent {:?} with patch {patch}, token rows {rows:?}",
+                    latent.shape()
+                ),
+            ));
+        }
+        let g = PatchGeom {
+            batch,
+            channels,
+            height,
+            width,
+            patch,
+        };
+        let n = rows.len() * (width / patch);
+        let mut out = vec![0f32; batch * n * channels * patch * patch];
+        let xs = latent.as_f32()?;
+        match self {
+            Device::Cpu(c) => c.install(|| cpu::layout::patchify(&mut out, xs, g, rows)),
+            Device::Cuda(c) => match *c {},
+        }
+        Tensor::from_vec(out, &[batch, n, channels * patch * patch])
+    }
+
+    /// Inverse of the final projection layout: `tokens: [B, token_rows * W/p, p*p*C]` to
+    /// `[B, C, token_rows * p, W]`.
+    pub fn unpatchify(
+        &self,
+        tokens: &Tensor,
+        channels: usize,
+        token_rows: usize,
+        width: usize,
+        patch: usize,
+    ) -> Result<Tensor> {
+        let &[batch, n, feat] = tokens.shape() else {
+            return Err(KernelError::shape(
+                "unpatchify",
+                format!("tokens must be [B, n, f], got {:?}", tokens.shape()),
+            ));
+        };
+        if patch == 0
+            || width % patch != 0
+            || n != token_rows * (width / patch)
+            || feat != patch * patch * channels
+        {
+            return Err(KernelError::shape("unpatchify", format!("tokens {:?} vs {token_rows} rows x width {width}, patch {patch}, {channels} channels", tokens.shape())));
+        }
+        let g = PatchGeom {
+            batch,
+            channels,
+            height: token_rows * patch,
+            width,
+            patch,
+        };
+        let mut out = vec![0f32; tokens.elem_count()];
+        let ts = tokens.as_f32()?;
+        match self {
+            Device::Cpu(_) => cpu::layout::unpatchify(&mut out, ts, g, token_rows),
+            Device::Cuda(c) => match *c {},
+        }
+        Tensor::from_vec(out, &[batch, channels, token_rows * patch, width])
+    }
+
+    /// Rows `ids` of `table: [N, d]` -> `[ids.len(), d]`; an id out of range is an error.
+    pub fn embedding(&self, table: &Tensor, ids: &[usize]) -> Result<Tensor> {
+        let &[rows, d] = table.shape() else {
+            return Err(KernelError::shape(
+                "embedding",
+                format!("table must be [N, d], got {:?}", table.shape()),
+            ));
+        };
+        let t = table.as_f32()?;
+        let mut out = Vec::with_capacity(ids.len() * d);
+        for &i in ids {
+            if i >= rows {
+                return Err(KernelError::shape(
+                    "embedding",
+                    format!("id {i} out of range for a table of {rows} rows"),
+                ));
+            }
+            out.extend_from_slice(&t[i * d..(i + 1) * d]);
+        }
+        Tensor::from_vec(out, &[ids.len(), d])
+    }
+}

@@ -1,0 +1,65 @@
+//! The kernels crate's error type.
+
+use crate::DType;
+
+/// Result alias of the kernels crate.
+pub type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+/// Everything a kernel can refuse.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// Operand shapes do not fit the op.
+    #[error("{op}: shape mismatch: {detail}")]
+    Shape {
+        /// The op that refused.
+        op: &'static str,
+        /// Which shapes and why.
+        detail: String,
+    },
+    /// The op needs another element type.
+    #[error("{op}: expected dtype {expected}, got {got}")]
+    DType {
+        /// The op that refused.
+        op: &'static str,
+        /// What it accepts.
+        expected: DType,
+        /// What it was given.
+        got: DType,
+    },
+    /// A tensor lives on another device than the op's.
+    #[error("{op}: tensor is on {got}, op runs on {expected}")]
+    DeviceMismatch {
+        /// The op that refused.
+        op: &'static str,
+        /// The op's device.
+        expected: String,
+        /// The tensor's device.
+        got: String,
+    },
+    /// This binary has no CUDA backend (built without the `cuda` feature, or not implemented yet).
+    #[error(
+        "CUDA device {ordinal} requested, but this build has no CUDA backend; use a cpu device"
+    )]
+    CudaNotAvailable {
+        /// Requested ordinal.
+        ordinal: usize,
+    },
+    /// The thread pool of a CPU device could not be built.
+    #[error("cannot start a CPU device with {threads} threads: {reason}")]
+    ThreadPool {
+        /// Requested thread count.
+        threads: usize,
+        /// What rayon said.
+        reason: String,
+    },
+}
+
+impl KernelError {
+    pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+        KernelError::Shape {
+            op,
+            detail: detail.into(),
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! Tensors and the operations a Diffusion Transformer needs, on a CPU backend that is always built
+//! and (later) a CUDA backend behind the `cuda` feature.
+//!
+//! Key types: [`Tensor`] (contiguous row-major storage plus a shape), [`Device`] (where ops run and
+//! on how many threads), [`DType`].
+//!
+//! # Design
+//! Every op is a method of [`Device`] and dispatches with one `match` on the device; callers never
+//! see which backend ran. The CPU backend computes in `f32` (f16 / bf16 tensors are converted at
+//! load: no CPU GEMM crate offers bf16 yet). Each fast CPU kernel has a slow, obviously-correct
+//! reference beside it (`*_slow`), and `tests/ops.rs` checks one against the other.
+//!
+//! A CPU device owns a rayon thread pool; its ops (GEMMs included) run only on that pool, so two
+//! devices in one process with one thread each never compete for each other's threads.
+//!
+//! The CUDA backend is not built yet: [`Device::cuda`] returns [`KernelError::CudaNotAvailable`].
+//! The storage enum already has its CUDA arm (an uninhabited type), so adding the backend changes
+//! no caller.
+//!
+//! # Invariant
+//! Tensors are always contiguous and row-major; ops never panic on bad shapes but return
+//! [`KernelError::Shape`] naming the op and the shapes.
+
+mod cpu;
+mod cuda_stub;
+mod device;
+mod dtype;
+mod error;
+mod tensor;
+
+pub use cpu::math::{exp_fast, gelu_tanh_scalar};
+pub use cpu::CpuDevice;
+pub use device::AttnView;
+pub use device::Device;
+pub use dtype::DType;
+pub use error::{KernelError, Result};
+pub use tensor::{CpuStorage, Storage, Tensor};
+
+/// Slow reference implementations of every fast op, for tests and validation harnesses.
+pub mod reference {
+    pub use crate::cpu::activation::{gelu_tanh_slow, silu_slow};
+    pub use crate::cpu::attention::{attention_slow, AttnInput as SlowAttnInput};
+    pub use crate::cpu::matmul::linear_slow;
+    pub use crate::cpu::norm::{layer_norm_modulate_slow, layer_norm_slow};
+}

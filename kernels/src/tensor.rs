@@ -1,0 +1,236 @@
+//! The tensor type: contiguous row-major storage plus a shape.
+
+use half::{bf16, f16};
+
+use crate::cuda_stub::CudaStorage;
+use crate::{DType, KernelError, Result};
+
+/// Host memory of a tensor, one variant per dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CpuStorage {
+    /// f32 elements (the CPU compute type).
+    F32(Vec<f32>),
+    /// f16 elements.
+    F16(Vec<f16>),
+    /// bf16 elements.
+    BF16(Vec<bf16>),
+}
+
+/// Where a tensor's elements live. Dispatch over backends is one `match` on this enum.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// Host memory.
+    Cpu(CpuStorage),
+    /// Device memory of a CUDA GPU (uninhabited until the CUDA backend lands).
+    Cuda(CudaStorage),
+}
+
+/// A contiguous, row-major n-dimensional array.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+impl CpuStorage {
+    fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F16(_) => DType::F16,
+            CpuStorage::BF16(_) => DType::BF16,
+        }
+    }
+}
+
+impl Tensor {
+    /// A host f32 tensor from its elements. Errors when `data.len()` is not the shape's product.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        Self::from_cpu(CpuStorage::F32(data), shape)
+    }
+
+    /// A host tensor of any dtype from its storage.
+    pub fn from_cpu(storage: CpuStorage, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if storage.len() != n {
+            return Err(KernelError::shape(
+                "from_vec",
+                format!(
+                    "{} elements cannot have shape {:?} ({} elements)",
+                    storage.len(),
+                    shape,
+                    n
+                ),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(storage),
+        })
+    }
+
+    /// A host f32 tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(CpuStorage::F32(vec![0.0; n])),
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Size of dimension `i` (negative counts from the end is not supported; use `shape()`).
+    pub fn dim(&self, i: usize) -> usize {
+        self.shape[i]
+    }
+
+    /// Number of elements.
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        match &self.storage {
+            Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => match *s {},
+        }
+    }
+
+    /// The storage (for backends).
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Same elements, new shape with the same element count.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != self.elem_count() {
+            return Err(KernelError::shape(
+                "reshape",
+                format!("cannot reshape {:?} to {:?}", self.shape, shape),
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// The f32 elements of a host tensor.
+    pub fn as_f32(&self) -> Result<&[f32]> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(s) => Err(KernelError::DType {
+                op: "as_f32",
+                expected: DType::F32,
+                got: s.dtype(),
+            }),
+            Storage::Cuda(s) => match *s {},
+        }
+    }
+
+    /// The f32 elements of a host tensor, mutably.
+    pub fn as_f32_mut(&mut self) -> Result<&mut [f32]> {
+        match &mut self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(s) => Err(KernelError::DType {
+                op: "as_f32_mut",
+                expected: DType::F32,
+                got: s.dtype(),
+            }),
+            Storage::Cuda(s) => match *s {},
+        }
+    }
+
+    /// Copies the elements to a host `Vec<f32>`, converting from f16 / bf16.
+    pub fn to_vec_f32(&self) -> Vec<f32> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => v.clone(),
+            Storage::Cpu(CpuStorage::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Cpu(CpuStorage::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Cuda(s) => match *s {},
+        }
+    }
+
+    /// Converts a host tensor to another dtype (rounding to nearest even).
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        let v = self.to_vec_f32();
+        let storage = match dtype {
+            DType::F32 => CpuStorage::F32(v),
+            DType::F16 => CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+        };
+        Tensor {
+            shape: self.shape.clone(),
+            storage: Storage::Cpu(storage),
+        }
+    }
+
+    /// Copies rows `start..start + len` of dimension `dim` into a new tensor.
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        if dim >= self.shape.len() || start + len > self.shape[dim] {
+            return Err(KernelError::shape(
+                "narrow",
+                format!(
+                    "rows {start}..{} of dim {dim} out of range for {:?}",
+                    start + len,
+                    self.shape
+                ),
+            ));
+        }
+        let src = self.as_f32()?;
+        let outer: usize = self.shape[..dim].iter().product();
+        let inner: usize = self.shape[dim + 1..].iter().product();
+        let mut out = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            let base = (o * self.shape[dim] + start) * inner;
+            out.extend_from_slice(&src[base..base + len * inner]);
+        }
+        let mut shape = self.shape.clone();
+        shape[dim] = len;
+        Tensor::from_vec(out, &shape)
+    }
+
+    /// Concatenates tensors along `dim`; all other dimensions must agree.
+    pub fn cat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let first = parts
+            .first()
+            .ok_or_else(|| KernelError::shape("cat", "no tensors"))?;
+        let rank = first.shape.len();
+        for p in parts {
+            let same = p.shape.len() == rank
+                && (0..rank).all(|i| i == dim || p.shape[i] == first.shape[i]);
+            if !same || dim >= rank {
+                return Err(KernelError::shape(
+                    "cat",
+                    format!(
+                        "cannot concatenate {:?} and {:?} along dim {dim}",
+                        first.shape, p.shape
+                    ),
+                ));
+            }
+        }
+        let outer: usize = first.shape[..dim].iter().product();
+        let inner: usize = first.shape[dim + 1..].iter().product();
+        let total: usize = parts.iter().map(|p| p.shape[dim]).sum();
+        let mut out = Vec::with_capacity(outer * total * inner);
+        for o in 0..outer {
+            for p in parts {
+                let rows = p.shape[dim] * inner;
+                out.extend_from_slice(&p.as_f32()?[o * rows..(o + 1) * rows]);
+            }
+        }
+        let mut shape = first.shape.clone();
+        shape[dim] = total;
+        Tensor::from_vec(out, &shape)
+    }
+}
