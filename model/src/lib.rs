@@ -1,1 +1,26 @@
-pub fn x() {}
+//! DiT and PixArt-alpha transformers as diffusers computes them, loaded by block range, plus the
+//! samplers that drive them.
+//!
+//! Key types: [`Transformer`] (a whole model or the slice of blocks one pipeline stage owns, with
+//! the forward split into embed / blocks / head), [`ModelConfig`] (from `config.json` or a named
+//! preset), [`sampler::Scheduler`] (DDIM, DPM-Solver++ 2M, flow-matching Euler).
+//!
+//! The model crate knows nothing of clusters: it takes a `Range<usize>` of blocks and a strip of
+//! token rows, never a plan. A slice reads only the weights of its blocks (the safetensors shards
+//! are memory-mapped and only the tensors it names are touched).
+
+mod blocks;
+mod cond;
+mod config;
+mod dit;
+mod embedding;
+mod error;
+pub mod sampler;
+mod weights;
+
+pub use cond::{CondInputs, Conditioning};
+pub use config::{Arch, ModelConfig};
+pub use dit::Transformer;
+pub use embedding::pos_embed_2d;
+pub use error::{ModelError, Result};
+pub use weights::{RandomWeights, SafetensorsDir, WeightSource};

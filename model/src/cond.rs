@@ -1,0 +1,139 @@
+//! Per-step conditioning: what a forward needs besides the latent, and the embedders that turn it
+//! into the vectors the blocks consume. Every pipeline stage computes its own conditioning (it is
+//! cheap), so no stage waits for another to send it.
+
+use kernels::{Device, Tensor};
+
+use crate::config::{Arch, ModelConfig};
+use crate::embedding::{timestep_features, Linear, TimestepEmbedding};
+use crate::error::{ModelError, Result};
+use crate::weights::WeightSource;
+
+/// The request-side inputs of one forward over a batch of B.
+#[derive(Debug, Clone, Default)]
+pub struct CondInputs {
+    /// Diffusion timestep per batch element.
+    pub timesteps: Vec<f32>,
+    /// DiT: class label per batch element (`num_classes` is the CFG null class).
+    pub class_labels: Vec<usize>,
+    /// PixArt: caption embeddings `[B, T, caption_channels]`.
+    pub caption: Option<Tensor>,
+    /// PixArt: caption mask `[B, T]`, 1 = keep, 0 = padding.
+    pub caption_mask: Option<Tensor>,
+    /// PixArt-1024: image (height, width) in pixels per batch element.
+    pub resolution: Option<Vec<[f32; 2]>>,
+    /// PixArt-1024: aspect ratio (height / width) per batch element.
+    pub aspect_ratio: Option<Vec<f32>>,
+}
+
+impl CondInputs {
+    /// Batch size B.
+    pub fn batch(&self) -> usize {
+        self.timesteps.len()
+    }
+}
+
+/// Conditioning in the form blocks consume.
+#[derive(Debug, Clone)]
+pub enum Conditioning {
+    /// DiT: each block embeds timestep and class with its own embedder.
+    Dit {
+        /// `[B, 256]` sinusoidal features (shift 1).
+        t_features: Tensor,
+        /// Class labels.
+        labels: Vec<usize>,
+    },
+    /// PixArt: shared by all blocks.
+    PixArt {
+        /// `[B, d]` (before SiLU; also drives the final layer).
+        embedded_timestep: Tensor,
+        /// `[B, 6d]` = `adaln_single.linear(silu(embedded_timestep))`.
+        timestep_mod: Tensor,
+        /// `[B, T, d]` projected caption.
+        caption: Tensor,
+        /// `[B, T]` additive bias, `(1 - mask) * -10000`.
+        caption_bias: Option<Tensor>,
+    },
+}
+
+/// PixArt's shared embedders (`adaln_single`, `caption_projection`).
+#[derive(Debug, Clone)]
+pub(crate) struct PixArtEmbedders {
+    timestep: TimestepEmbedding,
+    extra: Option<(TimestepEmbedding, TimestepEmbedding)>, // resolution, aspect ratio
+    adaln: Linear,
+    caption_in: Linear,
+    caption_out: Linear,
+}
+
+impl PixArtEmbedders {
+    pub(crate) fn load(src: &dyn WeightSource, cfg: &ModelConfig) -> Result<Self> {
+        let d = cfg.hidden();
+        let extra = if cfg.use_additional_conditions {
+            Some((
+                TimestepEmbedding::load(src, "adaln_single.emb.resolution_embedder", 256, d / 3)?,
+                TimestepEmbedding::load(src, "adaln_single.emb.aspect_ratio_embedder", 256, d / 3)?,
+            ))
+        } else {
+            None
+        };
+        Ok(PixArtEmbedders {
+            timestep: TimestepEmbedding::load(src, "adaln_single.emb.timestep_embedder", 256, d)?,
+            extra,
+            adaln: Linear::load(src, "adaln_single.linear", 6 * d, d)?,
+            caption_in: Linear::load(src, "caption_projection.linear_1", d, cfg.caption_channels)?,
+            caption_out: Linear::load(src, "caption_projection.linear_2", d, d)?,
+        })
+    }
+
+    fn forward(&self, dev: &Device, inputs: &CondInputs, cfg: &ModelConfig) -> Result<Conditioning> {
+        let b = inputs.batch();
+        let mut emb = self.timestep.forward(dev, &timestep_features(&inputs.timesteps, 0.0)?)?; // [B, d]
+        if let Some((res_emb, ar_emb)) = &self.extra {
+            let (Some(res), Some(ar)) = (&inputs.resolution, &inputs.aspect_ratio) else {
+                return Err(ModelError::Input("this PixArt model uses resolution and aspect-ratio conditioning; both must be given".into()));
+            };
+            let r = res_emb.forward(dev, &timestep_features(&res.iter().flatten().copied().collect::<Vec<_>>(), 0.0)?)?; // [2B, d/3]
+            let a = ar_emb.forward(dev, &timestep_features(ar, 0.0)?)?; // [B, d/3]
+            let (r, a, e) = (r.as_f32()?, a.as_f32()?, emb.as_f32_mut()?);
+            let (d, third) = (cfg.hidden(), cfg.hidden() / 3);
+            for i in 0..b {
+                let extra = r[2 * i * third..(2 * i + 2) * third].iter().chain(&a[i * third..(i + 1) * third]);
+                e[i * d..(i + 1) * d].iter_mut().zip(extra).for_each(|(e, x)| *e += x);
+            }
+        }
+        let timestep_mod = self.adaln.forward(dev, &dev.silu(&emb)?)?; // [B, 6d]
+        let caption = inputs.caption.as_ref().ok_or_else(|| ModelError::Input("PixArt needs caption embeddings".into()))?;
+        if caption.shape().len() != 3 || caption.dim(0) != b || caption.dim(2) != cfg.caption_channels {
+            return Err(ModelError::Input(format!("caption embeddings {:?} must be [{b}, T, {}]", caption.shape(), cfg.caption_channels)));
+        }
+        let mut h = self.caption_in.forward(dev, caption)?;
+        dev.gelu_tanh_(&mut h)?;
+        let caption = self.caption_out.forward(dev, &h)?; // [B, T, d]
+        let caption_bias = match &inputs.caption_mask {
+            None => None,
+            Some(m) if m.elem_count() == b * caption.dim(1) => {
+                Some(Tensor::from_vec(m.as_f32()?.iter().map(|k| (1.0 - k) * -10000.0).collect(), &[b, caption.dim(1)])?)
+            }
+            Some(m) => return Err(ModelError::Input(format!("caption mask {:?} must be [{b}, {}]", m.shape(), caption.dim(1)))),
+        };
+        Ok(Conditioning::PixArt { embedded_timestep: emb, timestep_mod, caption, caption_bias })
+    }
+}
+
+/// Builds [`Conditioning`] from [`CondInputs`] for a model family.
+pub(crate) fn conditioning(dev: &Device, cfg: &ModelConfig, pixart: Option<&PixArtEmbedders>, inputs: &CondInputs) -> Result<Conditioning> {
+    if inputs.batch() == 0 {
+        return Err(ModelError::Input("empty batch: no timesteps given".into()));
+    }
+    match (cfg.arch, pixart) {
+        (Arch::Dit, _) => {
+            if inputs.class_labels.len() != inputs.batch() {
+                return Err(ModelError::Input(format!("{} class labels for a batch of {}", inputs.class_labels.len(), inputs.batch())));
+            }
+            Ok(Conditioning::Dit { t_features: timestep_features(&inputs.timesteps, 1.0)?, labels: inputs.class_labels.clone() })
+        }
+        (Arch::PixArt, Some(p)) => p.forward(dev, inputs, cfg),
+        (Arch::PixArt, None) => Err(ModelError::Input("PixArt embedders not loaded".into())),
+    }
+}

@@ -1,0 +1,217 @@
+//! Model configuration: read from a diffusers `config.json` (DiT, PixArt-alpha, and the legacy
+//! `Transformer2DModel` + `ada_norm_zero` form that hub DiT checkpoints carry) or built from a
+//! named preset.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{read_json, ModelError, Result};
+
+/// Which transformer family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Class-conditional DiT with adaLN-Zero (diffusers `DiTTransformer2DModel`).
+    Dit,
+    /// Text-conditional PixArt-alpha with adaLN-single (diffusers `PixArtTransformer2DModel`).
+    PixArt,
+}
+
+/// Shapes and constants of a DiT / PixArt transformer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Model family.
+    pub arch: Arch,
+    /// Latent channels in.
+    pub in_channels: usize,
+    /// Channels out (2x in with learned sigma).
+    pub out_channels: usize,
+    /// Patch size p.
+    pub patch_size: usize,
+    /// Latent side the model was trained at (sets the position-embedding base grid).
+    pub sample_size: usize,
+    /// Number of transformer blocks L.
+    pub num_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// eps of the configurable norms (DiT `norm3`, PixArt `norm1`/`norm2`).
+    pub norm_eps: f32,
+    /// DiT: number of classes (the class table has one more row, the CFG null class).
+    pub num_classes: usize,
+    /// PixArt: caption embedding width.
+    pub caption_channels: usize,
+    /// PixArt: position-embedding interpolation scale.
+    pub interpolation_scale: f32,
+    /// PixArt: resolution / aspect-ratio conditioning (PixArt-XL-2-1024-MS).
+    pub use_additional_conditions: bool,
+}
+
+impl ModelConfig {
+    /// Hidden size d.
+    pub fn hidden(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    /// The CFG null class label (DiT).
+    pub fn null_class(&self) -> usize {
+        self.num_classes
+    }
+
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
+        let path = dir.join("config.json");
+        Self::from_json(&read_json(&path)?, &path)
+    }
+
+    /// Parses a diffusers transformer config; `path` is only used in error messages.
+    pub fn from_json(v: &Value, path: &Path) -> Result<ModelConfig> {
+        let field = Fields { v, path };
+        let class = field.str_or("_class_name", "")?;
+        let norm_type = field.str_or("norm_type", "")?;
+        let arch = match (class.as_str(), norm_type.as_str()) {
+            ("DiTTransformer2DModel", "ada_norm_zero" | "") => Arch::Dit,
+            ("Transformer2DModel", "ada_norm_zero") => Arch::Dit,
+            ("PixArtTransformer2DModel", "ada_norm_single" | "") => Arch::PixArt,
+            ("Transformer2DModel", "ada_norm_single") => Arch::PixArt,
+            (c, n) => {
+                return Err(ModelError::config(path, "_class_name", format!(
+                    "unsupported model `{c}` with norm_type `{n}`; supported: DiTTransformer2DModel, PixArtTransformer2DModel, Transformer2DModel with ada_norm_zero / ada_norm_single"
+                )))
+            }
+        };
+        let act = field.str_or("activation_fn", "gelu-approximate")?;
+        if act != "gelu-approximate" {
+            return Err(ModelError::config(path, "activation_fn", format!("`{act}` is not supported (only gelu-approximate)")));
+        }
+        if !field.bool_or("attention_bias", true)? {
+            return Err(ModelError::config(path, "attention_bias", "false is not supported (DiT and PixArt use biased projections)"));
+        }
+        let in_channels = field.usize_or("in_channels", 4)?;
+        let num_heads = field.usize_or("num_attention_heads", 16)?;
+        let head_dim = field.usize_or("attention_head_dim", 72)?;
+        let sample_size = field.usize_or("sample_size", if arch == Arch::Dit { 32 } else { 128 })?;
+        let cfg = ModelConfig {
+            arch,
+            in_channels,
+            out_channels: field.opt_usize("out_channels")?.unwrap_or(in_channels),
+            patch_size: field.usize_or("patch_size", 2)?,
+            sample_size,
+            num_layers: field.usize_or("num_layers", 28)?,
+            num_heads,
+            head_dim,
+            norm_eps: field.f32_or("norm_eps", if arch == Arch::Dit { 1e-5 } else { 1e-6 })?,
+            num_classes: field.usize_or("num_embeds_ada_norm", 1000)?,
+            caption_channels: field.usize_or("caption_channels", 4096)?,
+            interpolation_scale: match field.opt_f32("interpolation_scale")? {
+                Some(s) => s,
+                None => (sample_size / 64).max(1) as f32,
+            },
+            use_additional_conditions: match v.get("use_additional_conditions") {
+                Some(Value::Bool(b)) => *b,
+                None | Some(Value::Null) => arch == Arch::PixArt && sample_size == 128,
+                Some(_) => return Err(ModelError::config(path, "use_additional_conditions", "expected true, false or null")),
+            },
+        };
+        if arch == Arch::PixArt {
+            let cross = field.opt_usize("cross_attention_dim")?.unwrap_or(cfg.hidden());
+            if cross != cfg.hidden() {
+                return Err(ModelError::config(path, "cross_attention_dim", format!("{cross} must equal the hidden size {}", cfg.hidden())));
+            }
+        }
+        cfg.validate().map_err(|(f, m)| ModelError::config(path, f, m))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.patch_size == 0 {
+            return Err(("patch_size", "must be >= 1".into()));
+        }
+        if self.num_heads == 0 || self.head_dim == 0 {
+            return Err(("num_attention_heads", "heads and head dim must be >= 1".into()));
+        }
+        if self.hidden() % 4 != 0 {
+            return Err(("attention_head_dim", format!("hidden size {} must divide by 4 (2-D sin-cos position table)", self.hidden())));
+        }
+        if self.use_additional_conditions && self.hidden() % 3 != 0 {
+            return Err(("use_additional_conditions", format!("hidden size {} must divide by 3", self.hidden())));
+        }
+        Ok(())
+    }
+
+    /// A named preset: `DiT-S/2`, `DiT-B/2`, `DiT-L/2`, `DiT-XL/2` (class-conditional, 1000 classes,
+    /// latent side `sample_size`), `PixArt-alpha-256`, `-512`, `-1024`.
+    pub fn preset(name: &str) -> Option<ModelConfig> {
+        let dit = |hidden: usize, layers: usize, heads: usize| ModelConfig {
+            arch: Arch::Dit,
+            in_channels: 4,
+            out_channels: 8,
+            patch_size: 2,
+            sample_size: 32,
+            num_layers: layers,
+            num_heads: heads,
+            head_dim: hidden / heads,
+            norm_eps: 1e-5,
+            num_classes: 1000,
+            caption_channels: 0,
+            interpolation_scale: 1.0,
+            use_additional_conditions: false,
+        };
+        let pixart = |sample: usize| ModelConfig {
+            arch: Arch::PixArt,
+            sample_size: sample,
+            norm_eps: 1e-6,
+            caption_channels: 4096,
+            interpolation_scale: (sample / 64).max(1) as f32,
+            use_additional_conditions: sample == 128,
+            ..dit(1152, 28, 16)
+        };
+        Some(match name.to_ascii_lowercase().as_str() {
+            "dit-s/2" => dit(384, 12, 6),
+            "dit-b/2" => dit(768, 12, 12),
+            "dit-l/2" => dit(1024, 24, 16),
+            "dit-xl/2" => dit(1152, 28, 16),
+            "pixart-alpha-256" => pixart(32),
+            "pixart-alpha-512" => pixart(64),
+            "pixart-alpha-1024" => pixart(128),
+            _ => return None,
+        })
+    }
+
+    /// Names accepted by [`ModelConfig::preset`].
+    pub const PRESETS: &'static [&'static str] =
+        &["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2", "PixArt-alpha-256", "PixArt-alpha-512", "PixArt-alpha-1024"];
+}
+
+struct Fields<'a> {
+    v: &'a Value,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.v.get(k).filter(|v| !v.is_null())
+    }
+    fn bad(&self, k: &str, want: &str) -> ModelError {
+        ModelError::config(self.path, k, format!("expected {want}, got {}", self.v[k]))
+    }
+    fn str_or(&self, k: &str, d: &str) -> Result<String> {
+        self.get(k).map_or(Ok(d.to_string()), |v| v.as_str().map(str::to_string).ok_or_else(|| self.bad(k, "a string")))
+    }
+    fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
+        self.get(k).map_or(Ok(d), |v| v.as_bool().ok_or_else(|| self.bad(k, "true or false")))
+    }
+    fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
+        self.get(k).map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| self.bad(k, "a non-negative integer"))).transpose()
+    }
+    fn usize_or(&self, k: &str, d: usize) -> Result<usize> {
+        Ok(self.opt_usize(k)?.unwrap_or(d))
+    }
+    fn opt_f32(&self, k: &str) -> Result<Option<f32>> {
+        self.get(k).map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(k, "a number"))).transpose()
+    }
+    fn f32_or(&self, k: &str, d: f32) -> Result<f32> {
+        Ok(self.opt_f32(k)?.unwrap_or(d))
+    }
+}

@@ -1,0 +1,111 @@
+//! Linear layers and the embeddings of a DiT: sinusoidal timestep features, the timestep MLP, the
+//! 2-D sin-cos position table and the patch embedding.
+//! Reference: diffusers 0.42.1 `embeddings.py` (`Timesteps`, `TimestepEmbedding`,
+//! `get_2d_sincos_pos_embed`, `PatchEmbed`), restated in shared/reference/LAYOUT.md §3.
+
+use kernels::{Device, Tensor};
+
+use crate::error::Result;
+use crate::weights::WeightSource;
+
+/// `y = x W^T + b` with torch's `[out, in]` weight layout.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    w: Tensor, // [out, in]
+    b: Tensor, // [out]
+}
+
+impl Linear {
+    /// Loads `{name}.weight` `[out, inp]` and `{name}.bias` `[out]`.
+    pub(crate) fn load(src: &dyn WeightSource, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        Ok(Linear { w: src.tensor(&format!("{name}.weight"), &[out, inp])?, b: src.tensor(&format!("{name}.bias"), &[out])? })
+    }
+
+    /// Loads several projections of the same input and stacks them into one (e.g. Q, K, V into
+    /// one `[3d, d]` GEMM).
+    pub(crate) fn load_fused(src: &dyn WeightSource, names: &[String], out: usize, inp: usize) -> Result<Linear> {
+        let parts = names.iter().map(|n| Linear::load(src, n, out, inp)).collect::<Result<Vec<_>>>()?;
+        let ws: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
+        let bs: Vec<&Tensor> = parts.iter().map(|p| &p.b).collect();
+        Ok(Linear { w: Tensor::cat(&ws, 0)?, b: Tensor::cat(&bs, 0)? })
+    }
+
+    pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
+        Ok(dev.linear(x, &self.w, Some(&self.b))?)
+    }
+}
+
+/// Sinusoidal timestep features `[B, 256]` as `[cos | sin]` (diffusers `Timesteps(256,
+/// flip_sin_to_cos=True, downscale_freq_shift=shift)`), in f32 like torch. DiT uses shift 1,
+/// PixArt shift 0.
+pub(crate) fn timestep_features(t: &[f32], shift: f32) -> Result<Tensor> {
+    const DIM: usize = 256;
+    let half = DIM / 2;
+    let freqs: Vec<f32> = (0..half).map(|i| ((-(10000f32.ln()) * i as f32) / (half as f32 - shift)).exp()).collect();
+    let mut out = Vec::with_capacity(t.len() * DIM);
+    for &tv in t {
+        out.extend(freqs.iter().map(|f| (tv * f).cos()));
+        out.extend(freqs.iter().map(|f| (tv * f).sin()));
+    }
+    Ok(Tensor::from_vec(out, &[t.len(), DIM])?)
+}
+
+/// `linear_2(silu(linear_1(x)))` (diffusers `TimestepEmbedding`).
+#[derive(Debug, Clone)]
+pub(crate) struct TimestepEmbedding {
+    l1: Linear,
+    l2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub(crate) fn load(src: &dyn WeightSource, name: &str, inp: usize, out: usize) -> Result<Self> {
+        Ok(TimestepEmbedding { l1: Linear::load(src, &format!("{name}.linear_1"), out, inp)?, l2: Linear::load(src, &format!("{name}.linear_2"), out, out)? })
+    }
+    pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
+        let h = dev.silu(&self.l1.forward(dev, x)?)?;
+        self.l2.forward(dev, &h)
+    }
+}
+
+/// The 2-D sin-cos position table `[gh*gw, d]` for a grid of `gh x gw` tokens, normalised to the
+/// `base x base` grid of the config and divided by `interp` (x/column half first), computed in f64
+/// and rounded to f32 as diffusers does.
+pub fn pos_embed_2d(d: usize, gh: usize, gw: usize, base: usize, interp: f32) -> Vec<f32> {
+    let quarter = d / 4;
+    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let coord = |i: usize, n: usize| (i as f32 / (n as f64 / base as f64) as f32 / interp) as f64;
+    let mut out = Vec::with_capacity(gh * gw * d);
+    for r in 0..gh {
+        let y = coord(r, gh);
+        for c in 0..gw {
+            let x = coord(c, gw);
+            out.extend(omega.iter().map(|o| (x * o).sin() as f32));
+            out.extend(omega.iter().map(|o| (x * o).cos() as f32));
+            out.extend(omega.iter().map(|o| (y * o).sin() as f32));
+            out.extend(omega.iter().map(|o| (y * o).cos() as f32));
+        }
+    }
+    out
+}
+
+/// Patch embedding: conv with kernel = stride = p as a patch gather plus one GEMM.
+#[derive(Debug, Clone)]
+pub(crate) struct PatchEmbed {
+    proj: Linear, // weight [d, C*p*p] (the conv weight [d, C, p, p], flattened)
+    patch: usize,
+}
+
+impl PatchEmbed {
+    pub(crate) fn load(src: &dyn WeightSource, d: usize, channels: usize, patch: usize) -> Result<Self> {
+        let w = src.tensor("pos_embed.proj.weight", &[d, channels, patch, patch])?.reshape(&[d, channels * patch * patch])?;
+        let b = src.tensor("pos_embed.proj.bias", &[d])?;
+        Ok(PatchEmbed { proj: Linear { w, b }, patch })
+    }
+
+    /// Tokens `[B, rows*w, d]` of a latent strip `[B, C, rows*p, W]` (without position embedding).
+    pub(crate) fn forward(&self, dev: &Device, strip: &Tensor) -> Result<Tensor> {
+        let rows = strip.dim(2) / self.patch;
+        let patches = dev.patchify(strip, self.patch, 0..rows)?; // [B, n, C*p*p]
+        self.proj.forward(dev, &patches)
+    }
+}

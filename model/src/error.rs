@@ -1,0 +1,99 @@
+//! The model crate's error type: every variant names the file, field or tensor at fault.
+
+use std::path::PathBuf;
+
+/// Result alias of the model crate.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// Everything loading or running a model can refuse.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A JSON file is not valid JSON.
+    #[error("{path}: invalid JSON at line {line}: {msg}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Line of the syntax error.
+        line: usize,
+        /// What the parser said.
+        msg: String,
+    },
+    /// A config field is missing, of the wrong type or unsupported.
+    #[error("{path}: field `{field}`: {msg}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// What is wrong, with a hint.
+        msg: String,
+    },
+    /// A safetensors file is malformed.
+    #[error("{path}: not a valid safetensors file: {msg}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        msg: String,
+    },
+    /// A weight the model needs is not in the checkpoint.
+    #[error("tensor `{name}` not found in {path}")]
+    MissingTensor {
+        /// Tensor name.
+        name: String,
+        /// The model folder or file searched.
+        path: PathBuf,
+    },
+    /// A weight has the wrong shape for the config.
+    #[error("{path}: tensor `{name}` has shape {got:?}, the config implies {expected:?}")]
+    TensorShape {
+        /// The file.
+        path: PathBuf,
+        /// Tensor name.
+        name: String,
+        /// Shape implied by config.json.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        got: Vec<usize>,
+    },
+    /// A weight has an element type the loader does not read.
+    #[error("{path}: tensor `{name}` has dtype {dtype}; supported: F32, F16, BF16")]
+    UnsupportedDType {
+        /// The file.
+        path: PathBuf,
+        /// Tensor name.
+        name: String,
+        /// The dtype in the file.
+        dtype: String,
+    },
+    /// A request input does not fit the model.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// A kernel refused its operands.
+    #[error(transparent)]
+    Kernel(#[from] kernels::KernelError),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io { path: path.into(), source }
+    }
+    pub(crate) fn config(path: impl Into<PathBuf>, field: &str, msg: impl Into<String>) -> Self {
+        ModelError::Config { path: path.into(), field: field.to_string(), msg: msg.into() }
+    }
+}
+
+/// Reads and parses a JSON file with errors that name the file and line.
+pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.to_path_buf(), line: e.line(), msg: e.to_string() })
+}

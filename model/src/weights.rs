@@ -1,0 +1,165 @@
+//! Weight sources. A model is built from names (the diffusers checkpoint keys) and expected
+//! shapes; a source answers with f32 tensors. [`SafetensorsDir`] reads a diffusers folder (single
+//! or sharded `diffusion_pytorch_model*.safetensors`, F32 / F16 / BF16), memory-mapping each shard
+//! only when one of its tensors is first asked for, so a pipeline stage touches only the bytes of
+//! the blocks it owns. [`RandomWeights`] makes deterministic random tensors for presets.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use half::{bf16, f16};
+use kernels::Tensor;
+use safetensors::tensor::{Metadata, SafeTensors};
+use safetensors::Dtype;
+
+use crate::error::{read_json, ModelError, Result};
+
+/// Where a model's weights come from.
+pub trait WeightSource: Send + Sync {
+    /// The f32 tensor `name`, which must have `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// Whether the source has `name`.
+    fn contains(&self, name: &str) -> bool;
+}
+
+struct MappedFile {
+    map: memmap2::Mmap,
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// The weights of a diffusers model folder.
+pub struct SafetensorsDir {
+    dir: PathBuf,
+    /// tensor name -> shard file, for sharded checkpoints; `None` for a single file.
+    index: Option<HashMap<String, PathBuf>>,
+    single: PathBuf,
+    open: Mutex<HashMap<PathBuf, Arc<MappedFile>>>,
+    read_log: Mutex<Vec<String>>,
+}
+
+const SINGLE: &str = "diffusion_pytorch_model.safetensors";
+const INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
+
+impl SafetensorsDir {
+    /// Opens a model folder (reads the shard index if present; maps nothing yet).
+    pub fn open(dir: &Path) -> Result<SafetensorsDir> {
+        let index_path = dir.join(INDEX);
+        let index = if index_path.exists() {
+            let v = read_json(&index_path)?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                ModelError::config(&index_path, "weight_map", "missing or not an object of name -> file")
+            })?;
+            let mut index = HashMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| ModelError::config(&index_path, &format!("weight_map.{name}"), "expected a file name"))?;
+                index.insert(name.clone(), dir.join(file));
+            }
+            Some(index)
+        } else if dir.join(SINGLE).exists() {
+            None
+        } else {
+            return Err(ModelError::io(dir.join(SINGLE), std::io::Error::new(std::io::ErrorKind::NotFound, "no diffusion_pytorch_model.safetensors or its .index.json in the model folder")));
+        };
+        Ok(SafetensorsDir { dir: dir.to_path_buf(), index, single: dir.join(SINGLE), open: Mutex::new(HashMap::new()), read_log: Mutex::new(Vec::new()) })
+    }
+
+    /// Names of the tensors read so far, in order (lets tests check that a stage reads only its
+    /// own blocks).
+    pub fn tensors_read(&self) -> Vec<String> {
+        self.read_log.lock().expect("read log poisoned").clone()
+    }
+
+    /// Shard files mapped so far.
+    pub fn files_opened(&self) -> Vec<PathBuf> {
+        let mut v: Vec<_> = self.open.lock().expect("file table poisoned").keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn file_of(&self, name: &str) -> Option<PathBuf> {
+        match &self.index {
+            Some(ix) => ix.get(name).cloned(),
+            None => Some(self.single.clone()),
+        }
+    }
+
+    fn mapped(&self, path: &Path) -> Result<Arc<MappedFile>> {
+        let mut open = self.open.lock().expect("file table poisoned");
+        if let Some(f) = open.get(path) {
+            return Ok(f.clone());
+        }
+        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: the file is opened read-only; like every mmap-based loader (candle, safetensors'
+        // own Python loader) we assume it is not truncated while the model is loading.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+        let f = Arc::new(MappedFile { map, data_start: 8 + n, meta });
+        open.insert(path.to_path_buf(), f.clone());
+        Ok(f)
+    }
+}
+
+impl WeightSource for SafetensorsDir {
+    fn contains(&self, name: &str) -> bool {
+        match &self.index {
+            Some(ix) => ix.contains_key(name),
+            None => self.mapped(&self.single).map(|f| f.meta.info(name).is_some()).unwrap_or(false),
+        }
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let missing = || ModelError::MissingTensor { name: name.to_string(), path: self.dir.clone() };
+        let path = self.file_of(name).ok_or_else(missing)?;
+        let f = self.mapped(&path)?;
+        let info = f.meta.info(name).ok_or_else(missing)?;
+        if info.shape != shape {
+            return Err(ModelError::TensorShape { path, name: name.into(), expected: shape.to_vec(), got: info.shape.clone() });
+        }
+        let bytes = &f.map[f.data_start + info.data_offsets.0..f.data_start + info.data_offsets.1];
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => return Err(ModelError::UnsupportedDType { path, name: name.into(), dtype: format!("{other:?}") }),
+        };
+        self.read_log.lock().expect("read log poisoned").push(name.to_string());
+        Ok(Tensor::from_vec(data, shape)?)
+    }
+}
+
+/// Deterministic random weights for benchmarks and tests: every tensor is uniform with standard
+/// deviation `std` (0 for nothing: biases too are random), seeded by `(seed, name)` so that any
+/// stage building any block range gets the same values as a whole-model build.
+#[derive(Debug, Clone)]
+pub struct RandomWeights {
+    /// Base seed.
+    pub seed: u64,
+    /// Standard deviation of every element.
+    pub std: f32,
+}
+
+impl WeightSource for RandomWeights {
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        // FNV-1a of the name, mixed with the seed, drives a splitmix64 stream.
+        let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) ^ self.seed;
+        let half_width = self.std * 3f32.sqrt();
+        let n: usize = shape.iter().product();
+        let data = (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, shape)?)
+    }
+}
