@@ -1,0 +1,60 @@
+//! Fixture reading for the golden tests. Fixtures are written by `tools/make_fixtures.py` from
+//! diffusers (see tools/README.md); they are committed so tests need no Python.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use kernels::Tensor;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// All tensors of a safetensors file, floats as f32 tensors, integers as i64 vectors.
+pub struct Fixture {
+    pub floats: HashMap<String, Tensor>,
+    pub ints: HashMap<String, Vec<i64>>,
+    pub doubles: HashMap<String, Vec<f64>>,
+}
+
+impl Fixture {
+    pub fn load(name: &str) -> Fixture {
+        let path = fixtures().join(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (mut floats, mut ints, mut doubles) = (HashMap::new(), HashMap::new(), HashMap::new());
+        for (name, view) in st.tensors() {
+            let d = view.data();
+            match view.dtype() {
+                safetensors::Dtype::F32 => {
+                    let v = d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    floats.insert(name, Tensor::from_vec(v, view.shape()).unwrap());
+                }
+                safetensors::Dtype::F64 => {
+                    doubles.insert(name, d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect());
+                }
+                safetensors::Dtype::I64 => {
+                    ints.insert(name, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect());
+                }
+                other => panic!("fixture {name}: unexpected dtype {other:?}"),
+            }
+        }
+        Fixture { floats, ints, doubles }
+    }
+
+    pub fn f(&self, name: &str) -> &Tensor {
+        self.floats.get(name).unwrap_or_else(|| panic!("fixture tensor {name} missing; have {:?}", self.floats.keys()))
+    }
+
+    pub fn i(&self, name: &str) -> &[i64] {
+        self.ints.get(name).unwrap_or_else(|| panic!("fixture int tensor {name} missing"))
+    }
+}
+
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Time one forward pass of diffusers' DiTTransformer2DModel on CPU (the PyTorch baseline).
+
+    .venv-tools/bin/python tools/bench_torch.py --preset DiT-XL/2 --resolution 256 --batch 2 \
+        --threads 2 --warmup 1 --iters 3 --json
+
+Random-initialised model (diffusers' default init), float32, model.eval(), torch.inference_mode(),
+torch.set_num_threads(threads), torch.set_num_interop_threads(1). The input is a random latent
+(batch, 4, res/8, res/8), random timesteps and class labels; `batch` is the forward batch as given
+(no CFG doubling here). Prints one line per timed iteration; with --json a final line holding
+{"impl":"pytorch","preset","resolution","batch","threads","ms_per_forward" (median),"ms_min",
+"ms_max","gflops","torch_version"}.
+
+FLOP count (shared with the Rust bench; multiply-add = 2 FLOPs; softmax, norms, GELU,
+biases and the sin/cos features are not counted). With d = hidden size, L = layers, p = patch,
+T = tokens = (res/8/p)^2, R = batch*T, C_in = 4, C_out = 8:
+
+    per block:  linear layers   2*R*d*(3d + d + 4d + 4d)        (qkv, attn out, MLP in, MLP out)
+                attention       4*batch*T^2*d                   (Q K^T and P V)
+                modulation      2*batch*(256*d + d*d + d*6d)    (timestep MLP + adaLN linear;
+                                                                 every diffusers block has its own)
+    patch embed                 2*R*(4*p*p)*d
+    final layer                 2*R*d*(p*p*8) + 2*batch*d*2d    (proj_out_2 + proj_out_1)
+
+    total = L*(per block) + patch embed + final layer;  gflops = total / 1e9 / (median seconds)
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+PRESETS = {  # name: (hidden, layers, heads)
+    "DiT-S/2": (384, 12, 6),
+    "DiT-B/2": (768, 12, 12),
+    "DiT-L/2": (1024, 24, 16),
+    "DiT-XL/2": (1152, 28, 16),
+}
+PATCH, C_IN, C_OUT, CLASSES = 2, 4, 8, 1000
+
+
+def dit_flops(d, layers, patch, batch, tokens, c_in=C_IN, c_out=C_OUT):
+    """The FLOP formula of the module docstring."""
+    r = batch * tokens
+    block = (2 * r * d * (3 * d + d + 4 * d + 4 * d)
+             + 4 * batch * tokens * tokens * d
+             + 2 * batch * (256 * d + d * d + d * 6 * d))
+    patch_embed = 2 * r * (c_in * patch * patch) * d
+    final = 2 * r * d * (patch * patch * c_out) + 2 * batch * d * 2 * d
+    return layers * block + patch_embed + final
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="DiT-XL/2", choices=sorted(PRESETS))
+    ap.add_argument("--resolution", type=int, default=256, help="image size in pixels (latent = res/8)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print a final JSON line")
+    a = ap.parse_args()
+    if a.resolution % (8 * PATCH):
+        sys.exit("resolution must be a multiple of 16")
+
+    torch.set_num_threads(a.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    from diffusers import DiTTransformer2DModel  # after the thread settings
+
+    d, layers, heads = PRESETS[a.preset]
+    lat = a.resolution // 8
+    tokens = (lat // PATCH) ** 2
+    torch.manual_seed(a.seed)
+    t0 = time.perf_counter()
+    model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=d // heads, in_channels=C_IN,
+                                  out_channels=C_OUT, num_layers=layers, sample_size=lat, patch_size=PATCH,
+                                  num_embeds_ada_norm=CLASSES).eval()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{a.preset}: d={d} layers={layers} heads={heads} params={n_params / 1e6:.1f}M, latent {lat}x{lat}, "
+          f"tokens={tokens}, batch={a.batch}, threads={torch.get_num_threads()} "
+          f"(built in {time.perf_counter() - t0:.1f} s)", flush=True)
+
+    g = torch.Generator().manual_seed(a.seed + 1)
+    x = torch.randn(a.batch, C_IN, lat, lat, generator=g)
+    t = torch.randint(0, 1000, (a.batch,), generator=g)
+    y = torch.randint(0, CLASSES, (a.batch,), generator=g)
+    flops = dit_flops(d, layers, PATCH, a.batch, tokens)
+
+    times = []
+    with torch.inference_mode():
+        for i in range(a.warmup + a.iters):
+            s = time.perf_counter()
+            out = model(x, timestep=t, class_labels=y).sample
+            ms = (time.perf_counter() - s) * 1e3
+            tag = "warmup" if i < a.warmup else "iter"
+            if i >= a.warmup:
+                times.append(ms)
+            print(f"{tag} {i if i < a.warmup else i - a.warmup}: {ms:.1f} ms "
+                  f"({flops / 1e9 / (ms / 1e3):.1f} GFLOP/s)", flush=True)
+    assert out.shape == (a.batch, C_OUT, lat, lat) and torch.isfinite(out).all()
+    med = statistics.median(times)
+    print(f"median {med:.1f} ms, min {min(times):.1f}, max {max(times):.1f}; "
+          f"{flops / 1e9:.1f} GFLOP per forward, {flops / 1e9 / (med / 1e3):.1f} GFLOP/s")
+    if a.json:
+        print(json.dumps({"impl": "pytorch", "preset": a.preset, "resolution": a.resolution, "batch": a.batch,
+                          "threads": a.threads, "ms_per_forward": round(med, 3), "ms_min": round(min(times), 3),
+                          "ms_max": round(max(times), 3), "gflops": round(flops / 1e9 / (med / 1e3), 3),
+                          "gflop_per_forward": round(flops / 1e9, 3), "torch_version": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()
