@@ -1,1 +1,47 @@
-fn main() {}
+//! `pipefuse`: parallel Diffusion Transformer inference. This binary is the user's entry point:
+//! `generate` runs a sampling loop, `bench` measures the runtime. Logs go to stderr through
+//! `tracing`; set `RUST_LOG` (e.g. `RUST_LOG=pipefuse=debug,model=debug`).
+
+mod bench;
+mod generate;
+mod tensor_io;
+
+use clap::{Parser, Subcommand};
+
+/// Parallel Diffusion Transformer (DiT, PixArt) inference on CPUs and GPUs.
+#[derive(Parser, Debug)]
+#[command(name = "pipefuse", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate latents with a DiT or PixArt model (a whole sampling loop).
+    Generate(generate::GenerateArgs),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

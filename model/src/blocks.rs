@@ -21,14 +21,21 @@ struct SelfAttention {
 impl SelfAttention {
     fn load(src: &dyn WeightSource, name: &str, d: usize) -> Result<Self> {
         let names = ["to_q", "to_k", "to_v"].map(|p| format!("{name}.{p}"));
-        Ok(SelfAttention { qkv: Linear::load_fused(src, &names, d, d)?, out: Linear::load(src, &format!("{name}.to_out.0"), d, d)? })
+        Ok(SelfAttention {
+            qkv: Linear::load_fused(src, &names, d, d)?,
+            out: Linear::load(src, &format!("{name}.to_out.0"), d, d)?,
+        })
     }
 
     /// `x: [B, n, d]` -> `[B, n, d]`.
     fn forward(&self, dev: &Device, x: &Tensor, cfg: &ModelConfig) -> Result<Tensor> {
         let d = cfg.hidden();
         let qkv = self.qkv.forward(dev, x)?; // [B, n, 3d]
-        let (q, k, v) = (AttnView::of(&qkv, 0)?, AttnView::of(&qkv, d)?, AttnView::of(&qkv, 2 * d)?);
+        let (q, k, v) = (
+            AttnView::of(&qkv, 0)?,
+            AttnView::of(&qkv, d)?,
+            AttnView::of(&qkv, 2 * d)?,
+        );
         let o = dev.attention(q, k, v, None, x.dim(0), cfg.num_heads, cfg.head_dim)?; // [B, n, d]
         self.out.forward(dev, &o)
     }
@@ -53,11 +60,22 @@ impl CrossAttention {
     }
 
     /// `x: [B, n, d]`, `ctx: [B, T, d]`, `bias: [B, T]` -> `[B, n, d]`.
-    fn forward(&self, dev: &Device, x: &Tensor, ctx: &Tensor, bias: Option<&Tensor>, cfg: &ModelConfig) -> Result<Tensor> {
+    fn forward(
+        &self,
+        dev: &Device,
+        x: &Tensor,
+        ctx: &Tensor,
+        bias: Option<&Tensor>,
+        cfg: &ModelConfig,
+    ) -> Result<Tensor> {
         let d = cfg.hidden();
         let q = self.q.forward(dev, x)?; // [B, n, d]
         let kv = self.kv.forward(dev, ctx)?; // [B, T, 2d]
-        let (qv, kv_k, kv_v) = (AttnView::of(&q, 0)?, AttnView::of(&kv, 0)?, AttnView::of(&kv, d)?);
+        let (qv, kv_k, kv_v) = (
+            AttnView::of(&q, 0)?,
+            AttnView::of(&kv, 0)?,
+            AttnView::of(&kv, d)?,
+        );
         let o = dev.attention(qv, kv_k, kv_v, bias, x.dim(0), cfg.num_heads, cfg.head_dim)?;
         self.out.forward(dev, &o)
     }
@@ -72,7 +90,10 @@ struct FeedForward {
 
 impl FeedForward {
     fn load(src: &dyn WeightSource, name: &str, d: usize) -> Result<Self> {
-        Ok(FeedForward { up: Linear::load(src, &format!("{name}.net.0.proj"), 4 * d, d)?, down: Linear::load(src, &format!("{name}.net.2"), d, 4 * d)? })
+        Ok(FeedForward {
+            up: Linear::load(src, &format!("{name}.net.0.proj"), 4 * d, d)?,
+            down: Linear::load(src, &format!("{name}.net.2"), d, 4 * d)?,
+        })
     }
     fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
         let mut h = self.up.forward(dev, x)?; // [B, n, 4d]
@@ -93,13 +114,26 @@ impl DitEmbedder {
     pub(crate) fn load(src: &dyn WeightSource, block: usize, cfg: &ModelConfig) -> Result<Self> {
         let p = format!("transformer_blocks.{block}.norm1.emb");
         Ok(DitEmbedder {
-            timestep: TimestepEmbedding::load(src, &format!("{p}.timestep_embedder"), 256, cfg.hidden())?,
-            classes: src.tensor(&format!("{p}.class_embedder.embedding_table.weight"), &[cfg.num_classes + 1, cfg.hidden()])?,
+            timestep: TimestepEmbedding::load(
+                src,
+                &format!("{p}.timestep_embedder"),
+                256,
+                cfg.hidden(),
+            )?,
+            classes: src.tensor(
+                &format!("{p}.class_embedder.embedding_table.weight"),
+                &[cfg.num_classes + 1, cfg.hidden()],
+            )?,
         })
     }
 
     /// `c = TimestepEmbedding(features) + classes[labels]`, `[B, d]`.
-    pub(crate) fn forward(&self, dev: &Device, t_features: &Tensor, labels: &[usize]) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        dev: &Device,
+        t_features: &Tensor,
+        labels: &[usize],
+    ) -> Result<Tensor> {
         let mut c = self.timestep.forward(dev, t_features)?; // [B, d]
         let y = dev.embedding(&self.classes, labels).map_err(|_| {
             ModelError::Input(format!("class labels {labels:?} out of range: the model has {} classes plus the null class {}", self.classes.dim(0) - 1, self.classes.dim(0) - 1))
@@ -130,7 +164,13 @@ pub(crate) struct Block {
 
 /// Chunk `j` of a `[B, 6d]` modulation as `[B, d]`.
 fn chunk(m: &[f32], batch: usize, d: usize, j: usize) -> Result<Tensor> {
-    let v = (0..batch).flat_map(|b| m[b * 6 * d + j * d..b * 6 * d + (j + 1) * d].iter().copied()).collect();
+    let v = (0..batch)
+        .flat_map(|b| {
+            m[b * 6 * d + j * d..b * 6 * d + (j + 1) * d]
+                .iter()
+                .copied()
+        })
+        .collect();
     Ok(Tensor::from_vec(v, &[batch, d])?)
 }
 
@@ -139,18 +179,34 @@ impl Block {
         let d = cfg.hidden();
         let p = format!("transformer_blocks.{i}");
         let modulation = match cfg.arch {
-            Arch::Dit => Modulation::Dit { emb: DitEmbedder::load(src, i, cfg)?, linear: Linear::load(src, &format!("{p}.norm1.linear"), 6 * d, d)? },
-            Arch::PixArt => Modulation::PixArt { table: src.tensor(&format!("{p}.scale_shift_table"), &[6, d])? },
+            Arch::Dit => Modulation::Dit {
+                emb: DitEmbedder::load(src, i, cfg)?,
+                linear: Linear::load(src, &format!("{p}.norm1.linear"), 6 * d, d)?,
+            },
+            Arch::PixArt => Modulation::PixArt {
+                table: src.tensor(&format!("{p}.scale_shift_table"), &[6, d])?,
+            },
         };
         let cross = match cfg.arch {
             Arch::Dit => None,
             Arch::PixArt => Some(CrossAttention::load(src, &format!("{p}.attn2"), d)?),
         };
-        Ok(Block { modulation, attn: SelfAttention::load(src, &format!("{p}.attn1"), d)?, cross, ff: FeedForward::load(src, &format!("{p}.ff"), d)? })
+        Ok(Block {
+            modulation,
+            attn: SelfAttention::load(src, &format!("{p}.attn1"), d)?,
+            cross,
+            ff: FeedForward::load(src, &format!("{p}.ff"), d)?,
+        })
     }
 
     /// The six modulation vectors `[B, 6d]` (shift, scale, gate for attention; then for the MLP).
-    fn modulation(&self, dev: &Device, cond: &Conditioning, batch: usize, d: usize) -> Result<Vec<f32>> {
+    fn modulation(
+        &self,
+        dev: &Device,
+        cond: &Conditioning,
+        batch: usize,
+        d: usize,
+    ) -> Result<Vec<f32>> {
         match (&self.modulation, cond) {
             (Modulation::Dit { emb, linear }, Conditioning::Dit { t_features, labels }) => {
                 let c = emb.forward(dev, t_features, labels)?;
@@ -160,12 +216,20 @@ impl Block {
                 let (t, tm) = (table.as_f32()?, timestep_mod.as_f32()?);
                 Ok((0..batch * 6 * d).map(|i| tm[i] + t[i % (6 * d)]).collect())
             }
-            _ => Err(ModelError::Input("conditioning of the wrong model family".into())),
+            _ => Err(ModelError::Input(
+                "conditioning of the wrong model family".into(),
+            )),
         }
     }
 
     /// `x: [B, n, d]` updated in place.
-    pub(crate) fn forward(&self, dev: &Device, x: &mut Tensor, cond: &Conditioning, cfg: &ModelConfig) -> Result<()> {
+    pub(crate) fn forward(
+        &self,
+        dev: &Device,
+        x: &mut Tensor,
+        cond: &Conditioning,
+        cfg: &ModelConfig,
+    ) -> Result<()> {
         let (batch, d) = (x.dim(0), cfg.hidden());
         let m = self.modulation(dev, cond, batch, d)?;
         let c = |j| chunk(&m, batch, d, j);
@@ -176,7 +240,15 @@ impl Block {
         let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, eps1)?;
         let a = self.attn.forward(dev, &h, cfg)?;
         dev.add_gated_(x, &a, Some(&c(2)?))?;
-        if let (Some(cross), Conditioning::PixArt { caption, caption_bias, .. }) = (&self.cross, cond) {
+        if let (
+            Some(cross),
+            Conditioning::PixArt {
+                caption,
+                caption_bias,
+                ..
+            },
+        ) = (&self.cross, cond)
+        {
             let a = cross.forward(dev, x, caption, caption_bias.as_ref(), cfg)?;
             dev.add_gated_(x, &a, None)?;
         }

@@ -86,52 +86,101 @@ impl PixArtEmbedders {
         })
     }
 
-    fn forward(&self, dev: &Device, inputs: &CondInputs, cfg: &ModelConfig) -> Result<Conditioning> {
+    fn forward(
+        &self,
+        dev: &Device,
+        inputs: &CondInputs,
+        cfg: &ModelConfig,
+    ) -> Result<Conditioning> {
         let b = inputs.batch();
-        let mut emb = self.timestep.forward(dev, &timestep_features(&inputs.timesteps, 0.0)?)?; // [B, d]
+        let mut emb = self
+            .timestep
+            .forward(dev, &timestep_features(&inputs.timesteps, 0.0)?)?; // [B, d]
         if let Some((res_emb, ar_emb)) = &self.extra {
             let (Some(res), Some(ar)) = (&inputs.resolution, &inputs.aspect_ratio) else {
                 return Err(ModelError::Input("this PixArt model uses resolution and aspect-ratio conditioning; both must be given".into()));
             };
-            let r = res_emb.forward(dev, &timestep_features(&res.iter().flatten().copied().collect::<Vec<_>>(), 0.0)?)?; // [2B, d/3]
+            let r = res_emb.forward(
+                dev,
+                &timestep_features(&res.iter().flatten().copied().collect::<Vec<_>>(), 0.0)?,
+            )?; // [2B, d/3]
             let a = ar_emb.forward(dev, &timestep_features(ar, 0.0)?)?; // [B, d/3]
             let (r, a, e) = (r.as_f32()?, a.as_f32()?, emb.as_f32_mut()?);
             let (d, third) = (cfg.hidden(), cfg.hidden() / 3);
             for i in 0..b {
-                let extra = r[2 * i * third..(2 * i + 2) * third].iter().chain(&a[i * third..(i + 1) * third]);
-                e[i * d..(i + 1) * d].iter_mut().zip(extra).for_each(|(e, x)| *e += x);
+                let extra = r[2 * i * third..(2 * i + 2) * third]
+                    .iter()
+                    .chain(&a[i * third..(i + 1) * third]);
+                e[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(extra)
+                    .for_each(|(e, x)| *e += x);
             }
         }
         let timestep_mod = self.adaln.forward(dev, &dev.silu(&emb)?)?; // [B, 6d]
-        let caption = inputs.caption.as_ref().ok_or_else(|| ModelError::Input("PixArt needs caption embeddings".into()))?;
-        if caption.shape().len() != 3 || caption.dim(0) != b || caption.dim(2) != cfg.caption_channels {
-            return Err(ModelError::Input(format!("caption embeddings {:?} must be [{b}, T, {}]", caption.shape(), cfg.caption_channels)));
+        let caption = inputs
+            .caption
+            .as_ref()
+            .ok_or_else(|| ModelError::Input("PixArt needs caption embeddings".into()))?;
+        if caption.shape().len() != 3
+            || caption.dim(0) != b
+            || caption.dim(2) != cfg.caption_channels
+        {
+            return Err(ModelError::Input(format!(
+                "caption embeddings {:?} must be [{b}, T, {}]",
+                caption.shape(),
+                cfg.caption_channels
+            )));
         }
         let mut h = self.caption_in.forward(dev, caption)?;
         dev.gelu_tanh_(&mut h)?;
         let caption = self.caption_out.forward(dev, &h)?; // [B, T, d]
         let caption_bias = match &inputs.caption_mask {
             None => None,
-            Some(m) if m.elem_count() == b * caption.dim(1) => {
-                Some(Tensor::from_vec(m.as_f32()?.iter().map(|k| (1.0 - k) * -10000.0).collect(), &[b, caption.dim(1)])?)
+            Some(m) if m.elem_count() == b * caption.dim(1) => Some(Tensor::from_vec(
+                m.as_f32()?.iter().map(|k| (1.0 - k) * -10000.0).collect(),
+                &[b, caption.dim(1)],
+            )?),
+            Some(m) => {
+                return Err(ModelError::Input(format!(
+                    "caption mask {:?} must be [{b}, {}]",
+                    m.shape(),
+                    caption.dim(1)
+                )))
             }
-            Some(m) => return Err(ModelError::Input(format!("caption mask {:?} must be [{b}, {}]", m.shape(), caption.dim(1)))),
         };
-        Ok(Conditioning::PixArt { embedded_timestep: emb, timestep_mod, caption, caption_bias })
+        Ok(Conditioning::PixArt {
+            embedded_timestep: emb,
+            timestep_mod,
+            caption,
+            caption_bias,
+        })
     }
 }
 
 /// Builds [`Conditioning`] from [`CondInputs`] for a model family.
-pub(crate) fn conditioning(dev: &Device, cfg: &ModelConfig, pixart: Option<&PixArtEmbedders>, inputs: &CondInputs) -> Result<Conditioning> {
+pub(crate) fn conditioning(
+    dev: &Device,
+    cfg: &ModelConfig,
+    pixart: Option<&PixArtEmbedders>,
+    inputs: &CondInputs,
+) -> Result<Conditioning> {
     if inputs.batch() == 0 {
         return Err(ModelError::Input("empty batch: no timesteps given".into()));
     }
     match (cfg.arch, pixart) {
         (Arch::Dit, _) => {
             if inputs.class_labels.len() != inputs.batch() {
-                return Err(ModelError::Input(format!("{} class labels for a batch of {}", inputs.class_labels.len(), inputs.batch())));
+                return Err(ModelError::Input(format!(
+                    "{} class labels for a batch of {}",
+                    inputs.class_labels.len(),
+                    inputs.batch()
+                )));
             }
-            Ok(Conditioning::Dit { t_features: timestep_features(&inputs.timesteps, 1.0)?, labels: inputs.class_labels.clone() })
+            Ok(Conditioning::Dit {
+                t_features: timestep_features(&inputs.timesteps, 1.0)?,
+                labels: inputs.class_labels.clone(),
+            })
         }
         (Arch::PixArt, Some(p)) => p.forward(dev, inputs, cfg),
         (Arch::PixArt, None) => Err(ModelError::Input("PixArt embedders not loaded".into())),

@@ -83,15 +83,24 @@ impl ModelConfig {
         };
         let act = field.str_or("activation_fn", "gelu-approximate")?;
         if act != "gelu-approximate" {
-            return Err(ModelError::config(path, "activation_fn", format!("`{act}` is not supported (only gelu-approximate)")));
+            return Err(ModelError::config(
+                path,
+                "activation_fn",
+                format!("`{act}` is not supported (only gelu-approximate)"),
+            ));
         }
         if !field.bool_or("attention_bias", true)? {
-            return Err(ModelError::config(path, "attention_bias", "false is not supported (DiT and PixArt use biased projections)"));
+            return Err(ModelError::config(
+                path,
+                "attention_bias",
+                "false is not supported (DiT and PixArt use biased projections)",
+            ));
         }
         let in_channels = field.usize_or("in_channels", 4)?;
         let num_heads = field.usize_or("num_attention_heads", 16)?;
         let head_dim = field.usize_or("attention_head_dim", 72)?;
-        let sample_size = field.usize_or("sample_size", if arch == Arch::Dit { 32 } else { 128 })?;
+        let sample_size =
+            field.usize_or("sample_size", if arch == Arch::Dit { 32 } else { 128 })?;
         let cfg = ModelConfig {
             arch,
             in_channels,
@@ -111,16 +120,29 @@ impl ModelConfig {
             use_additional_conditions: match v.get("use_additional_conditions") {
                 Some(Value::Bool(b)) => *b,
                 None | Some(Value::Null) => arch == Arch::PixArt && sample_size == 128,
-                Some(_) => return Err(ModelError::config(path, "use_additional_conditions", "expected true, false or null")),
+                Some(_) => {
+                    return Err(ModelError::config(
+                        path,
+                        "use_additional_conditions",
+                        "expected true, false or null",
+                    ))
+                }
             },
         };
         if arch == Arch::PixArt {
-            let cross = field.opt_usize("cross_attention_dim")?.unwrap_or(cfg.hidden());
+            let cross = field
+                .opt_usize("cross_attention_dim")?
+                .unwrap_or(cfg.hidden());
             if cross != cfg.hidden() {
-                return Err(ModelError::config(path, "cross_attention_dim", format!("{cross} must equal the hidden size {}", cfg.hidden())));
+                return Err(ModelError::config(
+                    path,
+                    "cross_attention_dim",
+                    format!("{cross} must equal the hidden size {}", cfg.hidden()),
+                ));
             }
         }
-        cfg.validate().map_err(|(f, m)| ModelError::config(path, f, m))?;
+        cfg.validate()
+            .map_err(|(f, m)| ModelError::config(path, f, m))?;
         Ok(cfg)
     }
 
@@ -129,13 +151,25 @@ impl ModelConfig {
             return Err(("patch_size", "must be >= 1".into()));
         }
         if self.num_heads == 0 || self.head_dim == 0 {
-            return Err(("num_attention_heads", "heads and head dim must be >= 1".into()));
+            return Err((
+                "num_attention_heads",
+                "heads and head dim must be >= 1".into(),
+            ));
         }
         if self.hidden() % 4 != 0 {
-            return Err(("attention_head_dim", format!("hidden size {} must divide by 4 (2-D sin-cos position table)", self.hidden())));
+            return Err((
+                "attention_head_dim",
+                format!(
+                    "hidden size {} must divide by 4 (2-D sin-cos position table)",
+                    self.hidden()
+                ),
+            ));
         }
         if self.use_additional_conditions && self.hidden() % 3 != 0 {
-            return Err(("use_additional_conditions", format!("hidden size {} must divide by 3", self.hidden())));
+            return Err((
+                "use_additional_conditions",
+                format!("hidden size {} must divide by 3", self.hidden()),
+            ));
         }
         Ok(())
     }
@@ -180,8 +214,15 @@ impl ModelConfig {
     }
 
     /// Names accepted by [`ModelConfig::preset`].
-    pub const PRESETS: &'static [&'static str] =
-        &["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2", "PixArt-alpha-256", "PixArt-alpha-512", "PixArt-alpha-1024"];
+    pub const PRESETS: &'static [&'static str] = &[
+        "DiT-S/2",
+        "DiT-B/2",
+        "DiT-L/2",
+        "DiT-XL/2",
+        "PixArt-alpha-256",
+        "PixArt-alpha-512",
+        "PixArt-alpha-1024",
+    ];
 }
 
 struct Fields<'a> {
@@ -197,21 +238,67 @@ impl Fields<'_> {
         ModelError::config(self.path, k, format!("expected {want}, got {}", self.v[k]))
     }
     fn str_or(&self, k: &str, d: &str) -> Result<String> {
-        self.get(k).map_or(Ok(d.to_string()), |v| v.as_str().map(str::to_string).ok_or_else(|| self.bad(k, "a string")))
+        self.get(k).map_or(Ok(d.to_string()), |v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| self.bad(k, "a string"))
+        })
     }
     fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
-        self.get(k).map_or(Ok(d), |v| v.as_bool().ok_or_else(|| self.bad(k, "true or false")))
+        self.get(k).map_or(Ok(d), |v| {
+            v.as_bool().ok_or_else(|| self.bad(k, "true or false"))
+        })
     }
     fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
-        self.get(k).map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| self.bad(k, "a non-negative integer"))).transpose()
+        self.get(k)
+            .map(|v| {
+                v.as_u64()
+                    .map(|x| x as usize)
+                    .ok_or_else(|| self.bad(k, "a non-negative integer"))
+            })
+            .transpose()
     }
     fn usize_or(&self, k: &str, d: usize) -> Result<usize> {
         Ok(self.opt_usize(k)?.unwrap_or(d))
     }
     fn opt_f32(&self, k: &str) -> Result<Option<f32>> {
-        self.get(k).map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(k, "a number"))).transpose()
+        self.get(k)
+            .map(|v| {
+                v.as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| self.bad(k, "a number"))
+            })
+            .transpose()
     }
     fn f32_or(&self, k: &str, d: f32) -> Result<f32> {
         Ok(self.opt_f32(k)?.unwrap_or(d))
+    }
+}
+
+impl ModelConfig {
+    /// FLOPs of one forward over `batch` latents of `tokens` tokens (multiply-add = 2; softmax,
+    /// norms, activations and biases not counted), the formula `tools/bench_torch.py` shares:
+    /// per block `2 R d (3d + d + 4d + 4d)` linear + `4 B T^2 d` attention + per-block modulation
+    /// `2 B (256 d + d^2 + 6 d^2)` (DiT; PixArt shares one, counted once) + PixArt cross-attention
+    /// with `caption_tokens`; plus patch embedding and final layer.
+    pub fn forward_flops(&self, batch: usize, tokens: usize, caption_tokens: usize) -> f64 {
+        let (b, t, d) = (batch as f64, tokens as f64, self.hidden() as f64);
+        let (r, p2) = (b * t, (self.patch_size * self.patch_size) as f64);
+        let mut block = 2.0 * r * d * 12.0 * d + 4.0 * b * t * t * d;
+        let modulation = 2.0 * b * (256.0 * d + d * d + 6.0 * d * d);
+        let mut total = 0.0;
+        match self.arch {
+            Arch::Dit => block += modulation,
+            Arch::PixArt => {
+                let tc = caption_tokens as f64;
+                block += 2.0 * r * d * 2.0 * d + 2.0 * b * tc * d * 2.0 * d + 4.0 * b * t * tc * d;
+                total += modulation + 2.0 * b * tc * (self.caption_channels as f64 * d + d * d);
+            }
+        }
+        total
+            + self.num_layers as f64 * block
+            + 2.0 * r * self.in_channels as f64 * p2 * d
+            + 2.0 * r * d * p2 * self.out_channels as f64
+            + 2.0 * b * d * 2.0 * d
     }
 }

@@ -21,7 +21,11 @@ use crate::weights::{RandomWeights, SafetensorsDir, WeightSource};
 #[derive(Debug, Clone)]
 enum FinalLayer {
     /// `proj_out_1` gives `[shift | scale]` from block 0's conditioning; `proj_out_2` projects.
-    Dit { emb: DitEmbedder, proj1: Linear, proj2: Linear },
+    Dit {
+        emb: DitEmbedder,
+        proj1: Linear,
+        proj2: Linear,
+    },
     /// `scale_shift_table [2, d]` + embedded timestep; `proj_out` projects.
     PixArt { table: Tensor, proj: Linear },
 }
@@ -41,7 +45,13 @@ pub struct Transformer {
 
 impl std::fmt::Debug for Transformer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Transformer({:?}, blocks {:?}, on {})", self.cfg.arch, self.range, self.device.name())
+        write!(
+            f,
+            "Transformer({:?}, blocks {:?}, on {})",
+            self.cfg.arch,
+            self.range,
+            self.device.name()
+        )
     }
 }
 
@@ -54,32 +64,68 @@ impl Transformer {
     }
 
     /// Random weights (std `0.02`) for a config, deterministic in `seed` for any block range.
-    pub fn random(cfg: ModelConfig, seed: u64, range: Option<Range<usize>>, device: Device) -> Result<Transformer> {
+    pub fn random(
+        cfg: ModelConfig,
+        seed: u64,
+        range: Option<Range<usize>>,
+        device: Device,
+    ) -> Result<Transformer> {
         Self::from_source(cfg, &RandomWeights { seed, std: 0.02 }, range, device)
     }
 
     /// Builds blocks `range` (all when `None`) from any weight source.
-    pub fn from_source(cfg: ModelConfig, src: &dyn WeightSource, range: Option<Range<usize>>, device: Device) -> Result<Transformer> {
+    pub fn from_source(
+        cfg: ModelConfig,
+        src: &dyn WeightSource,
+        range: Option<Range<usize>>,
+        device: Device,
+    ) -> Result<Transformer> {
         let range = range.unwrap_or(0..cfg.num_layers);
         if range.start > range.end || range.end > cfg.num_layers {
-            return Err(ModelError::Input(format!("block range {range:?} is not within the model's {} blocks", cfg.num_layers)));
+            return Err(ModelError::Input(format!(
+                "block range {range:?} is not within the model's {} blocks",
+                cfg.num_layers
+            )));
         }
         let d = cfg.hidden();
         let _span = tracing::info_span!("load", blocks = ?range, arch = ?cfg.arch).entered();
-        let patch_embed = (range.start == 0).then(|| PatchEmbed::load(src, d, cfg.in_channels, cfg.patch_size)).transpose()?;
-        let blocks = range.clone().map(|i| Block::load(src, i, &cfg)).collect::<Result<Vec<_>>>()?;
+        let patch_embed = (range.start == 0)
+            .then(|| PatchEmbed::load(src, d, cfg.in_channels, cfg.patch_size))
+            .transpose()?;
+        let blocks = range
+            .clone()
+            .map(|i| Block::load(src, i, &cfg))
+            .collect::<Result<Vec<_>>>()?;
         let out = cfg.patch_size * cfg.patch_size * cfg.out_channels;
         let head = if range.end == cfg.num_layers {
             Some(match cfg.arch {
-                Arch::Dit => FinalLayer::Dit { emb: DitEmbedder::load(src, 0, &cfg)?, proj1: Linear::load(src, "proj_out_1", 2 * d, d)?, proj2: Linear::load(src, "proj_out_2", out, d)? },
-                Arch::PixArt => FinalLayer::PixArt { table: src.tensor("scale_shift_table", &[2, d])?, proj: Linear::load(src, "proj_out", out, d)? },
+                Arch::Dit => FinalLayer::Dit {
+                    emb: DitEmbedder::load(src, 0, &cfg)?,
+                    proj1: Linear::load(src, "proj_out_1", 2 * d, d)?,
+                    proj2: Linear::load(src, "proj_out_2", out, d)?,
+                },
+                Arch::PixArt => FinalLayer::PixArt {
+                    table: src.tensor("scale_shift_table", &[2, d])?,
+                    proj: Linear::load(src, "proj_out", out, d)?,
+                },
             })
         } else {
             None
         };
-        let pixart = (cfg.arch == Arch::PixArt).then(|| PixArtEmbedders::load(src, &cfg)).transpose()?;
+        let pixart = (cfg.arch == Arch::PixArt)
+            .then(|| PixArtEmbedders::load(src, &cfg))
+            .transpose()?;
         tracing::debug!(blocks = blocks.len(), "model slice loaded");
-        Ok(Transformer { cfg, device, range, patch_embed, blocks, head, pixart, pos_tables: Mutex::new(HashMap::new()) })
+        Ok(Transformer {
+            cfg,
+            device,
+            range,
+            patch_embed,
+            blocks,
+            head,
+            pixart,
+            pos_tables: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The config.
@@ -99,23 +145,43 @@ impl Transformer {
 
     /// Conditioning for one forward (every stage computes its own).
     pub fn conditioning(&self, inputs: &CondInputs) -> Result<Conditioning> {
-        self.device.install(|| conditioning(&self.device, &self.cfg, self.pixart.as_ref(), inputs))
+        self.device
+            .install(|| conditioning(&self.device, &self.cfg, self.pixart.as_ref(), inputs))
     }
 
     fn pos_table(&self, grid_h: usize, grid_w: usize) -> Arc<Vec<f32>> {
         let mut cache = self.pos_tables.lock().expect("pos table cache poisoned");
-        let (d, base, interp) = (self.cfg.hidden(), self.cfg.sample_size / self.cfg.patch_size, self.cfg.interpolation_scale);
-        let interp = if self.cfg.arch == Arch::Dit { 1.0 } else { interp };
-        cache.entry((grid_h, grid_w)).or_insert_with(|| Arc::new(pos_embed_2d(d, grid_h, grid_w, base, interp))).clone()
+        let (d, base, interp) = (
+            self.cfg.hidden(),
+            self.cfg.sample_size / self.cfg.patch_size,
+            self.cfg.interpolation_scale,
+        );
+        let interp = if self.cfg.arch == Arch::Dit {
+            1.0
+        } else {
+            interp
+        };
+        cache
+            .entry((grid_h, grid_w))
+            .or_insert_with(|| Arc::new(pos_embed_2d(d, grid_h, grid_w, base, interp)))
+            .clone()
     }
 
     /// Stage 0: tokens `[B, rows*w, d]` of a latent strip `[B, C, rows*p, W]` whose first token
     /// row is `first_row` of an image `grid_rows` token rows high (position embedding added).
     pub fn embed(&self, strip: &Tensor, first_row: usize, grid_rows: usize) -> Result<Tensor> {
-        let pe = self.patch_embed.as_ref().ok_or_else(|| ModelError::Input(format!("blocks {:?} do not include the patch embedding (stage 0)", self.range)))?;
+        let pe = self.patch_embed.as_ref().ok_or_else(|| {
+            ModelError::Input(format!(
+                "blocks {:?} do not include the patch embedding (stage 0)",
+                self.range
+            ))
+        })?;
         let p = self.cfg.patch_size;
         let &[_, c, h, w] = strip.shape() else {
-            return Err(ModelError::Input(format!("latent must be [B, C, H, W], got {:?}", strip.shape())));
+            return Err(ModelError::Input(format!(
+                "latent must be [B, C, H, W], got {:?}",
+                strip.shape()
+            )));
         };
         if c != self.cfg.in_channels || h % p != 0 || w % p != 0 || first_row + h / p > grid_rows {
             return Err(ModelError::Input(format!(
@@ -147,28 +213,61 @@ impl Transformer {
 
     /// Last stage: final norm, projection and unpatchify of tokens `[B, rows*w, d]` of a strip
     /// `token_rows` high and `width` latent pixels wide -> `[B, out_channels, rows*p, width]`.
-    pub fn head(&self, x: &Tensor, cond: &Conditioning, token_rows: usize, width: usize) -> Result<Tensor> {
-        let head = self.head.as_ref().ok_or_else(|| ModelError::Input(format!("blocks {:?} do not include the final layer (last stage)", self.range)))?;
+    pub fn head(
+        &self,
+        x: &Tensor,
+        cond: &Conditioning,
+        token_rows: usize,
+        width: usize,
+    ) -> Result<Tensor> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            ModelError::Input(format!(
+                "blocks {:?} do not include the final layer (last stage)",
+                self.range
+            ))
+        })?;
         let dev = &self.device;
         let (b, d) = (x.dim(0), self.cfg.hidden());
         dev.install(|| {
             let (shift, scale, proj) = match (head, cond) {
-                (FinalLayer::Dit { emb, proj1, proj2 }, Conditioning::Dit { t_features, labels }) => {
+                (
+                    FinalLayer::Dit { emb, proj1, proj2 },
+                    Conditioning::Dit { t_features, labels },
+                ) => {
                     let c0 = emb.forward(dev, t_features, labels)?;
                     let ss = proj1.forward(dev, &dev.silu(&c0)?)?.reshape(&[b, 2 * d])?; // [B, 2d]
                     (ss.narrow(1, 0, d)?, ss.narrow(1, d, d)?, proj2)
                 }
-                (FinalLayer::PixArt { table, proj }, Conditioning::PixArt { embedded_timestep, .. }) => {
+                (
+                    FinalLayer::PixArt { table, proj },
+                    Conditioning::PixArt {
+                        embedded_timestep, ..
+                    },
+                ) => {
                     let (t, e) = (table.as_f32()?, embedded_timestep.as_f32()?);
                     let sh = (0..b * d).map(|i| t[i % d] + e[i]).collect();
                     let sc = (0..b * d).map(|i| t[d + i % d] + e[i]).collect();
-                    (Tensor::from_vec(sh, &[b, d])?, Tensor::from_vec(sc, &[b, d])?, proj)
+                    (
+                        Tensor::from_vec(sh, &[b, d])?,
+                        Tensor::from_vec(sc, &[b, d])?,
+                        proj,
+                    )
                 }
-                _ => return Err(ModelError::Input("conditioning of the wrong model family".into())),
+                _ => {
+                    return Err(ModelError::Input(
+                        "conditioning of the wrong model family".into(),
+                    ))
+                }
             };
             let h = dev.layer_norm_modulate(x, &shift, &scale, 1e-6)?;
             let tok = proj.forward(dev, &h)?; // [B, n, p*p*Cout]
-            Ok(dev.unpatchify(&tok, self.cfg.out_channels, token_rows, width, self.cfg.patch_size)?)
+            Ok(dev.unpatchify(
+                &tok,
+                self.cfg.out_channels,
+                token_rows,
+                width,
+                self.cfg.patch_size,
+            )?)
         })
     }
 
@@ -182,7 +281,10 @@ impl Transformer {
     pub fn forward_with(&self, latent: &Tensor, cond: &Conditioning) -> Result<Tensor> {
         let p = self.cfg.patch_size;
         if latent.shape().len() != 4 {
-            return Err(ModelError::Input(format!("latent must be [B, C, H, W], got {:?}", latent.shape())));
+            return Err(ModelError::Input(format!(
+                "latent must be [B, C, H, W], got {:?}",
+                latent.shape()
+            )));
         }
         let rows = latent.dim(2) / p;
         let mut x = self.embed(latent, 0, rows)?;

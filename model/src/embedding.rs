@@ -17,17 +17,36 @@ pub(crate) struct Linear {
 
 impl Linear {
     /// Loads `{name}.weight` `[out, inp]` and `{name}.bias` `[out]`.
-    pub(crate) fn load(src: &dyn WeightSource, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear { w: src.tensor(&format!("{name}.weight"), &[out, inp])?, b: src.tensor(&format!("{name}.bias"), &[out])? })
+    pub(crate) fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<Linear> {
+        Ok(Linear {
+            w: src.tensor(&format!("{name}.weight"), &[out, inp])?,
+            b: src.tensor(&format!("{name}.bias"), &[out])?,
+        })
     }
 
     /// Loads several projections of the same input and stacks them into one (e.g. Q, K, V into
     /// one `[3d, d]` GEMM).
-    pub(crate) fn load_fused(src: &dyn WeightSource, names: &[String], out: usize, inp: usize) -> Result<Linear> {
-        let parts = names.iter().map(|n| Linear::load(src, n, out, inp)).collect::<Result<Vec<_>>>()?;
+    pub(crate) fn load_fused(
+        src: &dyn WeightSource,
+        names: &[String],
+        out: usize,
+        inp: usize,
+    ) -> Result<Linear> {
+        let parts = names
+            .iter()
+            .map(|n| Linear::load(src, n, out, inp))
+            .collect::<Result<Vec<_>>>()?;
         let ws: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
         let bs: Vec<&Tensor> = parts.iter().map(|p| &p.b).collect();
-        Ok(Linear { w: Tensor::cat(&ws, 0)?, b: Tensor::cat(&bs, 0)? })
+        Ok(Linear {
+            w: Tensor::cat(&ws, 0)?,
+            b: Tensor::cat(&bs, 0)?,
+        })
     }
 
     pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
@@ -41,7 +60,9 @@ impl Linear {
 pub(crate) fn timestep_features(t: &[f32], shift: f32) -> Result<Tensor> {
     const DIM: usize = 256;
     let half = DIM / 2;
-    let freqs: Vec<f32> = (0..half).map(|i| ((-(10000f32.ln()) * i as f32) / (half as f32 - shift)).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-(10000f32.ln()) * i as f32) / (half as f32 - shift)).exp())
+        .collect();
     let mut out = Vec::with_capacity(t.len() * DIM);
     for &tv in t {
         out.extend(freqs.iter().map(|f| (tv * f).cos()));
@@ -59,7 +80,10 @@ pub(crate) struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     pub(crate) fn load(src: &dyn WeightSource, name: &str, inp: usize, out: usize) -> Result<Self> {
-        Ok(TimestepEmbedding { l1: Linear::load(src, &format!("{name}.linear_1"), out, inp)?, l2: Linear::load(src, &format!("{name}.linear_2"), out, out)? })
+        Ok(TimestepEmbedding {
+            l1: Linear::load(src, &format!("{name}.linear_1"), out, inp)?,
+            l2: Linear::load(src, &format!("{name}.linear_2"), out, out)?,
+        })
     }
     pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
         let h = dev.silu(&self.l1.forward(dev, x)?)?;
@@ -72,7 +96,9 @@ impl TimestepEmbedding {
 /// and rounded to f32 as diffusers does.
 pub fn pos_embed_2d(d: usize, gh: usize, gw: usize, base: usize, interp: f32) -> Vec<f32> {
     let quarter = d / 4;
-    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
     let coord = |i: usize, n: usize| (i as f32 / (n as f64 / base as f64) as f32 / interp) as f64;
     let mut out = Vec::with_capacity(gh * gw * d);
     for r in 0..gh {
@@ -96,10 +122,20 @@ pub(crate) struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    pub(crate) fn load(src: &dyn WeightSource, d: usize, channels: usize, patch: usize) -> Result<Self> {
-        let w = src.tensor("pos_embed.proj.weight", &[d, channels, patch, patch])?.reshape(&[d, channels * patch * patch])?;
+    pub(crate) fn load(
+        src: &dyn WeightSource,
+        d: usize,
+        channels: usize,
+        patch: usize,
+    ) -> Result<Self> {
+        let w = src
+            .tensor("pos_embed.proj.weight", &[d, channels, patch, patch])?
+            .reshape(&[d, channels * patch * patch])?;
         let b = src.tensor("pos_embed.proj.bias", &[d])?;
-        Ok(PatchEmbed { proj: Linear { w, b }, patch })
+        Ok(PatchEmbed {
+            proj: Linear { w, b },
+            patch,
+        })
     }
 
     /// Tokens `[B, rows*w, d]` of a latent strip `[B, C, rows*p, W]` (without position embedding).

@@ -85,15 +85,26 @@ pub enum ModelError {
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.into(), source }
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub(crate) fn config(path: impl Into<PathBuf>, field: &str, msg: impl Into<String>) -> Self {
-        ModelError::Config { path: path.into(), field: field.to_string(), msg: msg.into() }
+        ModelError::Config {
+            path: path.into(),
+            field: field.to_string(),
+            msg: msg.into(),
+        }
     }
 }
 
 /// Reads and parses a JSON file with errors that name the file and line.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.to_path_buf(), line: e.line(), msg: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| ModelError::Json {
+        path: path.to_path_buf(),
+        line: e.line(),
+        msg: e.to_string(),
+    })
 }

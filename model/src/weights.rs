@@ -49,21 +49,46 @@ impl SafetensorsDir {
         let index_path = dir.join(INDEX);
         let index = if index_path.exists() {
             let v = read_json(&index_path)?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                ModelError::config(&index_path, "weight_map", "missing or not an object of name -> file")
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    ModelError::config(
+                        &index_path,
+                        "weight_map",
+                        "missing or not an object of name -> file",
+                    )
+                })?;
             let mut index = HashMap::new();
             for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| ModelError::config(&index_path, &format!("weight_map.{name}"), "expected a file name"))?;
+                let file = file.as_str().ok_or_else(|| {
+                    ModelError::config(
+                        &index_path,
+                        &format!("weight_map.{name}"),
+                        "expected a file name",
+                    )
+                })?;
                 index.insert(name.clone(), dir.join(file));
             }
             Some(index)
         } else if dir.join(SINGLE).exists() {
             None
         } else {
-            return Err(ModelError::io(dir.join(SINGLE), std::io::Error::new(std::io::ErrorKind::NotFound, "no diffusion_pytorch_model.safetensors or its .index.json in the model folder")));
+            return Err(ModelError::io(
+                dir.join(SINGLE),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no diffusion_pytorch_model.safetensors or its .index.json in the model folder",
+                ),
+            ));
         };
-        Ok(SafetensorsDir { dir: dir.to_path_buf(), index, single: dir.join(SINGLE), open: Mutex::new(HashMap::new()), read_log: Mutex::new(Vec::new()) })
+        Ok(SafetensorsDir {
+            dir: dir.to_path_buf(),
+            index,
+            single: dir.join(SINGLE),
+            open: Mutex::new(HashMap::new()),
+            read_log: Mutex::new(Vec::new()),
+        })
     }
 
     /// Names of the tensors read so far, in order (lets tests check that a stage reads only its
@@ -74,7 +99,13 @@ impl SafetensorsDir {
 
     /// Shard files mapped so far.
     pub fn files_opened(&self) -> Vec<PathBuf> {
-        let mut v: Vec<_> = self.open.lock().expect("file table poisoned").keys().cloned().collect();
+        let mut v: Vec<_> = self
+            .open
+            .lock()
+            .expect("file table poisoned")
+            .keys()
+            .cloned()
+            .collect();
         v.sort();
         v
     }
@@ -95,8 +126,15 @@ impl SafetensorsDir {
         // SAFETY: the file is opened read-only; like every mmap-based loader (candle, safetensors'
         // own Python loader) we assume it is not truncated while the model is loading.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
-        let f = Arc::new(MappedFile { map, data_start: 8 + n, meta });
+        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let f = Arc::new(MappedFile {
+            map,
+            data_start: 8 + n,
+            meta,
+        });
         open.insert(path.to_path_buf(), f.clone());
         Ok(f)
     }
@@ -106,26 +144,55 @@ impl WeightSource for SafetensorsDir {
     fn contains(&self, name: &str) -> bool {
         match &self.index {
             Some(ix) => ix.contains_key(name),
-            None => self.mapped(&self.single).map(|f| f.meta.info(name).is_some()).unwrap_or(false),
+            None => self
+                .mapped(&self.single)
+                .map(|f| f.meta.info(name).is_some())
+                .unwrap_or(false),
         }
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let missing = || ModelError::MissingTensor { name: name.to_string(), path: self.dir.clone() };
+        let missing = || ModelError::MissingTensor {
+            name: name.to_string(),
+            path: self.dir.clone(),
+        };
         let path = self.file_of(name).ok_or_else(missing)?;
         let f = self.mapped(&path)?;
         let info = f.meta.info(name).ok_or_else(missing)?;
         if info.shape != shape {
-            return Err(ModelError::TensorShape { path, name: name.into(), expected: shape.to_vec(), got: info.shape.clone() });
+            return Err(ModelError::TensorShape {
+                path,
+                name: name.into(),
+                expected: shape.to_vec(),
+                got: info.shape.clone(),
+            });
         }
         let bytes = &f.map[f.data_start + info.data_offsets.0..f.data_start + info.data_offsets.1];
         let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => return Err(ModelError::UnsupportedDType { path, name: name.into(), dtype: format!("{other:?}") }),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::UnsupportedDType {
+                    path,
+                    name: name.into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         };
-        self.read_log.lock().expect("read log poisoned").push(name.to_string());
+        self.read_log
+            .lock()
+            .expect("read log poisoned")
+            .push(name.to_string());
         Ok(Tensor::from_vec(data, shape)?)
     }
 }
@@ -147,7 +214,9 @@ impl WeightSource for RandomWeights {
     }
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         // FNV-1a of the name, mixed with the seed, drives a splitmix64 stream.
-        let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) ^ self.seed;
+        let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        }) ^ self.seed;
         let half_width = self.std * 3f32.sqrt();
         let n: usize = shape.iter().product();
         let data = (0..n)

@@ -13,13 +13,24 @@ use model::{CondInputs, Transformer};
 
 fn check_trajectory(case: &str, config: &str) {
     let fx = Fixture::load("schedulers/trajectories.safetensors");
-    let sched = Scheduler::from_file(&fixtures().join(format!("schedulers/{config}/scheduler_config.json"))).unwrap();
+    let sched = Scheduler::from_file(
+        &fixtures().join(format!("schedulers/{config}/scheduler_config.json")),
+    )
+    .unwrap();
     let want_ts = &fx.doubles[&format!("{case}.timesteps")];
     let plan = sched.plan(want_ts.len()).unwrap();
     for (got, want) in plan.timesteps.iter().zip(want_ts) {
-        assert!((*got as f64 - want).abs() <= 1e-3 * want.abs().max(1.0), "{case}: timesteps {:?} vs {want_ts:?}", plan.timesteps);
+        assert!(
+            (*got as f64 - want).abs() <= 1e-3 * want.abs().max(1.0),
+            "{case}: timesteps {:?} vs {want_ts:?}",
+            plan.timesteps
+        );
     }
-    let (xs, eps, outs) = (fx.f(&format!("{case}.sample_in")), fx.f(&format!("{case}.model_output")), fx.f(&format!("{case}.sample_out")));
+    let (xs, eps, outs) = (
+        fx.f(&format!("{case}.sample_in")),
+        fx.f(&format!("{case}.model_output")),
+        fx.f(&format!("{case}.sample_out")),
+    );
     let n = want_ts.len();
     let per = xs.elem_count() / n;
     let mut state = SamplerState::new(plan, per);
@@ -59,16 +70,30 @@ fn flow_euler_matches_diffusers() {
 #[test]
 fn built_in_scheduler_names_match_the_shipped_configs() {
     for (name, dir) in [("ddim", "ddim"), ("dpm", "dpm"), ("flow", "flow")] {
-        let file = Scheduler::from_file(&fixtures().join(format!("schedulers/{dir}/scheduler_config.json"))).unwrap();
-        assert_eq!(Scheduler::named(name).unwrap().plan(17).unwrap(), file.plan(17).unwrap(), "{name}");
+        let file = Scheduler::from_file(
+            &fixtures().join(format!("schedulers/{dir}/scheduler_config.json")),
+        )
+        .unwrap();
+        assert_eq!(
+            Scheduler::named(name).unwrap().plan(17).unwrap(),
+            file.plan(17).unwrap(),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn unsupported_scheduler_settings_are_named() {
-    let v: serde_json::Value = serde_json::from_str(r#"{"_class_name":"DDIMScheduler","prediction_type":"v_prediction"}"#).unwrap();
-    let err = Scheduler::from_json(&v, std::path::Path::new("x/scheduler_config.json")).unwrap_err().to_string();
-    assert!(err.contains("prediction_type") && err.contains("x/scheduler_config.json"), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(r#"{"_class_name":"DDIMScheduler","prediction_type":"v_prediction"}"#)
+            .unwrap();
+    let err = Scheduler::from_json(&v, std::path::Path::new("x/scheduler_config.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("prediction_type") && err.contains("x/scheduler_config.json"),
+        "{err}"
+    );
 }
 
 /// diffusers' DiTPipeline (12 steps, guidance 4, labels [3, 7]) from fixed noise.
@@ -89,7 +114,15 @@ fn dit_ddim_cfg_pipeline_matches_diffusers() {
         noise,
         |_, t, x| {
             let doubled = kernels::Tensor::cat(&[x, x], 0)?;
-            let inputs = CondInputs { timesteps: vec![t; 2 * b], class_labels: labels.iter().copied().chain(std::iter::repeat_n(null, b)).collect(), ..Default::default() };
+            let inputs = CondInputs {
+                timesteps: vec![t; 2 * b],
+                class_labels: labels
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(null, b))
+                    .collect(),
+                ..Default::default()
+            };
             let o = model.forward(&doubled, &inputs)?;
             cfg_combine(&o, 4, 4.0, CfgOrder::CondFirst)
         },
@@ -97,7 +130,10 @@ fn dit_ddim_cfg_pipeline_matches_diffusers() {
     )
     .unwrap();
     assert_eq!(per_step, (0..12).collect::<Vec<_>>());
-    let e = rel_l2(out.as_f32().unwrap(), fx.f("final_latent").as_f32().unwrap());
+    let e = rel_l2(
+        out.as_f32().unwrap(),
+        fx.f("final_latent").as_f32().unwrap(),
+    );
     eprintln!("final latent relative L2 vs diffusers: {e:.2e}");
     assert!(e <= 1e-4, "final latent relative L2 {e:.3e}");
 }

@@ -38,21 +38,44 @@ fn dit_matches_diffusers_with_intermediates() {
     let mut x = model.embed(latent, 0, rows).unwrap();
     check("patch_embed", &x, io.f("patch_embed"));
     for i in 0..3 {
-        let one = Transformer::load(&fixtures().join("dit_tiny"), Some(i..i + 1), Device::cpu(1).unwrap()).unwrap();
+        let one = Transformer::load(
+            &fixtures().join("dit_tiny"),
+            Some(i..i + 1),
+            Device::cpu(1).unwrap(),
+        )
+        .unwrap();
         one.run_blocks(&mut x, &cond).unwrap();
         check(&format!("block{i}"), &x, io.f(&format!("block{i}")));
     }
-    check("output", &model.head(&x, &cond, rows, latent.dim(3)).unwrap(), io.f("output"));
-    check("output (forward)", &model.forward(latent, &inputs).unwrap(), io.f("output"));
+    check(
+        "output",
+        &model.head(&x, &cond, rows, latent.dim(3)).unwrap(),
+        io.f("output"),
+    );
+    check(
+        "output (forward)",
+        &model.forward(latent, &inputs).unwrap(),
+        io.f("output"),
+    );
 }
 
 #[test]
 fn dit_loads_sharded_half_and_legacy_folders() {
     let io = Fixture::load("dit_tiny_io.safetensors");
     let inputs = dit_inputs(&io);
-    for (folder, want) in [("dit_tiny_sharded", "output"), ("dit_tiny_legacy", "output"), ("dit_tiny_f16", "output_f16"), ("dit_tiny_bf16", "output_bf16")] {
-        let model = Transformer::load(&fixtures().join(folder), None, Device::cpu(1).unwrap()).unwrap();
-        check(folder, &model.forward(io.f("latent"), &inputs).unwrap(), io.f(want));
+    for (folder, want) in [
+        ("dit_tiny_sharded", "output"),
+        ("dit_tiny_legacy", "output"),
+        ("dit_tiny_f16", "output_f16"),
+        ("dit_tiny_bf16", "output_bf16"),
+    ] {
+        let model =
+            Transformer::load(&fixtures().join(folder), None, Device::cpu(1).unwrap()).unwrap();
+        check(
+            folder,
+            &model.forward(io.f("latent"), &inputs).unwrap(),
+            io.f(want),
+        );
     }
 }
 
@@ -65,37 +88,72 @@ fn a_block_slice_reads_only_its_own_weights() {
     let read = src.tensors_read();
     assert!(!read.is_empty());
     for name in &read {
-        assert!(name.starts_with("transformer_blocks.1."), "middle slice read {name}");
+        assert!(
+            name.starts_with("transformer_blocks.1."),
+            "middle slice read {name}"
+        );
     }
-    assert!(src.files_opened().len() < 4, "opened {:?}", src.files_opened());
+    assert!(
+        src.files_opened().len() < 4,
+        "opened {:?}",
+        src.files_opened()
+    );
     // The last slice also needs block 0's conditioning embedder (diffusers' final layer uses it),
     // but nothing else of block 0.
     let src = SafetensorsDir::open(&dir).unwrap();
-    Transformer::from_source(ModelConfig::from_dir(&dir).unwrap(), &src, Some(2..3), Device::cpu(1).unwrap()).unwrap();
+    Transformer::from_source(
+        ModelConfig::from_dir(&dir).unwrap(),
+        &src,
+        Some(2..3),
+        Device::cpu(1).unwrap(),
+    )
+    .unwrap();
     for name in src.tensors_read() {
-        let ok = name.starts_with("transformer_blocks.2.") || name.starts_with("transformer_blocks.0.norm1.emb.") || name.starts_with("proj_out");
+        let ok = name.starts_with("transformer_blocks.2.")
+            || name.starts_with("transformer_blocks.0.norm1.emb.")
+            || name.starts_with("proj_out");
         assert!(ok, "last slice read {name}");
     }
 }
 
 fn pixart_case(io: &Fixture, p: &str, masked: bool) -> (CondInputs, &'static str) {
     let inputs = CondInputs {
-        timesteps: io.i(&format!("{p}timestep")).iter().map(|&t| t as f32).collect(),
+        timesteps: io
+            .i(&format!("{p}timestep"))
+            .iter()
+            .map(|&t| t as f32)
+            .collect(),
         caption: Some(io.f(&format!("{p}encoder_hidden_states")).clone()),
         caption_mask: masked.then(|| io.f(&format!("{p}mask")).clone()),
         ..Default::default()
     };
-    (inputs, if masked { "output_masked" } else { "output_nomask" })
+    (
+        inputs,
+        if masked {
+            "output_masked"
+        } else {
+            "output_nomask"
+        },
+    )
 }
 
 #[test]
 fn pixart_matches_diffusers_square_nonsquare_masked_unmasked() {
     let io = Fixture::load("pixart_tiny_io.safetensors");
-    let model = Transformer::load(&fixtures().join("pixart_tiny"), None, Device::cpu(2).unwrap()).unwrap();
+    let model = Transformer::load(
+        &fixtures().join("pixart_tiny"),
+        None,
+        Device::cpu(2).unwrap(),
+    )
+    .unwrap();
     for p in ["sq.", "nonsq."] {
         for masked in [true, false] {
             let (inputs, out) = pixart_case(&io, p, masked);
-            check(&format!("{p}{out}"), &model.forward(io.f(&format!("{p}latent")), &inputs).unwrap(), io.f(&format!("{p}{out}")));
+            check(
+                &format!("{p}{out}"),
+                &model.forward(io.f(&format!("{p}latent")), &inputs).unwrap(),
+                io.f(&format!("{p}{out}")),
+            );
         }
     }
     let (inputs, _) = pixart_case(&io, "sq.", true);
@@ -104,7 +162,12 @@ fn pixart_matches_diffusers_square_nonsquare_masked_unmasked() {
     let mut x = model.embed(latent, 0, 4).unwrap();
     check("sq.patch_embed", &x, io.f("sq.patch_embed"));
     for i in 0..3 {
-        let one = Transformer::load(&fixtures().join("pixart_tiny"), Some(i..i + 1), Device::cpu(1).unwrap()).unwrap();
+        let one = Transformer::load(
+            &fixtures().join("pixart_tiny"),
+            Some(i..i + 1),
+            Device::cpu(1).unwrap(),
+        )
+        .unwrap();
         one.run_blocks(&mut x, &cond).unwrap();
         check(&format!("sq.block{i}"), &x, io.f(&format!("sq.block{i}")));
     }
@@ -116,12 +179,16 @@ fn pixart_matches_diffusers_square_nonsquare_masked_unmasked() {
 #[test]
 fn strip_embedding_equals_rows_of_full_embedding() {
     let io = Fixture::load("dit_tiny_io.safetensors");
-    let model = Transformer::load(&fixtures().join("dit_tiny"), None, Device::cpu(1).unwrap()).unwrap();
+    let model =
+        Transformer::load(&fixtures().join("dit_tiny"), None, Device::cpu(1).unwrap()).unwrap();
     let latent = io.f("latent");
     let full = model.embed(latent, 0, 4).unwrap(); // [2, 16, 32]
     let strip = latent.narrow(2, 2, 4).unwrap(); // token rows 1..3
     let part = model.embed(&strip, 1, 4).unwrap();
-    assert_eq!(part.as_f32().unwrap(), full.narrow(1, 4, 8).unwrap().as_f32().unwrap());
+    assert_eq!(
+        part.as_f32().unwrap(),
+        full.narrow(1, 4, 8).unwrap().as_f32().unwrap()
+    );
 }
 
 #[test]
@@ -130,30 +197,72 @@ fn errors_name_the_file_and_field() {
     std::fs::create_dir_all(&tmp).unwrap();
     std::fs::write(tmp.join("config.json"), r#"{"_class_name": "UNet2DModel"}"#).unwrap();
     let err = ModelConfig::from_dir(&tmp).unwrap_err().to_string();
-    assert!(err.contains("config.json") && err.contains("_class_name"), "{err}");
-    std::fs::write(tmp.join("config.json"), r#"{"_class_name": "DiTTransformer2DModel", "num_layers": "two"}"#).unwrap();
+    assert!(
+        err.contains("config.json") && err.contains("_class_name"),
+        "{err}"
+    );
+    std::fs::write(
+        tmp.join("config.json"),
+        r#"{"_class_name": "DiTTransformer2DModel", "num_layers": "two"}"#,
+    )
+    .unwrap();
     let err = ModelConfig::from_dir(&tmp).unwrap_err().to_string();
     assert!(err.contains("num_layers"), "{err}");
     std::fs::write(tmp.join("config.json"), "{ not json").unwrap();
     let err = ModelConfig::from_dir(&tmp).unwrap_err().to_string();
     assert!(err.contains("line 1"), "{err}");
     // A weight with the wrong shape names the tensor and the file.
-    let cfg = ModelConfig { num_layers: 3, ..ModelConfig::from_dir(&fixtures().join("dit_tiny")).unwrap() };
-    let wrong = ModelConfig { num_heads: 4, head_dim: 8, ..cfg.clone() };
+    let cfg = ModelConfig {
+        num_layers: 3,
+        ..ModelConfig::from_dir(&fixtures().join("dit_tiny")).unwrap()
+    };
+    let wrong = ModelConfig {
+        num_heads: 4,
+        head_dim: 8,
+        ..cfg.clone()
+    };
     let src = SafetensorsDir::open(&fixtures().join("dit_tiny")).unwrap();
-    let err = Transformer::from_source(ModelConfig { num_heads: 1, head_dim: 64, ..wrong }, &src, None, Device::cpu(1).unwrap()).unwrap_err().to_string();
-    assert!(err.contains("pos_embed.proj.weight") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    let err = Transformer::from_source(
+        ModelConfig {
+            num_heads: 1,
+            head_dim: 64,
+            ..wrong
+        },
+        &src,
+        None,
+        Device::cpu(1).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("pos_embed.proj.weight")
+            && err.contains("diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
     assert!(!src.contains("no.such.tensor"));
     std::fs::remove_dir_all(&tmp).ok();
 }
 
 #[test]
 fn bad_request_inputs_are_errors_not_panics() {
-    let model = Transformer::load(&fixtures().join("dit_tiny"), None, Device::cpu(1).unwrap()).unwrap();
+    let model =
+        Transformer::load(&fixtures().join("dit_tiny"), None, Device::cpu(1).unwrap()).unwrap();
     let latent = Tensor::zeros(&[1, 4, 8, 8]);
-    let bad_label = CondInputs { timesteps: vec![1.0], class_labels: vec![11], ..Default::default() };
-    assert!(model.forward(&latent, &bad_label).unwrap_err().to_string().contains("class labels"));
-    let ok = CondInputs { timesteps: vec![1.0], class_labels: vec![1], ..Default::default() };
+    let bad_label = CondInputs {
+        timesteps: vec![1.0],
+        class_labels: vec![11],
+        ..Default::default()
+    };
+    assert!(model
+        .forward(&latent, &bad_label)
+        .unwrap_err()
+        .to_string()
+        .contains("class labels"));
+    let ok = CondInputs {
+        timesteps: vec![1.0],
+        class_labels: vec![1],
+        ..Default::default()
+    };
     assert!(model.forward(&Tensor::zeros(&[1, 3, 8, 8]), &ok).is_err());
     assert!(model.forward(&Tensor::zeros(&[1, 4, 7, 8]), &ok).is_err());
 }

@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::math::exp_fast;
+use super::math::{exp_fast, max_lanes, sum_lanes};
 use super::matmul::{matmul_strided, MatRef};
 
 const Q_TILE: usize = 64;
@@ -113,23 +113,21 @@ pub(crate) fn attention(
                 };
                 for r in 0..rows {
                     let s = &mut scores[r * K_TILE..r * K_TILE + cols];
-                    let mut m = f32::NEG_INFINITY;
-                    for (c, x) in s.iter_mut().enumerate() {
-                        *x = *x * scale + bias.map_or(0.0, |bb| bb[k0 + c]);
-                        m = m.max(*x);
+                    match bias {
+                        Some(bb) => s
+                            .iter_mut()
+                            .zip(&bb[k0..k0 + cols])
+                            .for_each(|(x, b)| *x = *x * scale + b),
+                        None => s.iter_mut().for_each(|x| *x *= scale),
                     }
-                    let new_max = row_max[r].max(m);
+                    let new_max = row_max[r].max(max_lanes(s));
                     if new_max == f32::NEG_INFINITY {
                         s.iter_mut().for_each(|x| *x = 0.0);
                         continue;
                     }
-                    let mut sum = 0f32;
-                    for x in s.iter_mut() {
-                        *x = exp_fast(*x - new_max);
-                        sum += *x;
-                    }
+                    s.iter_mut().for_each(|x| *x = exp_fast(*x - new_max));
                     let correction = exp_fast(row_max[r] - new_max);
-                    row_sum[r] = row_sum[r] * correction + sum;
+                    row_sum[r] = row_sum[r] * correction + sum_lanes(s);
                     row_max[r] = new_max;
                     if correction != 1.0 {
                         acc[r * dh..(r + 1) * dh]

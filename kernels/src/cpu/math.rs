@@ -42,3 +42,36 @@ pub fn gelu_tanh_scalar(x: f32) -> f32 {
 pub(crate) fn silu_scalar(x: f32) -> f32 {
     x / (1.0 + exp_fast(-x))
 }
+
+const LANES: usize = 16;
+
+/// Sum with 16 independent accumulators, so LLVM can vectorise it (a plain `iter().sum()` is a
+/// strict serial chain of additions).
+#[inline]
+pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Maximum with 16 independent lanes (vectorisable); `-inf` for an empty slice.
+#[inline]
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    rest.iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}

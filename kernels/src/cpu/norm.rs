@@ -4,13 +4,17 @@
 
 use rayon::prelude::*;
 
+use super::math::sum_lanes;
+
 /// Normalises one row into `out`: `(x - mean) / sqrt(var + eps)`, biased variance.
 #[inline]
 fn normalize_row(x: &[f32], eps: f32, out: &mut [f32]) -> (f32, f32) {
     let d = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / d;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
-    let inv = 1.0 / (var + eps).sqrt();
+    let mean = sum_lanes(x) / d;
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v - mean) * (v - mean);
+    }
+    let inv = 1.0 / (sum_lanes(out) / d + eps).sqrt();
     for (o, v) in out.iter_mut().zip(x) {
         *o = (v - mean) * inv;
     }

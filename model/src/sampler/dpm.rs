@@ -21,51 +21,98 @@ impl DpmSolver {
         require_epsilon(f)?;
         let algo = f.str("algorithm_type", "dpmsolver++")?;
         if algo != "dpmsolver++" {
-            return Err(ModelError::config(f.path, "algorithm_type", format!("`{algo}` is not supported (dpmsolver++)")));
+            return Err(ModelError::config(
+                f.path,
+                "algorithm_type",
+                format!("`{algo}` is not supported (dpmsolver++)"),
+            ));
         }
         let order = f.usize("solver_order", 2)?;
         if !(1..=2).contains(&order) {
-            return Err(ModelError::config(f.path, "solver_order", format!("{order} is not supported (1 or 2)")));
+            return Err(ModelError::config(
+                f.path,
+                "solver_order",
+                format!("{order} is not supported (1 or 2)"),
+            ));
         }
         let solver = f.str("solver_type", "midpoint")?;
         if solver != "midpoint" && solver != "heun" {
-            return Err(ModelError::config(f.path, "solver_type", format!("`{solver}` is not one of midpoint, heun")));
+            return Err(ModelError::config(
+                f.path,
+                "solver_type",
+                format!("`{solver}` is not one of midpoint, heun"),
+            ));
         }
-        for (k, d) in [("use_karras_sigmas", false), ("use_lu_lambdas", false), ("use_exponential_sigmas", false), ("use_beta_sigmas", false), ("use_flow_sigmas", false), ("thresholding", false)] {
+        for (k, d) in [
+            ("use_karras_sigmas", false),
+            ("use_lu_lambdas", false),
+            ("use_exponential_sigmas", false),
+            ("use_beta_sigmas", false),
+            ("use_flow_sigmas", false),
+            ("thresholding", false),
+        ] {
             if f.bool(k, d)? {
                 return Err(ModelError::config(f.path, k, "true is not supported"));
             }
         }
         let final_type = f.str("final_sigmas_type", "zero")?;
         if final_type != "zero" {
-            return Err(ModelError::config(f.path, "final_sigmas_type", format!("`{final_type}` is not supported (zero)")));
+            return Err(ModelError::config(
+                f.path,
+                "final_sigmas_type",
+                format!("`{final_type}` is not supported (zero)"),
+            ));
         }
         let spacing = f.str("timestep_spacing", "linspace")?;
         if !["leading", "trailing", "linspace"].contains(&spacing.as_str()) {
-            return Err(ModelError::config(f.path, "timestep_spacing", format!("`{spacing}` is not one of leading, trailing, linspace")));
+            return Err(ModelError::config(
+                f.path,
+                "timestep_spacing",
+                format!("`{spacing}` is not one of leading, trailing, linspace"),
+            ));
         }
-        Ok(DpmSolver { acp: alphas_cumprod(f)?, order, heun: solver == "heun", spacing, steps_offset: f.usize("steps_offset", 0)? })
+        Ok(DpmSolver {
+            acp: alphas_cumprod(f)?,
+            order,
+            heun: solver == "heun",
+            spacing,
+            steps_offset: f.usize("steps_offset", 0)?,
+        })
     }
 
     fn timesteps(&self, n: usize) -> Vec<usize> {
         let last = self.acp.len(); // lambda_min_clipped = -inf
         match self.spacing.as_str() {
-            "linspace" => (1..=n).rev().map(|i| ((last - 1) as f64 * i as f64 / n as f64).round_ties_even() as usize).collect(),
-            "leading" => (1..=n).rev().map(|i| i * (last / (n + 1)) + self.steps_offset).collect(),
+            "linspace" => (1..=n)
+                .rev()
+                .map(|i| ((last - 1) as f64 * i as f64 / n as f64).round_ties_even() as usize)
+                .collect(),
+            "leading" => (1..=n)
+                .rev()
+                .map(|i| i * (last / (n + 1)) + self.steps_offset)
+                .collect(),
             _ => {
                 let ratio = self.acp.len() as f64 / n as f64;
-                (0..n).map(|i| (last as f64 - i as f64 * ratio).round_ties_even() as usize - 1).collect()
+                (0..n)
+                    .map(|i| (last as f64 - i as f64 * ratio).round_ties_even() as usize - 1)
+                    .collect()
             }
         }
     }
 
     pub(super) fn plan(&self, n: usize) -> Result<SamplingPlan> {
         if n >= self.acp.len() {
-            return Err(ModelError::Input(format!("{n} steps exceed the {} training timesteps", self.acp.len())));
+            return Err(ModelError::Input(format!(
+                "{n} steps exceed the {} training timesteps",
+                self.acp.len()
+            )));
         }
         let ts = self.timesteps(n);
         // sigma = sqrt((1 - acp) / acp) in f32, then (alpha, sigma) = (1, sigma) / sqrt(sigma^2 + 1).
-        let mut sigmas: Vec<f64> = ts.iter().map(|&t| ((1.0 - self.acp[t]) / self.acp[t]).sqrt() as f64).collect();
+        let mut sigmas: Vec<f64> = ts
+            .iter()
+            .map(|&t| ((1.0 - self.acp[t]) / self.acp[t]).sqrt() as f64)
+            .collect();
         sigmas.push(0.0);
         let alpha_sigma = |s: f64| {
             let a = 1.0 / (s * s + 1.0).sqrt();
@@ -97,8 +144,20 @@ impl DpmSolver {
                     -0.5 * alpha_t * em1 / r0
                 }
             };
-            rules.push(StepRule { x0_alpha: alpha_s as f32, x0_sigma: sigma_s as f32, a: (sigma_t / sigma_s) as f32, b: (-alpha_t * em1) as f32, c: c as f32, e: 0.0 });
+            rules.push(StepRule {
+                x0_alpha: alpha_s as f32,
+                x0_sigma: sigma_s as f32,
+                a: (sigma_t / sigma_s) as f32,
+                b: (-alpha_t * em1) as f32,
+                c: c as f32,
+                e: 0.0,
+            });
         }
-        Ok(SamplingPlan { timesteps: ts.iter().map(|&t| t as f32).collect(), rules, multistep: self.order > 1, init_noise_sigma: 1.0 })
+        Ok(SamplingPlan {
+            timesteps: ts.iter().map(|&t| t as f32).collect(),
+            rules,
+            multistep: self.order > 1,
+            init_noise_sigma: 1.0,
+        })
     }
 }

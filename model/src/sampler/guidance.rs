@@ -19,10 +19,16 @@ pub enum CfgOrder {
 /// Learned-sigma channels beyond `channels` are dropped.
 pub fn cfg_combine(out: &Tensor, channels: usize, scale: f32, order: CfgOrder) -> Result<Tensor> {
     let &[b2, c_out, h, w] = out.shape() else {
-        return Err(ModelError::Input(format!("model output must be [2B, C, H, W], got {:?}", out.shape())));
+        return Err(ModelError::Input(format!(
+            "model output must be [2B, C, H, W], got {:?}",
+            out.shape()
+        )));
     };
     if b2 % 2 != 0 || channels > c_out {
-        return Err(ModelError::Input(format!("cannot apply guidance to output {:?} with {channels} channels", out.shape())));
+        return Err(ModelError::Input(format!(
+            "cannot apply guidance to output {:?} with {channels} channels",
+            out.shape()
+        )));
     }
     let b = b2 / 2;
     let o = out.as_f32()?;
@@ -33,7 +39,10 @@ pub fn cfg_combine(out: &Tensor, channels: usize, scale: f32, order: CfgOrder) -
             CfgOrder::CondFirst => (i, b + i),
             CfgOrder::UncondFirst => (b + i, i),
         };
-        let (cs, us) = (&o[ci * c_out * h * w..][..plane], &o[ui * c_out * h * w..][..plane]);
+        let (cs, us) = (
+            &o[ci * c_out * h * w..][..plane],
+            &o[ui * c_out * h * w..][..plane],
+        );
         res.extend(cs.iter().zip(us).map(|(c, u)| u + scale * (c - u)));
     }
     Ok(Tensor::from_vec(res, &[b, channels, h, w])?)
@@ -58,7 +67,11 @@ pub fn denoise(
         let _span = tracing::debug_span!("step", i, t).entered();
         let eps = predict(i, t, &x)?;
         if eps.shape() != x.shape() {
-            return Err(ModelError::Input(format!("model output {:?} does not match the latent {:?}", eps.shape(), x.shape())));
+            return Err(ModelError::Input(format!(
+                "model output {:?} does not match the latent {:?}",
+                eps.shape(),
+                x.shape()
+            )));
         }
         let e = eps.as_f32()?.to_vec();
         state.step(x.as_f32_mut()?, &e)?;

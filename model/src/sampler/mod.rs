@@ -86,8 +86,15 @@ impl Scheduler {
     pub fn from_file(path: &Path) -> Result<Scheduler> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         // Python's json writes -Infinity / NaN (e.g. `lambda_min_clipped`): not JSON; read as null.
-        let text = text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null");
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.to_path_buf(), line: e.line(), msg: e.to_string() })?;
+        let text = text
+            .replace("-Infinity", "null")
+            .replace("Infinity", "null")
+            .replace("NaN", "null");
+        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            path: path.to_path_buf(),
+            line: e.line(),
+            msg: e.to_string(),
+        })?;
         Self::from_json(&v, path)
     }
 
@@ -106,18 +113,30 @@ impl Scheduler {
     /// `flow` (SD3's, shift 3).
     pub fn named(name: &str) -> Option<Scheduler> {
         let json = match name {
-            "ddim" => r#"{"_class_name":"DDIMScheduler","beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear","num_train_timesteps":1000,"set_alpha_to_one":true,"steps_offset":0,"clip_sample":false,"prediction_type":"epsilon","timestep_spacing":"leading"}"#,
-            "dpm" | "dpm++" | "dpmsolver++" => r#"{"_class_name":"DPMSolverMultistepScheduler","beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear","num_train_timesteps":1000,"algorithm_type":"dpmsolver++","solver_order":2,"solver_type":"midpoint","lower_order_final":true,"timestep_spacing":"linspace"}"#,
-            "flow" | "euler" => r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","num_train_timesteps":1000,"shift":3.0}"#,
+            "ddim" => {
+                r#"{"_class_name":"DDIMScheduler","beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear","num_train_timesteps":1000,"set_alpha_to_one":true,"steps_offset":0,"clip_sample":false,"prediction_type":"epsilon","timestep_spacing":"leading"}"#
+            }
+            "dpm" | "dpm++" | "dpmsolver++" => {
+                r#"{"_class_name":"DPMSolverMultistepScheduler","beta_start":0.0001,"beta_end":0.02,"beta_schedule":"linear","num_train_timesteps":1000,"algorithm_type":"dpmsolver++","solver_order":2,"solver_type":"midpoint","lower_order_final":true,"timestep_spacing":"linspace"}"#
+            }
+            "flow" | "euler" => {
+                r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","num_train_timesteps":1000,"shift":3.0}"#
+            }
             _ => return None,
         };
-        Self::from_json(&serde_json::from_str(json).expect("built-in config is JSON"), Path::new("<built-in>")).ok()
+        Self::from_json(
+            &serde_json::from_str(json).expect("built-in config is JSON"),
+            Path::new("<built-in>"),
+        )
+        .ok()
     }
 
     /// The plan for `steps` denoising steps.
     pub fn plan(&self, steps: usize) -> Result<SamplingPlan> {
         if steps == 0 {
-            return Err(ModelError::Input("the number of steps must be at least 1".into()));
+            return Err(ModelError::Input(
+                "the number of steps must be at least 1".into(),
+            ));
         }
         match self {
             Scheduler::Ddim(s) => s.plan(steps),
@@ -138,8 +157,16 @@ pub struct SamplerState {
 impl SamplerState {
     /// State for a latent of `latent_len` elements.
     pub fn new(plan: SamplingPlan, latent_len: usize) -> SamplerState {
-        let history = if plan.multistep { vec![0.0; latent_len] } else { Vec::new() };
-        SamplerState { plan, history, step: 0 }
+        let history = if plan.multistep {
+            vec![0.0; latent_len]
+        } else {
+            Vec::new()
+        };
+        SamplerState {
+            plan,
+            history,
+            step: 0,
+        }
     }
 
     /// The plan.
@@ -155,11 +182,24 @@ impl SamplerState {
     /// Updates the elements `offset..offset + x.len()` of the latent for the current step (a part
     /// of the latent: call once per part, then [`SamplerState::advance`]).
     pub fn update_part(&mut self, offset: usize, x: &mut [f32], eps: &[f32]) -> Result<()> {
-        let rule = *self.plan.rules.get(self.step).ok_or_else(|| ModelError::Input(format!("step {} is past the plan's {} steps", self.step, self.plan.rules.len())))?;
+        let rule = *self.plan.rules.get(self.step).ok_or_else(|| {
+            ModelError::Input(format!(
+                "step {} is past the plan's {} steps",
+                self.step,
+                self.plan.rules.len()
+            ))
+        })?;
         if eps.len() != x.len() || (self.plan.multistep && offset + x.len() > self.history.len()) {
-            return Err(ModelError::Input(format!("sampler update of {} elements at {offset} does not fit ({} model outputs)", x.len(), eps.len())));
+            return Err(ModelError::Input(format!(
+                "sampler update of {} elements at {offset} does not fit ({} model outputs)",
+                x.len(),
+                eps.len()
+            )));
         }
-        let hist = self.plan.multistep.then(|| &mut self.history[offset..offset + x.len()]);
+        let hist = self
+            .plan
+            .multistep
+            .then(|| &mut self.history[offset..offset + x.len()]);
         rule.apply(x, eps, hist);
         Ok(())
     }
@@ -182,25 +222,42 @@ pub(crate) fn alphas_cumprod(f: &Fields<'_>) -> Result<Vec<f32>> {
     let n = f.usize("num_train_timesteps", 1000)?;
     let (b0, b1) = (f.f64("beta_start", 0.0001)?, f.f64("beta_end", 0.02)?);
     if f.v.get("trained_betas").is_some_and(|v| !v.is_null()) {
-        return Err(ModelError::config(f.path, "trained_betas", "explicit beta lists are not supported"));
+        return Err(ModelError::config(
+            f.path,
+            "trained_betas",
+            "explicit beta lists are not supported",
+        ));
     }
     let lin = |a: f64, b: f64| (0..n).map(move |i| a + (b - a) * i as f64 / (n - 1).max(1) as f64);
     let betas: Vec<f32> = match f.str("beta_schedule", "linear")?.as_str() {
         "linear" => lin(b0, b1).map(|b| b as f32).collect(),
         "scaled_linear" => lin(b0.sqrt(), b1.sqrt()).map(|b| (b * b) as f32).collect(),
-        other => return Err(ModelError::config(f.path, "beta_schedule", format!("`{other}` is not supported (linear, scaled_linear)"))),
+        other => {
+            return Err(ModelError::config(
+                f.path,
+                "beta_schedule",
+                format!("`{other}` is not supported (linear, scaled_linear)"),
+            ))
+        }
     };
     let mut acc = 1f32;
-    Ok(betas.iter().map(|b| {
-        acc *= 1.0 - b;
-        acc
-    }).collect())
+    Ok(betas
+        .iter()
+        .map(|b| {
+            acc *= 1.0 - b;
+            acc
+        })
+        .collect())
 }
 
 pub(crate) fn require_epsilon(f: &Fields<'_>) -> Result<()> {
     match f.str("prediction_type", "epsilon")?.as_str() {
         "epsilon" => Ok(()),
-        other => Err(ModelError::config(f.path, "prediction_type", format!("`{other}` is not supported (epsilon)"))),
+        other => Err(ModelError::config(
+            f.path,
+            "prediction_type",
+            format!("`{other}` is not supported (epsilon)"),
+        )),
     }
 }
 
@@ -218,15 +275,26 @@ impl Fields<'_> {
         ModelError::config(self.path, k, format!("expected {want}, got {}", self.v[k]))
     }
     pub(crate) fn str(&self, k: &str, d: &str) -> Result<String> {
-        self.get(k).map_or(Ok(d.into()), |v| v.as_str().map(String::from).ok_or_else(|| self.bad(k, "a string")))
+        self.get(k).map_or(Ok(d.into()), |v| {
+            v.as_str()
+                .map(String::from)
+                .ok_or_else(|| self.bad(k, "a string"))
+        })
     }
     pub(crate) fn f64(&self, k: &str, d: f64) -> Result<f64> {
-        self.get(k).map_or(Ok(d), |v| v.as_f64().ok_or_else(|| self.bad(k, "a number")))
+        self.get(k)
+            .map_or(Ok(d), |v| v.as_f64().ok_or_else(|| self.bad(k, "a number")))
     }
     pub(crate) fn usize(&self, k: &str, d: usize) -> Result<usize> {
-        self.get(k).map_or(Ok(d), |v| v.as_u64().map(|x| x as usize).ok_or_else(|| self.bad(k, "a non-negative integer")))
+        self.get(k).map_or(Ok(d), |v| {
+            v.as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| self.bad(k, "a non-negative integer"))
+        })
     }
     pub(crate) fn bool(&self, k: &str, d: bool) -> Result<bool> {
-        self.get(k).map_or(Ok(d), |v| v.as_bool().ok_or_else(|| self.bad(k, "true or false")))
+        self.get(k).map_or(Ok(d), |v| {
+            v.as_bool().ok_or_else(|| self.bad(k, "true or false"))
+        })
     }
 }

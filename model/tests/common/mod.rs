@@ -28,33 +28,61 @@ impl Fixture {
             let d = view.data();
             match view.dtype() {
                 safetensors::Dtype::F32 => {
-                    let v = d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    let v = d
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                     floats.insert(name, Tensor::from_vec(v, view.shape()).unwrap());
                 }
                 safetensors::Dtype::F64 => {
-                    doubles.insert(name, d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect());
+                    doubles.insert(
+                        name,
+                        d.chunks_exact(8)
+                            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                            .collect(),
+                    );
                 }
                 safetensors::Dtype::I64 => {
-                    ints.insert(name, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect());
+                    ints.insert(
+                        name,
+                        d.chunks_exact(8)
+                            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                            .collect(),
+                    );
                 }
                 other => panic!("fixture {name}: unexpected dtype {other:?}"),
             }
         }
-        Fixture { floats, ints, doubles }
+        Fixture {
+            floats,
+            ints,
+            doubles,
+        }
     }
 
     pub fn f(&self, name: &str) -> &Tensor {
-        self.floats.get(name).unwrap_or_else(|| panic!("fixture tensor {name} missing; have {:?}", self.floats.keys()))
+        self.floats.get(name).unwrap_or_else(|| {
+            panic!(
+                "fixture tensor {name} missing; have {:?}",
+                self.floats.keys()
+            )
+        })
     }
 
     pub fn i(&self, name: &str) -> &[i64] {
-        self.ints.get(name).unwrap_or_else(|| panic!("fixture int tensor {name} missing"))
+        self.ints
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture int tensor {name} missing"))
     }
 }
 
 pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
-    let num: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
     let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }

@@ -1,0 +1,147 @@
+//! `pipefuse bench`: performance measurements, reported as ratios against baselines measured in
+//! the same process.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use kernels::{Device, Tensor};
+use model::{Arch, CondInputs, ModelConfig, Transformer};
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub(crate) enum BenchCommand {
+    /// One full transformer forward on one CPU device, against a plain large GEMM on the same
+    /// device (the GEMM's GFLOP/s is what the forward could reach at best).
+    Forward(ForwardArgs),
+}
+
+/// Arguments of `pipefuse bench forward`.
+#[derive(Args, Debug)]
+pub(crate) struct ForwardArgs {
+    /// Model preset (DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2, PixArt-alpha-256/-512/-1024); random weights.
+    #[arg(long, default_value = "DiT-XL/2")]
+    preset: String,
+    /// Image size in pixels (latent = resolution / 8).
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    /// Batch size of the forward.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// CPU threads.
+    #[arg(long, default_value_t = crate::generate::default_threads())]
+    threads: usize,
+    /// Timed forwards (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// PixArt: caption tokens.
+    #[arg(long, default_value_t = 120)]
+    caption_tokens: usize,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Forward(a) => forward(a),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// GFLOP/s of `y = x W^T` with m = k = n = 2048 on `dev` (median of 5).
+fn gemm_gflops(dev: &Device) -> Result<f64> {
+    let n = 2048;
+    let x = Tensor::from_vec(
+        (0..n * n).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect(),
+        &[n, n],
+    )?;
+    let mut times: Vec<f64> = (0..6)
+        .map(|_| {
+            let t = Instant::now();
+            dev.linear(&x, &x, None).map(|_| t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_, _>>()?;
+    times.remove(0);
+    Ok(2.0 * (n * n * n) as f64 / median(&mut times) / 1e9)
+}
+
+fn forward(a: ForwardArgs) -> Result<()> {
+    let Some(cfg) = ModelConfig::preset(&a.preset) else {
+        bail!(
+            "unknown --preset {}; known: {}",
+            a.preset,
+            ModelConfig::PRESETS.join(", ")
+        );
+    };
+    let p8 = 8 * cfg.patch_size;
+    if a.resolution % p8 != 0 || a.resolution == 0 || a.batch == 0 || a.iters == 0 {
+        bail!("--resolution must be a positive multiple of {p8}; --batch and --iters at least 1");
+    }
+    let dev = Device::cpu(a.threads)?;
+    eprintln!("building {} with random weights ...", a.preset);
+    let model = Transformer::random(cfg.clone(), 0, None, dev.clone())?;
+    let side = a.resolution / 8;
+    let latent = crate::tensor_io::gaussian(&[a.batch, cfg.in_channels, side, side], 1);
+    let inputs = CondInputs {
+        timesteps: vec![500.0; a.batch],
+        class_labels: (0..a.batch).map(|i| i % cfg.num_classes).collect(),
+        caption: (cfg.arch == Arch::PixArt).then(|| {
+            crate::tensor_io::gaussian(&[a.batch, a.caption_tokens, cfg.caption_channels], 2)
+        }),
+        caption_mask: None,
+        resolution: cfg
+            .use_additional_conditions
+            .then(|| vec![[a.resolution as f32; 2]; a.batch]),
+        aspect_ratio: cfg.use_additional_conditions.then(|| vec![1.0; a.batch]),
+    };
+    let tokens = (side / cfg.patch_size).pow(2);
+    let flops = cfg.forward_flops(
+        a.batch,
+        tokens,
+        if cfg.arch == Arch::PixArt {
+            a.caption_tokens
+        } else {
+            0
+        },
+    );
+    let gemm_before = gemm_gflops(&dev)?;
+    model.forward(&latent, &inputs)?; // warm-up
+    let mut times = Vec::new();
+    for i in 0..a.iters {
+        let t = Instant::now();
+        model.forward(&latent, &inputs)?;
+        let s = t.elapsed().as_secs_f64();
+        eprintln!(
+            "iter {i}: {:.1} ms ({:.1} GFLOP/s)",
+            s * 1e3,
+            flops / s / 1e9
+        );
+        times.push(s);
+    }
+    let gemm_after = gemm_gflops(&dev)?;
+    let (min, max) = (
+        times.iter().cloned().fold(f64::MAX, f64::min),
+        times.iter().cloned().fold(0.0, f64::max),
+    );
+    let med = median(&mut times);
+    let gflops = flops / med / 1e9;
+    let gemm = (gemm_before + gemm_after) / 2.0;
+    println!(
+        "{} {}px batch {} threads {}: {:.1} ms/forward (min {:.1}, max {:.1}), {:.1} GFLOP per forward, {:.1} GFLOP/s; plain 2048^3 GEMM {:.1} GFLOP/s (before {:.1}, after {:.1}); forward/GEMM = {:.3}",
+        a.preset, a.resolution, a.batch, a.threads, med * 1e3, min * 1e3, max * 1e3, flops / 1e9, gflops, gemm, gemm_before, gemm_after, gflops / gemm
+    );
+    if a.json {
+        let j = serde_json::json!({
+            "impl": "pipefuse", "preset": a.preset, "resolution": a.resolution, "batch": a.batch, "threads": a.threads,
+            "ms_per_forward": med * 1e3, "ms_min": min * 1e3, "ms_max": max * 1e3, "gflop_per_forward": flops / 1e9,
+            "gflops": gflops, "gemm_gflops": gemm, "forward_vs_gemm": gflops / gemm,
+        });
+        println!("{j}");
+    }
+    Ok(())
+}

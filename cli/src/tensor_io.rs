@@ -1,0 +1,81 @@
+//! Reading and writing tensors as safetensors files, and seeded Gaussian noise.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use kernels::Tensor;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// All floating-point tensors of a safetensors file, as f32.
+pub(crate) fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, v) in st.tensors() {
+        let d = v.data();
+        let data: Vec<f32> = match v.dtype() {
+            safetensors::Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            safetensors::Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            safetensors::Dtype::BOOL | safetensors::Dtype::U8 => {
+                d.iter().map(|&b| b as f32).collect()
+            }
+            other => bail!(
+                "{}: tensor `{name}` has unsupported dtype {other:?}",
+                path.display()
+            ),
+        };
+        out.insert(name, Tensor::from_vec(data, v.shape())?);
+    }
+    Ok(out)
+}
+
+/// Writes f32 tensors to a safetensors file.
+pub(crate) fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            Ok((
+                n.to_string(),
+                t.as_f32()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape().to_vec(),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Standard-normal noise of `shape` from `seed` (reproducible across runs and machines).
+pub(crate) fn gaussian(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let data = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Tensor::from_vec(data, shape).expect("length matches shape")
+}
