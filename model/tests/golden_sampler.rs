@@ -137,3 +137,41 @@ fn dit_ddim_cfg_pipeline_matches_diffusers() {
     eprintln!("final latent relative L2 vs diffusers: {e:.2e}");
     assert!(e <= 1e-4, "final latent relative L2 {e:.3e}");
 }
+
+/// Step counts whose timesteps fall on a .5 tie, where numpy's linspace/arange arithmetic matters.
+/// Expected lists printed by diffusers 0.42.1 `set_timesteps` (DPMSolverMultistepScheduler() with
+/// n = 26; DDIMScheduler(clip_sample=False, timestep_spacing=...) with n = 48 trailing, 26 linspace).
+#[test]
+fn timestep_spacings_round_like_numpy() {
+    let parse = |j: &str| {
+        Scheduler::from_json(&serde_json::from_str(j).unwrap(), std::path::Path::new("t")).unwrap()
+    };
+    let dpm = parse(r#"{"_class_name":"DPMSolverMultistepScheduler"}"#)
+        .plan(26)
+        .unwrap();
+    assert_eq!(dpm.timesteps[13], 499.0, "{:?}", dpm.timesteps);
+    assert_eq!(dpm.timesteps[..3], [999.0, 961.0, 922.0]);
+    let trailing = parse(
+        r#"{"_class_name":"DDIMScheduler","clip_sample":false,"timestep_spacing":"trailing"}"#,
+    )
+    .plan(48)
+    .unwrap();
+    assert_eq!(trailing.timesteps[3], 936.0, "{:?}", trailing.timesteps);
+    assert_eq!(*trailing.timesteps.last().unwrap(), 20.0);
+    let lin = parse(
+        r#"{"_class_name":"DDIMScheduler","clip_sample":false,"timestep_spacing":"linspace"}"#,
+    )
+    .plan(26)
+    .unwrap();
+    assert_eq!(lin.timesteps[13], 480.0, "{:?}", lin.timesteps);
+    assert_eq!(lin.timesteps[12], 519.0);
+}
+
+#[test]
+fn ddim_without_clip_sample_key_is_refused_like_diffusers_default() {
+    let v: serde_json::Value = serde_json::from_str(r#"{"_class_name":"DDIMScheduler"}"#).unwrap();
+    let err = Scheduler::from_json(&v, std::path::Path::new("s.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("clip_sample"), "{err}");
+}

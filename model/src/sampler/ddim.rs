@@ -1,6 +1,7 @@
 //! `DDIMScheduler` with eta = 0 (deterministic).
 //! Reference: diffusers 0.42.1 `scheduling_ddim.py` (`set_timesteps`, `step`).
 
+use super::spacing::{np_arange_down, np_linspace, Spacing};
 use super::{alphas_cumprod, require_epsilon, Fields, SamplingPlan, StepRule};
 use crate::error::{ModelError, Result};
 
@@ -10,18 +11,24 @@ pub struct Ddim {
     acp: Vec<f32>,
     final_alpha: f32,
     steps_offset: usize,
-    spacing: String,
+    spacing: Spacing,
 }
 
 impl Ddim {
     pub(super) fn from_fields(f: &Fields<'_>) -> Result<Ddim> {
         require_epsilon(f)?;
-        if f.bool("clip_sample", false)? {
+        // diffusers' default is clip_sample = true; a config must turn it off explicitly.
+        if f.bool("clip_sample", true)? {
             return Err(ModelError::config(
                 f.path,
                 "clip_sample",
-                "true is not supported (DiT uses false)",
+                "true (the default when absent) is not supported; DiT's config sets false",
             ));
+        }
+        for k in ["thresholding", "rescale_betas_zero_snr"] {
+            if f.bool(k, false)? {
+                return Err(ModelError::config(f.path, k, "true is not supported"));
+            }
         }
         let acp = alphas_cumprod(f)?;
         let final_alpha = if f.bool("set_alpha_to_one", true)? {
@@ -29,14 +36,7 @@ impl Ddim {
         } else {
             acp[0]
         };
-        let spacing = f.str("timestep_spacing", "leading")?;
-        if !["leading", "trailing", "linspace"].contains(&spacing.as_str()) {
-            return Err(ModelError::config(
-                f.path,
-                "timestep_spacing",
-                format!("`{spacing}` is not one of leading, trailing, linspace"),
-            ));
-        }
+        let spacing = Spacing::from_fields(f, "leading")?;
         Ok(Ddim {
             acp,
             final_alpha,
@@ -52,29 +52,25 @@ impl Ddim {
                 "{n} steps exceed the {train} training timesteps"
             )));
         }
-        let ts: Vec<usize> = match self.spacing.as_str() {
-            "linspace" => (0..n)
+        let ts: Vec<usize> = match self.spacing {
+            Spacing::Linspace => np_linspace((train - 1) as f64, n)
+                .iter()
                 .rev()
-                .map(|i| {
-                    ((train - 1) as f64 * i as f64 / (n - 1).max(1) as f64).round_ties_even()
-                        as usize
-                })
+                .map(|t| t.round_ties_even() as usize)
                 .collect(),
-            "trailing" => {
-                let ratio = train as f64 / n as f64;
-                (0..n)
-                    .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() as usize - 1)
-                    .collect()
-            }
-            _ => (0..n)
+            Spacing::Trailing => np_arange_down(train as f64, train as f64 / n as f64, n)
+                .iter()
+                .map(|t| t.round_ties_even() as usize - 1)
+                .collect(),
+            Spacing::Leading => (0..n)
                 .rev()
-                .map(|i| i * (train / n) + self.steps_offset)
+                .map(|i| (i * (train / n) + self.steps_offset).min(train - 1))
                 .collect(),
         };
         let rules = ts
             .iter()
             .map(|&t| {
-                let a_t = self.acp[t.min(train - 1)] as f64;
+                let a_t = self.acp[t] as f64;
                 let prev = t as i64 - (train / n) as i64;
                 let a_p = if prev >= 0 {
                     self.acp[prev as usize] as f64

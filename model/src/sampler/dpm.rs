@@ -3,6 +3,7 @@
 //! Reference: diffusers 0.42.1 `scheduling_dpmsolver_multistep.py` (`set_timesteps`,
 //! `dpm_solver_first_order_update`, `multistep_dpm_solver_second_order_update`, `step`).
 
+use super::spacing::{np_arange_down, np_linspace, Spacing};
 use super::{alphas_cumprod, require_epsilon, Fields, SamplingPlan, StepRule};
 use crate::error::{ModelError, Result};
 
@@ -12,7 +13,7 @@ pub struct DpmSolver {
     acp: Vec<f32>,
     order: usize,
     heun: bool,
-    spacing: String,
+    spacing: Spacing,
     steps_offset: usize,
 }
 
@@ -63,12 +64,20 @@ impl DpmSolver {
                 format!("`{final_type}` is not supported (zero)"),
             ));
         }
-        let spacing = f.str("timestep_spacing", "linspace")?;
-        if !["leading", "trailing", "linspace"].contains(&spacing.as_str()) {
+        let spacing = Spacing::from_fields(f, "linspace")?;
+        if f.bool("rescale_betas_zero_snr", false)? {
             return Err(ModelError::config(
                 f.path,
-                "timestep_spacing",
-                format!("`{spacing}` is not one of leading, trailing, linspace"),
+                "rescale_betas_zero_snr",
+                "true is not supported",
+            ));
+        }
+        // A finite value is a real number in the JSON (Python's -Infinity is read as null).
+        if f.v.get("lambda_min_clipped").is_some_and(|v| v.is_number()) {
+            return Err(ModelError::config(
+                f.path,
+                "lambda_min_clipped",
+                "only -inf (no clipping) is supported",
             ));
         }
         Ok(DpmSolver {
@@ -82,21 +91,21 @@ impl DpmSolver {
 
     fn timesteps(&self, n: usize) -> Vec<usize> {
         let last = self.acp.len(); // lambda_min_clipped = -inf
-        match self.spacing.as_str() {
-            "linspace" => (1..=n)
+        match self.spacing {
+            Spacing::Linspace => np_linspace((last - 1) as f64, n + 1)
+                .iter()
                 .rev()
-                .map(|i| ((last - 1) as f64 * i as f64 / n as f64).round_ties_even() as usize)
+                .take(n)
+                .map(|t| t.round_ties_even() as usize)
                 .collect(),
-            "leading" => (1..=n)
+            Spacing::Leading => (1..=n)
                 .rev()
-                .map(|i| i * (last / (n + 1)) + self.steps_offset)
+                .map(|i| (i * (last / (n + 1)) + self.steps_offset).min(last - 1))
                 .collect(),
-            _ => {
-                let ratio = self.acp.len() as f64 / n as f64;
-                (0..n)
-                    .map(|i| (last as f64 - i as f64 * ratio).round_ties_even() as usize - 1)
-                    .collect()
-            }
+            Spacing::Trailing => np_arange_down(last as f64, last as f64 / n as f64, n)
+                .iter()
+                .map(|t| t.round_ties_even() as usize - 1)
+                .collect(),
         }
     }
 

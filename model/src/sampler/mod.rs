@@ -13,6 +13,7 @@ mod ddim;
 mod dpm;
 mod flow;
 pub mod guidance;
+mod spacing;
 
 use std::path::Path;
 
@@ -85,7 +86,8 @@ impl Scheduler {
     /// Reads a `scheduler_config.json`.
     pub fn from_file(path: &Path) -> Result<Scheduler> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        // Python's json writes -Infinity / NaN (e.g. `lambda_min_clipped`): not JSON; read as null.
+        // Python's json writes bare -Infinity / NaN values (e.g. `lambda_min_clipped`): not JSON;
+        // read them as null (the field's default).
         let text = text
             .replace("-Infinity", "null")
             .replace("Infinity", "null")
@@ -219,7 +221,7 @@ impl SamplerState {
 
 /// `alphas_cumprod` of a beta schedule, in f32 as torch computes it.
 pub(crate) fn alphas_cumprod(f: &Fields<'_>) -> Result<Vec<f32>> {
-    let n = f.usize("num_train_timesteps", 1000)?;
+    let n = spacing::train_steps(f)?;
     let (b0, b1) = (f.f64("beta_start", 0.0001)?, f.f64("beta_end", 0.02)?);
     if f.v.get("trained_betas").is_some_and(|v| !v.is_null()) {
         return Err(ModelError::config(
