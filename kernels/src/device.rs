@@ -65,10 +65,13 @@ impl<'a> AttnView<'a> {
 }
 
 fn last_dim(op: &'static str, t: &Tensor) -> Result<usize> {
-    t.shape()
-        .last()
-        .copied()
-        .ok_or_else(|| KernelError::shape(op, "scalar tensor"))
+    match t.shape().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => Err(KernelError::shape(
+            op,
+            format!("needs a non-empty last dimension, got {:?}", t.shape()),
+        )),
+    }
 }
 
 fn check_len(op: &'static str, what: &str, t: &Tensor, want: usize) -> Result<()> {
@@ -180,6 +183,7 @@ impl Device {
                 format!("x must be [B, n, d], got {:?}", x.shape()),
             ));
         };
+        last_dim("layer_norm_modulate", x)?;
         check_len("layer_norm_modulate", "shift", shift, batch * d)?;
         check_len("layer_norm_modulate", "scale", scale, batch * d)?;
         match self {
@@ -233,6 +237,12 @@ impl Device {
         head_dim: usize,
     ) -> Result<Tensor> {
         let width = heads * head_dim;
+        if head_dim == 0 || heads == 0 {
+            return Err(KernelError::shape(
+                "attention",
+                "heads and head_dim must be >= 1",
+            ));
+        }
         if k.seq != v.seq {
             return Err(KernelError::shape(
                 "attention",
@@ -246,7 +256,12 @@ impl Device {
             Device::Cpu(c) => {
                 let (qc, kc, vc) = (q.cpu()?, k.cpu()?, v.cpu()?);
                 for (name, view) in [("q", &qc), ("k", &kc), ("v", &vc)] {
-                    if view.extent(batch, width) > view.data.len() {
+                    let fits = view
+                        .extent(batch, width)
+                        .is_some_and(|e| e <= view.data.len());
+                    let strides_ok = view.row_stride <= isize::MAX as usize
+                        && view.batch_stride <= isize::MAX as usize;
+                    if !fits || !strides_ok {
                         return Err(KernelError::shape(
                             "attention",
                             format!(
@@ -272,7 +287,7 @@ impl Device {
 
     /// `x += gate[b] * y` (or `x += y` without a gate) for `x, y: [B, n, d]`, `gate: [B, d]`.
     pub fn add_gated_(&self, x: &mut Tensor, y: &Tensor, gate: Option<&Tensor>) -> Result<()> {
-        if x.shape() != y.shape() || x.shape().len() != 3 {
+        if x.shape() != y.shape() || x.shape().len() != 3 || x.dim(2) == 0 {
             return Err(KernelError::shape(
                 "add_gated",
                 format!("{:?} vs {:?}", x.shape(), y.shape()),
@@ -322,7 +337,12 @@ impl Device {
                 format!("latent must be [B, C, H, W], got {:?}", latent.shape()),
             ));
         };
-        if patch == 0 || height % patch != 0 || width % patch != 0 || rows.end * patch > height {
+        if channels == 0
+            || patch == 0
+            || height % patch != 0
+            || width % patch != 0
+            || rows.end * patch > height
+        {
             return Err(KernelError::shape(
                 "patchify",
                 format!(

@@ -235,3 +235,29 @@ fn cuda_device_reports_missing_backend() {
     let err = Device::cuda(0).unwrap_err();
     assert!(err.to_string().contains("no CUDA backend"), "{err}");
 }
+
+#[test]
+fn degenerate_shapes_and_views_are_errors_not_panics() {
+    let dev = Device::cpu(2).unwrap();
+    let empty = Tensor::zeros(&[2, 3, 0]);
+    assert!(dev.layer_norm(&empty, None, None, 1e-5).is_err());
+    assert!(dev
+        .layer_norm_modulate(&empty, &Tensor::zeros(&[0]), &Tensor::zeros(&[0]), 1e-5)
+        .is_err());
+    let mut e2 = empty.clone();
+    assert!(dev.add_gated_(&mut e2, &empty, None).is_err());
+    assert!(dev
+        .patchify(&Tensor::zeros(&[1, 0, 4, 4]), 2, 0..2)
+        .is_err());
+    assert!(dev
+        .linear(&Tensor::zeros(&[2, 0]), &Tensor::zeros(&[3, 0]), None)
+        .is_err());
+    // A view whose strides overflow or exceed its tensor is refused before any kernel runs.
+    let t = Tensor::zeros(&[1, 4, 8]);
+    let mut v = AttnView::of(&t, 0).unwrap();
+    v.row_stride = usize::MAX / 2;
+    assert!(dev.attention(v, v, v, None, 1, 2, 4).is_err());
+    let mut v = AttnView::of(&t, 0).unwrap();
+    v.col_offset = 1;
+    assert!(dev.attention(v, v, v, None, 1, 2, 4).is_err());
+}

@@ -26,6 +26,30 @@ pub struct CondInputs {
     pub aspect_ratio: Option<Vec<f32>>,
 }
 
+impl Conditioning {
+    /// Batch size the conditioning was built for.
+    pub fn batch(&self) -> usize {
+        match self {
+            Conditioning::Dit { labels, .. } => labels.len(),
+            Conditioning::PixArt {
+                embedded_timestep, ..
+            } => embedded_timestep.dim(0),
+        }
+    }
+
+    /// Errors unless `x` is `[B, n, d]` with this conditioning's batch.
+    pub(crate) fn check_tokens(&self, x: &Tensor, d: usize) -> Result<()> {
+        if x.shape().len() != 3 || x.dim(0) != self.batch() || x.dim(2) != d {
+            return Err(ModelError::Input(format!(
+                "tokens {:?} do not match the conditioning's batch {} and hidden size {d}",
+                x.shape(),
+                self.batch()
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl CondInputs {
     /// Batch size B.
     pub fn batch(&self) -> usize {
@@ -100,6 +124,13 @@ impl PixArtEmbedders {
             let (Some(res), Some(ar)) = (&inputs.resolution, &inputs.aspect_ratio) else {
                 return Err(ModelError::Input("this PixArt model uses resolution and aspect-ratio conditioning; both must be given".into()));
             };
+            if res.len() != b || ar.len() != b {
+                return Err(ModelError::Input(format!(
+                    "{} resolutions and {} aspect ratios for a batch of {b}",
+                    res.len(),
+                    ar.len()
+                )));
+            }
             let r = res_emb.forward(
                 dev,
                 &timestep_features(&res.iter().flatten().copied().collect::<Vec<_>>(), 0.0)?,

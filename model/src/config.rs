@@ -147,6 +147,18 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.in_channels == 0 || self.out_channels == 0 {
+            return Err((
+                "in_channels",
+                "in_channels and out_channels must be >= 1".into(),
+            ));
+        }
+        if self.arch == Arch::Dit && self.num_classes == 0 {
+            return Err((
+                "num_embeds_ada_norm",
+                "a class-conditional DiT needs at least one class".into(),
+            ));
+        }
         if self.patch_size == 0 {
             return Err(("patch_size", "must be >= 1".into()));
         }

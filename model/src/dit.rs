@@ -202,6 +202,7 @@ impl Transformer {
 
     /// Runs this instance's blocks on tokens `x: [B, n, d]` (any subset of the image's tokens).
     pub fn run_blocks(&self, x: &mut Tensor, cond: &Conditioning) -> Result<()> {
+        cond.check_tokens(x, self.cfg.hidden())?;
         self.device.install(|| {
             for (i, block) in self.range.clone().zip(&self.blocks) {
                 let _span = tracing::trace_span!("block", i).entered();
@@ -227,6 +228,7 @@ impl Transformer {
             ))
         })?;
         let dev = &self.device;
+        cond.check_tokens(x, self.cfg.hidden())?;
         let (b, d) = (x.dim(0), self.cfg.hidden());
         dev.install(|| {
             let (shift, scale, proj) = match (head, cond) {

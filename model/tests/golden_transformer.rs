@@ -266,3 +266,23 @@ fn bad_request_inputs_are_errors_not_panics() {
     assert!(model.forward(&Tensor::zeros(&[1, 3, 8, 8]), &ok).is_err());
     assert!(model.forward(&Tensor::zeros(&[1, 4, 7, 8]), &ok).is_err());
 }
+
+#[test]
+fn tokens_and_conditioning_of_different_batches_are_an_error() {
+    let model =
+        Transformer::load(&fixtures().join("dit_tiny"), None, Device::cpu(1).unwrap()).unwrap();
+    let cond = model
+        .conditioning(&CondInputs {
+            timesteps: vec![1.0],
+            class_labels: vec![1],
+            ..Default::default()
+        })
+        .unwrap();
+    let mut x = model.embed(&Tensor::zeros(&[2, 4, 8, 8]), 0, 4).unwrap();
+    assert!(model
+        .run_blocks(&mut x, &cond)
+        .unwrap_err()
+        .to_string()
+        .contains("batch"));
+    assert!(model.head(&x, &cond, 4, 8).is_err());
+}

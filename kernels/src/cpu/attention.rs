@@ -30,12 +30,16 @@ pub struct AttnInput<'a> {
 }
 
 impl AttnInput<'_> {
-    /// The largest index the view touches plus one, for bounds checks.
-    pub(crate) fn extent(&self, batch: usize, width: usize) -> usize {
+    /// The largest index the view touches plus one (`None` on overflow), for bounds checks.
+    pub(crate) fn extent(&self, batch: usize, width: usize) -> Option<usize> {
         if batch == 0 || self.seq == 0 {
-            return 0;
+            return Some(0);
         }
-        (batch - 1) * self.batch_stride + (self.seq - 1) * self.row_stride + self.col_offset + width
+        (batch - 1)
+            .checked_mul(self.batch_stride)?
+            .checked_add((self.seq - 1).checked_mul(self.row_stride)?)?
+            .checked_add(self.col_offset)?
+            .checked_add(width)
     }
     fn at(&self, b: usize, s: usize, col: usize) -> usize {
         b * self.batch_stride + s * self.row_stride + self.col_offset + col

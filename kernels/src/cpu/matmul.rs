@@ -15,7 +15,10 @@ pub(crate) fn linear(
     n: usize,
     threads: usize,
 ) {
-    debug_assert!(y.len() == m * n && x.len() == m * k && w.len() == n * k);
+    assert!(
+        y.len() == m * n && x.len() == m * k && w.len() == n * k,
+        "linear: operand lengths"
+    );
     if m == 0 || n == 0 {
         return;
     }
