@@ -7,6 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{read_json, ModelError, Result};
+use crate::fields::Fields;
 
 /// Which transformer family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +69,8 @@ impl ModelConfig {
     /// Parses a diffusers transformer config; `path` is only used in error messages.
     pub fn from_json(v: &Value, path: &Path) -> Result<ModelConfig> {
         let field = Fields { v, path };
-        let class = field.str_or("_class_name", "")?;
-        let norm_type = field.str_or("norm_type", "")?;
+        let class = field.str("_class_name", "")?;
+        let norm_type = field.str("norm_type", "")?;
         let arch = match (class.as_str(), norm_type.as_str()) {
             ("DiTTransformer2DModel", "ada_norm_zero" | "") => Arch::Dit,
             ("Transformer2DModel", "ada_norm_zero") => Arch::Dit,
@@ -81,7 +82,7 @@ impl ModelConfig {
                 )))
             }
         };
-        let act = field.str_or("activation_fn", "gelu-approximate")?;
+        let act = field.str("activation_fn", "gelu-approximate")?;
         if act != "gelu-approximate" {
             return Err(ModelError::config(
                 path,
@@ -89,31 +90,30 @@ impl ModelConfig {
                 format!("`{act}` is not supported (only gelu-approximate)"),
             ));
         }
-        if !field.bool_or("attention_bias", true)? {
+        if !field.bool("attention_bias", true)? {
             return Err(ModelError::config(
                 path,
                 "attention_bias",
                 "false is not supported (DiT and PixArt use biased projections)",
             ));
         }
-        let in_channels = field.usize_or("in_channels", 4)?;
-        let num_heads = field.usize_or("num_attention_heads", 16)?;
-        let head_dim = field.usize_or("attention_head_dim", 72)?;
-        let sample_size =
-            field.usize_or("sample_size", if arch == Arch::Dit { 32 } else { 128 })?;
+        let in_channels = field.usize("in_channels", 4)?;
+        let num_heads = field.usize("num_attention_heads", 16)?;
+        let head_dim = field.usize("attention_head_dim", 72)?;
+        let sample_size = field.usize("sample_size", if arch == Arch::Dit { 32 } else { 128 })?;
         let cfg = ModelConfig {
             arch,
             in_channels,
             out_channels: field.opt_usize("out_channels")?.unwrap_or(in_channels),
-            patch_size: field.usize_or("patch_size", 2)?,
+            patch_size: field.usize("patch_size", 2)?,
             sample_size,
-            num_layers: field.usize_or("num_layers", 28)?,
+            num_layers: field.usize("num_layers", 28)?,
             num_heads,
             head_dim,
-            norm_eps: field.f32_or("norm_eps", if arch == Arch::Dit { 1e-5 } else { 1e-6 })?,
-            num_classes: field.usize_or("num_embeds_ada_norm", 1000)?,
-            caption_channels: field.usize_or("caption_channels", 4096)?,
-            interpolation_scale: match field.opt_f32("interpolation_scale")? {
+            norm_eps: field.f64("norm_eps", if arch == Arch::Dit { 1e-5 } else { 1e-6 })? as f32,
+            num_classes: field.usize("num_embeds_ada_norm", 1000)?,
+            caption_channels: field.usize("caption_channels", 4096)?,
+            interpolation_scale: match field.opt_f64("interpolation_scale")?.map(|x| x as f32) {
                 Some(s) => s,
                 None => (sample_size / 64).max(1) as f32,
             },
@@ -235,56 +235,6 @@ impl ModelConfig {
         "PixArt-alpha-512",
         "PixArt-alpha-1024",
     ];
-}
-
-struct Fields<'a> {
-    v: &'a Value,
-    path: &'a Path,
-}
-
-impl Fields<'_> {
-    fn get(&self, k: &str) -> Option<&Value> {
-        self.v.get(k).filter(|v| !v.is_null())
-    }
-    fn bad(&self, k: &str, want: &str) -> ModelError {
-        ModelError::config(self.path, k, format!("expected {want}, got {}", self.v[k]))
-    }
-    fn str_or(&self, k: &str, d: &str) -> Result<String> {
-        self.get(k).map_or(Ok(d.to_string()), |v| {
-            v.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| self.bad(k, "a string"))
-        })
-    }
-    fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
-        self.get(k).map_or(Ok(d), |v| {
-            v.as_bool().ok_or_else(|| self.bad(k, "true or false"))
-        })
-    }
-    fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
-        self.get(k)
-            .map(|v| {
-                v.as_u64()
-                    .map(|x| x as usize)
-                    .ok_or_else(|| self.bad(k, "a non-negative integer"))
-            })
-            .transpose()
-    }
-    fn usize_or(&self, k: &str, d: usize) -> Result<usize> {
-        Ok(self.opt_usize(k)?.unwrap_or(d))
-    }
-    fn opt_f32(&self, k: &str) -> Result<Option<f32>> {
-        self.get(k)
-            .map(|v| {
-                v.as_f64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| self.bad(k, "a number"))
-            })
-            .transpose()
-    }
-    fn f32_or(&self, k: &str, d: f32) -> Result<f32> {
-        Ok(self.opt_f32(k)?.unwrap_or(d))
-    }
 }
 
 impl ModelConfig {

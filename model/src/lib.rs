@@ -15,6 +15,7 @@ mod config;
 mod dit;
 mod embedding;
 mod error;
+mod fields;
 pub mod sampler;
 mod weights;
 

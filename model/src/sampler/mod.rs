@@ -20,6 +20,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+pub(crate) use crate::fields::Fields;
 
 /// One step as an element-wise formula. With `m0 = (x - x0_sigma * eps) / x0_alpha` (the x0
 /// prediction) and `m1` the previous step's `m0`:
@@ -260,43 +261,5 @@ pub(crate) fn require_epsilon(f: &Fields<'_>) -> Result<()> {
             "prediction_type",
             format!("`{other}` is not supported (epsilon)"),
         )),
-    }
-}
-
-/// Typed access to config fields with file-and-field errors.
-pub(crate) struct Fields<'a> {
-    pub(crate) v: &'a Value,
-    pub(crate) path: &'a Path,
-}
-
-impl Fields<'_> {
-    fn get(&self, k: &str) -> Option<&Value> {
-        self.v.get(k).filter(|v| !v.is_null())
-    }
-    fn bad(&self, k: &str, want: &str) -> ModelError {
-        ModelError::config(self.path, k, format!("expected {want}, got {}", self.v[k]))
-    }
-    pub(crate) fn str(&self, k: &str, d: &str) -> Result<String> {
-        self.get(k).map_or(Ok(d.into()), |v| {
-            v.as_str()
-                .map(String::from)
-                .ok_or_else(|| self.bad(k, "a string"))
-        })
-    }
-    pub(crate) fn f64(&self, k: &str, d: f64) -> Result<f64> {
-        self.get(k)
-            .map_or(Ok(d), |v| v.as_f64().ok_or_else(|| self.bad(k, "a number")))
-    }
-    pub(crate) fn usize(&self, k: &str, d: usize) -> Result<usize> {
-        self.get(k).map_or(Ok(d), |v| {
-            v.as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| self.bad(k, "a non-negative integer"))
-        })
-    }
-    pub(crate) fn bool(&self, k: &str, d: bool) -> Result<bool> {
-        self.get(k).map_or(Ok(d), |v| {
-            v.as_bool().ok_or_else(|| self.bad(k, "true or false"))
-        })
     }
 }
