@@ -73,8 +73,7 @@ pub fn denoise(
                 x.shape()
             )));
         }
-        let e = eps.as_f32()?.to_vec();
-        state.step(x.as_f32_mut()?, &e)?;
+        state.step(x.as_f32_mut()?, eps.as_f32()?)?;
         on_step(i);
     }
     Ok(x)
