@@ -1,0 +1,17 @@
+//! Cluster topology files, the parallel plan, and the PipeFusion schedule as a pure state machine.
+//!
+//! Invariant: this crate performs no I/O after parsing and knows no clock, socket or runtime:
+//! time enters [`schedule::StageSchedule`] as an explicit `now`, outputs leave through `poll_*`.
+//!
+//! Key types: [`ClusterSpec`] (a topology TOML file, validated, with file/line/field errors),
+//! [`Plan`] (who owns which layers, the patch table), [`schedule::StageSchedule`] (what one
+//! pipeline stage runs next, what it sends where, when a step completes).
+
+mod error;
+mod plan;
+pub mod schedule;
+mod spec;
+
+pub use error::{Result, TopologyError};
+pub use plan::*;
+pub use spec::*;

@@ -1,0 +1,324 @@
+//! The parallel plan: which device runs which layers (pipeline stages), how the latent is cut
+//! into patches, and what crosses each pipeline link per step (ALGORITHMS.md section 2).
+//!
+//! [`Plan::new`] is where a [`ClusterSpec`] meets the model: checks that need the layer count or
+//! the latent size happen here and report against the spec's file and lines.
+
+use std::fmt::Write as _;
+use std::ops::Range;
+
+use crate::error::Result;
+use crate::spec::{ClusterSpec, DeviceRef};
+
+/// What the plan needs to know about the model and the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Transformer blocks L.
+    pub layers: usize,
+    /// Hidden size d.
+    pub hidden: usize,
+    /// Token rows h = H / P (latent height over patch size).
+    pub token_rows: usize,
+    /// Token columns w = W / P.
+    pub token_cols: usize,
+    /// Rows B' of one forward, including the CFG doubling.
+    pub batch: usize,
+    /// Latent channels C.
+    pub latent_channels: usize,
+    /// Latents B in the request.
+    pub latent_batch: usize,
+    /// Patch size P of the patch embedding.
+    pub patch_size: usize,
+}
+
+/// Pipeline stages and the patch table for one model and request shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Stage s runs on `stages[s].device`, in pipeline order.
+    pub stages: Vec<Stage>,
+    /// Token rows of each patch: contiguous, covering `0..shape.token_rows`.
+    pub patches: Vec<Range<usize>>,
+    /// Synchronous full-image warmup steps W.
+    pub warmup_steps: usize,
+    /// The shape the plan was made for.
+    pub shape: ModelShape,
+}
+
+/// One pipeline stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    /// Position in the pipeline.
+    pub index: usize,
+    /// The device that runs it.
+    pub device: DeviceRef,
+    /// The transformer blocks it owns (contiguous, non-empty).
+    pub layers: Range<usize>,
+}
+
+/// Bytes one pipeline link carries per PipeFusion step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkBytes {
+    /// Sending stage.
+    pub from: usize,
+    /// Receiving stage.
+    pub to: usize,
+    /// f32 bytes per denoising step.
+    pub bytes_per_step: u64,
+}
+
+impl Plan {
+    /// Builds the plan: stage s runs on device s of [`ClusterSpec::devices`], layers from
+    /// `parallel.layer_split` or [`split_layers`], patches from [`patch_rows`].
+    ///
+    /// Errors (against the spec's file and lines): an invalid spec, a CFG/Ulysses/Ring degree
+    /// above 1 (not implemented yet), more stages than layers, a `layer_split` that does not
+    /// sum to the layers, a `num_patches` the token rows cannot be cut into.
+    pub fn new(spec: &ClusterSpec, shape: &ModelShape) -> Result<Plan> {
+        spec.validate()?;
+        let p = &spec.parallel;
+        for (field, degree) in [
+            ("parallel.cfg_degree", p.cfg_degree),
+            ("parallel.ulysses_degree", p.ulysses_degree),
+            ("parallel.ring_degree", p.ring_degree),
+        ] {
+            if degree > 1 {
+                return Err(spec.error(
+                    field,
+                    format!("{field} = {degree} is not implemented yet (PipeFusion only in this version)"),
+                    Some(format!("set {field} = 1 and use the devices as pipeline stages")),
+                ));
+            }
+        }
+        let n = p.pipefusion_degree;
+        if n > shape.layers {
+            return Err(spec.error(
+                "parallel.pipefusion_degree",
+                format!(
+                    "{n} pipeline stages but the model has only {} layers",
+                    shape.layers
+                ),
+                Some(format!(
+                    "use pipefusion_degree <= {} (every stage needs a layer)",
+                    shape.layers
+                )),
+            ));
+        }
+        let layers = match &p.layer_split {
+            Some(split) => {
+                let sum: usize = split.iter().sum();
+                if sum != shape.layers {
+                    return Err(spec.error(
+                        "parallel.layer_split",
+                        format!(
+                            "layer_split {split:?} sums to {sum} but the model has {} layers",
+                            shape.layers
+                        ),
+                        Some(format!(
+                            "make the entries sum to {}, or remove layer_split for an even split",
+                            shape.layers
+                        )),
+                    ));
+                }
+                split
+                    .iter()
+                    .scan(0, |start, &len| {
+                        let r = *start..*start + len;
+                        *start += len;
+                        Some(r)
+                    })
+                    .collect()
+            }
+            None => split_layers(shape.layers, n),
+        };
+        let m = p.num_patches;
+        let h = shape.token_rows;
+        let Some(patches) = patch_rows(h, m) else {
+            let valid: Vec<String> = (1..=h)
+                .filter(|&k| patch_rows(h, k).is_some())
+                .map(|k| k.to_string())
+                .collect();
+            return Err(spec.error(
+                "parallel.num_patches",
+                format!(
+                    "{h} token rows cannot be cut into num_patches = {m} strips of ceil({h}/{m}) \
+                     rows (the last takes the remainder)"
+                ),
+                Some(format!(
+                    "num_patches values that work for {h} token rows: {}",
+                    valid.join(", ")
+                )),
+            ));
+        };
+        let stages: Vec<Stage> = spec
+            .devices()
+            .into_iter()
+            .zip(layers)
+            .enumerate()
+            .map(|(index, (device, layers))| Stage {
+                index,
+                device,
+                layers,
+            })
+            .collect();
+        if m < n {
+            tracing::warn!(
+                num_patches = m,
+                pipefusion_degree = n,
+                "num_patches < pipefusion_degree: the pipeline will not stay full"
+            );
+        }
+        tracing::debug!(stages = stages.len(), patches = patches.len(), "built plan");
+        Ok(Plan {
+            stages,
+            patches,
+            warmup_steps: p.warmup_steps,
+            shape: *shape,
+        })
+    }
+
+    /// Patches M per image.
+    pub fn num_patches(&self) -> usize {
+        self.patches.len()
+    }
+
+    /// Per-step f32 bytes on each pipeline link in PipeFusion steps: stage s -> s+1 carries
+    /// `batch * token_rows * token_cols * hidden * 4` (M patches, the whole hidden state once);
+    /// last -> 0 carries the latent, `latent_batch * latent_channels * (token_rows * patch_size)
+    /// * (token_cols * patch_size) * 4`. Empty for one stage.
+    pub fn link_bytes(&self) -> Vec<LinkBytes> {
+        let n = self.stages.len();
+        if n < 2 {
+            return Vec::new();
+        }
+        let s = &self.shape;
+        let product = |xs: &[usize]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
+        let hidden = product(&[s.batch, s.token_rows, s.token_cols, s.hidden, 4]);
+        let latent = product(&[
+            s.latent_batch,
+            s.latent_channels,
+            s.token_rows * s.patch_size,
+            s.token_cols * s.patch_size,
+            4,
+        ]);
+        let mut links: Vec<LinkBytes> = (0..n - 1)
+            .map(|from| LinkBytes {
+                from,
+                to: from + 1,
+                bytes_per_step: hidden,
+            })
+            .collect();
+        links.push(LinkBytes {
+            from: n - 1,
+            to: 0,
+            bytes_per_step: latent,
+        });
+        links
+    }
+
+    /// A multi-line table for people: the stages (device, node, layers), the patches (token
+    /// rows, tokens), bytes per step on each link, the warmup steps, and a warning line when
+    /// M < N.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let (n, m) = (self.stages.len(), self.num_patches());
+        let _ = writeln!(
+            out,
+            "PipeFusion plan: {n} stages, {m} patches, {} warmup steps",
+            self.warmup_steps
+        );
+        let _ = writeln!(out, "{:<6} {:<18} {:<12} layers", "stage", "device", "node");
+        for s in &self.stages {
+            let _ = writeln!(
+                out,
+                "{:<6} {:<18} {:<12} {}..{} ({})",
+                s.index,
+                s.device.spec.to_string(),
+                s.device.node,
+                s.layers.start,
+                s.layers.end,
+                s.layers.len()
+            );
+        }
+        let _ = writeln!(out, "{:<6} {:<18} tokens", "patch", "token rows");
+        for (i, rows) in self.patches.iter().enumerate() {
+            let tokens = rows.len() * self.shape.token_cols;
+            let _ = writeln!(
+                out,
+                "{i:<6} {:<18} {tokens}",
+                format!("{}..{}", rows.start, rows.end)
+            );
+        }
+        for l in self.link_bytes() {
+            let _ = writeln!(
+                out,
+                "link {} -> {}: {} bytes/step ({}, {})",
+                l.from,
+                l.to,
+                l.bytes_per_step,
+                human_bytes(l.bytes_per_step),
+                if l.to == 0 { "latent" } else { "hidden states" }
+            );
+        }
+        if m < n {
+            let _ = writeln!(
+                out,
+                "warning: num_patches = {m} < pipefusion_degree = {n}: recommend num_patches >= pipefusion_degree"
+            );
+        }
+        out
+    }
+}
+
+/// `1536` -> `1.5 KiB`.
+fn human_bytes(bytes: u64) -> String {
+    let mut value = bytes as f64;
+    let mut unit = "B";
+    for next in ["KiB", "MiB", "GiB", "TiB"] {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    if unit == "B" {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {unit}")
+    }
+}
+
+/// ALGORITHMS.md rule: every strip but the last has `ceil(h / m)` token rows, the last takes the
+/// remainder. `None` when that yields fewer than `m` strips (h = 8, m = 5), or `m == 0`, or
+/// `m > h`.
+pub fn patch_rows(token_rows: usize, m: usize) -> Option<Vec<Range<usize>>> {
+    if m == 0 || m > token_rows {
+        return None;
+    }
+    let rows = token_rows.div_ceil(m);
+    if (m - 1) * rows >= token_rows {
+        return None;
+    }
+    Some(
+        (0..m)
+            .map(|i| i * rows..((i + 1) * rows).min(token_rows))
+            .collect(),
+    )
+}
+
+/// Balanced contiguous split of `layers` over `n` stages; earlier stages take the extra layer
+/// (28 / 3 -> 10, 9, 9). Stages get empty ranges when `layers < n`; empty for `n == 0`.
+pub fn split_layers(layers: usize, n: usize) -> Vec<Range<usize>> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let (base, extra) = (layers / n, layers % n);
+    let mut start = 0;
+    (0..n)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}

@@ -1,0 +1,186 @@
+//! `Plan::new` checks that need the model, the patch and layer splits, link bytes, `describe`.
+
+use proptest::prelude::*;
+use topology::{patch_rows, split_layers, ClusterSpec, LinkBytes, ModelSpec, Plan};
+
+use crate::{edit, parse, plan_error, shape};
+
+#[test]
+fn plan_rejects_more_stages_than_layers() {
+    let (field, line, shown) = plan_error(&edit(&[]), &shape(1, 8));
+    assert_eq!(
+        (field.as_str(), line),
+        ("parallel.pipefusion_degree", Some(7)),
+        "{shown}"
+    );
+    assert!(shown.contains("only 1 layers"), "{shown}");
+}
+
+#[test]
+fn plan_rejects_layer_split_with_wrong_sum() {
+    let (field, line, shown) = plan_error(&edit(&[(10, "layer_split = [2, 2]")]), &shape(3, 8));
+    assert_eq!(
+        (field.as_str(), line),
+        ("parallel.layer_split", Some(10)),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("sums to 4") && shown.contains("3 layers"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn plan_uses_explicit_layer_split() {
+    let spec = parse(&edit(&[(10, "layer_split = [1, 2]")])).unwrap();
+    let plan = Plan::new(&spec, &shape(3, 8)).unwrap();
+    assert_eq!(plan.stages[0].layers, 0..1);
+    assert_eq!(plan.stages[1].layers, 1..3);
+}
+
+#[test]
+fn plan_rejects_patches_that_do_not_fit() {
+    let (field, line, shown) = plan_error(&edit(&[(8, "num_patches = 5")]), &shape(4, 8));
+    assert_eq!(
+        (field.as_str(), line),
+        ("parallel.num_patches", Some(8)),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("8 token rows") && shown.contains("num_patches = 5"),
+        "{shown}"
+    );
+    assert!(shown.contains("1, 2, 3, 4, 8"), "{shown}");
+}
+
+#[test]
+fn plan_rejects_unimplemented_degrees() {
+    for key in ["cfg_degree", "ulysses_degree", "ring_degree"] {
+        let text = edit(&[
+            (7, "pipefusion_degree = 1"),
+            (8, "num_patches = 1"),
+            (10, &format!("{key} = 2")),
+        ]);
+        let (field, line, shown) = plan_error(&text, &shape(4, 8));
+        assert_eq!(
+            (field, line),
+            (format!("parallel.{key}"), Some(10)),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("is not implemented yet (PipeFusion only in this version)"),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
+fn patch_rows_follow_the_ceil_rule() {
+    assert_eq!(patch_rows(8, 3), Some(vec![0..3, 3..6, 6..8]));
+    assert_eq!(patch_rows(8, 5), None);
+    assert_eq!(patch_rows(8, 0), None);
+    assert_eq!(patch_rows(8, 9), None);
+    assert_eq!(patch_rows(8, 8).map(|p| p.len()), Some(8));
+    assert_eq!(
+        patch_rows(8, 1).map(|p| (p.len(), p[0].clone())),
+        Some((1, 0..8))
+    );
+}
+
+#[test]
+fn split_layers_is_balanced() {
+    assert_eq!(split_layers(28, 3), [0..10, 10..19, 19..28]);
+    assert_eq!(split_layers(12, 4), [0..3, 3..6, 6..9, 9..12]);
+    assert!(split_layers(5, 0).is_empty());
+}
+
+#[test]
+fn link_bytes_for_a_small_shape() {
+    let spec = ClusterSpec::local_cpu(
+        3,
+        1,
+        ModelSpec::Preset {
+            name: "DiT-S/2".into(),
+            seed: 0,
+        },
+    );
+    let plan = Plan::new(&spec, &shape(6, 8)).unwrap();
+    // hidden: B'=2 * 8 rows * 4 cols * d=8 * 4 bytes = 2048; latent: 1 * 4 * 16 * 8 * 4 = 2048.
+    let hidden = 2 * 8 * 4 * 8 * 4;
+    let latent = 4 * 16 * 8 * 4;
+    assert_eq!(
+        plan.link_bytes(),
+        [
+            LinkBytes {
+                from: 0,
+                to: 1,
+                bytes_per_step: hidden
+            },
+            LinkBytes {
+                from: 1,
+                to: 2,
+                bytes_per_step: hidden
+            },
+            LinkBytes {
+                from: 2,
+                to: 0,
+                bytes_per_step: latent
+            },
+        ]
+    );
+    let one = ClusterSpec::local_cpu(1, 1, ModelSpec::Path("m".into()));
+    assert!(Plan::new(&one, &shape(6, 8))
+        .unwrap()
+        .link_bytes()
+        .is_empty());
+}
+
+#[test]
+fn describe_lists_every_stage_and_warns_when_patches_are_few() {
+    let spec = parse(&edit(&[])).unwrap();
+    let text = Plan::new(&spec, &shape(5, 8)).unwrap().describe();
+    for range in ["0..3", "3..5"] {
+        assert!(text.contains(range), "{text}");
+    }
+    assert!(
+        text.contains("cpu(threads=1)") && !text.contains("warning"),
+        "{text}"
+    );
+    let few = parse(&edit(&[(8, "num_patches = 1")])).unwrap();
+    let text = Plan::new(&few, &shape(5, 8)).unwrap().describe();
+    assert!(
+        text.contains("recommend num_patches >= pipefusion_degree"),
+        "{text}"
+    );
+}
+
+proptest! {
+    #[test]
+    fn patch_rows_cover_the_rows_contiguously(h in 0usize..200, m in 0usize..60) {
+        if let Some(strips) = patch_rows(h, m) {
+            prop_assert_eq!(strips.len(), m);
+            prop_assert_eq!(strips[0].start, 0);
+            prop_assert_eq!(strips[m - 1].end, h);
+            let first = strips[0].len();
+            for (i, s) in strips.iter().enumerate() {
+                prop_assert!(!s.is_empty());
+                if i > 0 { prop_assert_eq!(strips[i - 1].end, s.start); }
+                if i + 1 < m { prop_assert_eq!(s.len(), first); } else { prop_assert!(s.len() <= first); }
+            }
+        } else {
+            prop_assert!(m == 0 || m > h || (m - 1) * h.div_ceil(m) >= h);
+        }
+    }
+
+    #[test]
+    fn split_layers_is_balanced_and_contiguous(layers in 0usize..200, n in 1usize..40) {
+        let split = split_layers(layers, n);
+        prop_assert_eq!(split.len(), n);
+        prop_assert_eq!(split[0].start, 0);
+        prop_assert_eq!(split[n - 1].end, layers);
+        for w in split.windows(2) {
+            prop_assert_eq!(w[0].end, w[1].start);
+            prop_assert!(w[0].len() >= w[1].len() && w[0].len() - w[1].len() <= 1);
+        }
+    }
+}
