@@ -86,13 +86,12 @@ fn forward(a: ForwardArgs) -> Result<()> {
     eprintln!("building {} with random weights ...", a.preset);
     let model = Transformer::random(cfg.clone(), 0, None, dev.clone())?;
     let side = a.resolution / 8;
-    let latent = crate::tensor_io::gaussian(&[a.batch, cfg.in_channels, side, side], 1);
+    let latent = model::gaussian(&[a.batch, cfg.in_channels, side, side], 1);
     let inputs = CondInputs {
         timesteps: vec![500.0; a.batch],
         class_labels: (0..a.batch).map(|i| i % cfg.num_classes).collect(),
-        caption: (cfg.arch == Arch::PixArt).then(|| {
-            crate::tensor_io::gaussian(&[a.batch, a.caption_tokens, cfg.caption_channels], 2)
-        }),
+        caption: (cfg.arch == Arch::PixArt)
+            .then(|| model::gaussian(&[a.batch, a.caption_tokens, cfg.caption_channels], 2)),
         caption_mask: None,
         resolution: cfg
             .use_additional_conditions

@@ -11,7 +11,8 @@ use model::sampler::guidance::{cfg_combine, denoise, take_channels, CfgOrder};
 use model::sampler::{SamplerState, Scheduler};
 use model::{Arch, CondInputs, Transformer};
 
-use crate::tensor_io::{gaussian, read_tensors, write_tensors};
+use crate::tensor_io::{read_tensors, write_tensors};
+use model::gaussian;
 
 /// Arguments of `pipefuse generate`.
 #[derive(Args, Debug)]

@@ -5,8 +5,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use kernels::Tensor;
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 /// All floating-point tensors of a safetensors file, as f32.
 pub(crate) fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
@@ -70,12 +68,4 @@ pub(crate) fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<
     safetensors::serialize_to_file(views, None, path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
-}
-
-/// Standard-normal noise of `shape` from `seed` (reproducible across runs and machines).
-pub(crate) fn gaussian(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = shape.iter().product();
-    let data = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-    Tensor::from_vec(data, shape).expect("length matches shape")
 }

@@ -9,7 +9,16 @@ use crate::cond::Conditioning;
 use crate::config::{Arch, ModelConfig};
 use crate::embedding::{Linear, TimestepEmbedding};
 use crate::error::{ModelError, Result};
+use crate::kv_buffer::KvBuffer;
 use crate::weights::WeightSource;
+
+/// Where a block's self-attention keeps its keys and values when it runs on a patch: layer
+/// `layer` of `buf`, the patch's tokens starting at token `first` of the image.
+pub(crate) struct KvSlot<'a> {
+    pub(crate) buf: &'a mut KvBuffer,
+    pub(crate) layer: usize,
+    pub(crate) first: usize,
+}
 
 /// Self-attention with Q, K, V fused into one `[3d, d]` projection.
 #[derive(Debug, Clone)]
@@ -27,16 +36,32 @@ impl SelfAttention {
         })
     }
 
-    /// `x: [B, n, d]` -> `[B, n, d]`.
-    fn forward(&self, dev: &Device, x: &Tensor, cfg: &ModelConfig) -> Result<Tensor> {
+    /// `x: [B, n, d]` -> `[B, n, d]`. Without a K/V slot the tokens attend to each other; with
+    /// one, their K/V are written into the buffer and they attend to the whole buffer.
+    fn forward(
+        &self,
+        dev: &Device,
+        x: &Tensor,
+        cfg: &ModelConfig,
+        kv: Option<KvSlot<'_>>,
+    ) -> Result<Tensor> {
         let d = cfg.hidden();
+        let (b, heads, hd) = (x.dim(0), cfg.num_heads, cfg.head_dim);
         let qkv = self.qkv.forward(dev, x)?; // [B, n, 3d]
-        let (q, k, v) = (
-            AttnView::of(&qkv, 0)?,
-            AttnView::of(&qkv, d)?,
-            AttnView::of(&qkv, 2 * d)?,
-        );
-        let o = dev.attention(q, k, v, None, x.dim(0), cfg.num_heads, cfg.head_dim)?; // [B, n, d]
+        let q = AttnView::of(&qkv, 0)?;
+        let o = match kv {
+            None => {
+                let (k, v) = (AttnView::of(&qkv, d)?, AttnView::of(&qkv, 2 * d)?);
+                dev.attention(q, k, v, None, b, heads, hd)? // [B, n, d]
+            }
+            Some(slot) => {
+                slot.buf.write(slot.layer, slot.first, &qkv)?;
+                let buf = &*slot.buf;
+                let kv = buf.layer(slot.layer); // [B, S, 2d]
+                let (k, v) = (AttnView::of(kv, 0)?, AttnView::of(kv, d)?);
+                dev.attention(q, k, v, buf.bias(), b, heads, hd)? // [B, n, d]
+            }
+        };
         self.out.forward(dev, &o)
     }
 }
@@ -222,13 +247,14 @@ impl Block {
         }
     }
 
-    /// `x: [B, n, d]` updated in place.
+    /// `x: [B, n, d]` updated in place (see [`SelfAttention::forward`] for `kv`).
     pub(crate) fn forward(
         &self,
         dev: &Device,
         x: &mut Tensor,
         cond: &Conditioning,
         cfg: &ModelConfig,
+        kv: Option<KvSlot<'_>>,
     ) -> Result<()> {
         let (batch, d) = (x.dim(0), cfg.hidden());
         let m = self.modulation(dev, cond, batch, d)?;
@@ -238,7 +264,7 @@ impl Block {
             Arch::PixArt => cfg.norm_eps,
         };
         let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, eps1)?;
-        let a = self.attn.forward(dev, &h, cfg)?;
+        let a = self.attn.forward(dev, &h, cfg, kv)?;
         dev.add_gated_(x, &a, Some(&c(2)?))?;
         if let (
             Some(cross),

@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use kernels::{Device, Tensor};
 
-use crate::blocks::{Block, DitEmbedder};
+use crate::blocks::{Block, DitEmbedder, KvSlot};
 use crate::cond::{conditioning, CondInputs, Conditioning, PixArtEmbedders};
 use crate::config::{Arch, ModelConfig};
 use crate::embedding::{pos_embed_2d, Linear, PatchEmbed};
 use crate::error::{ModelError, Result};
+use crate::kv_buffer::KvBuffer;
 use crate::weights::{RandomWeights, SafetensorsDir, WeightSource};
 
 #[derive(Debug, Clone)]
@@ -206,7 +207,55 @@ impl Transformer {
         self.device.install(|| {
             for (i, block) in self.range.clone().zip(&self.blocks) {
                 let _span = tracing::trace_span!("block", i).entered();
-                block.forward(&self.device, x, cond, &self.cfg)?;
+                block.forward(&self.device, x, cond, &self.cfg, None)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A K/V buffer for this instance's blocks: batch `batch` (B'), `tokens` image tokens (S).
+    pub fn kv_buffer(&self, batch: usize, tokens: usize) -> KvBuffer {
+        KvBuffer::new(self.blocks.len(), batch, tokens, self.cfg.hidden())
+    }
+
+    /// PipeFusion: runs this instance's blocks on the tokens `x: [B', n, d]` of one patch that
+    /// starts at image token `first`. Each self-attention writes the patch's K/V into `kv` and
+    /// attends to the whole buffer (fresh rows for patches already run this step, stale for the
+    /// rest, masked for tokens never written in this request). With one patch covering the whole
+    /// image this equals [`Transformer::run_blocks`].
+    pub fn run_blocks_with_kv(
+        &self,
+        x: &mut Tensor,
+        cond: &Conditioning,
+        kv: &mut KvBuffer,
+        first: usize,
+    ) -> Result<()> {
+        cond.check_tokens(x, self.cfg.hidden())?;
+        let (batch, tokens) = kv.dims();
+        if kv.num_layers() != self.blocks.len() || x.dim(0) != batch {
+            return Err(ModelError::Input(format!(
+                "K/V buffer for {} layers and batch {batch} does not fit blocks {:?} with batch {}",
+                kv.num_layers(),
+                self.range,
+                x.dim(0)
+            )));
+        }
+        if first + x.dim(1) > tokens {
+            return Err(ModelError::Input(format!(
+                "patch tokens {first}..{} exceed the image's {tokens} tokens",
+                first + x.dim(1)
+            )));
+        }
+        kv.mark_written(first, x.dim(1))?;
+        self.device.install(|| {
+            for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
+                let _span = tracing::trace_span!("block", i).entered();
+                let slot = KvSlot {
+                    buf: &mut *kv,
+                    layer,
+                    first,
+                };
+                block.forward(&self.device, x, cond, &self.cfg, Some(slot))?;
             }
             Ok(())
         })

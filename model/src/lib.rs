@@ -16,6 +16,8 @@ mod dit;
 mod embedding;
 mod error;
 mod fields;
+mod kv_buffer;
+mod request;
 pub mod sampler;
 mod weights;
 
@@ -24,4 +26,6 @@ pub use config::{Arch, ModelConfig};
 pub use dit::Transformer;
 pub use embedding::pos_embed_2d;
 pub use error::{ModelError, Result};
-pub use weights::{RandomWeights, SafetensorsDir, WeightSource};
+pub use kv_buffer::KvBuffer;
+pub use request::{Caption, PreparedRequest, Request};
+pub use weights::{gaussian, RandomWeights, SafetensorsDir, WeightSource};

@@ -232,3 +232,14 @@ impl WeightSource for RandomWeights {
         Ok(Tensor::from_vec(data, shape)?)
     }
 }
+
+/// Standard-normal noise of `shape`, deterministic in `seed` (`StdRng` + `StandardNormal`): the
+/// initial latent of a request given a seed.
+pub fn gaussian(shape: &[usize], seed: u64) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let data = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Tensor::from_vec(data, shape).expect("length matches shape")
+}

@@ -17,6 +17,7 @@ mod spacing;
 
 use std::path::Path;
 
+use kernels::Tensor;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
@@ -204,6 +205,33 @@ impl SamplerState {
             .multistep
             .then(|| &mut self.history[offset..offset + x.len()]);
         rule.apply(x, eps, hist);
+        Ok(())
+    }
+
+    /// Updates rows `row0..row0 + h` of a latent `x: [B, C, H, W]` for the current step with the
+    /// model output of that strip, `eps: [B, C, h, W]` (one PipeFusion patch).
+    pub fn update_rows(&mut self, x: &mut Tensor, row0: usize, eps: &Tensor) -> Result<()> {
+        let (&[b, c, hh, w], &[eb, ec, h, ew]) = (x.shape(), eps.shape()) else {
+            return Err(ModelError::Input(format!(
+                "sampler strip update needs [B, C, H, W] tensors, got {:?} and {:?}",
+                x.shape(),
+                eps.shape()
+            )));
+        };
+        if (eb, ec, ew) != (b, c, w) || row0 + h > hh {
+            return Err(ModelError::Input(format!(
+                "model output strip {:?} at row {row0} does not fit the latent {:?}",
+                eps.shape(),
+                x.shape()
+            )));
+        }
+        let (xs, es) = (x.as_f32_mut()?, eps.as_f32()?);
+        for plane in 0..b * c {
+            let off = (plane * hh + row0) * w;
+            let len = h * w;
+            let e = &es[plane * len..(plane + 1) * len];
+            self.update_part(off, &mut xs[off..off + len], e)?;
+        }
         Ok(())
     }
 

@@ -1,0 +1,129 @@
+//! PipeFusion's per-layer K/V buffers over the full sequence (ALGORITHMS.md §2, "KV buffer").
+//!
+//! A stage keeps, for every self-attention layer it owns, the keys and values of all `S` image
+//! tokens of the current request: `[B', S, 2d]` per layer (K in columns `0..d`, V in `d..2d`, so a
+//! patch's fused-QKV output is copied with one contiguous run per row). A patch writes its own rows
+//! and attends to the whole buffer: rows written earlier this step are fresh, the rest are from
+//! the previous step. Tokens never written in this request are masked out (warmup W = 0).
+
+use kernels::Tensor;
+
+use crate::error::{ModelError, Result};
+
+/// K/V buffers of the layers one stage owns, for one request.
+#[derive(Debug, Clone)]
+pub struct KvBuffer {
+    /// One `[B', S, 2d]` tensor per owned layer.
+    layers: Vec<Tensor>,
+    /// Tokens written at least once in this request.
+    written: Vec<bool>,
+    /// `[B', S]` additive key bias (0 or -inf) while some tokens are unwritten.
+    bias: Option<Tensor>,
+    batch: usize,
+    tokens: usize,
+    hidden: usize,
+}
+
+impl KvBuffer {
+    /// Empty buffers for `layers` layers, batch `batch` (B', CFG-doubled), `tokens` (S) and
+    /// hidden size `hidden` (d): `2 * batch * tokens * hidden * layers` floats.
+    pub fn new(layers: usize, batch: usize, tokens: usize, hidden: usize) -> KvBuffer {
+        KvBuffer {
+            layers: (0..layers)
+                .map(|_| Tensor::zeros(&[batch, tokens, 2 * hidden]))
+                .collect(),
+            written: vec![false; tokens],
+            bias: None,
+            batch,
+            tokens,
+            hidden,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.layers.len() * self.batch * self.tokens * 2 * self.hidden * 4
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `(B', S)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.batch, self.tokens)
+    }
+
+    /// Forgets every token (a new request): nothing stale from another request is ever read.
+    pub fn reset(&mut self) {
+        self.written.iter_mut().for_each(|w| *w = false);
+        self.bias = None;
+    }
+
+    /// Marks tokens `first..first + n` as written (call before the layers run on them, so each
+    /// layer's own write of those rows precedes its attention) and rebuilds the mask.
+    pub(crate) fn mark_written(&mut self, first: usize, n: usize) -> Result<()> {
+        if first + n > self.tokens {
+            return Err(ModelError::Input(format!(
+                "tokens {first}..{} are outside the K/V buffer's {} tokens",
+                first + n,
+                self.tokens
+            )));
+        }
+        self.written[first..first + n]
+            .iter_mut()
+            .for_each(|w| *w = true);
+        self.bias = if self.written.iter().all(|&w| w) {
+            None
+        } else {
+            let row: Vec<f32> = self
+                .written
+                .iter()
+                .map(|&w| if w { 0.0 } else { f32::NEG_INFINITY })
+                .collect();
+            Some(Tensor::from_vec(
+                row.repeat(self.batch),
+                &[self.batch, self.tokens],
+            )?)
+        };
+        Ok(())
+    }
+
+    /// The key bias masking unwritten tokens, `None` once all are written.
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Copies K and V of `qkv: [B', n, 3d]` (columns `d..3d`) into rows `first..first + n` of
+    /// layer `layer`'s buffer.
+    pub(crate) fn write(&mut self, layer: usize, first: usize, qkv: &Tensor) -> Result<()> {
+        let (b, d, s) = (self.batch, self.hidden, self.tokens);
+        let n = qkv.dim(1);
+        if qkv.shape() != [b, n, 3 * d] || first + n > s {
+            return Err(ModelError::Input(format!(
+                "K/V of shape {:?} at token {first} does not fit the buffer [{b}, {s}, {}]",
+                qkv.shape(),
+                2 * d
+            )));
+        }
+        let buf = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Input(format!("the K/V buffer has no layer {layer}")))?;
+        let (src, dst) = (qkv.as_f32()?, buf.as_f32_mut()?);
+        for bi in 0..b {
+            for j in 0..n {
+                let from = (bi * n + j) * 3 * d + d;
+                let to = (bi * s + first + j) * 2 * d;
+                dst[to..to + 2 * d].copy_from_slice(&src[from..from + 2 * d]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Layer `layer`'s buffer `[B', S, 2d]`.
+    pub(crate) fn layer(&self, layer: usize) -> &Tensor {
+        &self.layers[layer]
+    }
+}
