@@ -2,6 +2,7 @@
 """Generate the small, committed test fixtures of pipefuse from diffusers (the authority).
 
     .venv-tools/bin/python tools/make_fixtures.py [--out model/tests/fixtures] [--ref-dir DIR] [--copy]
+                                                  [--only SECTION[,SECTION...]] [--pf-out actors/tests/fixtures]
 
 Deterministic: every random draw comes from a seeded torch.Generator / torch.manual_seed,
 everything runs on CPU in float32 with model.eval() and torch.no_grad(). Re-running with the
@@ -33,6 +34,20 @@ What is written (all tensors float32 unless stated; integer tensors int64):
   dit_tiny_pipeline/           model_index.json (+ transformer/, scheduler/), no vae.
   dit_pipeline_ddim.safetensors  real DiTPipeline.__call__ (12 DDIM steps, CFG 4, labels [3,7]).
   dit_pipeline_noise.safetensors single tensor `latents` = the pipeline noise.
+
+Section `pipefusion` (written under --pf-out, default actors/tests/fixtures/):
+
+  dit_pf/                      DiTPipeline folder (model_index.json, transformer/, scheduler/ = the
+                               DDIM hub config): DiTTransformer2DModel(heads 2, head_dim 16, in 4,
+                               out 8, layers 4, sample_size 16, patch 2, num_embeds_ada_norm 1000),
+                               same re-init as dit_tiny (seed 1), f32. 8x8 = 64 tokens, 8 token rows.
+  pipefusion_ref.safetensors   noise [2,4,16,16], labels i64 [3,7], steps i64 [8], guidance f32 [4.0],
+                               timesteps i64 [8], and the final latents [2,4,16,16] of
+                               shared/reference/pipefusion_ref.run for cases M{M}_W{W} plus `serial`
+                               (M=1, W=steps).
+
+Sections are selected with --only (comma-separated: dit, pixart, schedulers, pipeline, pipefusion);
+the default runs all of them.
 
 Weight files that are exact copies of dit_tiny's (dit_tiny_legacy/ and
 dit_tiny_pipeline/transformer/) are written as relative symlinks to keep the fixtures small;
@@ -569,6 +584,116 @@ def make_pipeline(out, args, ref):
                max(rel_l2(a, b) for a, b in zip(lat, steps_lat)), 1e-4)
 
 
+# ---------------------------------------------------------------- PipeFusion reference latents
+PF_KW = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=4,
+             sample_size=16, patch_size=2, num_embeds_ada_norm=1000)   # 1000 = the CFG null label
+PF_CASES = [(1, 0), (1, 1), (2, 1), (4, 1), (4, 0), (3, 2), (8, 1), (2, 8)]   # (M, W); W = 8 = T is serial
+PF_STEPS, PF_GUIDANCE, PF_LABELS = 8, 4.0, [3, 7]
+
+
+@torch.no_grad()
+def make_pipefusion(pf_out, pf_ref, ref):
+    """Final latents of shared/reference/pipefusion_ref.run (numpy) on a 16x16-latent DiT.
+
+    pipefusion_ref.run is called as is (not copied). `serial` is M=1, W=steps. Exactness checks:
+    M=1 (any W) and W=T (any M) must equal serial. The serial latent is also checked against diffusers'
+    real DiTPipeline.__call__ on the same noise / labels / steps (null label 1000 = num_embeds_ada_norm,
+    so no remap is needed here) and against numpy_ref.ddim_cfg.
+    """
+    print("[pipefusion]")
+    p_dir = os.path.join(pf_out, "dit_pf")
+    clean_dir(p_dir)
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**PF_KW).eval()
+    reinit(model, seed=1)
+    model.save_pretrained(os.path.join(p_dir, "transformer"), safe_serialization=True)
+    write_json(os.path.join(p_dir, "scheduler", "scheduler_config.json"), DDIM_HUB)
+
+    transformer = DiTTransformer2DModel.from_pretrained(os.path.join(p_dir, "transformer")).eval()
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(p_dir, "scheduler"))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as tmp:          # model_index.json as save_pretrained writes it, minus vae
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        with open(os.path.join(tmp, "model_index.json")) as f:
+            mi = json.load(f)
+    mi.pop("vae")
+    write_json(os.path.join(p_dir, "model_index.json"), mi)
+
+    g = torch.Generator().manual_seed(400)
+    noise = torch.randn(2, 4, PF_KW["sample_size"], PF_KW["sample_size"], generator=g)
+    labels = np.array(PF_LABELS, dtype=np.int64)
+    B = len(PF_LABELS)
+
+    # diffusers' real DiTPipeline (same randn_tensor monkeypatch / scheduler.step capture as make_pipeline)
+    orig_randn = pipeline_dit_module.randn_tensor
+    pipeline_dit_module.randn_tensor = lambda *a, **k: noise.clone()
+    steps_lat, ts_seen = [], []
+    orig_step = pipe.scheduler.step
+
+    def step_wrap(model_output, t, sample, *a, **k):
+        res = orig_step(model_output, t, sample, *a, **k)
+        assert torch.equal(res.prev_sample[:B], res.prev_sample[B:])
+        steps_lat.append(res.prev_sample[:B].clone())
+        ts_seen.append(int(t))
+        return res
+
+    pipe.scheduler.step = step_wrap
+    try:
+        pipe(class_labels=PF_LABELS, guidance_scale=PF_GUIDANCE, num_inference_steps=PF_STEPS, output_type="pt")
+    finally:
+        pipeline_dit_module.randn_tensor = orig_randn
+    assert len(steps_lat) == PF_STEPS
+    diffusers_final = steps_lat[-1].numpy()
+    print(f"  DDIM timesteps seen: {ts_seen}")
+
+    cfg, w = ref.load_model(os.path.join(p_dir, "transformer"))
+    with open(os.path.join(p_dir, "scheduler", "scheduler_config.json")) as f:
+        sched = json.load(f)
+    tn = time.time()
+
+    def pf(M, W):
+        return pf_ref.run(cfg, w, sched, noise.numpy(), labels, scale=PF_GUIDANCE, steps=PF_STEPS, M=M, W=W)
+
+    serial = pf(1, PF_STEPS)
+    res = {f"M{M}_W{W}": pf(M, W) for M, W in PF_CASES}
+    print(f"  pipefusion_ref.run: {len(PF_CASES) + 1} runs in {time.time() - tn:.1f} s; "
+          f"serial rms {np.sqrt(np.mean(serial.astype(np.float64) ** 2)):.3f}, max|x| {np.abs(serial).max():.3f}")
+    record("pipefusion M1_W0 vs serial rel_l2", rel_l2(res["M1_W0"], serial), 1e-5)
+    record("pipefusion M1_W1 vs serial rel_l2", rel_l2(res["M1_W1"], serial), 1e-5)
+    record(f"pipefusion M2_W{PF_STEPS} vs serial rel_l2", rel_l2(res[f"M2_W{PF_STEPS}"], serial), 1e-5)
+    record("pipefusion serial vs diffusers DiTPipeline final latent rel_l2", rel_l2(serial, diffusers_final), 1e-4)
+    ts, _, lat = ref.ddim_cfg(cfg, w, sched, noise.numpy(), labels, PF_GUIDANCE, PF_STEPS)
+    assert [int(t) for t in ts] == ts_seen
+    record("pipefusion serial vs numpy_ref.ddim_cfg rel_l2", rel_l2(serial, lat[-1]), 1e-5)
+    print("  drift (rel_l2 vs serial):")
+    for name, x in res.items():
+        print(f"    {name:8s} {rel_l2(x, serial):.6e}")
+    stale = [n for n, x in res.items() if rel_l2(x, serial) == 0.0 and not n.startswith("M1_")
+             and not n.endswith(f"_W{PF_STEPS}")]
+    assert not stale, f"cases with stale KV but no drift: {stale}"
+
+    io = {"noise": noise, "labels": torch.tensor(PF_LABELS, dtype=torch.int64),
+          "steps": torch.tensor([PF_STEPS], dtype=torch.int64),
+          "guidance": torch.tensor([PF_GUIDANCE], dtype=torch.float32),
+          "timesteps": torch.tensor(ts_seen, dtype=torch.int64),
+          "serial": torch.from_numpy(np.ascontiguousarray(serial, dtype=np.float32))}
+    for name, x in res.items():
+        io[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    meta = {"steps": str(PF_STEPS), "guidance": repr(PF_GUIDANCE), "labels": ",".join(map(str, PF_LABELS)),
+            "null_label": "1000", "scheduler": "DDIM (dit_pf/scheduler)", "pipeline": "dit_pf",
+            "cases": ",".join(f"M{M}_W{W}" for M, W in PF_CASES) + ",serial",
+            "serial": f"M=1, W={PF_STEPS}"}
+    # one metadata key: safetensors writes __metadata__ from a hash map, so several keys would come out in a
+    # random order and the file would not be bit-reproducible
+    save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(pf_out, "pipefusion_ref.safetensors"),
+              metadata={"pipefusion_ref": json.dumps(meta, sort_keys=True)})
+
+
 def dir_size(path):
     total, rows = 0, []
     for dp, dns, fns in os.walk(path):
@@ -584,13 +709,24 @@ def dir_size(path):
     return total, rows
 
 
+SECTIONS = ("dit", "pixart", "schedulers", "pipeline", "pipefusion")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "model", "tests", "fixtures"))
     ap.add_argument("--ref-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "reference"),
                     help="folder holding numpy_ref.py for cross-checks (skipped if absent)")
     ap.add_argument("--copy", action="store_true", help="write copies instead of symlinks for duplicate weights")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections to run (default: all = {','.join(SECTIONS)})")
+    ap.add_argument("--pf-out", default=os.path.join(ROOT, "actors", "tests", "fixtures"),
+                    help="output folder of the pipefusion section")
     args = ap.parse_args()
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = [x for x in only if x not in SECTIONS]
+    if bad or not only:
+        ap.error(f"--only: unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
     t0 = time.time()
     diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -603,21 +739,40 @@ def main():
         print(f"numpy reference: {args.ref_dir}/numpy_ref.py")
     else:
         print(f"numpy reference not found in {args.ref_dir}: cross-checks skipped")
-    os.makedirs(args.out, exist_ok=True)
+    out_dirs = []
+    if any(x in only for x in ("dit", "pixart", "schedulers", "pipeline")):
+        os.makedirs(args.out, exist_ok=True)
+        out_dirs.append(args.out)
 
-    make_dit(args.out, args, ref)
-    make_pixart(args.out, ref)
-    make_schedulers(args.out)
-    make_pipeline(args.out, args, ref)
+    if "dit" in only:
+        make_dit(args.out, args, ref)
+    if "pixart" in only:
+        make_pixart(args.out, ref)
+    if "schedulers" in only:
+        make_schedulers(args.out)
+    if "pipeline" in only:
+        make_pipeline(args.out, args, ref)
+    if "pipefusion" in only:
+        if ref is None or not os.path.exists(os.path.join(args.ref_dir, "pipefusion_ref.py")):
+            print(f"[pipefusion] pipefusion_ref.py / numpy_ref.py not found in {args.ref_dir}: section skipped")
+            if only == ["pipefusion"]:
+                sys.exit(1)
+        else:
+            import pipefusion_ref as pf_ref  # noqa: E402  (ref_dir is already on sys.path)
+            os.makedirs(args.pf_out, exist_ok=True)
+            out_dirs.append(args.pf_out)
+            make_pipefusion(args.pf_out, pf_ref, ref)
 
     print("\n[summary of checks]")
     for name, v, lim, ok in CHECKS:
         print(f"  {'ok  ' if ok else 'FAIL'} {v:.3e} <= {lim:.0e}  {name}")
-    total, rows = dir_size(args.out)
-    print(f"\n[files under {os.path.relpath(args.out, ROOT)}]")
-    for r, s, extra in rows:
-        print(f"  {s:9d}  {r} {extra}")
-    print(f"total {total} bytes ({total / 1024:.1f} KiB) in regular files; {time.time() - t0:.1f} s")
+    for d in out_dirs:
+        total, rows = dir_size(d)
+        print(f"\n[files under {os.path.relpath(d, ROOT)}]")
+        for r, s, extra in rows:
+            print(f"  {s:9d}  {r} {extra}")
+        print(f"total {total} bytes ({total / 1024:.1f} KiB) in regular files")
+    print(f"{time.time() - t0:.1f} s")
     failed = [c for c in CHECKS if not c[3]]
     if failed:
         print(f"{len(failed)} check(s) FAILED")

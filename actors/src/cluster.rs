@@ -1,0 +1,382 @@
+//! The programmatic API: build a cluster from a topology, submit requests, observe progress,
+//! await results.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), actors::ClusterError> {
+//! use actors::{Cluster, ClusterOptions, GenerateRequest};
+//! let spec = topology::ClusterSpec::from_file("examples/topologies/local_2cpu.toml".as_ref())?;
+//! let cluster = Cluster::start(spec, ClusterOptions::default()).await?;
+//! let req = GenerateRequest::class_conditional(&cluster, vec![3], 12, 4.0, 0)?;
+//! let mut handle = cluster.submit(req).await?;
+//! while let Some(p) = handle.progress.recv().await {
+//!     println!("{p:?}");
+//! }
+//! let out = handle.result().await?;
+//! println!("{:?}\n{}", out.latent.shape(), out.summary);
+//! cluster.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kernels::Tensor;
+use model::sampler::Scheduler;
+use model::{PreparedRequest, Request};
+use ractor::{Actor, ActorRef};
+use tokio::sync::mpsc;
+use topology::schedule::ScheduleConfig;
+use topology::{ClusterSpec, ModelShape, Plan};
+use transport::MemoryNetwork;
+
+use crate::compute::Fault;
+use crate::coordinator::{CoordinatorActor, CoordinatorArgs, DeviceArgsFactory};
+use crate::device::DeviceArgs;
+use crate::error::{ClusterError, Result};
+use crate::messages::CoordinatorMessage;
+use crate::model_source::ModelSource;
+use crate::stage::{RequestSetup, StageExecutor};
+
+/// Knobs of a running cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// A stage waiting longer than this for its next input fails the request (default 10 min).
+    pub stall_timeout: Duration,
+    /// A deliberate failure (tests and chaos drills).
+    pub fault: Option<Fault>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            stall_timeout: Duration::from_secs(600),
+            fault: None,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Labels / caption, guidance, latent size.
+    pub request: Request,
+    /// Denoising steps T.
+    pub steps: usize,
+    /// The sampler.
+    pub scheduler: Scheduler,
+    /// Initial noise `[B, C, H, W]` (scaled by the scheduler's initial sigma here).
+    pub noise: Tensor,
+}
+
+impl GenerateRequest {
+    /// A DiT request at the model's default size with the cluster's default scheduler and noise
+    /// from `seed`.
+    pub fn class_conditional(
+        cluster: &Cluster,
+        labels: Vec<usize>,
+        steps: usize,
+        guidance_scale: f32,
+        seed: u64,
+    ) -> Result<GenerateRequest> {
+        let cfg = &cluster.model.config;
+        let s = cfg.sample_size;
+        Ok(GenerateRequest {
+            noise: model::gaussian(&[labels.len(), cfg.in_channels, s, s], seed),
+            request: Request {
+                class_labels: labels,
+                caption: None,
+                guidance_scale,
+                latent_size: [s, s],
+            },
+            steps,
+            scheduler: cluster.model.default_scheduler()?,
+        })
+    }
+}
+
+/// Progress of a running request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Step `step` (0-based) of `steps` is complete on every patch.
+    Step {
+        /// The step just completed.
+        step: usize,
+        /// Total steps.
+        steps: usize,
+        /// Time since the request started.
+        elapsed: Duration,
+    },
+}
+
+/// One device's share of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSummary {
+    /// Device index (= stage).
+    pub device: usize,
+    /// Time spent computing.
+    pub busy: Duration,
+    /// Work items run.
+    pub items: usize,
+    /// Bytes sent to peers.
+    pub bytes_sent: u64,
+}
+
+/// What a run cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// Wall time of the request.
+    pub wall: Duration,
+    /// Per device.
+    pub devices: Vec<DeviceSummary>,
+    /// `1 - sum(busy) / (devices * wall)`: the share of device time spent idle.
+    pub bubble_fraction: f64,
+}
+
+impl RunSummary {
+    pub(crate) fn new(wall: Duration, devices: Vec<DeviceSummary>) -> RunSummary {
+        let busy: f64 = devices.iter().map(|d| d.busy.as_secs_f64()).sum();
+        let cap = wall.as_secs_f64() * devices.len() as f64;
+        RunSummary {
+            wall,
+            bubble_fraction: if cap > 0.0 {
+                (1.0 - busy / cap).max(0.0)
+            } else {
+                0.0
+            },
+            devices,
+        }
+    }
+}
+
+impl fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "wall {:.3} s, bubble fraction {:.1}%",
+            self.wall.as_secs_f64(),
+            100.0 * self.bubble_fraction
+        )?;
+        for d in &self.devices {
+            writeln!(
+                f,
+                "  device {}: busy {:.3} s ({:.0}%), {} items, {:.2} MB sent",
+                d.device,
+                d.busy.as_secs_f64(),
+                100.0 * d.busy.as_secs_f64() / self.wall.as_secs_f64().max(1e-9),
+                d.items,
+                d.bytes_sent as f64 / 1e6
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The result of a request.
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    /// The final latent `[B, C, H, W]`.
+    pub latent: Tensor,
+    /// Timing and traffic.
+    pub summary: RunSummary,
+}
+
+/// A submitted request: progress events, then the result.
+#[derive(Debug)]
+pub struct RequestHandle {
+    /// Progress events; the channel closes when the request ends.
+    pub progress: mpsc::UnboundedReceiver<Progress>,
+    result: ractor::concurrency::OneshotReceiver<Result<GenerateOutput>>,
+}
+
+impl RequestHandle {
+    /// Waits for the result.
+    pub async fn result(self) -> Result<GenerateOutput> {
+        self.result.await.map_err(|_| {
+            ClusterError::NotRunning("the coordinator stopped before answering".into())
+        })?
+    }
+}
+
+/// A running cluster: a coordinator actor and one device actor per pipeline stage, connected by
+/// in-process links.
+pub struct Cluster {
+    coordinator: ActorRef<CoordinatorMessage>,
+    join: tokio::task::JoinHandle<()>,
+    spec: ClusterSpec,
+    model: ModelSource,
+    next_id: AtomicU64,
+}
+
+impl Cluster {
+    /// Validates `spec`, then starts the devices; each loads only its layers. Fails (naming the
+    /// device) if a device cannot open or load.
+    pub async fn start(spec: ClusterSpec, options: ClusterOptions) -> Result<Cluster> {
+        spec.validate()?;
+        if spec.nodes.len() > 1 {
+            return Err(spec
+                .error(
+                    "nodes",
+                    format!("{} nodes: this version runs single-node clusters only", spec.nodes.len()),
+                    Some("multi-node clusters start with `pipefuse launch` (QUIC transport, next release)".into()),
+                )
+                .into());
+        }
+        let model = ModelSource::from_spec(&spec)?;
+        let cfg = &model.config;
+        let plan = Plan::new(
+            &spec,
+            &shape_of(cfg, 1, 1, [cfg.sample_size, cfg.sample_size]),
+        )?;
+        let mut endpoints: Vec<_> = MemoryNetwork::build(plan.stages.len())
+            .into_iter()
+            .map(Some)
+            .collect();
+        let stage_devices: Vec<usize> = plan.stages.iter().map(|s| s.device.index).collect();
+        let mut devices: Vec<DeviceArgsFactory> = Vec::new();
+        for stage in &plan.stages {
+            let endpoint = endpoints[stage.index]
+                .take()
+                .expect("one endpoint per stage");
+            let (model, layers, spec_dev) =
+                (model.clone(), stage.layers.clone(), stage.device.spec);
+            let (index, stage_index, stage_devices) =
+                (stage.index, stage.index, stage_devices.clone());
+            let stall_timeout = options.stall_timeout;
+            let fault = options.fault;
+            devices.push(Box::new(move |coordinator| DeviceArgs {
+                index,
+                stage: stage_index,
+                stage_devices,
+                load: Box::new(move || Ok(StageExecutor::new(model.load_slice(spec_dev, layers)?))),
+                endpoint,
+                coordinator,
+                stall_timeout,
+                fault,
+            }));
+        }
+        let (coordinator, join) = Actor::spawn(None, CoordinatorActor, CoordinatorArgs { devices })
+            .await
+            .map_err(|e| ClusterError::DeviceStart {
+                device: 0,
+                what: "cluster".into(),
+                message: e.to_string(),
+            })?;
+        tracing::info!(stages = plan.stages.len(), "cluster started");
+        Ok(Cluster {
+            coordinator,
+            join,
+            spec,
+            model,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The topology.
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    /// The model the cluster serves.
+    pub fn model(&self) -> &ModelSource {
+        &self.model
+    }
+
+    /// The plan a request runs under (layer owners, patch table); errors say why it cannot run.
+    pub fn plan(&self, req: &GenerateRequest) -> Result<Plan> {
+        let prepared = PreparedRequest::new(&self.model.config, &req.request)?;
+        Ok(Plan::new(
+            &self.spec,
+            &shape_of(
+                &self.model.config,
+                prepared.forward_batch(),
+                prepared.batch(),
+                req.request.latent_size,
+            ),
+        )?)
+    }
+
+    /// Submits a request; it runs after the ones before it.
+    pub async fn submit(&self, req: GenerateRequest) -> Result<RequestHandle> {
+        let plan = self.plan(&req)?;
+        let prepared = PreparedRequest::new(&self.model.config, &req.request)?;
+        let sampling = req.scheduler.plan(req.steps)?;
+        if req.noise.shape() != prepared.latent_shape() {
+            return Err(ClusterError::BadRequest(format!(
+                "initial noise {:?} does not match the request's latent {:?}",
+                req.noise.shape(),
+                prepared.latent_shape()
+            )));
+        }
+        let mut latent = req.noise.clone();
+        if sampling.init_noise_sigma != 1.0 {
+            latent
+                .as_f32_mut()?
+                .iter_mut()
+                .for_each(|v| *v *= sampling.init_noise_sigma);
+        }
+        let schedule = ScheduleConfig {
+            stages: plan.stages.len(),
+            patches: plan.patches.len(),
+            warmup: plan.warmup_steps,
+            steps: req.steps,
+        };
+        if schedule.patches < schedule.stages && schedule.warmup < schedule.steps {
+            tracing::warn!(patches = schedule.patches, stages = schedule.stages, "fewer patches than stages: the pipeline cannot stay full (recommend num_patches >= pipefusion_degree)");
+        }
+        let setup = Arc::new(RequestSetup {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            prepared,
+            sampling,
+            initial_latent: latent,
+            patches: plan.patches.clone(),
+            warmup: plan.warmup_steps,
+        });
+        let (ptx, prx) = mpsc::unbounded_channel();
+        let (tx, rx) = ractor::concurrency::oneshot();
+        self.coordinator
+            .cast(CoordinatorMessage::Submit {
+                setup,
+                schedule,
+                progress: Some(ptx),
+                reply: tx.into(),
+            })
+            .map_err(|e| ClusterError::NotRunning(e.to_string()))?;
+        Ok(RequestHandle {
+            progress: prx,
+            result: rx,
+        })
+    }
+
+    /// Submits a request and waits for its result.
+    pub async fn generate(&self, req: GenerateRequest) -> Result<GenerateOutput> {
+        self.submit(req).await?.result().await
+    }
+
+    /// Stops the devices and the coordinator; queued requests fail.
+    pub async fn shutdown(self) {
+        self.coordinator.stop(None);
+        let _ = self.join.await;
+    }
+}
+
+/// The plan's view of a request on this model.
+fn shape_of(
+    cfg: &model::ModelConfig,
+    forward_batch: usize,
+    batch: usize,
+    latent: [usize; 2],
+) -> ModelShape {
+    let p = cfg.patch_size;
+    ModelShape {
+        layers: cfg.num_layers,
+        hidden: cfg.hidden(),
+        token_rows: latent[0] / p,
+        token_cols: latent[1] / p,
+        batch: forward_batch,
+        latent_channels: cfg.in_channels,
+        latent_batch: batch,
+        patch_size: p,
+    }
+}

@@ -1,0 +1,86 @@
+//! Tensors to frames and back: the only place that knows both (the transport carries dtype,
+//! shape and bytes; the model works on tensors).
+
+use kernels::Tensor;
+use topology::schedule::Part;
+use transport::{Frame, FrameHeader, FrameKind, TransportError, WireDType, PART_WHOLE};
+
+use crate::error::Result;
+
+/// The wire code of a part.
+pub(crate) fn part_code(part: Part) -> u32 {
+    match part {
+        Part::Whole => PART_WHOLE,
+        Part::Patch(p) => p as u32,
+    }
+}
+
+/// The part a wire code names.
+pub(crate) fn part_of(code: u32) -> Part {
+    if code == PART_WHOLE {
+        Part::Whole
+    } else {
+        Part::Patch(code as usize)
+    }
+}
+
+/// A frame carrying `t` (f32, little endian) as the input of (`step`, `part`).
+pub(crate) fn encode(
+    request: u64,
+    from: usize,
+    step: usize,
+    part: Part,
+    kind: FrameKind,
+    t: &Tensor,
+) -> Result<Frame> {
+    Ok(Frame {
+        header: FrameHeader {
+            request,
+            from,
+            step: step as u32,
+            part: part_code(part),
+            kind,
+            dtype: WireDType::F32,
+            shape: t.shape().iter().map(|&d| d as u32).collect(),
+        },
+        payload: bytemuck::cast_slice(t.as_f32()?).to_vec(),
+    })
+}
+
+/// The tensor in a frame (after checking the payload length against the header).
+pub(crate) fn decode(frame: &Frame) -> Result<Tensor> {
+    frame.validate()?;
+    let shape: Vec<usize> = frame.header.shape.iter().map(|&d| d as usize).collect();
+    let values: Vec<f32> = match frame.header.dtype {
+        WireDType::F32 => frame
+            .payload
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    };
+    Tensor::from_vec(values, &shape).map_err(|e| {
+        TransportError::Malformed {
+            from: frame.header.from,
+            message: e.to_string(),
+        }
+        .into()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_survives_the_round_trip() {
+        let t =
+            Tensor::from_vec((0..24).map(|i| i as f32 * 0.5 - 3.0).collect(), &[2, 3, 4]).unwrap();
+        let f = encode(9, 1, 4, Part::Patch(2), FrameKind::Hidden, &t).unwrap();
+        assert_eq!((f.header.step, f.header.part), (4, 2));
+        assert_eq!(part_of(f.header.part), Part::Patch(2));
+        assert_eq!(part_of(part_code(Part::Whole)), Part::Whole);
+        let back = decode(&f).unwrap();
+        assert_eq!(back.shape(), t.shape());
+        assert_eq!(back.as_f32().unwrap(), t.as_f32().unwrap());
+    }
+}

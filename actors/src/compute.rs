@@ -1,0 +1,107 @@
+//! A device's compute thread: it owns the [`StageExecutor`] (layer slice, K/V buffers, sampler)
+//! and runs one job at a time, so the async runtime is never blocked by GEMMs. Results go back to
+//! the device actor as messages; a panic inside a job is caught and reported as an error.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use kernels::Tensor;
+use ractor::ActorRef;
+use tokio::sync::oneshot;
+use topology::schedule::WorkItem;
+
+use crate::messages::DeviceMessage;
+use crate::stage::{RequestSetup, StageExecutor, StageJob};
+
+/// A deliberate failure, for testing how the cluster reports a broken device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The device's compute returns an error at this step.
+    ErrorAt {
+        /// Device index.
+        device: usize,
+        /// Step.
+        step: usize,
+    },
+    /// The device's compute thread panics at this step.
+    PanicAt {
+        /// Device index.
+        device: usize,
+        /// Step.
+        step: usize,
+    },
+}
+
+pub(crate) enum ComputeJob {
+    Begin(Arc<RequestSetup>, oneshot::Sender<Result<(), String>>),
+    Run {
+        request: u64,
+        item: WorkItem,
+        job: StageJob,
+        input: Tensor,
+    },
+    Finish(oneshot::Sender<Option<Tensor>>),
+}
+
+/// Handle to a running compute thread; dropping it ends the thread after its current job.
+pub(crate) struct ComputeThread {
+    jobs: mpsc::Sender<ComputeJob>,
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+impl ComputeThread {
+    pub(crate) fn spawn(
+        device: usize,
+        mut exec: StageExecutor,
+        actor: ActorRef<DeviceMessage>,
+        fault: Option<Fault>,
+    ) -> std::io::Result<ComputeThread> {
+        let (tx, rx) = mpsc::channel::<ComputeJob>();
+        std::thread::Builder::new()
+            .name(format!("pipefuse-dev{device}"))
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        ComputeJob::Begin(setup, reply) => {
+                            let _ = reply.send(exec.begin(setup).map_err(|e| e.to_string()));
+                        }
+                        ComputeJob::Run { request, item, job, input } => {
+                            let _span = tracing::debug_span!("compute", device, step = item.step, part = ?item.part).entered();
+                            let out = catch_unwind(AssertUnwindSafe(|| {
+                                match fault {
+                                    Some(Fault::ErrorAt { device: d, step }) if d == device && step == item.step => {
+                                        return Err(format!("injected error at step {step}"));
+                                    }
+                                    Some(Fault::PanicAt { device: d, step }) if d == device && step == item.step => {
+                                        panic!("injected panic at step {step}");
+                                    }
+                                    _ => {}
+                                }
+                                exec.run(&job, &input).map_err(|e| e.to_string())
+                            }))
+                            .unwrap_or_else(|p| Err(format!("compute panicked: {}", panic_message(p))));
+                            if actor.cast(DeviceMessage::ComputeDone { request, item, output: out }).is_err() {
+                                break; // the actor is gone
+                            }
+                        }
+                        ComputeJob::Finish(reply) => {
+                            let _ = reply.send(exec.finish());
+                        }
+                    }
+                }
+            })?;
+        Ok(ComputeThread { jobs: tx })
+    }
+
+    /// Queues a job; `false` if the thread has ended.
+    pub(crate) fn submit(&self, job: ComputeJob) -> bool {
+        self.jobs.send(job).is_ok()
+    }
+}

@@ -1,0 +1,306 @@
+//! The coordinator actor: starts one linked device actor per stage, runs requests one at a time
+//! (later ones queue), relays progress, collects the stages' reports into the result, and turns
+//! any device failure into a failed request that names the device and the step.
+//!
+//! Supervision policy (`handle_supervisor_evt`): a device actor that fails or stops while the
+//! cluster is up marks the cluster broken: the running request and every queued one fail with
+//! the device's index, its last known step and the reason; later submissions are refused. There
+//! is no silent restart: a restarted device would have lost its K/V buffers mid-request.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::mpsc::UnboundedSender;
+use topology::schedule::ScheduleConfig;
+
+use crate::cluster::{DeviceSummary, GenerateOutput, Progress, RunSummary};
+use crate::device::{DeviceActor, DeviceArgs};
+use crate::error::ClusterError;
+use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
+use crate::stage::RequestSetup;
+
+pub(crate) struct CoordinatorActor;
+
+/// How to start each device (one per stage, in stage order).
+pub(crate) struct CoordinatorArgs {
+    pub(crate) devices: Vec<DeviceArgsFactory>,
+}
+
+/// Builds a device's arguments once the coordinator's own reference exists.
+pub(crate) type DeviceArgsFactory =
+    Box<dyn FnOnce(ActorRef<CoordinatorMessage>) -> DeviceArgs + Send>;
+
+struct Queued {
+    setup: Arc<RequestSetup>,
+    schedule: ScheduleConfig,
+    progress: Option<UnboundedSender<Progress>>,
+    reply: RpcReplyPort<Result<GenerateOutput, ClusterError>>,
+}
+
+struct Running {
+    req: Queued,
+    started: Instant,
+    reports: Vec<Option<StageReport>>,
+    last_step: Option<usize>,
+}
+
+pub(crate) struct CoordinatorState {
+    devices: Vec<ActorRef<DeviceMessage>>,
+    queue: VecDeque<Queued>,
+    running: Option<Running>,
+    broken: Option<String>,
+}
+
+impl Actor for CoordinatorActor {
+    type Msg = CoordinatorMessage;
+    type State = CoordinatorState;
+    type Arguments = CoordinatorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<CoordinatorMessage>,
+        args: CoordinatorArgs,
+    ) -> Result<CoordinatorState, ActorProcessingErr> {
+        let mut devices = Vec::new();
+        for make in args.devices {
+            let dargs = make(myself.clone());
+            let index = dargs.index;
+            let (d, _) = Actor::spawn_linked(None, DeviceActor, dargs, myself.get_cell())
+                .await
+                .map_err(|e| format!("device {index} failed to start: {e}"))?;
+            devices.push(d);
+        }
+        Ok(CoordinatorState {
+            devices,
+            queue: VecDeque::new(),
+            running: None,
+            broken: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<CoordinatorMessage>,
+        st: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.fail_all("the cluster was shut down".into(), None);
+        for d in &st.devices {
+            d.stop(None);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<CoordinatorMessage>,
+        msg: CoordinatorMessage,
+        st: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CoordinatorMessage::Submit {
+                setup,
+                schedule,
+                progress,
+                reply,
+            } => {
+                if let Some(why) = &st.broken {
+                    let _ = reply.send(Err(ClusterError::NotRunning(why.clone())));
+                    return Ok(());
+                }
+                st.queue.push_back(Queued {
+                    setup,
+                    schedule,
+                    progress,
+                    reply,
+                });
+                st.start_next().await;
+            }
+            CoordinatorMessage::StepDone { request, step } => {
+                if let Some(r) = st.running.as_mut().filter(|r| r.req.setup.id == request) {
+                    r.last_step = Some(step);
+                    if let Some(p) = &r.req.progress {
+                        let _ = p.send(Progress::Step {
+                            step,
+                            steps: r.req.schedule.steps,
+                            elapsed: r.started.elapsed(),
+                        });
+                    }
+                }
+            }
+            CoordinatorMessage::StageFinished {
+                request,
+                device,
+                report,
+            } => {
+                let Some(r) = st.running.as_mut().filter(|r| r.req.setup.id == request) else {
+                    return Ok(());
+                };
+                if let Some(slot) = r.reports.get_mut(device) {
+                    *slot = Some(report);
+                }
+                if r.reports.iter().all(Option::is_some) {
+                    let Running {
+                        req,
+                        started,
+                        reports,
+                        ..
+                    } = st.running.take().expect("running");
+                    let _ = req.reply.send(finish(started, reports));
+                    st.start_next().await;
+                }
+            }
+            CoordinatorMessage::DeviceFailed {
+                request,
+                device,
+                step,
+                message,
+            } => {
+                if st
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.req.setup.id == request)
+                {
+                    st.fail_running(ClusterError::DeviceFailed {
+                        device,
+                        step,
+                        message,
+                    });
+                    st.start_next().await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<CoordinatorMessage>,
+        evt: SupervisionEvent,
+        st: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                format!(
+                    "stopped ({})",
+                    reason.unwrap_or_else(|| "no reason given".into())
+                ),
+            ),
+            _ => return Ok(()),
+        };
+        let Some(device) = st.devices.iter().position(|d| d.get_id() == cell.get_id()) else {
+            return Ok(());
+        };
+        let step = st.running.as_ref().and_then(|r| r.last_step.map(|s| s + 1));
+        tracing::error!(device, ?step, %why, "device actor down");
+        st.broken = Some(format!("device {device} {why}"));
+        st.fail_all(format!("device actor {why}"), Some((device, step)));
+        Ok(())
+    }
+}
+
+impl CoordinatorState {
+    async fn start_next(&mut self) {
+        while self.running.is_none() {
+            let Some(req) = self.queue.pop_front() else {
+                return;
+            };
+            let mut failed = None;
+            for (i, d) in self.devices.iter().enumerate() {
+                let r = ractor::call!(d, |reply| DeviceMessage::Begin {
+                    setup: req.setup.clone(),
+                    schedule: req.schedule,
+                    reply
+                });
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(m)) => failed = Some((i, m)),
+                    Err(e) => failed = Some((i, e.to_string())),
+                }
+                if failed.is_some() {
+                    break;
+                }
+            }
+            if let Some((device, message)) = failed {
+                for d in &self.devices {
+                    let _ = d.cast(DeviceMessage::Abort);
+                }
+                let _ = req.reply.send(Err(ClusterError::DeviceFailed {
+                    device,
+                    step: None,
+                    message: format!("could not begin the request: {message}"),
+                }));
+                continue;
+            }
+            tracing::info!(
+                request = req.setup.id,
+                steps = req.schedule.steps,
+                "request started"
+            );
+            self.running = Some(Running {
+                reports: vec![None; self.devices.len()],
+                req,
+                started: Instant::now(),
+                last_step: None,
+            });
+        }
+    }
+
+    fn fail_running(&mut self, err: ClusterError) {
+        if let Some(r) = self.running.take() {
+            for d in &self.devices {
+                let _ = d.cast(DeviceMessage::Abort);
+            }
+            tracing::error!(request = r.req.setup.id, %err, "request failed");
+            let _ = r.req.reply.send(Err(err));
+        }
+    }
+
+    fn fail_all(&mut self, why: String, device: Option<(usize, Option<usize>)>) {
+        let err = |why: &str| match device {
+            Some((device, step)) => ClusterError::DeviceFailed {
+                device,
+                step,
+                message: why.to_string(),
+            },
+            None => ClusterError::NotRunning(why.to_string()),
+        };
+        self.fail_running(err(&why));
+        for q in self.queue.drain(..) {
+            let _ = q.reply.send(Err(err(&why)));
+        }
+    }
+}
+
+fn finish(
+    started: Instant,
+    reports: Vec<Option<StageReport>>,
+) -> Result<GenerateOutput, ClusterError> {
+    let wall = started.elapsed();
+    let mut latent = None;
+    let mut per_device = Vec::new();
+    for (device, rep) in reports.into_iter().enumerate() {
+        let rep = rep.expect("all reported");
+        if rep.latent.is_some() {
+            latent = rep.latent;
+        }
+        per_device.push(DeviceSummary {
+            device,
+            busy: rep.busy,
+            items: rep.launched,
+            bytes_sent: rep.bytes_sent,
+        });
+    }
+    let latent = latent.ok_or_else(|| ClusterError::DeviceFailed {
+        device: per_device.len().saturating_sub(1),
+        step: None,
+        message: "the last stage finished without a latent".into(),
+    })?;
+    Ok(GenerateOutput {
+        latent,
+        summary: RunSummary::new(wall, per_device),
+    })
+}

@@ -1,0 +1,380 @@
+//! The device actor: a thin driver around one stage's [`StageSchedule`]. Each handler turns a
+//! message into one `handle_*` call, then [`DeviceState::drain`] turns the schedule's outputs into
+//! compute jobs, frames to peers, progress events and the stall timer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kernels::Tensor;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use topology::schedule::{Part, StageAction, StageSchedule, WorkItem};
+use transport::{Endpoint, FrameKind, Link};
+
+use crate::codec::{decode, encode, part_of};
+use crate::compute::{ComputeJob, ComputeThread, Fault};
+use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
+use crate::stage::{RequestSetup, StageExecutor, StageJob};
+
+/// The device actor (its configuration arrives as [`DeviceArgs`]; all mutable state is built in
+/// `pre_start`, so a device that cannot load its layers fails the spawn, not a request).
+pub(crate) struct DeviceActor;
+
+pub(crate) struct DeviceArgs {
+    pub(crate) index: usize,
+    pub(crate) stage: usize,
+    /// Device index of every stage.
+    pub(crate) stage_devices: Vec<usize>,
+    pub(crate) load: Box<dyn FnOnce() -> crate::Result<StageExecutor> + Send>,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) coordinator: ActorRef<CoordinatorMessage>,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) fault: Option<Fault>,
+}
+
+struct Active {
+    setup: Arc<RequestSetup>,
+    schedule: StageSchedule,
+    started: Instant,
+    pending: HashMap<(usize, Part), Tensor>,
+    last_output: Option<Tensor>,
+    bytes_at_start: u64,
+    timer_for: Option<Duration>,
+}
+
+pub(crate) struct DeviceState {
+    index: usize,
+    stage: usize,
+    stage_devices: Vec<usize>,
+    links: Vec<Arc<dyn Link>>,
+    compute: ComputeThread,
+    coordinator: ActorRef<CoordinatorMessage>,
+    stall_timeout: Duration,
+    inbox_task: JoinHandle<()>,
+    active: Option<Active>,
+}
+
+impl Actor for DeviceActor {
+    type Msg = DeviceMessage;
+    type State = DeviceState;
+    type Arguments = DeviceArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<DeviceMessage>,
+        args: DeviceArgs,
+    ) -> Result<DeviceState, ActorProcessingErr> {
+        let exec = tokio::task::spawn_blocking(args.load).await??;
+        let compute = ComputeThread::spawn(args.index, exec, myself.clone(), args.fault)?;
+        let Endpoint {
+            links, mut inbox, ..
+        } = args.endpoint;
+        let me = myself.clone();
+        let inbox_task = tokio::spawn(async move {
+            while let Some(frame) = inbox.recv().await {
+                if me.cast(DeviceMessage::Frame(frame)).is_err() {
+                    break;
+                }
+            }
+        });
+        tracing::debug!(device = args.index, stage = args.stage, "device ready");
+        Ok(DeviceState {
+            index: args.index,
+            stage: args.stage,
+            stage_devices: args.stage_devices,
+            links,
+            compute,
+            coordinator: args.coordinator,
+            stall_timeout: args.stall_timeout,
+            inbox_task,
+            active: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<DeviceMessage>,
+        state: &mut DeviceState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.inbox_task.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<DeviceMessage>,
+        msg: DeviceMessage,
+        st: &mut DeviceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DeviceMessage::Begin {
+                setup,
+                schedule,
+                reply,
+            } => {
+                let r = st.begin(setup, schedule).await;
+                let ok = r.is_ok();
+                let _ = reply.send(r);
+                if ok {
+                    st.drain(&myself).await;
+                }
+            }
+            DeviceMessage::Frame(frame) => {
+                let Some(a) = st.active.as_mut() else {
+                    tracing::warn!(
+                        device = st.index,
+                        from = frame.header.from,
+                        "frame outside a request dropped"
+                    );
+                    return Ok(());
+                };
+                if frame.header.request != a.setup.id {
+                    tracing::warn!(
+                        device = st.index,
+                        request = frame.header.request,
+                        "frame of another request dropped"
+                    );
+                    return Ok(());
+                }
+                let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
+                let now = a.started.elapsed();
+                let r = decode(&frame).map_err(|e| e.to_string()).and_then(|t| {
+                    a.pending.insert((step, part), t);
+                    a.schedule
+                        .handle_input(now, step, part)
+                        .map_err(|e| e.to_string())
+                });
+                match r {
+                    Ok(()) => st.drain(&myself).await,
+                    Err(e) => st.fail(Some(step), e),
+                }
+            }
+            DeviceMessage::ComputeDone {
+                request,
+                item,
+                output,
+            } => {
+                let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) else {
+                    return Ok(()); // a result of an aborted request
+                };
+                let now = a.started.elapsed();
+                match output {
+                    Ok(t) => {
+                        a.last_output = Some(t);
+                        match a.schedule.handle_compute_done(now, item) {
+                            Ok(()) => st.drain(&myself).await,
+                            Err(e) => st.fail(Some(item.step), e.to_string()),
+                        }
+                    }
+                    Err(e) => st.fail(Some(item.step), e),
+                }
+            }
+            DeviceMessage::Tick => {
+                if let Some(a) = st.active.as_mut() {
+                    a.timer_for = None;
+                    a.schedule.handle_timeout(a.started.elapsed());
+                    st.drain(&myself).await;
+                }
+            }
+            DeviceMessage::Abort => st.active = None,
+        }
+        Ok(())
+    }
+}
+
+impl DeviceState {
+    fn bytes_sent(&self) -> u64 {
+        self.links.iter().map(|l| l.bytes_sent()).sum()
+    }
+
+    async fn begin(
+        &mut self,
+        setup: Arc<RequestSetup>,
+        cfg: topology::schedule::ScheduleConfig,
+    ) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        if !self.compute.submit(ComputeJob::Begin(setup.clone(), tx)) {
+            return Err("the compute thread has stopped".into());
+        }
+        rx.await
+            .map_err(|_| "the compute thread has stopped".to_string())??;
+        let mut schedule =
+            StageSchedule::new(cfg, self.stage, self.stall_timeout).map_err(|e| e.to_string())?;
+        let mut pending = HashMap::new();
+        if self.stage == 0 {
+            pending.insert((0, Part::Whole), setup.initial_latent.clone());
+            schedule
+                .handle_input(Duration::ZERO, 0, Part::Whole)
+                .map_err(|e| e.to_string())?;
+        }
+        self.active = Some(Active {
+            setup,
+            schedule,
+            started: Instant::now(),
+            pending,
+            last_output: None,
+            bytes_at_start: self.bytes_sent(),
+            timer_for: None,
+        });
+        Ok(())
+    }
+
+    /// Reports a failure of the current request to the coordinator and drops the request.
+    fn fail(&mut self, step: Option<usize>, message: String) {
+        if let Some(a) = self.active.take() {
+            tracing::error!(device = self.index, ?step, %message, "request failed on this device");
+            let _ = self.coordinator.cast(CoordinatorMessage::DeviceFailed {
+                request: a.setup.id,
+                device: self.index,
+                step,
+                message,
+            });
+        }
+    }
+
+    /// Turns every pending schedule output into its effect, then re-arms the stall timer.
+    async fn drain(&mut self, myself: &ActorRef<DeviceMessage>) {
+        loop {
+            let Some(a) = self.active.as_mut() else {
+                return;
+            };
+            let now = a.started.elapsed();
+            let Some(action) = a.schedule.poll_action() else {
+                break;
+            };
+            let r: Result<(), (Option<usize>, String)> = match action {
+                StageAction::Launch(item) => self.launch(item),
+                StageAction::Send { to, step, part } => self.send(now, to, step, part),
+                StageAction::StepDone { step } => {
+                    let _ = self.coordinator.cast(CoordinatorMessage::StepDone {
+                        request: a.setup.id,
+                        step,
+                    });
+                    Ok(())
+                }
+                StageAction::Finished => {
+                    self.finish().await;
+                    return;
+                }
+                StageAction::Failed(f) => Err((None, f.to_string())),
+            };
+            if let Err((step, msg)) = r {
+                self.fail(step, msg);
+                return;
+            }
+        }
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if let Some(deadline) = a.schedule.poll_timeout() {
+            if a.timer_for != Some(deadline) {
+                a.timer_for = Some(deadline);
+                let wait = deadline.saturating_sub(a.started.elapsed());
+                myself.send_after(wait, || DeviceMessage::Tick);
+            }
+        }
+    }
+
+    fn launch(&mut self, item: WorkItem) -> Result<(), (Option<usize>, String)> {
+        let a = self.active.as_mut().expect("active");
+        let fail = |m: String| (Some(item.step), m);
+        let input = match a.pending.remove(&(item.step, item.part)) {
+            Some(t) => t,
+            None => {
+                // Stage 0 at the first PipeFusion step: the whole latent stands for every patch.
+                let last = matches!(item.part, Part::Patch(p) if p + 1 == a.setup.patches.len());
+                let whole = if last {
+                    a.pending.remove(&(item.step, Part::Whole))
+                } else {
+                    a.pending.get(&(item.step, Part::Whole)).cloned()
+                };
+                whole.ok_or_else(|| {
+                    fail(format!("no input for step {} {:?}", item.step, item.part))
+                })?
+            }
+        };
+        let job = match item.part {
+            Part::Whole => StageJob {
+                step: item.step,
+                rows: 0..a.setup.token_rows(),
+                ends_step: true,
+            },
+            Part::Patch(p) => StageJob {
+                step: item.step,
+                rows: a.setup.patches[p].clone(),
+                ends_step: p + 1 == a.setup.patches.len(),
+            },
+        };
+        let request = a.setup.id;
+        if !self.compute.submit(ComputeJob::Run {
+            request,
+            item,
+            job,
+            input,
+        }) {
+            return Err(fail("the compute thread has stopped".into()));
+        }
+        Ok(())
+    }
+
+    fn send(
+        &mut self,
+        now: Duration,
+        to: usize,
+        step: usize,
+        part: Part,
+    ) -> Result<(), (Option<usize>, String)> {
+        let a = self.active.as_mut().expect("active");
+        let out = a
+            .last_output
+            .take()
+            .ok_or((Some(step), "nothing to send".to_string()))?;
+        let to_device = self.stage_devices[to];
+        if to_device == self.index {
+            a.pending.insert((step, part), out);
+            return a
+                .schedule
+                .handle_input(now, step, part)
+                .map_err(|e| (Some(step), e.to_string()));
+        }
+        let kind = if to == 0 {
+            FrameKind::Latent
+        } else {
+            FrameKind::Hidden
+        };
+        let frame = encode(a.setup.id, self.index, step, part, kind, &out)
+            .map_err(|e| (Some(step), e.to_string()))?;
+        self.links[to_device]
+            .send(frame)
+            .map_err(|e| (Some(step), e.to_string()))
+    }
+
+    async fn finish(&mut self) {
+        let Some(a) = self.active.take() else { return };
+        let latent = if a.schedule.is_last() {
+            let (tx, rx) = oneshot::channel();
+            if self.compute.submit(ComputeJob::Finish(tx)) {
+                rx.await.ok().flatten()
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let stats = a.schedule.stats();
+        let report = StageReport {
+            busy: stats.busy,
+            launched: stats.launched,
+            bytes_sent: self.bytes_sent() - a.bytes_at_start,
+            latent,
+        };
+        let _ = self.coordinator.cast(CoordinatorMessage::StageFinished {
+            request: a.setup.id,
+            device: self.index,
+            report,
+        });
+    }
+}

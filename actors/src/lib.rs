@@ -1,0 +1,31 @@
+//! The pipefuse cluster runtime: a coordinator actor and one device actor per pipeline stage
+//! (ractor), each device owning a contiguous slice of the DiT's layers and their K/V buffers, and
+//! running PipeFusion: the latent is cut into patches that flow through the stages as
+//! micro-batches, activations going device to device over a [`transport::Link`].
+//!
+//! Key types: [`Cluster`] (start from a topology, submit requests, observe progress, await
+//! results), [`StageExecutor`](stage::StageExecutor) (what one stage computes, no actors), and
+//! [`stage::run_in_order`] (the same computation in one thread, the numerical reference the
+//! runtime reproduces exactly).
+//!
+//! Layering: actors are thin drivers around the pure schedule in `topology::schedule`; compute
+//! runs on one OS thread per device (never on the async runtime); the coordinator does not carry
+//! activations.
+
+mod cluster;
+mod codec;
+mod compute;
+mod coordinator;
+mod device;
+pub mod error;
+mod messages;
+mod model_source;
+pub mod stage;
+
+pub use cluster::{
+    Cluster, ClusterOptions, DeviceSummary, GenerateOutput, GenerateRequest, Progress,
+    RequestHandle, RunSummary,
+};
+pub use compute::Fault;
+pub use error::{ClusterError, Result};
+pub use model_source::{locate_model, ModelSource};

@@ -1,0 +1,78 @@
+//! The message enums of the two actors. Requests that need an answer carry an [`RpcReplyPort`];
+//! everything else is a `cast`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kernels::Tensor;
+use ractor::RpcReplyPort;
+use topology::schedule::{ScheduleConfig, WorkItem};
+use transport::Frame;
+
+use crate::cluster::{GenerateOutput, Progress};
+use crate::error::ClusterError;
+use crate::stage::RequestSetup;
+
+/// What a stage reports when it has run its last item of a request.
+#[derive(Debug, Clone)]
+pub(crate) struct StageReport {
+    /// Time spent computing.
+    pub(crate) busy: Duration,
+    /// Items run.
+    pub(crate) launched: usize,
+    /// Bytes this device sent during the request.
+    pub(crate) bytes_sent: u64,
+    /// The final latent (last stage only).
+    pub(crate) latent: Option<Tensor>,
+}
+
+/// Messages of a device actor.
+#[derive(Debug)]
+pub(crate) enum DeviceMessage {
+    /// Start a request: allocate K/V buffers, build the stage's schedule; stage 0 seeds its
+    /// step-0 input with the initial latent. Answers once ready.
+    Begin {
+        setup: Arc<RequestSetup>,
+        schedule: ScheduleConfig,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// A frame from a peer (forwarded from the transport inbox).
+    Frame(Frame),
+    /// The compute thread finished an item.
+    ComputeDone {
+        request: u64,
+        item: WorkItem,
+        output: Result<Tensor, String>,
+    },
+    /// The stall timer fired.
+    Tick,
+    /// Drop the current request (another device failed).
+    Abort,
+}
+
+/// Messages of the coordinator actor.
+#[derive(Debug)]
+pub(crate) enum CoordinatorMessage {
+    /// Run a request (queued behind the running one); progress goes to `progress`.
+    Submit {
+        setup: Arc<RequestSetup>,
+        schedule: ScheduleConfig,
+        progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
+        reply: RpcReplyPort<Result<GenerateOutput, ClusterError>>,
+    },
+    /// The last stage finished step `step` of request `request`.
+    StepDone { request: u64, step: usize },
+    /// A device finished its part of request `request`.
+    StageFinished {
+        request: u64,
+        device: usize,
+        report: StageReport,
+    },
+    /// A device gave up on request `request`.
+    DeviceFailed {
+        request: u64,
+        device: usize,
+        step: Option<usize>,
+        message: String,
+    },
+}

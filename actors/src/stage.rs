@@ -1,0 +1,235 @@
+//! What one pipeline stage computes for one work item, with no actors or I/O: embed (stage 0),
+//! the owned blocks over the stage's K/V buffers, and on the last stage the head, the guidance
+//! and the scheduler step of the patch's latent rows. The device actor runs a [`StageExecutor`] on
+//! its compute thread; [`run_in_order`] runs a chain of them in one thread in global
+//! (step, patch, stage) order, which is the numerical reference for the actor runtime.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use kernels::Tensor;
+use model::sampler::{SamplerState, SamplingPlan};
+use model::{Conditioning, KvBuffer, PreparedRequest, Transformer};
+
+use crate::error::{ClusterError, Result};
+
+/// Everything every stage needs to know about one request.
+#[derive(Debug)]
+pub struct RequestSetup {
+    /// Request id (in frame headers and logs).
+    pub id: u64,
+    /// Inputs of each forward and the guidance.
+    pub prepared: PreparedRequest,
+    /// Timesteps and step rules.
+    pub sampling: SamplingPlan,
+    /// The initial latent `[B, C, H, W]` (already scaled by the initial noise sigma).
+    pub initial_latent: Tensor,
+    /// Token rows of each PipeFusion patch.
+    pub patches: Vec<Range<usize>>,
+    /// Warmup steps W (whole-image steps).
+    pub warmup: usize,
+}
+
+impl RequestSetup {
+    /// Number of denoising steps T.
+    pub fn steps(&self) -> usize {
+        self.sampling.timesteps.len()
+    }
+
+    /// Token rows of the image.
+    pub fn token_rows(&self) -> usize {
+        self.patches.last().map_or(0, |r| r.end)
+    }
+
+    /// The work items of step `step`, as (token rows, ends the step).
+    pub fn jobs(&self, step: usize) -> Vec<StageJob> {
+        if step < self.warmup {
+            return vec![StageJob {
+                step,
+                rows: 0..self.token_rows(),
+                ends_step: true,
+            }];
+        }
+        let m = self.patches.len();
+        (0..m)
+            .map(|p| StageJob {
+                step,
+                rows: self.patches[p].clone(),
+                ends_step: p + 1 == m,
+            })
+            .collect()
+    }
+}
+
+/// One (step, part) as a stage sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageJob {
+    /// Denoising step.
+    pub step: usize,
+    /// Token rows of the part (all rows in warmup steps).
+    pub rows: Range<usize>,
+    /// The last part of the step (the last stage advances the sampler after it).
+    pub ends_step: bool,
+}
+
+struct Active {
+    setup: Arc<RequestSetup>,
+    kv: KvBuffer,
+    cond: Option<(usize, Conditioning)>,
+    /// Last stage: the sampler and the full latent x_t.
+    sampler: Option<(SamplerState, Tensor)>,
+}
+
+/// A stage's layer slice and its per-request state (K/V buffers; on the last stage the sampler and
+/// the latent).
+pub struct StageExecutor {
+    model: Transformer,
+    first: bool,
+    last: bool,
+    active: Option<Active>,
+}
+
+impl StageExecutor {
+    /// A stage owning `model`'s blocks; it is the first stage if they start at block 0, the last
+    /// if they end at the last block.
+    pub fn new(model: Transformer) -> StageExecutor {
+        let r = model.block_range();
+        StageExecutor {
+            first: r.start == 0,
+            last: r.end == model.config().num_layers,
+            model,
+            active: None,
+        }
+    }
+
+    /// The layer slice.
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
+    /// Starts a request: fresh K/V buffers (nothing from an earlier request is ever read).
+    pub fn begin(&mut self, setup: Arc<RequestSetup>) -> Result<()> {
+        let p = self.model.config().patch_size;
+        let [_, _, h, w] = setup.prepared.latent_shape();
+        if setup.token_rows() * p != h
+            || setup.initial_latent.shape() != setup.prepared.latent_shape()
+        {
+            return Err(ClusterError::BadRequest(format!(
+                "patch table covers {} token rows, latent {:?} has {}",
+                setup.token_rows(),
+                setup.initial_latent.shape(),
+                h / p
+            )));
+        }
+        let (b, tokens) = (setup.prepared.forward_batch(), (h / p) * (w / p));
+        let kv = match self.active.take() {
+            Some(a) if a.kv.dims() == (b, tokens) => {
+                let mut kv = a.kv;
+                kv.reset();
+                kv
+            }
+            _ => self.model.kv_buffer(b, tokens),
+        };
+        let sampler = self.last.then(|| {
+            let len = setup.initial_latent.elem_count();
+            (
+                SamplerState::new(setup.sampling.clone(), len),
+                setup.initial_latent.clone(),
+            )
+        });
+        tracing::debug!(request = setup.id, kv_bytes = kv.bytes(), "stage ready");
+        self.active = Some(Active {
+            setup,
+            kv,
+            cond: None,
+            sampler,
+        });
+        Ok(())
+    }
+
+    /// Runs `job`. `input` is the latent (stage 0: the part's rows `[B, C, h, W]`, or the whole
+    /// latent) or the hidden states `[B', n, d]` from the previous stage. Returns the hidden states
+    /// for the next stage, or on the last stage the part's updated latent rows x_{t+1}.
+    pub fn run(&mut self, job: &StageJob, input: &Tensor) -> Result<Tensor> {
+        let a = self
+            .active
+            .as_mut()
+            .ok_or_else(|| ClusterError::BadRequest("stage has no active request".into()))?;
+        let setup = a.setup.clone();
+        let p = self.model.config().patch_size;
+        let [_, _, h, w] = setup.prepared.latent_shape();
+        let (grid_rows, cols) = (h / p, w / p);
+        let t = *setup.sampling.timesteps.get(job.step).ok_or_else(|| {
+            ClusterError::BadRequest(format!("step {} is past the request's steps", job.step))
+        })?;
+        if a.cond.as_ref().is_none_or(|(s, _)| *s != job.step) {
+            a.cond = Some((
+                job.step,
+                self.model.conditioning(&setup.prepared.inputs(t))?,
+            ));
+        }
+        let cond = &a.cond.as_ref().expect("set above").1;
+        let (r0, n_rows) = (job.rows.start, job.rows.len());
+        let mut x = if self.first {
+            let strip = if input.dim(2) == n_rows * p {
+                input.clone()
+            } else {
+                input.narrow(2, r0 * p, n_rows * p)?
+            };
+            let xin = setup.prepared.model_input(&strip)?; // [B', C, rows*p, W]
+            self.model.embed(&xin, r0, grid_rows)? // [B', n, d]
+        } else {
+            input.clone()
+        };
+        self.model
+            .run_blocks_with_kv(&mut x, cond, &mut a.kv, r0 * cols)?;
+        if !self.last {
+            return Ok(x);
+        }
+        let out = self.model.head(&x, cond, n_rows, w)?; // [B', C_out, rows*p, W]
+        let eps = setup.prepared.guide(&out)?; // [B, C, rows*p, W]
+        let (sampler, latent) = a.sampler.as_mut().expect("last stage has a sampler");
+        sampler.update_rows(latent, r0 * p, &eps)?;
+        if job.ends_step {
+            sampler.advance();
+        }
+        Ok(latent.narrow(2, r0 * p, n_rows * p)?)
+    }
+
+    /// Ends the request; the last stage returns the final latent.
+    pub fn finish(&mut self) -> Option<Tensor> {
+        let a = self.active.as_mut()?;
+        a.cond = None;
+        a.sampler.take().map(|(_, latent)| latent)
+    }
+}
+
+/// Runs a whole request over a chain of stages in one thread, in global (step, part, stage) order:
+/// the PipeFusion result the actor runtime must reproduce exactly (it only changes *when* each
+/// item runs, never the order a stage sees them in). Returns the final latent.
+pub fn run_in_order(stages: &mut [StageExecutor], setup: Arc<RequestSetup>) -> Result<Tensor> {
+    for s in stages.iter_mut() {
+        s.begin(setup.clone())?;
+    }
+    let mut latent = setup.initial_latent.clone();
+    for step in 0..setup.steps() {
+        let mut next: Vec<(usize, Tensor)> = Vec::new();
+        for job in setup.jobs(step) {
+            let mut x = latent.clone();
+            for s in stages.iter_mut() {
+                x = s.run(&job, &x)?;
+            }
+            next.push((job.rows.start, x));
+        }
+        let p = latent.dim(2) / setup.token_rows();
+        let parts: Vec<&Tensor> = next.iter().map(|(_, t)| t).collect();
+        debug_assert!(next.windows(2).all(|w| w[0].0 < w[1].0));
+        latent = Tensor::cat(&parts, 2)?;
+        debug_assert_eq!(latent.dim(2), setup.token_rows() * p);
+    }
+    let last = stages
+        .last_mut()
+        .and_then(|s| s.finish())
+        .ok_or_else(|| ClusterError::BadRequest("no stages".into()))?;
+    Ok(last)
+}

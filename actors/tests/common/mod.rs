@@ -1,0 +1,103 @@
+//! Shared helpers for the runtime tests: the fixture model, request setups, the serial reference
+//! and error metrics.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actors::stage::{run_in_order, RequestSetup, StageExecutor};
+use kernels::{Device, Tensor};
+use model::sampler::guidance::denoise;
+use model::sampler::{SamplerState, Scheduler};
+use model::{PreparedRequest, Request, Transformer};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// `dit_pf`: diffusers DiT, 4 layers, 16x16 latent (8 token rows), 1000 classes.
+pub fn dit_pf() -> PathBuf {
+    fixtures().join("dit_pf")
+}
+
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// PSNR in dB with the reference's peak-to-peak range as the signal range.
+pub fn psnr(a: &Tensor, reference: &Tensor) -> f64 {
+    let (a, r) = (a.as_f32().unwrap(), reference.as_f32().unwrap());
+    let mse: f64 = a
+        .iter()
+        .zip(r)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    let (lo, hi) = r
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let range = (hi - lo) as f64;
+    10.0 * (range * range / mse).log10()
+}
+
+/// A request's setup with `m` patches (equal split per ALGORITHMS.md) and `w` warmup steps.
+pub fn setup(
+    cfg: &model::ModelConfig,
+    request: &Request,
+    scheduler: &Scheduler,
+    steps: usize,
+    noise: &Tensor,
+    m: usize,
+    w: usize,
+) -> Arc<RequestSetup> {
+    let prepared = PreparedRequest::new(cfg, request).unwrap();
+    let rows = request.latent_size[0] / cfg.patch_size;
+    Arc::new(RequestSetup {
+        id: 1,
+        prepared,
+        sampling: scheduler.plan(steps).unwrap(),
+        initial_latent: noise.clone(),
+        patches: topology::patch_rows(rows, m).expect("valid M"),
+        warmup: w,
+    })
+}
+
+/// Stages over `splits` of the layers, from `load(range)`.
+pub fn stages(
+    layers: usize,
+    n: usize,
+    mut load: impl FnMut(std::ops::Range<usize>) -> Transformer,
+) -> Vec<StageExecutor> {
+    topology::split_layers(layers, n)
+        .into_iter()
+        .map(|r| StageExecutor::new(load(r)))
+        .collect()
+}
+
+/// The plain single-device sampling loop (no patches, no buffers).
+pub fn serial(model: &Transformer, setup: &RequestSetup) -> Tensor {
+    let mut state = SamplerState::new(setup.sampling.clone(), setup.initial_latent.elem_count());
+    let p = &setup.prepared;
+    denoise(
+        &mut state,
+        setup.initial_latent.clone(),
+        |_, t, x| {
+            let out = model.forward(&p.model_input(x)?, &p.inputs(t))?;
+            p.guide(&out)
+        },
+        |_| {},
+    )
+    .unwrap()
+}
+
+pub fn pipefusion(stages: &mut [StageExecutor], setup: &Arc<RequestSetup>) -> Tensor {
+    run_in_order(stages, setup.clone()).unwrap()
+}
+
+pub fn cpu() -> Device {
+    Device::cpu(1).unwrap()
+}
