@@ -236,17 +236,19 @@ impl Cluster {
         let stage_devices: Vec<usize> = plan.stages.iter().map(|s| s.device.index).collect();
         let mut devices: Vec<DeviceArgsFactory> = Vec::new();
         for stage in &plan.stages {
-            let endpoint = endpoints[stage.index]
+            let endpoint = endpoints[stage.device.index]
                 .take()
                 .expect("one endpoint per stage");
             let (model, layers, spec_dev) =
                 (model.clone(), stage.layers.clone(), stage.device.spec);
             let (index, stage_index, stage_devices) =
-                (stage.index, stage.index, stage_devices.clone());
+                (stage.device.index, stage.index, stage_devices.clone());
+            let describe = stage.device.to_string();
             let stall_timeout = options.stall_timeout;
             let fault = options.fault;
             devices.push(Box::new(move |coordinator| DeviceArgs {
                 index,
+                describe,
                 stage: stage_index,
                 stage_devices,
                 load: Box::new(move || Ok(StageExecutor::new(model.load_slice(spec_dev, layers)?))),
@@ -258,10 +260,16 @@ impl Cluster {
         }
         let (coordinator, join) = Actor::spawn(None, CoordinatorActor, CoordinatorArgs { devices })
             .await
-            .map_err(|e| ClusterError::DeviceStart {
-                device: 0,
-                what: "cluster".into(),
-                message: e.to_string(),
+            .map_err(|e| match e {
+                ractor::SpawnErr::StartupFailed(inner) => match inner.downcast::<ClusterError>() {
+                    Ok(e) => *e,
+                    Err(other) => ClusterError::NotRunning(format!(
+                        "the coordinator failed to start: {other}"
+                    )),
+                },
+                other => {
+                    ClusterError::NotRunning(format!("the coordinator failed to start: {other}"))
+                }
             })?;
         tracing::info!(stages = plan.stages.len(), "cluster started");
         Ok(Cluster {

@@ -31,6 +31,15 @@ pub enum Fault {
         /// Step.
         step: usize,
     },
+    /// The device's compute hangs for `secs` at this step (a straggler or a wedged device).
+    HangAt {
+        /// Device index.
+        device: usize,
+        /// Step.
+        step: usize,
+        /// How long.
+        secs: u64,
+    },
 }
 
 pub(crate) enum ComputeJob {
@@ -81,6 +90,9 @@ impl ComputeThread {
                                     }
                                     Some(Fault::PanicAt { device: d, step }) if d == device && step == item.step => {
                                         panic!("injected panic at step {step}");
+                                    }
+                                    Some(Fault::HangAt { device: d, step, secs }) if d == device && step == item.step => {
+                                        std::thread::sleep(std::time::Duration::from_secs(secs));
                                     }
                                     _ => {}
                                 }

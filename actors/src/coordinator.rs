@@ -66,10 +66,20 @@ impl Actor for CoordinatorActor {
         let mut devices = Vec::new();
         for make in args.devices {
             let dargs = make(myself.clone());
-            let index = dargs.index;
+            let (device, what) = (dargs.index, dargs.describe.clone());
             let (d, _) = Actor::spawn_linked(None, DeviceActor, dargs, myself.get_cell())
                 .await
-                .map_err(|e| format!("device {index} failed to start: {e}"))?;
+                .map_err(|e| {
+                    let message = match e {
+                        ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
+                        other => other.to_string(),
+                    };
+                    ClusterError::DeviceStart {
+                        device,
+                        what,
+                        message,
+                    }
+                })?;
             devices.push(d);
         }
         Ok(CoordinatorState {

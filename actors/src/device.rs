@@ -11,7 +11,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use topology::schedule::{Part, StageAction, StageSchedule, WorkItem};
+use topology::schedule::{Part, ScheduleFailure, StageAction, StageSchedule, WorkItem};
 use transport::{Endpoint, FrameKind, Link};
 
 use crate::codec::{decode, encode, part_of};
@@ -25,6 +25,8 @@ pub(crate) struct DeviceActor;
 
 pub(crate) struct DeviceArgs {
     pub(crate) index: usize,
+    /// The device in words, e.g. `#1 cpu(threads=1) on local`.
+    pub(crate) describe: String,
     pub(crate) stage: usize,
     /// Device index of every stage.
     pub(crate) stage_devices: Vec<usize>,
@@ -259,7 +261,13 @@ impl DeviceState {
                     self.finish().await;
                     return;
                 }
-                StageAction::Failed(f) => Err((None, f.to_string())),
+                StageAction::Failed(f) => {
+                    let step = match &f {
+                        ScheduleFailure::Stalled { waiting_for, .. } => Some(waiting_for.step),
+                        ScheduleFailure::PeerLost { during, .. } => during.map(|i| i.step),
+                    };
+                    Err((step, f.to_string()))
+                }
             };
             if let Err((step, msg)) = r {
                 self.fail(step, msg);
