@@ -29,7 +29,7 @@ pub(crate) struct ForwardArgs {
     #[arg(long, default_value_t = 2)]
     batch: usize,
     /// CPU threads.
-    #[arg(long, default_value_t = crate::generate::default_threads())]
+    #[arg(long, default_value_t = crate::cluster_args::cores())]
     threads: usize,
     /// Timed forwards (after one warm-up).
     #[arg(long, default_value_t = 3)]

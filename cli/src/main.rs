@@ -1,9 +1,12 @@
 //! `pipefuse`: parallel Diffusion Transformer inference. This binary is the user's entry point:
-//! `generate` runs a sampling loop, `bench` measures the runtime. Logs go to stderr through
+//! `generate` runs a request on a cluster, `plan` shows how a topology splits the work, `bench`
+//! measures the runtime. Logs go to stderr through
 //! `tracing`; set `RUST_LOG` (e.g. `RUST_LOG=pipefuse=debug,model=debug`).
 
 mod bench;
+mod cluster_args;
 mod generate;
+mod plan;
 mod tensor_io;
 
 use clap::{Parser, Subcommand};
@@ -18,8 +21,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Generate latents with a DiT or PixArt model (a whole sampling loop).
+    /// Generate latents with a DiT or PixArt model on a cluster (a topology file, or N local
+    /// CPU devices running PipeFusion).
     Generate(generate::GenerateArgs),
+    /// Print a cluster's plan: who owns which layers, the patch table, bytes per step per link.
+    Plan(plan::PlanArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -35,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::Bench(b) => bench::run(b),
     };
     match res {

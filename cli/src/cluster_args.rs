@@ -1,0 +1,90 @@
+//! Where the cluster comes from: a topology file, or a local cluster of N CPU devices described
+//! by flags; the xDiT-style flags override the file's values.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use topology::{ClusterSpec, DeviceSpec, ModelSpec};
+
+/// Cluster flags shared by `generate` and `plan`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ClusterArgs {
+    /// Topology TOML file (nodes, devices, model, parallel plan); see README "Topology files".
+    /// Without it, a local cluster of --pipefusion-degree CPU devices runs --model.
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// Model folder: a diffusers pipeline (model_index.json, transformer/, scheduler/) or a
+    /// transformer folder (config.json + diffusion_pytorch_model*.safetensors). Overrides the
+    /// topology's [model].
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// PipeFusion stages N (one device each). Overrides the topology; without one, the number of
+    /// local CPU devices [default: 1].
+    #[arg(long, value_name = "N")]
+    pipefusion_degree: Option<usize>,
+    /// Patches M the latent is cut into (horizontal strips of token rows) [default: the topology's,
+    /// else N; 1 for a single device].
+    #[arg(long, value_name = "M")]
+    num_patches: Option<usize>,
+    /// Synchronous full-image warmup steps W before patch pipelining [default: the topology's,
+    /// else 1].
+    #[arg(long, value_name = "W")]
+    warmup_steps: Option<usize>,
+    /// CPU threads per device [default: the topology's; for a local cluster, cores / N].
+    #[arg(long, value_name = "T")]
+    threads: Option<usize>,
+}
+
+/// Cores of this machine (the default thread count of one device).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl ClusterArgs {
+    /// The cluster these flags describe, validated (errors name the file/flag, line and field).
+    pub(crate) fn spec(&self) -> Result<ClusterSpec> {
+        let mut spec = match &self.topology {
+            Some(path) => {
+                let mut s = ClusterSpec::from_file(path)?;
+                if let Some(n) = self.pipefusion_degree {
+                    s.parallel.pipefusion_degree = n;
+                }
+                if let Some(t) = self.threads {
+                    for d in s.nodes.iter_mut().flat_map(|n| n.devices.iter_mut()) {
+                        if let DeviceSpec::Cpu { threads } = d {
+                            *threads = t;
+                        }
+                    }
+                }
+                s
+            }
+            None => {
+                let Some(model) = &self.model else {
+                    bail!("give --model DIR (a local cluster) or --topology FILE");
+                };
+                let n = self.pipefusion_degree.unwrap_or(1);
+                if n == 0 {
+                    bail!("--pipefusion-degree must be at least 1");
+                }
+                let threads = self.threads.unwrap_or((cores() / n).max(1));
+                let mut s = ClusterSpec::local_cpu(n, threads, ModelSpec::Path(model.clone()));
+                if n == 1 {
+                    s.parallel.num_patches = 1;
+                }
+                s
+            }
+        };
+        if let (Some(m), Some(_)) = (&self.model, &self.topology) {
+            spec.model = ModelSpec::Path(m.clone());
+        }
+        if let Some(m) = self.num_patches {
+            spec.parallel.num_patches = m;
+        }
+        if let Some(w) = self.warmup_steps {
+            spec.parallel.warmup_steps = w;
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}

@@ -1,0 +1,73 @@
+//! `pipefuse plan`: how a topology splits a model and a request, without running anything.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use topology::{ModelShape, Plan};
+
+use crate::cluster_args::ClusterArgs;
+
+/// Arguments of `pipefuse plan`.
+#[derive(Args, Debug)]
+pub(crate) struct PlanArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Images per request (B).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Classifier-free guidance on (doubles the rows of every forward).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    guidance: bool,
+    /// Image height in pixels [default: the model's sample size x 8].
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels [default: the model's sample size x 8].
+    #[arg(long)]
+    width: Option<usize>,
+}
+
+pub(crate) fn run(a: PlanArgs) -> Result<()> {
+    let spec = a.cluster.spec()?;
+    let model = actors::ModelSource::from_spec(&spec)?;
+    let cfg = &model.config;
+    let (h, w) = (
+        a.height.unwrap_or(cfg.sample_size * 8),
+        a.width.unwrap_or(cfg.sample_size * 8),
+    );
+    let p8 = 8 * cfg.patch_size;
+    if h % p8 != 0 || w % p8 != 0 || h == 0 || w == 0 || a.batch == 0 {
+        bail!("--height {h} / --width {w} must be positive multiples of {p8}, --batch at least 1");
+    }
+    let forward_batch = if a.guidance { 2 * a.batch } else { a.batch };
+    let shape = ModelShape {
+        layers: cfg.num_layers,
+        hidden: cfg.hidden(),
+        token_rows: h / 8 / cfg.patch_size,
+        token_cols: w / 8 / cfg.patch_size,
+        batch: forward_batch,
+        latent_channels: cfg.in_channels,
+        latent_batch: a.batch,
+        patch_size: cfg.patch_size,
+    };
+    let plan = Plan::new(&spec, &shape)?;
+    println!(
+        "model: {:?}, {} layers, hidden {}, {}x{} px -> {}x{} tokens, batch {} ({} rows per forward)",
+        cfg.arch, cfg.num_layers, cfg.hidden(), h, w, shape.token_rows, shape.token_cols, a.batch, forward_batch
+    );
+    print!("{}", plan.describe());
+    for st in &plan.stages {
+        // ALGORITHMS.md §2: 2 B' S d floats per owned layer.
+        let kv = 2
+            * forward_batch
+            * shape.token_rows
+            * shape.token_cols
+            * cfg.hidden()
+            * st.layers.len()
+            * 4;
+        println!(
+            "stage {} K/V buffers: {:.2} MiB",
+            st.index,
+            kv as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! `pipefuse generate --topology`, the xDiT-style overrides and `pipefuse plan`, end to end.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn pipefuse(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pipefuse"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn read_latent(path: &std::path::Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The bundled 2-device topology with W = T reproduces diffusers' DiTPipeline; with W = 1 it runs
+/// PipeFusion and reports its summary.
+#[test]
+fn generate_on_a_topology_matches_diffusers_when_all_steps_are_warmup() {
+    let f = root().join("model/tests/fixtures");
+    let topo = root().join("examples/topologies/local_2cpu.toml");
+    let want = read_latent(&f.join("dit_pipeline_ddim.safetensors"), "final_latent");
+    for (warmup, limit) in [("12", 1e-4), ("1", 0.2)] {
+        let out = std::env::temp_dir().join(format!(
+            "pipefuse-topo-{}-{warmup}.safetensors",
+            std::process::id()
+        ));
+        let o = pipefuse(&[
+            "generate",
+            "--topology",
+            topo.to_str().unwrap(),
+            "--warmup-steps",
+            warmup,
+            "--class-label",
+            "3",
+            "--class-label",
+            "7",
+            "--steps",
+            "12",
+            "--guidance-scale",
+            "4",
+            "--latents",
+            f.join("dit_pipeline_noise.safetensors").to_str().unwrap(),
+            "--save-latent",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("2 stage(s), 4 patch(es)"), "{err}");
+        assert!(
+            err.contains("bubble fraction") && err.contains("device 1: busy"),
+            "{err}"
+        );
+        let e = rel_l2(&read_latent(&out, "latent"), &want);
+        assert!(e <= limit, "W={warmup}: relative L2 {e:.3e} vs diffusers");
+        std::fs::remove_file(out).ok();
+    }
+}
+
+#[test]
+fn plan_prints_owners_patches_and_link_bytes() {
+    let topo = root().join("examples/topologies/local_2cpu.toml");
+    let o = pipefuse(&[
+        "plan",
+        "--topology",
+        topo.to_str().unwrap(),
+        "--num-patches",
+        "2",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for want in [
+        "0..2",
+        "2..3",
+        "2 patches",
+        "link 0 -> 1",
+        "link 1 -> 0",
+        "K/V buffers",
+    ] {
+        assert!(out.contains(want), "plan lacks `{want}`:\n{out}");
+    }
+}
+
+#[test]
+fn topology_mistakes_name_file_line_and_field() {
+    let dir = std::env::temp_dir().join(format!("pipefuse-badtopo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[model]\npreset = \"DiT-S/2\"\n\n[parallel]\npipefusion_degree = 3\n\n[[nodes]]\nname = \"a\"\ndevices = [{ kind = \"cpu\" }, { kind = \"cpu\" }]\n",
+    )
+    .unwrap();
+    let cases: [(Vec<&str>, &str); 3] = [
+        (
+            vec!["plan", "--topology", bad.to_str().unwrap()],
+            "bad.toml:5",
+        ),
+        (
+            vec![
+                "generate",
+                "--topology",
+                bad.to_str().unwrap(),
+                "--class-label",
+                "1",
+            ],
+            "pipefusion_degree",
+        ),
+        (
+            vec!["plan", "--topology", "/nonexistent.toml"],
+            "/nonexistent.toml",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = pipefuse(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: stderr lacks `{want}`: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn help_lists_the_cluster_flags() {
+    for cmd in ["generate", "plan"] {
+        let o = pipefuse(&[cmd, "--help"]);
+        let help = String::from_utf8_lossy(&o.stdout);
+        for flag in [
+            "--topology",
+            "--model",
+            "--pipefusion-degree",
+            "--num-patches",
+            "--warmup-steps",
+            "--threads",
+        ] {
+            assert!(help.contains(flag), "{cmd} --help lacks {flag}");
+        }
+    }
+}
