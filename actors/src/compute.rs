@@ -31,6 +31,14 @@ pub enum Fault {
         /// Step.
         step: usize,
     },
+    /// The device *actor* (not its compute thread) panics when it launches this step: exercises
+    /// the coordinator's supervision of its linked devices.
+    ActorPanicAt {
+        /// Device index.
+        device: usize,
+        /// Step.
+        step: usize,
+    },
     /// The device's compute hangs for `secs` at this step (a straggler or a wedged device).
     HangAt {
         /// Device index.

@@ -56,6 +56,7 @@ pub(crate) struct DeviceState {
     coordinator: ActorRef<CoordinatorMessage>,
     stall_timeout: Duration,
     inbox_task: JoinHandle<()>,
+    fault: Option<Fault>,
     active: Option<Active>,
 }
 
@@ -92,6 +93,7 @@ impl Actor for DeviceActor {
             coordinator: args.coordinator,
             stall_timeout: args.stall_timeout,
             inbox_task,
+            fault: args.fault,
             active: None,
         })
     }
@@ -287,6 +289,11 @@ impl DeviceState {
     }
 
     fn launch(&mut self, item: WorkItem) -> Result<(), (Option<usize>, String)> {
+        if let Some(Fault::ActorPanicAt { device, step }) = self.fault {
+            if device == self.index && step == item.step {
+                panic!("injected actor panic at step {step}");
+            }
+        }
         let a = self.active.as_mut().expect("active");
         let fail = |m: String| (Some(item.step), m);
         let input = match a.pending.remove(&(item.step, item.part)) {

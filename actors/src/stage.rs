@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use kernels::Tensor;
+use model::sampler::guidance::denoise;
 use model::sampler::{SamplerState, SamplingPlan};
 use model::{Conditioning, KvBuffer, PreparedRequest, Transformer};
 
@@ -232,4 +233,24 @@ pub fn run_in_order(stages: &mut [StageExecutor], setup: Arc<RequestSetup>) -> R
         .and_then(|s| s.finish())
         .ok_or_else(|| ClusterError::BadRequest("no stages".into()))?;
     Ok(last)
+}
+
+/// The plain single-device sampling loop over a whole model (no patches, no K/V buffers): the
+/// serial baseline PipeFusion is compared against. `on_step(step)` after every step.
+pub fn run_serial(
+    model: &Transformer,
+    setup: &RequestSetup,
+    on_step: impl FnMut(usize),
+) -> Result<Tensor> {
+    let mut state = SamplerState::new(setup.sampling.clone(), setup.initial_latent.elem_count());
+    let p = &setup.prepared;
+    Ok(denoise(
+        &mut state,
+        setup.initial_latent.clone(),
+        |_, t, x| {
+            let out = model.forward(&p.model_input(x)?, &p.inputs(t))?;
+            p.guide(&out)
+        },
+        on_step,
+    )?)
 }

@@ -196,6 +196,31 @@ async fn a_device_panic_fails_the_request_naming_device_and_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_actor_that_dies_fails_the_request_and_the_cluster_says_so() {
+    let opts = ClusterOptions {
+        fault: Some(Fault::ActorPanicAt { device: 1, step: 2 }),
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(spec(3, 3, 1), opts).await.unwrap();
+    let msg = within(cluster.generate(request(&cluster, 5)))
+        .await
+        .unwrap_err()
+        .to_string();
+    eprintln!("{msg}");
+    assert!(
+        msg.contains("device 1") && msg.contains("injected actor panic"),
+        "{msg}"
+    );
+    // Supervision policy: no silent restart; later requests are refused with the reason.
+    let msg = within(cluster.generate(request(&cluster, 5)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("device 1"), "{msg}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wedged_device_is_detected_by_the_stall_timer() {
     let e = failing_run(
         Fault::HangAt {

@@ -14,6 +14,10 @@ pub(crate) enum BenchCommand {
     /// One full transformer forward on one CPU device, against a plain large GEMM on the same
     /// device (the GEMM's GFLOP/s is what the forward could reach at best).
     Forward(ForwardArgs),
+    /// PipeFusion on N CPU devices vs the plain loop on one device (same threads per device),
+    /// and vs one device with all threads; same model and request. Last line:
+    /// `speedup_vs_serial=<ratio>`.
+    Pipeline(crate::bench_pipeline::PipelineArgs),
 }
 
 /// Arguments of `pipefuse bench forward`.
@@ -45,6 +49,7 @@ pub(crate) struct ForwardArgs {
 pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Forward(a) => forward(a),
+        BenchCommand::Pipeline(a) => crate::bench_pipeline::run(a),
     }
 }
 

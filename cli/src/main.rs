@@ -4,6 +4,7 @@
 //! `tracing`; set `RUST_LOG` (e.g. `RUST_LOG=pipefuse=debug,model=debug`).
 
 mod bench;
+mod bench_pipeline;
 mod cluster_args;
 mod generate;
 mod plan;

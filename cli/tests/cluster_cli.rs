@@ -160,3 +160,32 @@ fn help_lists_the_cluster_flags() {
         }
     }
 }
+
+/// `bench pipeline` runs end to end on a small case; its last line is the speedup.
+#[test]
+fn bench_pipeline_ends_with_the_speedup_line() {
+    let o = pipefuse(&[
+        "bench",
+        "pipeline",
+        "--preset",
+        "DiT-S/2",
+        "--resolution",
+        "64",
+        "--steps",
+        "3",
+        "--num-patches",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let last = out.lines().last().expect("output");
+    let ratio: f64 = last
+        .strip_prefix("speedup_vs_serial=")
+        .unwrap_or_else(|| panic!("last line `{last}`"))
+        .parse()
+        .unwrap();
+    assert!(ratio > 0.0 && ratio.is_finite());
+    assert!(out.contains("speedup_vs_multithread="), "{out}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("drift of PipeFusion vs serial"), "{err}");
+}

@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use actors::stage::{run_in_order, RequestSetup, StageExecutor};
 use kernels::{Device, Tensor};
-use model::sampler::guidance::denoise;
-use model::sampler::{SamplerState, Scheduler};
+use model::sampler::Scheduler;
 use model::{PreparedRequest, Request, Transformer};
 
 pub fn fixtures() -> PathBuf {
@@ -80,18 +79,7 @@ pub fn stages(
 
 /// The plain single-device sampling loop (no patches, no buffers).
 pub fn serial(model: &Transformer, setup: &RequestSetup) -> Tensor {
-    let mut state = SamplerState::new(setup.sampling.clone(), setup.initial_latent.elem_count());
-    let p = &setup.prepared;
-    denoise(
-        &mut state,
-        setup.initial_latent.clone(),
-        |_, t, x| {
-            let out = model.forward(&p.model_input(x)?, &p.inputs(t))?;
-            p.guide(&out)
-        },
-        |_| {},
-    )
-    .unwrap()
+    actors::stage::run_serial(model, setup, |_| {}).unwrap()
 }
 
 pub fn pipefusion(stages: &mut [StageExecutor], setup: &Arc<RequestSetup>) -> Tensor {
