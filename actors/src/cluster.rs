@@ -43,7 +43,12 @@ use crate::stage::{RequestSetup, StageExecutor};
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     /// A stage waiting longer than this for its next input fails the request (default 10 min).
+    /// Keep it above `compute_timeout`, so that a wedged device is named by its own watchdog
+    /// before the stages waiting for it time out.
     pub stall_timeout: Duration,
+    /// One work item computing longer than this fails the request, naming the device
+    /// (default 5 min).
+    pub compute_timeout: Duration,
     /// A deliberate failure (tests and chaos drills).
     pub fault: Option<Fault>,
 }
@@ -52,6 +57,7 @@ impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             stall_timeout: Duration::from_secs(600),
+            compute_timeout: Duration::from_secs(300),
             fault: None,
         }
     }
@@ -229,7 +235,7 @@ impl Cluster {
             &spec,
             &shape_of(cfg, 1, 1, [cfg.sample_size, cfg.sample_size]),
         )?;
-        let mut endpoints: Vec<_> = MemoryNetwork::build(plan.stages.len())
+        let mut endpoints: Vec<_> = MemoryNetwork::build(spec.device_count())
             .into_iter()
             .map(Some)
             .collect();
@@ -244,7 +250,7 @@ impl Cluster {
             let (index, stage_index, stage_devices) =
                 (stage.device.index, stage.index, stage_devices.clone());
             let describe = stage.device.to_string();
-            let stall_timeout = options.stall_timeout;
+            let (stall_timeout, compute_timeout) = (options.stall_timeout, options.compute_timeout);
             let fault = options.fault;
             devices.push(Box::new(move |coordinator| DeviceArgs {
                 index,
@@ -255,22 +261,28 @@ impl Cluster {
                 endpoint,
                 coordinator,
                 stall_timeout,
+                compute_timeout,
                 fault,
             }));
         }
-        let (coordinator, join) = Actor::spawn(None, CoordinatorActor, CoordinatorArgs { devices })
-            .await
-            .map_err(|e| match e {
-                ractor::SpawnErr::StartupFailed(inner) => match inner.downcast::<ClusterError>() {
-                    Ok(e) => *e,
-                    Err(other) => ClusterError::NotRunning(format!(
-                        "the coordinator failed to start: {other}"
-                    )),
-                },
-                other => {
+        let (coordinator, join) = Actor::spawn(
+            None,
+            CoordinatorActor,
+            CoordinatorArgs {
+                devices,
+                begin_timeout: options.compute_timeout,
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            ractor::SpawnErr::StartupFailed(inner) => match inner.downcast::<ClusterError>() {
+                Ok(e) => *e,
+                Err(other) => {
                     ClusterError::NotRunning(format!("the coordinator failed to start: {other}"))
                 }
-            })?;
+            },
+            other => ClusterError::NotRunning(format!("the coordinator failed to start: {other}")),
+        })?;
         tracing::info!(stages = plan.stages.len(), "cluster started");
         Ok(Cluster {
             coordinator,
@@ -308,22 +320,6 @@ impl Cluster {
     /// Submits a request; it runs after the ones before it.
     pub async fn submit(&self, req: GenerateRequest) -> Result<RequestHandle> {
         let plan = self.plan(&req)?;
-        let prepared = PreparedRequest::new(&self.model.config, &req.request)?;
-        let sampling = req.scheduler.plan(req.steps)?;
-        if req.noise.shape() != prepared.latent_shape() {
-            return Err(ClusterError::BadRequest(format!(
-                "initial noise {:?} does not match the request's latent {:?}",
-                req.noise.shape(),
-                prepared.latent_shape()
-            )));
-        }
-        let mut latent = req.noise.clone();
-        if sampling.init_noise_sigma != 1.0 {
-            latent
-                .as_f32_mut()?
-                .iter_mut()
-                .for_each(|v| *v *= sampling.init_noise_sigma);
-        }
         let schedule = ScheduleConfig {
             stages: plan.stages.len(),
             patches: plan.patches.len(),
@@ -333,14 +329,16 @@ impl Cluster {
         if schedule.patches < schedule.stages && schedule.warmup < schedule.steps {
             tracing::warn!(patches = schedule.patches, stages = schedule.stages, "fewer patches than stages: the pipeline cannot stay full (recommend num_patches >= pipefusion_degree)");
         }
-        let setup = Arc::new(RequestSetup {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            prepared,
-            sampling,
-            initial_latent: latent,
-            patches: plan.patches.clone(),
-            warmup: plan.warmup_steps,
-        });
+        let setup = Arc::new(RequestSetup::new(
+            self.next_id.fetch_add(1, Ordering::Relaxed),
+            &self.model.config,
+            &req.request,
+            &req.scheduler,
+            req.steps,
+            &req.noise,
+            plan.patches.clone(),
+            plan.warmup_steps,
+        )?);
         let (ptx, prx) = mpsc::unbounded_channel();
         let (tx, rx) = ractor::concurrency::oneshot();
         self.coordinator

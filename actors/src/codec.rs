@@ -51,12 +51,9 @@ pub(crate) fn encode(
 pub(crate) fn decode(frame: &Frame) -> Result<Tensor> {
     frame.validate()?;
     let shape: Vec<usize> = frame.header.shape.iter().map(|&d| d as usize).collect();
+    // Payloads are native-endian f32 (little endian on every supported target); one aligned copy.
     let values: Vec<f32> = match frame.header.dtype {
-        WireDType::F32 => frame
-            .payload
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        WireDType::F32 => bytemuck::pod_collect_to_vec(&frame.payload),
     };
     Tensor::from_vec(values, &shape).map_err(|e| {
         TransportError::Malformed {

@@ -14,7 +14,8 @@ use topology::schedule::WorkItem;
 use crate::messages::DeviceMessage;
 use crate::stage::{RequestSetup, StageExecutor, StageJob};
 
-/// A deliberate failure, for testing how the cluster reports a broken device.
+/// A deliberate failure, for testing how the cluster reports a broken device. It fires in the
+/// cluster's first request only, so tests can check that the cluster recovers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// The device's compute returns an error at this step.
@@ -87,12 +88,15 @@ impl ComputeThread {
                 for job in rx {
                     match job {
                         ComputeJob::Begin(setup, reply) => {
-                            let _ = reply.send(exec.begin(setup).map_err(|e| e.to_string()));
+                            let r = catch_unwind(AssertUnwindSafe(|| exec.begin(setup)))
+                                .map_err(|p| format!("compute panicked: {}", panic_message(p)))
+                                .and_then(|r| r.map_err(|e| e.to_string()));
+                            let _ = reply.send(r);
                         }
                         ComputeJob::Run { request, item, job, input } => {
                             let _span = tracing::debug_span!("compute", device, step = item.step, part = ?item.part).entered();
                             let out = catch_unwind(AssertUnwindSafe(|| {
-                                match fault {
+                                match fault.filter(|_| request == 1) {
                                     Some(Fault::ErrorAt { device: d, step }) if d == device && step == item.step => {
                                         return Err(format!("injected error at step {step}"));
                                     }
@@ -112,7 +116,8 @@ impl ComputeThread {
                             }
                         }
                         ComputeJob::Finish(reply) => {
-                            let _ = reply.send(exec.finish());
+                            let latent = catch_unwind(AssertUnwindSafe(|| exec.finish())).ok().flatten();
+                            let _ = reply.send(latent);
                         }
                     }
                 }

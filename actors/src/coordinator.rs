@@ -26,6 +26,8 @@ pub(crate) struct CoordinatorActor;
 /// How to start each device (one per stage, in stage order).
 pub(crate) struct CoordinatorArgs {
     pub(crate) devices: Vec<DeviceArgsFactory>,
+    /// How long a device may take to accept `Begin` (it waits for its compute thread).
+    pub(crate) begin_timeout: std::time::Duration,
 }
 
 /// Builds a device's arguments once the coordinator's own reference exists.
@@ -47,7 +49,11 @@ struct Running {
 }
 
 pub(crate) struct CoordinatorState {
+    /// Device actors in stage order.
     devices: Vec<ActorRef<DeviceMessage>>,
+    /// Device index of each stage.
+    device_index: Vec<usize>,
+    begin_timeout: std::time::Duration,
     queue: VecDeque<Queued>,
     running: Option<Running>,
     broken: Option<String>,
@@ -63,7 +69,7 @@ impl Actor for CoordinatorActor {
         myself: ActorRef<CoordinatorMessage>,
         args: CoordinatorArgs,
     ) -> Result<CoordinatorState, ActorProcessingErr> {
-        let mut devices = Vec::new();
+        let (mut devices, mut device_index) = (Vec::new(), Vec::new());
         for make in args.devices {
             let dargs = make(myself.clone());
             let (device, what) = (dargs.index, dargs.describe.clone());
@@ -81,9 +87,12 @@ impl Actor for CoordinatorActor {
                     }
                 })?;
             devices.push(d);
+            device_index.push(device);
         }
         Ok(CoordinatorState {
             devices,
+            device_index,
+            begin_timeout: args.begin_timeout,
             queue: VecDeque::new(),
             running: None,
             broken: None,
@@ -144,11 +153,22 @@ impl Actor for CoordinatorActor {
                 device,
                 report,
             } => {
+                let stage = st.device_index.iter().position(|&d| d == device);
                 let Some(r) = st.running.as_mut().filter(|r| r.req.setup.id == request) else {
                     return Ok(());
                 };
-                if let Some(slot) = r.reports.get_mut(device) {
-                    *slot = Some(report);
+                match stage.and_then(|s| r.reports.get_mut(s)) {
+                    Some(slot) => *slot = Some(report),
+                    None => {
+                        st.fail_running(ClusterError::DeviceFailed {
+                            device,
+                            step: None,
+                            message: "a report from a device that is not a stage of this cluster"
+                                .into(),
+                        });
+                        st.start_next().await;
+                        return Ok(());
+                    }
                 }
                 if r.reports.iter().all(Option::is_some) {
                     let Running {
@@ -157,7 +177,7 @@ impl Actor for CoordinatorActor {
                         reports,
                         ..
                     } = st.running.take().expect("running");
-                    let _ = req.reply.send(finish(started, reports));
+                    let _ = req.reply.send(finish(started, reports, &st.device_index));
                     st.start_next().await;
                 }
             }
@@ -201,9 +221,10 @@ impl Actor for CoordinatorActor {
             ),
             _ => return Ok(()),
         };
-        let Some(device) = st.devices.iter().position(|d| d.get_id() == cell.get_id()) else {
+        let Some(stage) = st.devices.iter().position(|d| d.get_id() == cell.get_id()) else {
             return Ok(());
         };
+        let device = st.device_index[stage];
         let step = st.running.as_ref().and_then(|r| r.last_step.map(|s| s + 1));
         tracing::error!(device, ?step, %why, "device actor down");
         st.broken = Some(format!("device {device} {why}"));
@@ -219,16 +240,31 @@ impl CoordinatorState {
                 return;
             };
             let mut failed = None;
-            for (i, d) in self.devices.iter().enumerate() {
-                let r = ractor::call!(d, |reply| DeviceMessage::Begin {
-                    setup: req.setup.clone(),
-                    schedule: req.schedule,
-                    reply
-                });
+            // Last stage first: stage 0 starts work as soon as it has begun, and its frames must
+            // find every later stage already expecting this request.
+            let ms = self.begin_timeout.as_millis() as u64;
+            for (stage, d) in self.devices.iter().enumerate().rev() {
+                let i = self.device_index[stage];
+                let r = ractor::call_t!(
+                    d,
+                    |reply| DeviceMessage::Begin {
+                        setup: req.setup.clone(),
+                        schedule: req.schedule,
+                        reply
+                    },
+                    ms
+                );
                 match r {
                     Ok(Ok(())) => {}
                     Ok(Err(m)) => failed = Some((i, m)),
-                    Err(e) => failed = Some((i, e.to_string())),
+                    Err(e) => {
+                        failed = Some((
+                            i,
+                            format!(
+                            "no answer within {ms} ms (still busy with an earlier request?): {e}"
+                        ),
+                        ))
+                    }
                 }
                 if failed.is_some() {
                     break;
@@ -288,11 +324,12 @@ impl CoordinatorState {
 fn finish(
     started: Instant,
     reports: Vec<Option<StageReport>>,
+    device_index: &[usize],
 ) -> Result<GenerateOutput, ClusterError> {
     let wall = started.elapsed();
     let mut latent = None;
     let mut per_device = Vec::new();
-    for (device, rep) in reports.into_iter().enumerate() {
+    for (device, rep) in device_index.iter().copied().zip(reports) {
         let rep = rep.expect("all reported");
         if rep.latent.is_some() {
             latent = rep.latent;
@@ -305,7 +342,7 @@ fn finish(
         });
     }
     let latent = latent.ok_or_else(|| ClusterError::DeviceFailed {
-        device: per_device.len().saturating_sub(1),
+        device: device_index.last().copied().unwrap_or(0),
         step: None,
         message: "the last stage finished without a latent".into(),
     })?;

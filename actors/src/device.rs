@@ -34,6 +34,7 @@ pub(crate) struct DeviceArgs {
     pub(crate) endpoint: Endpoint,
     pub(crate) coordinator: ActorRef<CoordinatorMessage>,
     pub(crate) stall_timeout: Duration,
+    pub(crate) compute_timeout: Duration,
     pub(crate) fault: Option<Fault>,
 }
 
@@ -45,6 +46,8 @@ struct Active {
     last_output: Option<Tensor>,
     bytes_at_start: u64,
     timer_for: Option<Duration>,
+    /// The item on the compute thread.
+    running: Option<WorkItem>,
 }
 
 pub(crate) struct DeviceState {
@@ -55,6 +58,7 @@ pub(crate) struct DeviceState {
     compute: ComputeThread,
     coordinator: ActorRef<CoordinatorMessage>,
     stall_timeout: Duration,
+    compute_timeout: Duration,
     inbox_task: JoinHandle<()>,
     fault: Option<Fault>,
     active: Option<Active>,
@@ -92,6 +96,7 @@ impl Actor for DeviceActor {
             compute,
             coordinator: args.coordinator,
             stall_timeout: args.stall_timeout,
+            compute_timeout: args.compute_timeout,
             inbox_task,
             fault: args.fault,
             active: None,
@@ -145,7 +150,15 @@ impl Actor for DeviceActor {
                 }
                 let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
                 let now = a.started.elapsed();
+                let want = a.setup.frame_shape(part, st.stage == 0);
                 let r = decode(&frame).map_err(|e| e.to_string()).and_then(|t| {
+                    if want.as_deref() != Some(t.shape()) {
+                        return Err(format!(
+                            "frame from device {} for step {step} {part:?} has shape {:?}, the plan says {want:?}",
+                            frame.header.from,
+                            t.shape()
+                        ));
+                    }
                     a.pending.insert((step, part), t);
                     a.schedule
                         .handle_input(now, step, part)
@@ -165,6 +178,7 @@ impl Actor for DeviceActor {
                     return Ok(()); // a result of an aborted request
                 };
                 let now = a.started.elapsed();
+                a.running = None;
                 match output {
                     Ok(t) => {
                         a.last_output = Some(t);
@@ -176,11 +190,21 @@ impl Actor for DeviceActor {
                     Err(e) => st.fail(Some(item.step), e),
                 }
             }
-            DeviceMessage::Tick => {
-                if let Some(a) = st.active.as_mut() {
+            DeviceMessage::Tick { request } => {
+                if let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) {
                     a.timer_for = None;
                     a.schedule.handle_timeout(a.started.elapsed());
                     st.drain(&myself).await;
+                }
+            }
+            DeviceMessage::ComputeWatchdog { request, item } => {
+                let late = st
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.setup.id == request && a.running == Some(item));
+                if late {
+                    let secs = st.compute_timeout.as_secs_f64();
+                    st.fail(Some(item.step), format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"));
                 }
             }
             DeviceMessage::Abort => st.active = None,
@@ -222,6 +246,7 @@ impl DeviceState {
             last_output: None,
             bytes_at_start: self.bytes_sent(),
             timer_for: None,
+            running: None,
         });
         Ok(())
     }
@@ -250,7 +275,12 @@ impl DeviceState {
                 break;
             };
             let r: Result<(), (Option<usize>, String)> = match action {
-                StageAction::Launch(item) => self.launch(item),
+                StageAction::Launch(item) => self.launch(item).map(|()| {
+                    let request = a_id(&self.active);
+                    myself.send_after(self.compute_timeout, move || {
+                        DeviceMessage::ComputeWatchdog { request, item }
+                    });
+                }),
                 StageAction::Send { to, step, part } => self.send(now, to, step, part),
                 StageAction::StepDone { step } => {
                     let _ = self.coordinator.cast(CoordinatorMessage::StepDone {
@@ -283,14 +313,15 @@ impl DeviceState {
             if a.timer_for != Some(deadline) {
                 a.timer_for = Some(deadline);
                 let wait = deadline.saturating_sub(a.started.elapsed());
-                myself.send_after(wait, || DeviceMessage::Tick);
+                let request = a.setup.id;
+                myself.send_after(wait, move || DeviceMessage::Tick { request });
             }
         }
     }
 
     fn launch(&mut self, item: WorkItem) -> Result<(), (Option<usize>, String)> {
         if let Some(Fault::ActorPanicAt { device, step }) = self.fault {
-            if device == self.index && step == item.step {
+            if device == self.index && step == item.step && a_id(&self.active) == 1 {
                 panic!("injected actor panic at step {step}");
             }
         }
@@ -324,6 +355,7 @@ impl DeviceState {
             },
         };
         let request = a.setup.id;
+        a.running = Some(item);
         if !self.compute.submit(ComputeJob::Run {
             request,
             item,
@@ -392,4 +424,9 @@ impl DeviceState {
             report,
         });
     }
+}
+
+/// The id of the active request (0 when none).
+fn a_id(active: &Option<Active>) -> u64 {
+    active.as_ref().map_or(0, |a| a.setup.id)
 }

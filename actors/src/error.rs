@@ -1,7 +1,5 @@
 //! The crate's one error type.
 
-use topology::schedule::ScheduleFailure;
-
 /// Result with [`ClusterError`].
 pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
 
@@ -40,14 +38,6 @@ pub enum ClusterError {
         step: Option<usize>,
         /// What happened.
         message: String,
-    },
-    /// The schedule gave up (stall timeout, lost peer).
-    #[error("device {device}: {failure}")]
-    Stalled {
-        /// Device index.
-        device: usize,
-        /// What the schedule reported.
-        failure: ScheduleFailure,
     },
     /// The cluster is shut down or its coordinator stopped before answering.
     #[error("the cluster is not running: {0}")]

@@ -28,4 +28,4 @@ pub use cluster::{
 };
 pub use compute::Fault;
 pub use error::{ClusterError, Result};
-pub use model_source::{locate_model, ModelSource};
+pub use model_source::{locate_model, ModelFolder, ModelSource};

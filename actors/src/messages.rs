@@ -44,8 +44,10 @@ pub(crate) enum DeviceMessage {
         item: WorkItem,
         output: Result<Tensor, String>,
     },
-    /// The stall timer fired.
-    Tick,
+    /// The stall timer of request `request` fired.
+    Tick { request: u64 },
+    /// The compute watchdog of request `request`'s item fired.
+    ComputeWatchdog { request: u64, item: WorkItem },
     /// Drop the current request (another device failed).
     Abort,
 }

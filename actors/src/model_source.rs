@@ -20,13 +20,27 @@ pub struct ModelSource {
     pub transformer_dir: Option<PathBuf>,
     /// The pipeline's `scheduler/scheduler_config.json`, when the folder is a pipeline.
     pub scheduler_file: Option<PathBuf>,
+    /// The pipeline's `vae/` folder (latent-space models); `None` for pixel-space models, bare
+    /// transformer folders and presets.
+    pub vae_dir: Option<PathBuf>,
     /// Seed of a preset's random weights.
     pub seed: u64,
 }
 
-/// The transformer folder and scheduler config of a diffusers pipeline folder (model_index.json,
-/// transformer/, scheduler/) or of a bare transformer folder (config.json).
-pub fn locate_model(dir: &Path) -> std::result::Result<(PathBuf, Option<PathBuf>), String> {
+/// The parts of a diffusers folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFolder {
+    /// `transformer/` (or the folder itself when it is a bare transformer folder).
+    pub transformer: PathBuf,
+    /// `scheduler/scheduler_config.json`, when present.
+    pub scheduler: Option<PathBuf>,
+    /// `vae/`, when present (it holds `config.json`).
+    pub vae: Option<PathBuf>,
+}
+
+/// The parts of a diffusers pipeline folder (model_index.json, transformer/, scheduler/, vae/) or
+/// of a bare transformer folder (config.json).
+pub fn locate_model(dir: &Path) -> std::result::Result<ModelFolder, String> {
     if dir.join("model_index.json").exists() {
         let t = dir.join("transformer");
         if !t.join("config.json").exists() {
@@ -36,9 +50,18 @@ pub fn locate_model(dir: &Path) -> std::result::Result<(PathBuf, Option<PathBuf>
             ));
         }
         let s = dir.join("scheduler/scheduler_config.json");
-        Ok((t, s.exists().then_some(s)))
+        let v = dir.join("vae");
+        Ok(ModelFolder {
+            transformer: t,
+            scheduler: s.exists().then_some(s),
+            vae: v.join("config.json").exists().then_some(v),
+        })
     } else if dir.join("config.json").exists() {
-        Ok((dir.to_path_buf(), None))
+        Ok(ModelFolder {
+            transformer: dir.to_path_buf(),
+            scheduler: None,
+            vae: None,
+        })
     } else {
         Err(format!(
             "{}: neither a diffusers pipeline (model_index.json) nor a transformer folder (config.json)",
@@ -52,19 +75,20 @@ impl ModelSource {
     pub fn from_spec(spec: &ClusterSpec) -> Result<ModelSource> {
         match &spec.model {
             ModelSpec::Path(dir) => {
-                let (t, s) = locate_model(dir).map_err(|m| {
+                let folder = locate_model(dir).map_err(|m| {
                     spec.error(
                         "model.path",
                         m,
                         Some("point it at a diffusers pipeline or transformer folder".into()),
                     )
                 })?;
-                let config = ModelConfig::from_dir(&t)
+                let config = ModelConfig::from_dir(&folder.transformer)
                     .map_err(|e| spec.error("model.path", e.to_string(), None))?;
                 Ok(ModelSource {
                     config,
-                    transformer_dir: Some(t),
-                    scheduler_file: s,
+                    transformer_dir: Some(folder.transformer),
+                    scheduler_file: folder.scheduler,
+                    vae_dir: folder.vae,
                     seed: 0,
                 })
             }
@@ -83,6 +107,7 @@ impl ModelSource {
                     config,
                     transformer_dir: None,
                     scheduler_file: None,
+                    vae_dir: None,
                     seed: *seed,
                 })
             }

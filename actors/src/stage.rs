@@ -29,9 +29,52 @@ pub struct RequestSetup {
     pub patches: Vec<Range<usize>>,
     /// Warmup steps W (whole-image steps).
     pub warmup: usize,
+    /// Hidden size d of the model (shape of the activations between stages).
+    pub hidden: usize,
 }
 
 impl RequestSetup {
+    /// Validates a request for `cfg` and prepares it: the forward inputs, the sampling plan, the
+    /// initial latent (`noise [B, C, H, W]` scaled by the scheduler's initial sigma).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        cfg: &model::ModelConfig,
+        request: &model::Request,
+        scheduler: &model::sampler::Scheduler,
+        steps: usize,
+        noise: &Tensor,
+        patches: Vec<Range<usize>>,
+        warmup: usize,
+    ) -> Result<RequestSetup> {
+        let prepared = PreparedRequest::new(cfg, request)?;
+        let sampling = scheduler.plan(steps)?;
+        if noise.shape() != prepared.latent_shape() {
+            return Err(ClusterError::BadRequest(format!(
+                "initial noise {:?} does not match the request's latent {:?}",
+                noise.shape(),
+                prepared.latent_shape()
+            )));
+        }
+        let mut initial_latent = noise.clone();
+        if sampling.init_noise_sigma != 1.0 {
+            let sigma = sampling.init_noise_sigma;
+            initial_latent
+                .as_f32_mut()?
+                .iter_mut()
+                .for_each(|v| *v *= sigma);
+        }
+        Ok(RequestSetup {
+            id,
+            prepared,
+            sampling,
+            initial_latent,
+            patches,
+            warmup,
+            hidden: cfg.hidden(),
+        })
+    }
+
     /// Number of denoising steps T.
     pub fn steps(&self) -> usize {
         self.sampling.timesteps.len()
@@ -40,6 +83,35 @@ impl RequestSetup {
     /// Token rows of the image.
     pub fn token_rows(&self) -> usize {
         self.patches.last().map_or(0, |r| r.end)
+    }
+
+    /// Token rows of `part` of a step.
+    pub fn rows(&self, part: topology::schedule::Part) -> Option<Range<usize>> {
+        match part {
+            topology::schedule::Part::Whole => Some(0..self.token_rows()),
+            topology::schedule::Part::Patch(p) => self.patches.get(p).cloned(),
+        }
+    }
+
+    /// The shape a frame carrying `part` must have: the latent rows `[B, C, rows*p, W]` when
+    /// sent to stage 0, else hidden states `[B', rows*w, d]`.
+    pub fn frame_shape(
+        &self,
+        part: topology::schedule::Part,
+        to_first: bool,
+    ) -> Option<Vec<usize>> {
+        let rows = self.rows(part)?.len();
+        let [b, c, h, w] = self.prepared.latent_shape();
+        let p = h / self.token_rows().max(1);
+        Some(if to_first {
+            vec![b, c, rows * p, w]
+        } else {
+            vec![
+                self.prepared.forward_batch(),
+                rows * (w / p.max(1)),
+                self.hidden,
+            ]
+        })
     }
 
     /// The work items of step `step`, as (token rows, ends the step).
@@ -129,7 +201,10 @@ impl StageExecutor {
                 kv.reset();
                 kv
             }
-            _ => self.model.kv_buffer(b, tokens),
+            old => {
+                drop(old); // free the old buffers before allocating new ones
+                self.model.kv_buffer(b, tokens)
+            }
         };
         let sampler = self.last.then(|| {
             let len = setup.initial_latent.elem_count();

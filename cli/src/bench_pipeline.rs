@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use kernels::{Device, Tensor};
 use model::sampler::Scheduler;
-use model::{ModelConfig, PreparedRequest, Request, Transformer};
+use model::{ModelConfig, Request, Transformer};
 use topology::{ClusterSpec, ModelSpec};
 
 /// Arguments of `pipefuse bench pipeline`.
@@ -79,14 +79,16 @@ fn setup(
     patches: Vec<std::ops::Range<usize>>,
     warmup: usize,
 ) -> Result<Arc<RequestSetup>> {
-    Ok(Arc::new(RequestSetup {
-        id: 0,
-        prepared: PreparedRequest::new(cfg, &req.request)?,
-        sampling: req.scheduler.plan(req.steps)?,
-        initial_latent: req.noise.clone(),
+    Ok(Arc::new(RequestSetup::new(
+        0,
+        cfg,
+        &req.request,
+        &req.scheduler,
+        req.steps,
+        &req.noise,
         patches,
         warmup,
-    }))
+    )?))
 }
 
 fn timed_serial(model: &Transformer, setup: &RequestSetup) -> Result<(f64, Tensor)> {

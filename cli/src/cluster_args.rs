@@ -11,7 +11,8 @@ use topology::{ClusterSpec, DeviceSpec, ModelSpec};
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ClusterArgs {
     /// Topology TOML file (nodes, devices, model, parallel plan); see README "Topology files".
-    /// Without it, a local cluster of --pipefusion-degree CPU devices runs --model.
+    /// Without it, a local cluster of --pipefusion-degree CPU devices runs --model; with neither,
+    /// the bundled demo model (assets/digits-dit) runs on 2 local CPU devices.
     #[arg(long, value_name = "FILE")]
     topology: Option<PathBuf>,
     /// Model folder: a diffusers pipeline (model_index.json, transformer/, scheduler/) or a
@@ -41,7 +42,17 @@ pub(crate) fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The demo model shipped in the repository (a class-conditional pixel-space DiT of digits).
+pub(crate) fn bundled_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/digits-dit")
+}
+
 impl ClusterArgs {
+    /// Whether the request runs the bundled demo model (no --model, no --topology).
+    pub(crate) fn uses_bundled_model(&self) -> bool {
+        self.model.is_none() && self.topology.is_none()
+    }
+
     /// The cluster these flags describe, validated (errors name the file/flag, line and field).
     pub(crate) fn spec(&self) -> Result<ClusterSpec> {
         let mut spec = match &self.topology {
@@ -60,10 +71,17 @@ impl ClusterArgs {
                 s
             }
             None => {
-                let Some(model) = &self.model else {
-                    bail!("give --model DIR (a local cluster) or --topology FILE");
+                let bundled = bundled_model();
+                let model = match &self.model {
+                    Some(m) => m,
+                    None if bundled.join("model_index.json").exists() => &bundled,
+                    None => bail!(
+                        "no --model or --topology given, and the bundled demo model is not at {} (run from a pipefuse checkout, or pass --model DIR)",
+                        bundled.display()
+                    ),
                 };
-                let n = self.pipefusion_degree.unwrap_or(1);
+                let default_n = if self.model.is_none() { 2 } else { 1 };
+                let n = self.pipefusion_degree.unwrap_or(default_n);
                 if n == 0 {
                     bail!("--pipefusion-degree must be at least 1");
                 }

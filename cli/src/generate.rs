@@ -40,10 +40,11 @@ pub(crate) struct GenerateArgs {
     /// Seed of the initial noise (ignored with --latents).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Image height in pixels (latent height x 8) [default: the model's sample size x 8].
+    /// Image height in pixels: latent height x the VAE's factor (8 for SD's VAE; 1 for a
+    /// pixel-space model) [default: the model's sample size x that factor].
     #[arg(long)]
     height: Option<usize>,
-    /// Image width in pixels (latent width x 8) [default: the model's sample size x 8].
+    /// Image width in pixels (see --height) [default: the model's sample size x the factor].
     #[arg(long)]
     width: Option<usize>,
     /// Initial noise from a safetensors file holding one tensor [B, C, H/8, W/8].
@@ -52,6 +53,20 @@ pub(crate) struct GenerateArgs {
     /// Write the final latent to this safetensors file (tensor name `latent`).
     #[arg(long, value_name = "FILE")]
     save_latent: Option<PathBuf>,
+    /// Write the images as one PNG grid (decoded through the model's vae/, or the samples
+    /// themselves for a pixel-space model).
+    #[arg(long, value_name = "FILE.png")]
+    out: Option<PathBuf>,
+    /// Seconds a stage may wait for its next input before the request fails.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    stall_timeout: f64,
+    /// Seconds one patch (or warmup image) may compute on a device before the request fails
+    /// naming the device (keep it below --stall-timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    compute_timeout: f64,
+    /// Integer upscaling of each image in the PNG [default: tiles at least 96 px].
+    #[arg(long, value_name = "N")]
+    png_scale: Option<usize>,
 }
 
 fn read_caption(path: &Path) -> Result<Caption> {
@@ -109,6 +124,10 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
         .guidance_scale
         .unwrap_or(if cfg.arch == Arch::Dit { 4.0 } else { 4.5 });
     let (batch, caption) = match cfg.arch {
+        Arch::Dit if a.class_labels.is_empty() && a.cluster.uses_bundled_model() => {
+            // The demo's default request: one image of every class (the digits 0-9).
+            (cfg.num_classes, None)
+        }
         Arch::Dit => {
             if a.class_labels.is_empty() {
                 bail!(
@@ -136,15 +155,16 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
             (c.embeds.dim(0), Some(c))
         }
     };
-    let p8 = 8 * cfg.patch_size;
+    let f = crate::images::pixel_factor(cluster.model())?;
+    let pf = f * cfg.patch_size;
     let (h, w) = (
-        a.height.unwrap_or(cfg.sample_size * 8),
-        a.width.unwrap_or(cfg.sample_size * 8),
+        a.height.unwrap_or(cfg.sample_size * f),
+        a.width.unwrap_or(cfg.sample_size * f),
     );
-    if h % p8 != 0 || w % p8 != 0 || h == 0 || w == 0 {
-        bail!("--height {h} / --width {w} must be positive multiples of {p8} (VAE factor 8 x patch size {})", cfg.patch_size);
+    if h % pf != 0 || w % pf != 0 || h == 0 || w == 0 {
+        bail!("--height {h} / --width {w} must be positive multiples of {pf} (pixels per latent element {f} x patch size {})", cfg.patch_size);
     }
-    let shape = [batch, cfg.in_channels, h / 8, w / 8];
+    let shape = [batch, cfg.in_channels, h / f, w / f];
     let noise = match &a.latents {
         Some(path) => {
             let t = read_tensors(path)?;
@@ -157,7 +177,7 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
             }
             let x = t.into_values().next().expect("one tensor");
             if x.shape() != shape {
-                bail!("{}: latents have shape {:?}, the request needs {:?} (batch, channels, height/8, width/8)", path.display(), x.shape(), shape);
+                bail!("{}: latents have shape {:?}, the request needs {:?} (batch, channels, height/{f}, width/{f})", path.display(), x.shape(), shape);
             }
             x
         }
@@ -165,10 +185,14 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
     };
     Ok(GenerateRequest {
         request: Request {
-            class_labels: a.class_labels.clone(),
+            class_labels: if a.class_labels.is_empty() && cfg.arch == Arch::Dit {
+                (0..batch).collect()
+            } else {
+                a.class_labels.clone()
+            },
             caption,
             guidance_scale: scale,
-            latent_size: [h / 8, w / 8],
+            latent_size: [h / f, w / f],
         },
         steps,
         scheduler: scheduler(a, cluster)?,
@@ -184,7 +208,18 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
         .build()?;
     rt.block_on(async {
         let t0 = Instant::now();
-        let cluster = Cluster::start(spec, ClusterOptions::default()).await?;
+        let secs = |v: f64, flag: &str| {
+            std::time::Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("{flag} {v}: must be a positive number of seconds"))
+        };
+        let options = ClusterOptions {
+            stall_timeout: secs(a.stall_timeout, "--stall-timeout")?,
+            compute_timeout: secs(a.compute_timeout, "--compute-timeout")?,
+            fault: None,
+        };
+        let cluster = Cluster::start(spec, options).await?;
         tracing::info!(secs = t0.elapsed().as_secs_f32(), "cluster started");
         let result = generate(&a, &cluster).await;
         cluster.shutdown().await;
@@ -227,6 +262,14 @@ async fn generate(a: &GenerateArgs, cluster: &Cluster) -> Result<()> {
     if let Some(path) = &a.save_latent {
         write_tensors(path, &[("latent", &out.latent)])?;
         eprintln!("final latent written to {}", path.display());
+    }
+    if let Some(path) = &a.out {
+        let images = crate::images::to_images(cluster.model(), &out.latent)?; // [B, C, H, W] in [0, 1]
+        let scale = a
+            .png_scale
+            .unwrap_or_else(|| crate::png_out::auto_scale(images.dim(2), images.dim(3)));
+        crate::png_out::write_grid(path, &images, scale)?;
+        eprintln!("{} image(s) written to {}", images.dim(0), path.display());
     }
     Ok(())
 }

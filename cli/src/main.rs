@@ -7,7 +7,9 @@ mod bench;
 mod bench_pipeline;
 mod cluster_args;
 mod generate;
+mod images;
 mod plan;
+mod png_out;
 mod tensor_io;
 
 use clap::{Parser, Subcommand};

@@ -69,8 +69,17 @@ pub struct Frame {
 impl Frame {
     /// Checks that the payload length matches the header.
     pub fn validate(&self) -> Result<(), TransportError> {
-        let n: usize = self.header.shape.iter().map(|&d| d as usize).product();
-        let want = n * self.header.dtype.size();
+        let want = self
+            .header
+            .shape
+            .iter()
+            .try_fold(self.header.dtype.size(), |n, &d| n.checked_mul(d as usize));
+        let Some(want) = want else {
+            return Err(TransportError::Malformed {
+                from: self.header.from,
+                message: format!("shape {:?} overflows", self.header.shape),
+            });
+        };
         if want != self.payload.len() {
             return Err(TransportError::Malformed {
                 from: self.header.from,

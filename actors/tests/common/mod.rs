@@ -8,7 +8,7 @@ use std::sync::Arc;
 use actors::stage::{run_in_order, RequestSetup, StageExecutor};
 use kernels::{Device, Tensor};
 use model::sampler::Scheduler;
-use model::{PreparedRequest, Request, Transformer};
+use model::{Request, Transformer};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -53,16 +53,9 @@ pub fn setup(
     m: usize,
     w: usize,
 ) -> Arc<RequestSetup> {
-    let prepared = PreparedRequest::new(cfg, request).unwrap();
     let rows = request.latent_size[0] / cfg.patch_size;
-    Arc::new(RequestSetup {
-        id: 1,
-        prepared,
-        sampling: scheduler.plan(steps).unwrap(),
-        initial_latent: noise.clone(),
-        patches: topology::patch_rows(rows, m).expect("valid M"),
-        warmup: w,
-    })
+    let patches = topology::patch_rows(rows, m).expect("valid M");
+    Arc::new(RequestSetup::new(1, cfg, request, scheduler, steps, noise, patches, w).unwrap())
 }
 
 /// Stages over `splits` of the layers, from `load(range)`.

@@ -1,0 +1,55 @@
+//! PNG output: images `[B, C, H, W]` with values in [0, 1] (C = 1 grayscale, C = 3 RGB) as one
+//! grid, through the `image` crate.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use image::{ImageBuffer, Luma, Rgb};
+use kernels::Tensor;
+
+/// Grid layout: up to 10 columns, `scale`x nearest-neighbour upscaling, a 1-tile-pixel gap.
+pub(crate) fn write_grid(path: &Path, images: &Tensor, scale: usize) -> Result<()> {
+    let &[b, c, h, w] = images.shape() else {
+        bail!("images must be [B, C, H, W], got {:?}", images.shape());
+    };
+    if c != 1 && c != 3 {
+        bail!("{c}-channel images cannot be written as PNG (1 or 3 channels)");
+    }
+    let v = images.as_f32()?;
+    let (cols, scale) = (b.clamp(1, 10), scale.max(1));
+    let rows = b.div_ceil(cols);
+    let (tw, th) = ((w + 1) * scale, (h + 1) * scale);
+    let (gw, gh) = ((cols * tw) as u32, (rows * th) as u32);
+    let px = |i: usize, ch: usize, y: usize, x: usize| -> u8 {
+        let f = v[((i * c + ch) * h + y) * w + x];
+        (f.clamp(0.0, 1.0) * 255.0).round() as u8
+    };
+    let at = |gx: u32, gy: u32| -> Option<(usize, usize, usize)> {
+        let (gx, gy) = (gx as usize, gy as usize);
+        let (i, x, y) = (
+            (gy / th) * cols + gx / tw,
+            (gx % tw) / scale,
+            (gy % th) / scale,
+        );
+        (i < b && x < w && y < h).then_some((i, y, x))
+    };
+    let res = if c == 1 {
+        ImageBuffer::from_fn(gw, gh, |gx, gy| {
+            Luma([at(gx, gy).map_or(0, |(i, y, x)| px(i, 0, y, x))])
+        })
+        .save(path)
+    } else {
+        ImageBuffer::from_fn(gw, gh, |gx, gy| {
+            Rgb(at(gx, gy).map_or([0; 3], |(i, y, x)| {
+                [px(i, 0, y, x), px(i, 1, y, x), px(i, 2, y, x)]
+            }))
+        })
+        .save(path)
+    };
+    res.with_context(|| format!("writing {}", path.display()))
+}
+
+/// The upscaling that makes each tile at least 96 pixels on its shorter side.
+pub(crate) fn auto_scale(h: usize, w: usize) -> usize {
+    96usize.div_ceil(h.min(w).max(1)).max(1)
+}
