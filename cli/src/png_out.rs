@@ -7,7 +7,11 @@ use anyhow::{bail, Context, Result};
 use image::{ImageBuffer, Luma, Rgb};
 use kernels::Tensor;
 
-/// Grid layout: up to 10 columns, `scale`x nearest-neighbour upscaling, a 1-tile-pixel gap.
+/// Grey level between tiles.
+const GAP: u8 = 128;
+
+/// Grid layout: up to 10 columns, `scale`x nearest-neighbour upscaling, a mid-grey gap of one
+/// image pixel after each tile.
 pub(crate) fn write_grid(path: &Path, images: &Tensor, scale: usize) -> Result<()> {
     let &[b, c, h, w] = images.shape() else {
         bail!("images must be [B, C, H, W], got {:?}", images.shape());
@@ -35,12 +39,12 @@ pub(crate) fn write_grid(path: &Path, images: &Tensor, scale: usize) -> Result<(
     };
     let res = if c == 1 {
         ImageBuffer::from_fn(gw, gh, |gx, gy| {
-            Luma([at(gx, gy).map_or(0, |(i, y, x)| px(i, 0, y, x))])
+            Luma([at(gx, gy).map_or(GAP, |(i, y, x)| px(i, 0, y, x))])
         })
         .save(path)
     } else {
         ImageBuffer::from_fn(gw, gh, |gx, gy| {
-            Rgb(at(gx, gy).map_or([0; 3], |(i, y, x)| {
+            Rgb(at(gx, gy).map_or([GAP; 3], |(i, y, x)| {
                 [px(i, 0, y, x), px(i, 1, y, x), px(i, 2, y, x)]
             }))
         })
