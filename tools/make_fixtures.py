@@ -35,6 +35,19 @@ What is written (all tensors float32 unless stated; integer tensors int64):
   dit_pipeline_ddim.safetensors  real DiTPipeline.__call__ (12 DDIM steps, CFG 4, labels [3,7]).
   dit_pipeline_noise.safetensors single tensor `latents` = the pipeline noise.
 
+Section `vae`:
+
+  vae_tiny/                    AutoencoderKL(block_out_channels [16, 32], layers_per_block 1,
+                               norm_num_groups 8, latent 4, out 3, scaling_factor 0.18215,
+                               shift_factor None), every parameter re-drawn (reinit, seed 3),
+                               save_pretrained (encoder weights included; the Rust side reads only
+                               decoder.* and post_quant_conv.*). Upscale factor 2^(2-1) = 2.
+  vae_tiny_io.safetensors      latent [2,4,8,8] (sampler space), decode_input = latent / 0.18215,
+                               output = vae.decode(decode_input).sample [2,3,16,16],
+                               image = (output / 2 + 0.5).clamp(0, 1), and the traced intermediates
+                               post_quant_conv [2,4,8,8], conv_in / mid_block [2,32,8,8],
+                               up_blocks.0 [2,32,16,16] (forward hooks).
+
 Section `pipefusion` (written under --pf-out, default actors/tests/fixtures/):
 
   dit_pf/                      DiTPipeline folder (model_index.json, transformer/, scheduler/ = the
@@ -46,7 +59,7 @@ Section `pipefusion` (written under --pf-out, default actors/tests/fixtures/):
                                shared/reference/pipefusion_ref.run for cases M{M}_W{W} plus `serial`
                                (M=1, W=steps).
 
-Sections are selected with --only (comma-separated: dit, pixart, schedulers, pipeline, pipefusion);
+Sections are selected with --only (comma-separated: dit, pixart, schedulers, pipeline, vae, pipefusion);
 the default runs all of them.
 
 Weight files that are exact copies of dit_tiny's (dit_tiny_legacy/ and
@@ -584,6 +597,60 @@ def make_pipeline(out, args, ref):
                max(rel_l2(a, b) for a, b in zip(lat, steps_lat)), 1e-4)
 
 
+# ---------------------------------------------------------------- VAE decoder
+# Two block_out_channels = one upsampling stage (factor 2 = 2^(len-1), not SD's 8); 16/32 channels
+# keep the whole folder (encoder included, as save_pretrained writes it) near 0.67 MB.
+VAE_KW = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+              latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=0.18215)
+VAE_TRACE = ("post_quant_conv", "decoder.conv_in", "decoder.mid_block", "decoder.up_blocks.0")
+
+
+@torch.no_grad()
+def make_vae(out):
+    """AutoencoderKL decoder: the sampler's latent in, `vae.decode(latent / scaling_factor).sample` out.
+
+    The division is done here, before vae.decode, exactly as PixArtAlphaPipeline does
+    (`latents / self.vae.config.scaling_factor`); DiTPipeline writes `1 / scaling_factor * latents`,
+    which differs by rounding only (checked below). shift_factor is None for this config.
+    """
+    print("[vae]")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE_KW).eval()
+    reinit(vae, seed=3)
+    v_dir = os.path.join(out, "vae_tiny")
+    clean_dir(v_dir)
+    vae.save_pretrained(v_dir, safe_serialization=True)
+    vae = AutoencoderKL.from_pretrained(v_dir).eval()
+    cfg = vae.config
+    assert cfg.shift_factor is None and cfg.use_post_quant_conv and cfg.mid_block_add_attention
+
+    g = torch.Generator().manual_seed(500)
+    latent = torch.randn(2, cfg.latent_channels, 8, 8, generator=g)      # sampler space
+    z = latent / cfg.scaling_factor                                        # what vae.decode gets
+    store = {}
+    hooks = [vae.get_submodule(name).register_forward_hook(
+        lambda m, i, o, name=name: store.__setitem__(name.removeprefix("decoder."), o.detach().clone()))
+        for name in VAE_TRACE]
+    sample = vae.decode(z).sample
+    for h in hooks:
+        h.remove()
+    image = (sample / 2 + 0.5).clamp(0, 1)
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    assert sample.shape == (2, cfg.out_channels, 8 * factor, 8 * factor), sample.shape
+    dit_style = vae.decode(1 / cfg.scaling_factor * latent).sample
+    record("vae decode(latent / sf) vs decode(1 / sf * latent) (DiTPipeline form) rel_l2",
+           rel_l2(dit_style, sample), 1e-6)
+    for k, v in store.items():
+        print(f"  {k}: {tuple(v.shape)}, rms {v.pow(2).mean().sqrt():.3f}")
+    print(f"  output {tuple(sample.shape)}: rms {sample.pow(2).mean().sqrt():.3f}, max|x| {sample.abs().max():.3f}; "
+          f"image in (0, 1): {((image > 0) & (image < 1)).float().mean():.2f} of pixels")
+
+    io = {"latent": latent, "decode_input": z, "output": sample, "image": image}
+    io.update(store)
+    save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(out, "vae_tiny_io.safetensors"))
+
+
 # ---------------------------------------------------------------- PipeFusion reference latents
 PF_KW = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=4,
              sample_size=16, patch_size=2, num_embeds_ada_norm=1000)   # 1000 = the CFG null label
@@ -709,7 +776,7 @@ def dir_size(path):
     return total, rows
 
 
-SECTIONS = ("dit", "pixart", "schedulers", "pipeline", "pipefusion")
+SECTIONS = ("dit", "pixart", "schedulers", "pipeline", "vae", "pipefusion")
 
 
 def main():
@@ -740,7 +807,7 @@ def main():
     else:
         print(f"numpy reference not found in {args.ref_dir}: cross-checks skipped")
     out_dirs = []
-    if any(x in only for x in ("dit", "pixart", "schedulers", "pipeline")):
+    if any(x in only for x in ("dit", "pixart", "schedulers", "pipeline", "vae")):
         os.makedirs(args.out, exist_ok=True)
         out_dirs.append(args.out)
 
@@ -752,6 +819,8 @@ def main():
         make_schedulers(args.out)
     if "pipeline" in only:
         make_pipeline(args.out, args, ref)
+    if "vae" in only:
+        make_vae(args.out)
     if "pipefusion" in only:
         if ref is None or not os.path.exists(os.path.join(args.ref_dir, "pipefusion_ref.py")):
             print(f"[pipefusion] pipefusion_ref.py / numpy_ref.py not found in {args.ref_dir}: section skipped")

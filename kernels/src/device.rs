@@ -1,5 +1,8 @@
 //! `Device`: the one place where ops dispatch to a backend. Every method checks shapes and returns
-//! a [`KernelError`] naming the op instead of panicking.
+//! a [`KernelError`] naming the op instead of panicking. The image ops of the VAE decoder
+//! (convolution, GroupNorm, upsampling, transpose) are in `device/image.rs`.
+
+mod image;
 
 use std::ops::Range;
 
@@ -285,15 +288,17 @@ impl Device {
         }
     }
 
-    /// `x += gate[b] * y` (or `x += y` without a gate) for `x, y: [B, n, d]`, `gate: [B, d]`.
+    /// `x += gate[b] * y` (or `x += y` without a gate) for `x, y: [B, n, d]` (or any `[B, .., d]`,
+    /// e.g. a `[B, C, H, W]` residual), `gate: [B, d]`.
     pub fn add_gated_(&self, x: &mut Tensor, y: &Tensor, gate: Option<&Tensor>) -> Result<()> {
-        if x.shape() != y.shape() || x.shape().len() != 3 || x.dim(2) == 0 {
+        let rank = x.shape().len();
+        if x.shape() != y.shape() || rank < 2 || x.dim(rank - 1) == 0 {
             return Err(KernelError::shape(
                 "add_gated",
                 format!("{:?} vs {:?}", x.shape(), y.shape()),
             ));
         }
-        let (batch, d) = (x.dim(0), x.dim(2));
+        let (batch, d) = (x.dim(0), x.dim(rank - 1));
         if let Some(g) = gate {
             check_len("add_gated", "gate", g, batch * d)?;
         }

@@ -1,5 +1,5 @@
-//! Tensors and the operations a Diffusion Transformer needs, on a CPU backend that is always built
-//! and (later) a CUDA backend behind the `cuda` feature.
+//! Tensors and the operations a Diffusion Transformer and its VAE decoder need, on a CPU backend
+//! that is always built and (later) a CUDA backend behind the `cuda` feature.
 //!
 //! Key types: [`Tensor`] (contiguous row-major storage plus a shape), [`Device`] (where ops run and
 //! on how many threads), [`DType`].
@@ -40,6 +40,9 @@ pub use tensor::{CpuStorage, Storage, Tensor};
 pub mod reference {
     pub use crate::cpu::activation::{gelu_tanh_slow, silu_slow};
     pub use crate::cpu::attention::{attention_slow, AttnInput as SlowAttnInput};
+    pub use crate::cpu::conv::{
+        conv2d_slow, transpose_last2_slow, upsample_nearest2x_slow, ConvGeom,
+    };
     pub use crate::cpu::matmul::linear_slow;
-    pub use crate::cpu::norm::{layer_norm_modulate_slow, layer_norm_slow};
+    pub use crate::cpu::norm::{group_norm_slow, layer_norm_modulate_slow, layer_norm_slow};
 }

@@ -1,5 +1,5 @@
 //! Fast CPU kernels against their slow references, with stated tolerances (f32: relative L2 of
-//! the whole output <= 1e-5 unless said).
+//! the whole output <= 1e-5 unless said; upsampling and transposes exactly).
 
 use kernels::reference::*;
 use kernels::{exp_fast, AttnView, Device, Tensor};
@@ -260,4 +260,207 @@ fn degenerate_shapes_and_views_are_errors_not_panics() {
     let mut v = AttnView::of(&t, 0).unwrap();
     v.col_offset = 1;
     assert!(dev.attention(v, v, v, None, 1, 2, 4).is_err());
+}
+
+fn conv_case(rng: &mut StdRng, g: ConvGeom, with_bias: bool) {
+    let x = randn(rng, g.batch * g.c_in * g.h * g.w, 2.0);
+    let w = randn(rng, g.c_out * g.c_in * g.kh * g.kw, 1.0);
+    let b = randn(rng, g.c_out, 1.0);
+    let want = conv2d_slow(&x, &w, with_bias.then_some(&b[..]), g);
+    let xt = Tensor::from_vec(x, &[g.batch, g.c_in, g.h, g.w]).unwrap();
+    let wt = Tensor::from_vec(w, &[g.c_out, g.c_in, g.kh, g.kw]).unwrap();
+    let bt = Tensor::from_vec(b, &[g.c_out]).unwrap();
+    for dev in devices() {
+        let y = dev
+            .conv2d(&xt, &wt, with_bias.then_some(&bt), g.pad)
+            .unwrap();
+        assert_eq!(y.shape(), &[g.batch, g.c_out, g.h_out(), g.w_out()]);
+        let e = rel_l2(y.as_f32().unwrap(), &want);
+        assert!(e < 1e-5, "{g:?} bias {with_bias}: rel l2 {e}");
+    }
+}
+
+/// 1x1 (the GEMM reads the input in place) and 3x3 with padding 1 (the VAE's two kernels), plus
+/// padding 0 and 2, a non-square kernel, a padded 1x1, and an image large enough to be cut into
+/// several bands of output rows.
+#[test]
+fn conv2d_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let geom = |batch, c_in, h, w, c_out, kh, kw, pad| ConvGeom {
+        batch,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh,
+        kw,
+        pad,
+    };
+    for (g, bias) in [
+        (geom(2, 5, 7, 9, 6, 1, 1, 0), true),
+        (geom(1, 3, 4, 4, 2, 3, 3, 1), false),
+        (geom(2, 8, 13, 11, 7, 3, 3, 1), true),
+        (geom(1, 4, 6, 5, 3, 3, 3, 0), true),
+        (geom(1, 3, 5, 6, 4, 3, 3, 2), true),
+        (geom(2, 3, 9, 7, 5, 5, 3, 1), true),
+        (geom(1, 4, 5, 5, 3, 1, 1, 1), true),
+        (geom(1, 1, 1, 1, 1, 3, 3, 1), true),
+        (geom(1, 40, 37, 29, 33, 3, 3, 1), true),
+        (geom(3, 24, 40, 36, 16, 1, 1, 0), true),
+        // im2col [576, 128*64] exceeds the 4M-element budget: two row bands, the second partial
+        (geom(2, 64, 128, 64, 4, 3, 3, 1), true),
+        (geom(1, 64, 128, 64, 4, 3, 3, 1), false),
+    ] {
+        conv_case(&mut rng, g, bias);
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(48))]
+    /// Random small shapes: the banded im2col GEMM equals the direct sum.
+    #[test]
+    fn conv2d_matches_reference_on_random_shapes(
+        batch in 1usize..3, c_in in 1usize..6, h in 1usize..12, w in 1usize..12,
+        c_out in 1usize..6, k in proptest::sample::select(vec![1usize, 3]), pad in 0usize..3,
+        seed in 0u64..1000,
+    ) {
+        proptest::prop_assume!(h + 2 * pad >= k && w + 2 * pad >= k);
+        let g = ConvGeom { batch, c_in, h, w, c_out, kh: k, kw: k, pad };
+        conv_case(&mut StdRng::seed_from_u64(seed), g, seed % 2 == 0);
+    }
+}
+
+#[test]
+fn conv2d_rejects_bad_shapes() {
+    let dev = Device::cpu(1).unwrap();
+    let x = Tensor::zeros(&[1, 4, 2, 2]);
+    let err = dev
+        .conv2d(&x, &Tensor::zeros(&[8, 3, 3, 3]), None, 1)
+        .unwrap_err();
+    assert!(err.to_string().contains("conv2d"), "{err}");
+    // kernel larger than the padded input
+    assert!(dev
+        .conv2d(&x, &Tensor::zeros(&[8, 4, 5, 5]), None, 1)
+        .is_err());
+    assert!(dev
+        .conv2d(
+            &x,
+            &Tensor::zeros(&[8, 4, 3, 3]),
+            Some(&Tensor::zeros(&[7])),
+            1
+        )
+        .is_err());
+    assert!(dev
+        .conv2d(
+            &Tensor::zeros(&[4, 2, 2]),
+            &Tensor::zeros(&[8, 4, 1, 1]),
+            None,
+            0
+        )
+        .is_err());
+}
+
+/// Groups of 1, 3, 4 and 12 channels; a mean far from 0 (the variance must not cancel); one long
+/// group (1 group over 4 x 128 x 96 elements) where f32 accumulation would drift.
+#[test]
+fn group_norm_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for &(b, c, h, w, groups, offset) in &[
+        (2, 12, 5, 7, 4, 5.0),
+        (1, 12, 3, 3, 12, 0.0),
+        (2, 12, 4, 6, 1, -3.0),
+        (1, 12, 9, 2, 3, 50.0),
+        (1, 4, 128, 96, 1, 20.0),
+    ] {
+        let x: Vec<f32> = randn(&mut rng, b * c * h * w, 2.0)
+            .iter()
+            .map(|v| v + offset)
+            .collect();
+        let (gamma, beta) = (randn(&mut rng, c, 1.0), randn(&mut rng, c, 1.0));
+        let xt = Tensor::from_vec(x.clone(), &[b, c, h, w]).unwrap();
+        let (gt, bt) = (
+            Tensor::from_vec(gamma.clone(), &[c]).unwrap(),
+            Tensor::from_vec(beta.clone(), &[c]).unwrap(),
+        );
+        for dev in devices() {
+            let y = dev
+                .group_norm(&xt, groups, Some(&gt), Some(&bt), 1e-6)
+                .unwrap();
+            let want = group_norm_slow(&x, Some(&gamma), Some(&beta), c, groups, h * w, 1e-6);
+            let e = rel_l2(y.as_f32().unwrap(), &want);
+            assert!(e < 1e-5, "{b}x{c}x{h}x{w}, {groups} groups: rel l2 {e}");
+            let y = dev.group_norm(&xt, groups, None, None, 1e-5).unwrap();
+            let want = group_norm_slow(&x, None, None, c, groups, h * w, 1e-5);
+            assert!(rel_l2(y.as_f32().unwrap(), &want) < 1e-5);
+        }
+    }
+    let dev = Device::cpu(1).unwrap();
+    let x = Tensor::zeros(&[1, 6, 2, 2]);
+    assert!(dev.group_norm(&x, 4, None, None, 1e-6).is_err());
+    assert!(dev.group_norm(&x, 0, None, None, 1e-6).is_err());
+    assert!(dev
+        .group_norm(&x, 3, Some(&Tensor::zeros(&[5])), None, 1e-6)
+        .is_err());
+}
+
+#[test]
+fn upsample_and_transpose_match_reference_exactly() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for &(b, c, h, w) in &[(1, 1, 1, 1), (2, 3, 5, 7), (1, 16, 33, 40)] {
+        let x = randn(&mut rng, b * c * h * w, 1.0);
+        let xt = Tensor::from_vec(x.clone(), &[b, c, h, w]).unwrap();
+        for dev in devices() {
+            let y = dev.upsample_nearest2x(&xt).unwrap();
+            assert_eq!(y.shape(), &[b, c, 2 * h, 2 * w]);
+            assert_eq!(y.as_f32().unwrap(), &upsample_nearest2x_slow(&x, h, w)[..]);
+            let planes = xt.clone().reshape(&[b, c, h * w]).unwrap();
+            let t = dev.transpose_last2(&planes).unwrap();
+            assert_eq!(t.shape(), &[b, h * w, c]);
+            assert_eq!(t.as_f32().unwrap(), &transpose_last2_slow(&x, c, h * w)[..]);
+            let back = dev.transpose_last2(&t).unwrap();
+            assert_eq!(back.as_f32().unwrap(), &x[..]);
+        }
+    }
+    let dev = Device::cpu(1).unwrap();
+    assert!(dev.upsample_nearest2x(&Tensor::zeros(&[2, 3, 4])).is_err());
+    assert!(dev.transpose_last2(&Tensor::zeros(&[2, 3])).is_err());
+    let mut s = Tensor::from_vec(vec![-1.0, 0.0, 2.0], &[3]).unwrap();
+    dev.silu_(&mut s).unwrap();
+    assert!(rel_l2(s.as_f32().unwrap(), &silu_slow(&[-1.0, 0.0, 2.0])) < 1e-6);
+}
+
+/// The residual add works on `[B, C, H, W]` as on `[B, n, d]` (the gate is per batch and last
+/// dimension); a rank-1 tensor is refused.
+#[test]
+fn add_gated_accepts_image_shaped_tensors() {
+    let dev = Device::cpu(2).unwrap();
+    let (b, c, h, w) = (2, 3, 4, 5);
+    let n = b * c * h * w;
+    let y: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut x = Tensor::from_vec(vec![1.0; n], &[b, c, h, w]).unwrap();
+    dev.add_gated_(
+        &mut x,
+        &Tensor::from_vec(y.clone(), &[b, c, h, w]).unwrap(),
+        None,
+    )
+    .unwrap();
+    assert!(x
+        .as_f32()
+        .unwrap()
+        .iter()
+        .zip(&y)
+        .all(|(a, y)| *a == y + 1.0));
+    let gate: Vec<f32> = (0..b * w).map(|i| i as f32).collect();
+    let mut x = Tensor::zeros(&[b, c, h, w]);
+    dev.add_gated_(
+        &mut x,
+        &Tensor::from_vec(y.clone(), &[b, c, h, w]).unwrap(),
+        Some(&Tensor::from_vec(gate.clone(), &[b, w]).unwrap()),
+    )
+    .unwrap();
+    for (i, v) in x.as_f32().unwrap().iter().enumerate() {
+        assert_eq!(*v, gate[(i / (c * h * w)) * w + i % w] * y[i]);
+    }
+    let mut v = Tensor::zeros(&[4]);
+    assert!(dev.add_gated_(&mut v, &Tensor::zeros(&[4]), None).is_err());
 }

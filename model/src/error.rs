@@ -50,7 +50,7 @@ pub enum ModelError {
     MissingTensor {
         /// Tensor name.
         name: String,
-        /// The model folder or file searched.
+        /// The file searched: the weight file, or the shard index when the name is not in it.
         path: PathBuf,
     },
     /// A weight has the wrong shape for the config.

@@ -52,3 +52,39 @@ impl Fields<'_> {
         Ok(self.opt_f64(k)?.unwrap_or(d))
     }
 }
+
+impl Fields<'_> {
+    /// A required field: absent or `null` is an error naming it.
+    pub(crate) fn require(&self, k: &str, why: &str) -> Result<()> {
+        match self.get(k) {
+            Some(_) => Ok(()),
+            None => Err(ModelError::config(self.path, k, format!("missing ({why})"))),
+        }
+    }
+    pub(crate) fn opt_usize_list(&self, k: &str) -> Result<Option<Vec<usize>>> {
+        self.get(k)
+            .map(|v| {
+                v.as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_u64().map(|x| x as usize))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .ok_or_else(|| self.bad(k, "a list of non-negative integers"))
+            })
+            .transpose()
+    }
+    pub(crate) fn opt_str_list(&self, k: &str) -> Result<Option<Vec<String>>> {
+        self.get(k)
+            .map(|v| {
+                v.as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_str().map(String::from))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .ok_or_else(|| self.bad(k, "a list of strings"))
+            })
+            .transpose()
+    }
+}

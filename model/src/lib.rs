@@ -3,7 +3,8 @@
 //!
 //! Key types: [`Transformer`] (a whole model or the slice of blocks one pipeline stage owns, with
 //! the forward split into embed / blocks / head), [`ModelConfig`] (from `config.json` or a named
-//! preset), [`sampler::Scheduler`] (DDIM, DPM-Solver++ 2M, flow-matching Euler).
+//! preset), [`sampler::Scheduler`] (DDIM, DPM-Solver++ 2M, flow-matching Euler), [`VaeDecoder`]
+//! (diffusers' `AutoencoderKL` decoder: sampler latents to images).
 //!
 //! The model crate knows nothing of clusters: it takes a `Range<usize>` of blocks and a strip of
 //! token rows, never a plan. A slice reads only the weights of its blocks (the safetensors shards
@@ -19,6 +20,7 @@ mod fields;
 mod kv_buffer;
 mod request;
 pub mod sampler;
+mod vae;
 mod weights;
 
 pub use cond::{CondInputs, Conditioning};
@@ -28,4 +30,5 @@ pub use embedding::pos_embed_2d;
 pub use error::{ModelError, Result};
 pub use kv_buffer::KvBuffer;
 pub use request::{Caption, PreparedRequest, Request};
+pub use vae::{to_unit_range, VaeConfig, VaeDecoder};
 pub use weights::{gaussian, RandomWeights, SafetensorsDir, WeightSource};

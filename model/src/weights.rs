@@ -152,13 +152,16 @@ impl WeightSource for SafetensorsDir {
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let missing = || ModelError::MissingTensor {
+        let missing = |path: PathBuf| ModelError::MissingTensor {
             name: name.to_string(),
-            path: self.dir.clone(),
+            path,
         };
-        let path = self.file_of(name).ok_or_else(missing)?;
+        // Not in the shard index: name the index; in no shard: name the file searched.
+        let path = self
+            .file_of(name)
+            .ok_or_else(|| missing(self.dir.join(INDEX)))?;
         let f = self.mapped(&path)?;
-        let info = f.meta.info(name).ok_or_else(missing)?;
+        let info = f.meta.info(name).ok_or_else(|| missing(path.clone()))?;
         if info.shape != shape {
             return Err(ModelError::TensorShape {
                 path,

@@ -86,26 +86,41 @@ pub(crate) unsafe fn matmul_strided(
 ) {
     // SAFETY: forwarded to the caller's contract.
     unsafe {
-        gemm::gemm(
+        matmul_strided_par(
+            dst,
+            dst_rs,
             m,
             n,
             k,
-            dst,
-            1,
-            dst_rs,
+            lhs,
+            rhs,
             accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
             Parallelism::None,
+        )
+    }
+}
+
+/// [`matmul_strided`] with the gemm crate's own parallelism (`Parallelism::Rayon(n)` runs on the
+/// current rayon pool: call it inside the device's `install`).
+///
+/// # Safety
+/// As [`matmul_strided`].
+pub(crate) unsafe fn matmul_strided_par(
+    dst: *mut f32,
+    dst_rs: isize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, 1, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs,
+            1.0, 1.0, false, false, false, par,
         );
     }
 }

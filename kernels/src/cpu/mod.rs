@@ -2,6 +2,7 @@
 
 pub(crate) mod activation;
 pub(crate) mod attention;
+pub(crate) mod conv;
 pub(crate) mod layout;
 pub(crate) mod math;
 pub(crate) mod matmul;

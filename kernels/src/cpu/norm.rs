@@ -1,6 +1,7 @@
 //! LayerNorm without affine parameters, with and without adaLN modulation, and with affine
-//! parameters. Row statistics are f32 sums (rows are short: d <= a few thousand); the references
-//! accumulate in f64.
+//! parameters; GroupNorm over `[B, C, spatial]`. LayerNorm row statistics are f32 sums (rows are
+//! short: d <= a few thousand); GroupNorm groups are long, so their block sums combine in f64; the
+//! references accumulate in f64.
 
 use rayon::prelude::*;
 
@@ -98,6 +99,75 @@ pub fn layer_norm_modulate_slow(
                 let i = (b * n + t) * d + j;
                 y[i] = y[i] * (1.0 + scale[b * d + j]) + shift[b * d + j];
             }
+        }
+    }
+    y
+}
+
+/// Sum of a long slice: 16-lane f32 sums over blocks of 4096, combined in f64 (a group of a
+/// 256x256 image has ~10^5-10^6 elements, too many for one f32 accumulator per lane).
+fn sum_long(x: &[f32]) -> f64 {
+    x.chunks(4096).map(|c| sum_lanes(c) as f64).sum()
+}
+
+/// GroupNorm of `x: [B, C, spatial]` with `groups` groups of `C / groups` channels: each group is
+/// normalised over its `C/groups * spatial` elements (biased variance, two passes), then channel
+/// `ch` is scaled by `gamma[ch]` and shifted by `beta[ch]`. One task per (image, group).
+pub(crate) fn group_norm(
+    y: &mut [f32],
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    channels: usize,
+    groups: usize,
+    spatial: usize,
+    eps: f32,
+) {
+    let per_group = channels / groups;
+    let len = per_group * spatial;
+    y.par_chunks_mut(len)
+        .zip(x.par_chunks(len))
+        .enumerate()
+        .for_each(|(i, (yg, xg))| {
+            let g = i % groups;
+            let mean = (sum_long(xg) / len as f64) as f32;
+            for (o, v) in yg.iter_mut().zip(xg) {
+                *o = (v - mean) * (v - mean);
+            }
+            let var = (sum_long(yg) / len as f64) as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (ci, (yc, xc)) in yg.chunks_mut(spatial).zip(xg.chunks(spatial)).enumerate() {
+                let ch = g * per_group + ci;
+                let a = inv * gamma.map_or(1.0, |t| t[ch]);
+                let b = beta.map_or(0.0, |t| t[ch]) - mean * a;
+                yc.iter_mut().zip(xc).for_each(|(o, v)| *o = v * a + b);
+            }
+        });
+}
+
+/// Reference GroupNorm of `x: [B, C, spatial]` in f64, two passes.
+pub fn group_norm_slow(
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    channels: usize,
+    groups: usize,
+    spatial: usize,
+    eps: f32,
+) -> Vec<f32> {
+    let len = channels / groups * spatial;
+    let mut y = vec![0f32; x.len()];
+    for (i, (yg, xg)) in y.chunks_mut(len).zip(x.chunks(len)).enumerate() {
+        let mean = xg.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+        let var = xg.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for (j, (o, &v)) in yg.iter_mut().zip(xg).enumerate() {
+            let ch = (i % groups) * (channels / groups) + j / spatial;
+            let (g, b) = (
+                gamma.map_or(1.0, |t| t[ch] as f64),
+                beta.map_or(0.0, |t| t[ch] as f64),
+            );
+            *o = ((v as f64 - mean) * inv * g + b) as f32;
         }
     }
     y
