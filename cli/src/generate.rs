@@ -264,7 +264,8 @@ async fn generate(a: &GenerateArgs, cluster: &Cluster) -> Result<()> {
         eprintln!("final latent written to {}", path.display());
     }
     if let Some(path) = &a.out {
-        let images = crate::images::to_images(cluster.model(), &out.latent)?; // [B, C, H, W] in [0, 1]
+        let images =
+            crate::images::to_images(cluster.model(), &out.latent, crate::cluster_args::cores())?; // [B, C, H, W] in [0, 1]
         let scale = a
             .png_scale
             .unwrap_or_else(|| crate::png_out::auto_scale(images.dim(2), images.dim(3)));

@@ -2,8 +2,11 @@
 //! directly for pixel-space models (1 or 3 channels and no VAE), then to [0, 1] as diffusers'
 //! image processor does (`x / 2 + 0.5`, clamped).
 
+use std::time::Instant;
+
 use anyhow::{bail, Context, Result};
-use kernels::Tensor;
+use kernels::{Device, Tensor};
+use model::{to_unit_range, VaeConfig, VaeDecoder};
 
 use actors::ModelSource;
 
@@ -13,25 +16,7 @@ use actors::ModelSource;
 /// folder or a preset: its latents are sized as if SD's VAE were there).
 pub(crate) fn pixel_factor(model: &ModelSource) -> Result<usize> {
     if let Some(vae) = &model.vae_dir {
-        let path = vae.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-        let n = v
-            .get("block_out_channels")
-            .and_then(|b| b.as_array())
-            .map(|b| b.len())
-            .with_context(|| {
-                format!(
-                    "{}: field `block_out_channels` missing or not a list",
-                    path.display()
-                )
-            })?;
-        if n == 0 {
-            bail!("{}: `block_out_channels` is empty", path.display());
-        }
-        return Ok(1 << (n - 1));
+        return Ok(VaeConfig::from_dir(vae)?.upscale_factor());
     }
     Ok(if is_pixel_space(model) { 1 } else { 8 })
 }
@@ -41,10 +26,17 @@ fn is_pixel_space(model: &ModelSource) -> bool {
 }
 
 /// Images `[B, C, H, W]` in [0, 1] from final latents `[B, C_latent, h, w]`.
-pub(crate) fn to_images(model: &ModelSource, latent: &Tensor) -> Result<Tensor> {
-    let x = if let Some(_vae) = &model.vae_dir {
-        bail!("decoding through vae/ is not wired in yet");
-    } else if is_pixel_space(model) {
+/// The VAE runs on one CPU device with `threads` threads.
+pub(crate) fn to_images(model: &ModelSource, latent: &Tensor, threads: usize) -> Result<Tensor> {
+    if let Some(dir) = &model.vae_dir {
+        let t = Instant::now();
+        let vae = VaeDecoder::load(dir, Device::cpu(threads)?)
+            .with_context(|| format!("loading the VAE decoder from {}", dir.display()))?;
+        let image = vae.decode(latent)?; // [B, out_channels, f*h, f*w]
+        tracing::info!(secs = t.elapsed().as_secs_f32(), shape = ?image.shape(), "decoded through the VAE");
+        return Ok(to_unit_range(&image)?);
+    }
+    let x = if is_pixel_space(model) {
         latent.clone()
     } else {
         bail!(
