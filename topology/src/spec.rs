@@ -35,6 +35,8 @@ pub struct ClusterSpec {
     pub parallel: ParallelSpec,
     /// The nodes, in file order.
     pub nodes: Vec<NodeSpec>,
+    /// The cluster CA certificate (PEM) every node's certificate is checked against (`[tls] ca`).
+    pub tls_ca: Option<PathBuf>,
     /// 1-based line of each field path that came from the file.
     lines: BTreeMap<String, usize>,
 }
@@ -47,6 +49,7 @@ impl PartialEq for ClusterSpec {
             && self.model == other.model
             && self.parallel == other.parallel
             && self.nodes == other.nodes
+            && self.tls_ca == other.tls_ca
     }
 }
 
@@ -73,6 +76,18 @@ pub struct NodeSpec {
     pub address: Option<String>,
     /// The node's devices, in file order.
     pub devices: Vec<DeviceSpec>,
+    /// The node's TLS certificate and private key (PEM), signed by the cluster CA
+    /// ([`ClusterSpec::tls_ca`]); required for multi-node clusters.
+    pub tls: Option<NodeTls>,
+}
+
+/// Where a node's certificate and key are (paths resolved against the topology file's folder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTls {
+    /// PEM certificate whose subject names the node.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
 }
 
 /// One compute device of a node.
@@ -184,7 +199,9 @@ impl ClusterSpec {
                 name: "local".to_string(),
                 address: None,
                 devices: vec![DeviceSpec::Cpu { threads }; devices],
+                tls: None,
             }],
+            tls_ca: None,
             lines: BTreeMap::new(),
         }
     }
@@ -194,6 +211,51 @@ impl ClusterSpec {
     /// the field when it came from a file.
     pub fn validate(&self) -> Result<()> {
         validate::validate(self)
+    }
+
+    /// A 32-byte fingerprint of what the nodes must agree on (nodes with addresses and devices,
+    /// coordinator, model, parallel plan; not file names, lines or TLS paths). Nodes exchange it
+    /// when they connect, so a node started with another topology is refused. Not a security
+    /// measure (mutual TLS is): four FNV-1a-64 lanes over a canonical text.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let model = match &self.model {
+            ModelSpec::Path(p) => format!(
+                "path:{}",
+                p.file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+            ),
+            ModelSpec::Preset { name, seed } => format!("preset:{name}:{seed}"),
+        };
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let devs: Vec<String> = n.devices.iter().map(|d| d.to_string()).collect();
+                format!(
+                    "{}@{}[{}]",
+                    n.name,
+                    n.address.as_deref().unwrap_or("-"),
+                    devs.join(",")
+                )
+            })
+            .collect();
+        let text = format!(
+            "v1|coord={}|model={model}|parallel={:?}|nodes={}",
+            self.coordinator,
+            self.parallel,
+            nodes.join(";")
+        );
+        let mut out = [0u8; 32];
+        for (lane, chunk) in out.chunks_mut(8).enumerate() {
+            let mut h: u64 =
+                0xcbf2_9ce4_8422_2325 ^ (lane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            for b in text.bytes() {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            chunk.copy_from_slice(&h.to_le_bytes());
+        }
+        out
     }
 
     /// All devices in file order (node order, then device order); `index` is the position.

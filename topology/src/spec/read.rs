@@ -47,7 +47,7 @@ pub(super) fn read(text: &str, file: &str, base_dir: Option<&Path>) -> Result<Cl
             .iter()
             .enumerate()
         {
-            nodes.push(r.node(node, &format!("nodes[{i}]"))?);
+            nodes.push(r.node(node, &format!("nodes[{i}]"), base_dir)?);
         }
     }
     let coordinator = match root.get("coordinator") {
@@ -71,12 +71,24 @@ pub(super) fn read(text: &str, file: &str, base_dir: Option<&Path>) -> Result<Cl
         Some(v) => r.parallel(v, devices)?,
         None => r.parallel_table(&DeTable::new(), devices)?,
     };
+    let tls_ca = match root.get("tls") {
+        Some(v) => {
+            let t = r.table(v, "tls")?;
+            r.keys(t, "tls", sections::TLS_KEYS)?;
+            match t.get("ca") {
+                Some(ca) => Some(r.path_value(ca, "tls.ca", base_dir)?),
+                None => None,
+            }
+        }
+        None => None,
+    };
     Ok(ClusterSpec {
         file: file.to_string(),
         coordinator,
         model,
         parallel,
         nodes,
+        tls_ca,
         lines: r.lines,
     })
 }

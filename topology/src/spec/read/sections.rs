@@ -1,14 +1,15 @@
 //! The tables of the topology format: `[model]`, `[parallel]`, `[[nodes]]` and their devices.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use toml::de::DeTable;
 
 use super::{join, Reader, Value};
 use crate::error::Result;
-use crate::spec::{DeviceSpec, ModelSpec, NodeSpec, ParallelSpec};
+use crate::spec::{DeviceSpec, ModelSpec, NodeSpec, NodeTls, ParallelSpec};
 
-pub(super) const TOP_KEYS: &[&str] = &["coordinator", "model", "parallel", "nodes"];
+pub(super) const TOP_KEYS: &[&str] = &["coordinator", "model", "parallel", "nodes", "tls"];
+pub(super) const TLS_KEYS: &[&str] = &["ca"];
 const MODEL_KEYS: &[&str] = &["path", "preset", "seed"];
 const PARALLEL_KEYS: &[&str] = &[
     "pipefusion_degree",
@@ -19,7 +20,7 @@ const PARALLEL_KEYS: &[&str] = &[
     "ulysses_degree",
     "ring_degree",
 ];
-const NODE_KEYS: &[&str] = &["name", "address", "devices"];
+const NODE_KEYS: &[&str] = &["name", "address", "devices", "cert", "key"];
 const CPU_KEYS: &[&str] = &["kind", "threads"];
 const CUDA_KEYS: &[&str] = &["kind", "ordinal"];
 
@@ -119,7 +120,26 @@ impl Reader<'_> {
         })
     }
 
-    pub(super) fn node(&mut self, v: &Value<'_>, path: &str) -> Result<NodeSpec> {
+    /// A path value, resolved against the topology file's folder.
+    pub(super) fn path_value(
+        &mut self,
+        v: &Value<'_>,
+        path: &str,
+        base_dir: Option<&Path>,
+    ) -> Result<PathBuf> {
+        let p = Path::new(self.string(v, path)?);
+        Ok(match base_dir {
+            Some(base) => base.join(p),
+            None => p.to_path_buf(),
+        })
+    }
+
+    pub(super) fn node(
+        &mut self,
+        v: &Value<'_>,
+        path: &str,
+        base_dir: Option<&Path>,
+    ) -> Result<NodeSpec> {
         let t = self.table(v, path)?;
         self.keys(t, path, NODE_KEYS)?;
         let name = match t.get("name") {
@@ -148,10 +168,31 @@ impl Reader<'_> {
                 devices.push(self.device(dev, &format!("{path}[{i}]"))?);
             }
         }
+        let tls = match (t.get("cert"), t.get("key")) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some(NodeTls {
+                cert: self.path_value(c, &join(path, "cert"), base_dir)?,
+                key: self.path_value(k, &join(path, "key"), base_dir)?,
+            }),
+            (c, _) => {
+                let (have, missing) = if c.is_some() {
+                    ("cert", "key")
+                } else {
+                    ("key", "cert")
+                };
+                return Err(self.err(
+                    Some(self.line(v.span())),
+                    &join(path, missing),
+                    format!("`{have}` is set but `{missing}` is not"),
+                    "give both `cert` and `key` (PEM files, e.g. from `pipefuse keygen`)",
+                ));
+            }
+        };
         Ok(NodeSpec {
             name,
             address,
             devices,
+            tls,
         })
     }
 
