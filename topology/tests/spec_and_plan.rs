@@ -160,7 +160,12 @@ fn example_files_all_parse() {
     let names: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["local_2cpu.toml", "local_4cpu_dit_b.toml", "two_nodes.toml"]
+        [
+            "local_2cpu.toml",
+            "local_4cpu_dit_b.toml",
+            "three-nodes-local.toml",
+            "two_nodes.toml"
+        ]
     );
 }
 

@@ -1,17 +1,30 @@
 //! The crate's one error type.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use crate::Frame;
 
-/// A transport failure.
+/// A transport failure. Send errors hand the unsent frame back.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
-    /// The peer's inbox is gone (its device stopped); the unsent frame is handed back.
-    #[error("device {peer} is unreachable: its inbox is closed (frame for step {}, part {} not sent)", frame.header.step, frame.header.part)]
+    /// The peer is unreachable: its inbox is closed (its device stopped) or the connection to its
+    /// node is lost. The unsent frame is handed back.
+    #[error("device {peer} is unreachable: its inbox is closed or its node's connection is lost (frame for step {}, part {} not sent)", frame.header.step, frame.header.part)]
     PeerGone {
         /// The peer's device index.
         peer: usize,
         /// The frame that was not sent.
+        frame: Box<Frame>,
+    },
+    /// The link's bounded send queue is full; the frame is handed back. Retry later, or use
+    /// [`Link::send_async`](crate::Link::send_async), which waits for room.
+    #[error("link to device {peer} is full (frame for step {}, part {} handed back)", frame.header.step, frame.header.part)]
+    Backpressure {
+        /// The peer's device index.
+        peer: usize,
+        /// The frame that was not queued.
         frame: Box<Frame>,
     },
     /// A frame whose header does not describe its payload.
@@ -19,6 +32,81 @@ pub enum TransportError {
     Malformed {
         /// The sender.
         from: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A frame larger than the configured maximum (`QuicOptions::max_frame_bytes`); refused before
+    /// it is queued, because the receiver would close the connection.
+    #[error("frame for device {peer} has {bytes} payload bytes, more than the maximum {max}")]
+    FrameTooLarge {
+        /// The peer's device index.
+        peer: usize,
+        /// The payload size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Certificates or keys could not be generated, parsed or turned into a TLS configuration.
+    #[error("TLS setup failed ({what}): {message}")]
+    Tls {
+        /// Which step or item (`"cluster CA"`, `"certificate of node b"`, ...).
+        what: String,
+        /// The underlying error.
+        message: String,
+    },
+    /// Invalid options or cluster map (unknown node, duplicate device, bad timeout ...).
+    #[error("invalid transport configuration: {message}")]
+    Config {
+        /// What is wrong.
+        message: String,
+    },
+    /// A socket could not be bound or used.
+    #[error("{op} {addr} failed: {source}")]
+    Io {
+        /// The operation (`"bind"`, `"connect"`, ...).
+        op: &'static str,
+        /// The local or remote address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A connection to a peer node could not be made, or the peer's TLS refused it (a certificate
+    /// from another CA, no certificate, wrong name).
+    #[error("connection to node {node} at {addr} failed: {message}")]
+    Connect {
+        /// The peer node's name (as this node expected it, or `"?"` for an unknown dialer).
+        node: String,
+        /// The peer's address.
+        addr: SocketAddr,
+        /// What failed.
+        message: String,
+    },
+    /// The pipefuse handshake refused a connection: another wire version, another topology
+    /// fingerprint, or an unexpected node name. Both sides report it.
+    #[error("handshake with node {node} at {addr} refused: {message}")]
+    Handshake {
+        /// The peer node's name.
+        node: String,
+        /// The peer's address.
+        addr: SocketAddr,
+        /// Which check failed, with both sides' values.
+        message: String,
+    },
+    /// A peer node did not connect (or could not be reached) within the join timeout.
+    #[error("node {node} at {addr} did not connect within {waited:?}")]
+    JoinTimeout {
+        /// The missing node.
+        node: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// How long this node waited.
+        waited: Duration,
+    },
+    /// The QUIC endpoint is closed (the node was shut down) or already joined.
+    #[error("QUIC node {node}: {message}")]
+    Node {
+        /// This node's name.
+        node: String,
         /// What is wrong.
         message: String,
     },

@@ -23,11 +23,25 @@ pub struct Endpoint {
 #[derive(Debug)]
 pub struct MemoryNetwork;
 
+/// A link into an in-process inbox (also the QUIC node's link between its own devices).
 #[derive(Debug)]
-struct MemoryLink {
+pub(crate) struct MemoryLink {
     peer: usize,
     tx: UnboundedSender<Frame>,
     sent: AtomicU64,
+    messages: AtomicU64,
+}
+
+impl MemoryLink {
+    /// A link to device `peer`, whose inbox receives from `tx`.
+    pub(crate) fn new(peer: usize, tx: UnboundedSender<Frame>) -> Self {
+        Self {
+            peer,
+            tx,
+            sent: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Link for MemoryLink {
@@ -42,11 +56,16 @@ impl Link for MemoryLink {
             frame: Box::new(e.0),
         })?;
         self.sent.fetch_add(n, Ordering::Relaxed);
+        self.messages.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    fn messages_sent(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
     }
 }
 
@@ -61,13 +80,7 @@ impl MemoryNetwork {
                 links: txs
                     .iter()
                     .enumerate()
-                    .map(|(peer, tx)| {
-                        Arc::new(MemoryLink {
-                            peer,
-                            tx: tx.clone(),
-                            sent: AtomicU64::new(0),
-                        }) as Arc<dyn Link>
-                    })
+                    .map(|(peer, tx)| Arc::new(MemoryLink::new(peer, tx.clone())) as Arc<dyn Link>)
                     .collect(),
                 inbox,
             })
@@ -107,6 +120,7 @@ mod tests {
             .collect();
         assert_eq!(got, [0, 1, 2]);
         assert_eq!(link.bytes_sent(), 3 * frame(0).wire_len() as u64);
+        assert_eq!(link.messages_sent(), 3);
     }
 
     #[test]

@@ -1,0 +1,374 @@
+//! The bytes on a stream: frames (`[u32 LE header length][rkyv WireHeader][raw payload]`) and the
+//! handshake hello. Decoding validates everything before it allocates the payload, and reports
+//! a problem as [`ReadFail::Malformed`], never a panic. Generic over `AsyncRead`, so the TCP
+//! baseline of the benchmark uses the same code as QUIC.
+
+use bytes::Bytes;
+use rkyv::util::AlignedVec;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::{Frame, FrameHeader, FrameKind, WireDType};
+
+/// Most dimensions a payload shape may have.
+pub(crate) const MAX_RANK: usize = 8;
+/// Bytes before the payload of every frame: length prefix + archived header (fixed size).
+#[cfg(test)]
+const ENVELOPE_BYTES: usize = 4 + std::mem::size_of::<ArchivedWireHeader>();
+/// Largest accepted encoded header (the real one is a few dozen bytes).
+pub(crate) const MAX_HEADER_LEN: usize = 1024;
+
+/// The envelope of one frame: [`FrameHeader`] plus the destination device. Fixed-size numbers
+/// only (no relative pointers), so bytecheck has little to trust.
+#[derive(rkyv::Archive, rkyv::Serialize, Debug)]
+pub(crate) struct WireHeader {
+    request: u64,
+    payload_len: u64,
+    from: u32,
+    to: u32,
+    step: u32,
+    part: u32,
+    kind: u8,
+    dtype: u8,
+    rank: u8,
+    shape: [u32; MAX_RANK],
+}
+
+fn kind_code(k: FrameKind) -> u8 {
+    match k {
+        FrameKind::Hidden => 0,
+        FrameKind::Latent => 1,
+    }
+}
+
+fn dtype_code(d: WireDType) -> u8 {
+    match d {
+        WireDType::F32 => 0,
+    }
+}
+
+/// Why a frame could not be encoded (a caller error, reported before queueing).
+pub(crate) fn check_encodable(h: &FrameHeader) -> Result<(), String> {
+    if h.shape.len() > MAX_RANK {
+        return Err(format!(
+            "shape {:?} has rank {}, more than {MAX_RANK}",
+            h.shape,
+            h.shape.len()
+        ));
+    }
+    if u32::try_from(h.from).is_err() {
+        return Err(format!("device index {} does not fit in u32", h.from));
+    }
+    Ok(())
+}
+
+/// `[u32 LE length][rkyv header]` of `frame` for device `to`. The caller checked
+/// [`check_encodable`].
+pub(crate) fn encode_header(frame: &Frame, to: usize) -> Result<Bytes, String> {
+    check_encodable(&frame.header)?;
+    let h = &frame.header;
+    let mut shape = [0u32; MAX_RANK];
+    shape[..h.shape.len()].copy_from_slice(&h.shape);
+    let wire = WireHeader {
+        request: h.request,
+        payload_len: frame.payload.len() as u64,
+        from: h.from as u32,
+        to: u32::try_from(to).map_err(|_| format!("device index {to} does not fit in u32"))?,
+        step: h.step,
+        part: h.part,
+        kind: kind_code(h.kind),
+        dtype: dtype_code(h.dtype),
+        rank: h.shape.len() as u8,
+        shape,
+    };
+    let body = rkyv::to_bytes::<rkyv::rancor::BoxedError>(&wire).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(Bytes::from(out))
+}
+
+/// A decoded frame, its destination device and the bytes it took on the stream.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    pub(crate) frame: Frame,
+    pub(crate) to: usize,
+    pub(crate) wire_bytes: usize,
+}
+
+/// Why reading a frame stopped.
+#[derive(Debug)]
+pub(crate) enum ReadFail {
+    /// The connection or stream went away (not the bytes' fault).
+    Closed(String),
+    /// The peer sent bytes that are not a valid frame: the connection must be closed.
+    Malformed(String),
+}
+
+fn io_fail(e: std::io::Error, what: &str) -> ReadFail {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            ReadFail::Malformed(format!("stream ended inside a frame ({what})"))
+        }
+        std::io::ErrorKind::ConnectionReset => {
+            ReadFail::Malformed(format!("stream reset by the peer ({what}): {e}"))
+        }
+        _ => ReadFail::Closed(e.to_string()),
+    }
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of stream at a frame boundary. `hdr` is a reusable
+/// aligned buffer (rkyv needs the archive aligned).
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    hdr: &mut AlignedVec<16>,
+    max_frame_bytes: usize,
+) -> Result<Option<Decoded>, ReadFail> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r
+            .read(&mut len[got..])
+            .await
+            .map_err(|e| io_fail(e, "header length"))?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(ReadFail::Malformed(
+                "stream ended inside a frame (header length)".into(),
+            ));
+        }
+        got += n;
+    }
+    let hlen = u32::from_le_bytes(len) as usize;
+    if hlen == 0 || hlen > MAX_HEADER_LEN {
+        return Err(ReadFail::Malformed(format!(
+            "header length {hlen} outside 1..={MAX_HEADER_LEN}"
+        )));
+    }
+    hdr.clear();
+    hdr.resize(hlen, 0);
+    r.read_exact(&mut hdr[..])
+        .await
+        .map_err(|e| io_fail(e, "header"))?;
+    let (header, to, payload_len) = decode_header(hdr, max_frame_bytes)?;
+    let mut payload = vec![0u8; payload_len];
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|e| io_fail(e, "payload"))?;
+    Ok(Some(Decoded {
+        frame: Frame { header, payload },
+        to,
+        wire_bytes: 4 + hlen + payload_len,
+    }))
+}
+
+/// Validates an archived header: bytecheck, enum codes, rank, size limit, shape product.
+fn decode_header(
+    bytes: &[u8],
+    max_frame_bytes: usize,
+) -> Result<(FrameHeader, usize, usize), ReadFail> {
+    let bad = ReadFail::Malformed;
+    let a = rkyv::access::<ArchivedWireHeader, rkyv::rancor::BoxedError>(bytes)
+        .map_err(|e| bad(format!("header failed validation: {e}")))?;
+    let kind = match a.kind {
+        0 => FrameKind::Hidden,
+        1 => FrameKind::Latent,
+        k => return Err(bad(format!("unknown frame kind {k}"))),
+    };
+    let dtype = match a.dtype {
+        0 => WireDType::F32,
+        d => return Err(bad(format!("unknown dtype {d}"))),
+    };
+    let rank = a.rank as usize;
+    if rank > MAX_RANK {
+        return Err(bad(format!("rank {rank} exceeds {MAX_RANK}")));
+    }
+    let shape: Vec<u32> = a.shape[..rank].iter().map(|d| d.to_native()).collect();
+    let payload_len = a.payload_len.to_native();
+    let payload_len = usize::try_from(payload_len)
+        .ok()
+        .filter(|&n| n <= max_frame_bytes)
+        .ok_or_else(|| {
+            bad(format!(
+                "payload of {payload_len} bytes exceeds the maximum frame size {max_frame_bytes}"
+            ))
+        })?;
+    let want = shape
+        .iter()
+        .try_fold(dtype.size(), |n, &d| n.checked_mul(d as usize));
+    if want != Some(payload_len) {
+        return Err(bad(format!(
+            "shape {shape:?} does not describe a payload of {payload_len} bytes"
+        )));
+    }
+    let header = FrameHeader {
+        request: a.request.to_native(),
+        from: a.from.to_native() as usize,
+        step: a.step.to_native(),
+        part: a.part.to_native(),
+        kind,
+        dtype,
+        shape,
+    };
+    Ok((header, a.to.to_native() as usize, payload_len))
+}
+
+/// Leading bytes of a hello; anything else on the first stream is not a pipefuse node.
+const HELLO_MAGIC: &[u8; 8] = b"PIPEFUSE";
+/// Fixed part of a hello: magic, version, fingerprint, name length.
+const HELLO_FIXED: usize = 8 + 4 + 32 + 1;
+
+/// The handshake message. A fixed little-endian layout (not rkyv), so that any two versions can
+/// read each other's version number and refuse cleanly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hello {
+    pub(crate) version: u32,
+    pub(crate) fingerprint: [u8; 32],
+    pub(crate) name: String,
+}
+
+impl Hello {
+    /// `magic | version u32 LE | fingerprint [32] | name length u8 | name`.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let name = self.name.as_bytes();
+        let mut out = Vec::with_capacity(HELLO_FIXED + name.len());
+        out.extend_from_slice(HELLO_MAGIC);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&self.fingerprint);
+        out.push(name.len() as u8); // node names are checked to be at most 255 bytes
+        out.extend_from_slice(name);
+        out
+    }
+
+    /// Reads a hello; an I/O error is returned as is, bad bytes as `Err(Ok(message))`.
+    pub(crate) async fn read<R: AsyncRead + Unpin>(
+        r: &mut R,
+    ) -> Result<Hello, Result<String, std::io::Error>> {
+        let mut fixed = [0u8; HELLO_FIXED];
+        r.read_exact(&mut fixed).await.map_err(Err)?;
+        if &fixed[..8] != HELLO_MAGIC {
+            return Err(Ok(
+                "the peer is not a pipefuse node (bad hello magic)".into()
+            ));
+        }
+        let version = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes"));
+        let fingerprint: [u8; 32] = fixed[12..44].try_into().expect("32 bytes");
+        let mut name = vec![0u8; fixed[44] as usize];
+        r.read_exact(&mut name).await.map_err(Err)?;
+        let name = String::from_utf8(name)
+            .map_err(|_| Ok("the peer's node name is not UTF-8".to_string()))?;
+        Ok(Hello {
+            version,
+            fingerprint,
+            name,
+        })
+    }
+}
+
+/// Short hex of a fingerprint for messages (first 8 bytes).
+pub(crate) fn short_hex(fp: &[u8; 32]) -> String {
+    fp[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        + ".."
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(shape: Vec<u32>) -> Frame {
+        let n: u32 = shape.iter().product();
+        Frame {
+            header: FrameHeader {
+                request: 9,
+                from: 3,
+                step: 4,
+                part: 1,
+                kind: FrameKind::Latent,
+                dtype: WireDType::F32,
+                shape,
+            },
+            payload: (0..n * 4).map(|i| i as u8).collect(),
+        }
+    }
+
+    fn encoded(f: &Frame) -> Vec<u8> {
+        let mut b = encode_header(f, 5).unwrap().to_vec();
+        b.extend_from_slice(&f.payload);
+        b
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_end_cleanly() {
+        let f = frame(vec![2, 3]);
+        let mut bytes = encoded(&f);
+        bytes.extend(encoded(&f));
+        let mut r = &bytes[..];
+        let mut hdr = AlignedVec::new();
+        for _ in 0..2 {
+            let d = read_frame(&mut r, &mut hdr, 1 << 20)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.frame, f);
+            assert_eq!(d.to, 5);
+            assert_eq!(d.wire_bytes, bytes.len() / 2);
+        }
+        // The envelope is a small constant: length prefix + fixed-size archived header.
+        assert_eq!(encode_header(&f, 5).unwrap().len(), ENVELOPE_BYTES);
+        assert!(read_frame(&mut r, &mut hdr, 1 << 20)
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    async fn fail(bytes: &[u8], max: usize) -> String {
+        let mut r = bytes;
+        match read_frame(&mut r, &mut AlignedVec::new(), max).await {
+            Err(ReadFail::Malformed(m)) => m,
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_bytes_are_malformed_not_panics() {
+        let good = encoded(&frame(vec![4]));
+        assert!(fail(&good[..good.len() - 1], 1 << 20)
+            .await
+            .contains("inside a frame"));
+        assert!(fail(&good[..2], 1 << 20).await.contains("inside a frame"));
+        assert!(fail(&good, 8).await.contains("exceeds the maximum"));
+        assert!(fail(&[0xff; 64], 1 << 20).await.contains("header length"));
+        let mut garbage = vec![64, 0, 0, 0];
+        garbage.extend([0xAB; 64]);
+        let m = fail(&garbage, 1 << 20).await;
+        assert!(m.contains("kind") || m.contains("validation"), "{m}");
+        // A shape that does not match the payload length.
+        let mut f = frame(vec![4]);
+        f.header.shape = vec![u32::MAX, u32::MAX, u32::MAX];
+        let mut b = encode_header(&f, 0).unwrap().to_vec();
+        b.extend_from_slice(&f.payload);
+        assert!(fail(&b, usize::MAX).await.contains("does not describe"));
+        // Every truncation of a valid frame fails cleanly.
+        for cut in 1..good.len() {
+            fail(&good[..cut], 1 << 20).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_round_trips_and_rejects_other_bytes() {
+        let h = Hello {
+            version: 7,
+            fingerprint: [3; 32],
+            name: "node-a".into(),
+        };
+        let b = h.encode();
+        assert_eq!(Hello::read(&mut &b[..]).await.unwrap(), h);
+        let mut other = b.clone();
+        other[0] = b'X';
+        assert!(matches!(Hello::read(&mut &other[..]).await, Err(Ok(_))));
+    }
+}

@@ -1,0 +1,8 @@
+//! Real-socket tests of the QUIC transport, loopback only. One test binary (modules below) to keep
+//! link time and run time small.
+
+mod bench;
+mod common;
+mod exchange;
+mod failure;
+mod security;
