@@ -18,6 +18,9 @@ pub(crate) enum BenchCommand {
     /// and vs one device with all threads; same model and request. Last line:
     /// `speedup_vs_serial=<ratio>`.
     Pipeline(crate::bench_pipeline::PipelineArgs),
+    /// Activation-sized messages (1-16 MiB) over QUIC with mutual TLS on loopback vs a plain TCP
+    /// stream, same run. Last line: `quic_vs_tcp=<ratio>` (geometric mean over the sizes).
+    Transport(crate::bench_transport::TransportArgs),
 }
 
 /// Arguments of `pipefuse bench forward`.
@@ -50,6 +53,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Pipeline(a) => crate::bench_pipeline::run(a),
+        BenchCommand::Transport(a) => crate::bench_transport::run(a),
     }
 }
 

@@ -5,9 +5,11 @@
 
 mod bench;
 mod bench_pipeline;
+mod bench_transport;
 mod cluster_args;
 mod generate;
 mod images;
+mod keygen;
 mod plan;
 mod png_out;
 mod tensor_io;
@@ -29,6 +31,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print a cluster's plan: who owns which layers, the patch table, bytes per step per link.
     Plan(plan::PlanArgs),
+    /// Create the cluster CA and one certificate per node, where the topology's `[tls] ca` and
+    /// `nodes[i].cert` / `key` point (mutual TLS between nodes).
+    Keygen(keygen::KeygenArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -45,6 +50,7 @@ fn main() -> std::process::ExitCode {
     let res = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Keygen(a) => keygen::run(a),
         Command::Bench(b) => bench::run(b),
     };
     match res {
