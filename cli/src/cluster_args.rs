@@ -102,7 +102,23 @@ impl ClusterArgs {
         if let Some(w) = self.warmup_steps {
             spec.parallel.warmup_steps = w;
         }
-        spec.validate()?;
-        Ok(spec)
+        let overrides: Vec<String> = [
+            ("--pipefusion-degree", self.pipefusion_degree),
+            ("--num-patches", self.num_patches),
+            ("--warmup-steps", self.warmup_steps),
+            ("--threads", self.threads),
+        ]
+        .iter()
+        .filter_map(|(flag, v)| v.map(|v| format!("{flag} {v}")))
+        .collect();
+        match (&self.topology, spec.validate()) {
+            (_, Ok(())) => Ok(spec),
+            (Some(path), Err(e)) if !overrides.is_empty() => Err(anyhow::Error::new(e).context(format!(
+                "{} with the command-line overrides {}",
+                path.display(),
+                overrides.join(" ")
+            ))),
+            (_, Err(e)) => Err(e.into()),
+        }
     }
 }

@@ -8,9 +8,8 @@ use actors::{Cluster, ClusterOptions, GenerateRequest, Progress};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use kernels::Tensor;
 use model::sampler::Scheduler;
-use model::{gaussian, Arch, Caption, Request};
+use model::{gaussian, Arch, Request};
 
 use crate::cluster_args::ClusterArgs;
 use crate::tensor_io::{read_tensors, write_tensors};
@@ -69,37 +68,6 @@ pub(crate) struct GenerateArgs {
     png_scale: Option<usize>,
 }
 
-fn read_caption(path: &Path) -> Result<Caption> {
-    let mut t = read_tensors(path)?;
-    let as3 = |x: Tensor| -> Result<Tensor> {
-        Ok(match x.shape().len() {
-            2 => {
-                let s = x.shape().to_vec();
-                x.reshape(&[1, s[0], s[1]])?
-            }
-            3 => x,
-            _ => bail!(
-                "{}: `prompt_embeds` must be [B, T, C] or [T, C], got {:?}",
-                path.display(),
-                x.shape()
-            ),
-        })
-    };
-    let embeds = as3(t
-        .remove("prompt_embeds")
-        .with_context(|| format!("{}: no tensor `prompt_embeds`", path.display()))?)?;
-    let negative = t
-        .remove("negative_prompt_embeds")
-        .map(as3)
-        .transpose()?
-        .map(|u| (u, t.remove("negative_prompt_attention_mask")));
-    Ok(Caption {
-        embeds,
-        mask: t.remove("prompt_attention_mask"),
-        negative,
-    })
-}
-
 fn scheduler(a: &GenerateArgs, cluster: &Cluster) -> Result<Scheduler> {
     Ok(match &a.scheduler {
         Some(name) => match Scheduler::named(name) {
@@ -148,7 +116,7 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
                 .prompt_embeds
                 .as_ref()
                 .context("a PixArt model needs --prompt-embeds FILE (no text encoder runs here)")?;
-            let c = read_caption(path)?;
+            let c = crate::caption::read_caption(path, cfg.caption_channels)?;
             if scale > 1.0 && c.negative.is_none() {
                 bail!("{}: guidance scale {scale} needs `negative_prompt_embeds` (or pass --guidance-scale 1)", path.display());
             }

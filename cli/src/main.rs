@@ -6,6 +6,7 @@
 mod bench;
 mod bench_pipeline;
 mod bench_transport;
+mod caption;
 mod cluster_args;
 mod generate;
 mod images;

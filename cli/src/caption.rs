@@ -1,0 +1,126 @@
+//! PixArt caption embeddings from a safetensors file (no text encoder runs here), validated
+//! against each other and the model, with errors naming the file and the tensor.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use kernels::Tensor;
+use model::Caption;
+
+use crate::tensor_io::read_tensors;
+
+/// `[B, T, C]` (a `[T, C]` tensor is one caption).
+fn as_embeds(path: &Path, name: &str, x: Tensor, channels: usize) -> Result<Tensor> {
+    let x = match x.shape().len() {
+        2 => {
+            let s = x.shape().to_vec();
+            x.reshape(&[1, s[0], s[1]])?
+        }
+        3 => x,
+        _ => bail!(
+            "{}: `{name}` must be [B, T, C] or [T, C], got {:?}",
+            path.display(),
+            x.shape()
+        ),
+    };
+    if x.dim(2) != channels || x.dim(0) == 0 || x.dim(1) == 0 {
+        bail!(
+            "{}: `{name}` is {:?}; the model expects [B, T, {channels}] caption embeddings",
+            path.display(),
+            x.shape()
+        );
+    }
+    Ok(x)
+}
+
+/// A `[B, T]` mask (a `[T]` mask is one caption) matching `embeds`.
+fn as_mask(path: &Path, name: &str, m: Tensor, embeds: &Tensor, of: &str) -> Result<Tensor> {
+    let m = if m.shape().len() == 1 {
+        let t = m.dim(0);
+        m.reshape(&[1, t])?
+    } else {
+        m
+    };
+    if m.shape() != [embeds.dim(0), embeds.dim(1)] {
+        bail!(
+            "{}: `{name}` is {:?}, but `{of}` is {:?}: the mask must be [B, T] = [{}, {}]",
+            path.display(),
+            m.shape(),
+            embeds.shape(),
+            embeds.dim(0),
+            embeds.dim(1)
+        );
+    }
+    Ok(m)
+}
+
+/// Repeats a batch-1 tensor `b` times along dim 0 (one negative prompt for every image).
+fn broadcast(x: Tensor, b: usize) -> Result<Tensor> {
+    if x.dim(0) == b {
+        return Ok(x);
+    }
+    Ok(Tensor::cat(&vec![&x; b], 0)?)
+}
+
+/// Reads `prompt_embeds` [B, T, C] and optionally `prompt_attention_mask` [B, T],
+/// `negative_prompt_embeds` [B or 1, T, C], `negative_prompt_attention_mask` [B or 1, T].
+pub(crate) fn read_caption(path: &Path, channels: usize) -> Result<Caption> {
+    let mut t = read_tensors(path)?;
+    let embeds = t
+        .remove("prompt_embeds")
+        .with_context(|| format!("{}: no tensor `prompt_embeds`", path.display()))?;
+    let embeds = as_embeds(path, "prompt_embeds", embeds, channels)?;
+    let b = embeds.dim(0);
+    let mask = t
+        .remove("prompt_attention_mask")
+        .map(|m| as_mask(path, "prompt_attention_mask", m, &embeds, "prompt_embeds"))
+        .transpose()?;
+    let negative = match t.remove("negative_prompt_embeds") {
+        None => {
+            if t.contains_key("negative_prompt_attention_mask") {
+                bail!(
+                    "{}: `negative_prompt_attention_mask` without `negative_prompt_embeds`",
+                    path.display()
+                );
+            }
+            None
+        }
+        Some(u) => {
+            let u = as_embeds(path, "negative_prompt_embeds", u, channels)?;
+            if (u.dim(0) != b && u.dim(0) != 1) || u.dim(1) != embeds.dim(1) {
+                bail!(
+                    "{}: `negative_prompt_embeds` is {:?}, `prompt_embeds` is {:?}: the negative prompt needs the same T and a batch of {b} or 1",
+                    path.display(),
+                    u.shape(),
+                    embeds.shape()
+                );
+            }
+            let um = t
+                .remove("negative_prompt_attention_mask")
+                .map(|m| {
+                    as_mask(
+                        path,
+                        "negative_prompt_attention_mask",
+                        m,
+                        &u,
+                        "negative_prompt_embeds",
+                    )
+                })
+                .transpose()?
+                .map(|m| broadcast(m, b))
+                .transpose()?;
+            Some((broadcast(u, b)?, um))
+        }
+    };
+    if let Some(extra) = t.keys().next() {
+        bail!(
+            "{}: unexpected tensor `{extra}` (expected prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)",
+            path.display()
+        );
+    }
+    Ok(Caption {
+        embeds,
+        mask,
+        negative,
+    })
+}
