@@ -32,9 +32,10 @@ use topology::{ClusterSpec, ModelShape, Plan};
 use transport::MemoryNetwork;
 
 use crate::compute::Fault;
-use crate::coordinator::{CoordinatorActor, CoordinatorArgs, DeviceArgsFactory};
+use crate::coordinator::{CoordinatorActor, CoordinatorArgs, StageSlot};
 use crate::device::DeviceArgs;
 use crate::error::{ClusterError, Result};
+use crate::handles::CoordinatorHandle;
 use crate::messages::CoordinatorMessage;
 use crate::model_source::ModelSource;
 use crate::stage::{RequestSetup, StageExecutor};
@@ -230,40 +231,45 @@ impl Cluster {
                 .into());
         }
         let model = ModelSource::from_spec(&spec)?;
+        let endpoints = MemoryNetwork::build(spec.device_count())
+            .into_iter()
+            .map(Some)
+            .collect();
+        Self::start_parts(spec, model, options, endpoints, |_| None).await
+    }
+
+    /// Starts the coordinator with the stages of `spec`: a stage whose device has an endpoint
+    /// in `endpoints` (indexed by device) runs here; the others come from `remote(device)`.
+    pub(crate) async fn start_parts(
+        spec: ClusterSpec,
+        model: ModelSource,
+        options: ClusterOptions,
+        mut endpoints: Vec<Option<transport::Endpoint>>,
+        remote: impl Fn(usize) -> Option<std::sync::Arc<dyn crate::handles::RemoteDevice>>,
+    ) -> Result<Cluster> {
         let cfg = &model.config;
         let plan = Plan::new(
             &spec,
             &shape_of(cfg, 1, 1, [cfg.sample_size, cfg.sample_size]),
         )?;
-        let mut endpoints: Vec<_> = MemoryNetwork::build(spec.device_count())
-            .into_iter()
-            .map(Some)
-            .collect();
         let stage_devices: Vec<usize> = plan.stages.iter().map(|s| s.device.index).collect();
-        let mut devices: Vec<DeviceArgsFactory> = Vec::new();
+        let mut devices: Vec<StageSlot> = Vec::new();
         for stage in &plan.stages {
-            let endpoint = endpoints[stage.device.index]
-                .take()
-                .expect("one endpoint per stage");
-            let (model, layers, spec_dev) =
-                (model.clone(), stage.layers.clone(), stage.device.spec);
-            let (index, stage_index, stage_devices) =
-                (stage.device.index, stage.index, stage_devices.clone());
-            let describe = stage.device.to_string();
-            let (stall_timeout, compute_timeout) = (options.stall_timeout, options.compute_timeout);
-            let fault = options.fault;
-            devices.push(Box::new(move |coordinator| DeviceArgs {
-                index,
-                describe,
-                stage: stage_index,
-                stage_devices,
-                load: Box::new(move || Ok(StageExecutor::new(model.load_slice(spec_dev, layers)?))),
+            let Some(endpoint) = endpoints.get_mut(stage.device.index).and_then(Option::take)
+            else {
+                let proxy = remote(stage.device.index).ok_or_else(|| {
+                    ClusterError::NotRunning(format!("no route to device {}", stage.device))
+                })?;
+                devices.push(StageSlot::Remote(stage.device.index, proxy));
+                continue;
+            };
+            devices.push(StageSlot::Local(local_device(
+                &model,
+                stage,
+                stage_devices.clone(),
                 endpoint,
-                coordinator,
-                stall_timeout,
-                compute_timeout,
-                fault,
-            }));
+                &options,
+            )));
         }
         let (coordinator, join) = Actor::spawn(
             None,
@@ -291,6 +297,11 @@ impl Cluster {
             model,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// The coordinator actor (the node runtime forwards remote reports to it).
+    pub(crate) fn coordinator_ref(&self) -> &ActorRef<CoordinatorMessage> {
+        &self.coordinator
     }
 
     /// The topology.
@@ -364,6 +375,48 @@ impl Cluster {
     pub async fn shutdown(self) {
         self.coordinator.stop(None);
         let _ = self.join.await;
+    }
+}
+
+/// How to spawn the device actor of `stage` in this process, reporting to the local coordinator.
+fn local_device(
+    model: &ModelSource,
+    stage: &topology::Stage,
+    stage_devices: Vec<usize>,
+    endpoint: transport::Endpoint,
+    options: &ClusterOptions,
+) -> crate::coordinator::DeviceArgsFactory {
+    let args = device_args(model, stage, stage_devices, endpoint, options);
+    Box::new(move |coordinator| args(CoordinatorHandle::Local(coordinator)))
+}
+
+/// The arguments of `stage`'s device actor, given how it reaches the coordinator.
+pub(crate) fn device_args(
+    model: &ModelSource,
+    stage: &topology::Stage,
+    stage_devices: Vec<usize>,
+    endpoint: transport::Endpoint,
+    options: &ClusterOptions,
+) -> impl FnOnce(CoordinatorHandle) -> DeviceArgs + Send + 'static {
+    let (model, layers, spec_dev) = (model.clone(), stage.layers.clone(), stage.device.spec);
+    let (index, stage_index) = (stage.device.index, stage.index);
+    let describe = stage.device.to_string();
+    let (stall_timeout, compute_timeout, fault) = (
+        options.stall_timeout,
+        options.compute_timeout,
+        options.fault,
+    );
+    move |coordinator| DeviceArgs {
+        index,
+        describe,
+        stage: stage_index,
+        stage_devices,
+        load: Box::new(move || Ok(StageExecutor::new(model.load_slice(spec_dev, layers)?))),
+        endpoint,
+        coordinator,
+        stall_timeout,
+        compute_timeout,
+        fault,
     }
 }
 

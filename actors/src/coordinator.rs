@@ -18,14 +18,23 @@ use topology::schedule::ScheduleConfig;
 use crate::cluster::{DeviceSummary, GenerateOutput, Progress, RunSummary};
 use crate::device::{DeviceActor, DeviceArgs};
 use crate::error::ClusterError;
-use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
+use crate::handles::{DeviceHandle, RemoteDevice};
+use crate::messages::{CoordinatorMessage, StageReport};
 use crate::stage::RequestSetup;
 
 pub(crate) struct CoordinatorActor;
 
+/// One stage's device: spawned here, or already running on another node.
+pub(crate) enum StageSlot {
+    /// Spawn a device actor in this process, linked to the coordinator.
+    Local(DeviceArgsFactory),
+    /// A device on another node (its device index and proxy).
+    Remote(usize, Arc<dyn RemoteDevice>),
+}
+
 /// How to start each device (one per stage, in stage order).
 pub(crate) struct CoordinatorArgs {
-    pub(crate) devices: Vec<DeviceArgsFactory>,
+    pub(crate) devices: Vec<StageSlot>,
     /// How long a device may take to accept `Begin` (it waits for its compute thread).
     pub(crate) begin_timeout: std::time::Duration,
 }
@@ -49,8 +58,8 @@ struct Running {
 }
 
 pub(crate) struct CoordinatorState {
-    /// Device actors in stage order.
-    devices: Vec<ActorRef<DeviceMessage>>,
+    /// Devices in stage order.
+    devices: Vec<DeviceHandle>,
     /// Device index of each stage.
     device_index: Vec<usize>,
     begin_timeout: std::time::Duration,
@@ -70,7 +79,15 @@ impl Actor for CoordinatorActor {
         args: CoordinatorArgs,
     ) -> Result<CoordinatorState, ActorProcessingErr> {
         let (mut devices, mut device_index) = (Vec::new(), Vec::new());
-        for make in args.devices {
+        for slot in args.devices {
+            let make = match slot {
+                StageSlot::Remote(device, proxy) => {
+                    devices.push(DeviceHandle::Remote(proxy));
+                    device_index.push(device);
+                    continue;
+                }
+                StageSlot::Local(make) => make,
+            };
             let dargs = make(myself.clone());
             let (device, what) = (dargs.index, dargs.describe.clone());
             let (d, _) = Actor::spawn_linked(None, DeviceActor, dargs, myself.get_cell())
@@ -86,7 +103,7 @@ impl Actor for CoordinatorActor {
                         message,
                     }
                 })?;
-            devices.push(d);
+            devices.push(DeviceHandle::Local(d));
             device_index.push(device);
         }
         Ok(CoordinatorState {
@@ -105,7 +122,7 @@ impl Actor for CoordinatorActor {
         st: &mut CoordinatorState,
     ) -> Result<(), ActorProcessingErr> {
         st.fail_all("the cluster was shut down".into(), None);
-        for d in &st.devices {
+        for d in st.devices.iter().filter_map(DeviceHandle::local) {
             d.stop(None);
         }
         Ok(())
@@ -181,6 +198,20 @@ impl Actor for CoordinatorActor {
                     st.start_next().await;
                 }
             }
+            CoordinatorMessage::NodeLost { node, reason } => {
+                tracing::error!(%node, %reason, "node lost");
+                st.broken = Some(format!("node {node} was lost: {reason}"));
+                st.fail_running(ClusterError::NodeLost {
+                    node: node.clone(),
+                    reason: reason.clone(),
+                });
+                for q in st.queue.drain(..) {
+                    let _ = q.reply.send(Err(ClusterError::NodeLost {
+                        node: node.clone(),
+                        reason: reason.clone(),
+                    }));
+                }
+            }
             CoordinatorMessage::DeviceFailed {
                 request,
                 device,
@@ -221,7 +252,11 @@ impl Actor for CoordinatorActor {
             ),
             _ => return Ok(()),
         };
-        let Some(stage) = st.devices.iter().position(|d| d.get_id() == cell.get_id()) else {
+        let Some(stage) = st
+            .devices
+            .iter()
+            .position(|d| d.local().is_some_and(|d| d.get_id() == cell.get_id()))
+        else {
             return Ok(());
         };
         let device = st.device_index[stage];
@@ -242,29 +277,13 @@ impl CoordinatorState {
             let mut failed = None;
             // Last stage first: stage 0 starts work as soon as it has begun, and its frames must
             // find every later stage already expecting this request.
-            let ms = self.begin_timeout.as_millis() as u64;
             for (stage, d) in self.devices.iter().enumerate().rev() {
                 let i = self.device_index[stage];
-                let r = ractor::call_t!(
-                    d,
-                    |reply| DeviceMessage::Begin {
-                        setup: req.setup.clone(),
-                        schedule: req.schedule,
-                        reply
-                    },
-                    ms
-                );
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(m)) => failed = Some((i, m)),
-                    Err(e) => {
-                        failed = Some((
-                            i,
-                            format!(
-                            "no answer within {ms} ms (still busy with an earlier request?): {e}"
-                        ),
-                        ))
-                    }
+                if let Err(m) = d
+                    .begin(req.setup.clone(), req.schedule, self.begin_timeout)
+                    .await
+                {
+                    failed = Some((i, m));
                 }
                 if failed.is_some() {
                     break;
@@ -272,7 +291,7 @@ impl CoordinatorState {
             }
             if let Some((device, message)) = failed {
                 for d in &self.devices {
-                    let _ = d.cast(DeviceMessage::Abort);
+                    d.abort(req.setup.id);
                 }
                 let _ = req.reply.send(Err(ClusterError::DeviceFailed {
                     device,
@@ -298,7 +317,7 @@ impl CoordinatorState {
     fn fail_running(&mut self, err: ClusterError) {
         if let Some(r) = self.running.take() {
             for d in &self.devices {
-                let _ = d.cast(DeviceMessage::Abort);
+                d.abort(r.req.setup.id);
             }
             tracing::error!(request = r.req.setup.id, %err, "request failed");
             let _ = r.req.reply.send(Err(err));

@@ -16,6 +16,7 @@ use transport::{Endpoint, FrameKind, Link};
 
 use crate::codec::{decode, encode, part_of};
 use crate::compute::{ComputeJob, ComputeThread, Fault};
+use crate::handles::CoordinatorHandle;
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
 use crate::stage::{RequestSetup, StageExecutor, StageJob};
 
@@ -32,7 +33,7 @@ pub(crate) struct DeviceArgs {
     pub(crate) stage_devices: Vec<usize>,
     pub(crate) load: Box<dyn FnOnce() -> crate::Result<StageExecutor> + Send>,
     pub(crate) endpoint: Endpoint,
-    pub(crate) coordinator: ActorRef<CoordinatorMessage>,
+    pub(crate) coordinator: CoordinatorHandle,
     pub(crate) stall_timeout: Duration,
     pub(crate) compute_timeout: Duration,
     pub(crate) fault: Option<Fault>,
@@ -56,7 +57,7 @@ pub(crate) struct DeviceState {
     stage_devices: Vec<usize>,
     links: Vec<Arc<dyn Link>>,
     compute: ComputeThread,
-    coordinator: ActorRef<CoordinatorMessage>,
+    coordinator: CoordinatorHandle,
     stall_timeout: Duration,
     compute_timeout: Duration,
     inbox_task: JoinHandle<()>,
@@ -255,7 +256,7 @@ impl DeviceState {
     fn fail(&mut self, step: Option<usize>, message: String) {
         if let Some(a) = self.active.take() {
             tracing::error!(device = self.index, ?step, %message, "request failed on this device");
-            let _ = self.coordinator.cast(CoordinatorMessage::DeviceFailed {
+            self.coordinator.report(CoordinatorMessage::DeviceFailed {
                 request: a.setup.id,
                 device: self.index,
                 step,
@@ -283,7 +284,7 @@ impl DeviceState {
                 }),
                 StageAction::Send { to, step, part } => self.send(now, to, step, part),
                 StageAction::StepDone { step } => {
-                    let _ = self.coordinator.cast(CoordinatorMessage::StepDone {
+                    self.coordinator.report(CoordinatorMessage::StepDone {
                         request: a.setup.id,
                         step,
                     });
@@ -418,7 +419,7 @@ impl DeviceState {
             bytes_sent: self.bytes_sent() - a.bytes_at_start,
             latent,
         };
-        let _ = self.coordinator.cast(CoordinatorMessage::StageFinished {
+        self.coordinator.report(CoordinatorMessage::StageFinished {
             request: a.setup.id,
             device: self.index,
             report,

@@ -39,6 +39,14 @@ pub enum ClusterError {
         /// What happened.
         message: String,
     },
+    /// A node of the cluster was lost mid-request or before it.
+    #[error("node {node} was lost: {reason}")]
+    NodeLost {
+        /// The node's name in the topology.
+        node: String,
+        /// Why (idle timeout, closed, refused).
+        reason: String,
+    },
     /// The cluster is shut down or its coordinator stopped before answering.
     #[error("the cluster is not running: {0}")]
     NotRunning(String),

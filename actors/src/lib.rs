@@ -18,8 +18,11 @@ mod compute;
 mod coordinator;
 mod device;
 pub mod error;
+mod handles;
 mod messages;
 mod model_source;
+mod node;
+mod remote;
 pub mod stage;
 
 pub use cluster::{
@@ -29,3 +32,4 @@ pub use cluster::{
 pub use compute::Fault;
 pub use error::{ClusterError, Result};
 pub use model_source::{locate_model, ModelFolder, ModelSource};
+pub use node::Node;

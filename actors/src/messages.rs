@@ -70,6 +70,8 @@ pub(crate) enum CoordinatorMessage {
         device: usize,
         report: StageReport,
     },
+    /// A node of the cluster was lost (connection closed or silent past the idle timeout).
+    NodeLost { node: String, reason: String },
     /// A device gave up on request `request`.
     DeviceFailed {
         request: u64,

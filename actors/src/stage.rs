@@ -31,6 +31,8 @@ pub struct RequestSetup {
     pub warmup: usize,
     /// Hidden size d of the model (shape of the activations between stages).
     pub hidden: usize,
+    /// The request as asked (what another node needs to rebuild `prepared`).
+    pub request: model::Request,
 }
 
 impl RequestSetup {
@@ -64,6 +66,34 @@ impl RequestSetup {
                 .iter_mut()
                 .for_each(|v| *v *= sigma);
         }
+        Self::from_plan(id, cfg, request, sampling, initial_latent, patches, warmup)
+    }
+
+    /// The same from an already made sampling plan and an already scaled initial latent (what a
+    /// node receives from the coordinator's node): identical numbers on every node.
+    pub fn from_plan(
+        id: u64,
+        cfg: &model::ModelConfig,
+        request: &model::Request,
+        sampling: SamplingPlan,
+        initial_latent: Tensor,
+        patches: Vec<Range<usize>>,
+        warmup: usize,
+    ) -> Result<RequestSetup> {
+        let prepared = PreparedRequest::new(cfg, request)?;
+        if initial_latent.shape() != prepared.latent_shape() {
+            return Err(ClusterError::BadRequest(format!(
+                "initial latent {:?} does not match the request's latent {:?}",
+                initial_latent.shape(),
+                prepared.latent_shape()
+            )));
+        }
+        if patches.last().map(|r| r.end * cfg.patch_size) != Some(prepared.latent_shape()[2]) {
+            return Err(ClusterError::BadRequest(format!(
+                "patch table {patches:?} does not cover the latent's {} token rows",
+                prepared.latent_shape()[2] / cfg.patch_size
+            )));
+        }
         Ok(RequestSetup {
             id,
             prepared,
@@ -72,6 +102,7 @@ impl RequestSetup {
             patches,
             warmup,
             hidden: cfg.hidden(),
+            request: request.clone(),
         })
     }
 

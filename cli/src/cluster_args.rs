@@ -48,6 +48,33 @@ pub(crate) fn bundled_model() -> PathBuf {
 }
 
 impl ClusterArgs {
+    /// The topology file, if any.
+    pub(crate) fn topology(&self) -> Option<&std::path::Path> {
+        self.topology.as_deref()
+    }
+
+    /// The flags to repeat for another node's process, so that it builds the same topology.
+    pub(crate) fn forwarded(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(t) = &self.topology {
+            v.extend(["--topology".to_string(), t.display().to_string()]);
+        }
+        if let Some(m) = &self.model {
+            v.extend(["--model".to_string(), m.display().to_string()]);
+        }
+        for (flag, val) in [
+            ("--pipefusion-degree", self.pipefusion_degree),
+            ("--num-patches", self.num_patches),
+            ("--warmup-steps", self.warmup_steps),
+            ("--threads", self.threads),
+        ] {
+            if let Some(x) = val {
+                v.extend([flag.to_string(), x.to_string()]);
+            }
+        }
+        v
+    }
+
     /// Whether the request runs the bundled demo model (no --model, no --topology).
     pub(crate) fn uses_bundled_model(&self) -> bool {
         self.model.is_none() && self.topology.is_none()
@@ -113,11 +140,13 @@ impl ClusterArgs {
         .collect();
         match (&self.topology, spec.validate()) {
             (_, Ok(())) => Ok(spec),
-            (Some(path), Err(e)) if !overrides.is_empty() => Err(anyhow::Error::new(e).context(format!(
-                "{} with the command-line overrides {}",
-                path.display(),
-                overrides.join(" ")
-            ))),
+            (Some(path), Err(e)) if !overrides.is_empty() => {
+                Err(anyhow::Error::new(e).context(format!(
+                    "{} with the command-line overrides {}",
+                    path.display(),
+                    overrides.join(" ")
+                )))
+            }
             (_, Err(e)) => Err(e.into()),
         }
     }

@@ -18,7 +18,7 @@ use crate::tensor_io::{read_tensors, write_tensors};
 #[derive(Args, Debug)]
 pub(crate) struct GenerateArgs {
     #[command(flatten)]
-    cluster: ClusterArgs,
+    pub(crate) cluster: ClusterArgs,
     /// DiT: class label to generate; repeat for a batch (e.g. --class-label 1 --class-label 7).
     #[arg(long = "class-label", value_name = "N")]
     class_labels: Vec<usize>,
@@ -168,6 +168,23 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
     })
 }
 
+impl GenerateArgs {
+    /// The cluster options the flags ask for.
+    pub(crate) fn options(&self) -> Result<ClusterOptions> {
+        let secs = |v: f64, flag: &str| {
+            std::time::Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("{flag} {v}: must be a positive number of seconds"))
+        };
+        Ok(ClusterOptions {
+            stall_timeout: secs(self.stall_timeout, "--stall-timeout")?,
+            compute_timeout: secs(self.compute_timeout, "--compute-timeout")?,
+            fault: None,
+        })
+    }
+}
+
 pub(crate) fn run(a: GenerateArgs) -> Result<()> {
     let spec = a.cluster.spec()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -176,17 +193,7 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
         .build()?;
     rt.block_on(async {
         let t0 = Instant::now();
-        let secs = |v: f64, flag: &str| {
-            std::time::Duration::try_from_secs_f64(v)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .with_context(|| format!("{flag} {v}: must be a positive number of seconds"))
-        };
-        let options = ClusterOptions {
-            stall_timeout: secs(a.stall_timeout, "--stall-timeout")?,
-            compute_timeout: secs(a.compute_timeout, "--compute-timeout")?,
-            fault: None,
-        };
+        let options = a.options()?;
         let cluster = Cluster::start(spec, options).await?;
         tracing::info!(secs = t0.elapsed().as_secs_f32(), "cluster started");
         let result = generate(&a, &cluster).await;
@@ -195,7 +202,8 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
     })
 }
 
-async fn generate(a: &GenerateArgs, cluster: &Cluster) -> Result<()> {
+/// Runs the request the flags describe on `cluster` and writes the outputs.
+pub(crate) async fn generate(a: &GenerateArgs, cluster: &Cluster) -> Result<()> {
     let req = request(a, cluster)?;
     let plan = cluster.plan(&req)?;
     let (steps, batch) = (req.steps, req.noise.dim(0));

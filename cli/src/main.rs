@@ -11,6 +11,7 @@ mod cluster_args;
 mod generate;
 mod images;
 mod keygen;
+mod launch;
 mod plan;
 mod png_out;
 mod tensor_io;
@@ -32,6 +33,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print a cluster's plan: who owns which layers, the patch table, bytes per step per link.
     Plan(plan::PlanArgs),
+    /// Run one node of a multi-node cluster (--node NAME), or all of them as processes on this
+    /// machine (--local); the coordinator's node runs the request given by the generate flags.
+    Launch(Box<launch::LaunchArgs>),
     /// Create the cluster CA and one certificate per node, where the topology's `[tls] ca` and
     /// `nodes[i].cert` / `key` point (mutual TLS between nodes).
     Keygen(keygen::KeygenArgs),
@@ -52,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Keygen(a) => keygen::run(a),
+        Command::Launch(a) => launch::run(*a),
         Command::Bench(b) => bench::run(b),
     };
     match res {

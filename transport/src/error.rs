@@ -46,6 +46,36 @@ pub enum TransportError {
         /// The limit.
         max: usize,
     },
+    /// A control message that is not valid: a tensor whose shape does not match its data, a
+    /// device that is not on the node the message says, bytes that fail validation, or bytes
+    /// over the size limit. Sending one is refused before it is queued (`node` is the
+    /// destination); [`decode_control`](crate::decode_control) reports it with `node: None`.
+    #[error("invalid control message{}: {message}", node.as_ref().map(|n| format!(" for node {n}")).unwrap_or_default())]
+    InvalidControl {
+        /// The node it was for, when sending.
+        node: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// An encoded control message larger than `QuicOptions::max_control_bytes`; refused before
+    /// it is queued, because the receiver would close the connection.
+    #[error("control message for node {node} has {bytes} bytes, more than the maximum {max}")]
+    ControlTooLarge {
+        /// The destination node.
+        node: String,
+        /// The encoded size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The connection to node `node` is lost, so a control message cannot be sent to it.
+    #[error("node {node} is unreachable: {reason} (control message not sent)")]
+    NodeGone {
+        /// The peer node.
+        node: String,
+        /// Why the connection is gone.
+        reason: String,
+    },
     /// Certificates or keys could not be generated, parsed or turned into a TLS configuration.
     #[error("TLS setup failed ({what}): {message}")]
     Tls {

@@ -27,14 +27,26 @@
 //!   `{magic, wire_version, topology_fingerprint, node name}` each way; another wire version,
 //!   another topology fingerprint or an unexpected node name refuses the connection, and both
 //!   sides get a [`TransportError::Handshake`] saying which check failed.
-//! - **Streams and frames.** One long-lived unidirectional stream per (from device, to device)
-//!   direction, so frames between two devices are ordered and different pairs do not block each
-//!   other. Each frame is `[u32 LE header length][rkyv header][raw payload]`; the header mirrors
+//! - **Streams and frames.** Every unidirectional stream starts with one kind byte (0: frames,
+//!   1: control; anything else is malformed). One long-lived frame stream per (from device, to
+//!   device) direction, so frames between two devices are ordered and different pairs do not
+//!   block each other. Each frame is `[u32 LE header length][rkyv header][raw payload]`; the header mirrors
 //!   [`FrameHeader`] plus the destination device, and is validated (bytecheck, enum values, rank,
 //!   `shape` product with checked multiplication equal to the payload length, payload at most
 //!   [`QuicOptions::max_frame_bytes`], sender device on the peer node, destination device on this
 //!   node) before any payload byte is allocated. A malformed, truncated or oversized frame closes
 //!   that peer's connection ([`LostReason::Malformed`] naming the peer); nothing panics.
+//! - **Control channel.** Node to node (not device to device): one long-lived control stream per
+//!   direction per pair of nodes, opened with the first message and sent at a higher priority
+//!   than the frame streams, so a control message never waits behind queued multi-MiB
+//!   activations. Each message is `[u32 LE length][rkyv ControlMessage]` ([`encode_control`]),
+//!   at most [`QuicOptions::max_control_bytes`]; the receiver validates the size, the archive
+//!   (bytecheck), every [`WireTensor`] and which node each named device is on before the message
+//!   reaches [`QuicNode::control_inbox`] (take-once, in order per sender, with the sender's
+//!   name). [`QuicNode::send_control`] / [`ControlSender::send`] validate the same before
+//!   queueing (unbounded, never blocks) and fail with [`TransportError::NodeGone`] once the node
+//!   is lost. A malformed message, or a second control stream, closes that connection like a
+//!   malformed frame. Counters per peer are in [`PeerStats`].
 //! - **Back-pressure.** Each remote link has a bounded queue (frames and bytes,
 //!   [`QuicOptions::link_queue_frames`] / [`QuicOptions::link_queue_bytes`]; the frame being
 //!   written counts). [`Link::send`] returns [`TransportError::Backpressure`] with the frame when
@@ -46,17 +58,20 @@
 //!   [`TransportError::PeerGone`].
 //!
 //! Key types: [`Link`] (the narrow trait every transport implements), [`Endpoint`] (one device's
-//! links and inbox), [`MemoryNetwork`], [`QuicNode`], [`Frame`].
+//! links and inbox), [`MemoryNetwork`], [`QuicNode`], [`Frame`], [`ControlMessage`] (with
+//! [`RequestSpec`] and [`WireTensor`]) and [`ControlSender`].
 //!
 //! # Feature flags
 //!
-//! - `test-hooks`: exposes `QuicNode::send_raw_stream`, which writes arbitrary bytes to a peer
-//!   (for malformed-frame tests only).
+//! - `test-hooks`: exposes `QuicNode::send_raw_stream` and `QuicNode::send_raw_control`, which
+//!   write arbitrary bytes to a peer (on a new stream, or on the control stream), for the
+//!   malformed-data tests only.
 
 use std::future::Future;
 use std::pin::Pin;
 
 mod bench;
+mod control;
 mod error;
 mod frame;
 mod memory;
@@ -64,12 +79,17 @@ mod pki;
 mod quic;
 
 pub use bench::{bench_quic_vs_tcp, BenchReport, BenchRow};
+pub use control::{
+    decode_control, decode_control_with_limit, encode_control, ControlMessage, RequestSpec,
+    WireTensor, DEFAULT_MAX_CONTROL_BYTES, MAX_TENSOR_RANK,
+};
 pub use error::TransportError;
 pub use frame::{Frame, FrameHeader, FrameKind, WireDType, PART_WHOLE};
 pub use memory::{Endpoint, MemoryNetwork};
 pub use pki::{generate_cluster_pki, ClusterPki, NodeCert, NodeIdentity};
 pub use quic::{
-    ClusterMap, LostReason, NodeAddr, PeerEvent, PeerStats, QuicNode, QuicOptions, WIRE_VERSION,
+    ClusterMap, ControlEnvelope, ControlSender, LostReason, NodeAddr, PeerEvent, PeerStats,
+    QuicNode, QuicOptions, WIRE_VERSION,
 };
 
 /// A boxed, sendable future (the return type of [`Link::send_async`]).

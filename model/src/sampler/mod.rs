@@ -26,7 +26,7 @@ pub(crate) use crate::fields::Fields;
 /// One step as an element-wise formula. With `m0 = (x - x0_sigma * eps) / x0_alpha` (the x0
 /// prediction) and `m1` the previous step's `m0`:
 /// `x' = a * x + b * m0 + c * (m0 - m1) + e * eps`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepRule {
     /// x0 prediction: divisor.
     pub x0_alpha: f32,
@@ -60,8 +60,9 @@ impl StepRule {
     }
 }
 
-/// Timesteps and step rules of one sampling run.
-#[derive(Debug, Clone, PartialEq)]
+/// Timesteps and step rules of one sampling run (serialisable: a node that receives a request
+/// from another uses the sender's plan, bit for bit).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingPlan {
     /// Model timestep at each step.
     pub timesteps: Vec<f32>,

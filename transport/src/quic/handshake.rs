@@ -16,8 +16,8 @@ use std::time::Duration;
 use quinn::{ConnectionError, Incoming};
 use tokio::time::{timeout_at, Instant};
 
+use super::hello::{short_hex, Hello};
 use super::peer::{close_with, peer_close_reason};
-use super::wire::{short_hex, Hello};
 use super::{close_code, tls, NodeAddr, NodeInner};
 use crate::TransportError;
 

@@ -9,9 +9,9 @@ use tokio::sync::mpsc::{self, unbounded_channel};
 use tokio::time::{timeout_at, Instant};
 
 use super::handshake::{self, Accepted};
+use super::hello::Hello;
 use super::link::QuicLink;
 use super::peer::{close_with, Routes};
-use super::wire::Hello;
 use super::{close_code, ClusterMap, NodeAddr, NodeInner, Peer, PeerEvent};
 use crate::memory::MemoryLink;
 use crate::pki::check_node_name;
@@ -171,8 +171,8 @@ pub(crate) async fn join(
     let mut peers = HashMap::new();
     for n in &others {
         let conn = conns.remove(&n.name).expect("every peer connected");
-        let peer = Peer::new(n.name.clone(), n.devices.clone(), conn);
-        peer.start(inner.clone(), routes.clone());
+        let peer = Peer::new(n.name.clone(), n.devices.clone(), conn, routes.clone());
+        peer.start(inner.clone());
         for &d in &n.devices {
             by_device[d] = Some(peer.clone());
         }

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use super::wire::check_encodable;
-use super::{close_code, encode_header, LostReason, Peer};
+use super::wire::{check_encodable, STREAM_FRAMES};
+use super::{encode_header, Peer};
 use crate::{BoxFuture, Frame, Link, TransportError};
 
 /// A queued frame and the share of the byte budget it holds until written.
@@ -215,10 +215,10 @@ async fn write_loop(
         };
         let n = (header.len() + frame.payload.len()) as u64;
         if stream.is_none() {
-            match peer.conn.open_uni().await {
+            match open(&peer).await {
                 Ok(s) => stream = Some(s),
                 Err(e) => {
-                    fail(&peer, format!("opening a stream to device {to}: {e}"));
+                    peer.stream_failed(format!("opening a stream to device {to}: {e}"));
                     break;
                 }
             }
@@ -226,7 +226,7 @@ async fn write_loop(
         let s = stream.as_mut().expect("opened above");
         let mut chunks = [header, Bytes::from(frame.payload)];
         if let Err(e) = s.write_all_chunks(&mut chunks).await {
-            fail(&peer, format!("writing to device {to}: {e}"));
+            peer.stream_failed(format!("writing to device {to}: {e}"));
             break;
         }
         sent.bytes.fetch_add(n, Ordering::Relaxed);
@@ -236,10 +236,11 @@ async fn write_loop(
     rx.close();
 }
 
-/// Fails the connection for a stream error, unless it is already closed (then the monitor reports
-/// the real cause, e.g. the idle timeout).
-fn fail(peer: &Peer, message: String) {
-    if peer.conn.close_reason().is_none() {
-        peer.fail(LostReason::Failed { message }, close_code::STREAM);
-    }
+/// Opens a frame stream: a new unidirectional stream and its kind byte.
+async fn open(peer: &Peer) -> Result<quinn::SendStream, String> {
+    let mut s = peer.conn.open_uni().await.map_err(|e| e.to_string())?;
+    s.write_all(&[STREAM_FRAMES])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(s)
 }

@@ -1,15 +1,22 @@
 //! The QUIC transport: one [`QuicNode`] per host, one connection per pair of nodes, one
-//! unidirectional stream per (from device, to device) direction. See the crate documentation for
-//! the invariants; this module holds the public types.
+//! unidirectional stream per (from device, to device) direction, and one control stream per
+//! direction per pair of nodes. See the crate documentation for the invariants; this module
+//! holds the node handle.
 //!
 //! Lifecycle: [`QuicNode::bind`] (socket and TLS configuration, nothing accepted yet), then
 //! [`QuicNode::join`] on every node of the cluster (concurrently: each waits for all its peers),
-//! which returns one [`Endpoint`] per local device. Keep the `QuicNode` alive while its endpoints
-//! are used: dropping it closes every connection.
+//! which returns one [`Endpoint`] per local device. Control messages go out with
+//! [`QuicNode::send_control`] (or a [`ControlSender`]) and come in on
+//! [`QuicNode::control_inbox`]. Keep the `QuicNode` alive while its endpoints are used: dropping
+//! it closes every connection.
 
+mod control;
+mod events;
 mod handshake;
+mod hello;
 mod join;
 mod link;
+mod options;
 mod peer;
 mod tls;
 mod wire;
@@ -17,25 +24,31 @@ mod wire;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use quinn::VarInt;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::pki::check_node_name;
-use crate::{Endpoint, NodeIdentity, TransportError};
+use crate::{ControlMessage, Endpoint, NodeIdentity, TransportError};
+pub use control::ControlSender;
+pub use events::{LostReason, PeerEvent, PeerStats};
+pub use options::QuicOptions;
 pub(crate) use peer::Peer;
 pub(crate) use wire::{encode_header, read_frame, ReadFail};
 
 /// The protocol version announced in the handshake; nodes with another version refuse each other.
-pub const WIRE_VERSION: u32 = 1;
+/// Version 2: every unidirectional stream starts with a kind byte (frames or control).
+pub const WIRE_VERSION: u32 = 2;
+
+/// What the control inbox yields: the sending node's name and its message.
+pub type ControlEnvelope = (String, ControlMessage);
 
 /// Close codes carried by QUIC `CONNECTION_CLOSE` (the reason text says more).
 pub(crate) mod close_code {
     use super::VarInt;
     /// The handshake refused the peer.
     pub(crate) const HANDSHAKE: VarInt = VarInt::from_u32(1);
-    /// The peer sent a malformed frame.
+    /// The peer sent a malformed frame or control message.
     pub(crate) const MALFORMED: VarInt = VarInt::from_u32(2);
     /// This node shut down.
     pub(crate) const SHUTDOWN: VarInt = VarInt::from_u32(3);
@@ -43,86 +56,6 @@ pub(crate) mod close_code {
     pub(crate) const STREAM: VarInt = VarInt::from_u32(4);
     /// A connection arrived when none was expected (after join, or a duplicate).
     pub(crate) const UNEXPECTED: VarInt = VarInt::from_u32(5);
-}
-
-/// Tuning and limits of a [`QuicNode`]. `Default` gives the documented values.
-#[derive(Debug, Clone)]
-pub struct QuicOptions {
-    /// Largest payload accepted or sent in one frame (default 256 MiB). A larger incoming frame
-    /// closes the connection; a larger outgoing one is refused with
-    /// [`TransportError::FrameTooLarge`].
-    pub max_frame_bytes: usize,
-    /// Frames a link may hold before [`crate::Link::send`] returns back-pressure, counting the
-    /// frame being written (default 8).
-    pub link_queue_frames: usize,
-    /// Bytes (header + payload) a link may hold, counting the frame being written (default
-    /// 64 MiB; at most `u32::MAX`). A single larger frame is admitted when the queue is empty.
-    pub link_queue_bytes: usize,
-    /// A connection with no packet for this long is lost (default 5 s; negotiated: the smaller
-    /// of both sides' values applies).
-    pub idle_timeout: Duration,
-    /// Keep-alive interval, below `idle_timeout` (default 1 s).
-    pub keep_alive: Duration,
-    /// How long [`QuicNode::join`] waits for all peers (default 30 s).
-    pub join_timeout: Duration,
-    /// Per-stream receive window (default 16 MiB).
-    pub stream_window: u32,
-    /// Per-connection receive window (default 64 MiB).
-    pub connection_window: u32,
-    /// Per-connection send window (default 64 MiB).
-    pub send_window: u64,
-    /// Upper bound of path-MTU discovery (default 8952, a jumbo frame; loopback allows it).
-    pub max_udp_payload: u16,
-    /// Most unidirectional streams a peer may open: one per (remote device, local device) pair
-    /// is needed (default 1024).
-    pub max_streams: u32,
-    /// The protocol version announced in the handshake (default [`WIRE_VERSION`]); changing it
-    /// is only useful to test refusal.
-    pub wire_version: u32,
-}
-
-impl Default for QuicOptions {
-    fn default() -> Self {
-        Self {
-            max_frame_bytes: 256 << 20,
-            link_queue_frames: 8,
-            link_queue_bytes: 64 << 20,
-            idle_timeout: Duration::from_secs(5),
-            keep_alive: Duration::from_secs(1),
-            join_timeout: Duration::from_secs(30),
-            stream_window: 16 << 20,
-            connection_window: 64 << 20,
-            send_window: 64 << 20,
-            max_udp_payload: 8952,
-            max_streams: 1024,
-            wire_version: WIRE_VERSION,
-        }
-    }
-}
-
-impl QuicOptions {
-    fn validate(&self) -> Result<(), TransportError> {
-        let bad = |m: String| Err(TransportError::Config { message: m });
-        if self.link_queue_frames == 0 {
-            return bad("link_queue_frames must be at least 1".into());
-        }
-        if self.link_queue_bytes == 0 || self.link_queue_bytes > u32::MAX as usize {
-            return bad(format!(
-                "link_queue_bytes {} outside 1..=u32::MAX",
-                self.link_queue_bytes
-            ));
-        }
-        if self.max_frame_bytes == 0 {
-            return bad("max_frame_bytes must be at least 1".into());
-        }
-        if self.keep_alive.is_zero() || self.keep_alive >= self.idle_timeout {
-            return bad(format!(
-                "keep_alive {:?} must be positive and below idle_timeout {:?}",
-                self.keep_alive, self.idle_timeout
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// One node of the cluster as every node sees it.
@@ -146,99 +79,6 @@ pub struct ClusterMap {
     pub nodes: Vec<NodeAddr>,
 }
 
-/// Why a connection to a peer node is gone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LostReason {
-    /// No packet within the idle timeout (the peer crashed, hangs or is unreachable).
-    IdleTimeout,
-    /// The peer sent a malformed, truncated or oversized frame; this node closed the connection.
-    Malformed {
-        /// What was wrong with the bytes.
-        message: String,
-    },
-    /// The peer closed the connection (it shut down, or refused something this node sent).
-    ClosedByPeer {
-        /// The peer's reason.
-        reason: String,
-    },
-    /// This node closed the connection (shutdown).
-    Closed,
-    /// Any other failure (transport error, reset, a stream that failed).
-    Failed {
-        /// The error.
-        message: String,
-    },
-}
-
-impl std::fmt::Display for LostReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LostReason::IdleTimeout => write!(f, "no packet within the idle timeout"),
-            LostReason::Malformed { message } => write!(f, "malformed frame: {message}"),
-            LostReason::ClosedByPeer { reason } => write!(f, "closed by the peer: {reason}"),
-            LostReason::Closed => write!(f, "closed by this node"),
-            LostReason::Failed { message } => write!(f, "{message}"),
-        }
-    }
-}
-
-/// Something that happened to a peer node; see [`QuicNode::subscribe`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum PeerEvent {
-    /// The handshake with `node` succeeded.
-    Connected {
-        /// The peer node.
-        node: String,
-        /// Its address.
-        addr: SocketAddr,
-    },
-    /// The connection to `node` is gone; sends to its devices now return
-    /// [`TransportError::PeerGone`]. Published once per peer.
-    Lost {
-        /// The peer node.
-        node: String,
-        /// Why.
-        reason: LostReason,
-    },
-    /// An incoming connection was refused before it could join: no or an invalid certificate,
-    /// a failed handshake, or a connection after the cluster was formed.
-    Refused {
-        /// Where it came from.
-        addr: SocketAddr,
-        /// Why.
-        reason: String,
-    },
-}
-
-impl std::fmt::Display for PeerEvent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerEvent::Connected { node, addr } => write!(f, "node {node} at {addr} connected"),
-            PeerEvent::Lost { node, reason } => {
-                write!(f, "connection to node {node} lost: {reason}")
-            }
-            PeerEvent::Refused { addr, reason } => {
-                write!(f, "refused a connection from {addr}: {reason}")
-            }
-        }
-    }
-}
-
-/// Counters and state of one peer node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerStats {
-    /// Frames received from the node's devices.
-    pub messages_received: u64,
-    /// Bytes of those frames on the wire (length prefix + header + payload).
-    pub bytes_received: u64,
-    /// Why the connection is gone, or `None` while it is up.
-    pub lost: Option<LostReason>,
-    /// The current round-trip estimate.
-    pub rtt: Duration,
-}
-
 /// State shared by a node's handle and its tasks.
 pub(crate) struct NodeInner {
     pub(crate) name: String,
@@ -247,6 +87,10 @@ pub(crate) struct NodeInner {
     pub(crate) options: QuicOptions,
     pub(crate) events: broadcast::Sender<PeerEvent>,
     pub(crate) peers: Mutex<Option<HashMap<String, Arc<Peer>>>>,
+    /// Where the control streams' readers deliver.
+    pub(crate) control_tx: mpsc::Sender<ControlEnvelope>,
+    /// The control inbox until [`QuicNode::control_inbox`] takes it.
+    control_rx: Mutex<Option<mpsc::Receiver<ControlEnvelope>>>,
 }
 
 impl NodeInner {
@@ -295,6 +139,7 @@ impl QuicNode {
             source,
         })?;
         let (events, _) = broadcast::channel(256);
+        let (control_tx, control_rx) = mpsc::channel(options.control_inbox_capacity);
         Ok(Self {
             inner: Arc::new(NodeInner {
                 name: identity.name,
@@ -303,6 +148,8 @@ impl QuicNode {
                 options,
                 events,
                 peers: Mutex::new(None),
+                control_tx,
+                control_rx: Mutex::new(Some(control_rx)),
             }),
             addr,
         })
@@ -348,18 +195,65 @@ impl QuicNode {
         );
     }
 
+    /// Closes every connection and waits (at most `limit`) until the peers were told, so a
+    /// process that exits right after still ends its connections cleanly instead of letting the
+    /// peers time out.
+    pub async fn close_and_wait(&self, limit: std::time::Duration) {
+        self.close();
+        let _ = tokio::time::timeout(limit, self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Validates, encodes and queues `msg` for peer node `node` without blocking; messages to
+    /// one node arrive in the order queued, on a control stream separate from (and sent ahead
+    /// of) the activation streams. Errors name the node: [`TransportError::Node`] before
+    /// [`QuicNode::join`] completed or for a node this one is not connected to,
+    /// [`TransportError::NodeGone`] once its connection is lost, and those of
+    /// [`ControlSender::send`].
+    pub fn send_control(&self, node: &str, msg: &ControlMessage) -> Result<(), TransportError> {
+        self.control_sender(node)?.send(msg)
+    }
+
+    /// A cloneable handle that sends control messages to peer node `node` (for a remote device
+    /// proxy); same errors as [`QuicNode::send_control`]. The handle keeps working while this
+    /// `QuicNode` lives; after it is closed, sends fail with [`TransportError::NodeGone`].
+    pub fn control_sender(&self, node: &str) -> Result<ControlSender, TransportError> {
+        Ok(ControlSender::new(self.peer(node)?, self.inner.clone()))
+    }
+
+    /// The control messages received from every peer node, each with the sender's name, in
+    /// order per sender. Take-once: the first call returns the receiver, later calls `None`.
+    /// Messages that arrive before it is taken are kept (up to
+    /// [`QuicOptions::control_inbox_capacity`]; beyond that the control streams' readers wait,
+    /// which never delays activation frames). Every message was validated (size, bytecheck,
+    /// tensor shapes, the devices it names are on the sending or this node as the protocol
+    /// says); an invalid one closes that peer's connection ([`LostReason::Malformed`]) instead.
+    pub fn control_inbox(&self) -> Option<mpsc::Receiver<ControlEnvelope>> {
+        self.inner.control_rx.lock().expect("control lock").take()
+    }
+
+    /// The connected peer named `node`.
+    fn peer(&self, node: &str) -> Result<Arc<Peer>, TransportError> {
+        let peers = self.inner.peers.lock().expect("peers lock");
+        peers
+            .as_ref()
+            .and_then(|p| p.get(node).cloned())
+            .ok_or_else(|| TransportError::Node {
+                node: self.inner.name.clone(),
+                message: format!("not connected to node {node} (not a peer, or not joined yet)"),
+            })
+    }
+
     /// Test hook: opens a new stream to `node` and writes `bytes` on it as they are.
     #[cfg(feature = "test-hooks")]
     pub async fn send_raw_stream(&self, node: &str, bytes: &[u8]) -> Result<(), TransportError> {
-        let peer = {
-            let peers = self.inner.peers.lock().expect("peers lock");
-            peers.as_ref().and_then(|p| p.get(node).cloned())
-        };
-        let peer = peer.ok_or_else(|| TransportError::Node {
-            node: self.inner.name.clone(),
-            message: format!("not connected to node {node}"),
-        })?;
-        peer.send_raw(bytes).await
+        self.peer(node)?.send_raw(bytes).await
+    }
+
+    /// Test hook: queues `bytes` as they are on the control stream to `node` (after any control
+    /// message queued before).
+    #[cfg(feature = "test-hooks")]
+    pub fn send_raw_control(&self, node: &str, bytes: &[u8]) -> Result<(), TransportError> {
+        self.peer(node)?.send_raw_control(bytes)
     }
 }
 

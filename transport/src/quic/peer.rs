@@ -1,15 +1,18 @@
 //! One connected peer node: its connection, its loss state, the readers of its streams (which
-//! validate and route frames to local inboxes) and the monitor that turns a closed connection
-//! into one [`PeerEvent::Lost`].
+//! validate and route frames to local inboxes, and control messages to the node's control
+//! inbox), its control writer, and the monitor that turns a closed connection into one
+//! [`PeerEvent::Lost`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use quinn::{ConnectionError, VarInt};
 use rkyv::util::AlignedVec;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::control::{self, ControlCounters, Outgoing};
+use super::wire::{STREAM_CONTROL, STREAM_FRAMES};
 use super::{close_code, read_frame, LostReason, NodeInner, PeerEvent, PeerStats, ReadFail};
 use crate::Frame;
 
@@ -23,9 +26,17 @@ pub(crate) struct Peer {
     /// Global indices of the devices it hosts.
     pub(crate) devices: Vec<usize>,
     pub(crate) conn: quinn::Connection,
+    /// This node's inboxes (also says which devices are local).
+    routes: Routes,
     lost: OnceLock<LostReason>,
     bytes_received: AtomicU64,
     messages_received: AtomicU64,
+    /// Control messages to the peer, drained by the control writer.
+    pub(crate) control_tx: UnboundedSender<Outgoing>,
+    control_rx: Mutex<Option<UnboundedReceiver<Outgoing>>>,
+    /// Whether the peer opened its control stream (a second one is malformed).
+    control_seen: AtomicBool,
+    pub(crate) control: ControlCounters,
 }
 
 impl std::fmt::Debug for Peer {
@@ -60,15 +71,26 @@ pub(crate) fn peer_close_reason(e: &ConnectionError) -> Option<String> {
 
 impl Peer {
     /// A peer whose handshake succeeded; [`Peer::start`] runs its tasks.
-    pub(crate) fn new(name: String, devices: Vec<usize>, conn: quinn::Connection) -> Arc<Self> {
+    pub(crate) fn new(
+        name: String,
+        devices: Vec<usize>,
+        conn: quinn::Connection,
+        routes: Routes,
+    ) -> Arc<Self> {
+        let (control_tx, control_rx) = unbounded_channel();
         Arc::new(Self {
             name,
             addr: conn.remote_address(),
             devices,
             conn,
+            routes,
             lost: OnceLock::new(),
             bytes_received: AtomicU64::new(0),
             messages_received: AtomicU64::new(0),
+            control_tx,
+            control_rx: Mutex::new(Some(control_rx)),
+            control_seen: AtomicBool::new(false),
+            control: ControlCounters::default(),
         })
     }
 
@@ -77,12 +99,31 @@ impl Peer {
         self.lost.get().is_some()
     }
 
+    /// Why the connection is gone, as text (also while the monitor has not recorded it yet).
+    pub(crate) fn lost_text(&self) -> String {
+        match (self.lost.get(), self.conn.close_reason()) {
+            (Some(r), _) => r.to_string(),
+            (None, Some(e)) => e.to_string(),
+            (None, None) => "its connection is closing".into(),
+        }
+    }
+
+    /// Whether global device `d` is on this node.
+    pub(crate) fn is_local(&self, d: usize) -> bool {
+        matches!(self.routes.get(d), Some(Some(_)))
+    }
+
+    /// Fails the connection for a stream error, unless it is already closed (then the monitor
+    /// reports the real cause, e.g. the idle timeout).
+    pub(crate) fn stream_failed(&self, message: String) {
+        if self.conn.close_reason().is_none() {
+            self.fail(LostReason::Failed { message }, close_code::STREAM);
+        }
+    }
+
     /// Records why the connection fails (the first reason wins) and closes it.
     pub(crate) fn fail(&self, reason: LostReason, code: VarInt) {
-        let text = match &reason {
-            LostReason::Malformed { message } => format!("malformed frame: {message}"),
-            other => other.to_string(),
-        };
+        let text = reason.to_string();
         let _ = self.lost.set(reason);
         close_with(&self.conn, code, &text);
     }
@@ -94,11 +135,16 @@ impl Peer {
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             lost: self.lost.get().cloned(),
             rtt: self.conn.rtt(),
+            control_messages_sent: self.control.sent_messages.load(Ordering::Relaxed),
+            control_bytes_sent: self.control.sent_bytes.load(Ordering::Relaxed),
+            control_messages_received: self.control.received_messages.load(Ordering::Relaxed),
+            control_bytes_received: self.control.received_bytes.load(Ordering::Relaxed),
         }
     }
 
-    /// Starts the monitor (connection closed -> `Lost`) and the stream acceptor.
-    pub(crate) fn start(self: &Arc<Self>, node: Arc<NodeInner>, routes: Routes) {
+    /// Starts the monitor (connection closed -> `Lost`), the control writer and the stream
+    /// acceptor.
+    pub(crate) fn start(self: &Arc<Self>, node: Arc<NodeInner>) {
         let peer = self.clone();
         let inner = node.clone();
         tokio::spawn(async move {
@@ -122,56 +168,82 @@ impl Peer {
                 reason,
             });
         });
+        let rx = self.control_rx.lock().expect("control lock").take();
+        if let Some(rx) = rx {
+            tokio::spawn(control::write_loop(self.clone(), rx));
+        }
         let peer = self.clone();
         tokio::spawn(async move {
             while let Ok(stream) = peer.conn.accept_uni().await {
-                tokio::spawn(
-                    peer.clone()
-                        .read_stream(stream, node.clone(), routes.clone()),
-                );
+                tokio::spawn(peer.clone().read_any(stream, node.clone()));
             }
         });
     }
 
+    /// Reads a stream's kind byte and then the stream; anything invalid closes the connection.
+    async fn read_any(self: Arc<Self>, mut stream: quinn::RecvStream, node: Arc<NodeInner>) {
+        let mut kind = [0u8; 1];
+        if let Err(e) = stream.read_exact(&mut kind).await {
+            // An empty stream carries nothing; a reset one is reported by the connection.
+            tracing::debug!(node = %node.name, peer = %self.name, error = %e, "stream without a kind byte");
+            return;
+        }
+        let r = match kind[0] {
+            STREAM_FRAMES => self
+                .read_frames(stream, &node)
+                .await
+                .map_err(|m| format!("activation stream: {m}")),
+            STREAM_CONTROL if self.control_seen.swap(true, Ordering::Relaxed) => {
+                Err("the peer opened a second control stream".into())
+            }
+            STREAM_CONTROL => control::read_loop(&self, stream, &node)
+                .await
+                .map_err(|m| format!("control stream: {m}")),
+            k => Err(format!("unknown stream kind {k}")),
+        };
+        if let Err(message) = r {
+            tracing::warn!(node = %node.name, peer = %self.name, addr = %self.addr, %message, "closing connection: malformed data");
+            self.fail(LostReason::Malformed { message }, close_code::MALFORMED);
+        }
+    }
+
     /// Reads frames from one stream until it ends, routing each to its local inbox. A stream
-    /// carries one (from, to) pair; anything invalid closes the connection.
-    async fn read_stream(
-        self: Arc<Self>,
+    /// carries one (from, to) pair; `Err` says what was malformed.
+    async fn read_frames(
+        &self,
         mut stream: quinn::RecvStream,
-        node: Arc<NodeInner>,
-        routes: Routes,
-    ) {
+        node: &NodeInner,
+    ) -> Result<(), String> {
         let mut hdr = AlignedVec::<16>::new();
         let mut pair: Option<(usize, usize)> = None;
         let max = node.options.max_frame_bytes;
         loop {
             let d = match read_frame(&mut stream, &mut hdr, max).await {
                 Ok(Some(d)) => d,
-                Ok(None) => return,
+                Ok(None) => return Ok(()),
                 Err(ReadFail::Closed(e)) => {
                     tracing::debug!(node = %node.name, peer = %self.name, error = %e, "stream closed");
-                    return;
+                    return Ok(());
                 }
-                Err(ReadFail::Malformed(m)) => return self.malformed(&node, m),
+                Err(ReadFail::Malformed(m)) => return Err(m),
             };
             let (from, to) = (d.frame.header.from, d.to);
             if !self.devices.contains(&from) {
-                let m = format!(
+                return Err(format!(
                     "frame claims sender device {from}, not on node {}",
                     self.name
-                );
-                return self.malformed(&node, m);
+                ));
             }
-            let Some(Some(inbox)) = routes.get(to) else {
-                let m = format!("frame for device {to}, not on node {}", node.name);
-                return self.malformed(&node, m);
+            let Some(Some(inbox)) = self.routes.get(to) else {
+                return Err(format!("frame for device {to}, not on node {}", node.name));
             };
             match pair {
                 None => pair = Some((from, to)),
                 Some(p) if p == (from, to) => {}
                 Some(p) => {
-                    let m = format!("stream of devices {p:?} carried a frame {from} -> {to}");
-                    return self.malformed(&node, m);
+                    return Err(format!(
+                        "stream of devices {p:?} carried a frame {from} -> {to}"
+                    ))
                 }
             }
             self.bytes_received
@@ -181,11 +253,6 @@ impl Peer {
                 tracing::debug!(device = to, "inbox closed; frame dropped");
             }
         }
-    }
-
-    fn malformed(&self, node: &NodeInner, message: String) {
-        tracing::warn!(node = %node.name, peer = %self.name, addr = %self.addr, %message, "closing connection: malformed frame");
-        self.fail(LostReason::Malformed { message }, close_code::MALFORMED);
     }
 
     /// Writes `bytes` as they are on a new stream (test hook).
@@ -200,5 +267,16 @@ impl Peer {
         s.write_all(bytes).await.map_err(|e| err(e.to_string()))?;
         s.finish().map_err(|e| err(e.to_string()))?;
         Ok(())
+    }
+
+    /// Queues `bytes` as they are on the control stream (test hook).
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn send_raw_control(&self, bytes: &[u8]) -> Result<(), crate::TransportError> {
+        self.control_tx
+            .send(Outgoing::Raw(bytes::Bytes::copy_from_slice(bytes)))
+            .map_err(|_| crate::TransportError::NodeGone {
+                node: self.name.clone(),
+                reason: self.lost_text(),
+            })
     }
 }

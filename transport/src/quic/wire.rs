@@ -1,7 +1,8 @@
-//! The bytes on a stream: frames (`[u32 LE header length][rkyv WireHeader][raw payload]`) and the
-//! handshake hello. Decoding validates everything before it allocates the payload, and reports
-//! a problem as [`ReadFail::Malformed`], never a panic. Generic over `AsyncRead`, so the TCP
-//! baseline of the benchmark uses the same code as QUIC.
+//! The bytes on a stream: a kind byte ([`STREAM_FRAMES`] or [`STREAM_CONTROL`]) opens every
+//! unidirectional stream; frames are `[u32 LE header length][rkyv WireHeader][raw payload]`;
+//! the handshake hello has its own fixed layout. Decoding validates everything before it
+//! allocates the payload, and reports a problem as [`ReadFail::Malformed`], never a panic.
+//! Generic over `AsyncRead`, so the TCP baseline of the benchmark uses the same code as QUIC.
 
 use bytes::Bytes;
 use rkyv::util::AlignedVec;
@@ -9,6 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::{Frame, FrameHeader, FrameKind, WireDType};
 
+/// First byte of a unidirectional stream of activation frames.
+pub(crate) const STREAM_FRAMES: u8 = 0;
+/// First byte of a node's control stream (one per direction per pair of nodes).
+pub(crate) const STREAM_CONTROL: u8 = 1;
 /// Most dimensions a payload shape may have.
 pub(crate) const MAX_RANK: usize = 8;
 /// Bytes before the payload of every frame: length prefix + archived header (fixed size).
@@ -104,16 +109,41 @@ pub(crate) enum ReadFail {
     Malformed(String),
 }
 
-fn io_fail(e: std::io::Error, what: &str) -> ReadFail {
+/// Classifies an I/O error while reading `what` (e.g. `"a frame (header)"`).
+pub(crate) fn io_fail(e: std::io::Error, what: &str) -> ReadFail {
     match e.kind() {
         std::io::ErrorKind::UnexpectedEof => {
-            ReadFail::Malformed(format!("stream ended inside a frame ({what})"))
+            ReadFail::Malformed(format!("stream ended inside {what}"))
         }
         std::io::ErrorKind::ConnectionReset => {
             ReadFail::Malformed(format!("stream reset by the peer ({what}): {e}"))
         }
         _ => ReadFail::Closed(e.to_string()),
     }
+}
+
+/// Reads a `u32 LE` length prefix; `Ok(None)` is a clean end of stream before its first byte,
+/// an end inside it is malformed (`what` names the prefix in the message).
+pub(crate) async fn read_prefix<R: AsyncRead + Unpin>(
+    r: &mut R,
+    what: &str,
+) -> Result<Option<u32>, ReadFail> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r
+            .read(&mut len[got..])
+            .await
+            .map_err(|e| io_fail(e, what))?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(ReadFail::Malformed(format!("stream ended inside {what}")));
+        }
+        got += n;
+    }
+    Ok(Some(u32::from_le_bytes(len)))
 }
 
 /// Reads one frame. `Ok(None)` is a clean end of stream at a frame boundary. `hdr` is a reusable
@@ -123,24 +153,10 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     hdr: &mut AlignedVec<16>,
     max_frame_bytes: usize,
 ) -> Result<Option<Decoded>, ReadFail> {
-    let mut len = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = r
-            .read(&mut len[got..])
-            .await
-            .map_err(|e| io_fail(e, "header length"))?;
-        if n == 0 {
-            if got == 0 {
-                return Ok(None);
-            }
-            return Err(ReadFail::Malformed(
-                "stream ended inside a frame (header length)".into(),
-            ));
-        }
-        got += n;
-    }
-    let hlen = u32::from_le_bytes(len) as usize;
+    let Some(hlen) = read_prefix(r, "a frame (header length)").await? else {
+        return Ok(None);
+    };
+    let hlen = hlen as usize;
     if hlen == 0 || hlen > MAX_HEADER_LEN {
         return Err(ReadFail::Malformed(format!(
             "header length {hlen} outside 1..={MAX_HEADER_LEN}"
@@ -150,12 +166,12 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     hdr.resize(hlen, 0);
     r.read_exact(&mut hdr[..])
         .await
-        .map_err(|e| io_fail(e, "header"))?;
+        .map_err(|e| io_fail(e, "a frame (header)"))?;
     let (header, to, payload_len) = decode_header(hdr, max_frame_bytes)?;
     let mut payload = vec![0u8; payload_len];
     r.read_exact(&mut payload)
         .await
-        .map_err(|e| io_fail(e, "payload"))?;
+        .map_err(|e| io_fail(e, "a frame (payload)"))?;
     Ok(Some(Decoded {
         frame: Frame { header, payload },
         to,
@@ -212,67 +228,6 @@ fn decode_header(
         shape,
     };
     Ok((header, a.to.to_native() as usize, payload_len))
-}
-
-/// Leading bytes of a hello; anything else on the first stream is not a pipefuse node.
-const HELLO_MAGIC: &[u8; 8] = b"PIPEFUSE";
-/// Fixed part of a hello: magic, version, fingerprint, name length.
-const HELLO_FIXED: usize = 8 + 4 + 32 + 1;
-
-/// The handshake message. A fixed little-endian layout (not rkyv), so that any two versions can
-/// read each other's version number and refuse cleanly.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Hello {
-    pub(crate) version: u32,
-    pub(crate) fingerprint: [u8; 32],
-    pub(crate) name: String,
-}
-
-impl Hello {
-    /// `magic | version u32 LE | fingerprint [32] | name length u8 | name`.
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let name = self.name.as_bytes();
-        let mut out = Vec::with_capacity(HELLO_FIXED + name.len());
-        out.extend_from_slice(HELLO_MAGIC);
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&self.fingerprint);
-        out.push(name.len() as u8); // node names are checked to be at most 255 bytes
-        out.extend_from_slice(name);
-        out
-    }
-
-    /// Reads a hello; an I/O error is returned as is, bad bytes as `Err(Ok(message))`.
-    pub(crate) async fn read<R: AsyncRead + Unpin>(
-        r: &mut R,
-    ) -> Result<Hello, Result<String, std::io::Error>> {
-        let mut fixed = [0u8; HELLO_FIXED];
-        r.read_exact(&mut fixed).await.map_err(Err)?;
-        if &fixed[..8] != HELLO_MAGIC {
-            return Err(Ok(
-                "the peer is not a pipefuse node (bad hello magic)".into()
-            ));
-        }
-        let version = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes"));
-        let fingerprint: [u8; 32] = fixed[12..44].try_into().expect("32 bytes");
-        let mut name = vec![0u8; fixed[44] as usize];
-        r.read_exact(&mut name).await.map_err(Err)?;
-        let name = String::from_utf8(name)
-            .map_err(|_| Ok("the peer's node name is not UTF-8".to_string()))?;
-        Ok(Hello {
-            version,
-            fingerprint,
-            name,
-        })
-    }
-}
-
-/// Short hex of a fingerprint for messages (first 8 bytes).
-pub(crate) fn short_hex(fp: &[u8; 32]) -> String {
-    fp[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>()
-        + ".."
 }
 
 #[cfg(test)]
@@ -356,19 +311,5 @@ mod tests {
         for cut in 1..good.len() {
             fail(&good[..cut], 1 << 20).await;
         }
-    }
-
-    #[tokio::test]
-    async fn hello_round_trips_and_rejects_other_bytes() {
-        let h = Hello {
-            version: 7,
-            fingerprint: [3; 32],
-            name: "node-a".into(),
-        };
-        let b = h.encode();
-        assert_eq!(Hello::read(&mut &b[..]).await.unwrap(), h);
-        let mut other = b.clone();
-        other[0] = b'X';
-        assert!(matches!(Hello::read(&mut &other[..]).await, Err(Ok(_))));
     }
 }

@@ -3,6 +3,8 @@
 
 mod bench;
 mod common;
+mod control;
+mod control_faults;
 mod exchange;
 mod failure;
 mod security;

@@ -109,7 +109,7 @@ async fn unexpected_node_name_is_refused_on_both_sides() {
 async fn malformed_frame_closes_only_that_connection() {
     let mut c = cluster(&["a", "b", "c"], &[vec![0], vec![1], vec![2]], fast()).await;
     c.nodes[0]
-        .send_raw_stream("b", b"\x10\x00\x00\x00this is not an rkyv header")
+        .send_raw_stream("b", b"\x00\x10\x00\x00\x00this is not an rkyv header")
         .await
         .unwrap();
     // b closes its connection to a, naming a and what was wrong.
@@ -123,7 +123,8 @@ async fn malformed_frame_closes_only_that_connection() {
             reason: LostReason::Malformed { message },
         } => {
             eprintln!("b: {e}");
-            assert_eq!(node, "a", "{message}")
+            assert_eq!(node, "a", "{message}");
+            assert!(message.starts_with("activation stream: "), "{message}");
         }
         other => panic!("expected Lost(a, Malformed), got {other:?}"),
     }

@@ -1,0 +1,265 @@
+//! Stages on other nodes: the coordinator's proxy for a remote device ([`RemoteProxy`]), the
+//! conversion of device reports into control messages, and the control loop every node runs
+//! (Begin / Abort for its local devices; on the coordinator's node, acknowledgements and reports
+//! for the coordinator).
+
+pub(crate) mod spec;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use model::ModelConfig;
+use ractor::ActorRef;
+use tokio::sync::oneshot;
+use topology::schedule::ScheduleConfig;
+use transport::{BoxFuture, ControlMessage, QuicNode};
+
+use crate::handles::RemoteDevice;
+use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
+use crate::stage::RequestSetup;
+
+/// Begin acknowledgements the coordinator's node is waiting for, by (request, device).
+pub(crate) type PendingAcks =
+    Arc<Mutex<HashMap<(u64, usize), oneshot::Sender<Result<(), String>>>>>;
+
+/// The coordinator's handle on a device of another node.
+pub(crate) struct RemoteProxy {
+    pub(crate) node: String,
+    pub(crate) device: usize,
+    pub(crate) quic: Arc<QuicNode>,
+    pub(crate) pending: PendingAcks,
+}
+
+impl RemoteDevice for RemoteProxy {
+    fn begin(
+        &self,
+        setup: Arc<RequestSetup>,
+        schedule: ScheduleConfig,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let spec = spec::spec_of(&setup, &schedule).map_err(|e| e.to_string())?;
+            let (tx, rx) = oneshot::channel();
+            let key = (setup.id, self.device);
+            self.pending.lock().expect("acks lock").insert(key, tx);
+            let msg = ControlMessage::Begin {
+                request: setup.id,
+                device: self.device as u32,
+                spec,
+            };
+            if let Err(e) = self.quic.send_control(&self.node, &msg) {
+                self.pending.lock().expect("acks lock").remove(&key);
+                return Err(format!("node {}: {e}", self.node));
+            }
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(format!("node {} went away before acknowledging", self.node)),
+                Err(_) => {
+                    self.pending.lock().expect("acks lock").remove(&key);
+                    Err(format!(
+                        "node {} did not acknowledge within {:.1} s",
+                        self.node,
+                        timeout.as_secs_f64()
+                    ))
+                }
+            }
+        })
+    }
+
+    fn abort(&self, request: u64) {
+        let _ = self
+            .quic
+            .send_control(&self.node, &ControlMessage::Abort { request });
+    }
+}
+
+/// A device report as a control message for the coordinator's node.
+pub(crate) fn report_message(msg: CoordinatorMessage) -> Option<ControlMessage> {
+    Some(match msg {
+        CoordinatorMessage::StepDone { request, step } => ControlMessage::StepDone {
+            request,
+            step: step as u32,
+        },
+        CoordinatorMessage::StageFinished {
+            request,
+            device,
+            report,
+        } => ControlMessage::StageFinished {
+            request,
+            device: device as u32,
+            busy_ns: report.busy.as_nanos() as u64,
+            items: report.launched as u32,
+            bytes_sent: report.bytes_sent,
+            latent: match report.latent.as_ref().map(spec::to_wire).transpose() {
+                Ok(l) => l,
+                Err(e) => {
+                    return Some(ControlMessage::DeviceFailed {
+                        request,
+                        device: device as u32,
+                        step: None,
+                        message: format!("final latent could not be encoded: {e}"),
+                    })
+                }
+            },
+        },
+        CoordinatorMessage::DeviceFailed {
+            request,
+            device,
+            step,
+            message,
+        } => ControlMessage::DeviceFailed {
+            request,
+            device: device as u32,
+            step: step.map(|s| s as u32),
+            message,
+        },
+        _ => return None,
+    })
+}
+
+/// What a node's control loop serves.
+pub(crate) struct ControlContext {
+    pub(crate) quic: Arc<QuicNode>,
+    pub(crate) config: ModelConfig,
+    /// This node's device actors, by device index.
+    pub(crate) devices: HashMap<usize, ActorRef<DeviceMessage>>,
+    /// The coordinator, on the coordinator's node.
+    pub(crate) coordinator: Option<ActorRef<CoordinatorMessage>>,
+    pub(crate) pending: PendingAcks,
+    pub(crate) begin_timeout: Duration,
+}
+
+impl ControlContext {
+    /// Handles one control message from node `from`.
+    pub(crate) async fn handle(&self, from: &str, msg: ControlMessage) {
+        match msg {
+            ControlMessage::Begin {
+                request,
+                device,
+                spec,
+            } => {
+                let error = self
+                    .begin_local(request, device as usize, &spec)
+                    .await
+                    .err();
+                let ack = ControlMessage::BeginAck {
+                    request,
+                    device,
+                    error,
+                };
+                if let Err(e) = self.quic.send_control(from, &ack) {
+                    tracing::warn!(node = from, %e, "could not acknowledge a begin");
+                }
+            }
+            ControlMessage::BeginAck {
+                request,
+                device,
+                error,
+            } => {
+                let waiter = self
+                    .pending
+                    .lock()
+                    .expect("acks lock")
+                    .remove(&(request, device as usize));
+                if let Some(tx) = waiter {
+                    let _ = tx.send(error.map_or(Ok(()), Err));
+                }
+            }
+            ControlMessage::Abort { .. } => {
+                for d in self.devices.values() {
+                    let _ = d.cast(DeviceMessage::Abort);
+                }
+            }
+            other => self.to_coordinator(from, other),
+        }
+    }
+
+    async fn begin_local(
+        &self,
+        request: u64,
+        device: usize,
+        spec: &transport::RequestSpec,
+    ) -> Result<(), String> {
+        let d = self
+            .devices
+            .get(&device)
+            .ok_or_else(|| format!("device {device} does not run on this node"))?;
+        let (setup, schedule) =
+            spec::setup_of(&self.config, request, spec).map_err(|e| e.to_string())?;
+        let ms = self.begin_timeout.as_millis() as u64;
+        ractor::call_t!(
+            d,
+            |reply| DeviceMessage::Begin {
+                setup,
+                schedule,
+                reply
+            },
+            ms
+        )
+        .map_err(|e| format!("device {device} did not begin: {e}"))?
+    }
+
+    fn to_coordinator(&self, from: &str, msg: ControlMessage) {
+        let Some(c) = &self.coordinator else {
+            tracing::warn!(
+                node = from,
+                "a report reached a node without the coordinator"
+            );
+            return;
+        };
+        let m = match msg {
+            ControlMessage::StepDone { request, step } => CoordinatorMessage::StepDone {
+                request,
+                step: step as usize,
+            },
+            ControlMessage::StageFinished {
+                request,
+                device,
+                busy_ns,
+                items,
+                bytes_sent,
+                latent,
+            } => {
+                let latent = match latent.as_ref().map(spec::from_wire).transpose() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = c.cast(CoordinatorMessage::DeviceFailed {
+                            request,
+                            device: device as usize,
+                            step: None,
+                            message: format!("node {from} sent an unusable final latent: {e}"),
+                        });
+                        return;
+                    }
+                };
+                CoordinatorMessage::StageFinished {
+                    request,
+                    device: device as usize,
+                    report: StageReport {
+                        busy: Duration::from_nanos(busy_ns),
+                        launched: items as usize,
+                        bytes_sent,
+                        latent,
+                    },
+                }
+            }
+            ControlMessage::DeviceFailed {
+                request,
+                device,
+                step,
+                message,
+            } => CoordinatorMessage::DeviceFailed {
+                request,
+                device: device as usize,
+                step: step.map(|s| s as usize),
+                message: format!("on node {from}: {message}"),
+            },
+            other => {
+                tracing::debug!(node = from, ?other, "control message ignored");
+                return;
+            }
+        };
+        let _ = c.cast(m);
+    }
+}

@@ -1,0 +1,145 @@
+//! `pipefuse launch`: one node of a multi-node cluster (`--node NAME`), or every node of the
+//! topology as its own process on this machine (`--local`). The coordinator's node runs the
+//! request given by the `generate` flags, prints the result, and closes the cluster; the other
+//! nodes serve until the coordinator's node closes.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use actors::Node;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use transport::QuicOptions;
+
+use crate::generate::{generate, GenerateArgs};
+
+/// Arguments of `pipefuse launch`.
+#[derive(Args, Debug)]
+pub(crate) struct LaunchArgs {
+    /// The node of the topology this process runs.
+    #[arg(long, value_name = "NAME", conflicts_with = "local")]
+    node: Option<String>,
+    /// Start every node of the topology as its own process on this machine, run the request on
+    /// the coordinator's node, then stop them all.
+    #[arg(long)]
+    local: bool,
+    /// Seconds to wait for every node to connect.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    join_timeout: u64,
+    /// Seconds without a packet after which a node counts as lost.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    node_timeout: f64,
+    #[command(flatten)]
+    generate: GenerateArgs,
+}
+
+fn quic_options(a: &LaunchArgs) -> Result<QuicOptions> {
+    let idle = Duration::try_from_secs_f64(a.node_timeout)
+        .ok()
+        .filter(|d| *d >= Duration::from_millis(100))
+        .context("--node-timeout must be at least 0.1 s")?;
+    Ok(QuicOptions {
+        join_timeout: Duration::from_secs(a.join_timeout),
+        idle_timeout: idle,
+        keep_alive: idle / 4,
+        ..QuicOptions::default()
+    })
+}
+
+/// Starts the other nodes as child processes of this binary.
+fn spawn_children(a: &LaunchArgs, names: &[String]) -> Result<Vec<(String, Child)>> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut children = Vec::new();
+    for n in names {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("launch").arg("--node").arg(n);
+        cmd.args(a.generate.cluster.forwarded());
+        cmd.args(["--join-timeout", &a.join_timeout.to_string()]);
+        cmd.args(["--node-timeout", &a.node_timeout.to_string()]);
+        cmd.stdin(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("starting node {n}"))?;
+        children.push((n.clone(), child));
+    }
+    Ok(children)
+}
+
+/// Waits up to `limit` for the children to exit after the coordinator closed, then kills them.
+fn reap(children: Vec<(String, Child)>, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    let mut failed = Vec::new();
+    for (name, mut c) in children {
+        loop {
+            match c.try_wait()? {
+                Some(status) => {
+                    if !status.success() {
+                        failed.push(format!("{name} ({status})"));
+                    }
+                    break;
+                }
+                None if t0.elapsed() > limit => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    failed.push(format!("{name} (did not stop; killed)"));
+                    break;
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("node(s) ended badly: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+pub(crate) fn run(a: LaunchArgs) -> Result<()> {
+    if a.generate.cluster.topology().is_none() {
+        bail!("launch needs --topology FILE (the same file on every node)");
+    }
+    let spec = a.generate.cluster.spec()?;
+    let me = match (&a.node, a.local) {
+        (Some(n), false) => n.clone(),
+        (None, true) => spec.coordinator.clone(),
+        _ => bail!("give --node NAME (this process is that node) or --local (every node here)"),
+    };
+    let children = if a.local {
+        let others: Vec<String> = spec
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .filter(|n| *n != me)
+            .collect();
+        spawn_children(&a, &others)?
+    } else {
+        Vec::new()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let node = Node::start(spec.clone(), &me, a.generate.options()?, quic_options(&a)?).await?;
+        match node.cluster() {
+            Some(cluster) => {
+                eprintln!(
+                    "node {me}: coordinator; all {} nodes connected",
+                    spec.nodes.len()
+                );
+                let r = generate(&a.generate, cluster).await;
+                node.shutdown().await;
+                r
+            }
+            None => {
+                eprintln!(
+                    "node {me}: serving until the coordinator ({}) closes",
+                    spec.coordinator
+                );
+                Ok(node.serve().await?)
+            }
+        }
+    });
+    drop(rt);
+    let reaped = reap(children, Duration::from_secs(10));
+    result?;
+    reaped
+}
