@@ -282,7 +282,7 @@ impl DeviceState {
                         DeviceMessage::ComputeWatchdog { request, item }
                     });
                 }),
-                StageAction::Send { to, step, part } => self.send(now, to, step, part),
+                StageAction::Send { to, step, part } => self.send(now, to, step, part).await,
                 StageAction::StepDone { step } => {
                     self.coordinator.report(CoordinatorMessage::StepDone {
                         request: a.setup.id,
@@ -368,7 +368,9 @@ impl DeviceState {
         Ok(())
     }
 
-    fn send(
+    /// Sends the completed item's output; over QUIC this waits while the link's bounded queue is
+    /// full (back-pressure), so a slow link slows the producer instead of piling up frames.
+    async fn send(
         &mut self,
         now: Duration,
         to: usize,
@@ -395,8 +397,9 @@ impl DeviceState {
         };
         let frame = encode(a.setup.id, self.index, step, part, kind, &out)
             .map_err(|e| (Some(step), e.to_string()))?;
-        self.links[to_device]
-            .send(frame)
+        let link = self.links[to_device].clone();
+        link.send_async(frame)
+            .await
             .map_err(|e| (Some(step), e.to_string()))
     }
 
