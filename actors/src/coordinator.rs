@@ -194,7 +194,10 @@ impl Actor for CoordinatorActor {
                         reports,
                         ..
                     } = st.running.take().expect("running");
-                    let _ = req.reply.send(finish(started, reports, &st.device_index));
+                    let shape = req.setup.prepared.latent_shape();
+                    let _ = req
+                        .reply
+                        .send(finish(started, reports, &st.device_index, shape));
                     st.start_next().await;
                 }
             }
@@ -344,6 +347,7 @@ fn finish(
     started: Instant,
     reports: Vec<Option<StageReport>>,
     device_index: &[usize],
+    shape: [usize; 4],
 ) -> Result<GenerateOutput, ClusterError> {
     let wall = started.elapsed();
     let mut latent = None;
@@ -365,6 +369,16 @@ fn finish(
         step: None,
         message: "the last stage finished without a latent".into(),
     })?;
+    if latent.shape() != shape {
+        return Err(ClusterError::DeviceFailed {
+            device: device_index.last().copied().unwrap_or(0),
+            step: None,
+            message: format!(
+                "the final latent has shape {:?}, the request's is {shape:?}",
+                latent.shape()
+            ),
+        });
+    }
     Ok(GenerateOutput {
         latent,
         summary: RunSummary::new(wall, per_device),

@@ -17,7 +17,9 @@ use crate::error::{ClusterError, Result};
 use crate::handles::{CoordinatorHandle, RemoteDevice};
 use crate::messages::CoordinatorMessage;
 use crate::model_source::ModelSource;
-use crate::remote::{report_message, ControlContext, PendingAcks, RemoteProxy};
+use crate::remote::{
+    fail_pending, report_message, ControlContext, PendingAcks, Readiness, RemoteProxy,
+};
 
 /// A running node.
 pub struct Node {
@@ -84,8 +86,9 @@ impl Node {
             cert_pem: read(&spec, &format!("nodes[{ni}].cert"), &tls.cert)?,
             key_pem: read(&spec, &format!("nodes[{ni}].key"), &tls.key)?,
         };
+        let model = ModelSource::from_spec(&spec)?;
         let mut map = ClusterMap {
-            fingerprint: spec.fingerprint(),
+            fingerprint: fingerprint(&spec, &model),
             nodes: Vec::new(),
         };
         let mut first = 0;
@@ -111,7 +114,6 @@ impl Node {
             first += n.devices.len();
         }
         let my_addr = map.nodes[ni].addr;
-        let model = ModelSource::from_spec(&spec)?;
         let cfg = model.config.clone();
         let plan = Plan::new(
             &spec,
@@ -128,6 +130,51 @@ impl Node {
         )?;
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
+        let lost_events = quic_node.subscribe();
+        let started = Self::start_bound(
+            spec,
+            name,
+            options,
+            model,
+            plan,
+            map,
+            quic_node.clone(),
+            events,
+            lost_events,
+        )
+        .await;
+        if let Err(e) = &started {
+            // Tell the peers why, instead of letting them time out.
+            quic_node.close_with(&e.to_string());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                quic_node
+                    .close_and_wait(std::time::Duration::from_secs(1))
+                    .await
+            })
+            .await;
+        }
+        started
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start_bound(
+        spec: ClusterSpec,
+        name: &str,
+        options: ClusterOptions,
+        model: ModelSource,
+        plan: Plan,
+        map: ClusterMap,
+        quic_node: Arc<QuicNode>,
+        events: tokio::sync::broadcast::Receiver<PeerEvent>,
+        mut lost_events: tokio::sync::broadcast::Receiver<PeerEvent>,
+    ) -> Result<Node> {
+        let ni = map
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("checked");
+        let my_addr = map.nodes[ni].addr;
+        let cfg = model.config.clone();
         tracing::info!(node = name, addr = %my_addr, "waiting for the other nodes");
         let endpoints = quic_node.join(&map).await?;
         let inbox = quic_node
@@ -149,6 +196,7 @@ impl Node {
         let stage_devices: Vec<usize> = plan.stages.iter().map(|s| s.device.index).collect();
         let is_coordinator = spec.coordinator == name;
         let mut local = HashMap::new();
+        let mut watchers = Vec::new();
         let cluster = if is_coordinator {
             let remote = |device: usize| -> Option<Arc<dyn RemoteDevice>> {
                 Some(Arc::new(RemoteProxy {
@@ -188,7 +236,7 @@ impl Node {
                 }));
                 let args =
                     device_args(&model, stage, stage_devices.clone(), endpoint, &options)(report);
-                let (d, _) = Actor::spawn(None, DeviceActor, args).await.map_err(|e| {
+                let (d, join) = Actor::spawn(None, DeviceActor, args).await.map_err(|e| {
                     ClusterError::DeviceStart {
                         device: stage.device.index,
                         what: stage.device.to_string(),
@@ -199,6 +247,14 @@ impl Node {
                     }
                 })?;
                 local.insert(stage.device.index, d);
+                // A device actor that stops (a panic in its handler) closes this node, so the
+                // coordinator sees the node lost, with the reason, instead of a silent gap.
+                let (q, index) = (quic_node.clone(), stage.device.index);
+                watchers.push(tokio::spawn(async move {
+                    let _ = join.await;
+                    tracing::error!(device = index, "device actor stopped; closing this node");
+                    q.close_with(&format!("device {index} stopped unexpectedly"));
+                }));
             }
             None
         };
@@ -207,10 +263,12 @@ impl Node {
             config: cfg,
             devices: local,
             coordinator: cluster.as_ref().map(|c| c.coordinator_ref().clone()),
-            pending,
+            pending: pending.clone(),
             begin_timeout: options.compute_timeout,
+            coordinator_node: spec.coordinator.clone(),
+            readiness: Arc::new(Readiness::default()),
         });
-        let mut tasks = Vec::new();
+        let mut tasks = watchers;
         let mut inbox = inbox;
         let c2 = ctx.clone();
         tasks.push(tokio::spawn(async move {
@@ -219,17 +277,37 @@ impl Node {
             }
         }));
         if let Some(coord) = cluster.as_ref().map(|c| c.coordinator_ref().clone()) {
-            let mut ev = quic_node.subscribe();
+            let (q, nodes) = (quic_node.clone(), map.nodes.clone());
             tasks.push(tokio::spawn(async move {
-                while let Ok(e) = ev.recv().await {
-                    if let PeerEvent::Lost { node, reason } = e {
-                        let _ = coord.cast(CoordinatorMessage::NodeLost {
-                            node,
-                            reason: reason.to_string(),
-                        });
+                let lost = |node: String, reason: String| {
+                    fail_pending(&pending, &format!("node {node} was lost: {reason}"));
+                    let _ = coord.cast(CoordinatorMessage::NodeLost { node, reason });
+                };
+                loop {
+                    match lost_events.recv().await {
+                        Ok(PeerEvent::Lost { node, reason }) => lost(node, reason.to_string()),
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            // Missed events: look at every peer's state instead.
+                            for n in nodes.iter().filter(|n| n.name != q.name()) {
+                                if let Some(r) = q.peer_stats(&n.name).and_then(|s| s.lost) {
+                                    lost(n.name.clone(), r.to_string());
+                                }
+                            }
+                        }
+                        Err(_) => break,
                     }
                 }
             }));
+        }
+        if is_coordinator {
+            wait_ready(&spec, name, &ctx, &quic_node, quic_join_timeout(&options)).await?;
+        } else {
+            let ready = transport::ControlMessage::NodeReady {
+                node: name.to_string(),
+                devices: my_devices.iter().map(|&d| d as u32).collect(),
+            };
+            quic_node.send_control(&spec.coordinator, &ready)?;
         }
         tracing::info!(node = name, coordinator = is_coordinator, "node ready");
         Ok(Node {
@@ -269,7 +347,18 @@ impl Node {
                     };
                 }
                 Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if let Some(reason) =
+                        self.quic.peer_stats(&self.coordinator).and_then(|s| s.lost)
+                    {
+                        let node = self.coordinator.clone();
+                        self.shutdown().await;
+                        return Err(ClusterError::NodeLost {
+                            node,
+                            reason: reason.to_string(),
+                        });
+                    }
+                }
                 Err(_) => return Ok(()),
             }
         }
@@ -286,5 +375,73 @@ impl Node {
         self.quic
             .close_and_wait(std::time::Duration::from_secs(2))
             .await;
+    }
+}
+
+/// The topology's fingerprint, mixed with the model's config: nodes that would load different
+/// models (another config under the same folder name) refuse each other at the handshake.
+fn fingerprint(spec: &ClusterSpec, model: &ModelSource) -> [u8; 32] {
+    let mut f = spec.fingerprint();
+    let text = format!("{:?}", model.config);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    for (x, y) in f.iter_mut().zip(h.to_le_bytes().iter().cycle()) {
+        *x ^= y;
+    }
+    f
+}
+
+/// How long the coordinator's node waits for the others to report ready after joining.
+fn quic_join_timeout(options: &ClusterOptions) -> std::time::Duration {
+    options.compute_timeout
+}
+
+/// The coordinator's node: waits until every other node reported its devices ready (they load
+/// their layers after joining), failing with the nodes that did not, or that were lost.
+async fn wait_ready(
+    spec: &ClusterSpec,
+    me: &str,
+    ctx: &ControlContext,
+    quic: &QuicNode,
+    limit: std::time::Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let notified = ctx.readiness.changed.notified();
+        let missing: Vec<String> = {
+            let ready = ctx
+                .readiness
+                .ready
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            spec.nodes
+                .iter()
+                .map(|n| n.name.clone())
+                .filter(|n| n != me && !ready.contains(n))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for n in &missing {
+            if let Some(reason) = quic.peer_stats(n).and_then(|s| s.lost) {
+                return Err(ClusterError::NodeLost {
+                    node: n.clone(),
+                    reason: format!("before it was ready: {reason}"),
+                });
+            }
+        }
+        // Wake on a report, or every 200 ms to notice lost nodes.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), notified).await;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClusterError::NotRunning(format!(
+                "node(s) {} joined but did not report ready within {:.0} s",
+                missing.join(", "),
+                limit.as_secs_f64()
+            )));
+        }
     }
 }

@@ -12,7 +12,16 @@ use model::Transformer;
 use topology::ClusterSpec;
 use transport::QuicOptions;
 
-fn topology(dir: &std::path::Path, base: u16) -> ClusterSpec {
+fn topology(dir: &std::path::Path) -> ClusterSpec {
+    // Three ports the OS reports free (held together, so distinct).
+    let socks: Vec<std::net::UdpSocket> = (0..3)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let ports: Vec<u16> = socks
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect();
+    drop(socks);
     let pki = transport::generate_cluster_pki("test", &["n0", "n1", "n2"]).unwrap();
     std::fs::write(dir.join("ca.pem"), &pki.ca_cert_pem).unwrap();
     let mut nodes = String::new();
@@ -22,7 +31,7 @@ fn topology(dir: &std::path::Path, base: u16) -> ClusterSpec {
         nodes += &format!(
             "[[nodes]]\nname = \"{0}\"\naddress = \"127.0.0.1:{1}\"\ncert = \"{0}.pem\"\nkey = \"{0}.key\"\ndevices = [{{ kind = \"cpu\", threads = 1 }}]\n",
             n.name,
-            base + i as u16
+            ports[i]
         );
     }
     let text = format!(
@@ -36,7 +45,7 @@ fn topology(dir: &std::path::Path, base: u16) -> ClusterSpec {
 async fn three_quic_nodes_with_one_frame_queues_equal_the_reference() {
     let dir = std::env::temp_dir().join(format!("pipefuse-multinode-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let spec = topology(&dir, 30000 + (std::process::id() % 3000) as u16 * 3);
+    let spec = topology(&dir);
     let quic = QuicOptions {
         link_queue_frames: 1,
         join_timeout: Duration::from_secs(20),

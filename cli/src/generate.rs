@@ -169,6 +169,16 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
 }
 
 impl GenerateArgs {
+    /// The runtime flags another node's process must repeat.
+    pub(crate) fn forwarded_timeouts(&self) -> Vec<String> {
+        vec![
+            "--stall-timeout".into(),
+            self.stall_timeout.to_string(),
+            "--compute-timeout".into(),
+            self.compute_timeout.to_string(),
+        ]
+    }
+
     /// The cluster options the flags ask for.
     pub(crate) fn options(&self) -> Result<ClusterOptions> {
         let secs = |v: f64, flag: &str| {

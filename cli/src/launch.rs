@@ -46,28 +46,45 @@ fn quic_options(a: &LaunchArgs) -> Result<QuicOptions> {
     })
 }
 
+/// Child processes that are killed (and waited for) if they are still running when this guard
+/// is dropped: no node outlives `launch --local`, whatever path it leaves by.
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (name, c) in &mut self.0 {
+            if let Ok(None) = c.try_wait() {
+                tracing::warn!(node = %name, "stopping a node that is still running");
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
 /// Starts the other nodes as child processes of this binary.
-fn spawn_children(a: &LaunchArgs, names: &[String]) -> Result<Vec<(String, Child)>> {
+fn spawn_children(a: &LaunchArgs, names: &[String]) -> Result<Children> {
     let exe = std::env::current_exe().context("locating this binary")?;
-    let mut children = Vec::new();
+    let mut children = Children(Vec::new());
     for n in names {
         let mut cmd = Command::new(&exe);
         cmd.arg("launch").arg("--node").arg(n);
         cmd.args(a.generate.cluster.forwarded());
+        cmd.args(a.generate.forwarded_timeouts());
         cmd.args(["--join-timeout", &a.join_timeout.to_string()]);
         cmd.args(["--node-timeout", &a.node_timeout.to_string()]);
         cmd.stdin(Stdio::null());
         let child = cmd.spawn().with_context(|| format!("starting node {n}"))?;
-        children.push((n.clone(), child));
+        children.0.push((n.clone(), child));
     }
     Ok(children)
 }
 
 /// Waits up to `limit` for the children to exit after the coordinator closed, then kills them.
-fn reap(children: Vec<(String, Child)>, limit: Duration) -> Result<()> {
+fn reap(mut children: Children, limit: Duration) -> Result<()> {
     let t0 = Instant::now();
     let mut failed = Vec::new();
-    for (name, mut c) in children {
+    for (name, mut c) in std::mem::take(&mut children.0) {
         loop {
             match c.try_wait()? {
                 Some(status) => {
@@ -111,7 +128,7 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
             .collect();
         spawn_children(&a, &others)?
     } else {
-        Vec::new()
+        Children(Vec::new())
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

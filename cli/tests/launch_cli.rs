@@ -4,7 +4,7 @@
 //! error while the survivors exit cleanly.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static str {
@@ -15,8 +15,9 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A three-node topology on loopback ports `base..base + 3`, with certificates, in a fresh dir.
-fn cluster(tag: &str, base: u16) -> (PathBuf, PathBuf) {
+/// A three-node topology on free loopback ports, with certificates, in a fresh dir.
+fn cluster(tag: &str) -> (PathBuf, PathBuf) {
+    let [p0, p1, p2] = free_ports();
     let dir = std::env::temp_dir().join(format!("pipefuse-launch-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -26,9 +27,9 @@ fn cluster(tag: &str, base: u16) -> (PathBuf, PathBuf) {
             "../../assets/digits-dit",
             root().join("assets/digits-dit").to_str().unwrap(),
         )
-        .replace("7100", &base.to_string())
-        .replace("7101", &(base + 1).to_string())
-        .replace("7102", &(base + 2).to_string());
+        .replace("7100", &p0.to_string())
+        .replace("7101", &p1.to_string())
+        .replace("7102", &p2.to_string());
     let topo = dir.join("three.toml");
     std::fs::write(&topo, text).unwrap();
     let o = Command::new(bin())
@@ -39,9 +40,12 @@ fn cluster(tag: &str, base: u16) -> (PathBuf, PathBuf) {
     (dir, topo)
 }
 
-/// Loopback ports for this test process (tests of one binary run in parallel: distinct bases).
-fn ports(offset: u16) -> u16 {
-    20000 + (std::process::id() % 2000) as u16 * 10 + offset
+/// Three UDP ports the OS reports free right now (held together, so they are distinct).
+fn free_ports() -> [u16; 3] {
+    let s: Vec<std::net::UdpSocket> = (0..3)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| s[i].local_addr().unwrap().port())
 }
 
 fn latent(path: &Path) -> Vec<u8> {
@@ -52,7 +56,7 @@ fn latent(path: &Path) -> Vec<u8> {
 
 #[test]
 fn three_processes_equal_the_in_process_run_bitwise() {
-    let (dir, topo) = cluster("bitwise", ports(0));
+    let (dir, topo) = cluster("bitwise");
     let (remote, local) = (
         dir.join("remote.safetensors"),
         dir.join("local.safetensors"),
@@ -117,7 +121,8 @@ fn three_processes_equal_the_in_process_run_bitwise() {
 
 #[test]
 fn a_killed_node_is_named_and_the_others_exit() {
-    let (dir, topo) = cluster("kill", ports(5));
+    use std::io::BufRead;
+    let (dir, topo) = cluster("kill");
     let t = topo.to_str().unwrap();
     let spawn = |node: &str, extra: &[&str]| {
         Command::new(bin())
@@ -127,8 +132,8 @@ fn a_killed_node_is_named_and_the_others_exit() {
                 t,
                 "--node",
                 node,
-                "--node-timeout",
-                "1",
+                "--join-timeout",
+                "15",
             ])
             .args(extra)
             .stdout(Stdio::null())
@@ -136,36 +141,65 @@ fn a_killed_node_is_named_and_the_others_exit() {
             .spawn()
             .unwrap()
     };
-    let mut n1 = spawn("n1", &[]);
-    let n2 = spawn("n2", &[]);
-    let n0 = spawn("n0", &["--class-label", "1", "--steps", "1000"]);
-    std::thread::sleep(Duration::from_secs(3));
+    // Only n1 asks for a 1 s idle timeout: a connection uses the smaller of its two ends' values.
+    let mut n1 = spawn("n1", &["--node-timeout", "1"]);
+    let mut n2 = spawn("n2", &[]);
+    let mut n0 = spawn("n0", &["--class-label", "1", "--steps", "1000"]);
+    // Kill n1 once n0 reports the cluster connected and the request running.
+    let stderr = n0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("stage(s)") {
+                let _ = tx.send(());
+            }
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    let started = rx.recv_timeout(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
     n1.kill().unwrap();
     let _ = n1.wait();
-    let wait = |mut c: std::process::Child, limit: Duration| -> Output {
+    let wait = |c: &mut std::process::Child, limit: Duration| -> Option<std::process::ExitStatus> {
         let t0 = Instant::now();
-        while c.try_wait().unwrap().is_none() {
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return Some(s);
+            }
             if t0.elapsed() > limit {
                 let _ = c.kill();
-                panic!("a node did not exit within {limit:?}");
+                let _ = c.wait();
+                return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        c.wait_with_output().unwrap()
     };
-    let o0 = wait(n0, Duration::from_secs(20));
-    let err = String::from_utf8_lossy(&o0.stderr);
-    eprintln!("coordinator: {err}");
-    assert!(!o0.status.success(), "the coordinator must fail: {err}");
+    let s0 = wait(&mut n0, Duration::from_secs(20));
+    let s2 = wait(&mut n2, Duration::from_secs(20));
+    let err = reader.join().unwrap();
+    assert!(started.is_ok(), "the request never started: {err}");
+    let s0 = s0.unwrap_or_else(|| panic!("the coordinator hung: {err}"));
+    assert!(!s0.success(), "the coordinator must fail: {err}");
+    let error = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
     assert!(
-        err.contains("n1") && (err.contains("lost") || err.contains("gone")),
-        "{err}"
+        error.contains("node n1 was lost"),
+        "the error must name the lost node: {err}"
     );
-    let o2 = wait(n2, Duration::from_secs(20));
+    let s2 = s2.expect("n2 did not exit");
+    let mut e2 = String::new();
+    let _ = std::io::Read::read_to_string(&mut n2.stderr.take().unwrap(), &mut e2);
     assert!(
-        o2.status.success(),
-        "n2 must exit cleanly once the coordinator closes: {}",
-        String::from_utf8_lossy(&o2.stderr)
+        s2.success(),
+        "n2 must exit cleanly once the coordinator closes: {e2}"
     );
     std::fs::remove_dir_all(&dir).ok();
 }

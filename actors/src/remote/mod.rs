@@ -42,21 +42,30 @@ impl RemoteDevice for RemoteProxy {
             let spec = spec::spec_of(&setup, &schedule).map_err(|e| e.to_string())?;
             let (tx, rx) = oneshot::channel();
             let key = (setup.id, self.device);
-            self.pending.lock().expect("acks lock").insert(key, tx);
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, tx);
             let msg = ControlMessage::Begin {
                 request: setup.id,
                 device: self.device as u32,
                 spec,
             };
             if let Err(e) = self.quic.send_control(&self.node, &msg) {
-                self.pending.lock().expect("acks lock").remove(&key);
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
                 return Err(format!("node {}: {e}", self.node));
             }
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => Err(format!("node {} went away before acknowledging", self.node)),
                 Err(_) => {
-                    self.pending.lock().expect("acks lock").remove(&key);
+                    self.pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
                     Err(format!(
                         "node {} did not acknowledge within {:.1} s",
                         self.node,
@@ -128,11 +137,27 @@ pub(crate) struct ControlContext {
     pub(crate) coordinator: Option<ActorRef<CoordinatorMessage>>,
     pub(crate) pending: PendingAcks,
     pub(crate) begin_timeout: Duration,
+    /// The coordinator's node: the only one whose Begin / Abort are obeyed.
+    pub(crate) coordinator_node: String,
+    /// On the coordinator's node: which nodes are ready.
+    pub(crate) readiness: Arc<Readiness>,
 }
 
 impl ControlContext {
     /// Handles one control message from node `from`.
     pub(crate) async fn handle(&self, from: &str, msg: ControlMessage) {
+        if matches!(
+            msg,
+            ControlMessage::Begin { .. } | ControlMessage::Abort { .. }
+        ) && from != self.coordinator_node
+        {
+            tracing::warn!(
+                node = from,
+                msg = msg.name(),
+                "only the coordinator's node may send this; ignored"
+            );
+            return;
+        }
         match msg {
             ControlMessage::Begin {
                 request,
@@ -160,10 +185,20 @@ impl ControlContext {
                 let waiter = self
                     .pending
                     .lock()
-                    .expect("acks lock")
+                    .unwrap_or_else(|e| e.into_inner())
                     .remove(&(request, device as usize));
                 if let Some(tx) = waiter {
                     let _ = tx.send(error.map_or(Ok(()), Err));
+                }
+            }
+            ControlMessage::NodeReady { node, .. } => {
+                if node == from {
+                    self.readiness
+                        .ready
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(node);
+                    self.readiness.changed.notify_waiters();
                 }
             }
             ControlMessage::Abort { .. } => {
@@ -262,4 +297,19 @@ impl ControlContext {
         };
         let _ = c.cast(m);
     }
+}
+
+/// A node was lost: every awaited Begin acknowledgement fails at once with `why` (the cluster
+/// cannot run the request any more), instead of waiting out its timeout.
+pub(crate) fn fail_pending(pending: &PendingAcks, why: &str) {
+    for (_, tx) in pending.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        let _ = tx.send(Err(why.to_string()));
+    }
+}
+
+/// Nodes that reported their devices ready (`NodeReady`), for the coordinator's node to wait on.
+#[derive(Default)]
+pub(crate) struct Readiness {
+    pub(crate) ready: Mutex<std::collections::HashSet<String>>,
+    pub(crate) changed: tokio::sync::Notify,
 }

@@ -195,6 +195,14 @@ impl QuicNode {
         );
     }
 
+    /// Closes every connection telling the peers `reason` (e.g. why this node cannot serve).
+    pub fn close_with(&self, reason: &str) {
+        self.inner.endpoint.close(
+            close_code::SHUTDOWN,
+            format!("node {}: {reason}", self.inner.name).as_bytes(),
+        );
+    }
+
     /// Closes every connection and waits (at most `limit`) until the peers were told, so a
     /// process that exits right after still ends its connections cleanly instead of letting the
     /// peers time out.
