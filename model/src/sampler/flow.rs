@@ -46,7 +46,8 @@ impl FlowEuler {
         let train = self.train as f64;
         // The training sigmas are shifted once at construction; set_timesteps spaces timesteps
         // between the shifted extremes and shifts again (diffusers' behaviour, kept).
-        let sigma_max = self.shifted(((train as f32) / train as f32) as f64) as f32 as f64;
+        // The largest training sigma is timestep `train` / `train`: exactly 1.0 in f32.
+        let sigma_max = self.shifted(1.0) as f32 as f64;
         let sigma_min = self.shifted((1.0f32 / train as f32) as f64) as f32 as f64;
         let (t0, t1) = (sigma_max * train, sigma_min * train);
         let mut sigmas: Vec<f32> = (0..n)
