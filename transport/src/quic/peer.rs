@@ -162,7 +162,12 @@ impl Peer {
                     },
                 })
                 .clone();
-            tracing::warn!(node = %inner.name, peer = %peer.name, addr = %peer.addr, %reason, "peer connection lost");
+            if matches!(reason, LostReason::Closed) {
+                // This node closed it (shutdown): expected, not a warning.
+                tracing::debug!(node = %inner.name, peer = %peer.name, addr = %peer.addr, %reason, "peer connection closed");
+            } else {
+                tracing::warn!(node = %inner.name, peer = %peer.name, addr = %peer.addr, %reason, "peer connection lost");
+            }
             inner.publish(PeerEvent::Lost {
                 node: peer.name.clone(),
                 reason,
