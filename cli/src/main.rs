@@ -1,6 +1,6 @@
 //! `pipefuse`: parallel Diffusion Transformer inference. This binary is the user's entry point:
-//! `generate` runs a request on a cluster, `plan` shows how a topology splits the work, `bench`
-//! measures the runtime. Logs go to stderr through
+//! `generate` runs a request on a cluster, `plan` shows how a topology splits the work, `launch`
+//! runs the nodes of a multi-machine cluster, `keygen` makes its certificates, `bench` measures. Logs go to stderr through
 //! `tracing`; set `RUST_LOG` (e.g. `RUST_LOG=pipefuse=debug,model=debug`).
 
 mod bench;
