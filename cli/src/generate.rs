@@ -63,6 +63,10 @@ pub(crate) struct GenerateArgs {
     /// naming the device (keep it below --stall-timeout).
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     compute_timeout: f64,
+    /// Send this request to a running cluster's coordinator (`pipefuse launch --serve`) through
+    /// its Unix socket, instead of starting a cluster; cluster flags are not allowed then.
+    #[arg(long, value_name = "SOCKET")]
+    attach: Option<PathBuf>,
     /// Integer upscaling of each image in the PNG [default: tiles at least 96 px].
     #[arg(long, value_name = "N")]
     png_scale: Option<usize>,
@@ -196,6 +200,18 @@ impl GenerateArgs {
 }
 
 pub(crate) fn run(a: GenerateArgs) -> Result<()> {
+    if let Some(socket) = &a.attach {
+        // Forward the command line as given, minus --attach.
+        let mut args: Vec<String> = std::env::args()
+            .skip_while(|x| x != "generate")
+            .skip(1)
+            .collect();
+        if let Some(i) = args.iter().position(|x| x == "--attach") {
+            args.drain(i..(i + 2).min(args.len()));
+        }
+        args.retain(|x| !x.starts_with("--attach="));
+        return crate::serve::attach(socket, args);
+    }
     let spec = a.cluster.spec()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -212,42 +228,90 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
     })
 }
 
-/// Runs the request the flags describe on `cluster` and writes the outputs.
+/// Where a request's messages go: the terminal (progress bar + stderr) or a client connection.
+pub(crate) trait Report: Send + Sync {
+    /// A line of output.
+    fn line(&self, s: &str);
+    /// The request started; `steps` in total.
+    fn start(&self, _steps: usize) {}
+    /// `done` steps of `steps` are complete.
+    fn step(&self, done: usize, steps: usize);
+    /// The request ended (successfully or not).
+    fn end(&self) {}
+}
+
+/// Progress bar and messages on stderr.
+#[derive(Default)]
+pub(crate) struct Terminal(std::sync::OnceLock<ProgressBar>);
+
+impl Report for Terminal {
+    fn line(&self, s: &str) {
+        match self.0.get() {
+            Some(bar) => bar.suspend(|| eprintln!("{s}")),
+            None => eprintln!("{s}"),
+        }
+    }
+    fn start(&self, steps: usize) {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        let _ = self.0.set(bar);
+    }
+    fn step(&self, done: usize, _steps: usize) {
+        if let Some(bar) = self.0.get() {
+            bar.set_position(done as u64);
+        }
+    }
+    fn end(&self) {
+        if let Some(bar) = self.0.get() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Runs the request the flags describe on `cluster` and writes the outputs, messages on stderr.
 pub(crate) async fn generate(a: &GenerateArgs, cluster: &Cluster) -> Result<()> {
+    generate_with(a, cluster, &Terminal::default()).await
+}
+
+/// Runs the request the flags describe on `cluster` and writes the outputs, messages to `report`.
+pub(crate) async fn generate_with(
+    a: &GenerateArgs,
+    cluster: &Cluster,
+    report: &dyn Report,
+) -> Result<()> {
     let req = request(a, cluster)?;
     let plan = cluster.plan(&req)?;
     let (steps, batch) = (req.steps, req.noise.dim(0));
-    eprintln!(
+    report.line(&format!(
         "{} stage(s), {} patch(es), {} warmup step(s), {steps} steps",
         plan.stages.len(),
         plan.patches.len(),
         plan.warmup_steps.min(steps)
-    );
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec}, eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    ));
+    report.start(steps);
     let mut handle = cluster.submit(req).await?;
     while let Some(Progress::Step { step, .. }) = handle.progress.recv().await {
-        bar.set_position(step as u64 + 1);
+        report.step(step + 1, steps);
     }
     let out = handle.result().await;
-    bar.finish_and_clear();
+    report.end();
     let out = out?;
     let secs = out.summary.wall.as_secs_f64();
-    eprintln!(
+    report.line(&format!(
         "generated {batch} latent(s) {:?} in {steps} steps: {secs:.2} s ({:.3} s/step)",
         out.latent.shape(),
         secs / steps as f64
-    );
-    eprint!("{}", out.summary);
+    ));
+    report.line(out.summary.to_string().trim_end());
     if let Some(path) = &a.save_latent {
         write_tensors(path, &[("latent", &out.latent)])?;
-        eprintln!("final latent written to {}", path.display());
+        report.line(&format!("final latent written to {}", path.display()));
     }
     if let Some(path) = &a.out {
         let images =
@@ -256,7 +320,11 @@ pub(crate) async fn generate(a: &GenerateArgs, cluster: &Cluster) -> Result<()> 
             .png_scale
             .unwrap_or_else(|| crate::png_out::auto_scale(images.dim(2), images.dim(3)));
         crate::png_out::write_grid(path, &images, scale)?;
-        eprintln!("{} image(s) written to {}", images.dim(0), path.display());
+        report.line(&format!(
+            "{} image(s) written to {}",
+            images.dim(0),
+            path.display()
+        ));
     }
     Ok(())
 }

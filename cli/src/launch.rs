@@ -23,6 +23,13 @@ pub(crate) struct LaunchArgs {
     /// the coordinator's node, then stop them all.
     #[arg(long)]
     local: bool,
+    /// Coordinator's node: after starting, serve requests from `pipefuse generate --attach
+    /// SOCKET` until Ctrl-C / SIGTERM, instead of running one request from these flags.
+    #[arg(long)]
+    serve: bool,
+    /// The Unix socket `--serve` listens on [default: the topology file's path + `.sock`].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<std::path::PathBuf>,
     /// Seconds to wait for every node to connect.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     join_timeout: u64,
@@ -142,7 +149,17 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
                     "node {me}: coordinator; all {} nodes connected",
                     spec.nodes.len()
                 );
-                let r = generate(&a.generate, cluster).await;
+                let r = if a.serve {
+                    let topo = a.generate.cluster.topology().expect("checked above");
+                    let socket = a.socket.clone().unwrap_or_else(|| {
+                        let mut s = topo.as_os_str().to_owned();
+                        s.push(".sock");
+                        s.into()
+                    });
+                    crate::serve::serve(cluster, &socket).await
+                } else {
+                    generate(&a.generate, cluster).await
+                };
                 node.shutdown().await;
                 r
             }

@@ -14,6 +14,7 @@ mod keygen;
 mod launch;
 mod plan;
 mod png_out;
+mod serve;
 mod tensor_io;
 
 use clap::{Parser, Subcommand};

@@ -203,3 +203,108 @@ fn a_killed_node_is_named_and_the_others_exit() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A served cluster (`launch --local --serve`) takes requests from `generate --attach`: the
+/// result equals a fresh in-process run bitwise, a bad request gets its error back, cluster flags
+/// are refused, and SIGTERM stops every node and removes the socket.
+#[test]
+fn a_served_cluster_takes_attached_requests_until_terminated() {
+    let (dir, topo) = cluster("serve");
+    let socket = dir.join("s.sock");
+    let mut server = Command::new(bin())
+        .args([
+            "launch",
+            "--local",
+            "--serve",
+            "--topology",
+            topo.to_str().unwrap(),
+        ])
+        .args(["--socket", socket.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !socket.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the server never listened"
+        );
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "the server exited early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let attach = |args: &[&str]| {
+        Command::new(bin())
+            .args(["generate", "--attach", socket.to_str().unwrap()])
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    };
+    let request = ["--class-label", "3", "--class-label", "8", "--steps", "12"];
+    let o = attach(&[&request[..], &["--save-latent", "served.safetensors"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("step 12/12") && err.contains("device 2: busy"),
+        "progress and summary reach the client: {err}"
+    );
+    let o = attach(&["--class-label", "99"]);
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("--class-label 99 out of range")
+    );
+    let o = attach(&["--class-label", "1", "--num-patches", "2"]);
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("cannot change a running cluster")
+    );
+
+    let local = dir.join("local.safetensors");
+    let o = Command::new(bin())
+        .args([
+            "generate",
+            "--model",
+            root().join("assets/digits-dit").to_str().unwrap(),
+        ])
+        .args([
+            "--pipefusion-degree",
+            "3",
+            "--num-patches",
+            "4",
+            "--warmup-steps",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .args(request)
+        .args(["--save-latent", local.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(latent(&dir.join("served.safetensors")), latent(&local));
+
+    let pid = server.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = server.kill();
+            panic!("the server did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "the socket is removed");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,170 @@
+//! Requests to a running cluster: the coordinator's node (`pipefuse launch --node <coordinator>
+//! --serve`) listens on a Unix socket (a local file with mode 0600: no network port beyond the
+//! topology's), and `pipefuse generate --attach SOCKET <flags>` sends it the request flags and
+//! prints what the request reports. Protocol: one JSON line `{"args": [...]}` from the client;
+//! then text lines from the server, the last one `exit: 0` or `exit: 1 <error>`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use actors::Cluster;
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+use crate::generate::{generate_with, GenerateArgs, Report};
+
+/// The generate flags of one request, as the server parses them.
+#[derive(Parser, Debug)]
+#[command(name = "generate", no_binary_name = true)]
+struct Request {
+    #[command(flatten)]
+    args: GenerateArgs,
+}
+
+/// Messages of a served request, sent to the client connection.
+struct Client(UnboundedSender<String>);
+
+impl Report for Client {
+    fn line(&self, s: &str) {
+        let _ = self.0.send(s.to_string());
+    }
+    fn step(&self, done: usize, steps: usize) {
+        let _ = self.0.send(format!("step {done}/{steps}"));
+    }
+}
+
+/// Serves requests on `socket` until Ctrl-C / SIGTERM.
+pub(crate) async fn serve(cluster: &Cluster, socket: &Path) -> Result<()> {
+    if socket.exists() {
+        if UnixStream::connect(socket).await.is_ok() {
+            bail!("{} is in use by another running cluster", socket.display());
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale {}", socket.display()))?;
+    }
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    eprintln!(
+        "serving requests on {} (pipefuse generate --attach {0} ...)",
+        socket.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = term.recv() => break Ok(()),
+            acc = listener.accept() => match acc {
+                Ok((stream, _)) => {
+                    tokio::select! {
+                        r = handle(stream, cluster) => if let Err(e) = r { tracing::warn!(%e, "client connection failed") },
+                        _ = tokio::signal::ctrl_c() => break Ok(()),
+                        _ = term.recv() => break Ok(()),
+                    }
+                }
+                Err(e) => break Err(e.into()),
+            },
+        }
+    };
+    let _ = std::fs::remove_file(socket);
+    eprintln!("stopped serving");
+    result
+}
+
+async fn handle(stream: UnixStream, cluster: &Cluster) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    tokio::io::BufReader::new(read).read_line(&mut line).await?;
+    let (tx, mut rx) = unbounded_channel::<String>();
+    let writer = tokio::spawn(async move {
+        while let Some(l) = rx.recv().await {
+            if write.write_all(format!("{l}\n").as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let outcome = run(&line, cluster, &Client(tx.clone())).await;
+    let _ = tx.send(match outcome {
+        Ok(()) => "exit: 0".to_string(),
+        Err(e) => format!("exit: 1 {e:#}"),
+    });
+    drop(tx);
+    let _ = writer.await;
+    Ok(())
+}
+
+async fn run(line: &str, cluster: &Cluster, report: &Client) -> Result<()> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).context("the request is not a JSON line")?;
+    let args: Vec<String> = v
+        .get("args")
+        .and_then(|a| a.as_array())
+        .context("the request has no `args` list")?
+        .iter()
+        .map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .context("`args` must be strings")
+        })
+        .collect::<Result<_>>()?;
+    let req = Request::try_parse_from(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fixed = req.args.cluster.forwarded();
+    if !fixed.is_empty() {
+        bail!("{} cannot change a running cluster", fixed.join(" "));
+    }
+    generate_with(&req.args, cluster, report).await
+}
+
+/// Flags whose values are paths: the client makes them absolute (the server has another cwd).
+const PATH_FLAGS: &[&str] = &["--out", "--save-latent", "--latents", "--prompt-embeds"];
+
+/// The client side: sends `args` (the generate flags, without `--attach`) and prints the reply.
+pub(crate) fn attach(socket: &Path, args: Vec<String>) -> Result<()> {
+    let cwd = std::env::current_dir()?;
+    let abs = |p: &str| -> String {
+        let p = PathBuf::from(p);
+        if p.is_absolute() { p } else { cwd.join(p) }
+            .display()
+            .to_string()
+    };
+    let mut out = Vec::new();
+    let mut it = args.into_iter().peekable();
+    while let Some(a) = it.next() {
+        if let Some((flag, val)) = a.split_once('=').filter(|(f, _)| PATH_FLAGS.contains(f)) {
+            out.push(format!("{flag}={}", abs(val)));
+        } else if PATH_FLAGS.contains(&a.as_str()) {
+            out.push(a);
+            if let Some(v) = it.next() {
+                out.push(abs(&v));
+            }
+        } else {
+            out.push(a);
+        }
+    }
+    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to {} (is `pipefuse launch --serve` running?)",
+            socket.display()
+        )
+    })?;
+    writeln!(s, "{}", serde_json::json!({ "args": out }))?;
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        if let Some(code) = line.strip_prefix("exit: ") {
+            return match code.split_once(' ') {
+                None if code == "0" => Ok(()),
+                Some((_, msg)) => bail!("{msg}"),
+                None => bail!("the cluster reported failure"),
+            };
+        }
+        eprintln!("{line}");
+    }
+    bail!("the cluster closed the connection before the request ended")
+}
