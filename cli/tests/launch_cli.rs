@@ -48,6 +48,30 @@ fn free_ports() -> [u16; 3] {
     std::array::from_fn(|i| s[i].local_addr().unwrap().port())
 }
 
+/// The same plan in one process (3 CPU devices x 1 thread, M = 4, W = 1), latent to `out`.
+fn in_process(request: &[&str], out: &Path) {
+    let o = Command::new(bin())
+        .args([
+            "generate",
+            "--model",
+            root().join("assets/digits-dit").to_str().unwrap(),
+        ])
+        .args([
+            "--pipefusion-degree",
+            "3",
+            "--num-patches",
+            "4",
+            "--warmup-steps",
+            "1",
+        ])
+        .args(["--threads", "1"])
+        .args(request)
+        .args(["--save-latent", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 fn latent(path: &Path) -> Vec<u8> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -71,28 +95,7 @@ fn three_processes_equal_the_in_process_run_bitwise() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("all 3 nodes connected"), "{err}");
-    // The same plan in one process: 3 CPU devices x 1 thread, M = 4, W = 1.
-    let o = Command::new(bin())
-        .args([
-            "generate",
-            "--model",
-            root().join("assets/digits-dit").to_str().unwrap(),
-        ])
-        .args([
-            "--pipefusion-degree",
-            "3",
-            "--num-patches",
-            "4",
-            "--warmup-steps",
-            "1",
-            "--threads",
-            "1",
-        ])
-        .args(request)
-        .args(["--save-latent", local.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    in_process(&request, &local);
     assert_eq!(
         latent(&remote),
         latent(&local),
@@ -264,27 +267,7 @@ fn a_served_cluster_takes_attached_requests_until_terminated() {
     );
 
     let local = dir.join("local.safetensors");
-    let o = Command::new(bin())
-        .args([
-            "generate",
-            "--model",
-            root().join("assets/digits-dit").to_str().unwrap(),
-        ])
-        .args([
-            "--pipefusion-degree",
-            "3",
-            "--num-patches",
-            "4",
-            "--warmup-steps",
-            "1",
-            "--threads",
-            "1",
-        ])
-        .args(request)
-        .args(["--save-latent", local.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    in_process(&request, &local);
     assert_eq!(latent(&dir.join("served.safetensors")), latent(&local));
 
     let pid = server.id().to_string();
