@@ -1,39 +1,8 @@
 //! `pipefuse generate --topology`, the xDiT-style overrides and `pipefuse plan`, end to end.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn pipefuse(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pipefuse"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn read_latent(path: &std::path::Path, name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
+use common::{pipefuse, read_f32, rel_l2, root};
 
 /// The bundled 2-device topology with W = T reproduces diffusers' DiTPipeline; with W = 1 it runs
 /// PipeFusion and reports its summary.
@@ -41,7 +10,7 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 fn generate_on_a_topology_matches_diffusers_when_all_steps_are_warmup() {
     let f = root().join("model/tests/fixtures");
     let topo = root().join("examples/topologies/local_2cpu.toml");
-    let want = read_latent(&f.join("dit_pipeline_ddim.safetensors"), "final_latent");
+    let want = read_f32(&f.join("dit_pipeline_ddim.safetensors"), "final_latent");
     for (warmup, limit) in [("12", 1e-4), ("1", 0.2)] {
         let out = std::env::temp_dir().join(format!(
             "pipefuse-topo-{}-{warmup}.safetensors",
@@ -73,7 +42,7 @@ fn generate_on_a_topology_matches_diffusers_when_all_steps_are_warmup() {
             err.contains("bubble fraction") && err.contains("device 1: busy"),
             "{err}"
         );
-        let e = rel_l2(&read_latent(&out, "latent"), &want);
+        let e = rel_l2(&read_f32(&out, "latent"), &want);
         assert!(e <= limit, "W={warmup}: relative L2 {e:.3e} vs diffusers");
         std::fs::remove_file(out).ok();
     }

@@ -1,31 +1,9 @@
 //! The `pipefuse` binary end to end: `generate` reproduces diffusers' DiTPipeline final latent from
 //! the same noise (relative L2 <= 1e-4), and bad input gives an error naming the file or flag.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures")
-}
-
-fn pipefuse(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pipefuse"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn read_f32(path: &std::path::Path, name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st
-        .tensor(name)
-        .unwrap_or_else(|_| panic!("{} has no `{name}`", path.display()));
-    t.data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
+use common::{fixtures, pipefuse, read_f32, rel_l2};
 
 #[test]
 fn generate_matches_diffusers_dit_pipeline() {
@@ -53,13 +31,7 @@ fn generate_matches_diffusers_dit_pipeline() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = read_f32(&out, "latent");
     let want = read_f32(&f.join("dit_pipeline_ddim.safetensors"), "final_latent");
-    let num: f64 = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    let e = (num / den).sqrt();
+    let e = rel_l2(&got, &want);
     assert!(e <= 1e-4, "relative L2 {e:.3e}");
     std::fs::remove_file(out).ok();
 }

@@ -1,15 +1,9 @@
 //! `pipefuse keygen` writes the cluster CA and node certificates where the topology points,
 //! keeps keys private, never overwrites silently; `pipefuse bench transport` reports its ratio.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn pipefuse(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pipefuse"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
+use common::{pipefuse, root};
 
 #[test]
 fn keygen_writes_what_the_topology_names_and_refuses_to_overwrite() {
@@ -17,8 +11,7 @@ fn keygen_writes_what_the_topology_names_and_refuses_to_overwrite() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let topo = dir.join("three.toml");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/topologies/three-nodes-local.toml");
+    let src = root().join("examples/topologies/three-nodes-local.toml");
     std::fs::copy(src, &topo).unwrap();
     let o = pipefuse(&["keygen", "--topology", topo.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -50,8 +43,7 @@ fn keygen_writes_what_the_topology_names_and_refuses_to_overwrite() {
         "--force makes new keys"
     );
 
-    let local =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/topologies/local_2cpu.toml");
+    let local = root().join("examples/topologies/local_2cpu.toml");
     let o = pipefuse(&["keygen", "--topology", local.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("tls.ca"), "{err}");

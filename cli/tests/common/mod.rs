@@ -1,0 +1,46 @@
+//! Helpers shared by the binary's end-to-end tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The model crate's golden fixtures.
+pub fn fixtures() -> PathBuf {
+    root().join("model/tests/fixtures")
+}
+
+/// Runs the `pipefuse` binary with `args`.
+pub fn pipefuse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pipefuse"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+/// The f32 values of tensor `name` in a safetensors file.
+pub fn read_f32(path: &Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(name)
+        .unwrap_or_else(|_| panic!("{} has no `{name}`", path.display()))
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// `||got - want|| / ||want||`.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
