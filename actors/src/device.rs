@@ -132,65 +132,12 @@ impl Actor for DeviceActor {
                     st.drain(&myself).await;
                 }
             }
-            DeviceMessage::Frame(frame) => {
-                let Some(a) = st.active.as_mut() else {
-                    tracing::warn!(
-                        device = st.index,
-                        from = frame.header.from,
-                        "frame outside a request dropped"
-                    );
-                    return Ok(());
-                };
-                if frame.header.request != a.setup.id {
-                    tracing::warn!(
-                        device = st.index,
-                        request = frame.header.request,
-                        "frame of another request dropped"
-                    );
-                    return Ok(());
-                }
-                let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
-                let now = a.started.elapsed();
-                let want = a.setup.frame_shape(part, st.stage == 0);
-                let r = decode(&frame).map_err(|e| e.to_string()).and_then(|t| {
-                    if want.as_deref() != Some(t.shape()) {
-                        return Err(format!(
-                            "frame from device {} for step {step} {part:?} has shape {:?}, the plan says {want:?}",
-                            frame.header.from,
-                            t.shape()
-                        ));
-                    }
-                    a.pending.insert((step, part), t);
-                    a.schedule
-                        .handle_input(now, step, part)
-                        .map_err(|e| e.to_string())
-                });
-                match r {
-                    Ok(()) => st.drain(&myself).await,
-                    Err(e) => st.fail(Some(step), e),
-                }
-            }
+            DeviceMessage::Frame(frame) => st.on_frame(&myself, frame).await,
             DeviceMessage::ComputeDone {
                 request,
                 item,
                 output,
-            } => {
-                let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) else {
-                    return Ok(()); // a result of an aborted request
-                };
-                let now = a.started.elapsed();
-                a.running = None;
-                match output {
-                    Ok(t) => {
-                        a.last_output = Some(t);
-                        match a.schedule.handle_compute_done(now, item) {
-                            Ok(()) => st.drain(&myself).await,
-                            Err(e) => st.fail(Some(item.step), e.to_string()),
-                        }
-                    }
-                    Err(e) => st.fail(Some(item.step), e),
-                }
-            }
+            } => st.on_compute_done(&myself, request, item, output).await,
             DeviceMessage::Tick { request } => {
                 if let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) {
                     a.timer_for = None;
@@ -215,6 +162,69 @@ impl Actor for DeviceActor {
 }
 
 impl DeviceState {
+    /// A frame from a peer: check it against the plan, hand it to the schedule, drain.
+    async fn on_frame(&mut self, myself: &ActorRef<DeviceMessage>, frame: transport::Frame) {
+        let Some(a) = self.active.as_mut() else {
+            tracing::warn!(
+                device = self.index,
+                from = frame.header.from,
+                "frame outside a request dropped"
+            );
+            return;
+        };
+        if frame.header.request != a.setup.id {
+            tracing::warn!(
+                device = self.index,
+                request = frame.header.request,
+                "frame of another request dropped"
+            );
+            return;
+        }
+        let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
+        let now = a.started.elapsed();
+        let want = a.setup.frame_shape(part, self.stage == 0);
+        let r = decode(&frame).map_err(|e| e.to_string()).and_then(|t| {
+            if want.as_deref() != Some(t.shape()) {
+                return Err(format!(
+                    "frame from device {} for step {step} {part:?} has shape {:?}, the plan says {want:?}",
+                    frame.header.from,
+                    t.shape()
+                ));
+            }
+            a.pending.insert((step, part), t);
+            a.schedule.handle_input(now, step, part).map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(()) => self.drain(myself).await,
+            Err(e) => self.fail(Some(step), e),
+        }
+    }
+
+    /// The compute thread finished `item` of `request` (ignored if that request was aborted).
+    async fn on_compute_done(
+        &mut self,
+        myself: &ActorRef<DeviceMessage>,
+        request: u64,
+        item: WorkItem,
+        output: Result<Tensor, String>,
+    ) {
+        let Some(a) = self.active.as_mut().filter(|a| a.setup.id == request) else {
+            return;
+        };
+        let now = a.started.elapsed();
+        a.running = None;
+        let r = output.and_then(|t| {
+            a.last_output = Some(t);
+            a.schedule
+                .handle_compute_done(now, item)
+                .map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(()) => self.drain(myself).await,
+            Err(e) => self.fail(Some(item.step), e),
+        }
+    }
+
     fn bytes_sent(&self) -> u64 {
         self.links.iter().map(|l| l.bytes_sent()).sum()
     }
