@@ -225,8 +225,8 @@ impl Cluster {
             return Err(spec
                 .error(
                     "nodes",
-                    format!("{} nodes: this version runs single-node clusters only", spec.nodes.len()),
-                    Some("multi-node clusters start with `pipefuse launch` (QUIC transport, next release)".into()),
+                    format!("{} nodes: a multi-node cluster runs one process per node", spec.nodes.len()),
+                    Some("start it with `pipefuse launch --topology FILE --node NAME` on each machine, or `pipefuse launch --local` on this one".into()),
                 )
                 .into());
         }

@@ -21,7 +21,7 @@ pub(crate) struct ClusterArgs {
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
     /// PipeFusion stages N (one device each). Overrides the topology; without one, the number of
-    /// local CPU devices [default: 1].
+    /// local CPU devices [default: 1 with --model, 2 for the bundled demo model].
     #[arg(long, value_name = "N")]
     pipefusion_degree: Option<usize>,
     /// Patches M the latent is cut into (horizontal strips of token rows) [default: the topology's,

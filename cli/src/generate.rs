@@ -274,6 +274,37 @@ impl Report for Terminal {
     }
 }
 
+/// Refuses, before any compute, outputs that could not be written: a PNG path that is not `.png`
+/// or whose folder does not exist, a PNG of a model whose latents cannot become images, a latent
+/// file in a missing folder.
+fn check_outputs(a: &GenerateArgs, cluster: &Cluster) -> Result<()> {
+    let folder_exists = |p: &Path| {
+        p.parent()
+            .map_or(true, |d| d.as_os_str().is_empty() || d.is_dir())
+    };
+    if let Some(out) = &a.out {
+        if !out
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+        {
+            bail!(
+                "--out {}: only PNG is written; use a .png file name",
+                out.display()
+            );
+        }
+        if !folder_exists(out) {
+            bail!("--out {}: the folder does not exist", out.display());
+        }
+        crate::images::check_decodable(cluster.model())?;
+    }
+    if let Some(p) = &a.save_latent {
+        if !folder_exists(p) {
+            bail!("--save-latent {}: the folder does not exist", p.display());
+        }
+    }
+    Ok(())
+}
+
 /// Runs the request the flags describe on `cluster` and writes the outputs, messages on stderr.
 pub(crate) async fn generate(a: &GenerateArgs, cluster: &Cluster) -> Result<()> {
     generate_with(a, cluster, &Terminal::default()).await
@@ -287,6 +318,10 @@ pub(crate) async fn generate_with(
 ) -> Result<()> {
     let req = request(a, cluster)?;
     let plan = cluster.plan(&req)?;
+    check_outputs(a, cluster)?;
+    if a.out.is_none() && a.save_latent.is_none() {
+        report.line("note: neither --out nor --save-latent given: the result is only summarised");
+    }
     let (steps, batch) = (req.steps, req.noise.dim(0));
     report.line(&format!(
         "{} stage(s), {} patch(es), {} warmup step(s), {steps} steps",

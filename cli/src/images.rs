@@ -25,6 +25,17 @@ fn is_pixel_space(model: &ModelSource) -> bool {
     model.vae_dir.is_none() && matches!(model.config.in_channels, 1 | 3)
 }
 
+/// Errors unless the model's final latents can become images (a `vae/`, or pixel space).
+pub(crate) fn check_decodable(model: &ModelSource) -> Result<()> {
+    if model.vae_dir.is_none() && !is_pixel_space(model) {
+        bail!(
+            "--out: the model's latents have {} channels and its folder has no vae/ to decode them; use --save-latent",
+            model.config.in_channels
+        );
+    }
+    Ok(())
+}
+
 /// Images `[B, C, H, W]` in [0, 1] from final latents `[B, C_latent, h, w]`.
 /// The VAE runs on one CPU device with `threads` threads.
 pub(crate) fn to_images(model: &ModelSource, latent: &Tensor, threads: usize) -> Result<Tensor> {

@@ -17,10 +17,11 @@ pub(crate) struct PlanArgs {
     /// Classifier-free guidance on (doubles the rows of every forward).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     guidance: bool,
-    /// Image height in pixels [default: the model's sample size x 8].
+    /// Image height in pixels [default: the model's sample size x its VAE factor (1 for a
+    /// pixel-space model)].
     #[arg(long)]
     height: Option<usize>,
-    /// Image width in pixels [default: the model's sample size x 8].
+    /// Image width in pixels [default: the model's sample size x its VAE factor].
     #[arg(long)]
     width: Option<usize>,
 }
@@ -29,20 +30,21 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     let spec = a.cluster.spec()?;
     let model = actors::ModelSource::from_spec(&spec)?;
     let cfg = &model.config;
+    let f = crate::images::pixel_factor(&model)?;
     let (h, w) = (
-        a.height.unwrap_or(cfg.sample_size * 8),
-        a.width.unwrap_or(cfg.sample_size * 8),
+        a.height.unwrap_or(cfg.sample_size * f),
+        a.width.unwrap_or(cfg.sample_size * f),
     );
-    let p8 = 8 * cfg.patch_size;
-    if h % p8 != 0 || w % p8 != 0 || h == 0 || w == 0 || a.batch == 0 {
-        bail!("--height {h} / --width {w} must be positive multiples of {p8}, --batch at least 1");
+    let pf = f * cfg.patch_size;
+    if h % pf != 0 || w % pf != 0 || h == 0 || w == 0 || a.batch == 0 {
+        bail!("--height {h} / --width {w} must be positive multiples of {pf} (pixels per latent element {f} x patch size {}), --batch at least 1", cfg.patch_size);
     }
     let forward_batch = if a.guidance { 2 * a.batch } else { a.batch };
     let shape = ModelShape {
         layers: cfg.num_layers,
         hidden: cfg.hidden(),
-        token_rows: h / 8 / cfg.patch_size,
-        token_cols: w / 8 / cfg.patch_size,
+        token_rows: h / f / cfg.patch_size,
+        token_cols: w / f / cfg.patch_size,
         batch: forward_batch,
         latent_channels: cfg.in_channels,
         latent_batch: a.batch,

@@ -11,7 +11,7 @@ pub type Result<T, E = TopologyError> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum TopologyError {
     /// Reading a topology file failed.
-    #[error("{}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,

@@ -162,9 +162,14 @@ impl Peer {
                     },
                 })
                 .clone();
-            if matches!(reason, LostReason::Closed) {
-                // This node closed it (shutdown): expected, not a warning.
-                tracing::debug!(node = %inner.name, peer = %peer.name, addr = %peer.addr, %reason, "peer connection closed");
+            let orderly = match &reason {
+                LostReason::Closed => true,
+                LostReason::ClosedByPeer { reason } => reason.ends_with("shut down"),
+                _ => false,
+            };
+            if orderly {
+                // An orderly close by either side: reported as an event, not warned about.
+                tracing::info!(node = %inner.name, peer = %peer.name, addr = %peer.addr, %reason, "peer connection closed");
             } else {
                 tracing::warn!(node = %inner.name, peer = %peer.name, addr = %peer.addr, %reason, "peer connection lost");
             }
