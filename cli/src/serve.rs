@@ -64,7 +64,11 @@ pub(crate) async fn serve(cluster: &Cluster, socket: &Path) -> Result<()> {
             acc = listener.accept() => match acc {
                 Ok((stream, _)) => {
                     tokio::select! {
-                        r = handle(stream, cluster) => if let Err(e) = r { tracing::warn!(%e, "client connection failed") },
+                        r = handle(stream, cluster) => match r {
+                            Ok(None) => {}
+                            Ok(Some(broken)) => break Err(broken),
+                            Err(e) => tracing::warn!(%e, "client connection failed"),
+                        },
                         _ = tokio::signal::ctrl_c() => break Ok(()),
                         _ = term.recv() => break Ok(()),
                     }
@@ -78,7 +82,9 @@ pub(crate) async fn serve(cluster: &Cluster, socket: &Path) -> Result<()> {
     result
 }
 
-async fn handle(stream: UnixStream, cluster: &Cluster) -> Result<()> {
+/// Serves one connection; `Some(error)` when the request showed the cluster is broken (a node
+/// lost, a device down): then serving stops, so the operator sees it and restarts the cluster.
+async fn handle(stream: UnixStream, cluster: &Cluster) -> Result<Option<anyhow::Error>> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::io::BufReader::new(read).read_line(&mut line).await?;
@@ -91,13 +97,18 @@ async fn handle(stream: UnixStream, cluster: &Cluster) -> Result<()> {
         }
     });
     let outcome = run(&line, cluster, &Client(tx.clone())).await;
-    let _ = tx.send(match outcome {
+    let _ = tx.send(match &outcome {
         Ok(()) => "exit: 0".to_string(),
         Err(e) => format!("exit: 1 {e:#}"),
     });
     drop(tx);
     let _ = writer.await;
-    Ok(())
+    Ok(outcome.err().filter(|e| {
+        matches!(
+            e.downcast_ref::<actors::ClusterError>(),
+            Some(actors::ClusterError::NodeLost { .. } | actors::ClusterError::NotRunning(_))
+        ) || e.to_string().contains("was lost")
+    }))
 }
 
 async fn run(line: &str, cluster: &Cluster, report: &Client) -> Result<()> {
