@@ -82,6 +82,9 @@ impl ClusterArgs {
 
     /// The cluster these flags describe, validated (errors name the file/flag, line and field).
     pub(crate) fn spec(&self) -> Result<ClusterSpec> {
+        if self.threads == Some(0) {
+            bail!("--threads must be at least 1");
+        }
         let mut spec = match &self.topology {
             Some(path) => {
                 let mut s = ClusterSpec::from_file(path)?;

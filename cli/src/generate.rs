@@ -92,6 +92,9 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
     let steps = a
         .steps
         .unwrap_or(if cfg.arch == Arch::Dit { 50 } else { 20 });
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
     let scale = a
         .guidance_scale
         .unwrap_or(if cfg.arch == Arch::Dit { 4.0 } else { 4.5 });

@@ -121,6 +121,12 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         bail!("launch needs --topology FILE (the same file on every node)");
     }
     let spec = a.generate.cluster.spec()?;
+    if spec.nodes.len() == 1 {
+        bail!(
+            "{} has a single node: run it with `pipefuse generate --topology FILE` (launch is for clusters of several nodes)",
+            spec.file
+        );
+    }
     let me = match (&a.node, a.local) {
         (Some(n), false) => n.clone(),
         (None, true) => spec.coordinator.clone(),

@@ -159,6 +159,20 @@ pub(crate) fn attach(socket: &Path, args: Vec<String>) -> Result<()> {
             out.push(a);
         }
     }
+    {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(socket) {
+            Ok(m) if !m.file_type().is_socket() => bail!(
+                "{} is not a socket (the coordinator's `pipefuse launch --serve` creates it)",
+                socket.display()
+            ),
+            Err(_) => bail!(
+                "{} does not exist: is `pipefuse launch --serve` running on this machine?",
+                socket.display()
+            ),
+            Ok(_) => {}
+        }
+    }
     let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to {} (is `pipefuse launch --serve` running?)",

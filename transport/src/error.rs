@@ -122,13 +122,15 @@ pub enum TransportError {
         /// Which check failed, with both sides' values.
         message: String,
     },
-    /// A peer node did not connect (or could not be reached) within the join timeout.
-    #[error("node {node} at {addr} did not connect within {waited:?}")]
+    /// Peer nodes did not connect (or could not be reached) within the join timeout.
+    #[error("node {node} at {addr}{} did not connect within {waited:?}", if others.is_empty() { String::new() } else { format!(" (and {})", others.join(", ")) })]
     JoinTimeout {
-        /// The missing node.
+        /// The first missing node.
         node: String,
         /// Its address.
         addr: SocketAddr,
+        /// The other missing nodes, as `name at address`.
+        others: Vec<String>,
         /// How long this node waited.
         waited: Duration,
     },

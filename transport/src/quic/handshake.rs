@@ -99,6 +99,7 @@ pub(crate) async fn dial(
     let timeout = || TransportError::JoinTimeout {
         node: peer.name.clone(),
         addr: peer.addr,
+        others: Vec::new(),
         waited,
     };
     let connect_err = |message: String| TransportError::Connect {

@@ -136,13 +136,14 @@ pub(crate) async fn join(
                 message: "the endpoint closed while joining".into(),
             },
             Err(_) => {
-                let missing = others
-                    .iter()
-                    .find(|n| !conns.contains_key(&n.name))
-                    .expect("a peer is missing");
+                let mut missing = others.iter().filter(|n| !conns.contains_key(&n.name));
+                let first = missing.next().expect("a peer is missing");
                 TransportError::JoinTimeout {
-                    node: missing.name.clone(),
-                    addr: missing.addr,
+                    node: first.name.clone(),
+                    addr: first.addr,
+                    others: missing
+                        .map(|n| format!("{} at {}", n.name, n.addr))
+                        .collect(),
                     waited,
                 }
             }
