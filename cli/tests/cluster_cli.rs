@@ -158,3 +158,62 @@ fn bench_pipeline_ends_with_the_speedup_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("drift of PipeFusion vs serial"), "{err}");
 }
+
+/// Mistakes on the command line are named before anything runs.
+#[test]
+fn flag_mistakes_are_named_before_any_compute() {
+    let local = root().join("examples/topologies/local_2cpu.toml");
+    let readme = root().join("README.md");
+    let cases: [(Vec<&str>, &str); 7] = [
+        (
+            vec!["generate", "--steps", "0"],
+            "--steps must be at least 1",
+        ),
+        (
+            vec!["generate", "--threads", "0"],
+            "--threads must be at least 1",
+        ),
+        (vec!["generate", "--out", "digits.jpg"], "only PNG"),
+        (
+            vec!["generate", "--out", "/nonexistent-dir/d.png"],
+            "the folder does not exist",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                "../model/tests/fixtures/dit_tiny_pipeline",
+                "--class-label",
+                "1",
+                "--out",
+                "x.png",
+            ],
+            "no vae/",
+        ),
+        (
+            vec![
+                "launch",
+                "--local",
+                "--topology",
+                local.to_str().unwrap(),
+                "--class-label",
+                "1",
+            ],
+            "single node",
+        ),
+        (
+            vec!["generate", "--attach", readme.to_str().unwrap()],
+            "is not a socket",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = pipefuse(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: stderr lacks `{want}`: {err}");
+        assert!(
+            !err.contains("generated"),
+            "{args:?} ran the request before failing: {err}"
+        );
+    }
+}
