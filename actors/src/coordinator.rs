@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use topology::schedule::ScheduleConfig;
 
 use crate::cluster::{DeviceSummary, GenerateOutput, Progress, RunSummary};
-use crate::device::{DeviceActor, DeviceArgs};
+use crate::device::{start_error, DeviceActor, DeviceArgs};
 use crate::error::ClusterError;
 use crate::handles::{DeviceHandle, RemoteDevice};
 use crate::messages::{CoordinatorMessage, StageReport};
@@ -89,20 +89,10 @@ impl Actor for CoordinatorActor {
                 StageSlot::Local(make) => make,
             };
             let dargs = make(myself.clone());
-            let (device, what) = (dargs.index, dargs.describe.clone());
+            let (device, failed) = (dargs.index, start_error(&dargs));
             let (d, _) = Actor::spawn_linked(None, DeviceActor, dargs, myself.get_cell())
                 .await
-                .map_err(|e| {
-                    let message = match e {
-                        ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
-                        other => other.to_string(),
-                    };
-                    ClusterError::DeviceStart {
-                        device,
-                        what,
-                        message,
-                    }
-                })?;
+                .map_err(failed)?;
             devices.push(DeviceHandle::Local(d));
             device_index.push(device);
         }

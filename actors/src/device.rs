@@ -20,6 +20,21 @@ use crate::handles::CoordinatorHandle;
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
 use crate::stage::{RequestSetup, StageExecutor, StageJob};
 
+/// The error of a device actor that failed to start (its `pre_start`: device open, layer load).
+pub(crate) fn start_error(
+    args: &DeviceArgs,
+) -> impl FnOnce(ractor::SpawnErr) -> crate::ClusterError {
+    let (device, what) = (args.index, args.describe.clone());
+    move |e| crate::ClusterError::DeviceStart {
+        device,
+        what,
+        message: match e {
+            ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
+            other => other.to_string(),
+        },
+    }
+}
+
 /// The device actor (its configuration arrives as [`DeviceArgs`]; all mutable state is built in
 /// `pre_start`, so a device that cannot load its layers fails the spawn, not a request).
 pub(crate) struct DeviceActor;

@@ -12,7 +12,7 @@ use topology::{ClusterSpec, ModelShape, Plan};
 use transport::{ClusterMap, NodeAddr, NodeIdentity, PeerEvent, QuicNode, QuicOptions};
 
 use crate::cluster::{device_args, Cluster, ClusterOptions};
-use crate::device::DeviceActor;
+use crate::device::{start_error, DeviceActor};
 use crate::error::{ClusterError, Result};
 use crate::handles::{CoordinatorHandle, RemoteDevice};
 use crate::messages::CoordinatorMessage;
@@ -88,7 +88,9 @@ impl Node {
         };
         let model = ModelSource::from_spec(&spec)?;
         let mut map = ClusterMap {
-            fingerprint: fingerprint(&spec, &model),
+            // The model's config counts too: nodes that would load different models (another config
+            // under the same folder name) refuse each other at the handshake.
+            fingerprint: spec.fingerprint_with(&format!("{:?}", model.config)),
             nodes: Vec::new(),
         };
         let mut first = 0;
@@ -236,16 +238,10 @@ impl Node {
                 }));
                 let args =
                     device_args(&model, stage, stage_devices.clone(), endpoint, &options)(report);
-                let (d, join) = Actor::spawn(None, DeviceActor, args).await.map_err(|e| {
-                    ClusterError::DeviceStart {
-                        device: stage.device.index,
-                        what: stage.device.to_string(),
-                        message: match e {
-                            ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
-                            other => other.to_string(),
-                        },
-                    }
-                })?;
+                let failed = start_error(&args);
+                let (d, join) = Actor::spawn(None, DeviceActor, args)
+                    .await
+                    .map_err(failed)?;
                 local.insert(stage.device.index, d);
                 // A device actor that stops (a panic in its handler) closes this node, so the
                 // coordinator sees the node lost, with the reason, instead of a silent gap.
@@ -376,22 +372,6 @@ impl Node {
             .close_and_wait(std::time::Duration::from_secs(2))
             .await;
     }
-}
-
-/// The topology's fingerprint, mixed with the model's config: nodes that would load different
-/// models (another config under the same folder name) refuse each other at the handshake.
-fn fingerprint(spec: &ClusterSpec, model: &ModelSource) -> [u8; 32] {
-    let mut f = spec.fingerprint();
-    let text = format!("{:?}", model.config);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    for (x, y) in f.iter_mut().zip(h.to_le_bytes().iter().cycle()) {
-        *x ^= y;
-    }
-    f
 }
 
 /// How long the coordinator's node waits for the others to report ready after joining.

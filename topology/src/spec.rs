@@ -218,6 +218,12 @@ impl ClusterSpec {
     /// when they connect, so a node started with another topology is refused. Not a security
     /// measure (mutual TLS is): four FNV-1a-64 lanes over a canonical text.
     pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint_with("")
+    }
+
+    /// [`ClusterSpec::fingerprint`] over `extra` as well (what the caller knows beyond the file,
+    /// e.g. the model's config); an empty `extra` gives the plain fingerprint.
+    pub fn fingerprint_with(&self, extra: &str) -> [u8; 32] {
         let model = match &self.model {
             ModelSpec::Path(p) => format!(
                 "path:{}",
@@ -239,12 +245,16 @@ impl ClusterSpec {
                 )
             })
             .collect();
-        let text = format!(
+        let mut text = format!(
             "v1|coord={}|model={model}|parallel={:?}|nodes={}",
             self.coordinator,
             self.parallel,
             nodes.join(";")
         );
+        if !extra.is_empty() {
+            text += "|extra=";
+            text += extra;
+        }
         let mut out = [0u8; 32];
         for (lane, chunk) in out.chunks_mut(8).enumerate() {
             let mut h: u64 =
