@@ -39,6 +39,10 @@ pub struct BenchRow {
 pub struct BenchReport {
     /// In the order of the sizes asked for.
     pub rows: Vec<BenchRow>,
+    /// The sender's QUIC path MTU at the end (bytes of UDP payload).
+    pub quic_path_mtu: u16,
+    /// Packets the sender declared lost over the whole run.
+    pub quic_lost_packets: u64,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -60,7 +64,11 @@ impl std::fmt::Display for BenchReport {
                 r.tcp_p50.as_secs_f64() * 1e3
             )?;
         }
-        Ok(())
+        writeln!(
+            f,
+            "QUIC path MTU {} bytes, {} packets lost",
+            self.quic_path_mtu, self.quic_lost_packets
+        )
     }
 }
 
@@ -166,12 +174,12 @@ async fn measure(
     Ok((rate, p50(lat)))
 }
 
-async fn quic_pipe() -> Result<(QuicPipe, QuicNode, QuicNode), TransportError> {
+async fn quic_pipe(options: QuicOptions) -> Result<(QuicPipe, QuicNode, QuicNode), TransportError> {
     let pki = generate_cluster_pki("bench", &["bench-a", "bench-b"])?;
     let local: SocketAddr = "127.0.0.1:0".parse().expect("address");
     let id = |n: &str| pki.identity(n).expect("generated");
-    let a = QuicNode::bind(id("bench-a"), local, QuicOptions::default())?;
-    let b = QuicNode::bind(id("bench-b"), local, QuicOptions::default())?;
+    let a = QuicNode::bind(id("bench-a"), local, options.clone())?;
+    let b = QuicNode::bind(id("bench-b"), local, options)?;
     let map = ClusterMap {
         fingerprint: [0; 32],
         nodes: vec![
@@ -233,13 +241,14 @@ async fn tcp_pipe() -> Result<TcpPipe, TransportError> {
 }
 
 /// For each payload size, sends `count` frames back to back and then `count` frames one at a
-/// time, over QUIC (mutual TLS, default [`QuicOptions`]: the tuned windows) and over TCP with the
-/// same framing, and reports MB/s and the median per-message latency.
+/// time, over QUIC (mutual TLS, `options`; `QuicOptions::default()` is what nodes use) and over
+/// TCP with the same framing, and reports MB/s and the median per-message latency.
 pub async fn bench_quic_vs_tcp(
     sizes: &[usize],
     count: usize,
+    options: QuicOptions,
 ) -> Result<BenchReport, TransportError> {
-    let (mut quic, _a, _b) = quic_pipe().await?;
+    let (mut quic, a, _b) = quic_pipe(options).await?;
     let mut tcp = tcp_pipe().await?;
     let mut rows = Vec::with_capacity(sizes.len());
     for &size in sizes {
@@ -254,5 +263,10 @@ pub async fn bench_quic_vs_tcp(
             tcp_p50,
         });
     }
-    Ok(BenchReport { rows })
+    let stats = a.peer_stats("bench-b");
+    Ok(BenchReport {
+        rows,
+        quic_path_mtu: stats.as_ref().map_or(0, |s| s.path_mtu),
+        quic_lost_packets: stats.as_ref().map_or(0, |s| s.lost_packets),
+    })
 }

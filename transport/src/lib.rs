@@ -89,7 +89,8 @@ pub use memory::{Endpoint, MemoryNetwork};
 pub use pki::{generate_cluster_pki, ClusterPki, NodeCert, NodeIdentity};
 pub use quic::{
     ClusterMap, ControlEnvelope, ControlSender, LostReason, NodeAddr, PeerEvent, PeerStats,
-    QuicNode, QuicOptions, WIRE_VERSION,
+    QuicNode, QuicOptions, ETHERNET_MAX_UDP_PAYLOAD, GSO_MAX_UDP_PAYLOAD, LOOPBACK_MAX_UDP_PAYLOAD,
+    WIRE_VERSION,
 };
 
 /// A boxed, sendable future (the return type of [`Link::send_async`]).

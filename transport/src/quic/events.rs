@@ -96,6 +96,13 @@ pub struct PeerStats {
     pub lost: Option<LostReason>,
     /// The current round-trip estimate.
     pub rtt: Duration,
+    /// The UDP payload size the connection currently uses (path-MTU discovery raises it from
+    /// 1200 up to [`QuicOptions::max_udp_payload`](super::QuicOptions::max_udp_payload)).
+    pub path_mtu: u16,
+    /// Packets declared lost on the path so far.
+    pub lost_packets: u64,
+    /// The current congestion window in bytes.
+    pub congestion_window: u64,
     /// Control messages written to the node's control stream.
     pub control_messages_sent: u64,
     /// Bytes of those messages (length prefix + archive).

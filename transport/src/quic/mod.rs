@@ -32,7 +32,9 @@ use crate::pki::check_node_name;
 use crate::{ControlMessage, Endpoint, NodeIdentity, TransportError};
 pub use control::ControlSender;
 pub use events::{LostReason, PeerEvent, PeerStats};
-pub use options::QuicOptions;
+pub use options::{
+    QuicOptions, ETHERNET_MAX_UDP_PAYLOAD, GSO_MAX_UDP_PAYLOAD, LOOPBACK_MAX_UDP_PAYLOAD,
+};
 pub(crate) use peer::Peer;
 pub(crate) use wire::{encode_header, read_frame, ReadFail};
 
@@ -126,13 +128,9 @@ impl QuicNode {
     ) -> Result<Self, TransportError> {
         check_node_name(&identity.name)?;
         options.validate()?;
-        let (server, client) = tls::configs(&identity, &options)?;
-        let endpoint =
-            quinn::Endpoint::server(server, addr).map_err(|source| TransportError::Io {
-                op: "bind QUIC endpoint",
-                addr,
-                source,
-            })?;
+        let max_udp_payload = options.max_udp_payload_for(addr.ip());
+        let (server, client) = tls::configs(&identity, &options, max_udp_payload)?;
+        let endpoint = bind_endpoint(server, addr, max_udp_payload, &options)?;
         let addr = endpoint.local_addr().map_err(|source| TransportError::Io {
             op: "read local address of",
             addr,
@@ -269,4 +267,43 @@ impl Drop for QuicNode {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The node's UDP endpoint. The endpoint's `max_udp_payload_size` is what this node announces it
+/// can receive; quinn's default (1472) would cap the peers' path-MTU discovery at Ethernet size
+/// whatever the transport config says, so it is set to `max_udp_payload`. The socket buffers are
+/// enlarged so that a burst of large datagrams is not dropped by the kernel.
+fn bind_endpoint(
+    server: quinn::ServerConfig,
+    addr: SocketAddr,
+    max_udp_payload: u16,
+    options: &QuicOptions,
+) -> Result<quinn::Endpoint, TransportError> {
+    let io = |op| move |source| TransportError::Io { op, addr, source };
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(max_udp_payload)
+        .map_err(|e| TransportError::Config {
+            message: format!("max_udp_payload {max_udp_payload}: {e}"),
+        })?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(io("open UDP socket for"))?;
+    if addr.is_ipv6() {
+        // Same behaviour as std's bind: an IPv6 address means IPv6 only is not forced.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = socket.set_recv_buffer_size(options.socket_buffer_bytes);
+    let _ = socket.set_send_buffer_size(options.socket_buffer_bytes);
+    socket
+        .bind(&addr.into())
+        .map_err(io("bind QUIC endpoint"))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| io("bind QUIC endpoint")(std::io::Error::other("no tokio runtime")))?;
+    quinn::Endpoint::new(config, Some(server), socket.into(), runtime)
+        .map_err(io("bind QUIC endpoint"))
 }

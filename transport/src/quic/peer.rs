@@ -130,7 +130,11 @@ impl Peer {
 
     /// Counters and state.
     pub(crate) fn stats(&self) -> PeerStats {
+        let path = self.conn.stats().path;
         PeerStats {
+            path_mtu: path.current_mtu,
+            lost_packets: path.lost_packets,
+            congestion_window: path.cwnd,
             messages_received: self.messages_received.load(Ordering::Relaxed),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             lost: self.lost.get().cloned(),

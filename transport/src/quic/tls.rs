@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
+use quinn::congestion::CubicConfig;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use super::options::GSO_MAX_UDP_PAYLOAD;
 use crate::{NodeIdentity, QuicOptions, TransportError};
 
 /// ALPN of the pipefuse protocol (the wire version is checked by the hello, not here, so that a
@@ -25,6 +27,7 @@ fn tls(what: &str, e: impl std::fmt::Display) -> TransportError {
 pub(crate) fn configs(
     id: &NodeIdentity,
     options: &QuicOptions,
+    max_udp_payload: u16,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
     let ca = CertificateDer::from_pem_slice(id.ca_cert_pem.as_bytes())
         .map_err(|e| tls("cluster CA certificate PEM", e))?;
@@ -65,7 +68,7 @@ pub(crate) fn configs(
         .map_err(|e| tls("client certificate", e))?;
     client.alpn_protocols = vec![ALPN.to_vec()];
 
-    let transport = Arc::new(transport_config(options)?);
+    let transport = Arc::new(transport_config(options, max_udp_payload)?);
     let server = QuicServerConfig::try_from(server).map_err(|e| tls("QUIC server config", e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
     server.transport_config(transport.clone());
@@ -76,8 +79,15 @@ pub(crate) fn configs(
     Ok((server, client))
 }
 
-/// Keep-alive, idle timeout and the windows tuned for multi-MiB frames (DEPENDENCIES.md §5).
-fn transport_config(o: &QuicOptions) -> Result<TransportConfig, TransportError> {
+/// quinn's default initial congestion window (RFC 9002: 10 datagrams of 1200 bytes).
+const INITIAL_WINDOW: u64 = 12_000;
+
+/// Keep-alive, idle timeout, the windows tuned for multi-MiB frames (DEPENDENCIES.md §5), the
+/// path-MTU bound and whether segmentation offload is safe with it.
+fn transport_config(
+    o: &QuicOptions,
+    max_udp_payload: u16,
+) -> Result<TransportConfig, TransportError> {
     let cfg = |m: String| TransportError::Config { message: m };
     let idle = IdleTimeout::try_from(o.idle_timeout)
         .map_err(|_| cfg(format!("idle_timeout {:?} is too long", o.idle_timeout)))?;
@@ -90,8 +100,18 @@ fn transport_config(o: &QuicOptions) -> Result<TransportConfig, TransportError> 
         .max_concurrent_uni_streams(VarInt::from_u32(o.max_streams))
         .max_concurrent_bidi_streams(VarInt::from_u32(4));
     let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(o.max_udp_payload);
+    mtu.upper_bound(max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
+    t.enable_segmentation_offload(max_udp_payload <= GSO_MAX_UDP_PAYLOAD);
+    // Path-MTU probes count against the congestion window. With 64 KiB probes the default
+    // initial window (12 000 bytes) is full after one probe, and a connection closed in that
+    // moment (a refused handshake) cannot send its CONNECTION_CLOSE: quinn does not exempt it,
+    // and a closed connection no longer processes the acknowledgements that would free the
+    // window, so the peer saw a stateless reset instead of the reason. Four datagrams of the
+    // largest size leave room for the close.
+    let mut cubic = CubicConfig::default();
+    cubic.initial_window(INITIAL_WINDOW.max(4 * u64::from(max_udp_payload)));
+    t.congestion_controller_factory(Arc::new(cubic));
     Ok(t)
 }
 

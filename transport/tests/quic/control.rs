@@ -170,13 +170,20 @@ async fn control_messages_round_trip_in_order_beside_activation_frames() {
 /// Frames of 4 MiB queued first; a control message sent after them arrives before most of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_overtakes_queued_activation_frames() {
-    let mut c = cluster(&["a", "b"], &[vec![0], vec![1]], fast()).await;
+    // 96 MiB queued: at loopback speed (~1.5 GB/s) the frames take ~65 ms, several times what
+    // a control message needs, so the check does not depend on the machine's speed.
+    let opts = QuicOptions {
+        link_queue_frames: 32,
+        link_queue_bytes: 128 << 20,
+        ..fast()
+    };
+    let mut c = cluster(&["a", "b"], &[vec![0], vec![1]], opts).await;
     let mut inbox = c.nodes[1].control_inbox().unwrap();
-    let (n, elems) = (8u32, 1 << 20);
+    let (n, elems) = (24u32, 1 << 20);
     let frames: Vec<_> = (0..n).map(|s| frame(0, s, 0, elems)).collect();
     let link = c.endpoints[0][0].links[1].clone();
     for f in frames.iter().cloned() {
-        link.send(f).unwrap(); // 8 frames, 32 MiB: within the default queue limits
+        link.send(f).unwrap(); // within the queue limits above
     }
     let t0 = Instant::now();
     c.nodes[0]
