@@ -3,17 +3,13 @@
 //! bitwise, move the bytes the plan predicts, and a node killed mid-request is named in the
 //! error while the survivors exit cleanly.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pipefuse")
-}
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::{bin, in_process_demo, latent_bytes as latent, root};
 
 /// A three-node topology on free loopback ports, with certificates, in a fresh dir.
 fn cluster(tag: &str) -> (PathBuf, PathBuf) {
@@ -48,36 +44,6 @@ fn free_ports() -> [u16; 3] {
     std::array::from_fn(|i| s[i].local_addr().unwrap().port())
 }
 
-/// The same plan in one process (3 CPU devices x 1 thread, M = 4, W = 1), latent to `out`.
-fn in_process(request: &[&str], out: &Path) {
-    let o = Command::new(bin())
-        .args([
-            "generate",
-            "--model",
-            root().join("assets/digits-dit").to_str().unwrap(),
-        ])
-        .args([
-            "--pipefusion-degree",
-            "3",
-            "--num-patches",
-            "4",
-            "--warmup-steps",
-            "1",
-        ])
-        .args(["--threads", "1"])
-        .args(request)
-        .args(["--save-latent", out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn latent(path: &Path) -> Vec<u8> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor("latent").unwrap().data().to_vec()
-}
-
 #[test]
 fn three_processes_equal_the_in_process_run_bitwise() {
     let (dir, topo) = cluster("bitwise");
@@ -95,7 +61,7 @@ fn three_processes_equal_the_in_process_run_bitwise() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("all 3 nodes connected"), "{err}");
-    in_process(&request, &local);
+    in_process_demo(3, 4, &request.map(String::from), &local);
     assert_eq!(
         latent(&remote),
         latent(&local),
@@ -267,7 +233,7 @@ fn a_served_cluster_takes_attached_requests_until_terminated() {
     );
 
     let local = dir.join("local.safetensors");
-    in_process(&request, &local);
+    in_process_demo(3, 4, &request.map(String::from), &local);
     assert_eq!(latent(&dir.join("served.safetensors")), latent(&local));
 
     let pid = server.id().to_string();

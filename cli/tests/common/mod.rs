@@ -44,3 +44,32 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     (num / den).sqrt()
 }
+
+/// The path of the `pipefuse` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pipefuse")
+}
+
+/// The raw bytes of the `latent` tensor of a `--save-latent` file (for bitwise comparisons).
+pub fn latent_bytes(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("latent").unwrap().data().to_vec()
+}
+
+/// The demo model on `stages` local CPU devices x 1 thread (PipeFusion, `patches`, W = 1), in
+/// one process: `request` flags, latent saved to `out`.
+pub fn in_process_demo(stages: usize, patches: usize, request: &[String], out: &Path) {
+    let o = Command::new(bin())
+        .args(["generate", "--model"])
+        .arg(root().join("assets/digits-dit"))
+        .args(["--pipefusion-degree", &stages.to_string()])
+        .args(["--num-patches", &patches.to_string(), "--warmup-steps", "1"])
+        .args(["--threads", "1"])
+        .args(request)
+        .arg("--save-latent")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

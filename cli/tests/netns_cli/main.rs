@@ -9,7 +9,11 @@
 //! Needs root, `ip`, `tc` and /dev/net/tun (CI has them). Elsewhere the test fails saying what is
 //! missing; `PIPEFUSE_SKIP_NETNS=1` opts out explicitly.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod relay;
+
+use common::{bin, in_process_demo, latent_bytes as latent, root};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -18,14 +22,6 @@ use std::time::Duration;
 const RATE_MBIT: f64 = 100.0;
 const DELAY: Duration = Duration::from_millis(2);
 const STEPS: &str = "30";
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pipefuse")
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn run(cmd: &[&str]) -> Result<(), String> {
     let o = Command::new(cmd[0])
@@ -136,12 +132,6 @@ fn labels() -> Vec<String> {
         .collect()
 }
 
-fn latent(path: &Path) -> Vec<u8> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor("latent").unwrap().data().to_vec()
-}
-
 /// `wall X s` and, per device, `busy X s` and `Y MB sent` from the run summary.
 fn summary(err: &str) -> (f64, Vec<f64>, Vec<f64>) {
     let num = |s: &str| {
@@ -242,26 +232,8 @@ fn nodes_in_namespaces_overlap_a_slow_link_with_compute() {
 
     // Same plan, one process, no network.
     let local = dir.join("local.safetensors");
-    let o = Command::new(bin())
-        .args([
-            "generate",
-            "--model",
-            root().join("assets/digits-dit").to_str().unwrap(),
-        ])
-        .args([
-            "--pipefusion-degree",
-            "2",
-            "--num-patches",
-            "4",
-            "--warmup-steps",
-            "1",
-        ])
-        .args(["--threads", "1", "--steps", STEPS])
-        .args(labels())
-        .args(["--save-latent", local.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let request = [labels(), vec!["--steps".into(), STEPS.into()]].concat();
+    in_process_demo(2, 4, &request, &local);
     assert_eq!(
         latent(&remote),
         latent(&local),
