@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc::{self, unbounded_channel};
+use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 use super::handshake::{self, Accepted};
@@ -228,10 +229,23 @@ async fn accept_loop(
 ) {
     let hello = Arc::new(hello);
     let dialers = Arc::new(dialers);
+    let slots = Arc::new(Semaphore::new(inner.options.max_pending_handshakes));
     while let Some(incoming) = inner.endpoint.accept().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let addr = incoming.remote_address();
+            incoming.refuse();
+            let reason = format!(
+                "{} handshakes already in progress (max_pending_handshakes)",
+                inner.options.max_pending_handshakes
+            );
+            tracing::debug!(node = %inner.name, %addr, %reason, "refused a connection");
+            inner.publish(PeerEvent::Refused { addr, reason });
+            continue;
+        };
         let (inner, hello, dialers, tx) =
             (inner.clone(), hello.clone(), dialers.clone(), tx.clone());
         tokio::spawn(async move {
+            let _slot = slot; // held until this connection is admitted or refused
             let deadline = join_deadline.max(Instant::now() + inner.options.idle_timeout);
             let expected: Vec<&str> = dialers.iter().map(String::as_str).collect();
             let refused = match handshake::accept(incoming, &hello, &expected, deadline).await {

@@ -52,6 +52,10 @@ pub struct QuicOptions {
     /// incoming one closes the connection; a larger outgoing one is refused with
     /// [`TransportError::ControlTooLarge`].
     pub max_control_bytes: usize,
+    /// Incoming connections in their TLS/pipefuse handshake at once (default 32). Beyond that a
+    /// new connection is refused at once (QUIC `CONNECTION_REFUSED`) instead of costing a TLS
+    /// handshake, so a flood of strangers cannot tie up the node.
+    pub max_pending_handshakes: usize,
     /// Control messages the node's control inbox holds before the readers of the control
     /// streams wait for the consumer (default 1024). Activation streams are not affected.
     pub control_inbox_capacity: usize,
@@ -75,6 +79,7 @@ impl Default for QuicOptions {
             wire_version: WIRE_VERSION,
             max_control_bytes: DEFAULT_MAX_CONTROL_BYTES,
             control_inbox_capacity: 1024,
+            max_pending_handshakes: 32,
         }
     }
 }
@@ -126,6 +131,9 @@ impl QuicOptions {
             if !(1200..=LOOPBACK_MAX_UDP_PAYLOAD).contains(&p) {
                 return bad(format!("max_udp_payload {p} outside 1200..=65527"));
             }
+        }
+        if self.max_pending_handshakes == 0 {
+            return bad("max_pending_handshakes must be at least 1".into());
         }
         if self.control_inbox_capacity == 0 {
             return bad("control_inbox_capacity must be at least 1".into());

@@ -158,3 +158,68 @@ async fn malformed_frame_closes_only_that_connection() {
     assert_eq!(got, vec![frame(0, 1, 0, 4), frame(1, 1, 0, 4)]);
     assert_eq!(c.nodes[2].peer_stats("a").unwrap().lost, None);
 }
+
+/// A QUIC client with a valid cluster certificate for `name` that completes TLS and then says
+/// nothing: it holds one of the acceptor's handshake slots until the acceptor gives up.
+async fn silent_member(
+    pki: &transport::ClusterPki,
+    name: &str,
+    to: std::net::SocketAddr,
+) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let id = pki.identity(name).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(id.ca_cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let cert = CertificateDer::from_pem_slice(id.cert_pem.as_bytes()).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"pipefuse".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let ep = quinn::Endpoint::client(local()).unwrap();
+    let conn = ep
+        .connect_with(quinn::ClientConfig::new(std::sync::Arc::new(quic)), to, "b")
+        .unwrap()
+        .await?;
+    Ok((ep, conn))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_limit_are_refused_without_tls() {
+    let pki = generate_cluster_pki("t", &["b", "z"]).unwrap();
+    let opts = QuicOptions {
+        max_pending_handshakes: 1,
+        idle_timeout: Duration::from_secs(3),
+        keep_alive: Duration::from_millis(500),
+        ..fast()
+    };
+    let b = QuicNode::bind(pki.identity("b").unwrap(), local(), opts).unwrap();
+    let mut events = b.subscribe();
+    b.join(&map(&[&b], &[vec![0]], [1; 32])).await.unwrap();
+    // The first one holds the only slot (it never sends its hello)...
+    let first = silent_member(&pki, "z", b.local_addr()).await;
+    assert!(first.is_ok(), "{:?}", first.err());
+    // ...so the second is refused before any TLS work.
+    let second = silent_member(&pki, "z", b.local_addr()).await;
+    let Err(err) = second else {
+        panic!("the second connection must be refused");
+    };
+    eprintln!("second: {err}");
+    assert!(
+        matches!(err, quinn::ConnectionError::ConnectionClosed(_)),
+        "{err:?}"
+    );
+    let e = next_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, PeerEvent::Refused { .. })
+    })
+    .await;
+    assert!(e.to_string().contains("max_pending_handshakes"), "{e}");
+}
