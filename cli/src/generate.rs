@@ -98,6 +98,19 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
     let scale = a
         .guidance_scale
         .unwrap_or(if cfg.arch == Arch::Dit { 4.0 } else { 4.5 });
+    // A flag the model cannot use is an error, not silently dropped.
+    match (cfg.arch, a.prompt_embeds.as_ref(), a.class_labels.first()) {
+        (Arch::Dit, Some(p), _) => bail!(
+            "--prompt-embeds {}: this is a class-conditioned DiT model, it takes --class-label \
+             instead (prompt embeddings are for PixArt models)",
+            p.display()
+        ),
+        (Arch::PixArt, _, Some(l)) => bail!(
+            "--class-label {l}: this is a text-conditioned PixArt model, it takes \
+             --prompt-embeds FILE instead (class labels are for DiT models)"
+        ),
+        _ => {}
+    }
     let (batch, caption) = match cfg.arch {
         Arch::Dit if a.class_labels.is_empty() && a.cluster.uses_bundled_model() => {
             // The demo's default request: one image of every class (the digits 0-9).

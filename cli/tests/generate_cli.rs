@@ -42,10 +42,22 @@ fn bad_input_is_a_clear_error() {
     let model = f.join("dit_tiny_pipeline");
     let m = model.to_str().unwrap();
     let io = f.join("dit_tiny_io.safetensors");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["generate", "--model", "/nonexistent", "--class-label", "1"],
             "/nonexistent",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--class-label",
+                "1",
+                "--prompt-embeds",
+                "caption.safetensors",
+            ],
+            "--prompt-embeds caption.safetensors: this is a class-conditioned DiT",
         ),
         (&["generate", "--model", m], "--class-label"),
         (

@@ -153,6 +153,26 @@ fn caption_mistakes_name_the_file_and_tensor() {
             "unexpected tensor `pooled`",
         ),
     ];
+    // A class label means nothing to a text-conditioned model: refused, not ignored.
+    let good = dir.join("good.safetensors");
+    write(&good, &[("prompt_embeds", vec![1, 5, 24], values(120, 3))]);
+    let o = run(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-embeds",
+        good.to_str().unwrap(),
+        "--guidance-scale",
+        "1",
+        "--class-label",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("--class-label 3: this is a text-conditioned PixArt model"),
+        "{err}"
+    );
     for (i, (tensors, want)) in cases.iter().enumerate() {
         let f = dir.join(format!("bad{i}.safetensors"));
         let t: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
