@@ -173,6 +173,48 @@ impl PreparedRequest {
         })
     }
 
+    /// Branches of classifier-free guidance: 2 when guided, else 1.
+    pub fn cfg_branches(&self) -> usize {
+        if self.guided {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The request one CFG-parallel device group runs (ALGORITHMS.md section 3): the rows
+    /// `branch * B .. (branch + 1) * B` of the doubled batch (DiT: 0 = conditional, 1 = null
+    /// class; PixArt: 0 = negative prompt, 1 = prompt), unguided, so `forward_batch` is B and
+    /// `model_input` does not double. Concatenating the branches' outputs along the batch in
+    /// branch order and passing that to *this* request's [`guide`](Self::guide) gives what one
+    /// device computes.
+    pub fn cfg_branch(&self, branch: usize) -> Result<PreparedRequest> {
+        if !self.guided || branch > 1 {
+            return Err(ModelError::Input(format!(
+                "CFG branch {branch} of a request with {} branch(es) (CFG parallel needs a \
+                 guidance scale above 1)",
+                self.cfg_branches()
+            )));
+        }
+        let b = self.batch;
+        let rows = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+            t.as_ref()
+                .map(|t| Ok(t.narrow(0, branch * b, b)?))
+                .transpose()
+        };
+        Ok(PreparedRequest {
+            guided: false,
+            labels: if self.labels.is_empty() {
+                Vec::new()
+            } else {
+                self.labels[branch * b..(branch + 1) * b].to_vec()
+            },
+            caption: rows(&self.caption)?,
+            caption_mask: rows(&self.caption_mask)?,
+            ..self.clone()
+        })
+    }
+
     /// The prediction the sampler uses, from a model output `[B', C_out, h, W]`: guided
     /// combination (or just the first C channels) -> `[B, C, h, W]`.
     pub fn guide(&self, out: &Tensor) -> Result<Tensor> {
