@@ -248,10 +248,18 @@ impl Cluster {
         remote: impl Fn(usize) -> Option<std::sync::Arc<dyn crate::handles::RemoteDevice>>,
     ) -> Result<Cluster> {
         let cfg = &model.config;
+        // The layout does not depend on the request; a guided shape lets CFG parallel through.
         let plan = Plan::new(
             &spec,
-            &shape_of(cfg, 1, 1, [cfg.sample_size, cfg.sample_size]),
+            &shape_of(cfg, 2, 1, [cfg.sample_size, cfg.sample_size]),
         )?;
+        if plan.cfg_degree > 1 {
+            return Err(ClusterError::NotRunning(
+                "cfg_degree = 2: the runtime does not run CFG parallel yet (`pipefuse plan` shows \
+                 the layout); use cfg_degree = 1"
+                    .into(),
+            ));
+        }
         let stage_devices: Vec<usize> = plan.stages.iter().map(|s| s.device.index).collect();
         let mut devices: Vec<StageSlot> = Vec::new();
         for stage in &plan.stages {
@@ -332,7 +340,7 @@ impl Cluster {
     pub async fn submit(&self, req: GenerateRequest) -> Result<RequestHandle> {
         let plan = self.plan(&req)?;
         let schedule = ScheduleConfig {
-            stages: plan.stages.len(),
+            stages: plan.pipeline_len(),
             patches: plan.patches.len(),
             warmup: plan.warmup_steps,
             steps: req.steps,

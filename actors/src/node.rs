@@ -130,6 +130,13 @@ impl Node {
                 patch_size: cfg.patch_size,
             },
         )?;
+        if plan.cfg_degree > 1 {
+            return Err(ClusterError::NotRunning(
+                "cfg_degree = 2: the runtime does not run CFG parallel yet (`pipefuse plan` shows \
+                 the layout); use cfg_degree = 1"
+                    .into(),
+            ));
+        }
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
         let lost_events = quic_node.subscribe();

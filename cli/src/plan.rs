@@ -57,16 +57,17 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     );
     print!("{}", plan.describe());
     for st in &plan.stages {
-        // ALGORITHMS.md §2: 2 B' S d floats per owned layer.
+        // ALGORITHMS.md §2: 2 B' S d floats per owned layer (B' per CFG group).
         let kv = 2
-            * forward_batch
+            * (forward_batch / plan.cfg_degree)
             * shape.token_rows
             * shape.token_cols
             * cfg.hidden()
             * st.layers.len()
             * 4;
         println!(
-            "stage {} K/V buffers: {:.2} MiB",
+            "device {} (stage {}) K/V buffers: {:.2} MiB",
+            st.device.index,
             st.index,
             kv as f64 / (1 << 20) as f64
         );

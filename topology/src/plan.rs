@@ -1,5 +1,6 @@
-//! The parallel plan: which device runs which layers (pipeline stages), how the latent is cut
-//! into patches, and what crosses each pipeline link per step (ALGORITHMS.md section 2).
+//! The parallel plan: which device runs which layers (pipeline stages) of which CFG group, how
+//! the latent is cut into patches, and what crosses each link per step (ALGORITHMS.md sections
+//! 2, 3 and 5).
 //!
 //! [`Plan::new`] is where a [`ClusterSpec`] meets the model: checks that need the layer count or
 //! the latent size happen here and report against the spec's file and lines.
@@ -21,7 +22,8 @@ pub struct ModelShape {
     pub token_rows: usize,
     /// Token columns w = W / P.
     pub token_cols: usize,
-    /// Rows B' of one forward, including the CFG doubling.
+    /// Rows B' of one forward on one device, including the CFG doubling (2B under guidance, B
+    /// without).
     pub batch: usize,
     /// Latent channels C.
     pub latent_channels: usize,
@@ -34,8 +36,12 @@ pub struct ModelShape {
 /// Pipeline stages and the patch table for one model and request shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// Stage s runs on `stages[s].device`, in pipeline order.
+    /// Every stage of every CFG group, in device-rank order (ALGORITHMS.md section 5: rank =
+    /// stage + N * group): group g's pipeline is `stages[g * N..(g + 1) * N]`.
     pub stages: Vec<Stage>,
+    /// CFG groups (1, or 2 with CFG parallel: group 0 runs the first half of the doubled batch,
+    /// group 1 the second).
+    pub cfg_degree: usize,
     /// Token rows of each patch: contiguous, covering `0..shape.token_rows`.
     pub patches: Vec<Range<usize>>,
     /// Synchronous full-image warmup steps W.
@@ -49,21 +55,36 @@ pub struct Plan {
 pub struct Stage {
     /// Position in the pipeline.
     pub index: usize,
+    /// The CFG group whose pipeline it belongs to (0 without CFG parallel).
+    pub cfg_group: usize,
     /// The device that runs it.
     pub device: DeviceRef,
     /// The transformer blocks it owns (contiguous, non-empty).
     pub layers: Range<usize>,
 }
 
-/// Bytes one pipeline link carries per PipeFusion step.
+/// Bytes one link carries per PipeFusion step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkBytes {
-    /// Sending stage.
+    /// Sending device rank (= stage index without CFG parallel).
     pub from: usize,
-    /// Receiving stage.
+    /// Receiving device rank.
     pub to: usize,
     /// f32 bytes per denoising step.
     pub bytes_per_step: u64,
+    /// What it carries.
+    pub kind: LinkKind,
+}
+
+/// What a link carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Hidden states, stage s -> s + 1.
+    Hidden,
+    /// The updated latent rows, last stage -> stage 0.
+    Latent,
+    /// One CFG branch's noise prediction, between the groups' last stages.
+    CfgPrediction,
 }
 
 impl Plan {
@@ -77,17 +98,25 @@ impl Plan {
         spec.validate()?;
         let p = &spec.parallel;
         for (field, degree) in [
-            ("parallel.cfg_degree", p.cfg_degree),
             ("parallel.ulysses_degree", p.ulysses_degree),
             ("parallel.ring_degree", p.ring_degree),
         ] {
             if degree > 1 {
                 return Err(spec.error(
                     field,
-                    format!("{field} = {degree} is not implemented yet (PipeFusion only in this version)"),
+                    format!("{field} = {degree} is not implemented yet (PipeFusion and CFG parallel only in this version)"),
                     Some(format!("set {field} = 1 and use the devices as pipeline stages")),
                 ));
             }
+        }
+        if p.cfg_degree == 2 && shape.batch != 2 * shape.latent_batch {
+            return Err(spec.error(
+                "parallel.cfg_degree",
+                "cfg_degree = 2 splits the two branches of classifier-free guidance, but this \
+                 request is not guided (guidance scale <= 1)"
+                    .to_string(),
+                Some("use a guidance scale above 1, or cfg_degree = 1".into()),
+            ));
         }
         let n = p.pipefusion_degree;
         if n > shape.layers {
@@ -152,12 +181,12 @@ impl Plan {
         let stages: Vec<Stage> = spec
             .devices()
             .into_iter()
-            .zip(layers)
             .enumerate()
-            .map(|(index, (device, layers))| Stage {
-                index,
+            .map(|(rank, device)| Stage {
+                index: rank % n,
+                cfg_group: rank / n,
                 device,
-                layers,
+                layers: layers[rank % n].clone(),
             })
             .collect();
         if m < n {
@@ -170,6 +199,7 @@ impl Plan {
         tracing::debug!(stages = stages.len(), patches = patches.len(), "built plan");
         Ok(Plan {
             stages,
+            cfg_degree: p.cfg_degree,
             patches,
             warmup_steps: p.warmup_steps,
             shape: *shape,
@@ -181,18 +211,27 @@ impl Plan {
         self.patches.len()
     }
 
-    /// Per-step f32 bytes on each pipeline link in PipeFusion steps: stage s -> s+1 carries
-    /// `batch * token_rows * token_cols * hidden * 4` (M patches, the whole hidden state once);
-    /// last -> 0 carries the latent, `latent_batch * latent_channels * (token_rows * patch_size)
-    /// * (token_cols * patch_size) * 4`. Empty for one stage.
+    /// Pipeline stages N of one CFG group (the PipeFusion degree).
+    pub fn pipeline_len(&self) -> usize {
+        self.stages.len() / self.cfg_degree.max(1)
+    }
+
+    /// The pipeline of CFG group `g` (empty past the last group).
+    pub fn group(&self, g: usize) -> &[Stage] {
+        let n = self.pipeline_len();
+        self.stages.get(g * n..(g + 1) * n).unwrap_or(&[])
+    }
+
+    /// Per-step f32 bytes on each link in PipeFusion steps, per CFG group: stage s -> s+1 carries
+    /// `batch / cfg_degree * token_rows * token_cols * hidden * 4` (M patches, the whole hidden
+    /// state once); last -> 0 carries the latent, `latent_batch * latent_channels * (token_rows *
+    /// patch_size) * (token_cols * patch_size) * 4`. With CFG parallel the groups' last stages
+    /// also send each other their branch's noise prediction, latent-sized. Empty for one device.
     pub fn link_bytes(&self) -> Vec<LinkBytes> {
-        let n = self.stages.len();
-        if n < 2 {
-            return Vec::new();
-        }
+        let (n, groups) = (self.pipeline_len(), self.cfg_degree.max(1));
         let s = &self.shape;
         let product = |xs: &[usize]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
-        let hidden = product(&[s.batch, s.token_rows, s.token_cols, s.hidden, 4]);
+        let hidden = product(&[s.batch / groups, s.token_rows, s.token_cols, s.hidden, 4]);
         let latent = product(&[
             s.latent_batch,
             s.latent_channels,
@@ -200,18 +239,32 @@ impl Plan {
             s.token_cols * s.patch_size,
             4,
         ]);
-        let mut links: Vec<LinkBytes> = (0..n - 1)
-            .map(|from| LinkBytes {
-                from,
-                to: from + 1,
-                bytes_per_step: hidden,
-            })
-            .collect();
-        links.push(LinkBytes {
-            from: n - 1,
-            to: 0,
-            bytes_per_step: latent,
-        });
+        let mut links = Vec::new();
+        for g in 0..groups {
+            let rank = |stage: usize| stage + n * g;
+            if n > 1 {
+                links.extend((0..n - 1).map(|from| LinkBytes {
+                    from: rank(from),
+                    to: rank(from + 1),
+                    bytes_per_step: hidden,
+                    kind: LinkKind::Hidden,
+                }));
+                links.push(LinkBytes {
+                    from: rank(n - 1),
+                    to: rank(0),
+                    bytes_per_step: latent,
+                    kind: LinkKind::Latent,
+                });
+            }
+            if groups == 2 {
+                links.push(LinkBytes {
+                    from: rank(n - 1),
+                    to: n - 1 + n * (1 - g),
+                    bytes_per_step: latent,
+                    kind: LinkKind::CfgPrediction,
+                });
+            }
+        }
         links
     }
 
@@ -220,18 +273,31 @@ impl Plan {
     /// M < N.
     pub fn describe(&self) -> String {
         let mut out = String::new();
-        let (n, m) = (self.stages.len(), self.num_patches());
+        let (n, m) = (self.pipeline_len(), self.num_patches());
         let _ = writeln!(
             out,
             "PipeFusion plan: {n} stages, {m} patches, {} warmup steps",
             self.warmup_steps
         );
+        if self.cfg_degree > 1 {
+            let _ = writeln!(
+                out,
+                "CFG parallel: {} groups (group 0: first half of the guided batch, group 1: \
+                 second), each a {n}-stage pipeline",
+                self.cfg_degree
+            );
+        }
         let _ = writeln!(out, "{:<6} {:<18} {:<12} layers", "stage", "device", "node");
         for s in &self.stages {
+            let stage = if self.cfg_degree > 1 {
+                format!("{}/g{}", s.index, s.cfg_group)
+            } else {
+                s.index.to_string()
+            };
             let _ = writeln!(
                 out,
                 "{:<6} {:<18} {:<12} {}..{} ({})",
-                s.index,
+                stage,
                 s.device.spec.to_string(),
                 s.device.node,
                 s.layers.start,
@@ -256,7 +322,11 @@ impl Plan {
                 l.to,
                 l.bytes_per_step,
                 human_bytes(l.bytes_per_step),
-                if l.to == 0 { "latent" } else { "hidden states" }
+                match l.kind {
+                    LinkKind::Hidden => "hidden states",
+                    LinkKind::Latent => "latent",
+                    LinkKind::CfgPrediction => "CFG noise prediction",
+                }
             );
         }
         if m < n {

@@ -1,7 +1,9 @@
 //! `Plan::new` checks that need the model, the patch and layer splits, link bytes, `describe`.
 
 use proptest::prelude::*;
-use topology::{patch_rows, split_layers, ClusterSpec, LinkBytes, ModelSpec, Plan};
+use topology::{
+    patch_rows, split_layers, ClusterSpec, LinkBytes, LinkKind, ModelShape, ModelSpec, Plan,
+};
 
 use crate::{edit, parse, plan_error, shape};
 
@@ -55,7 +57,7 @@ fn plan_rejects_patches_that_do_not_fit() {
 
 #[test]
 fn plan_rejects_unimplemented_degrees() {
-    for key in ["cfg_degree", "ulysses_degree", "ring_degree"] {
+    for key in ["ulysses_degree", "ring_degree"] {
         let text = edit(&[
             (7, "pipefusion_degree = 1"),
             (8, "num_patches = 1"),
@@ -68,10 +70,92 @@ fn plan_rejects_unimplemented_degrees() {
             "{shown}"
         );
         assert!(
-            shown.contains("is not implemented yet (PipeFusion only in this version)"),
+            shown.contains("is not implemented yet (PipeFusion and CFG parallel only"),
             "{shown}"
         );
     }
+}
+
+#[test]
+fn cfg_parallel_makes_two_groups_of_pipelines() {
+    // 4 devices = cfg 2 x pipefusion 2: ranks 0, 1 are group 0's stages, 2, 3 group 1's.
+    let mut spec = ClusterSpec::local_cpu(
+        4,
+        1,
+        ModelSpec::Preset {
+            name: "DiT-S/2".into(),
+            seed: 0,
+        },
+    );
+    spec.parallel.cfg_degree = 2;
+    spec.parallel.pipefusion_degree = 2;
+    let plan = Plan::new(&spec, &shape(6, 8)).unwrap();
+    assert_eq!((plan.cfg_degree, plan.pipeline_len()), (2, 2));
+    let layout: Vec<(usize, usize, usize, std::ops::Range<usize>)> = plan
+        .stages
+        .iter()
+        .map(|s| (s.device.index, s.cfg_group, s.index, s.layers.clone()))
+        .collect();
+    assert_eq!(
+        layout,
+        [
+            (0, 0, 0, 0..3),
+            (1, 0, 1, 3..6),
+            (2, 1, 0, 0..3),
+            (3, 1, 1, 3..6)
+        ]
+    );
+    assert_eq!(plan.group(1)[0].device.index, 2);
+    assert!(plan.group(2).is_empty());
+    // Each group's forward is half the doubled batch: B'/2 = 1 row of hidden states.
+    let hidden = 8 * 4 * 8 * 4;
+    let latent = 4 * 16 * 8 * 4;
+    let links: Vec<(usize, usize, u64, LinkKind)> = plan
+        .link_bytes()
+        .iter()
+        .map(|l| (l.from, l.to, l.bytes_per_step, l.kind))
+        .collect();
+    assert_eq!(
+        links,
+        [
+            (0, 1, hidden, LinkKind::Hidden),
+            (1, 0, latent, LinkKind::Latent),
+            (1, 3, latent, LinkKind::CfgPrediction),
+            (2, 3, hidden, LinkKind::Hidden),
+            (3, 2, latent, LinkKind::Latent),
+            (3, 1, latent, LinkKind::CfgPrediction),
+        ]
+    );
+    let text = plan.describe();
+    assert!(
+        text.contains("CFG parallel: 2 groups") && text.contains("1/g1"),
+        "{text}"
+    );
+    assert!(text.contains("CFG noise prediction"), "{text}");
+}
+
+#[test]
+fn cfg_parallel_needs_a_guided_request() {
+    let text = edit(&[
+        (7, "pipefusion_degree = 1"),
+        (8, "num_patches = 1"),
+        (10, "cfg_degree = 2"),
+    ]);
+    let unguided = ModelShape {
+        batch: 1,
+        ..shape(4, 8)
+    };
+    let (field, line, shown) = plan_error(&text, &unguided);
+    assert_eq!(
+        (field.as_str(), line),
+        ("parallel.cfg_degree", Some(10)),
+        "{shown}"
+    );
+    assert!(shown.contains("not guided"), "{shown}");
+    // The same file with a guided request: one stage per group, nothing but the exchange.
+    let plan = Plan::new(&parse(&text).unwrap(), &shape(4, 8)).unwrap();
+    let kinds: Vec<LinkKind> = plan.link_bytes().iter().map(|l| l.kind).collect();
+    assert_eq!(kinds, [LinkKind::CfgPrediction; 2]);
 }
 
 #[test]
@@ -114,17 +198,20 @@ fn link_bytes_for_a_small_shape() {
             LinkBytes {
                 from: 0,
                 to: 1,
-                bytes_per_step: hidden
+                bytes_per_step: hidden,
+                kind: LinkKind::Hidden,
             },
             LinkBytes {
                 from: 1,
                 to: 2,
-                bytes_per_step: hidden
+                bytes_per_step: hidden,
+                kind: LinkKind::Hidden,
             },
             LinkBytes {
                 from: 2,
                 to: 0,
-                bytes_per_step: latent
+                bytes_per_step: latent,
+                kind: LinkKind::Latent,
             },
         ]
     );
