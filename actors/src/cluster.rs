@@ -33,7 +33,7 @@ use transport::MemoryNetwork;
 
 use crate::compute::Fault;
 use crate::coordinator::{CoordinatorActor, CoordinatorArgs, StageSlot};
-use crate::device::DeviceArgs;
+use crate::device::{CfgPeer, DeviceArgs};
 use crate::error::{ClusterError, Result};
 use crate::handles::CoordinatorHandle;
 use crate::messages::CoordinatorMessage;
@@ -253,14 +253,6 @@ impl Cluster {
             &spec,
             &shape_of(cfg, 2, 1, [cfg.sample_size, cfg.sample_size]),
         )?;
-        if plan.cfg_degree > 1 {
-            return Err(ClusterError::NotRunning(
-                "cfg_degree = 2: the runtime does not run CFG parallel yet (`pipefuse plan` shows \
-                 the layout); use cfg_degree = 1"
-                    .into(),
-            ));
-        }
-        let stage_devices: Vec<usize> = plan.stages.iter().map(|s| s.device.index).collect();
         let mut devices: Vec<StageSlot> = Vec::new();
         for stage in &plan.stages {
             let Some(endpoint) = endpoints.get_mut(stage.device.index).and_then(Option::take)
@@ -272,11 +264,7 @@ impl Cluster {
                 continue;
             };
             devices.push(StageSlot::Local(local_device(
-                &model,
-                stage,
-                stage_devices.clone(),
-                endpoint,
-                &options,
+                &model, &plan, stage, endpoint, &options,
             )));
         }
         let (coordinator, join) = Actor::spawn(
@@ -348,16 +336,19 @@ impl Cluster {
         if schedule.patches < schedule.stages && schedule.warmup < schedule.steps {
             tracing::warn!(patches = schedule.patches, stages = schedule.stages, "fewer patches than stages: the pipeline cannot stay full (recommend num_patches >= pipefusion_degree)");
         }
-        let setup = Arc::new(RequestSetup::new(
-            self.next_id.fetch_add(1, Ordering::Relaxed),
-            &self.model.config,
-            &req.request,
-            &req.scheduler,
-            req.steps,
-            &req.noise,
-            plan.patches.clone(),
-            plan.warmup_steps,
-        )?);
+        let setup = Arc::new(
+            RequestSetup::new(
+                self.next_id.fetch_add(1, Ordering::Relaxed),
+                &self.model.config,
+                &req.request,
+                &req.scheduler,
+                req.steps,
+                &req.noise,
+                plan.patches.clone(),
+                plan.warmup_steps,
+            )?
+            .with_cfg_degree(plan.cfg_degree)?,
+        );
         let (ptx, prx) = mpsc::unbounded_channel();
         let (tx, rx) = ractor::concurrency::oneshot();
         self.coordinator
@@ -389,24 +380,31 @@ impl Cluster {
 /// How to spawn the device actor of `stage` in this process, reporting to the local coordinator.
 fn local_device(
     model: &ModelSource,
+    plan: &Plan,
     stage: &topology::Stage,
-    stage_devices: Vec<usize>,
     endpoint: transport::Endpoint,
     options: &ClusterOptions,
 ) -> crate::coordinator::DeviceArgsFactory {
-    let args = device_args(model, stage, stage_devices, endpoint, options);
+    let args = device_args(model, plan, stage, endpoint, options);
     Box::new(move |coordinator| args(CoordinatorHandle::Local(coordinator)))
 }
 
 /// The arguments of `stage`'s device actor, given how it reaches the coordinator.
 pub(crate) fn device_args(
     model: &ModelSource,
+    plan: &Plan,
     stage: &topology::Stage,
-    stage_devices: Vec<usize>,
     endpoint: transport::Endpoint,
     options: &ClusterOptions,
 ) -> impl FnOnce(CoordinatorHandle) -> DeviceArgs + Send + 'static {
     let (model, layers, spec_dev) = (model.clone(), stage.layers.clone(), stage.device.spec);
+    let g = stage.cfg_group;
+    let stage_devices: Vec<usize> = plan.group(g).iter().map(|s| s.device.index).collect();
+    let cfg = (plan.cfg_degree > 1).then(|| CfgPeer {
+        group: g,
+        partner: (stage.index + 1 == plan.pipeline_len())
+            .then(|| plan.group(1 - g)[stage.index].device.index),
+    });
     let (index, stage_index) = (stage.device.index, stage.index);
     let describe = stage.device.to_string();
     let (stall_timeout, compute_timeout, fault) = (
@@ -419,7 +417,14 @@ pub(crate) fn device_args(
         describe,
         stage: stage_index,
         stage_devices,
-        load: Box::new(move || Ok(StageExecutor::new(model.load_slice(spec_dev, layers)?))),
+        cfg,
+        load: Box::new(move || {
+            let exec = StageExecutor::new(model.load_slice(spec_dev, layers)?);
+            Ok(match cfg {
+                Some(c) => exec.with_cfg_group(c.group),
+                None => exec,
+            })
+        }),
         endpoint,
         coordinator,
         stall_timeout,

@@ -62,6 +62,51 @@ pub(crate) enum ComputeJob {
     Finish(oneshot::Sender<Option<Tensor>>),
 }
 
+/// What reaches a CFG-parallel last stage's compute thread from the other group (through its
+/// device actor), or the actor's word that the request is over.
+pub(crate) enum PartnerMsg {
+    /// The other group's noise prediction for `item`.
+    Prediction {
+        request: u64,
+        item: WorkItem,
+        prediction: Tensor,
+    },
+    /// Request `request` ended (failed or aborted): stop waiting for its predictions.
+    Cancel { request: u64 },
+}
+
+/// Waits for the partner's prediction for `item` of `request`; messages of earlier requests are
+/// skipped. The partner runs the same items in the same order, so anything else is an error.
+fn partner_prediction(
+    rx: &mpsc::Receiver<PartnerMsg>,
+    request: u64,
+    item: WorkItem,
+) -> Result<Tensor, String> {
+    loop {
+        match rx.recv() {
+            Ok(PartnerMsg::Prediction {
+                request: r,
+                item: i,
+                prediction,
+            }) if r == request => {
+                return if i == item {
+                    Ok(prediction)
+                } else {
+                    Err(format!(
+                        "the other CFG group sent its prediction for {i} while this stage waits \
+                         for {item}"
+                    ))
+                };
+            }
+            Ok(PartnerMsg::Cancel { request: r }) if r >= request => {
+                return Err("the request ended while waiting for the other CFG group".into())
+            }
+            Ok(_) => {} // an earlier request's
+            Err(_) => return Err("the device stopped".into()),
+        }
+    }
+}
+
 /// Handle to a running compute thread; dropping it ends the thread after its current job.
 pub(crate) struct ComputeThread {
     jobs: mpsc::Sender<ComputeJob>,
@@ -80,6 +125,7 @@ impl ComputeThread {
         mut exec: StageExecutor,
         actor: ActorRef<DeviceMessage>,
         fault: Option<Fault>,
+        partner: Option<mpsc::Receiver<PartnerMsg>>,
     ) -> std::io::Result<ComputeThread> {
         let (tx, rx) = mpsc::channel::<ComputeJob>();
         std::thread::Builder::new()
@@ -108,7 +154,15 @@ impl ComputeThread {
                                     }
                                     _ => {}
                                 }
-                                exec.run(&job, &input).map_err(|e| e.to_string())
+                                let out = exec.run(&job, &input).map_err(|e| e.to_string())?;
+                                let Some(rx) = partner.as_ref().filter(|_| exec.exchanges_predictions()) else {
+                                    return Ok(out);
+                                };
+                                actor
+                                    .cast(DeviceMessage::CfgPrediction { request, item, prediction: out.clone() })
+                                    .map_err(|_| "the device actor stopped".to_string())?;
+                                let theirs = partner_prediction(rx, request, item)?;
+                                exec.combine(&job, &out, &theirs).map_err(|e| e.to_string())
                             }))
                             .unwrap_or_else(|p| Err(format!("compute panicked: {}", panic_message(p))));
                             if actor.cast(DeviceMessage::ComputeDone { request, item, output: out }).is_err() {

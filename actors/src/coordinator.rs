@@ -269,8 +269,17 @@ impl CoordinatorState {
             };
             let mut failed = None;
             // Last stage first: stage 0 starts work as soon as it has begun, and its frames must
-            // find every later stage already expecting this request.
-            for (stage, d) in self.devices.iter().enumerate().rev() {
+            // find every later stage already expecting this request. Under CFG parallel every
+            // group's later stages begin before any group's stage 0 (ranks are stage + N * group),
+            // so a prediction from one group finds the other's last stage ready.
+            let n = req.schedule.stages.max(1);
+            let order: Vec<usize> = (0..self.devices.len())
+                .rev()
+                .filter(|r| r % n != 0)
+                .chain((0..self.devices.len()).rev().filter(|r| r % n == 0))
+                .collect();
+            for stage in order {
+                let d = &self.devices[stage];
                 let i = self.device_index[stage];
                 if let Err(m) = d
                     .begin(req.setup.clone(), req.schedule, self.begin_timeout)
@@ -344,8 +353,20 @@ fn finish(
     let mut per_device = Vec::new();
     for (device, rep) in device_index.iter().copied().zip(reports) {
         let rep = rep.expect("all reported");
-        if rep.latent.is_some() {
-            latent = rep.latent;
+        if let Some(l) = rep.latent {
+            // Under CFG parallel every group's last stage holds the final latent; they must
+            // agree bit for bit (both apply the same guidance and scheduler step).
+            match &latent {
+                None => latent = Some(l),
+                Some(first) if first.as_f32().ok() != l.as_f32().ok() => {
+                    return Err(ClusterError::DeviceFailed {
+                        device,
+                        step: None,
+                        message: "the CFG groups' final latents differ".into(),
+                    })
+                }
+                Some(_) => {}
+            }
         }
         per_device.push(DeviceSummary {
             device,

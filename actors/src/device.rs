@@ -15,7 +15,7 @@ use topology::schedule::{Part, ScheduleFailure, StageAction, StageSchedule, Work
 use transport::{Endpoint, FrameKind, Link};
 
 use crate::codec::{decode, encode, part_of};
-use crate::compute::{ComputeJob, ComputeThread, Fault};
+use crate::compute::{ComputeJob, ComputeThread, Fault, PartnerMsg};
 use crate::handles::CoordinatorHandle;
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
 use crate::stage::{RequestSetup, StageExecutor, StageJob};
@@ -35,6 +35,15 @@ pub(crate) fn start_error(
     }
 }
 
+/// A device's place in a CFG-parallel plan.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CfgPeer {
+    /// Its CFG group.
+    pub(crate) group: usize,
+    /// The other group's last stage, when this device is a last stage.
+    pub(crate) partner: Option<usize>,
+}
+
 /// The device actor (its configuration arrives as [`DeviceArgs`]; all mutable state is built in
 /// `pre_start`, so a device that cannot load its layers fails the spawn, not a request).
 pub(crate) struct DeviceActor;
@@ -44,8 +53,11 @@ pub(crate) struct DeviceArgs {
     /// The device in words, e.g. `#1 cpu(threads=1) on local`.
     pub(crate) describe: String,
     pub(crate) stage: usize,
-    /// Device index of every stage.
+    /// Device index of every stage of this device's pipeline (its CFG group's).
     pub(crate) stage_devices: Vec<usize>,
+    /// Under CFG parallel: this device's group and, for a last stage, the device index of the
+    /// other group's last stage (the prediction exchange partner).
+    pub(crate) cfg: Option<CfgPeer>,
     pub(crate) load: Box<dyn FnOnce() -> crate::Result<StageExecutor> + Send>,
     pub(crate) endpoint: Endpoint,
     pub(crate) coordinator: CoordinatorHandle,
@@ -70,6 +82,9 @@ pub(crate) struct DeviceState {
     index: usize,
     stage: usize,
     stage_devices: Vec<usize>,
+    cfg: Option<CfgPeer>,
+    /// To the compute thread: the partner's predictions (CFG-parallel last stage).
+    partner_tx: Option<std::sync::mpsc::Sender<PartnerMsg>>,
     links: Vec<Arc<dyn Link>>,
     compute: ComputeThread,
     coordinator: CoordinatorHandle,
@@ -91,7 +106,15 @@ impl Actor for DeviceActor {
         args: DeviceArgs,
     ) -> Result<DeviceState, ActorProcessingErr> {
         let exec = tokio::task::spawn_blocking(args.load).await??;
-        let compute = ComputeThread::spawn(args.index, exec, myself.clone(), args.fault)?;
+        let (partner_tx, partner_rx) = match args.cfg.and_then(|c| c.partner) {
+            Some(_) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let compute =
+            ComputeThread::spawn(args.index, exec, myself.clone(), args.fault, partner_rx)?;
         let Endpoint {
             links, mut inbox, ..
         } = args.endpoint;
@@ -108,6 +131,8 @@ impl Actor for DeviceActor {
             index: args.index,
             stage: args.stage,
             stage_devices: args.stage_devices,
+            cfg: args.cfg,
+            partner_tx,
             links,
             compute,
             coordinator: args.coordinator,
@@ -153,6 +178,11 @@ impl Actor for DeviceActor {
                 item,
                 output,
             } => st.on_compute_done(&myself, request, item, output).await,
+            DeviceMessage::CfgPrediction {
+                request,
+                item,
+                prediction,
+            } => st.send_prediction(request, item, prediction).await,
             DeviceMessage::Tick { request } => {
                 if let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) {
                     a.timer_for = None;
@@ -170,7 +200,11 @@ impl Actor for DeviceActor {
                     st.fail(Some(item.step), format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"));
                 }
             }
-            DeviceMessage::Abort => st.active = None,
+            DeviceMessage::Abort => {
+                if let Some(a) = st.active.take() {
+                    st.cancel_partner(a.setup.id);
+                }
+            }
         }
         Ok(())
     }
@@ -196,8 +230,16 @@ impl DeviceState {
             return;
         }
         let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
+        if frame.header.kind == FrameKind::CfgPrediction {
+            let r = self.on_prediction(frame);
+            if let Err(e) = r {
+                self.fail(Some(step), e);
+            }
+            return;
+        }
         let now = a.started.elapsed();
-        let want = a.setup.frame_shape(part, self.stage == 0);
+        let group = self.cfg.map_or(0, |c| c.group);
+        let want = a.setup.frame_shape(part, self.stage == 0, group);
         let r = decode(&frame).map_err(|e| e.to_string()).and_then(|t| {
             if want.as_deref() != Some(t.shape()) {
                 return Err(format!(
@@ -237,6 +279,78 @@ impl DeviceState {
         match r {
             Ok(()) => self.drain(myself).await,
             Err(e) => self.fail(Some(item.step), e),
+        }
+    }
+
+    /// The other CFG group's prediction: checked, then handed to the waiting compute thread.
+    fn on_prediction(&mut self, frame: transport::Frame) -> Result<(), String> {
+        let (a, tx) = match (self.active.as_ref(), self.partner_tx.as_ref()) {
+            (Some(a), Some(tx)) => (a, tx),
+            _ => {
+                return Err(format!(
+                    "a CFG prediction from device {} reached a device that exchanges none",
+                    frame.header.from
+                ))
+            }
+        };
+        let partner = self.cfg.and_then(|c| c.partner);
+        if partner != Some(frame.header.from as usize) {
+            return Err(format!(
+                "a CFG prediction from device {}, but this stage's partner is {partner:?}",
+                frame.header.from
+            ));
+        }
+        let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
+        let want = a.setup.frame_shape(part, true, 0);
+        let t = decode(&frame).map_err(|e| e.to_string())?;
+        if want.as_deref() != Some(t.shape()) {
+            return Err(format!(
+                "CFG prediction from device {} for step {step} {part:?} has shape {:?}, the plan says {want:?}",
+                frame.header.from,
+                t.shape()
+            ));
+        }
+        tx.send(PartnerMsg::Prediction {
+            request: a.setup.id,
+            item: WorkItem { step, part },
+            prediction: t,
+        })
+        .map_err(|_| "the compute thread has stopped".to_string())
+    }
+
+    /// Sends this stage's prediction for `item` to the other group's last stage.
+    async fn send_prediction(&mut self, request: u64, item: WorkItem, prediction: Tensor) {
+        if !self.active.as_ref().is_some_and(|a| a.setup.id == request) {
+            return; // the request ended meanwhile
+        }
+        let Some(partner) = self.cfg.and_then(|c| c.partner) else {
+            return;
+        };
+        let frame = encode(
+            request,
+            self.index,
+            item.step,
+            item.part,
+            FrameKind::CfgPrediction,
+            &prediction,
+        );
+        let r = match frame {
+            Ok(f) => self.links[partner]
+                .clone()
+                .send_async(f)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = r {
+            self.fail(Some(item.step), format!("sending the CFG prediction: {e}"));
+        }
+    }
+
+    /// Unblocks a compute thread waiting for the partner's prediction of `request`.
+    fn cancel_partner(&self, request: u64) {
+        if let Some(tx) = &self.partner_tx {
+            let _ = tx.send(PartnerMsg::Cancel { request });
         }
     }
 
@@ -280,6 +394,7 @@ impl DeviceState {
     /// Reports a failure of the current request to the coordinator and drops the request.
     fn fail(&mut self, step: Option<usize>, message: String) {
         if let Some(a) = self.active.take() {
+            self.cancel_partner(a.setup.id);
             tracing::error!(device = self.index, ?step, %message, "request failed on this device");
             self.coordinator.report(CoordinatorMessage::DeviceFailed {
                 request: a.setup.id,
@@ -309,10 +424,13 @@ impl DeviceState {
                 }),
                 StageAction::Send { to, step, part } => self.send(now, to, step, part).await,
                 StageAction::StepDone { step } => {
-                    self.coordinator.report(CoordinatorMessage::StepDone {
-                        request: a.setup.id,
-                        step,
-                    });
+                    // Under CFG parallel both groups finish every step; group 0 reports.
+                    if self.cfg.is_none_or(|c| c.group == 0) {
+                        self.coordinator.report(CoordinatorMessage::StepDone {
+                            request: a.setup.id,
+                            step,
+                        });
+                    }
                     Ok(())
                 }
                 StageAction::Finished => {

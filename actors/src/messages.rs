@@ -44,6 +44,13 @@ pub(crate) enum DeviceMessage {
         item: WorkItem,
         output: Result<Tensor, String>,
     },
+    /// CFG parallel, last stage: the compute thread's noise prediction for `item`, to send to
+    /// the other group's last stage (the compute thread then waits for the partner's).
+    CfgPrediction {
+        request: u64,
+        item: WorkItem,
+        prediction: Tensor,
+    },
     /// The stall timer of request `request` fired.
     Tick { request: u64 },
     /// The compute watchdog of request `request`'s item fired.

@@ -130,13 +130,6 @@ impl Node {
                 patch_size: cfg.patch_size,
             },
         )?;
-        if plan.cfg_degree > 1 {
-            return Err(ClusterError::NotRunning(
-                "cfg_degree = 2: the runtime does not run CFG parallel yet (`pipefuse plan` shows \
-                 the layout); use cfg_degree = 1"
-                    .into(),
-            ));
-        }
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
         let lost_events = quic_node.subscribe();
@@ -202,7 +195,6 @@ impl Node {
                 .find(|n| n.devices.contains(&device))
                 .map(|n| n.name.clone())
         };
-        let stage_devices: Vec<usize> = plan.stages.iter().map(|s| s.device.index).collect();
         let is_coordinator = spec.coordinator == name;
         let mut local = HashMap::new();
         let mut watchers = Vec::new();
@@ -243,8 +235,7 @@ impl Node {
                         }
                     }
                 }));
-                let args =
-                    device_args(&model, stage, stage_devices.clone(), endpoint, &options)(report);
+                let args = device_args(&model, &plan, stage, endpoint, &options)(report);
                 let failed = start_error(&args);
                 let (d, join) = Actor::spawn(None, DeviceActor, args)
                     .await

@@ -33,6 +33,9 @@ pub struct RequestSetup {
     pub hidden: usize,
     /// The request as asked (what another node needs to rebuild `prepared`).
     pub request: model::Request,
+    /// What each CFG group forwards: `[prepared]` without CFG parallel, else its two branches
+    /// (see [`RequestSetup::with_cfg_degree`]).
+    pub forward: Vec<PreparedRequest>,
 }
 
 impl RequestSetup {
@@ -96,6 +99,7 @@ impl RequestSetup {
         }
         Ok(RequestSetup {
             id,
+            forward: vec![prepared.clone()],
             prepared,
             sampling,
             initial_latent,
@@ -103,6 +107,36 @@ impl RequestSetup {
             warmup,
             hidden: cfg.hidden(),
             request: request.clone(),
+        })
+    }
+
+    /// Splits the forwards over `degree` CFG groups (1 or 2; ALGORITHMS.md section 3): group g
+    /// runs branch g of the guided batch. Fails for an unguided request.
+    pub fn with_cfg_degree(mut self, degree: usize) -> Result<RequestSetup> {
+        self.forward = match degree {
+            1 => vec![self.prepared.clone()],
+            2 => vec![self.prepared.cfg_branch(0)?, self.prepared.cfg_branch(1)?],
+            d => {
+                return Err(ClusterError::BadRequest(format!(
+                    "cfg_degree {d}: must be 1 or 2"
+                )))
+            }
+        };
+        Ok(self)
+    }
+
+    /// CFG groups (1, or 2 with CFG parallel).
+    pub fn cfg_degree(&self) -> usize {
+        self.forward.len()
+    }
+
+    /// What CFG group `group` forwards.
+    pub fn forward_of(&self, group: usize) -> Result<&PreparedRequest> {
+        self.forward.get(group).ok_or_else(|| {
+            ClusterError::BadRequest(format!(
+                "CFG group {group} of a request split over {} group(s)",
+                self.forward.len()
+            ))
         })
     }
 
@@ -125,11 +159,13 @@ impl RequestSetup {
     }
 
     /// The shape a frame carrying `part` must have: the latent rows `[B, C, rows*p, W]` when
-    /// sent to stage 0, else hidden states `[B', rows*w, d]`.
+    /// sent to stage 0 (and a CFG noise prediction), else hidden states `[B', rows*w, d]` with
+    /// B' the forward batch of CFG group `group`.
     pub fn frame_shape(
         &self,
         part: topology::schedule::Part,
         to_first: bool,
+        group: usize,
     ) -> Option<Vec<usize>> {
         let rows = self.rows(part)?.len();
         let [b, c, h, w] = self.prepared.latent_shape();
@@ -138,7 +174,7 @@ impl RequestSetup {
             vec![b, c, rows * p, w]
         } else {
             vec![
-                self.prepared.forward_batch(),
+                self.forward.get(group)?.forward_batch(),
                 rows * (w / p.max(1)),
                 self.hidden,
             ]
@@ -190,6 +226,8 @@ pub struct StageExecutor {
     model: Transformer,
     first: bool,
     last: bool,
+    /// The CFG group under CFG parallel.
+    cfg_group: Option<usize>,
     active: Option<Active>,
 }
 
@@ -202,8 +240,26 @@ impl StageExecutor {
             first: r.start == 0,
             last: r.end == model.config().num_layers,
             model,
+            cfg_group: None,
             active: None,
         }
+    }
+
+    /// The same stage in CFG group `group` of a CFG-parallel plan: it forwards that group's
+    /// branch, and as a last stage it returns its branch's noise prediction from
+    /// [`run`](Self::run) and needs the other group's for [`combine`](Self::combine).
+    pub fn with_cfg_group(mut self, group: usize) -> StageExecutor {
+        self.cfg_group = Some(group);
+        self
+    }
+
+    /// A last stage under CFG parallel: its items end with an exchange of noise predictions.
+    pub fn exchanges_predictions(&self) -> bool {
+        self.last && self.cfg_group.is_some()
+    }
+
+    fn group(&self) -> usize {
+        self.cfg_group.unwrap_or(0)
     }
 
     /// The layer slice.
@@ -225,7 +281,15 @@ impl StageExecutor {
                 h / p
             )));
         }
-        let (b, tokens) = (setup.prepared.forward_batch(), (h / p) * (w / p));
+        let expected_groups = if self.cfg_group.is_some() { 2 } else { 1 };
+        if setup.cfg_degree() != expected_groups {
+            return Err(ClusterError::BadRequest(format!(
+                "the request is split over {} CFG group(s), this stage expects {expected_groups}",
+                setup.cfg_degree()
+            )));
+        }
+        let fwd = setup.forward_of(self.group())?;
+        let (b, tokens) = (fwd.forward_batch(), (h / p) * (w / p));
         let kv = match self.active.take() {
             Some(a) if a.kv.dims() == (b, tokens) => {
                 let mut kv = a.kv;
@@ -256,7 +320,8 @@ impl StageExecutor {
 
     /// Runs `job`. `input` is the latent (stage 0: the part's rows `[B, C, h, W]`, or the whole
     /// latent) or the hidden states `[B', n, d]` from the previous stage. Returns the hidden states
-    /// for the next stage, or on the last stage the part's updated latent rows x_{t+1}.
+    /// for the next stage, or on the last stage the part's updated latent rows x_{t+1} (under CFG
+    /// parallel: this group's noise prediction `[B, C, h, W]`, for [`combine`](Self::combine)).
     pub fn run(&mut self, job: &StageJob, input: &Tensor) -> Result<Tensor> {
         let a = self
             .active
@@ -269,11 +334,9 @@ impl StageExecutor {
         let t = *setup.sampling.timesteps.get(job.step).ok_or_else(|| {
             ClusterError::BadRequest(format!("step {} is past the request's steps", job.step))
         })?;
+        let fwd = setup.forward_of(self.cfg_group.unwrap_or(0))?;
         if a.cond.as_ref().is_none_or(|(s, _)| *s != job.step) {
-            a.cond = Some((
-                job.step,
-                self.model.conditioning(&setup.prepared.inputs(t))?,
-            ));
+            a.cond = Some((job.step, self.model.conditioning(&fwd.inputs(t))?));
         }
         let cond = &a.cond.as_ref().expect("set above").1;
         let (r0, n_rows) = (job.rows.start, job.rows.len());
@@ -283,7 +346,7 @@ impl StageExecutor {
             } else {
                 input.narrow(2, r0 * p, n_rows * p)?
             };
-            let xin = setup.prepared.model_input(&strip)?; // [B', C, rows*p, W]
+            let xin = fwd.model_input(&strip)?; // [B', C, rows*p, W]
             self.model.embed(&xin, r0, grid_rows)? // [B', n, d]
         } else {
             input.clone()
@@ -294,9 +357,54 @@ impl StageExecutor {
             return Ok(x);
         }
         let out = self.model.head(&x, cond, n_rows, w)?; // [B', C_out, rows*p, W]
+        if self.cfg_group.is_some() {
+            // An unguided branch's `guide` keeps the first C channels: the noise prediction.
+            return Ok(fwd.guide(&out)?);
+        }
         let eps = setup.prepared.guide(&out)?; // [B, C, rows*p, W]
+        self.step_rows(job, &eps)
+    }
+
+    /// CFG parallel, last stage: guides with this group's prediction `own` and the other
+    /// group's `partner` (both `[B, C, rows*p, W]` from [`run`](Self::run)), applies the
+    /// scheduler step to the part's rows and returns them, as [`run`](Self::run) does without
+    /// CFG parallel. Both groups compute the same numbers, so their latents stay identical.
+    pub fn combine(&mut self, job: &StageJob, own: &Tensor, partner: &Tensor) -> Result<Tensor> {
+        let Some(g) = self.cfg_group.filter(|_| self.last) else {
+            return Err(ClusterError::BadRequest(
+                "combine is for the last stage of a CFG group".into(),
+            ));
+        };
+        if own.shape() != partner.shape() {
+            return Err(ClusterError::BadRequest(format!(
+                "CFG predictions differ in shape: own {:?}, partner {:?}",
+                own.shape(),
+                partner.shape()
+            )));
+        }
+        let pair = if g == 0 {
+            [own, partner]
+        } else {
+            [partner, own]
+        };
+        let a = self
+            .active
+            .as_ref()
+            .ok_or_else(|| ClusterError::BadRequest("stage has no active request".into()))?;
+        let eps = a.setup.prepared.guide(&Tensor::cat(&pair, 0)?)?;
+        self.step_rows(job, &eps)
+    }
+
+    /// The last stage's scheduler step on the job's rows with the guided prediction `eps`.
+    fn step_rows(&mut self, job: &StageJob, eps: &Tensor) -> Result<Tensor> {
+        let p = self.model.config().patch_size;
+        let a = self
+            .active
+            .as_mut()
+            .ok_or_else(|| ClusterError::BadRequest("stage has no active request".into()))?;
         let (sampler, latent) = a.sampler.as_mut().expect("last stage has a sampler");
-        sampler.update_rows(latent, r0 * p, &eps)?;
+        let (r0, n_rows) = (job.rows.start, job.rows.len());
+        sampler.update_rows(latent, r0 * p, eps)?;
         if job.ends_step {
             sampler.advance();
         }
@@ -315,17 +423,44 @@ impl StageExecutor {
 /// the PipeFusion result the actor runtime must reproduce exactly (it only changes *when* each
 /// item runs, never the order a stage sees them in). Returns the final latent.
 pub fn run_in_order(stages: &mut [StageExecutor], setup: Arc<RequestSetup>) -> Result<Tensor> {
-    for s in stages.iter_mut() {
+    run_groups_in_order(&mut [stages], setup)
+}
+
+/// [`run_in_order`] for CFG parallel: `groups[g]` is CFG group g's chain (executors made with
+/// [`StageExecutor::with_cfg_group`]); per item both chains run to their last stage, then each
+/// last stage combines the two predictions. Fails if the groups' latents ever differ.
+pub fn run_groups_in_order(
+    groups: &mut [&mut [StageExecutor]],
+    setup: Arc<RequestSetup>,
+) -> Result<Tensor> {
+    for s in groups.iter_mut().flat_map(|g| g.iter_mut()) {
         s.begin(setup.clone())?;
     }
     let mut latent = setup.initial_latent.clone();
     for step in 0..setup.steps() {
         let mut next: Vec<(usize, Tensor)> = Vec::new();
         for job in setup.jobs(step) {
-            let mut x = latent.clone();
-            for s in stages.iter_mut() {
-                x = s.run(&job, &x)?;
+            let mut outs = Vec::new();
+            for chain in groups.iter_mut() {
+                let mut x = latent.clone();
+                for s in chain.iter_mut() {
+                    x = s.run(&job, &x)?;
+                }
+                outs.push(x);
             }
+            let x = if let [a, b] = &outs[..] {
+                let rows0 = last(groups, 0)?.combine(&job, a, b)?;
+                let rows1 = last(groups, 1)?.combine(&job, b, a)?;
+                if rows0.as_f32()? != rows1.as_f32()? {
+                    return Err(ClusterError::BadRequest(format!(
+                        "CFG groups diverged at step {step}, rows {:?}",
+                        job.rows
+                    )));
+                }
+                rows0
+            } else {
+                outs.pop().expect("one group")
+            };
             next.push((job.rows.start, x));
         }
         let p = latent.dim(2) / setup.token_rows();
@@ -334,11 +469,19 @@ pub fn run_in_order(stages: &mut [StageExecutor], setup: Arc<RequestSetup>) -> R
         latent = Tensor::cat(&parts, 2)?;
         debug_assert_eq!(latent.dim(2), setup.token_rows() * p);
     }
-    let last = stages
-        .last_mut()
-        .and_then(|s| s.finish())
-        .ok_or_else(|| ClusterError::BadRequest("no stages".into()))?;
-    Ok(last)
+    for g in 1..groups.len() {
+        last(groups, g)?.finish();
+    }
+    last(groups, 0)?
+        .finish()
+        .ok_or_else(|| ClusterError::BadRequest("no stages".into()))
+}
+
+fn last<'a>(groups: &'a mut [&mut [StageExecutor]], g: usize) -> Result<&'a mut StageExecutor> {
+    groups
+        .get_mut(g)
+        .and_then(|c| c.last_mut())
+        .ok_or_else(|| ClusterError::BadRequest(format!("CFG group {g} has no stages")))
 }
 
 /// The plain single-device sampling loop over a whole model (no patches, no K/V buffers): the

@@ -33,9 +33,12 @@ pub(crate) struct PipelineArgs {
     /// Guidance scale (> 1: classifier-free guidance).
     #[arg(long, default_value_t = 4.0)]
     guidance_scale: f32,
-    /// PipeFusion stages N (CPU devices).
+    /// PipeFusion stages N per CFG group.
     #[arg(long, default_value_t = 2)]
     pipefusion_degree: usize,
+    /// CFG parallel degree C (1 or 2): C x N CPU devices.
+    #[arg(long, default_value_t = 1)]
+    cfg_degree: usize,
     /// Patches M [default: N: with equal stages the pipeline stays full across steps, and
     /// larger patches keep the GEMMs efficient].
     #[arg(long)]
@@ -117,26 +120,28 @@ pub(crate) fn run(a: PipelineArgs) -> Result<()> {
             ModelConfig::PRESETS.join(", ")
         )
     })?;
-    let n = a.pipefusion_degree;
+    let (n, c) = (a.pipefusion_degree, a.cfg_degree);
     let m = a.num_patches.unwrap_or(n);
     let mut spec = ClusterSpec::local_cpu(
-        n,
+        n * c,
         a.threads,
         ModelSpec::Preset {
             name: a.preset.clone(),
             seed: 0,
         },
     );
+    spec.parallel.pipefusion_degree = n;
+    spec.parallel.cfg_degree = c;
     spec.parallel.num_patches = m;
     spec.parallel.warmup_steps = a.warmup_steps;
     spec.validate()?;
     eprintln!(
-        "{} {}px batch {} ({} steps, guidance {}): PipeFusion N={n} x {} thread(s), M={m}, W={} vs serial",
+        "{} {}px batch {} ({} steps, guidance {}): CFG {c} x PipeFusion N={n} x {} thread(s), M={m}, W={} vs serial",
         a.preset, a.resolution, a.batch, a.steps, a.guidance_scale, a.threads, a.warmup_steps
     );
 
     let serial_model = Transformer::random(cfg.clone(), 0, None, Device::cpu(a.threads)?)?;
-    let mt_threads = n * a.threads;
+    let mt_threads = n * c * a.threads;
     let mt_model = if a.no_multithread_baseline {
         None
     } else {

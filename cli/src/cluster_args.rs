@@ -24,6 +24,12 @@ pub(crate) struct ClusterArgs {
     /// local CPU devices [default: 1 with --model, 2 for the bundled demo model].
     #[arg(long, value_name = "N")]
     pipefusion_degree: Option<usize>,
+    /// CFG parallel degree, 1 or 2: with 2, two device groups run the two branches of
+    /// classifier-free guidance (each a PipeFusion pipeline of N stages) and swap their noise
+    /// predictions after every patch; needs a guidance scale above 1. Overrides the topology; a
+    /// local cluster gets 2 x N devices [default: the topology's, else 1].
+    #[arg(long, value_name = "C")]
+    cfg_degree: Option<usize>,
     /// Patches M the latent is cut into (horizontal strips of token rows) [default: the topology's,
     /// else N; 1 for a single device].
     #[arg(long, value_name = "M")]
@@ -64,6 +70,7 @@ impl ClusterArgs {
         }
         for (flag, val) in [
             ("--pipefusion-degree", self.pipefusion_degree),
+            ("--cfg-degree", self.cfg_degree),
             ("--num-patches", self.num_patches),
             ("--warmup-steps", self.warmup_steps),
             ("--threads", self.threads),
@@ -91,6 +98,9 @@ impl ClusterArgs {
                 if let Some(n) = self.pipefusion_degree {
                     s.parallel.pipefusion_degree = n;
                 }
+                if let Some(c) = self.cfg_degree {
+                    s.parallel.cfg_degree = c;
+                }
                 if let Some(t) = self.threads {
                     for d in s.nodes.iter_mut().flat_map(|n| n.devices.iter_mut()) {
                         if let DeviceSpec::Cpu { threads } = d {
@@ -115,8 +125,14 @@ impl ClusterArgs {
                 if n == 0 {
                     bail!("--pipefusion-degree must be at least 1");
                 }
-                let threads = self.threads.unwrap_or((cores() / n).max(1));
-                let mut s = ClusterSpec::local_cpu(n, threads, ModelSpec::Path(model.clone()));
+                let c = self.cfg_degree.unwrap_or(1);
+                if !(1..=2).contains(&c) {
+                    bail!("--cfg-degree must be 1 or 2 (the two branches of classifier-free guidance), found {c}");
+                }
+                let threads = self.threads.unwrap_or((cores() / (n * c)).max(1));
+                let mut s = ClusterSpec::local_cpu(n * c, threads, ModelSpec::Path(model.clone()));
+                s.parallel.pipefusion_degree = n;
+                s.parallel.cfg_degree = c;
                 if n == 1 {
                     s.parallel.num_patches = 1;
                 }
@@ -134,6 +150,7 @@ impl ClusterArgs {
         }
         let overrides: Vec<String> = [
             ("--pipefusion-degree", self.pipefusion_degree),
+            ("--cfg-degree", self.cfg_degree),
             ("--num-patches", self.num_patches),
             ("--warmup-steps", self.warmup_steps),
             ("--threads", self.threads),

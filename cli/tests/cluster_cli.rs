@@ -217,3 +217,73 @@ fn flag_mistakes_are_named_before_any_compute() {
         );
     }
 }
+
+/// `--cfg-degree 2`: the two guidance branches on two device groups give the one-device result
+/// (bound 1e-5; identical on this machine), `plan` shows the prediction exchange, and a request
+/// CFG parallel cannot split is refused naming the field.
+#[test]
+fn cfg_parallel_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("pipefuse-cfg-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let path = dir.join(out);
+        let mut args = vec!["generate", "--threads", "1", "--steps", "8"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--save-latent", path.to_str().unwrap()]);
+        let o = pipefuse(&args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        (read_f32(&path, "latent"), err)
+    };
+    let (one, _) = run(&["--pipefusion-degree", "1"], "one.safetensors");
+    let (two, err) = run(
+        &["--cfg-degree", "2", "--pipefusion-degree", "1"],
+        "two.safetensors",
+    );
+    assert!(err.contains("1 stage(s) x 2 CFG groups"), "{err}");
+    assert!(err.contains("device 1: busy"), "{err}");
+    let e = rel_l2(&two, &one);
+    eprintln!("CFG parallel vs one device: relative L2 {e:.3e}");
+    assert!(e <= 1e-5, "relative L2 {e:.3e}");
+    let (four, _) = run(
+        &[
+            "--cfg-degree",
+            "2",
+            "--pipefusion-degree",
+            "2",
+            "--warmup-steps",
+            "8",
+        ],
+        "four.safetensors",
+    );
+    let e = rel_l2(&four, &one);
+    assert!(
+        e <= 1e-5,
+        "CFG 2 x PipeFusion 2, all warmup: relative L2 {e:.3e}"
+    );
+
+    let o = pipefuse(&["plan", "--cfg-degree", "2", "--pipefusion-degree", "2"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("CFG parallel: 2 groups") && out.contains("link 3 -> 1"),
+        "{out}"
+    );
+    assert!(out.contains("CFG noise prediction"), "{out}");
+
+    for (args, want) in [
+        (
+            &["generate", "--cfg-degree", "2", "--guidance-scale", "1"][..],
+            "not guided",
+        ),
+        (
+            &["generate", "--cfg-degree", "3"][..],
+            "--cfg-degree must be 1 or 2",
+        ),
+    ] {
+        let o = pipefuse(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -100,8 +100,10 @@ pub struct RequestSpec {
     pub patches: Vec<[u32; 2]>,
     /// Warmup steps (whole-image, synchronous).
     pub warmup: u32,
-    /// Pipeline stages.
+    /// Pipeline stages (of one CFG group).
     pub stages: u32,
+    /// CFG groups (1, or 2 with CFG parallel).
+    pub cfg_degree: u32,
 }
 
 /// A message between nodes on the control channel. Device indices are global.

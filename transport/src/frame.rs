@@ -13,6 +13,9 @@ pub enum FrameKind {
     Hidden,
     /// Latent rows `[B, C, h, W]` for the next step, last stage -> stage 0.
     Latent,
+    /// CFG parallel: one branch's noise prediction `[B, C, h, W]` for a part, between the two
+    /// groups' last stages.
+    CfgPrediction,
 }
 
 /// Element type of the payload.

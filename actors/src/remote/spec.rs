@@ -58,6 +58,7 @@ pub(crate) fn spec_of(setup: &RequestSetup, schedule: &ScheduleConfig) -> Result
             .collect(),
         warmup: setup.warmup as u32,
         stages: schedule.stages as u32,
+        cfg_degree: setup.cfg_degree() as u32,
     })
 }
 
@@ -100,7 +101,8 @@ pub(crate) fn setup_of(
         from_wire(&spec.noise)?,
         patches,
         spec.warmup as usize,
-    )?;
+    )?
+    .with_cfg_degree(spec.cfg_degree as usize)?;
     let schedule = ScheduleConfig {
         stages: spec.stages as usize,
         patches: setup.patches.len(),

@@ -82,3 +82,56 @@ pub fn pipefusion(stages: &mut [StageExecutor], setup: &Arc<RequestSetup>) -> Te
 pub fn cpu() -> Device {
     Device::cpu(1).unwrap()
 }
+
+/// The same request split over two CFG groups (ALGORITHMS.md section 3).
+pub fn split_cfg(one: &Arc<RequestSetup>, cfg: &model::ModelConfig) -> Arc<RequestSetup> {
+    Arc::new(
+        RequestSetup::from_plan(
+            one.id,
+            cfg,
+            &one.request,
+            one.sampling.clone(),
+            one.initial_latent.clone(),
+            one.patches.clone(),
+            one.warmup,
+        )
+        .unwrap()
+        .with_cfg_degree(2)
+        .unwrap(),
+    )
+}
+
+/// The in-order reference of CFG parallel: two groups of `n` stages each over `layers` layers.
+pub fn cfg_pipefusion(
+    layers: usize,
+    n: usize,
+    mut load: impl FnMut(std::ops::Range<usize>) -> Transformer,
+    setup: Arc<RequestSetup>,
+) -> Tensor {
+    let mut group = |g| -> Vec<StageExecutor> {
+        stages(layers, n, &mut load)
+            .into_iter()
+            .map(|s| s.with_cfg_group(g))
+            .collect()
+    };
+    let (mut g0, mut g1) = (group(0), group(1));
+    actors::stage::run_groups_in_order(&mut [&mut g0[..], &mut g1[..]], setup).unwrap()
+}
+
+/// [`setup`] for a request made for `cluster` (its model, steps, noise).
+pub fn setup_for(
+    cluster: &actors::Cluster,
+    req: &actors::GenerateRequest,
+    m: usize,
+    w: usize,
+) -> Arc<RequestSetup> {
+    setup(
+        &cluster.model().config,
+        &req.request,
+        &req.scheduler,
+        req.steps,
+        &req.noise,
+        m,
+        w,
+    )
+}

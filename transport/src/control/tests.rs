@@ -24,6 +24,7 @@ fn spec(noise_elems: u32) -> RequestSpec {
         patches: vec![[0, 128], [128, 256]],
         warmup: 1,
         stages: 2,
+        cfg_degree: 1,
     }
 }
 

@@ -42,6 +42,7 @@ fn kind_code(k: FrameKind) -> u8 {
     match k {
         FrameKind::Hidden => 0,
         FrameKind::Latent => 1,
+        FrameKind::CfgPrediction => 2,
     }
 }
 
@@ -190,6 +191,7 @@ fn decode_header(
     let kind = match a.kind {
         0 => FrameKind::Hidden,
         1 => FrameKind::Latent,
+        2 => FrameKind::CfgPrediction,
         k => return Err(bad(format!("unknown frame kind {k}"))),
     };
     let dtype = match a.dtype {

@@ -31,6 +31,7 @@ pub(crate) fn begin(request: u64, device: u32, noise: u32) -> ControlMessage {
             patches: vec![[0, 512], [512, 1024]],
             warmup: 1,
             stages: 3,
+            cfg_degree: 2,
         },
     }
 }
