@@ -96,3 +96,54 @@ async fn two_groups_reproduce_the_split_reference_bitwise() {
         cluster.shutdown().await;
     }
 }
+
+/// A failure in one group while the other group's last stage waits for its prediction: the
+/// request fails naming the device and step, the waiting compute thread is released, and the
+/// next request is exact again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_group_releases_its_partner_and_the_next_request_is_exact() {
+    let dir = dit_pf().join("transformer");
+    let load = |r| Transformer::load(&dir, Some(r), cpu()).unwrap();
+    for fault in [
+        actors::Fault::ErrorAt { device: 1, step: 2 },
+        actors::Fault::PanicAt { device: 0, step: 3 },
+    ] {
+        let opts = ClusterOptions {
+            fault: Some(fault),
+            ..ClusterOptions::default()
+        };
+        let cluster = Cluster::start(spec(2, 1, 1, 1), opts).await.unwrap();
+        let req = GenerateRequest::class_conditional(&cluster, vec![3, 7], 5, 4.0, 42).unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req.clone()))
+            .await
+            .expect("the failed request hung")
+            .unwrap_err()
+            .to_string();
+        let (device, step) = match fault {
+            actors::Fault::ErrorAt { device, step } | actors::Fault::PanicAt { device, step } => {
+                (device, step)
+            }
+            _ => unreachable!(),
+        };
+        assert!(
+            err.contains(&format!("device {device}")) && err.contains(&format!("step {step}")),
+            "{fault:?}: {err}"
+        );
+        let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req.clone()))
+            .await
+            .expect("the next request hung")
+            .unwrap();
+        let want = cfg_pipefusion(
+            4,
+            1,
+            load,
+            split_cfg(&setup_for(&cluster, &req, 1, 1), &cluster.model().config),
+        );
+        assert_eq!(
+            out.latent.as_f32().unwrap(),
+            want.as_f32().unwrap(),
+            "{fault:?}"
+        );
+        cluster.shutdown().await;
+    }
+}
