@@ -239,6 +239,84 @@ impl Device {
         heads: usize,
         head_dim: usize,
     ) -> Result<Tensor> {
+        Ok(self
+            .attention_impl(q, k, v, key_bias, batch, heads, head_dim, false)?
+            .0)
+    }
+
+    /// [`attention`](Self::attention) that also returns each row's log-sum-exp of the scaled
+    /// scores, `[B, Sq, heads]` (`-inf` where every key is masked): attention over one block of
+    /// keys, to be combined with other blocks by [`merge_attention_`](Self::merge_attention_)
+    /// (Ring attention).
+    pub fn attention_with_lse(
+        &self,
+        q: AttnView<'_>,
+        k: AttnView<'_>,
+        v: AttnView<'_>,
+        key_bias: Option<&Tensor>,
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (out, lse) = self.attention_impl(q, k, v, key_bias, batch, heads, head_dim, true)?;
+        Ok((out, lse.expect("asked for")))
+    }
+
+    /// Folds the attention of the same queries over another key block (`part`, `part_lse` from
+    /// [`attention_with_lse`](Self::attention_with_lse)) into `acc`, `acc_lse`: afterwards `acc` is
+    /// the attention over the union of the blocks, exactly up to rounding, in any merge order.
+    pub fn merge_attention_(
+        &self,
+        acc: &mut Tensor,
+        acc_lse: &mut Tensor,
+        part: &Tensor,
+        part_lse: &Tensor,
+        heads: usize,
+    ) -> Result<()> {
+        let bad = |m: String| Err(KernelError::shape("merge_attention", m));
+        if acc.shape() != part.shape() || acc_lse.shape() != part_lse.shape() {
+            return bad(format!(
+                "outputs {:?} vs {:?}, log-sum-exps {:?} vs {:?}",
+                acc.shape(),
+                part.shape(),
+                acc_lse.shape(),
+                part_lse.shape()
+            ));
+        }
+        let width = acc.shape().last().copied().unwrap_or(0);
+        if heads == 0
+            || width % heads != 0
+            || acc_lse.elem_count() * (width / heads) != acc.elem_count()
+        {
+            return bad(format!(
+                "output {:?} and log-sum-exp {:?} do not match {heads} heads",
+                acc.shape(),
+                acc_lse.shape()
+            ));
+        }
+        match self {
+            Device::Cpu(c) => {
+                let (p, pl) = (part.as_f32()?, part_lse.as_f32()?);
+                let (a, al) = (acc.as_f32_mut()?, acc_lse.as_f32_mut()?);
+                c.install(|| cpu::attention::merge_partial(a, al, p, pl, width / heads));
+                Ok(())
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_impl(
+        &self,
+        q: AttnView<'_>,
+        k: AttnView<'_>,
+        v: AttnView<'_>,
+        key_bias: Option<&Tensor>,
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        with_lse: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let width = heads * head_dim;
         if head_dim == 0 || heads == 0 {
             return Err(KernelError::shape(
@@ -276,13 +354,19 @@ impl Device {
                 }
                 let kb = key_bias.map(|t| t.as_f32()).transpose()?;
                 let mut out = vec![0f32; batch * q.seq * width];
+                let mut lse = with_lse.then(|| vec![0f32; batch * q.seq * heads]);
                 let dims = AttnDims {
                     batch,
                     heads,
                     head_dim,
                 };
-                c.install(|| cpu::attention::attention(&mut out, qc, kc, vc, kb, dims));
-                Tensor::from_vec(out, &[batch, q.seq, width])
+                c.install(|| {
+                    cpu::attention::attention(&mut out, lse.as_deref_mut(), qc, kc, vc, kb, dims)
+                });
+                let lse = lse
+                    .map(|l| Tensor::from_vec(l, &[batch, q.seq, heads]))
+                    .transpose()?;
+                Ok((Tensor::from_vec(out, &[batch, q.seq, width])?, lse))
             }
             Device::Cuda(c) => match *c {},
         }

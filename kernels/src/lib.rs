@@ -27,6 +27,7 @@ mod device;
 mod dtype;
 mod error;
 mod tensor;
+pub mod ulysses;
 
 pub use cpu::math::{exp_fast, gelu_tanh_scalar};
 pub use cpu::CpuDevice;
@@ -39,7 +40,9 @@ pub use tensor::{CpuStorage, Storage, Tensor};
 /// Slow reference implementations of every fast op, for tests and validation harnesses.
 pub mod reference {
     pub use crate::cpu::activation::{gelu_tanh_slow, silu_slow};
-    pub use crate::cpu::attention::{attention_slow, AttnInput as SlowAttnInput};
+    pub use crate::cpu::attention::{
+        attention_slow, merge_partial_slow, AttnInput as SlowAttnInput,
+    };
     pub use crate::cpu::conv::{
         conv2d_slow, transpose_last2_slow, upsample_nearest2x_slow, ConvGeom,
     };

@@ -56,9 +56,12 @@ pub(crate) struct AttnDims {
 
 /// `out[b, i, h*dh..] = softmax(q_i · K^T * scale + bias[b]) · V` for every batch, head and query.
 /// `key_bias` (`[batch, seq_k]`) is added to every query's scores; `-inf` removes a key. A query
-/// whose keys are all removed gets zeros. `out` is `[batch, seq_q, heads * head_dim]`.
+/// whose keys are all removed gets zeros. `out` is `[batch, seq_q, heads * head_dim]`. With `lse`
+/// (`[batch, seq_q, heads]`), also writes each row's log-sum-exp of the scaled scores (`-inf` when
+/// every key is removed): what [`merge_partial`] needs to combine attention over key blocks.
 pub(crate) fn attention(
     out: &mut [f32],
+    lse: Option<&mut [f32]>,
     q: AttnInput<'_>,
     k: AttnInput<'_>,
     v: AttnInput<'_>,
@@ -76,6 +79,7 @@ pub(crate) fn attention(
     let scale = 1.0 / (dh as f32).sqrt();
     // One task per (batch, head, query tile); each writes a disjoint block of `out`.
     let out_ptr = SendPtr(out.as_mut_ptr());
+    let lse_ptr = lse.map(|l| SendPtr(l.as_mut_ptr()));
     (0..batch * heads * q_tiles)
         .into_par_iter()
         .for_each(|task| {
@@ -160,6 +164,15 @@ pub(crate) fn attention(
                 } else {
                     0.0
                 };
+                if let Some(l) = lse_ptr {
+                    let v = if row_sum[r] > 0.0 {
+                        row_max[r] + row_sum[r].ln()
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    // SAFETY: one task per (b, query row, head), as for `out`.
+                    unsafe { *l.get().add((b * sq + q0 + r) * heads + h) = v };
+                }
                 let dst = ((b * sq + q0 + r) * width + h * dh) as isize;
                 for j in 0..dh {
                     // SAFETY: each (b, query row, head) block is written by exactly one task.
@@ -179,6 +192,60 @@ impl SendPtr {
     fn get(self) -> *mut f32 {
         self.0
     }
+}
+
+/// Merges the attention of the same queries over another block of keys into an accumulator
+/// (the Ring attention step, ALGORITHMS.md section 4): with `l = ln(e^lse_acc + e^lse_part)`,
+/// `acc = e^(lse_acc - l) acc + e^(lse_part - l) part` and `lse_acc = l`, per (row, head).
+/// `acc`/`part` are `[rows, heads * head_dim]`, `lse_*` `[rows, heads]`; a block whose keys were
+/// all masked (`-inf`) leaves the accumulator as it is.
+pub(crate) fn merge_partial(
+    acc: &mut [f32],
+    lse_acc: &mut [f32],
+    part: &[f32],
+    lse_part: &[f32],
+    head_dim: usize,
+) {
+    acc.par_chunks_mut(head_dim)
+        .zip(lse_acc.par_iter_mut())
+        .zip(part.par_chunks(head_dim).zip(lse_part.par_iter()))
+        .for_each(|((a, la), (p, &lp))| {
+            let m = la.max(lp);
+            if m == f32::NEG_INFINITY {
+                return;
+            }
+            let (wa, wp) = ((*la - m).exp(), (lp - m).exp());
+            let z = wa + wp;
+            let (wa, wp) = (wa / z, wp / z);
+            a.iter_mut().zip(p).for_each(|(x, y)| *x = wa * *x + wp * y);
+            *la = m + z.ln();
+        });
+}
+
+/// Reference of [`merge_partial`] in f64, for tests.
+pub fn merge_partial_slow(
+    acc: &[f32],
+    lse_acc: &[f32],
+    part: &[f32],
+    lse_part: &[f32],
+    head_dim: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut out = acc.to_vec();
+    let mut lse = lse_acc.to_vec();
+    for (i, (&la, &lp)) in lse_acc.iter().zip(lse_part).enumerate() {
+        let (la, lp) = (la as f64, lp as f64);
+        let m = la.max(lp);
+        if m == f64::NEG_INFINITY {
+            continue;
+        }
+        let (wa, wp) = ((la - m).exp(), (lp - m).exp());
+        for j in 0..head_dim {
+            let k = i * head_dim + j;
+            out[k] = ((wa * acc[k] as f64 + wp * part[k] as f64) / (wa + wp)) as f32;
+        }
+        lse[i] = (m + (wa + wp).ln()) as f32;
+    }
+    (out, lse)
 }
 
 /// Reference attention: materialises the whole score matrix, f64 softmax.
