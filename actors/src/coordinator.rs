@@ -7,6 +7,7 @@
 //! the device's index, its last known step and the reason; later submissions are refused. There
 //! is no silent restart: a restarted device would have lost its K/V buffers mid-request.
 
+use kernels::Tensor;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -185,9 +186,10 @@ impl Actor for CoordinatorActor {
                         ..
                     } = st.running.take().expect("running");
                     let shape = req.setup.prepared.latent_shape();
+                    let n = req.schedule.stages.max(1);
                     let _ = req
                         .reply
-                        .send(finish(started, reports, &st.device_index, shape));
+                        .send(finish(started, reports, &st.device_index, shape, n));
                     st.start_next().await;
                 }
             }
@@ -342,30 +344,44 @@ impl CoordinatorState {
     }
 }
 
+/// The request's result from every device's report. `n` is the pipeline length: rank r is a
+/// last stage when `r % n == n - 1`, and every last stage (one per CFG group) must hold the same
+/// final latent, bit for bit.
 fn finish(
     started: Instant,
     reports: Vec<Option<StageReport>>,
     device_index: &[usize],
     shape: [usize; 4],
+    n: usize,
 ) -> Result<GenerateOutput, ClusterError> {
     let wall = started.elapsed();
-    let mut latent = None;
+    let mut latent: Option<Tensor> = None;
     let mut per_device = Vec::new();
-    for (device, rep) in device_index.iter().copied().zip(reports) {
+    for (rank, (device, rep)) in device_index.iter().copied().zip(reports).enumerate() {
         let rep = rep.expect("all reported");
-        if let Some(l) = rep.latent {
-            // Under CFG parallel every group's last stage holds the final latent; they must
-            // agree bit for bit (both apply the same guidance and scheduler step).
-            match &latent {
-                None => latent = Some(l),
-                Some(first) if first.as_f32().ok() != l.as_f32().ok() => {
-                    return Err(ClusterError::DeviceFailed {
-                        device,
-                        step: None,
-                        message: "the CFG groups' final latents differ".into(),
-                    })
+        let fail = |message: String| ClusterError::DeviceFailed {
+            device,
+            step: None,
+            message,
+        };
+        if rank % n == n - 1 {
+            let l = rep
+                .latent
+                .ok_or_else(|| fail("the last stage finished without a latent".into()))?;
+            if l.shape() != shape {
+                return Err(fail(format!(
+                    "the final latent has shape {:?}, the request's is {shape:?}",
+                    l.shape()
+                )));
+            }
+            if let Some(first) = &latent {
+                let same = first.as_f32().map_err(|e| fail(e.to_string()))?
+                    == l.as_f32().map_err(|e| fail(e.to_string()))?;
+                if !same {
+                    return Err(fail("the CFG groups' final latents differ".into()));
                 }
-                Some(_) => {}
+            } else {
+                latent = Some(l);
             }
         }
         per_device.push(DeviceSummary {
@@ -375,21 +391,7 @@ fn finish(
             bytes_sent: rep.bytes_sent,
         });
     }
-    let latent = latent.ok_or_else(|| ClusterError::DeviceFailed {
-        device: device_index.last().copied().unwrap_or(0),
-        step: None,
-        message: "the last stage finished without a latent".into(),
-    })?;
-    if latent.shape() != shape {
-        return Err(ClusterError::DeviceFailed {
-            device: device_index.last().copied().unwrap_or(0),
-            step: None,
-            message: format!(
-                "the final latent has shape {:?}, the request's is {shape:?}",
-                latent.shape()
-            ),
-        });
-    }
+    let latent = latent.ok_or_else(|| ClusterError::NotRunning("no devices".into()))?;
     Ok(GenerateOutput {
         latent,
         summary: RunSummary::new(wall, per_device),

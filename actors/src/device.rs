@@ -76,7 +76,14 @@ struct Active {
     timer_for: Option<Duration>,
     /// The item on the compute thread.
     running: Option<WorkItem>,
+    /// CFG last stage: the running item whose own prediction is done (the compute thread now
+    /// waits for the partner's).
+    awaiting_partner: Option<WorkItem>,
 }
+
+/// Frames of a request this device has not begun yet that it keeps until the `Begin` arrives
+/// (a peer can start before this device's `Begin` is processed, e.g. two CFG groups' stage 0s).
+const EARLY_FRAMES_MAX: usize = 1024;
 
 pub(crate) struct DeviceState {
     index: usize,
@@ -93,6 +100,10 @@ pub(crate) struct DeviceState {
     inbox_task: JoinHandle<()>,
     fault: Option<Fault>,
     active: Option<Active>,
+    /// The newest request this device has begun (ids only grow).
+    last_request: u64,
+    /// Frames of a newer request than `last_request`, replayed when it begins.
+    early: Vec<transport::Frame>,
 }
 
 impl Actor for DeviceActor {
@@ -141,6 +152,8 @@ impl Actor for DeviceActor {
             inbox_task,
             fault: args.fault,
             active: None,
+            last_request: 0,
+            early: Vec::new(),
         })
     }
 
@@ -170,6 +183,7 @@ impl Actor for DeviceActor {
                 let _ = reply.send(r);
                 if ok {
                     st.drain(&myself).await;
+                    st.replay_early(&myself).await;
                 }
             }
             DeviceMessage::Frame(frame) => st.on_frame(&myself, frame).await,
@@ -197,7 +211,16 @@ impl Actor for DeviceActor {
                     .is_some_and(|a| a.setup.id == request && a.running == Some(item));
                 if late {
                     let secs = st.compute_timeout.as_secs_f64();
-                    st.fail(Some(item.step), format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"));
+                    let waiting = st
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| a.awaiting_partner == Some(item));
+                    let partner = st.cfg.and_then(|c| c.partner);
+                    let message = match partner.filter(|_| waiting) {
+                        Some(p) => format!("waited longer than the compute timeout ({secs:.1} s) for device {p}'s CFG prediction of {item}: device {p} is wedged or far too slow"),
+                        None => format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"),
+                    };
+                    st.fail(Some(item.step), message);
                 }
             }
             DeviceMessage::Abort => {
@@ -213,6 +236,19 @@ impl Actor for DeviceActor {
 impl DeviceState {
     /// A frame from a peer: check it against the plan, hand it to the schedule, drain.
     async fn on_frame(&mut self, myself: &ActorRef<DeviceMessage>, frame: transport::Frame) {
+        if frame.header.request > self.last_request {
+            // A request this device has not begun yet: keep the frame for its Begin.
+            if self.early.len() >= EARLY_FRAMES_MAX {
+                tracing::warn!(
+                    device = self.index,
+                    request = frame.header.request,
+                    "too many frames ahead of their request's Begin; dropped one"
+                );
+                return;
+            }
+            self.early.push(frame);
+            return;
+        }
         let Some(a) = self.active.as_mut() else {
             tracing::warn!(
                 device = self.index,
@@ -270,6 +306,7 @@ impl DeviceState {
         };
         let now = a.started.elapsed();
         a.running = None;
+        a.awaiting_partner = None;
         let r = output.and_then(|t| {
             a.last_output = Some(t);
             a.schedule
@@ -279,6 +316,19 @@ impl DeviceState {
         match r {
             Ok(()) => self.drain(myself).await,
             Err(e) => self.fail(Some(item.step), e),
+        }
+    }
+
+    /// Hands the frames that arrived before this request's Begin to [`Self::on_frame`]; frames of
+    /// older requests are dropped.
+    async fn replay_early(&mut self, myself: &ActorRef<DeviceMessage>) {
+        let id = self.last_request;
+        let early = std::mem::take(&mut self.early);
+        let (now, later): (Vec<_>, Vec<_>) =
+            early.into_iter().partition(|f| f.header.request <= id);
+        self.early = later;
+        for f in now.into_iter().filter(|f| f.header.request == id) {
+            Box::pin(self.on_frame(myself, f)).await;
         }
     }
 
@@ -320,8 +370,9 @@ impl DeviceState {
 
     /// Sends this stage's prediction for `item` to the other group's last stage.
     async fn send_prediction(&mut self, request: u64, item: WorkItem, prediction: Tensor) {
-        if !self.active.as_ref().is_some_and(|a| a.setup.id == request) {
-            return; // the request ended meanwhile
+        match self.active.as_mut() {
+            Some(a) if a.setup.id == request => a.awaiting_partner = Some(item),
+            _ => return, // the request ended meanwhile
         }
         let Some(partner) = self.cfg.and_then(|c| c.partner) else {
             return;
@@ -363,6 +414,9 @@ impl DeviceState {
         setup: Arc<RequestSetup>,
         cfg: topology::schedule::ScheduleConfig,
     ) -> Result<(), String> {
+        let id = setup.id;
+        // From now on frames of this request are handled (or dropped with it), not kept.
+        self.last_request = self.last_request.max(id);
         let (tx, rx) = oneshot::channel();
         if !self.compute.submit(ComputeJob::Begin(setup.clone(), tx)) {
             return Err("the compute thread has stopped".into());
@@ -387,6 +441,7 @@ impl DeviceState {
             bytes_at_start: self.bytes_sent(),
             timer_for: None,
             running: None,
+            awaiting_partner: None,
         });
         Ok(())
     }

@@ -100,6 +100,16 @@ impl ClusterArgs {
                 }
                 if let Some(c) = self.cfg_degree {
                     s.parallel.cfg_degree = c;
+                    // Degrees the file left to their defaults follow the new CFG degree, as if
+                    // the file had said it: N = devices / (cfg * ulysses * ring), M = N.
+                    if self.pipefusion_degree.is_none() && !s.sets("parallel.pipefusion_degree") {
+                        let others =
+                            (c * s.parallel.ulysses_degree * s.parallel.ring_degree).max(1);
+                        s.parallel.pipefusion_degree = s.device_count() / others;
+                        if !s.sets("parallel.num_patches") {
+                            s.parallel.num_patches = s.parallel.pipefusion_degree;
+                        }
+                    }
                 }
                 if let Some(t) = self.threads {
                     for d in s.nodes.iter_mut().flat_map(|n| n.devices.iter_mut()) {
@@ -133,9 +143,8 @@ impl ClusterArgs {
                 let mut s = ClusterSpec::local_cpu(n * c, threads, ModelSpec::Path(model.clone()));
                 s.parallel.pipefusion_degree = n;
                 s.parallel.cfg_degree = c;
-                if n == 1 {
-                    s.parallel.num_patches = 1;
-                }
+                // M defaults to N (the pipeline's length), not to the device count.
+                s.parallel.num_patches = n;
                 s
             }
         };

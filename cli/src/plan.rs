@@ -65,12 +65,15 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
             * cfg.hidden()
             * st.layers.len()
             * 4;
-        println!(
-            "device {} (stage {}) K/V buffers: {:.2} MiB",
-            st.device.index,
-            st.index,
-            kv as f64 / (1 << 20) as f64
-        );
+        let mib = kv as f64 / (1 << 20) as f64;
+        if plan.cfg_degree > 1 {
+            println!(
+                "device {} (stage {}/g{}) K/V buffers: {mib:.2} MiB",
+                st.device.index, st.index, st.cfg_group
+            );
+        } else {
+            println!("stage {} K/V buffers: {mib:.2} MiB", st.index);
+        }
     }
     Ok(())
 }

@@ -262,6 +262,25 @@ fn cfg_parallel_from_the_command_line() {
         "CFG 2 x PipeFusion 2, all warmup: relative L2 {e:.3e}"
     );
 
+    // A topology that leaves the pipeline degree to its default follows --cfg-degree.
+    let topo = dir.join("two.toml");
+    std::fs::write(
+        &topo,
+        format!(
+            "[model]\npath = \"{}\"\n[[nodes]]\nname = \"local\"\ndevices = [{{ kind = \"cpu\", threads = 1 }}, {{ kind = \"cpu\", threads = 1 }}]\n",
+            root().join("assets/digits-dit").display()
+        ),
+    )
+    .unwrap();
+    let labels: Vec<String> = (0..10)
+        .flat_map(|l| ["--class-label".into(), l.to_string()])
+        .collect();
+    let mut args = vec!["--topology", topo.to_str().unwrap(), "--cfg-degree", "2"];
+    args.extend(labels.iter().map(String::as_str)); // the demo's default request, spelled out
+    let (from_file, err) = run(&args, "file.safetensors");
+    assert!(err.contains("1 stage(s) x 2 CFG groups"), "{err}");
+    assert_eq!(from_file, two, "the same plan from a file");
+
     let o = pipefuse(&["plan", "--cfg-degree", "2", "--pipefusion-degree", "2"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -287,6 +287,12 @@ impl ClusterSpec {
         self.nodes.iter().map(|n| n.devices.len()).sum()
     }
 
+    /// Whether the file itself gives `field` (a TOML path such as `parallel.num_patches`), as
+    /// opposed to a default.
+    pub fn sets(&self, field: &str) -> bool {
+        self.lines.contains_key(field)
+    }
+
     /// 1-based line of `field` (a TOML path such as `parallel.num_patches`) in the file, or of
     /// the nearest enclosing table that is there (a defaulted field reports its table's line).
     pub fn line_of(&self, field: &str) -> Option<usize> {
