@@ -272,6 +272,7 @@ impl Cluster {
             CoordinatorActor,
             CoordinatorArgs {
                 devices,
+                fault: options.fault,
                 begin_timeout: options.compute_timeout,
             },
         )

@@ -40,6 +40,14 @@ pub enum Fault {
         /// Step.
         step: usize,
     },
+    /// The coordinator sends this device its `Begin` `millis` late (peers that began first may
+    /// send it frames before its Begin arrives).
+    SlowBegin {
+        /// Device index.
+        device: usize,
+        /// Extra milliseconds.
+        millis: u64,
+    },
     /// The device's compute hangs for `secs` at this step (a straggler or a wedged device).
     HangAt {
         /// Device index.

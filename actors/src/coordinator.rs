@@ -36,6 +36,8 @@ pub(crate) enum StageSlot {
 /// How to start each device (one per stage, in stage order).
 pub(crate) struct CoordinatorArgs {
     pub(crate) devices: Vec<StageSlot>,
+    /// A deliberate failure (tests): `Fault::SlowBegin` delays a device's Begin.
+    pub(crate) fault: Option<crate::compute::Fault>,
     /// How long a device may take to accept `Begin` (it waits for its compute thread).
     pub(crate) begin_timeout: std::time::Duration,
 }
@@ -64,6 +66,7 @@ pub(crate) struct CoordinatorState {
     /// Device index of each stage.
     device_index: Vec<usize>,
     begin_timeout: std::time::Duration,
+    fault: Option<crate::compute::Fault>,
     queue: VecDeque<Queued>,
     running: Option<Running>,
     broken: Option<String>,
@@ -101,6 +104,7 @@ impl Actor for CoordinatorActor {
             devices,
             device_index,
             begin_timeout: args.begin_timeout,
+            fault: args.fault,
             queue: VecDeque::new(),
             running: None,
             broken: None,
@@ -283,6 +287,11 @@ impl CoordinatorState {
             for stage in order {
                 let d = &self.devices[stage];
                 let i = self.device_index[stage];
+                if let Some(crate::compute::Fault::SlowBegin { device, millis }) = self.fault {
+                    if device == i && req.setup.id == 1 {
+                        tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+                    }
+                }
                 if let Err(m) = d
                     .begin(req.setup.clone(), req.schedule, self.begin_timeout)
                     .await

@@ -147,3 +147,29 @@ async fn a_failing_group_releases_its_partner_and_the_next_request_is_exact() {
         cluster.shutdown().await;
     }
 }
+
+/// With one stage per group both devices are stage 0s, so one group can start, finish its first
+/// forward and send its prediction before the other has begun: the frame is kept until the Begin
+/// and the result is still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prediction_that_arrives_before_begin_is_kept() {
+    let dir = dit_pf().join("transformer");
+    let load = |r| Transformer::load(&dir, Some(r), cpu()).unwrap();
+    let opts = ClusterOptions {
+        fault: Some(actors::Fault::SlowBegin {
+            device: 0,
+            millis: 400,
+        }),
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(spec(2, 1, 1, 1), opts).await.unwrap();
+    let req = GenerateRequest::class_conditional(&cluster, vec![3, 7], 3, 4.0, 42).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req.clone()))
+        .await
+        .expect("hung")
+        .unwrap();
+    let one = setup_for(&cluster, &req, 1, 1);
+    let want = cfg_pipefusion(4, 1, load, split_cfg(&one, &cluster.model().config));
+    assert_eq!(out.latent.as_f32().unwrap(), want.as_f32().unwrap());
+    cluster.shutdown().await;
+}
