@@ -20,6 +20,17 @@ pub(crate) struct KvSlot<'a> {
     pub(crate) first: usize,
 }
 
+/// How a block's self-attention sees the rest of the sequence.
+pub(crate) enum AttnMode<'a> {
+    /// The tokens given are the whole sequence.
+    Local,
+    /// PipeFusion: the tokens are one patch; K/V live in a buffer (see [`KvSlot`]).
+    Buffer(KvSlot<'a>),
+    /// Sequence parallelism: the tokens are this device's shard; the other shards' keys and
+    /// values are reached through a collective (`layer` counts the blocks run so far).
+    Shared(&'a mut dyn crate::sp::SequenceAttention, usize),
+}
+
 /// Self-attention with Q, K, V fused into one `[3d, d]` projection.
 #[derive(Debug, Clone)]
 struct SelfAttention {
@@ -43,18 +54,19 @@ impl SelfAttention {
         dev: &Device,
         x: &Tensor,
         cfg: &ModelConfig,
-        kv: Option<KvSlot<'_>>,
+        mode: AttnMode<'_>,
     ) -> Result<Tensor> {
         let d = cfg.hidden();
         let (b, heads, hd) = (x.dim(0), cfg.num_heads, cfg.head_dim);
         let qkv = self.qkv.forward(dev, x)?; // [B, n, 3d]
         let q = AttnView::of(&qkv, 0)?;
-        let o = match kv {
-            None => {
+        let o = match mode {
+            AttnMode::Local => {
                 let (k, v) = (AttnView::of(&qkv, d)?, AttnView::of(&qkv, 2 * d)?);
                 dev.attention(q, k, v, None, b, heads, hd)? // [B, n, d]
             }
-            Some(slot) => {
+            AttnMode::Shared(sp, layer) => sp.attend(dev, layer, &qkv, heads, hd)?,
+            AttnMode::Buffer(slot) => {
                 slot.buf.write(slot.layer, slot.first, &qkv)?;
                 let buf = &*slot.buf;
                 let kv = buf.layer(slot.layer); // [B, S, 2d]
@@ -247,14 +259,14 @@ impl Block {
         }
     }
 
-    /// `x: [B, n, d]` updated in place (see [`SelfAttention::forward`] for `kv`).
+    /// `x: [B, n, d]` updated in place (see [`AttnMode`] for how its self-attention runs).
     pub(crate) fn forward(
         &self,
         dev: &Device,
         x: &mut Tensor,
         cond: &Conditioning,
         cfg: &ModelConfig,
-        kv: Option<KvSlot<'_>>,
+        mode: AttnMode<'_>,
     ) -> Result<()> {
         let (batch, d) = (x.dim(0), cfg.hidden());
         let m = self.modulation(dev, cond, batch, d)?;
@@ -264,7 +276,7 @@ impl Block {
             Arch::PixArt => cfg.norm_eps,
         };
         let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, eps1)?;
-        let a = self.attn.forward(dev, &h, cfg, kv)?;
+        let a = self.attn.forward(dev, &h, cfg, mode)?;
         dev.add_gated_(x, &a, Some(&c(2)?))?;
         if let (
             Some(cross),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use kernels::{Device, Tensor};
 
-use crate::blocks::{Block, DitEmbedder, KvSlot};
+use crate::blocks::{AttnMode, Block, DitEmbedder, KvSlot};
 use crate::cond::{conditioning, CondInputs, Conditioning, PixArtEmbedders};
 use crate::config::{Arch, ModelConfig};
 use crate::embedding::{pos_embed_2d, Linear, PatchEmbed};
@@ -207,7 +207,32 @@ impl Transformer {
         self.device.install(|| {
             for (i, block) in self.range.clone().zip(&self.blocks) {
                 let _span = tracing::trace_span!("block", i).entered();
-                block.forward(&self.device, x, cond, &self.cfg, None)?;
+                block.forward(&self.device, x, cond, &self.cfg, AttnMode::Local)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Sequence parallelism: runs this instance's blocks on this device's token shard
+    /// `x: [B, n_r, d]`; every self-attention goes through `attn` (Ulysses, Ring, ...), which
+    /// reaches the other shards. All devices of the group must call this with the same blocks.
+    pub fn run_blocks_sequence_parallel(
+        &self,
+        x: &mut Tensor,
+        cond: &Conditioning,
+        attn: &mut dyn crate::sp::SequenceAttention,
+    ) -> Result<()> {
+        cond.check_tokens(x, self.cfg.hidden())?;
+        self.device.install(|| {
+            for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
+                let _span = tracing::trace_span!("block", i).entered();
+                block.forward(
+                    &self.device,
+                    x,
+                    cond,
+                    &self.cfg,
+                    AttnMode::Shared(&mut *attn, layer),
+                )?;
             }
             Ok(())
         })
@@ -255,7 +280,7 @@ impl Transformer {
                     layer,
                     first,
                 };
-                block.forward(&self.device, x, cond, &self.cfg, Some(slot))?;
+                block.forward(&self.device, x, cond, &self.cfg, AttnMode::Buffer(slot))?;
             }
             Ok(())
         })

@@ -81,6 +81,14 @@ pub enum ModelError {
     /// A kernel refused its operands.
     #[error(transparent)]
     Kernel(#[from] kernels::KernelError),
+    /// A sequence-parallel exchange with another rank failed.
+    #[error("sequence-parallel rank {rank}: {message}")]
+    Collective {
+        /// This rank.
+        rank: usize,
+        /// What failed (names the peer rank).
+        message: String,
+    },
 }
 
 impl ModelError {

@@ -20,6 +20,7 @@ mod fields;
 mod kv_buffer;
 mod request;
 pub mod sampler;
+pub mod sp;
 mod vae;
 mod weights;
 

@@ -2,26 +2,10 @@
 //! batch B and guiding their concatenated outputs gives what one forward of the doubled batch
 //! gives (ALGORITHMS.md section 3).
 
-use kernels::{Device, Tensor};
-use model::{Arch, Caption, ModelConfig, PreparedRequest, Request, Transformer};
+mod common;
 
-fn tiny(arch: Arch) -> ModelConfig {
-    ModelConfig {
-        arch,
-        in_channels: 4,
-        out_channels: 8,
-        patch_size: 2,
-        sample_size: 8,
-        num_layers: 2,
-        num_heads: 2,
-        head_dim: 8,
-        norm_eps: 1e-6,
-        num_classes: 10,
-        caption_channels: 12,
-        interpolation_scale: 1.0,
-        use_additional_conditions: false,
-    }
-}
+use kernels::{Device, Tensor};
+use model::{Arch, Caption, PreparedRequest, Request, Transformer};
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
     (0..n)
@@ -54,7 +38,7 @@ fn request(arch: Arch) -> Request {
 #[test]
 fn two_branches_guide_to_the_doubled_forward() {
     for arch in [Arch::Dit, Arch::PixArt] {
-        let cfg = tiny(arch);
+        let cfg = common::tiny(arch);
         let model = Transformer::random(cfg.clone(), 5, None, Device::cpu(1).unwrap()).unwrap();
         let full = PreparedRequest::new(&cfg, &request(arch)).unwrap();
         assert_eq!(full.cfg_branches(), 2);
@@ -80,12 +64,7 @@ fn two_branches_guide_to_the_doubled_forward() {
             .guide(&Tensor::cat(&[&outs[0], &outs[1]], 0).unwrap())
             .unwrap();
         assert_eq!(split.shape(), one.shape());
-        let (a, b) = (split.as_f32().unwrap(), one.as_f32().unwrap());
-        let err = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let err = common::max_abs(&split, &one);
         eprintln!("{arch:?}: max abs difference {err}");
         assert!(err <= 1e-5, "{arch:?}: max abs difference {err}");
     }
@@ -93,7 +72,7 @@ fn two_branches_guide_to_the_doubled_forward() {
 
 #[test]
 fn unguided_requests_have_no_branches() {
-    let cfg = tiny(Arch::Dit);
+    let cfg = common::tiny(Arch::Dit);
     let req = Request {
         guidance_scale: 1.0,
         ..request(Arch::Dit)

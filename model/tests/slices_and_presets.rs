@@ -1,23 +1,14 @@
 //! Block slices compose to the whole model; presets and the FLOP formula.
 
+mod common;
+
 use kernels::{Device, Tensor};
 use model::{Arch, CondInputs, ModelConfig, Transformer};
 
 fn tiny(arch: Arch) -> ModelConfig {
     ModelConfig {
-        arch,
-        in_channels: 4,
-        out_channels: 8,
-        patch_size: 2,
-        sample_size: 8,
         num_layers: 4,
-        num_heads: 2,
-        head_dim: 8,
-        norm_eps: 1e-6,
-        num_classes: 10,
-        caption_channels: 12,
-        interpolation_scale: 1.0,
-        use_additional_conditions: false,
+        ..common::tiny(arch)
     }
 }
 

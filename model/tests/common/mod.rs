@@ -86,3 +86,33 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
+
+/// A tiny model config of either family (random weights in tests): 8x8 latents, 2 blocks of
+/// 2 heads x 8; tests override what they need with struct update syntax.
+pub fn tiny(arch: model::Arch) -> model::ModelConfig {
+    model::ModelConfig {
+        arch,
+        in_channels: 4,
+        out_channels: 8,
+        patch_size: 2,
+        sample_size: 8,
+        num_layers: 2,
+        num_heads: 2,
+        head_dim: 8,
+        norm_eps: 1e-6,
+        num_classes: 10,
+        caption_channels: 12,
+        interpolation_scale: 1.0,
+        use_additional_conditions: false,
+    }
+}
+
+/// Largest absolute difference of two tensors' values.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    a.as_f32()
+        .unwrap()
+        .iter()
+        .zip(b.as_f32().unwrap())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

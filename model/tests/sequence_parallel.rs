@@ -1,0 +1,126 @@
+//! Sequence parallelism (ALGORITHMS.md section 4) on the real blocks: U ranks on threads, each
+//! embedding its strip of token rows, running every block with Ulysses or Ring attention over an
+//! in-process collective, and applying the head to its rows, give the single-device forward.
+
+mod common;
+
+use kernels::{Device, Tensor};
+use model::sp::{local_group, Ring, SequenceAttention, Ulysses};
+use model::{Arch, CondInputs, ModelConfig, Transformer};
+
+fn tiny(arch: Arch) -> ModelConfig {
+    ModelConfig {
+        sample_size: 16,
+        num_layers: 3,
+        num_heads: 4,
+        ..common::tiny(arch)
+    }
+}
+
+fn inputs() -> CondInputs {
+    CondInputs {
+        timesteps: vec![500.0, 20.0],
+        class_labels: vec![1, 10],
+        caption: Some(model::gaussian(&[2, 5, 12], 3)),
+        caption_mask: Some(
+            Tensor::from_vec(vec![1., 1., 1., 0., 0., 1., 1., 1., 1., 1.], &[2, 5]).unwrap(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Ulysses,
+    Ring,
+}
+
+/// Runs the group: rank r owns token rows `rows[r]`; returns the outputs concatenated by rows.
+fn sequence_parallel(cfg: &ModelConfig, latent: &Tensor, rows: &[usize], kind: Kind) -> Tensor {
+    let p = cfg.patch_size;
+    let grid_rows = latent.dim(2) / p;
+    let cols = latent.dim(3) / p;
+    let shard_lens: Vec<usize> = rows.iter().map(|r| r * cols).collect();
+    let outs: Vec<Tensor> = std::thread::scope(|s| {
+        let handles: Vec<_> = local_group(rows.len())
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let (cfg, shard_lens) = (cfg.clone(), shard_lens.clone());
+                let first: usize = rows[..r].iter().sum();
+                let n = rows[r];
+                s.spawn(move || {
+                    let model = Transformer::random(cfg, 7, None, Device::cpu(1).unwrap()).unwrap();
+                    let cond = model.conditioning(&inputs()).unwrap();
+                    let strip = latent.narrow(2, first * p, n * p).unwrap();
+                    let mut x = model.embed(&strip, first, grid_rows).unwrap();
+                    let mut attn: Box<dyn SequenceAttention> = match kind {
+                        Kind::Ulysses => Box::new(Ulysses::new(comm, shard_lens).unwrap()),
+                        Kind::Ring => Box::new(Ring::new(comm)),
+                    };
+                    model
+                        .run_blocks_sequence_parallel(&mut x, &cond, attn.as_mut())
+                        .unwrap();
+                    model.head(&x, &cond, n, latent.dim(3)).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    Tensor::cat(&refs, 2).unwrap()
+}
+
+#[test]
+fn ulysses_and_ring_groups_equal_the_single_device_forward() {
+    for arch in [Arch::Dit, Arch::PixArt] {
+        let cfg = tiny(arch);
+        let latent = model::gaussian(&[2, 4, 16, 12], 5); // 8 x 6 tokens
+        let model = Transformer::random(cfg.clone(), 7, None, Device::cpu(1).unwrap()).unwrap();
+        let want = model.forward(&latent, &inputs()).unwrap();
+        for (kind, rows) in [
+            (Kind::Ulysses, vec![8]),
+            (Kind::Ulysses, vec![4, 4]),
+            (Kind::Ulysses, vec![3, 2, 2, 1]),
+            (Kind::Ring, vec![5, 3]),
+            (Kind::Ring, vec![3, 3, 2]),
+        ] {
+            let got = sequence_parallel(&cfg, &latent, &rows, kind);
+            assert_eq!(got.shape(), want.shape());
+            let e = common::max_abs(&got, &want);
+            eprintln!("{arch:?} {kind:?} rows {rows:?}: max abs {e:.2e}");
+            assert!(e <= 1e-4, "{arch:?} {kind:?} rows {rows:?}: max abs {e}");
+        }
+    }
+}
+
+#[test]
+fn ulysses_needs_heads_divisible_by_the_degree() {
+    let comm = local_group(3).into_iter().next().unwrap();
+    let mut u = Ulysses::new(comm, vec![2, 2, 2]).unwrap();
+    let qkv = Tensor::from_vec(vec![0.0; 2 * 2 * 96], &[2, 2, 96]).unwrap();
+    let e = u
+        .attend(&Device::cpu(1).unwrap(), 0, &qkv, 4, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("multiple of the degree"), "{e}");
+}
+
+/// A rank that fails (drops out) makes its peers' next exchange fail naming it, not hang.
+#[test]
+fn a_rank_that_leaves_is_named_by_the_others() {
+    use model::sp::Collective;
+    let mut ranks = local_group(3);
+    let mut r0 = ranks.remove(0);
+    drop(ranks.remove(1)); // rank 2 leaves
+    let r1 = ranks.remove(0);
+    let t = || Tensor::from_vec(vec![1.0], &[1, 1, 1]).unwrap();
+    let h = std::thread::spawn(move || {
+        let mut r1 = r1;
+        r1.all_to_all(vec![t(), t(), t()])
+    });
+    let e = r0.all_to_all(vec![t(), t(), t()]).unwrap_err().to_string();
+    assert!(e.contains("rank 2 left"), "{e}");
+    let e1 = h.join().unwrap().unwrap_err().to_string();
+    assert!(e1.contains("left the group"), "{e1}");
+}
