@@ -158,6 +158,8 @@ pub struct LocalCollective {
     inbox: Receiver<Message>,
     /// Messages that arrived for a later operation than the one waited for.
     stash: HashMap<(u64, usize), Tensor>,
+    /// Ranks that have left the group.
+    left: std::collections::HashSet<usize>,
     op: u64,
 }
 
@@ -171,6 +173,7 @@ pub fn local_group(size: usize) -> Vec<LocalCollective> {
             peers: txs.clone(),
             inbox,
             stash: HashMap::new(),
+            left: Default::default(),
             op: 0,
         })
         .collect()
@@ -191,21 +194,26 @@ impl LocalCollective {
     }
 
     fn receive(&mut self, from: usize) -> Result<Tensor> {
-        if let Some(t) = self.stash.remove(&(self.op, from)) {
-            return Ok(t);
-        }
         loop {
+            if let Some(t) = self.stash.remove(&(self.op, from)) {
+                return Ok(t);
+            }
+            // A rank that left has sent everything it ever will before saying so.
+            if self.left.contains(&from) {
+                return Err(self.fail(format!("rank {from} left the group")));
+            }
             let (op, src, t) = self
                 .inbox
                 .recv()
                 .map_err(|_| self.fail(format!("rank {from} left the group")))?;
-            let Some(t) = t else {
-                return Err(self.fail(format!("rank {src} left the group")));
-            };
-            if (op, src) == (self.op, from) {
-                return Ok(t);
+            match t {
+                Some(t) => {
+                    self.stash.insert((op, src), t);
+                }
+                None => {
+                    self.left.insert(src);
+                }
             }
-            self.stash.insert((op, src), t);
         }
     }
 }
