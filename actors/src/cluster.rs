@@ -253,6 +253,13 @@ impl Cluster {
             &spec,
             &shape_of(cfg, 2, 1, [cfg.sample_size, cfg.sample_size]),
         )?;
+        if plan.sp.degree() > 1 {
+            return Err(ClusterError::NotRunning(format!(
+                "{} sequence parallelism: the runtime does not run it yet (`pipefuse plan` shows \
+                 the layout); use ulysses_degree = ring_degree = 1",
+                plan.sp.name()
+            )));
+        }
         let mut devices: Vec<StageSlot> = Vec::new();
         for stage in &plan.stages {
             let Some(endpoint) = endpoints.get_mut(stage.device.index).and_then(Option::take)
@@ -451,5 +458,6 @@ fn shape_of(
         latent_channels: cfg.in_channels,
         latent_batch: batch,
         patch_size: p,
+        heads: cfg.num_heads,
     }
 }

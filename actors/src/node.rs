@@ -128,8 +128,16 @@ impl Node {
                 latent_channels: cfg.in_channels,
                 latent_batch: 1,
                 patch_size: cfg.patch_size,
+                heads: cfg.num_heads,
             },
         )?;
+        if plan.sp.degree() > 1 {
+            return Err(ClusterError::NotRunning(format!(
+                "{} sequence parallelism: the runtime does not run it yet (`pipefuse plan` shows \
+                 the layout); use ulysses_degree = ring_degree = 1",
+                plan.sp.name()
+            )));
+        }
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
         let lost_events = quic_node.subscribe();

@@ -49,6 +49,7 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         latent_channels: cfg.in_channels,
         latent_batch: a.batch,
         patch_size: cfg.patch_size,
+        heads: cfg.num_heads,
     };
     let plan = Plan::new(&spec, &shape)?;
     println!(

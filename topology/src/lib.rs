@@ -9,9 +9,11 @@
 
 mod error;
 mod plan;
+mod plan_sp;
 pub mod schedule;
 mod spec;
 
 pub use error::{Result, TopologyError};
 pub use plan::*;
+pub use plan_sp::SequenceParallel;
 pub use spec::*;

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::ops::Range;
 
 use crate::error::Result;
+use crate::plan_sp::SequenceParallel;
 use crate::spec::{ClusterSpec, DeviceRef};
 
 /// What the plan needs to know about the model and the request.
@@ -31,6 +32,8 @@ pub struct ModelShape {
     pub latent_batch: usize,
     /// Patch size P of the patch embedding.
     pub patch_size: usize,
+    /// Attention heads (Ulysses splits them over its ranks).
+    pub heads: usize,
 }
 
 /// Pipeline stages and the patch table for one model and request shape.
@@ -42,6 +45,8 @@ pub struct Plan {
     /// CFG groups (1, or 2 with CFG parallel: group 0 runs the first half of the doubled batch,
     /// group 1 the second).
     pub cfg_degree: usize,
+    /// Sequence parallelism inside each pipeline stage (see [`SequenceParallel`]).
+    pub sp: SequenceParallel,
     /// Token rows of each patch: contiguous, covering `0..shape.token_rows`.
     pub patches: Vec<Range<usize>>,
     /// Synchronous full-image warmup steps W.
@@ -57,6 +62,9 @@ pub struct Stage {
     pub index: usize,
     /// The CFG group whose pipeline it belongs to (0 without CFG parallel).
     pub cfg_group: usize,
+    /// Its rank in its sequence-parallel group (0 without sequence parallelism): it owns token
+    /// rows `plan.sp.rows[sp_rank]`.
+    pub sp_rank: usize,
     /// The device that runs it.
     pub device: DeviceRef,
     /// The transformer blocks it owns (contiguous, non-empty).
@@ -85,6 +93,8 @@ pub enum LinkKind {
     Latent,
     /// One CFG branch's noise prediction, between the groups' last stages.
     CfgPrediction,
+    /// Attention inputs and outputs between the ranks of a sequence-parallel group.
+    SequenceParallel,
 }
 
 impl Plan {
@@ -97,18 +107,7 @@ impl Plan {
     pub fn new(spec: &ClusterSpec, shape: &ModelShape) -> Result<Plan> {
         spec.validate()?;
         let p = &spec.parallel;
-        for (field, degree) in [
-            ("parallel.ulysses_degree", p.ulysses_degree),
-            ("parallel.ring_degree", p.ring_degree),
-        ] {
-            if degree > 1 {
-                return Err(spec.error(
-                    field,
-                    format!("{field} = {degree} is not implemented yet (PipeFusion and CFG parallel only in this version)"),
-                    Some(format!("set {field} = 1 and use the devices as pipeline stages")),
-                ));
-            }
-        }
+
         if p.cfg_degree == 2 && shape.batch != 2 * shape.latent_batch {
             return Err(spec.error(
                 "parallel.cfg_degree",
@@ -178,15 +177,19 @@ impl Plan {
                 )),
             ));
         };
+        let sp = SequenceParallel::new(spec, shape)?;
+        let ranks = sp.degree();
+        // ALGORITHMS.md section 5: rank = sp_rank + S * (stage + N * group).
         let stages: Vec<Stage> = spec
             .devices()
             .into_iter()
             .enumerate()
             .map(|(rank, device)| Stage {
-                index: rank % n,
-                cfg_group: rank / n,
+                index: (rank / ranks) % n,
+                cfg_group: rank / (ranks * n),
+                sp_rank: rank % ranks,
                 device,
-                layers: layers[rank % n].clone(),
+                layers: layers[(rank / ranks) % n].clone(),
             })
             .collect();
         if m < n {
@@ -200,6 +203,7 @@ impl Plan {
         Ok(Plan {
             stages,
             cfg_degree: p.cfg_degree,
+            sp,
             patches,
             warmup_steps: p.warmup_steps,
             shape: *shape,
@@ -213,56 +217,116 @@ impl Plan {
 
     /// Pipeline stages N of one CFG group (the PipeFusion degree).
     pub fn pipeline_len(&self) -> usize {
-        self.stages.len() / self.cfg_degree.max(1)
+        self.stages.len() / (self.cfg_degree.max(1) * self.sp.degree())
     }
 
-    /// The pipeline of CFG group `g` (empty past the last group).
+    /// Every stage of CFG group `g` (all its pipeline stages and sequence-parallel ranks; empty
+    /// past the last group).
     pub fn group(&self, g: usize) -> &[Stage] {
-        let n = self.pipeline_len();
+        let n = self.pipeline_len() * self.sp.degree();
         self.stages.get(g * n..(g + 1) * n).unwrap_or(&[])
     }
 
-    /// Per-step f32 bytes on each link in PipeFusion steps, per CFG group: stage s -> s+1 carries
-    /// `batch / cfg_degree * token_rows * token_cols * hidden * 4` (M patches, the whole hidden
-    /// state once); last -> 0 carries the latent, `latent_batch * latent_channels * (token_rows *
+    /// The device of every stage of the pipeline `stage` belongs to (same CFG group, same
+    /// sequence-parallel rank), in stage order.
+    pub fn pipeline_of(&self, stage: &Stage) -> Vec<usize> {
+        self.group(stage.cfg_group)
+            .iter()
+            .filter(|s| s.sp_rank == stage.sp_rank)
+            .map(|s| s.device.index)
+            .collect()
+    }
+
+    /// Under CFG parallel: the device holding the same stage and sequence-parallel rank in the
+    /// other CFG group.
+    pub fn cfg_partner(&self, stage: &Stage) -> Option<usize> {
+        (self.cfg_degree == 2).then(|| {
+            self.group(1 - stage.cfg_group)
+                .iter()
+                .find(|s| s.index == stage.index && s.sp_rank == stage.sp_rank)
+                .map(|s| s.device.index)
+        })?
+    }
+
+    /// Per-step f32 bytes on each link, from every device: stage s -> s+1 carries the hidden
+    /// states of its rows once per step, `batch / cfg_degree * rows * token_cols * hidden * 4`
+    /// (M patches); last -> 0 carries the latent rows, `latent_batch * latent_channels * (rows *
     /// patch_size) * (token_cols * patch_size) * 4`. With CFG parallel the groups' last stages
-    /// also send each other their branch's noise prediction, latent-sized. Empty for one device.
+    /// also swap their noise predictions (latent-sized). With sequence parallelism, rows are the
+    /// rank's shard, and each rank exchanges attention inputs with the others in every layer
+    /// (Ulysses: Q, K, V of its tokens for the other ranks' heads, then their outputs back;
+    /// Ring: K and V of every other rank's tokens once per layer). Empty for one device.
     pub fn link_bytes(&self) -> Vec<LinkBytes> {
-        let (n, groups) = (self.pipeline_len(), self.cfg_degree.max(1));
         let s = &self.shape;
         let product = |xs: &[usize]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
-        let hidden = product(&[s.batch / groups, s.token_rows, s.token_cols, s.hidden, 4]);
-        let latent = product(&[
-            s.latent_batch,
-            s.latent_channels,
-            s.token_rows * s.patch_size,
-            s.token_cols * s.patch_size,
-            4,
-        ]);
+        let b = s.batch / self.cfg_degree.max(1);
+        let all_rows = 0..s.token_rows;
+        let rows_of = |st: &Stage| {
+            self.sp
+                .rows()
+                .get(st.sp_rank)
+                .cloned()
+                .unwrap_or(all_rows.clone())
+                .len()
+        };
+        let latent = |rows: usize| {
+            product(&[
+                s.latent_batch,
+                s.latent_channels,
+                rows * s.patch_size,
+                s.token_cols * s.patch_size,
+                4,
+            ])
+        };
         let mut links = Vec::new();
-        for g in 0..groups {
-            let rank = |stage: usize| stage + n * g;
+        for st in &self.stages {
+            let rank = st.device.index;
+            let rows = rows_of(st);
+            let pipe = self.pipeline_of(st);
+            let n = pipe.len();
+            let link = |to: usize, bytes: u64, kind: LinkKind| LinkBytes {
+                from: rank,
+                to,
+                bytes_per_step: bytes,
+                kind,
+            };
             if n > 1 {
-                links.extend((0..n - 1).map(|from| LinkBytes {
-                    from: rank(from),
-                    to: rank(from + 1),
-                    bytes_per_step: hidden,
-                    kind: LinkKind::Hidden,
-                }));
-                links.push(LinkBytes {
-                    from: rank(n - 1),
-                    to: rank(0),
-                    bytes_per_step: latent,
-                    kind: LinkKind::Latent,
+                links.push(if st.index + 1 < n {
+                    let hidden = product(&[b, rows, s.token_cols, s.hidden, 4]);
+                    link(pipe[st.index + 1], hidden, LinkKind::Hidden)
+                } else {
+                    link(pipe[0], latent(rows), LinkKind::Latent)
                 });
             }
-            if groups == 2 {
-                links.push(LinkBytes {
-                    from: rank(n - 1),
-                    to: n - 1 + n * (1 - g),
-                    bytes_per_step: latent,
-                    kind: LinkKind::CfgPrediction,
-                });
+            if st.index + 1 == n {
+                if let Some(p) = self.cfg_partner(st) {
+                    links.push(link(p, latent(rows), LinkKind::CfgPrediction));
+                }
+            }
+            let layers = st.layers.len();
+            let ranks: Vec<&Stage> = self
+                .group(st.cfg_group)
+                .iter()
+                .filter(|o| o.index == st.index)
+                .collect();
+            match &self.sp {
+                SequenceParallel::None => {}
+                SequenceParallel::Ulysses { degree, .. } => {
+                    let w = s.hidden / degree;
+                    for o in ranks.iter().filter(|o| o.sp_rank != st.sp_rank) {
+                        // Q, K, V of my tokens for its heads; my heads' output for its tokens.
+                        let tokens = (3 * rows + rows_of(o)) * s.token_cols;
+                        let bytes = product(&[b, tokens, w, 4, layers]);
+                        links.push(link(o.device.index, bytes, LinkKind::SequenceParallel));
+                    }
+                }
+                SequenceParallel::Ring { degree, .. } => {
+                    let next = ranks[(st.sp_rank + 1) % degree];
+                    // K and V of every rank's tokens but the next one's own.
+                    let tokens = (s.token_rows - rows_of(next)) * s.token_cols;
+                    let bytes = product(&[b, tokens, 2 * s.hidden, 4, layers]);
+                    links.push(link(next.device.index, bytes, LinkKind::SequenceParallel));
+                }
             }
         }
         links
@@ -287,13 +351,30 @@ impl Plan {
                 self.cfg_degree
             );
         }
+        if self.sp.degree() > 1 {
+            let rows: Vec<String> = self
+                .sp
+                .rows()
+                .iter()
+                .map(|r| format!("{}..{}", r.start, r.end))
+                .collect();
+            let _ = writeln!(
+                out,
+                "sequence parallel: {} over {} ranks per stage, token rows {}",
+                self.sp.name(),
+                self.sp.degree(),
+                rows.join(", ")
+            );
+        }
         let _ = writeln!(out, "{:<6} {:<18} {:<12} layers", "stage", "device", "node");
         for s in &self.stages {
-            let stage = if self.cfg_degree > 1 {
-                format!("{}/g{}", s.index, s.cfg_group)
-            } else {
-                s.index.to_string()
-            };
+            let mut stage = s.index.to_string();
+            if self.cfg_degree > 1 {
+                stage += &format!("/g{}", s.cfg_group);
+            }
+            if self.sp.degree() > 1 {
+                stage += &format!("/r{}", s.sp_rank);
+            }
             let _ = writeln!(
                 out,
                 "{:<6} {:<18} {:<12} {}..{} ({})",
@@ -326,6 +407,7 @@ impl Plan {
                     LinkKind::Hidden => "hidden states",
                     LinkKind::Latent => "latent",
                     LinkKind::CfgPrediction => "CFG noise prediction",
+                    LinkKind::SequenceParallel => "sequence-parallel attention",
                 }
             );
         }

@@ -77,6 +77,7 @@ pub(crate) fn shape(layers: usize, token_rows: usize) -> ModelShape {
         latent_channels: 4,
         latent_batch: 1,
         patch_size: 2,
+        heads: 4,
     }
 }
 

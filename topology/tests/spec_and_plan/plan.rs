@@ -56,24 +56,103 @@ fn plan_rejects_patches_that_do_not_fit() {
 }
 
 #[test]
-fn plan_rejects_unimplemented_degrees() {
-    for key in ["ulysses_degree", "ring_degree"] {
-        let text = edit(&[
-            (7, "pipefusion_degree = 1"),
-            (8, "num_patches = 1"),
-            (10, &format!("{key} = 2")),
-        ]);
-        let (field, line, shown) = plan_error(&text, &shape(4, 8));
-        assert_eq!(
-            (field, line),
-            (format!("parallel.{key}"), Some(10)),
-            "{shown}"
+fn plan_rejects_sequence_parallel_combinations_not_built_yet() {
+    // Ulysses and Ring together (USP), and sequence parallelism inside a pipeline.
+    let cases = [
+        (
+            vec![
+                (7, "pipefusion_degree = 1"),
+                (8, "num_patches = 1"),
+                (9, "ulysses_degree = 2"),
+                (10, "ring_degree = 2"),
+            ],
+            4,
+            "parallel.ring_degree",
+            "(USP) is not implemented yet",
+        ),
+        (
+            vec![(7, "pipefusion_degree = 2"), (10, "ulysses_degree = 2")],
+            4,
+            "parallel.ulysses_degree",
+            "with pipefusion_degree = 2 is not implemented yet",
+        ),
+    ];
+    for (edits, devices, want_field, want) in cases {
+        let mut text = edit(&edits);
+        text = text.replace(
+            r#"devices = [ { kind = "cpu", threads = 1 }, { kind = "cpu" } ]"#,
+            &format!(
+                "devices = [{}]",
+                vec![r#"{ kind = "cpu" }"#; devices].join(", ")
+            ),
         );
-        assert!(
-            shown.contains("is not implemented yet (PipeFusion and CFG parallel only"),
-            "{shown}"
-        );
+        let (field, _, shown) = plan_error(&text, &shape(4, 8));
+        assert_eq!(field, want_field, "{shown}");
+        assert!(shown.contains(want), "{shown}");
     }
+}
+
+#[test]
+fn sequence_parallel_ranks_own_token_rows() {
+    let mut spec = ClusterSpec::local_cpu(
+        4,
+        1,
+        ModelSpec::Preset {
+            name: "DiT-S/2".into(),
+            seed: 0,
+        },
+    );
+    spec.parallel.pipefusion_degree = 1;
+    spec.parallel.num_patches = 1;
+    spec.parallel.cfg_degree = 2;
+    spec.parallel.ulysses_degree = 2;
+    let plan = Plan::new(&spec, &shape(4, 8)).unwrap();
+    assert_eq!(plan.sp.name(), "Ulysses");
+    assert_eq!(plan.sp.rows(), [0..4, 4..8]);
+    let layout: Vec<(usize, usize, usize)> = plan
+        .stages
+        .iter()
+        .map(|s| (s.device.index, s.cfg_group, s.sp_rank))
+        .collect();
+    assert_eq!(layout, [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]);
+    assert_eq!(plan.pipeline_len(), 1);
+    assert_eq!(plan.pipeline_of(&plan.stages[1]), [1]);
+    assert_eq!(plan.cfg_partner(&plan.stages[1]), Some(3));
+    let kinds: Vec<(usize, usize, LinkKind)> = plan
+        .link_bytes()
+        .iter()
+        .map(|l| (l.from, l.to, l.kind))
+        .collect();
+    assert!(
+        kinds.contains(&(0, 1, LinkKind::SequenceParallel)),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(1, 3, LinkKind::CfgPrediction)),
+        "{kinds:?}"
+    );
+    let text = plan.describe();
+    assert!(
+        text.contains("sequence parallel: Ulysses over 2 ranks"),
+        "{text}"
+    );
+
+    // Ulysses must divide the heads (4 in `shape`); Ring over more ranks than token rows fails.
+    spec.parallel.cfg_degree = 1;
+    spec.parallel.ulysses_degree = 3;
+    spec.nodes[0].devices.truncate(3);
+    let e = Plan::new(&spec, &shape(4, 8)).unwrap_err().to_string();
+    assert!(
+        e.contains("must divide the model's 4 attention heads") && e.contains("1, 2, 4"),
+        "{e}"
+    );
+    spec.parallel.ulysses_degree = 1;
+    spec.parallel.ring_degree = 3;
+    let e = Plan::new(&spec, &shape(4, 2)).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot be cut into 3 sequence-parallel shards"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,0 +1,118 @@
+//! The sequence-parallel part of a [`Plan`](crate::Plan) (ALGORITHMS.md section 4): which kind,
+//! how many ranks, and the token rows each rank owns.
+
+use std::ops::Range;
+
+use crate::error::Result;
+use crate::plan::{patch_rows, ModelShape};
+use crate::spec::ClusterSpec;
+
+/// How the tokens of each pipeline stage are spread over devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SequenceParallel {
+    /// One device per stage.
+    None,
+    /// Ulysses over `degree` ranks: all-to-all to head shards around attention.
+    Ulysses {
+        /// Ranks U.
+        degree: usize,
+        /// Token rows of each rank.
+        rows: Vec<Range<usize>>,
+    },
+    /// Ring attention over `degree` ranks: key/value blocks travel around the ring.
+    Ring {
+        /// Ranks R.
+        degree: usize,
+        /// Token rows of each rank.
+        rows: Vec<Range<usize>>,
+    },
+}
+
+impl SequenceParallel {
+    /// From `parallel.ulysses_degree` / `ring_degree`; errors name the field and say what works.
+    pub(crate) fn new(spec: &ClusterSpec, shape: &ModelShape) -> Result<SequenceParallel> {
+        let p = &spec.parallel;
+        let (u, r) = (p.ulysses_degree, p.ring_degree);
+        if u == 1 && r == 1 {
+            return Ok(SequenceParallel::None);
+        }
+        if u > 1 && r > 1 {
+            return Err(spec.error(
+                "parallel.ring_degree",
+                format!("ulysses_degree = {u} with ring_degree = {r} (USP) is not implemented yet"),
+                Some("use one of them".into()),
+            ));
+        }
+        let (field, degree) = if u > 1 {
+            ("parallel.ulysses_degree", u)
+        } else {
+            ("parallel.ring_degree", r)
+        };
+        if p.pipefusion_degree > 1 {
+            return Err(spec.error(
+                field,
+                format!(
+                    "sequence parallelism with pipefusion_degree = {} is not implemented yet",
+                    p.pipefusion_degree
+                ),
+                Some("use pipefusion_degree = 1 with ulysses/ring, or ulysses/ring = 1".into()),
+            ));
+        }
+        if u > 1 && shape.heads % u != 0 {
+            let valid: Vec<String> = (1..=shape.heads)
+                .filter(|d| shape.heads % d == 0)
+                .map(|d| d.to_string())
+                .collect();
+            return Err(spec.error(
+                field,
+                format!(
+                    "ulysses_degree = {u} must divide the model's {} attention heads",
+                    shape.heads
+                ),
+                Some(format!("ulysses degrees that work: {}", valid.join(", "))),
+            ));
+        }
+        let Some(rows) = patch_rows(shape.token_rows, degree) else {
+            return Err(spec.error(
+                field,
+                format!(
+                    "{} token rows cannot be cut into {degree} sequence-parallel shards",
+                    shape.token_rows
+                ),
+                Some("use a smaller degree or a larger image".into()),
+            ));
+        };
+        Ok(if u > 1 {
+            SequenceParallel::Ulysses { degree, rows }
+        } else {
+            SequenceParallel::Ring { degree, rows }
+        })
+    }
+
+    /// Ranks per sequence-parallel group (1 without).
+    pub fn degree(&self) -> usize {
+        match self {
+            SequenceParallel::None => 1,
+            SequenceParallel::Ulysses { degree, .. } | SequenceParallel::Ring { degree, .. } => {
+                *degree
+            }
+        }
+    }
+
+    /// Token rows of each rank (empty without sequence parallelism).
+    pub fn rows(&self) -> &[Range<usize>] {
+        match self {
+            SequenceParallel::None => &[],
+            SequenceParallel::Ulysses { rows, .. } | SequenceParallel::Ring { rows, .. } => rows,
+        }
+    }
+
+    /// `"Ulysses"`, `"Ring"` or `"none"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SequenceParallel::None => "none",
+            SequenceParallel::Ulysses { .. } => "Ulysses",
+            SequenceParallel::Ring { .. } => "Ring",
+        }
+    }
+}
