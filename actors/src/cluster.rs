@@ -33,7 +33,7 @@ use transport::MemoryNetwork;
 
 use crate::compute::Fault;
 use crate::coordinator::{CoordinatorActor, CoordinatorArgs, StageSlot};
-use crate::device::{CfgPeer, DeviceArgs};
+use crate::device::{CfgPeer, DeviceArgs, SpPeer};
 use crate::error::{ClusterError, Result};
 use crate::handles::CoordinatorHandle;
 use crate::messages::CoordinatorMessage;
@@ -253,13 +253,6 @@ impl Cluster {
             &spec,
             &shape_of(cfg, 2, 1, [cfg.sample_size, cfg.sample_size]),
         )?;
-        if plan.sp.degree() > 1 {
-            return Err(ClusterError::NotRunning(format!(
-                "{} sequence parallelism: the runtime does not run it yet (`pipefuse plan` shows \
-                 the layout); use ulysses_degree = ring_degree = 1",
-                plan.sp.name()
-            )));
-        }
         let mut devices: Vec<StageSlot> = Vec::new();
         for stage in &plan.stages {
             let Some(endpoint) = endpoints.get_mut(stage.device.index).and_then(Option::take)
@@ -355,7 +348,8 @@ impl Cluster {
                 plan.patches.clone(),
                 plan.warmup_steps,
             )?
-            .with_cfg_degree(plan.cfg_degree)?,
+            .with_cfg_degree(plan.cfg_degree)?
+            .with_sp_degree(plan.sp.degree())?,
         );
         let (ptx, prx) = mpsc::unbounded_channel();
         let (tx, rx) = ractor::concurrency::oneshot();
@@ -407,11 +401,22 @@ pub(crate) fn device_args(
 ) -> impl FnOnce(CoordinatorHandle) -> DeviceArgs + Send + 'static {
     let (model, layers, spec_dev) = (model.clone(), stage.layers.clone(), stage.device.spec);
     let g = stage.cfg_group;
-    let stage_devices: Vec<usize> = plan.group(g).iter().map(|s| s.device.index).collect();
+    let stage_devices = plan.pipeline_of(stage);
     let cfg = (plan.cfg_degree > 1).then(|| CfgPeer {
         group: g,
         partner: (stage.index + 1 == plan.pipeline_len())
-            .then(|| plan.group(1 - g)[stage.index].device.index),
+            .then(|| plan.cfg_partner(stage))
+            .flatten(),
+    });
+    let sp = (plan.sp.degree() > 1).then(|| SpPeer {
+        rank: stage.sp_rank,
+        devices: plan
+            .group(g)
+            .iter()
+            .filter(|s| s.index == stage.index)
+            .map(|s| s.device.index)
+            .collect(),
+        ring: matches!(plan.sp, topology::SequenceParallel::Ring { .. }),
     });
     let (index, stage_index) = (stage.device.index, stage.index);
     let describe = stage.device.to_string();
@@ -426,6 +431,7 @@ pub(crate) fn device_args(
         stage: stage_index,
         stage_devices,
         cfg,
+        sp,
         load: Box::new(move || {
             let exec = StageExecutor::new(model.load_slice(spec_dev, layers)?);
             Ok(match cfg {

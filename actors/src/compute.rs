@@ -134,6 +134,7 @@ impl ComputeThread {
         actor: ActorRef<DeviceMessage>,
         fault: Option<Fault>,
         partner: Option<mpsc::Receiver<PartnerMsg>>,
+        sp_request: Option<Arc<std::sync::atomic::AtomicU64>>,
     ) -> std::io::Result<ComputeThread> {
         let (tx, rx) = mpsc::channel::<ComputeJob>();
         std::thread::Builder::new()
@@ -148,6 +149,9 @@ impl ComputeThread {
                             let _ = reply.send(r);
                         }
                         ComputeJob::Run { request, item, job, input } => {
+                            if let Some(r) = &sp_request {
+                                r.store(request, std::sync::atomic::Ordering::Relaxed);
+                            }
                             let _span = tracing::debug_span!("compute", device, step = item.step, part = ?item.part).entered();
                             let out = catch_unwind(AssertUnwindSafe(|| {
                                 match fault.filter(|_| request == 1) {

@@ -189,11 +189,10 @@ impl Actor for CoordinatorActor {
                         reports,
                         ..
                     } = st.running.take().expect("running");
-                    let shape = req.setup.prepared.latent_shape();
                     let n = req.schedule.stages.max(1);
-                    let _ = req
-                        .reply
-                        .send(finish(started, reports, &st.device_index, shape, n));
+                    let _ =
+                        req.reply
+                            .send(finish(started, reports, &st.device_index, &req.setup, n));
                     st.start_next().await;
                 }
             }
@@ -278,11 +277,12 @@ impl CoordinatorState {
             // find every later stage already expecting this request. Under CFG parallel every
             // group's later stages begin before any group's stage 0 (ranks are stage + N * group),
             // so a prediction from one group finds the other's last stage ready.
-            let n = req.schedule.stages.max(1);
+            let (n, sp) = (req.schedule.stages.max(1), req.setup.sp_degree());
+            let first = |r: &usize| (r / sp) % n == 0;
             let order: Vec<usize> = (0..self.devices.len())
                 .rev()
-                .filter(|r| r % n != 0)
-                .chain((0..self.devices.len()).rev().filter(|r| r % n == 0))
+                .filter(|r| !first(r))
+                .chain((0..self.devices.len()).rev().filter(first))
                 .collect();
             for stage in order {
                 let d = &self.devices[stage];
@@ -353,27 +353,33 @@ impl CoordinatorState {
     }
 }
 
-/// The request's result from every device's report. `n` is the pipeline length: rank r is a
-/// last stage when `r % n == n - 1`, and every last stage (one per CFG group) must hold the same
-/// final latent, bit for bit.
+/// The request's result from every device's report. `n` is the pipeline length; device position
+/// `pos` is sequence-parallel rank `pos % S` of stage `(pos / S) % n` of CFG group `pos / (S n)`
+/// (ALGORITHMS.md section 5). Each CFG group's last stages hold the final latent (under sequence
+/// parallelism each rank the rows of its shard); every group must arrive at the same latent, bit
+/// for bit.
 fn finish(
     started: Instant,
     reports: Vec<Option<StageReport>>,
     device_index: &[usize],
-    shape: [usize; 4],
+    setup: &crate::stage::RequestSetup,
     n: usize,
 ) -> Result<GenerateOutput, ClusterError> {
     let wall = started.elapsed();
-    let mut latent: Option<Tensor> = None;
+    let shape = setup.prepared.latent_shape();
+    let sp = setup.sp_degree();
+    let p = shape[2] / setup.token_rows().max(1);
+    let mut groups: Vec<Tensor> = Vec::new();
     let mut per_device = Vec::new();
-    for (rank, (device, rep)) in device_index.iter().copied().zip(reports).enumerate() {
+    for (pos, (device, rep)) in device_index.iter().copied().zip(reports).enumerate() {
         let rep = rep.expect("all reported");
         let fail = |message: String| ClusterError::DeviceFailed {
             device,
             step: None,
             message,
         };
-        if rank % n == n - 1 {
+        let (rank, stage, group) = (pos % sp, (pos / sp) % n, pos / (sp * n));
+        if stage == n - 1 {
             let l = rep
                 .latent
                 .ok_or_else(|| fail("the last stage finished without a latent".into()))?;
@@ -383,14 +389,16 @@ fn finish(
                     l.shape()
                 )));
             }
-            if let Some(first) = &latent {
-                let same = first.as_f32().map_err(|e| fail(e.to_string()))?
-                    == l.as_f32().map_err(|e| fail(e.to_string()))?;
-                if !same {
-                    return Err(fail("the CFG groups' final latents differ".into()));
-                }
+            if rank == 0 {
+                groups.push(l);
             } else {
-                latent = Some(l);
+                // Rank r's shard rows go into the group's latent.
+                let rows = setup.sp_rows[rank].clone();
+                let target = groups
+                    .get_mut(group)
+                    .ok_or_else(|| fail("no rank 0".into()))?;
+                copy_rows(target, &l, rows.start * p..rows.end * p)
+                    .map_err(|e| fail(e.to_string()))?;
             }
         }
         per_device.push(DeviceSummary {
@@ -400,9 +408,35 @@ fn finish(
             bytes_sent: rep.bytes_sent,
         });
     }
+    for (g, l) in groups.iter().enumerate().skip(1) {
+        let same = groups[0].as_f32().ok() == l.as_f32().ok() && l.as_f32().is_ok();
+        if !same {
+            return Err(ClusterError::DeviceFailed {
+                device: device_index[(g + 1) * sp * n - 1],
+                step: None,
+                message: "the CFG groups' final latents differ".into(),
+            });
+        }
+    }
+    let latent = groups.into_iter().next();
     let latent = latent.ok_or_else(|| ClusterError::NotRunning("no devices".into()))?;
     Ok(GenerateOutput {
         latent,
         summary: RunSummary::new(wall, per_device),
     })
+}
+
+/// `dst[:, :, rows, :] = src[:, :, rows, :]` for two `[B, C, H, W]` tensors of one shape.
+fn copy_rows(dst: &mut Tensor, src: &Tensor, rows: std::ops::Range<usize>) -> kernels::Result<()> {
+    let &[b, c, h, w] = dst.shape() else {
+        return Ok(());
+    };
+    let s = src.as_f32()?.to_vec();
+    let d = dst.as_f32_mut()?;
+    for plane in 0..b * c {
+        let at = plane * h * w;
+        d[at + rows.start * w..at + rows.end * w]
+            .copy_from_slice(&s[at + rows.start * w..at + rows.end * w]);
+    }
+    Ok(())
 }

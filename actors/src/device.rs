@@ -18,6 +18,7 @@ use crate::codec::{decode, encode, part_of};
 use crate::compute::{ComputeJob, ComputeThread, Fault, PartnerMsg};
 use crate::handles::CoordinatorHandle;
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
+use crate::sp_link::{LinkCollective, SpMsg};
 use crate::stage::{RequestSetup, StageExecutor, StageJob};
 
 /// The error of a device actor that failed to start (its `pre_start`: device open, layer load).
@@ -44,6 +45,17 @@ pub(crate) struct CfgPeer {
     pub(crate) partner: Option<usize>,
 }
 
+/// A device's place in a sequence-parallel group.
+#[derive(Debug, Clone)]
+pub(crate) struct SpPeer {
+    /// Its rank.
+    pub(crate) rank: usize,
+    /// Device index of every rank of its group.
+    pub(crate) devices: Vec<usize>,
+    /// Ring attention (else Ulysses).
+    pub(crate) ring: bool,
+}
+
 /// The device actor (its configuration arrives as [`DeviceArgs`]; all mutable state is built in
 /// `pre_start`, so a device that cannot load its layers fails the spawn, not a request).
 pub(crate) struct DeviceActor;
@@ -58,6 +70,8 @@ pub(crate) struct DeviceArgs {
     /// Under CFG parallel: this device's group and, for a last stage, the device index of the
     /// other group's last stage (the prediction exchange partner).
     pub(crate) cfg: Option<CfgPeer>,
+    /// Under sequence parallelism: this device's rank and group.
+    pub(crate) sp: Option<SpPeer>,
     pub(crate) load: Box<dyn FnOnce() -> crate::Result<StageExecutor> + Send>,
     pub(crate) endpoint: Endpoint,
     pub(crate) coordinator: CoordinatorHandle,
@@ -92,6 +106,9 @@ pub(crate) struct DeviceState {
     cfg: Option<CfgPeer>,
     /// To the compute thread: the partner's predictions (CFG-parallel last stage).
     partner_tx: Option<std::sync::mpsc::Sender<PartnerMsg>>,
+    sp: Option<SpPeer>,
+    /// To the compute thread: the other ranks' collective parts (sequence parallelism).
+    sp_tx: Option<std::sync::mpsc::Sender<SpMsg>>,
     links: Vec<Arc<dyn Link>>,
     compute: ComputeThread,
     coordinator: CoordinatorHandle,
@@ -124,8 +141,38 @@ impl Actor for DeviceActor {
             }
             None => (None, None),
         };
-        let compute =
-            ComputeThread::spawn(args.index, exec, myself.clone(), args.fault, partner_rx)?;
+        let (exec, sp_tx, sp_request) = match &args.sp {
+            Some(sp) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let request = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let comm = LinkCollective::new(
+                    sp.rank,
+                    sp.devices.clone(),
+                    myself.clone(),
+                    rx,
+                    request.clone(),
+                );
+                let attention: Box<dyn model::sp::SequenceAttention> = if sp.ring {
+                    Box::new(model::sp::Ring::new(comm))
+                } else {
+                    Box::new(model::sp::Ulysses::new(comm))
+                };
+                (
+                    exec.with_sequence_parallel(attention),
+                    Some(tx),
+                    Some(request),
+                )
+            }
+            None => (exec, None, None),
+        };
+        let compute = ComputeThread::spawn(
+            args.index,
+            exec,
+            myself.clone(),
+            args.fault,
+            partner_rx,
+            sp_request,
+        )?;
         let Endpoint {
             links, mut inbox, ..
         } = args.endpoint;
@@ -144,6 +191,8 @@ impl Actor for DeviceActor {
             stage_devices: args.stage_devices,
             cfg: args.cfg,
             partner_tx,
+            sp: args.sp,
+            sp_tx,
             links,
             compute,
             coordinator: args.coordinator,
@@ -197,6 +246,12 @@ impl Actor for DeviceActor {
                 item,
                 prediction,
             } => st.send_prediction(request, item, prediction).await,
+            DeviceMessage::SpSend {
+                request,
+                op,
+                to,
+                tensor,
+            } => st.send_sp_part(request, op, to, tensor).await,
             DeviceMessage::Tick { request } => {
                 if let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) {
                     a.timer_for = None;
@@ -266,6 +321,12 @@ impl DeviceState {
             return;
         }
         let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
+        if frame.header.kind == FrameKind::SpPart {
+            if let Err(e) = self.on_sp_part(frame) {
+                self.fail(Some(step), e);
+            }
+            return;
+        }
         if frame.header.kind == FrameKind::CfgPrediction {
             let r = self.on_prediction(frame);
             if let Err(e) = r {
@@ -351,7 +412,11 @@ impl DeviceState {
             ));
         }
         let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
-        let want = a.setup.frame_shape(part, true, 0);
+        let mut want = a.setup.frame_shape(part, true, 0);
+        if let (Some(w), false) = (want.as_mut(), a.setup.sp_rows.is_empty()) {
+            let p = w[2] / a.setup.rows(part).map_or(1, |r| r.len().max(1));
+            w[2] = self.rows_of(&a.setup, part).len() * p;
+        }
         let t = decode(&frame).map_err(|e| e.to_string())?;
         if want.as_deref() != Some(t.shape()) {
             return Err(format!(
@@ -377,32 +442,102 @@ impl DeviceState {
         let Some(partner) = self.cfg.and_then(|c| c.partner) else {
             return;
         };
-        let frame = encode(
-            request,
-            self.index,
-            item.step,
-            item.part,
-            FrameKind::CfgPrediction,
-            &prediction,
-        );
-        let r = match frame {
-            Ok(f) => self.links[partner]
-                .clone()
-                .send_async(f)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let (step, part, kind) = (item.step, item.part, FrameKind::CfgPrediction);
+        let r = self
+            .send_tensor(request, partner, step, part, kind, &prediction)
+            .await;
         if let Err(e) = r {
             self.fail(Some(item.step), format!("sending the CFG prediction: {e}"));
         }
     }
 
-    /// Unblocks a compute thread waiting for the partner's prediction of `request`.
+    /// Encodes `t` as a frame of `kind` and sends it to device `to` (waiting under back-pressure).
+    async fn send_tensor(
+        &self,
+        request: u64,
+        to: usize,
+        step: usize,
+        part: Part,
+        kind: FrameKind,
+        t: &Tensor,
+    ) -> Result<(), String> {
+        let frame = encode(request, self.index, step, part, kind, t).map_err(|e| e.to_string())?;
+        self.links[to]
+            .clone()
+            .send_async(frame)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Unblocks a compute thread waiting for the partner's prediction or the sequence-parallel
+    /// group's parts of `request`.
     fn cancel_partner(&self, request: u64) {
         if let Some(tx) = &self.partner_tx {
             let _ = tx.send(PartnerMsg::Cancel { request });
         }
+        if let Some(tx) = &self.sp_tx {
+            let _ = tx.send(SpMsg::Cancel { request });
+        }
+    }
+
+    /// Sends the compute thread's part of a sequence-parallel collective to device `to`.
+    async fn send_sp_part(&mut self, request: u64, op: u64, to: usize, tensor: Tensor) {
+        if !self.active.as_ref().is_some_and(|a| a.setup.id == request) {
+            return; // the request ended meanwhile
+        }
+        let kind = FrameKind::SpPart;
+        let r = self
+            .send_tensor(request, to, op as usize, Part::Whole, kind, &tensor)
+            .await;
+        if let Err(e) = r {
+            self.fail(
+                None,
+                format!("sending a sequence-parallel part to device {to}: {e}"),
+            );
+        }
+    }
+
+    /// A part from another rank of this device's sequence-parallel group: checked, then handed
+    /// to the compute thread.
+    fn on_sp_part(&mut self, frame: transport::Frame) -> Result<(), String> {
+        let from = frame.header.from as usize;
+        let (Some(a), Some(sp), Some(tx)) = (self.active.as_ref(), &self.sp, &self.sp_tx) else {
+            return Err(format!(
+                "a sequence-parallel part from device {from} reached a device outside any group"
+            ));
+        };
+        let rank = sp.devices.iter().position(|&d| d == from).ok_or_else(|| {
+            format!("a sequence-parallel part from device {from}, which is not in this group")
+        })?;
+        let t = decode(&frame).map_err(|e| e.to_string())?;
+        let group = self.cfg.map_or(0, |c| c.group);
+        let batch = a
+            .setup
+            .forward_of(group)
+            .map_err(|e| e.to_string())?
+            .forward_batch();
+        if t.shape().len() != 3 || t.dim(0) != batch {
+            return Err(format!(
+                "sequence-parallel part from device {from} has shape {:?}, expected [{batch}, tokens, width]",
+                t.shape()
+            ));
+        }
+        tx.send(SpMsg::Part {
+            request: a.setup.id,
+            op: u64::from(frame.header.step),
+            from: rank,
+            tensor: t,
+        })
+        .map_err(|_| "the compute thread has stopped".to_string())
+    }
+
+    /// The token rows this device computes for `part`: the part's rows, or under sequence
+    /// parallelism the rank's shard.
+    fn rows_of(&self, setup: &RequestSetup, part: Part) -> std::ops::Range<usize> {
+        if let (Some(sp), false) = (&self.sp, setup.sp_rows.is_empty()) {
+            return setup.sp_rows[sp.rank].clone();
+        }
+        setup.rows(part).unwrap_or(0..setup.token_rows())
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -479,8 +614,11 @@ impl DeviceState {
                 }),
                 StageAction::Send { to, step, part } => self.send(now, to, step, part).await,
                 StageAction::StepDone { step } => {
-                    // Under CFG parallel both groups finish every step; group 0 reports.
-                    if self.cfg.is_none_or(|c| c.group == 0) {
+                    // Under CFG or sequence parallelism several devices finish every step;
+                    // group 0's rank 0 reports.
+                    if self.cfg.is_none_or(|c| c.group == 0)
+                        && self.sp.as_ref().is_none_or(|s| s.rank == 0)
+                    {
                         self.coordinator.report(CoordinatorMessage::StepDone {
                             request: a.setup.id,
                             step,
@@ -541,16 +679,15 @@ impl DeviceState {
                 })?
             }
         };
-        let job = match item.part {
-            Part::Whole => StageJob {
-                step: item.step,
-                rows: 0..a.setup.token_rows(),
-                ends_step: true,
+        let job = StageJob {
+            step: item.step,
+            rows: match (&self.sp, a.setup.sp_rows.is_empty()) {
+                (Some(sp), false) => a.setup.sp_rows[sp.rank].clone(),
+                _ => a.setup.rows(item.part).unwrap_or(0..a.setup.token_rows()),
             },
-            Part::Patch(p) => StageJob {
-                step: item.step,
-                rows: a.setup.patches[p].clone(),
-                ends_step: p + 1 == a.setup.patches.len(),
+            ends_step: match item.part {
+                Part::Whole => true,
+                Part::Patch(p) => p + 1 == a.setup.patches.len(),
             },
         };
         let request = a.setup.id;

@@ -23,6 +23,7 @@ mod messages;
 mod model_source;
 mod node;
 mod remote;
+mod sp_link;
 pub mod stage;
 
 pub use cluster::{

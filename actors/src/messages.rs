@@ -51,6 +51,13 @@ pub(crate) enum DeviceMessage {
         item: WorkItem,
         prediction: Tensor,
     },
+    /// Sequence parallelism: the compute thread's part of collective `op`, for device `to`.
+    SpSend {
+        request: u64,
+        op: u64,
+        to: usize,
+        tensor: Tensor,
+    },
     /// The stall timer of request `request` fired.
     Tick { request: u64 },
     /// The compute watchdog of request `request`'s item fired.

@@ -131,13 +131,6 @@ impl Node {
                 heads: cfg.num_heads,
             },
         )?;
-        if plan.sp.degree() > 1 {
-            return Err(ClusterError::NotRunning(format!(
-                "{} sequence parallelism: the runtime does not run it yet (`pipefuse plan` shows \
-                 the layout); use ulysses_degree = ring_degree = 1",
-                plan.sp.name()
-            )));
-        }
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
         let lost_events = quic_node.subscribe();

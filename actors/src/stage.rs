@@ -36,6 +36,9 @@ pub struct RequestSetup {
     /// What each CFG group forwards: `[prepared]` without CFG parallel, else its two branches
     /// (see [`RequestSetup::with_cfg_degree`]).
     pub forward: Vec<PreparedRequest>,
+    /// Token rows of each sequence-parallel rank (empty without; see
+    /// [`RequestSetup::with_sp_degree`]).
+    pub sp_rows: Vec<Range<usize>>,
 }
 
 impl RequestSetup {
@@ -99,6 +102,7 @@ impl RequestSetup {
         }
         Ok(RequestSetup {
             id,
+            sp_rows: Vec::new(),
             forward: vec![prepared.clone()],
             prepared,
             sampling,
@@ -123,6 +127,26 @@ impl RequestSetup {
             }
         };
         Ok(self)
+    }
+
+    /// Cuts the token rows over `degree` sequence-parallel ranks (ALGORITHMS.md section 4; the
+    /// same rule as the plan's, `topology::patch_rows`); 1 means none.
+    pub fn with_sp_degree(mut self, degree: usize) -> Result<RequestSetup> {
+        self.sp_rows = match degree {
+            1 => Vec::new(),
+            d => topology::patch_rows(self.token_rows(), d).ok_or_else(|| {
+                ClusterError::BadRequest(format!(
+                    "{} token rows cannot be cut into {d} sequence-parallel shards",
+                    self.token_rows()
+                ))
+            })?,
+        };
+        Ok(self)
+    }
+
+    /// Sequence-parallel ranks (1 without).
+    pub fn sp_degree(&self) -> usize {
+        self.sp_rows.len().max(1)
     }
 
     /// CFG groups (1, or 2 with CFG parallel).
@@ -228,6 +252,8 @@ pub struct StageExecutor {
     last: bool,
     /// The CFG group under CFG parallel.
     cfg_group: Option<usize>,
+    /// Under sequence parallelism: how self-attention reaches the other ranks.
+    sequence: Option<Box<dyn model::sp::SequenceAttention>>,
     active: Option<Active>,
 }
 
@@ -241,8 +267,19 @@ impl StageExecutor {
             last: r.end == model.config().num_layers,
             model,
             cfg_group: None,
+            sequence: None,
             active: None,
         }
+    }
+
+    /// The same stage as one rank of a sequence-parallel group: it runs the token rows it is
+    /// given, and its self-attention goes through `attention` (Ulysses or Ring over the group).
+    pub fn with_sequence_parallel(
+        mut self,
+        attention: Box<dyn model::sp::SequenceAttention>,
+    ) -> StageExecutor {
+        self.sequence = Some(attention);
+        self
     }
 
     /// The same stage in CFG group `group` of a CFG-parallel plan: it forwards that group's
@@ -290,6 +327,9 @@ impl StageExecutor {
         }
         let fwd = setup.forward_of(self.group())?;
         let (b, tokens) = (fwd.forward_batch(), (h / p) * (w / p));
+        // A sequence-parallel rank keeps no K/V buffer: its attention sees the whole sequence
+        // through the group, every step.
+        let tokens = if self.sequence.is_some() { 0 } else { tokens };
         let kv = match self.active.take() {
             Some(a) if a.kv.dims() == (b, tokens) => {
                 let mut kv = a.kv;
@@ -351,8 +391,14 @@ impl StageExecutor {
         } else {
             input.clone()
         };
-        self.model
-            .run_blocks_with_kv(&mut x, cond, &mut a.kv, r0 * cols)?;
+        match self.sequence.as_mut() {
+            Some(sp) => self
+                .model
+                .run_blocks_sequence_parallel(&mut x, cond, sp.as_mut())?,
+            None => self
+                .model
+                .run_blocks_with_kv(&mut x, cond, &mut a.kv, r0 * cols)?,
+        }
         if !self.last {
             return Ok(x);
         }

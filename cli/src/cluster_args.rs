@@ -30,6 +30,17 @@ pub(crate) struct ClusterArgs {
     /// local cluster gets 2 x N devices [default: the topology's, else 1].
     #[arg(long, value_name = "C")]
     cfg_degree: Option<usize>,
+    /// Ulysses sequence-parallel degree U: each stage's tokens are split over U devices that
+    /// swap attention inputs all-to-all in every layer (must divide the heads; PipeFusion degree
+    /// 1 only). Overrides the topology; a local cluster gets C x U devices [default: 1].
+    #[arg(long, value_name = "U")]
+    ulysses_degree: Option<usize>,
+    /// Ring-attention sequence-parallel degree R: each stage's tokens are split over R devices
+    /// whose keys and values travel around a ring in every layer (PipeFusion degree 1 only; not
+    /// together with Ulysses yet). Overrides the topology; a local cluster gets C x R devices
+    /// [default: 1].
+    #[arg(long, value_name = "R")]
+    ring_degree: Option<usize>,
     /// Patches M the latent is cut into (horizontal strips of token rows) [default: the topology's,
     /// else N; 1 for a single device].
     #[arg(long, value_name = "M")]
@@ -71,6 +82,8 @@ impl ClusterArgs {
         for (flag, val) in [
             ("--pipefusion-degree", self.pipefusion_degree),
             ("--cfg-degree", self.cfg_degree),
+            ("--ulysses-degree", self.ulysses_degree),
+            ("--ring-degree", self.ring_degree),
             ("--num-patches", self.num_patches),
             ("--warmup-steps", self.warmup_steps),
             ("--threads", self.threads),
@@ -97,6 +110,12 @@ impl ClusterArgs {
                 let mut s = ClusterSpec::from_file(path)?;
                 if let Some(n) = self.pipefusion_degree {
                     s.parallel.pipefusion_degree = n;
+                }
+                if let Some(u) = self.ulysses_degree {
+                    s.parallel.ulysses_degree = u;
+                }
+                if let Some(r) = self.ring_degree {
+                    s.parallel.ring_degree = r;
                 }
                 if let Some(c) = self.cfg_degree {
                     s.parallel.cfg_degree = c;
@@ -130,7 +149,21 @@ impl ClusterArgs {
                         bundled.display()
                     ),
                 };
-                let default_n = if self.model.is_none() { 2 } else { 1 };
+                let (u, r) = (
+                    self.ulysses_degree.unwrap_or(1),
+                    self.ring_degree.unwrap_or(1),
+                );
+                if u == 0 || r == 0 {
+                    bail!("--ulysses-degree and --ring-degree must be at least 1");
+                }
+                // The demo runs PipeFusion on 2 devices unless another kind of parallelism is
+                // asked for.
+                let others = self.cfg_degree.is_some() || u * r > 1;
+                let default_n = if self.model.is_none() && !others {
+                    2
+                } else {
+                    1
+                };
                 let n = self.pipefusion_degree.unwrap_or(default_n);
                 if n == 0 {
                     bail!("--pipefusion-degree must be at least 1");
@@ -139,10 +172,14 @@ impl ClusterArgs {
                 if !(1..=2).contains(&c) {
                     bail!("--cfg-degree must be 1 or 2 (the two branches of classifier-free guidance), found {c}");
                 }
-                let threads = self.threads.unwrap_or((cores() / (n * c)).max(1));
-                let mut s = ClusterSpec::local_cpu(n * c, threads, ModelSpec::Path(model.clone()));
+                let devices = n * c * u * r;
+                let threads = self.threads.unwrap_or((cores() / devices).max(1));
+                let mut s =
+                    ClusterSpec::local_cpu(devices, threads, ModelSpec::Path(model.clone()));
                 s.parallel.pipefusion_degree = n;
                 s.parallel.cfg_degree = c;
+                s.parallel.ulysses_degree = u;
+                s.parallel.ring_degree = r;
                 // M defaults to N (the pipeline's length), not to the device count.
                 s.parallel.num_patches = n;
                 s
@@ -160,6 +197,8 @@ impl ClusterArgs {
         let overrides: Vec<String> = [
             ("--pipefusion-degree", self.pipefusion_degree),
             ("--cfg-degree", self.cfg_degree),
+            ("--ulysses-degree", self.ulysses_degree),
+            ("--ring-degree", self.ring_degree),
             ("--num-patches", self.num_patches),
             ("--warmup-steps", self.warmup_steps),
             ("--threads", self.threads),

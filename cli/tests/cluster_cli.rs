@@ -306,3 +306,61 @@ fn cfg_parallel_from_the_command_line() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--ulysses-degree` / `--ring-degree`: the demo's tokens split over devices give the one-device
+/// result (bound 1e-5), alone and with CFG parallel; combinations not built yet, and a Ulysses
+/// degree that does not divide the heads, are refused naming the field.
+#[test]
+fn sequence_parallel_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("pipefuse-sp-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let path = dir.join(out);
+        let mut args = vec!["generate", "--threads", "1", "--steps", "6"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--save-latent", path.to_str().unwrap()]);
+        let o = pipefuse(&args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{extra:?}: {err}");
+        read_f32(&path, "latent")
+    };
+    let one = run(&["--pipefusion-degree", "1"], "one.safetensors");
+    for (i, extra) in [
+        &["--ulysses-degree", "2"][..],
+        &["--ulysses-degree", "4"][..],
+        &["--ring-degree", "2", "--cfg-degree", "2"][..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let got = run(extra, &format!("sp{i}.safetensors"));
+        let e = rel_l2(&got, &one);
+        eprintln!("{extra:?}: relative L2 {e:.3e} vs one device");
+        assert!(e <= 1e-5, "{extra:?}: relative L2 {e:.3e}");
+    }
+    for (args, want) in [
+        (
+            &["generate", "--ulysses-degree", "3"][..],
+            "must divide the model's 4 attention heads",
+        ),
+        (
+            &[
+                "generate",
+                "--ulysses-degree",
+                "2",
+                "--pipefusion-degree",
+                "2",
+            ][..],
+            "with pipefusion_degree = 2 is not implemented yet",
+        ),
+        (
+            &["generate", "--ulysses-degree", "2", "--ring-degree", "2"][..],
+            "(USP) is not implemented yet",
+        ),
+    ] {
+        let o = pipefuse(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

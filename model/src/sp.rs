@@ -45,24 +45,45 @@ pub trait Collective: Send {
     fn ring_shift(&mut self, t: Tensor) -> Result<Tensor>;
 }
 
+/// The all-to-all of a [`Collective`] from its two halves: `send(j, part)` for every other rank,
+/// then `receive(j)` in rank order; this rank's own part stays here.
+pub fn all_to_all_with(
+    rank: usize,
+    mut parts: Vec<Tensor>,
+    mut send: impl FnMut(usize, Tensor) -> Result<()>,
+    mut receive: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let n = parts.len();
+    if rank >= n {
+        return Err(ModelError::Collective {
+            rank,
+            message: format!("{n} parts for a group that has this rank"),
+        });
+    }
+    let own = parts.remove(rank);
+    for (j, t) in (0..n).filter(|&j| j != rank).zip(parts) {
+        send(j, t)?;
+    }
+    let mut own = Some(own);
+    (0..n)
+        .map(|j| match j == rank {
+            true => Ok(own.take().expect("once")),
+            false => receive(j),
+        })
+        .collect()
+}
+
 /// Ulysses: before attention an all-to-all gives each rank all tokens of `heads / U` heads;
-/// after it a second all-to-all returns each rank's tokens. Needs `heads % U == 0`.
+/// after it a second all-to-all returns each rank's tokens. Needs `heads % U == 0`. The ranks'
+/// shards may differ in length (it learns them from the first exchange).
 pub struct Ulysses<C> {
     comm: C,
-    shard_lens: Vec<usize>,
 }
 
 impl<C: Collective> Ulysses<C> {
-    /// `shard_lens[r]`: tokens of rank r's shard (contiguous, in rank order).
-    pub fn new(comm: C, shard_lens: Vec<usize>) -> Result<Self> {
-        if shard_lens.len() != comm.size() {
-            return Err(ModelError::Input(format!(
-                "{} token shards for a sequence-parallel group of {}",
-                shard_lens.len(),
-                comm.size()
-            )));
-        }
-        Ok(Ulysses { comm, shard_lens })
+    /// Ulysses over `comm`'s ranks; rank r's tokens follow rank r - 1's in the sequence.
+    pub fn new(comm: C) -> Self {
+        Ulysses { comm }
     }
 }
 
@@ -85,7 +106,9 @@ impl<C: Collective> SequenceAttention for Ulysses<C> {
         let parts = (0..u)
             .map(|j| Ok(Tensor::cat(&[&q[j], &k[j], &v[j]], 2)?))
             .collect::<Result<Vec<_>>>()?;
-        let full = concat_tokens(&self.comm.all_to_all(parts)?)?; // [B, S, 3d/U]
+        let got = self.comm.all_to_all(parts)?;
+        let shard_lens: Vec<usize> = got.iter().map(|t| t.dim(1)).collect();
+        let full = concat_tokens(&got)?; // [B, S, 3d/U]
         let w = d / u;
         let o = dev.attention(
             AttnView::of(&full, 0)?,
@@ -96,7 +119,7 @@ impl<C: Collective> SequenceAttention for Ulysses<C> {
             heads / u,
             head_dim,
         )?; // [B, S, d/U]
-        let back = self.comm.all_to_all(split_tokens(&o, &self.shard_lens)?)?;
+        let back = self.comm.all_to_all(split_tokens(&o, &shard_lens)?)?;
         Ok(concat_heads(&back)?)
     }
 }
@@ -237,23 +260,19 @@ impl Collective for LocalCollective {
         self.peers.len()
     }
 
-    fn all_to_all(&mut self, mut parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        let n = self.size();
-        if parts.len() != n {
-            return Err(self.fail(format!("{} parts for {n} ranks", parts.len())));
+    fn all_to_all(&mut self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if parts.len() != self.size() {
+            return Err(self.fail(format!("{} parts for {} ranks", parts.len(), self.size())));
         }
         self.op += 1;
-        let own = parts.remove(self.rank);
-        for (j, t) in (0..n).filter(|&j| j != self.rank).zip(parts) {
-            self.send(j, t)?;
-        }
-        let mut own = Some(own);
-        (0..n)
-            .map(|j| match j == self.rank {
-                true => Ok(own.take().expect("once")),
-                false => self.receive(j),
-            })
-            .collect()
+        let rank = self.rank;
+        let this = std::cell::RefCell::new(self);
+        all_to_all_with(
+            rank,
+            parts,
+            |j, t| this.borrow().send(j, t),
+            |j| this.borrow_mut().receive(j),
+        )
     }
 
     fn ring_shift(&mut self, t: Tensor) -> Result<Tensor> {

@@ -39,14 +39,12 @@ enum Kind {
 fn sequence_parallel(cfg: &ModelConfig, latent: &Tensor, rows: &[usize], kind: Kind) -> Tensor {
     let p = cfg.patch_size;
     let grid_rows = latent.dim(2) / p;
-    let cols = latent.dim(3) / p;
-    let shard_lens: Vec<usize> = rows.iter().map(|r| r * cols).collect();
     let outs: Vec<Tensor> = std::thread::scope(|s| {
         let handles: Vec<_> = local_group(rows.len())
             .into_iter()
             .enumerate()
             .map(|(r, comm)| {
-                let (cfg, shard_lens) = (cfg.clone(), shard_lens.clone());
+                let cfg = cfg.clone();
                 let first: usize = rows[..r].iter().sum();
                 let n = rows[r];
                 s.spawn(move || {
@@ -55,7 +53,7 @@ fn sequence_parallel(cfg: &ModelConfig, latent: &Tensor, rows: &[usize], kind: K
                     let strip = latent.narrow(2, first * p, n * p).unwrap();
                     let mut x = model.embed(&strip, first, grid_rows).unwrap();
                     let mut attn: Box<dyn SequenceAttention> = match kind {
-                        Kind::Ulysses => Box::new(Ulysses::new(comm, shard_lens).unwrap()),
+                        Kind::Ulysses => Box::new(Ulysses::new(comm)),
                         Kind::Ring => Box::new(Ring::new(comm)),
                     };
                     model
@@ -97,7 +95,7 @@ fn ulysses_and_ring_groups_equal_the_single_device_forward() {
 #[test]
 fn ulysses_needs_heads_divisible_by_the_degree() {
     let comm = local_group(3).into_iter().next().unwrap();
-    let mut u = Ulysses::new(comm, vec![2, 2, 2]).unwrap();
+    let mut u = Ulysses::new(comm);
     let qkv = Tensor::from_vec(vec![0.0; 2 * 2 * 96], &[2, 2, 96]).unwrap();
     let e = u
         .attend(&Device::cpu(1).unwrap(), 0, &qkv, 4, 8)

@@ -58,6 +58,17 @@ impl SequenceParallel {
                 Some("use pipefusion_degree = 1 with ulysses/ring, or ulysses/ring = 1".into()),
             ));
         }
+        if p.num_patches != 1 {
+            return Err(spec.error(
+                "parallel.num_patches",
+                format!(
+                    "num_patches = {} with sequence parallelism: its ranks run whole steps on \
+                     their token rows",
+                    p.num_patches
+                ),
+                Some("use num_patches = 1".into()),
+            ));
+        }
         if u > 1 && shape.heads % u != 0 {
             let valid: Vec<String> = (1..=shape.heads)
                 .filter(|d| shape.heads % d == 0)

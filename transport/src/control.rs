@@ -104,6 +104,8 @@ pub struct RequestSpec {
     pub stages: u32,
     /// CFG groups (1, or 2 with CFG parallel).
     pub cfg_degree: u32,
+    /// Sequence-parallel ranks per stage (1 without).
+    pub sp_degree: u32,
 }
 
 /// A message between nodes on the control channel. Device indices are global.

@@ -16,6 +16,9 @@ pub enum FrameKind {
     /// CFG parallel: one branch's noise prediction `[B, C, h, W]` for a part, between the two
     /// groups' last stages.
     CfgPrediction,
+    /// Sequence parallelism: one part of a collective (Ulysses all-to-all or Ring shift) between
+    /// the ranks of a group; the header's `step` carries the collective's sequence number.
+    SpPart,
 }
 
 /// Element type of the payload.

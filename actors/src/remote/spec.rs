@@ -59,6 +59,7 @@ pub(crate) fn spec_of(setup: &RequestSetup, schedule: &ScheduleConfig) -> Result
         warmup: setup.warmup as u32,
         stages: schedule.stages as u32,
         cfg_degree: setup.cfg_degree() as u32,
+        sp_degree: setup.sp_degree() as u32,
     })
 }
 
@@ -102,7 +103,8 @@ pub(crate) fn setup_of(
         patches,
         spec.warmup as usize,
     )?
-    .with_cfg_degree(spec.cfg_degree as usize)?;
+    .with_cfg_degree(spec.cfg_degree as usize)?
+    .with_sp_degree(spec.sp_degree as usize)?;
     let schedule = ScheduleConfig {
         stages: spec.stages as usize,
         patches: setup.patches.len(),

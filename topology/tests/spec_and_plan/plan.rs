@@ -137,6 +137,12 @@ fn sequence_parallel_ranks_own_token_rows() {
         "{text}"
     );
 
+    // Patches make no sense inside a sequence-parallel rank.
+    spec.parallel.num_patches = 2;
+    let e = Plan::new(&spec, &shape(4, 8)).unwrap_err().to_string();
+    assert!(e.contains("num_patches = 2 with sequence parallelism"), "{e}");
+    spec.parallel.num_patches = 1;
+
     // Ulysses must divide the heads (4 in `shape`); Ring over more ranks than token rows fails.
     spec.parallel.cfg_degree = 1;
     spec.parallel.ulysses_degree = 3;

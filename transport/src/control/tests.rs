@@ -25,6 +25,7 @@ fn spec(noise_elems: u32) -> RequestSpec {
         warmup: 1,
         stages: 2,
         cfg_degree: 1,
+        sp_degree: 1,
     }
 }
 

@@ -43,6 +43,7 @@ fn kind_code(k: FrameKind) -> u8 {
         FrameKind::Hidden => 0,
         FrameKind::Latent => 1,
         FrameKind::CfgPrediction => 2,
+        FrameKind::SpPart => 3,
     }
 }
 
@@ -192,6 +193,7 @@ fn decode_header(
         0 => FrameKind::Hidden,
         1 => FrameKind::Latent,
         2 => FrameKind::CfgPrediction,
+        3 => FrameKind::SpPart,
         k => return Err(bad(format!("unknown frame kind {k}"))),
     };
     let dtype = match a.dtype {

@@ -32,6 +32,7 @@ pub(crate) fn begin(request: u64, device: u32, noise: u32) -> ControlMessage {
             warmup: 1,
             stages: 3,
             cfg_degree: 2,
+            sp_degree: 1,
         },
     }
 }

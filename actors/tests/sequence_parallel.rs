@@ -1,0 +1,90 @@
+//! Sequence parallelism in the actor runtime (ALGORITHMS.md section 4): each device of a group
+//! owns a strip of token rows and all layers; self-attention reaches the other strips through
+//! the group (Ulysses all-to-all or Ring shifts over the device links). The result equals the
+//! plain single-device loop, alone and combined with CFG parallel.
+
+mod common;
+
+use std::time::Duration;
+
+use actors::{Cluster, ClusterOptions, GenerateRequest, Progress};
+use common::*;
+use model::Transformer;
+use topology::{ClusterSpec, ModelSpec};
+
+fn spec(cfg: usize, ulysses: usize, ring: usize) -> ClusterSpec {
+    let mut s = ClusterSpec::local_cpu(cfg * ulysses * ring, 1, ModelSpec::Path(dit_pf()));
+    s.parallel.pipefusion_degree = 1;
+    s.parallel.num_patches = 1;
+    s.parallel.cfg_degree = cfg;
+    s.parallel.ulysses_degree = ulysses;
+    s.parallel.ring_degree = ring;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ulysses_and_ring_groups_equal_the_serial_loop() {
+    let dir = dit_pf().join("transformer");
+    let full = Transformer::load(&dir, None, cpu()).unwrap();
+    // dit_pf: 2 heads, 8 token rows.
+    for (cfg, u, r, bound) in [
+        (1, 2, 1, 1e-6f64),
+        (1, 1, 2, 1e-5),
+        (1, 1, 3, 1e-5),
+        (2, 2, 1, 1e-6),
+    ] {
+        let cluster = Cluster::start(spec(cfg, u, r), ClusterOptions::default())
+            .await
+            .unwrap();
+        let req = GenerateRequest::class_conditional(&cluster, vec![3, 7], 4, 4.0, 42).unwrap();
+        let plan = cluster.plan(&req).unwrap();
+        assert_eq!(plan.sp.degree(), u * r);
+        let mut handle = cluster.submit(req.clone()).await.unwrap();
+        let mut steps = Vec::new();
+        let out = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(Progress::Step { step, .. }) = handle.progress.recv().await {
+                steps.push(step);
+            }
+            handle.result().await
+        })
+        .await
+        .expect("the cluster hung")
+        .unwrap();
+        assert_eq!(steps, (0..4).collect::<Vec<_>>(), "each step reported once");
+        let want = serial(&full, &setup_for(&cluster, &req, 1, 1));
+        let e = rel_l2(&out.latent, &want);
+        eprintln!("cfg {cfg} ulysses {u} ring {r}: relative L2 {e:.2e} vs serial");
+        assert!(e <= bound, "cfg {cfg} ulysses {u} ring {r}: {e:.3e}");
+        assert_eq!(out.summary.devices.len(), cfg * u * r);
+        // Each device sends what the plan predicts (its shard's parts, not the whole image's),
+        // plus frame headers.
+        for d in &out.summary.devices {
+            let predicted: u64 = plan
+                .link_bytes()
+                .iter()
+                .filter(|l| l.from == d.device)
+                .map(|l| l.bytes_per_step * 4)
+                .sum();
+            assert!(
+                d.bytes_sent >= predicted && d.bytes_sent <= predicted + predicted / 20 + 8192,
+                "cfg {cfg} ulysses {u} ring {r}: device {} sent {} bytes, the plan says {predicted}",
+                d.device,
+                d.bytes_sent
+            );
+        }
+        cluster.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ulysses_that_does_not_divide_the_heads_is_refused_at_start() {
+    let e = Cluster::start(spec(1, 3, 1), ClusterOptions::default())
+        .await
+        .err()
+        .expect("3 ranks cannot split 2 heads")
+        .to_string();
+    assert!(
+        e.contains("must divide the model's 2 attention heads"),
+        "{e}"
+    );
+}
