@@ -140,7 +140,10 @@ fn sequence_parallel_ranks_own_token_rows() {
     // Patches make no sense inside a sequence-parallel rank.
     spec.parallel.num_patches = 2;
     let e = Plan::new(&spec, &shape(4, 8)).unwrap_err().to_string();
-    assert!(e.contains("num_patches = 2 with sequence parallelism"), "{e}");
+    assert!(
+        e.contains("num_patches = 2 with sequence parallelism"),
+        "{e}"
+    );
     spec.parallel.num_patches = 1;
 
     // Ulysses must divide the heads (4 in `shape`); Ring over more ranks than token rows fails.
