@@ -9,6 +9,7 @@
 
 mod error;
 mod plan;
+mod plan_report;
 mod plan_sp;
 pub mod schedule;
 mod spec;

@@ -1,0 +1,198 @@
+//! What a [`Plan`] costs and looks like: bytes per step on every link, and the table for people.
+
+use std::fmt::Write as _;
+
+use crate::plan::{LinkBytes, LinkKind, Plan, Stage};
+use crate::plan_sp::SequenceParallel;
+
+impl Plan {
+    /// Per-step f32 bytes on each link, from every device: stage s -> s+1 carries the hidden
+    /// states of its rows once per step, `batch / cfg_degree * rows * token_cols * hidden * 4`
+    /// (M patches); last -> 0 carries the latent rows, `latent_batch * latent_channels * (rows *
+    /// patch_size) * (token_cols * patch_size) * 4`. With CFG parallel the groups' last stages
+    /// also swap their noise predictions (latent-sized). With sequence parallelism, rows are the
+    /// rank's shard, and each rank exchanges attention inputs with the others in every layer
+    /// (Ulysses: Q, K, V of its tokens for the other ranks' heads, then their outputs back;
+    /// Ring: K and V of every other rank's tokens once per layer). Empty for one device.
+    pub fn link_bytes(&self) -> Vec<LinkBytes> {
+        let s = &self.shape;
+        let product = |xs: &[usize]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
+        let b = s.batch / self.cfg_degree.max(1);
+        let all_rows = 0..s.token_rows;
+        let rows_of = |st: &Stage| {
+            self.sp
+                .rows()
+                .get(st.sp_rank)
+                .cloned()
+                .unwrap_or(all_rows.clone())
+                .len()
+        };
+        let latent = |rows: usize| {
+            product(&[
+                s.latent_batch,
+                s.latent_channels,
+                rows * s.patch_size,
+                s.token_cols * s.patch_size,
+                4,
+            ])
+        };
+        let mut links = Vec::new();
+        for st in &self.stages {
+            let rank = st.device.index;
+            let rows = rows_of(st);
+            let pipe = self.pipeline_of(st);
+            let n = pipe.len();
+            let link = |to: usize, bytes: u64, kind: LinkKind| LinkBytes {
+                from: rank,
+                to,
+                bytes_per_step: bytes,
+                kind,
+            };
+            if n > 1 {
+                links.push(if st.index + 1 < n {
+                    let hidden = product(&[b, rows, s.token_cols, s.hidden, 4]);
+                    link(pipe[st.index + 1], hidden, LinkKind::Hidden)
+                } else {
+                    link(pipe[0], latent(rows), LinkKind::Latent)
+                });
+            }
+            if st.index + 1 == n {
+                if let Some(p) = self.cfg_partner(st) {
+                    links.push(link(p, latent(rows), LinkKind::CfgPrediction));
+                }
+            }
+            let layers = st.layers.len();
+            let ranks: Vec<&Stage> = self
+                .group(st.cfg_group)
+                .iter()
+                .filter(|o| o.index == st.index)
+                .collect();
+            match &self.sp {
+                SequenceParallel::None => {}
+                SequenceParallel::Ulysses { degree, .. } => {
+                    let w = s.hidden / degree;
+                    for o in ranks.iter().filter(|o| o.sp_rank != st.sp_rank) {
+                        // Q, K, V of my tokens for its heads; my heads' output for its tokens.
+                        let tokens = (3 * rows + rows_of(o)) * s.token_cols;
+                        let bytes = product(&[b, tokens, w, 4, layers]);
+                        links.push(link(o.device.index, bytes, LinkKind::SequenceParallel));
+                    }
+                }
+                SequenceParallel::Ring { degree, .. } => {
+                    let next = ranks[(st.sp_rank + 1) % degree];
+                    // K and V of every rank's tokens but the next one's own.
+                    let tokens = (s.token_rows - rows_of(next)) * s.token_cols;
+                    let bytes = product(&[b, tokens, 2 * s.hidden, 4, layers]);
+                    links.push(link(next.device.index, bytes, LinkKind::SequenceParallel));
+                }
+            }
+        }
+        links
+    }
+
+    /// A multi-line table for people: the stages (device, node, layers), the patches (token
+    /// rows, tokens), bytes per step on each link, the warmup steps, and a warning line when
+    /// M < N.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let (n, m) = (self.pipeline_len(), self.num_patches());
+        let _ = writeln!(
+            out,
+            "PipeFusion plan: {n} stages, {m} patches, {} warmup steps",
+            self.warmup_steps
+        );
+        if self.cfg_degree > 1 {
+            let _ = writeln!(
+                out,
+                "CFG parallel: {} groups (group 0: first half of the guided batch, group 1: \
+                 second), each a {n}-stage pipeline",
+                self.cfg_degree
+            );
+        }
+        if self.sp.degree() > 1 {
+            let rows: Vec<String> = self
+                .sp
+                .rows()
+                .iter()
+                .map(|r| format!("{}..{}", r.start, r.end))
+                .collect();
+            let _ = writeln!(
+                out,
+                "sequence parallel: {} over {} ranks per stage, token rows {}",
+                self.sp.name(),
+                self.sp.degree(),
+                rows.join(", ")
+            );
+        }
+        let _ = writeln!(out, "{:<6} {:<18} {:<12} layers", "stage", "device", "node");
+        for s in &self.stages {
+            let mut stage = s.index.to_string();
+            if self.cfg_degree > 1 {
+                stage += &format!("/g{}", s.cfg_group);
+            }
+            if self.sp.degree() > 1 {
+                stage += &format!("/r{}", s.sp_rank);
+            }
+            let _ = writeln!(
+                out,
+                "{:<6} {:<18} {:<12} {}..{} ({})",
+                stage,
+                s.device.spec.to_string(),
+                s.device.node,
+                s.layers.start,
+                s.layers.end,
+                s.layers.len()
+            );
+        }
+        let _ = writeln!(out, "{:<6} {:<18} tokens", "patch", "token rows");
+        for (i, rows) in self.patches.iter().enumerate() {
+            let tokens = rows.len() * self.shape.token_cols;
+            let _ = writeln!(
+                out,
+                "{i:<6} {:<18} {tokens}",
+                format!("{}..{}", rows.start, rows.end)
+            );
+        }
+        for l in self.link_bytes() {
+            let _ = writeln!(
+                out,
+                "link {} -> {}: {} bytes/step ({}, {})",
+                l.from,
+                l.to,
+                l.bytes_per_step,
+                human_bytes(l.bytes_per_step),
+                match l.kind {
+                    LinkKind::Hidden => "hidden states",
+                    LinkKind::Latent => "latent",
+                    LinkKind::CfgPrediction => "CFG noise prediction",
+                    LinkKind::SequenceParallel => "sequence-parallel attention",
+                }
+            );
+        }
+        if m < n {
+            let _ = writeln!(
+                out,
+                "warning: num_patches = {m} < pipefusion_degree = {n}: recommend num_patches >= pipefusion_degree"
+            );
+        }
+        out
+    }
+}
+
+/// `1536` -> `1.5 KiB`.
+fn human_bytes(bytes: u64) -> String {
+    let mut value = bytes as f64;
+    let mut unit = "B";
+    for next in ["KiB", "MiB", "GiB", "TiB"] {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    if unit == "B" {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {unit}")
+    }
+}
