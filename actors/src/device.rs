@@ -271,9 +271,10 @@ impl Actor for DeviceActor {
                         .as_ref()
                         .is_some_and(|a| a.awaiting_partner == Some(item));
                     let partner = st.cfg.and_then(|c| c.partner);
-                    let message = match partner.filter(|_| waiting) {
-                        Some(p) => format!("waited longer than the compute timeout ({secs:.1} s) for device {p}'s CFG prediction of {item}: device {p} is wedged or far too slow"),
-                        None => format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"),
+                    let message = match (partner.filter(|_| waiting), &st.sp) {
+                        (Some(p), _) => format!("waited longer than the compute timeout ({secs:.1} s) for device {p}'s CFG prediction of {item}: device {p} is wedged or far too slow"),
+                        (None, Some(sp)) => format!("computing {item} took longer than the compute timeout ({secs:.1} s): this device or another rank of its sequence-parallel group (devices {:?}) is wedged or far too slow", sp.devices),
+                        (None, None) => format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"),
                     };
                     st.fail(Some(item.step), message);
                 }
@@ -322,8 +323,10 @@ impl DeviceState {
         }
         let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
         if frame.header.kind == FrameKind::SpPart {
+            // (its header's step is the collective's sequence number, not a denoising step)
             if let Err(e) = self.on_sp_part(frame) {
-                self.fail(Some(step), e);
+                let step = self.active.as_ref().and_then(|a| a.running).map(|i| i.step);
+                self.fail(step, e);
             }
             return;
         }
@@ -552,6 +555,15 @@ impl DeviceState {
         let id = setup.id;
         // From now on frames of this request are handled (or dropped with it), not kept.
         self.last_request = self.last_request.max(id);
+        let ranks = self.sp.as_ref().map_or(0, |sp| sp.devices.len());
+        if setup.sp_rows.len() != ranks {
+            return Err(format!(
+                "the request splits the tokens over {} sequence-parallel rank(s), this device's \
+                 group has {}",
+                setup.sp_rows.len().max(1),
+                ranks.max(1)
+            ));
+        }
         let (tx, rx) = oneshot::channel();
         if !self.compute.submit(ComputeJob::Begin(setup.clone(), tx)) {
             return Err("the compute thread has stopped".into());

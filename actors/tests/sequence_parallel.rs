@@ -88,3 +88,51 @@ async fn ulysses_that_does_not_divide_the_heads_is_refused_at_start() {
         "{e}"
     );
 }
+
+/// A rank failing (error or panic) while the others wait inside a collective fails the request
+/// naming device and step; the waiting ranks are released and the next request is exact. A rank
+/// whose Begin comes late gets the parts sent to it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_and_late_begins_in_a_group() {
+    let dir = dit_pf().join("transformer");
+    let full = Transformer::load(&dir, None, cpu()).unwrap();
+    for fault in [
+        actors::Fault::ErrorAt { device: 1, step: 2 },
+        actors::Fault::PanicAt { device: 0, step: 1 },
+        actors::Fault::SlowBegin {
+            device: 0,
+            millis: 300,
+        },
+    ] {
+        let opts = ClusterOptions {
+            fault: Some(fault),
+            ..ClusterOptions::default()
+        };
+        let cluster = Cluster::start(spec(1, 2, 1), opts).await.unwrap();
+        let req = GenerateRequest::class_conditional(&cluster, vec![3, 7], 4, 4.0, 42).unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req.clone()))
+            .await
+            .expect("the first request hung");
+        match fault {
+            actors::Fault::ErrorAt { device, step } | actors::Fault::PanicAt { device, step } => {
+                let e = first.unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!("device {device}")) && e.contains(&format!("step {step}")),
+                    "{fault:?}: {e}"
+                );
+            }
+            _ => assert!(first.is_ok(), "{fault:?}: {:?}", first.err()),
+        }
+        let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req.clone()))
+            .await
+            .expect("the next request hung")
+            .unwrap();
+        let want = serial(&full, &setup_for(&cluster, &req, 1, 1));
+        let e = rel_l2(&out.latent, &want);
+        assert!(
+            e <= 1e-6,
+            "{fault:?}: the next request: relative L2 {e:.3e}"
+        );
+        cluster.shutdown().await;
+    }
+}

@@ -21,7 +21,8 @@ pub(crate) struct ClusterArgs {
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
     /// PipeFusion stages N (one device each). Overrides the topology; without one, the number of
-    /// local CPU devices [default: 1 with --model, 2 for the bundled demo model].
+    /// local CPU devices per CFG group and sequence-parallel rank [default: 2 for the bundled
+    /// demo model without CFG or sequence parallelism, else 1].
     #[arg(long, value_name = "N")]
     pipefusion_degree: Option<usize>,
     /// CFG parallel degree, 1 or 2: with 2, two device groups run the two branches of
@@ -119,15 +120,21 @@ impl ClusterArgs {
                 }
                 if let Some(c) = self.cfg_degree {
                     s.parallel.cfg_degree = c;
-                    // Degrees the file left to their defaults follow the new CFG degree, as if
-                    // the file had said it: N = devices / (cfg * ulysses * ring), M = N.
-                    if self.pipefusion_degree.is_none() && !s.sets("parallel.pipefusion_degree") {
-                        let others =
-                            (c * s.parallel.ulysses_degree * s.parallel.ring_degree).max(1);
-                        s.parallel.pipefusion_degree = s.device_count() / others;
-                        if !s.sets("parallel.num_patches") {
-                            s.parallel.num_patches = s.parallel.pipefusion_degree;
-                        }
+                }
+                let changed = self.cfg_degree.is_some()
+                    || self.ulysses_degree.is_some()
+                    || self.ring_degree.is_some();
+                // Degrees the file left to their defaults follow the new degrees, as if the file
+                // had said them: N = devices / (cfg * ulysses * ring), M = N.
+                if changed
+                    && self.pipefusion_degree.is_none()
+                    && !s.sets("parallel.pipefusion_degree")
+                {
+                    let p = &s.parallel;
+                    let others = (p.cfg_degree * p.ulysses_degree * p.ring_degree).max(1);
+                    s.parallel.pipefusion_degree = s.device_count() / others;
+                    if !s.sets("parallel.num_patches") {
+                        s.parallel.num_patches = s.parallel.pipefusion_degree;
                     }
                 }
                 if let Some(t) = self.threads {
@@ -158,7 +165,7 @@ impl ClusterArgs {
                 }
                 // The demo runs PipeFusion on 2 devices unless another kind of parallelism is
                 // asked for.
-                let others = self.cfg_degree.is_some() || u * r > 1;
+                let others = self.cfg_degree.unwrap_or(1) > 1 || u * r > 1;
                 let default_n = if self.model.is_none() && !others {
                     2
                 } else {

@@ -156,7 +156,7 @@ fn bench_pipeline_ends_with_the_speedup_line() {
     assert!(ratio > 0.0 && ratio.is_finite());
     assert!(out.contains("speedup_vs_multithread="), "{out}");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("drift of PipeFusion vs serial"), "{err}");
+    assert!(err.contains("drift of the cluster vs serial"), "{err}");
 }
 
 /// Mistakes on the command line are named before anything runs.
@@ -338,6 +338,28 @@ fn sequence_parallel_from_the_command_line() {
         eprintln!("{extra:?}: relative L2 {e:.3e} vs one device");
         assert!(e <= 1e-5, "{extra:?}: relative L2 {e:.3e}");
     }
+    // A topology that leaves the pipeline degree to its default follows --ring-degree.
+    let topo = dir.join("two.toml");
+    std::fs::write(
+        &topo,
+        format!(
+            "[model]\npath = \"{}\"\n[[nodes]]\nname = \"local\"\ndevices = [{{ kind = \"cpu\", threads = 1 }}, {{ kind = \"cpu\", threads = 1 }}]\n",
+            root().join("assets/digits-dit").display()
+        ),
+    )
+    .unwrap();
+    let labels: Vec<String> = (0..10)
+        .flat_map(|l| ["--class-label".into(), l.to_string()])
+        .collect();
+    let mut args = vec!["--topology", topo.to_str().unwrap(), "--ring-degree", "2"];
+    args.extend(labels.iter().map(String::as_str));
+    let e = rel_l2(&run(&args, "file.safetensors"), &one);
+    assert!(e <= 1e-5, "ring from a file: relative L2 {e:.3e}");
+    // The demo with only --cfg-degree 2 runs one stage per group (2 devices).
+    let o = pipefuse(&["generate", "--cfg-degree", "2", "--steps", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("1 stage(s) x 2 CFG groups"), "{err}");
+
     for (args, want) in [
         (
             &["generate", "--ulysses-degree", "3"][..],

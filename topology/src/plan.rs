@@ -97,12 +97,15 @@ pub enum LinkKind {
 }
 
 impl Plan {
-    /// Builds the plan: stage s runs on device s of [`ClusterSpec::devices`], layers from
-    /// `parallel.layer_split` or [`split_layers`], patches from [`patch_rows`].
+    /// Builds the plan: device rank = sp_rank + S x (stage + N x cfg_group) of
+    /// [`ClusterSpec::devices`], layers from `parallel.layer_split` or [`split_layers`], patches
+    /// from [`patch_rows`], sequence-parallel token rows from [`SequenceParallel`].
     ///
-    /// Errors (against the spec's file and lines): an invalid spec, a CFG/Ulysses/Ring degree
-    /// above 1 (not implemented yet), more stages than layers, a `layer_split` that does not
-    /// sum to the layers, a `num_patches` the token rows cannot be cut into.
+    /// Errors (against the spec's file and lines): an invalid spec, CFG parallel for an unguided
+    /// request, sequence-parallel combinations not built yet (USP, inside a pipeline, with
+    /// patches) or that do not fit the model (heads, rows), more stages than layers, a
+    /// `layer_split` that does not sum to the layers, a `num_patches` the token rows cannot be
+    /// cut into.
     pub fn new(spec: &ClusterSpec, shape: &ModelShape) -> Result<Plan> {
         spec.validate()?;
         let p = &spec.parallel;

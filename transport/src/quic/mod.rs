@@ -40,7 +40,7 @@ pub(crate) use wire::{encode_header, read_frame, ReadFail};
 
 /// The protocol version announced in the handshake; nodes with another version refuse each other.
 /// Version 2: every unidirectional stream starts with a kind byte (frames or control).
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 
 /// What the control inbox yields: the sending node's name and its message.
 pub type ControlEnvelope = (String, ControlMessage);
