@@ -218,6 +218,27 @@ fn flag_mistakes_are_named_before_any_compute() {
     }
 }
 
+/// The demo model on one node with two CPU devices, the parallel degrees left to defaults.
+fn two_device_demo_topology(dir: &std::path::Path) -> std::path::PathBuf {
+    let topo = dir.join("two.toml");
+    std::fs::write(
+        &topo,
+        format!(
+            "[model]\npath = \"{}\"\n[[nodes]]\nname = \"local\"\ndevices = [{{ kind = \"cpu\", threads = 1 }}, {{ kind = \"cpu\", threads = 1 }}]\n",
+            root().join("assets/digits-dit").display()
+        ),
+    )
+    .unwrap();
+    topo
+}
+
+/// `--class-label 0 ... --class-label 9`: the demo's default request spelled out.
+fn demo_labels() -> Vec<String> {
+    (0..10)
+        .flat_map(|l| ["--class-label".into(), l.to_string()])
+        .collect()
+}
+
 /// `--cfg-degree 2`: the two guidance branches on two device groups give the one-device result
 /// (bound 1e-5; identical on this machine), `plan` shows the prediction exchange, and a request
 /// CFG parallel cannot split is refused naming the field.
@@ -263,18 +284,8 @@ fn cfg_parallel_from_the_command_line() {
     );
 
     // A topology that leaves the pipeline degree to its default follows --cfg-degree.
-    let topo = dir.join("two.toml");
-    std::fs::write(
-        &topo,
-        format!(
-            "[model]\npath = \"{}\"\n[[nodes]]\nname = \"local\"\ndevices = [{{ kind = \"cpu\", threads = 1 }}, {{ kind = \"cpu\", threads = 1 }}]\n",
-            root().join("assets/digits-dit").display()
-        ),
-    )
-    .unwrap();
-    let labels: Vec<String> = (0..10)
-        .flat_map(|l| ["--class-label".into(), l.to_string()])
-        .collect();
+    let topo = two_device_demo_topology(&dir);
+    let labels = demo_labels();
     let mut args = vec!["--topology", topo.to_str().unwrap(), "--cfg-degree", "2"];
     args.extend(labels.iter().map(String::as_str)); // the demo's default request, spelled out
     let (from_file, err) = run(&args, "file.safetensors");
@@ -339,18 +350,8 @@ fn sequence_parallel_from_the_command_line() {
         assert!(e <= 1e-5, "{extra:?}: relative L2 {e:.3e}");
     }
     // A topology that leaves the pipeline degree to its default follows --ring-degree.
-    let topo = dir.join("two.toml");
-    std::fs::write(
-        &topo,
-        format!(
-            "[model]\npath = \"{}\"\n[[nodes]]\nname = \"local\"\ndevices = [{{ kind = \"cpu\", threads = 1 }}, {{ kind = \"cpu\", threads = 1 }}]\n",
-            root().join("assets/digits-dit").display()
-        ),
-    )
-    .unwrap();
-    let labels: Vec<String> = (0..10)
-        .flat_map(|l| ["--class-label".into(), l.to_string()])
-        .collect();
+    let topo = two_device_demo_topology(&dir);
+    let labels = demo_labels();
     let mut args = vec!["--topology", topo.to_str().unwrap(), "--ring-degree", "2"];
     args.extend(labels.iter().map(String::as_str));
     let e = rel_l2(&run(&args, "file.safetensors"), &one);
