@@ -130,28 +130,30 @@ impl Collective for LinkCollective {
         self.devices.len()
     }
 
-    fn all_to_all(&mut self, parts: Vec<Tensor>) -> Result<Vec<Tensor>, ModelError> {
-        if parts.len() != self.size() {
-            return Err(self.fail(format!("{} parts for {} ranks", parts.len(), self.size())));
-        }
+    fn all_to_all_in(
+        &mut self,
+        members: &[usize],
+        parts: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>, ModelError> {
         self.next_op();
         let rank = self.rank;
         let this = std::cell::RefCell::new(self);
         model::sp::all_to_all_with(
             rank,
+            members,
             parts,
             |j, t| this.borrow().send(j, t),
             |j| this.borrow_mut().receive(j),
         )
     }
 
-    fn ring_shift(&mut self, t: Tensor) -> Result<Tensor, ModelError> {
-        let n = self.size();
+    fn ring_shift_in(&mut self, members: &[usize], t: Tensor) -> Result<Tensor, ModelError> {
         self.next_op();
+        let (n, i) = (members.len(), model::sp::position_in(self.rank, members)?);
         if n == 1 {
             return Ok(t);
         }
-        self.send((self.rank + 1) % n, t)?;
-        self.receive((self.rank + n - 1) % n)
+        self.send(members[(i + 1) % n], t)?;
+        self.receive(members[(i + n - 1) % n])
     }
 }

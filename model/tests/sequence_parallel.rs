@@ -5,7 +5,7 @@
 mod common;
 
 use kernels::{Device, Tensor};
-use model::sp::{local_group, Ring, SequenceAttention, Ulysses};
+use model::sp::{local_group, Ring, SequenceAttention, Ulysses, Usp};
 use model::{Arch, CondInputs, ModelConfig, Transformer};
 
 fn tiny(arch: Arch) -> ModelConfig {
@@ -33,6 +33,8 @@ fn inputs() -> CondInputs {
 enum Kind {
     Ulysses,
     Ring,
+    /// Ulysses degree U inside, Ring across.
+    Usp(usize),
 }
 
 /// Runs the group: rank r owns token rows `rows[r]`; returns the outputs concatenated by rows.
@@ -55,6 +57,7 @@ fn sequence_parallel(cfg: &ModelConfig, latent: &Tensor, rows: &[usize], kind: K
                     let mut attn: Box<dyn SequenceAttention> = match kind {
                         Kind::Ulysses => Box::new(Ulysses::new(comm)),
                         Kind::Ring => Box::new(Ring::new(comm)),
+                        Kind::Usp(u) => Box::new(Usp::new(comm, u).unwrap()),
                     };
                     model
                         .run_blocks_sequence_parallel(&mut x, &cond, attn.as_mut())
@@ -82,6 +85,9 @@ fn ulysses_and_ring_groups_equal_the_single_device_forward() {
             (Kind::Ulysses, vec![3, 2, 2, 1]),
             (Kind::Ring, vec![5, 3]),
             (Kind::Ring, vec![3, 3, 2]),
+            (Kind::Usp(2), vec![2, 2, 2, 2]),
+            (Kind::Usp(2), vec![2, 1, 2, 1, 1, 1]),
+            (Kind::Usp(4), vec![2, 2, 2, 2]),
         ] {
             let got = sequence_parallel(&cfg, &latent, &rows, kind);
             assert_eq!(got.shape(), want.shape());
