@@ -416,7 +416,16 @@ pub(crate) fn device_args(
             .filter(|s| s.index == stage.index)
             .map(|s| s.device.index)
             .collect(),
-        ring: matches!(plan.sp, topology::SequenceParallel::Ring { .. }),
+        ulysses: match plan.sp {
+            topology::SequenceParallel::Ulysses { degree, .. } => degree,
+            topology::SequenceParallel::Usp { ulysses, .. } => ulysses,
+            _ => 1,
+        },
+        ring: match plan.sp {
+            topology::SequenceParallel::Ring { degree, .. } => degree,
+            topology::SequenceParallel::Usp { ring, .. } => ring,
+            _ => 1,
+        },
     });
     let (index, stage_index) = (stage.device.index, stage.index);
     let describe = stage.device.to_string();

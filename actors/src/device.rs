@@ -52,8 +52,10 @@ pub(crate) struct SpPeer {
     pub(crate) rank: usize,
     /// Device index of every rank of its group.
     pub(crate) devices: Vec<usize>,
-    /// Ring attention (else Ulysses).
-    pub(crate) ring: bool,
+    /// Ulysses degree U (1: none).
+    pub(crate) ulysses: usize,
+    /// Ring degree R (1: none); the group has U x R ranks.
+    pub(crate) ring: usize,
 }
 
 /// The device actor (its configuration arrives as [`DeviceArgs`]; all mutable state is built in
@@ -152,11 +154,12 @@ impl Actor for DeviceActor {
                     rx,
                     request.clone(),
                 );
-                let attention: Box<dyn model::sp::SequenceAttention> = if sp.ring {
-                    Box::new(model::sp::Ring::new(comm))
-                } else {
-                    Box::new(model::sp::Ulysses::new(comm))
-                };
+                let attention: Box<dyn model::sp::SequenceAttention> =
+                    match (sp.ulysses > 1, sp.ring > 1) {
+                        (true, true) => Box::new(model::sp::Usp::new(comm, sp.ulysses)?),
+                        (false, true) => Box::new(model::sp::Ring::new(comm)),
+                        _ => Box::new(model::sp::Ulysses::new(comm)),
+                    };
                 (
                     exec.with_sequence_parallel(attention),
                     Some(tx),

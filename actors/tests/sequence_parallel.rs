@@ -32,6 +32,7 @@ async fn ulysses_and_ring_groups_equal_the_serial_loop() {
         (1, 1, 2, 1e-5),
         (1, 1, 3, 1e-5),
         (2, 2, 1, 1e-6),
+        (1, 2, 2, 1e-5),
     ] {
         let cluster = Cluster::start(spec(cfg, u, r), ClusterOptions::default())
             .await

@@ -340,6 +340,7 @@ fn sequence_parallel_from_the_command_line() {
         &["--ulysses-degree", "2"][..],
         &["--ulysses-degree", "4"][..],
         &["--ring-degree", "2", "--cfg-degree", "2"][..],
+        &["--ulysses-degree", "2", "--ring-degree", "2"][..],
     ]
     .into_iter()
     .enumerate()
@@ -375,10 +376,6 @@ fn sequence_parallel_from_the_command_line() {
                 "2",
             ][..],
             "with pipefusion_degree = 2 is not implemented yet",
-        ),
-        (
-            &["generate", "--ulysses-degree", "2", "--ring-degree", "2"][..],
-            "(USP) is not implemented yet",
         ),
     ] {
         let o = pipefuse(args);

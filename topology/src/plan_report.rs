@@ -67,24 +67,37 @@ impl Plan {
                 .iter()
                 .filter(|o| o.index == st.index)
                 .collect();
-            match &self.sp {
-                SequenceParallel::None => {}
-                SequenceParallel::Ulysses { degree, .. } => {
-                    let w = s.hidden / degree;
-                    for o in ranks.iter().filter(|o| o.sp_rank != st.sp_rank) {
-                        // Q, K, V of my tokens for its heads; my heads' output for its tokens.
-                        let tokens = (3 * rows + rows_of(o)) * s.token_cols;
-                        let bytes = product(&[b, tokens, w, 4, layers]);
-                        links.push(link(o.device.index, bytes, LinkKind::SequenceParallel));
-                    }
-                }
-                SequenceParallel::Ring { degree, .. } => {
-                    let next = ranks[(st.sp_rank + 1) % degree];
-                    // K and V of every rank's tokens but the next one's own.
-                    let tokens = (s.token_rows - rows_of(next)) * s.token_cols;
-                    let bytes = product(&[b, tokens, 2 * s.hidden, 4, layers]);
-                    links.push(link(next.device.index, bytes, LinkKind::SequenceParallel));
-                }
+            // Ulysses among `uly` (same row of ranks), then Ring among same-column ranks.
+            let (u_deg, r_deg) = match self.sp {
+                SequenceParallel::None => (1, 1),
+                SequenceParallel::Ulysses { degree, .. } => (degree, 1),
+                SequenceParallel::Ring { degree, .. } => (1, degree),
+                SequenceParallel::Usp { ulysses, ring, .. } => (ulysses, ring),
+            };
+            let (u, r) = (st.sp_rank % u_deg, st.sp_rank / u_deg);
+            let w = s.hidden / u_deg;
+            for o in ranks
+                .iter()
+                .filter(|o| o.sp_rank / u_deg == r && o.sp_rank != st.sp_rank)
+            {
+                // Q, K, V of my tokens for its heads; my heads' output for its tokens.
+                let tokens = (3 * rows + rows_of(o)) * s.token_cols;
+                let bytes = product(&[b, tokens, w, 4, layers]);
+                links.push(link(o.device.index, bytes, LinkKind::SequenceParallel));
+            }
+            if r_deg > 1 {
+                let next = ranks[u + u_deg * ((r + 1) % r_deg)];
+                // K and V of my head group for every row of ranks' tokens but the next's own.
+                let row_tokens = |row: usize| -> usize {
+                    ranks
+                        .iter()
+                        .filter(|o| o.sp_rank / u_deg == row)
+                        .map(|o| rows_of(o))
+                        .sum()
+                };
+                let tokens = (s.token_rows - row_tokens((r + 1) % r_deg)) * s.token_cols;
+                let bytes = product(&[b, tokens, 2 * w, 4, layers]);
+                links.push(link(next.device.index, bytes, LinkKind::SequenceParallel));
             }
         }
         links

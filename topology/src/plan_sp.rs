@@ -26,6 +26,16 @@ pub enum SequenceParallel {
         /// Token rows of each rank.
         rows: Vec<Range<usize>>,
     },
+    /// USP: Ulysses among the `ulysses` ranks of each row of ranks, Ring across the `ring` rows
+    /// (rank = u + U r: Ulysses neighbours are adjacent devices, on the fastest links).
+    Usp {
+        /// Ulysses degree U.
+        ulysses: usize,
+        /// Ring degree R.
+        ring: usize,
+        /// Token rows of each of the U x R ranks.
+        rows: Vec<Range<usize>>,
+    },
 }
 
 impl SequenceParallel {
@@ -36,15 +46,8 @@ impl SequenceParallel {
         if u == 1 && r == 1 {
             return Ok(SequenceParallel::None);
         }
-        if u > 1 && r > 1 {
-            return Err(spec.error(
-                "parallel.ring_degree",
-                format!("ulysses_degree = {u} with ring_degree = {r} (USP) is not implemented yet"),
-                Some("use one of them".into()),
-            ));
-        }
         let (field, degree) = if u > 1 {
-            ("parallel.ulysses_degree", u)
+            ("parallel.ulysses_degree", u * r)
         } else {
             ("parallel.ring_degree", r)
         };
@@ -69,7 +72,7 @@ impl SequenceParallel {
                 Some("use num_patches = 1".into()),
             ));
         }
-        if u > 1 && shape.heads % u != 0 {
+        if u > 1 && !shape.heads.is_multiple_of(u) {
             let valid: Vec<String> = (1..=shape.heads)
                 .filter(|d| shape.heads % d == 0)
                 .map(|d| d.to_string())
@@ -93,10 +96,14 @@ impl SequenceParallel {
                 Some("use a smaller degree or a larger image".into()),
             ));
         };
-        Ok(if u > 1 {
-            SequenceParallel::Ulysses { degree, rows }
-        } else {
-            SequenceParallel::Ring { degree, rows }
+        Ok(match (u > 1, r > 1) {
+            (true, true) => SequenceParallel::Usp {
+                ulysses: u,
+                ring: r,
+                rows,
+            },
+            (true, false) => SequenceParallel::Ulysses { degree, rows },
+            _ => SequenceParallel::Ring { degree, rows },
         })
     }
 
@@ -107,6 +114,7 @@ impl SequenceParallel {
             SequenceParallel::Ulysses { degree, .. } | SequenceParallel::Ring { degree, .. } => {
                 *degree
             }
+            SequenceParallel::Usp { ulysses, ring, .. } => ulysses * ring,
         }
     }
 
@@ -114,7 +122,9 @@ impl SequenceParallel {
     pub fn rows(&self) -> &[Range<usize>] {
         match self {
             SequenceParallel::None => &[],
-            SequenceParallel::Ulysses { rows, .. } | SequenceParallel::Ring { rows, .. } => rows,
+            SequenceParallel::Ulysses { rows, .. }
+            | SequenceParallel::Ring { rows, .. }
+            | SequenceParallel::Usp { rows, .. } => rows,
         }
     }
 
@@ -124,6 +134,7 @@ impl SequenceParallel {
             SequenceParallel::None => "none",
             SequenceParallel::Ulysses { .. } => "Ulysses",
             SequenceParallel::Ring { .. } => "Ring",
+            SequenceParallel::Usp { .. } => "USP",
         }
     }
 }

@@ -58,25 +58,12 @@ fn plan_rejects_patches_that_do_not_fit() {
 #[test]
 fn plan_rejects_sequence_parallel_combinations_not_built_yet() {
     // Ulysses and Ring together (USP), and sequence parallelism inside a pipeline.
-    let cases = [
-        (
-            vec![
-                (7, "pipefusion_degree = 1"),
-                (8, "num_patches = 1"),
-                (9, "ulysses_degree = 2"),
-                (10, "ring_degree = 2"),
-            ],
-            4,
-            "parallel.ring_degree",
-            "(USP) is not implemented yet",
-        ),
-        (
-            vec![(7, "pipefusion_degree = 2"), (10, "ulysses_degree = 2")],
-            4,
-            "parallel.ulysses_degree",
-            "with pipefusion_degree = 2 is not implemented yet",
-        ),
-    ];
+    let cases = [(
+        vec![(7, "pipefusion_degree = 2"), (10, "ulysses_degree = 2")],
+        4,
+        "parallel.ulysses_degree",
+        "with pipefusion_degree = 2 is not implemented yet",
+    )];
     for (edits, devices, want_field, want) in cases {
         let mut text = edit(&edits);
         text = text.replace(
@@ -136,6 +123,34 @@ fn sequence_parallel_ranks_own_token_rows() {
         text.contains("sequence parallel: Ulysses over 2 ranks"),
         "{text}"
     );
+
+    // USP: Ulysses among adjacent ranks, Ring across the rows of ranks.
+    spec.parallel.cfg_degree = 1;
+    spec.parallel.ring_degree = 2;
+    let usp = Plan::new(&spec, &shape(4, 8)).unwrap();
+    assert_eq!((usp.sp.name(), usp.sp.degree()), ("USP", 4));
+    let sp_links: Vec<(usize, usize)> = usp
+        .link_bytes()
+        .iter()
+        .filter(|l| l.kind == LinkKind::SequenceParallel)
+        .map(|l| (l.from, l.to))
+        .collect();
+    // Ulysses pairs (0, 1) and (2, 3); rings 0 -> 2 -> 0 and 1 -> 3 -> 1.
+    assert_eq!(
+        sp_links,
+        [
+            (0, 1),
+            (0, 2),
+            (1, 0),
+            (1, 3),
+            (2, 3),
+            (2, 0),
+            (3, 2),
+            (3, 1)
+        ]
+    );
+    spec.parallel.ring_degree = 1;
+    spec.parallel.cfg_degree = 2;
 
     // Patches make no sense inside a sequence-parallel rank.
     spec.parallel.num_patches = 2;
