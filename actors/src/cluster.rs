@@ -247,12 +247,7 @@ impl Cluster {
         mut endpoints: Vec<Option<transport::Endpoint>>,
         remote: impl Fn(usize) -> Option<std::sync::Arc<dyn crate::handles::RemoteDevice>>,
     ) -> Result<Cluster> {
-        let cfg = &model.config;
-        // The layout does not depend on the request; a guided shape lets CFG parallel through.
-        let plan = Plan::new(
-            &spec,
-            &shape_of(cfg, 2, 1, [cfg.sample_size, cfg.sample_size]),
-        )?;
+        let plan = startup_plan(&spec, &model.config)?;
         let mut devices: Vec<StageSlot> = Vec::new();
         for stage in &plan.stages {
             let Some(endpoint) = endpoints.get_mut(stage.device.index).and_then(Option::take)
@@ -454,6 +449,14 @@ pub(crate) fn device_args(
         compute_timeout,
         fault,
     }
+}
+
+/// The device layout of `spec` for `model` (which device runs which layers, CFG group and
+/// sequence-parallel rank), checked against the model before anything starts. It does not depend
+/// on the request: a guided request of the model's native size stands for all of them.
+pub fn startup_plan(spec: &ClusterSpec, model: &model::ModelConfig) -> Result<Plan> {
+    let side = model.sample_size;
+    Ok(Plan::new(spec, &shape_of(model, 2, 1, [side, side]))?)
 }
 
 /// The plan's view of a request on this model.

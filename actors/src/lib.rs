@@ -27,8 +27,8 @@ mod sp_link;
 pub mod stage;
 
 pub use cluster::{
-    Cluster, ClusterOptions, DeviceSummary, GenerateOutput, GenerateRequest, Progress,
-    RequestHandle, RunSummary,
+    startup_plan, Cluster, ClusterOptions, DeviceSummary, GenerateOutput, GenerateRequest,
+    Progress, RequestHandle, RunSummary,
 };
 pub use compute::Fault;
 pub use error::{ClusterError, Result};

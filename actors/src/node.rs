@@ -8,7 +8,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 
 use ractor::Actor;
-use topology::{ClusterSpec, ModelShape, Plan};
+use topology::{ClusterSpec, Plan};
 use transport::{ClusterMap, NodeAddr, NodeIdentity, PeerEvent, QuicNode, QuicOptions};
 
 use crate::cluster::{device_args, Cluster, ClusterOptions};
@@ -116,21 +116,7 @@ impl Node {
             first += n.devices.len();
         }
         let my_addr = map.nodes[ni].addr;
-        let cfg = model.config.clone();
-        let plan = Plan::new(
-            &spec,
-            &ModelShape {
-                layers: cfg.num_layers,
-                hidden: cfg.hidden(),
-                token_rows: cfg.sample_size / cfg.patch_size,
-                token_cols: cfg.sample_size / cfg.patch_size,
-                batch: 2,
-                latent_channels: cfg.in_channels,
-                latent_batch: 1,
-                patch_size: cfg.patch_size,
-                heads: cfg.num_heads,
-            },
-        )?;
+        let plan = crate::cluster::startup_plan(&spec, &model.config)?;
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
         let lost_events = quic_node.subscribe();

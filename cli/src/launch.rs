@@ -132,6 +132,10 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         (None, true) => spec.coordinator.clone(),
         _ => bail!("give --node NAME (this process is that node) or --local (every node here)"),
     };
+    // The layout against the model, once, before any process starts: a mistake is reported here
+    // instead of by every node.
+    let model = actors::ModelSource::from_spec(&spec)?;
+    actors::startup_plan(&spec, &model.config)?;
     let children = if a.local {
         let others: Vec<String> = spec
             .nodes

@@ -257,3 +257,51 @@ fn a_served_cluster_takes_attached_requests_until_terminated() {
     assert!(!socket.exists(), "the socket is removed");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The same three processes run Ring attention when the command line asks for it
+/// (`--pipefusion-degree 1 --ring-degree 3`, forwarded to every node): the result equals the
+/// in-process run of the same flags bitwise.
+#[test]
+fn three_processes_run_ring_attention_from_the_command_line() {
+    let (dir, topo) = cluster("ring");
+    let (remote, local) = (
+        dir.join("remote.safetensors"),
+        dir.join("local.safetensors"),
+    );
+    let request = ["--class-label", "3", "--class-label", "8", "--steps", "6"];
+    let parallel = [
+        "--pipefusion-degree",
+        "1",
+        "--ring-degree",
+        "3",
+        "--num-patches",
+        "1",
+    ];
+    let o = Command::new(bin())
+        .args(["launch", "--local", "--topology", topo.to_str().unwrap()])
+        .args(parallel)
+        .args(request)
+        .args(["--save-latent", remote.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("device 2: busy"), "{err}");
+    let o = Command::new(bin())
+        .args(["generate", "--model"])
+        .arg(root().join("assets/digits-dit"))
+        .args(parallel)
+        .args(["--threads", "1"])
+        .args(request)
+        .arg("--save-latent")
+        .arg(&local)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        latent(&remote),
+        latent(&local),
+        "3 processes vs one process"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

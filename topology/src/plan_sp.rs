@@ -69,7 +69,7 @@ impl SequenceParallel {
                      their token rows",
                     p.num_patches
                 ),
-                Some("use num_patches = 1".into()),
+                Some("use num_patches = 1 (--num-patches 1)".into()),
             ));
         }
         if u > 1 && !shape.heads.is_multiple_of(u) {
