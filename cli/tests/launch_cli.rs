@@ -3,7 +3,7 @@
 //! bitwise, move the bytes the plan predicts, and a node killed mid-request is named in the
 //! error while the survivors exit cleanly.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,19 @@ fn free_ports() -> [u16; 3] {
     std::array::from_fn(|i| s[i].local_addr().unwrap().port())
 }
 
+/// `pipefuse launch --local` on `topo` with `args`, the latent saved to `out`; its stderr.
+fn launch_local(topo: &Path, args: &[&str], out: &Path) -> String {
+    let o = Command::new(bin())
+        .args(["launch", "--local", "--topology", topo.to_str().unwrap()])
+        .args(args)
+        .args(["--save-latent", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    err
+}
+
 #[test]
 fn three_processes_equal_the_in_process_run_bitwise() {
     let (dir, topo) = cluster("bitwise");
@@ -52,14 +65,7 @@ fn three_processes_equal_the_in_process_run_bitwise() {
         dir.join("local.safetensors"),
     );
     let request = ["--class-label", "3", "--class-label", "8", "--steps", "12"];
-    let o = Command::new(bin())
-        .args(["launch", "--local", "--topology", topo.to_str().unwrap()])
-        .args(request)
-        .args(["--save-latent", remote.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    let err = launch_local(&topo, &request, &remote);
     assert!(err.contains("all 3 nodes connected"), "{err}");
     in_process_demo(3, 4, &request.map(String::from), &local);
     assert_eq!(
@@ -277,15 +283,7 @@ fn three_processes_run_ring_attention_from_the_command_line() {
         "--num-patches",
         "1",
     ];
-    let o = Command::new(bin())
-        .args(["launch", "--local", "--topology", topo.to_str().unwrap()])
-        .args(parallel)
-        .args(request)
-        .args(["--save-latent", remote.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    let err = launch_local(&topo, &[&parallel[..], &request[..]].concat(), &remote);
     assert!(err.contains("device 2: busy"), "{err}");
     let o = Command::new(bin())
         .args(["generate", "--model"])
