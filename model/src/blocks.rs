@@ -9,16 +9,8 @@ use crate::cond::Conditioning;
 use crate::config::{Arch, ModelConfig};
 use crate::embedding::{Linear, TimestepEmbedding};
 use crate::error::{ModelError, Result};
-use crate::kv_buffer::KvBuffer;
+pub(crate) use crate::kv_buffer::KvSlot;
 use crate::weights::WeightSource;
-
-/// Where a block's self-attention keeps its keys and values when it runs on a patch: layer
-/// `layer` of `buf`, the patch's tokens starting at token `first` of the image.
-pub(crate) struct KvSlot<'a> {
-    pub(crate) buf: &'a mut KvBuffer,
-    pub(crate) layer: usize,
-    pub(crate) first: usize,
-}
 
 /// How a block's self-attention sees the rest of the sequence.
 pub(crate) enum AttnMode<'a> {
@@ -29,6 +21,9 @@ pub(crate) enum AttnMode<'a> {
     /// Sequence parallelism: the tokens are this device's shard; the other shards' keys and
     /// values are reached through a collective (`layer` counts the blocks run so far).
     Shared(&'a mut dyn crate::sp::SequenceAttention, usize),
+    /// Both: the tokens are this device's sub-strip of a patch; the collective gathers the
+    /// patch, whose K/V go into the buffer (this device's head group).
+    SharedBuffer(&'a mut dyn crate::sp::SequenceAttention, KvSlot<'a>),
 }
 
 /// Self-attention with Q, K, V fused into one `[3d, d]` projection.
@@ -66,6 +61,9 @@ impl SelfAttention {
                 dev.attention(q, k, v, None, b, heads, hd)? // [B, n, d]
             }
             AttnMode::Shared(sp, layer) => sp.attend(dev, layer, &qkv, heads, hd)?,
+            AttnMode::SharedBuffer(sp, slot) => {
+                sp.attend_with_buffer(dev, &qkv, heads, hd, slot)?
+            }
             AttnMode::Buffer(slot) => {
                 slot.buf.write(slot.layer, slot.first, &qkv)?;
                 let buf = &*slot.buf;

@@ -17,6 +17,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::embedding::{pos_embed_2d, Linear, PatchEmbed};
 use crate::error::{ModelError, Result};
 use crate::kv_buffer::KvBuffer;
+use crate::sp::SequenceAttention;
 use crate::weights::{RandomWeights, SafetensorsDir, WeightSource};
 
 #[derive(Debug, Clone)]
@@ -236,6 +237,60 @@ impl Transformer {
             }
             Ok(())
         })
+    }
+
+    /// PipeFusion inside a sequence-parallel group (Ulysses): `x: [B', n_r, d]` is this rank's
+    /// sub-strip of the patch whose tokens are `first..first + patch_tokens`; every
+    /// self-attention gathers the patch through `attn`, writes its K/V (this rank's heads) into
+    /// `kv` (made with [`Transformer::kv_buffer_for_heads`]) and attends to the whole buffer.
+    pub fn run_blocks_sequence_parallel_with_kv(
+        &self,
+        x: &mut Tensor,
+        cond: &Conditioning,
+        attn: &mut dyn SequenceAttention,
+        kv: &mut KvBuffer,
+        first: usize,
+        patch_tokens: usize,
+    ) -> Result<()> {
+        cond.check_tokens(x, self.cfg.hidden())?;
+        let (batch, tokens) = kv.dims();
+        if kv.num_layers() != self.blocks.len()
+            || x.dim(0) != batch
+            || first + patch_tokens > tokens
+        {
+            return Err(ModelError::Input(format!(
+                "K/V buffer for {} layers, batch {batch} and {tokens} tokens does not fit blocks \
+                 {:?}, batch {} and patch tokens {first}..{}",
+                kv.num_layers(),
+                self.range,
+                x.dim(0),
+                first + patch_tokens
+            )));
+        }
+        kv.mark_written(first, patch_tokens)?;
+        self.device.install(|| {
+            for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
+                let _span = tracing::trace_span!("block", i).entered();
+                let slot = KvSlot {
+                    buf: &mut *kv,
+                    layer,
+                    first,
+                };
+                let mode = AttnMode::SharedBuffer(&mut *attn, slot);
+                block.forward(&self.device, x, cond, &self.cfg, mode)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A K/V buffer holding `1 / head_groups` of the heads (a Ulysses rank's share).
+    pub fn kv_buffer_for_heads(&self, batch: usize, tokens: usize, head_groups: usize) -> KvBuffer {
+        KvBuffer::new(
+            self.blocks.len(),
+            batch,
+            tokens,
+            self.cfg.hidden() / head_groups.max(1),
+        )
     }
 
     /// A K/V buffer for this instance's blocks: batch `batch` (B'), `tokens` image tokens (S).

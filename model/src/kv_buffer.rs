@@ -10,6 +10,14 @@ use kernels::Tensor;
 
 use crate::error::{ModelError, Result};
 
+/// Where a block's self-attention keeps its keys and values when it runs on a patch: layer
+/// `layer` of `buf`, the patch's tokens starting at token `first` of the image.
+pub struct KvSlot<'a> {
+    pub(crate) buf: &'a mut KvBuffer,
+    pub(crate) layer: usize,
+    pub(crate) first: usize,
+}
+
 /// K/V buffers of the layers one stage owns, for one request.
 #[derive(Debug, Clone)]
 pub struct KvBuffer {

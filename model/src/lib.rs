@@ -29,7 +29,7 @@ pub use config::{Arch, ModelConfig};
 pub use dit::Transformer;
 pub use embedding::pos_embed_2d;
 pub use error::{ModelError, Result};
-pub use kv_buffer::KvBuffer;
+pub use kv_buffer::{KvBuffer, KvSlot};
 pub use request::{Caption, PreparedRequest, Request};
 pub use vae::{to_unit_range, VaeConfig, VaeDecoder};
 pub use weights::{gaussian, RandomWeights, SafetensorsDir, WeightSource};

@@ -128,3 +128,83 @@ fn a_rank_that_leaves_is_named_by_the_others() {
     let e1 = h.join().unwrap().unwrap_err().to_string();
     assert!(e1.contains("left the group"), "{e1}");
 }
+
+/// Ulysses inside PipeFusion: each rank runs its sub-strip of every patch against a K/V buffer
+/// of its head group; a warmup step over the whole image, then a patch step at another timestep
+/// (patches see fresh and stale rows), give the single device's patch outputs.
+#[test]
+fn ulysses_ranks_with_kv_buffers_equal_one_device_running_patches() {
+    for arch in [Arch::Dit, Arch::PixArt] {
+        let cfg = tiny(arch);
+        let latent = model::gaussian(&[2, 4, 16, 12], 5); // 8 x 6 tokens
+        let (p, cols, grid) = (cfg.patch_size, 6, 8);
+        let patches = [0..4, 4..8];
+        let steps: [(f32, Vec<std::ops::Range<usize>>); 2] =
+            [(700.0, vec![0..8]), (300.0, patches.to_vec())];
+        let inputs_at = |t: f32| CondInputs {
+            timesteps: vec![t; 2],
+            ..inputs()
+        };
+        // One device.
+        let model = Transformer::random(cfg.clone(), 7, None, Device::cpu(1).unwrap()).unwrap();
+        let mut kv = model.kv_buffer(2, grid * cols);
+        let mut want = Vec::new();
+        for (t, parts) in &steps {
+            let cond = model.conditioning(&inputs_at(*t)).unwrap();
+            for rows in parts {
+                let strip = latent.narrow(2, rows.start * p, rows.len() * p).unwrap();
+                let mut x = model.embed(&strip, rows.start, grid).unwrap();
+                model
+                    .run_blocks_with_kv(&mut x, &cond, &mut kv, rows.start * cols)
+                    .unwrap();
+                want.push(x);
+            }
+        }
+        // Two Ulysses ranks, each the upper or lower half of every part's rows.
+        let u = 2;
+        let got: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+            let handles: Vec<_> = local_group(u)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, comm)| {
+                    let (cfg, steps, latent) = (cfg.clone(), steps.clone(), &latent);
+                    s.spawn(move || {
+                        let model =
+                            Transformer::random(cfg, 7, None, Device::cpu(1).unwrap()).unwrap();
+                        let mut kv = model.kv_buffer_for_heads(2, grid * cols, u);
+                        let mut attn = Ulysses::new(comm);
+                        let mut outs = Vec::new();
+                        for (t, parts) in &steps {
+                            let cond = model.conditioning(&inputs_at(*t)).unwrap();
+                            for rows in parts {
+                                let half = rows.len() / u;
+                                let sub = rows.start + rank * half..rows.start + (rank + 1) * half;
+                                let strip = latent.narrow(2, sub.start * p, half * p).unwrap();
+                                let mut x = model.embed(&strip, sub.start, grid).unwrap();
+                                model
+                                    .run_blocks_sequence_parallel_with_kv(
+                                        &mut x,
+                                        &cond,
+                                        &mut attn,
+                                        &mut kv,
+                                        rows.start * cols,
+                                        rows.len() * cols,
+                                    )
+                                    .unwrap();
+                                outs.push(x);
+                            }
+                        }
+                        outs
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, w) in want.iter().enumerate() {
+            let joined = Tensor::cat(&[&got[0][i], &got[1][i]], 1).unwrap();
+            let e = common::max_abs(&joined, w);
+            eprintln!("{arch:?} call {i}: max abs {e:.2e}");
+            assert!(e <= 1e-5, "{arch:?} call {i}: max abs {e}");
+        }
+    }
+}

@@ -31,6 +31,23 @@ pub trait SequenceAttention: Send {
         heads: usize,
         head_dim: usize,
     ) -> Result<Tensor>;
+
+    /// PipeFusion with sequence parallelism: `qkv` is this rank's sub-strip of a patch; the
+    /// patch's keys and values (this rank's share) are written into `kv` at the patch's tokens and
+    /// the patch attends to the whole buffer (fresh and stale rows). Only Ulysses supports it.
+    fn attend_with_buffer(
+        &mut self,
+        _dev: &Device,
+        _qkv: &Tensor,
+        _heads: usize,
+        _head_dim: usize,
+        _kv: crate::KvSlot<'_>,
+    ) -> Result<Tensor> {
+        Err(ModelError::Input(
+            "this kind of sequence parallelism does not run inside PipeFusion stages (Ulysses does)"
+                .into(),
+        ))
+    }
 }
 
 /// How the ranks of a sequence-parallel group exchange tensors. Every rank makes the same calls
@@ -139,6 +156,33 @@ impl<C: Collective> SequenceAttention for Ulysses<C> {
             heads / u,
             head_dim,
         )?; // [B, S, d/U]
+        scatter_tokens(&mut self.comm, &all, &o, &shard_lens)
+    }
+
+    fn attend_with_buffer(
+        &mut self,
+        dev: &Device,
+        qkv: &Tensor,
+        heads: usize,
+        head_dim: usize,
+        kv: crate::KvSlot<'_>,
+    ) -> Result<Tensor> {
+        let u = self.comm.size();
+        let all: Vec<usize> = (0..u).collect();
+        // The patch's tokens (the ranks' sub-strips in order) for this rank's head group.
+        let (patch, shard_lens) = gather_heads(&mut self.comm, &all, qkv, heads)?;
+        kv.buf.write(kv.layer, kv.first, &patch)?;
+        let (buf, w) = (&*kv.buf, heads * head_dim / u);
+        let keys = buf.layer(kv.layer); // [B, S, 2w]
+        let o = dev.attention(
+            AttnView::of(&patch, 0)?,
+            AttnView::of(keys, 0)?,
+            AttnView::of(keys, w)?,
+            buf.bias(),
+            qkv.dim(0),
+            heads / u,
+            head_dim,
+        )?; // [B, n_patch, w]
         scatter_tokens(&mut self.comm, &all, &o, &shard_lens)
     }
 }
