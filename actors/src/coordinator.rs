@@ -392,13 +392,14 @@ fn finish(
             if rank == 0 {
                 groups.push(l);
             } else {
-                // Rank r's shard rows go into the group's latent.
-                let rows = setup.sp_rows[rank].clone();
+                // The rows rank r updated last go into the group's latent.
                 let target = groups
                     .get_mut(group)
                     .ok_or_else(|| fail("no rank 0".into()))?;
-                copy_rows(target, &l, rows.start * p..rows.end * p)
-                    .map_err(|e| fail(e.to_string()))?;
+                for rows in setup.final_rows(rank) {
+                    copy_rows(target, &l, rows.start * p..rows.end * p)
+                        .map_err(|e| fail(e.to_string()))?;
+                }
             }
         }
         per_device.push(DeviceSummary {

@@ -161,7 +161,10 @@ impl Actor for DeviceActor {
                         _ => Box::new(model::sp::Ulysses::new(comm)),
                     };
                 (
-                    exec.with_sequence_parallel(attention),
+                    exec.with_sequence_parallel(
+                        attention,
+                        if sp.ring > 1 { 0 } else { sp.ulysses },
+                    ),
                     Some(tx),
                     Some(request),
                 )
@@ -342,7 +345,18 @@ impl DeviceState {
         }
         let now = a.started.elapsed();
         let group = self.cfg.map_or(0, |c| c.group);
-        let want = a.setup.frame_shape(part, self.stage == 0, group);
+        let rank = self.sp.as_ref().map_or(0, |sp| sp.rank);
+        // Ulysses inside PipeFusion: after a whole-image step the last stage sends stage 0 the
+        // whole latent (the ranks shared their rows).
+        let gathered = part == Part::Whole
+            && self.stage == 0
+            && a.setup.patches.len() > 1
+            && self.sp.as_ref().is_some_and(|sp| sp.ring <= 1);
+        let want = match gathered {
+            true => Some(0..a.setup.token_rows()),
+            false => a.setup.rank_rows(part, rank),
+        }
+        .and_then(|r| a.setup.frame_shape_rows(r.len(), self.stage == 0, group));
         let r = decode(&frame).map_err(|e| e.to_string()).and_then(|t| {
             if want.as_deref() != Some(t.shape()) {
                 return Err(format!(
@@ -522,9 +536,17 @@ impl DeviceState {
             .forward_of(group)
             .map_err(|e| e.to_string())?
             .forward_batch();
-        if t.shape().len() != 3 || t.dim(0) != batch {
+        // Attention parts [B', tokens, width], or latent rows [B, C, rows, W] (the all-gather
+        // after a whole-image step).
+        let latent = a.setup.prepared.latent_shape();
+        let fits = match t.shape() {
+            [b, _, _] => *b == batch,
+            [b, c, _, w] => [*b, *c, *w] == [latent[0], latent[1], latent[3]],
+            _ => false,
+        };
+        if !fits {
             return Err(format!(
-                "sequence-parallel part from device {from} has shape {:?}, expected [{batch}, tokens, width]",
+                "sequence-parallel part from device {from} has shape {:?}, expected [{batch}, tokens, width] or latent rows",
                 t.shape()
             ));
         }
@@ -540,10 +562,8 @@ impl DeviceState {
     /// The token rows this device computes for `part`: the part's rows, or under sequence
     /// parallelism the rank's shard.
     fn rows_of(&self, setup: &RequestSetup, part: Part) -> std::ops::Range<usize> {
-        if let (Some(sp), false) = (&self.sp, setup.sp_rows.is_empty()) {
-            return setup.sp_rows[sp.rank].clone();
-        }
-        setup.rows(part).unwrap_or(0..setup.token_rows())
+        let rank = self.sp.as_ref().map_or(0, |sp| sp.rank);
+        setup.rank_rows(part, rank).unwrap_or(0..setup.token_rows())
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -694,12 +714,14 @@ impl DeviceState {
                 })?
             }
         };
+        let rank = self.sp.as_ref().map_or(0, |sp| sp.rank);
         let job = StageJob {
             step: item.step,
-            rows: match (&self.sp, a.setup.sp_rows.is_empty()) {
-                (Some(sp), false) => a.setup.sp_rows[sp.rank].clone(),
-                _ => a.setup.rows(item.part).unwrap_or(0..a.setup.token_rows()),
-            },
+            rows: a
+                .setup
+                .rank_rows(item.part, rank)
+                .ok_or_else(|| fail(format!("no rows for {item} on rank {rank}")))?,
+            patch: a.setup.rows(item.part).unwrap_or(0..a.setup.token_rows()),
             ends_step: match item.part {
                 Part::Whole => true,
                 Part::Patch(p) => p + 1 == a.setup.patches.len(),

@@ -144,6 +144,37 @@ impl RequestSetup {
         Ok(self)
     }
 
+    /// The token rows sequence-parallel rank `rank` computes for `part`: its shard of the image
+    /// in whole-image steps, its sub-strip of the patch otherwise (the patch rule applied to the
+    /// patch's rows; ALGORITHMS.md section 4 "With PipeFusion").
+    pub fn rank_rows(&self, part: topology::schedule::Part, rank: usize) -> Option<Range<usize>> {
+        let rows = self.rows(part)?;
+        if self.sp_rows.is_empty() {
+            return Some(rows);
+        }
+        match part {
+            topology::schedule::Part::Whole => self.sp_rows.get(rank).cloned(),
+            topology::schedule::Part::Patch(_) => {
+                let sub = topology::patch_rows(rows.len(), self.sp_rows.len())?;
+                sub.get(rank)
+                    .map(|r| rows.start + r.start..rows.start + r.end)
+            }
+        }
+    }
+
+    /// The rows rank `rank` holds up to date at the end of the request (its sub-strips of every
+    /// patch after a patch step, its shard after a whole-image one).
+    pub fn final_rows(&self, rank: usize) -> Vec<Range<usize>> {
+        use topology::schedule::Part;
+        if self.steps() > self.warmup {
+            (0..self.patches.len())
+                .filter_map(|p| self.rank_rows(Part::Patch(p), rank))
+                .collect()
+        } else {
+            self.rank_rows(Part::Whole, rank).into_iter().collect()
+        }
+    }
+
     /// Sequence-parallel ranks (1 without).
     pub fn sp_degree(&self) -> usize {
         self.sp_rows.len().max(1)
@@ -191,7 +222,16 @@ impl RequestSetup {
         to_first: bool,
         group: usize,
     ) -> Option<Vec<usize>> {
-        let rows = self.rows(part)?.len();
+        self.frame_shape_rows(self.rows(part)?.len(), to_first, group)
+    }
+
+    /// [`frame_shape`](Self::frame_shape) for `rows` token rows (a sequence-parallel rank's).
+    pub fn frame_shape_rows(
+        &self,
+        rows: usize,
+        to_first: bool,
+        group: usize,
+    ) -> Option<Vec<usize>> {
         let [b, c, h, w] = self.prepared.latent_shape();
         let p = h / self.token_rows().max(1);
         Some(if to_first {
@@ -211,6 +251,7 @@ impl RequestSetup {
             return vec![StageJob {
                 step,
                 rows: 0..self.token_rows(),
+                patch: 0..self.token_rows(),
                 ends_step: true,
             }];
         }
@@ -219,6 +260,7 @@ impl RequestSetup {
             .map(|p| StageJob {
                 step,
                 rows: self.patches[p].clone(),
+                patch: self.patches[p].clone(),
                 ends_step: p + 1 == m,
             })
             .collect()
@@ -230,8 +272,11 @@ impl RequestSetup {
 pub struct StageJob {
     /// Denoising step.
     pub step: usize,
-    /// Token rows of the part (all rows in warmup steps).
+    /// Token rows this stage computes: the part's (all rows in warmup steps), or under sequence
+    /// parallelism this rank's sub-strip of them.
     pub rows: Range<usize>,
+    /// Token rows of the whole part (equal to `rows` without sequence parallelism).
+    pub patch: Range<usize>,
     /// The last part of the step (the last stage advances the sampler after it).
     pub ends_step: bool,
 }
@@ -254,6 +299,9 @@ pub struct StageExecutor {
     cfg_group: Option<usize>,
     /// Under sequence parallelism: how self-attention reaches the other ranks.
     sequence: Option<Box<dyn model::sp::SequenceAttention>>,
+    /// Ulysses degree when the stage keeps a K/V buffer of its head group (PipeFusion inside
+    /// the group); 0 when attention sees the whole sequence every step (Ring, USP).
+    kv_head_groups: usize,
     active: Option<Active>,
 }
 
@@ -268,17 +316,22 @@ impl StageExecutor {
             model,
             cfg_group: None,
             sequence: None,
+            kv_head_groups: 0,
             active: None,
         }
     }
 
     /// The same stage as one rank of a sequence-parallel group: it runs the token rows it is
-    /// given, and its self-attention goes through `attention` (Ulysses or Ring over the group).
+    /// given, and its self-attention goes through `attention` (Ulysses, Ring or USP over the
+    /// group). With `kv_head_groups` = U > 0 (Ulysses) it keeps a K/V buffer of its head group
+    /// and runs PipeFusion patches; with 0 every item must cover the whole image.
     pub fn with_sequence_parallel(
         mut self,
         attention: Box<dyn model::sp::SequenceAttention>,
+        kv_head_groups: usize,
     ) -> StageExecutor {
         self.sequence = Some(attention);
+        self.kv_head_groups = kv_head_groups;
         self
     }
 
@@ -327,9 +380,13 @@ impl StageExecutor {
         }
         let fwd = setup.forward_of(self.group())?;
         let (b, tokens) = (fwd.forward_batch(), (h / p) * (w / p));
-        // A sequence-parallel rank keeps no K/V buffer: its attention sees the whole sequence
-        // through the group, every step.
-        let tokens = if self.sequence.is_some() { 0 } else { tokens };
+        // A Ring / USP rank keeps no K/V buffer: its attention sees the whole sequence through
+        // the group, every step. A Ulysses rank keeps its head group's.
+        let (tokens, groups) = match (&self.sequence, self.kv_head_groups) {
+            (Some(_), 0) => (0, 1),
+            (Some(_), u) => (tokens, u),
+            (None, _) => (tokens, 1),
+        };
         let kv = match self.active.take() {
             Some(a) if a.kv.dims() == (b, tokens) => {
                 let mut kv = a.kv;
@@ -338,7 +395,7 @@ impl StageExecutor {
             }
             old => {
                 drop(old); // free the old buffers before allocating new ones
-                self.model.kv_buffer(b, tokens)
+                self.model.kv_buffer_for_heads(b, tokens, groups)
             }
         };
         let sampler = self.last.then(|| {
@@ -391,11 +448,19 @@ impl StageExecutor {
         } else {
             input.clone()
         };
-        match self.sequence.as_mut() {
-            Some(sp) => self
+        match (self.sequence.as_mut(), self.kv_head_groups) {
+            (Some(sp), 0) => self
                 .model
                 .run_blocks_sequence_parallel(&mut x, cond, sp.as_mut())?,
-            None => self
+            (Some(sp), _) => self.model.run_blocks_sequence_parallel_with_kv(
+                &mut x,
+                cond,
+                sp.as_mut(),
+                &mut a.kv,
+                job.patch.start * cols,
+                job.patch.len() * cols,
+            )?,
+            (None, _) => self
                 .model
                 .run_blocks_with_kv(&mut x, cond, &mut a.kv, r0 * cols)?,
         }
@@ -454,7 +519,40 @@ impl StageExecutor {
         if job.ends_step {
             sampler.advance();
         }
-        Ok(latent.narrow(2, r0 * p, n_rows * p)?)
+        let rows = latent.narrow(2, r0 * p, n_rows * p)?;
+        // Ulysses inside PipeFusion, after a whole-image step: a rank's next patches need rows
+        // other ranks updated, so the ranks share theirs and every rank goes on with the whole
+        // latent.
+        let setup = a.setup.clone();
+        if self.whole_step_needs_gather(&setup, job) {
+            let sp = self.sequence.as_mut().expect("checked");
+            let parts = sp.all_gather(rows)?;
+            let (sampler_latent, shards) = (
+                &mut self
+                    .active
+                    .as_mut()
+                    .expect("active")
+                    .sampler
+                    .as_mut()
+                    .expect("last")
+                    .1,
+                &setup.sp_rows,
+            );
+            for (part, shard) in parts.iter().zip(shards) {
+                copy_rows(sampler_latent, part, shard.start * p)?;
+            }
+            return Ok(sampler_latent.clone());
+        }
+        Ok(rows)
+    }
+
+    /// Whether `job` is a whole-image step of a Ulysses rank inside a PipeFusion plan with
+    /// several patches (see [`Self::step_rows`]).
+    fn whole_step_needs_gather(&self, setup: &RequestSetup, job: &StageJob) -> bool {
+        self.sequence.is_some()
+            && self.kv_head_groups > 0
+            && setup.patches.len() > 1
+            && job.patch == (0..setup.token_rows())
     }
 
     /// Ends the request; the last stage returns the final latent.
@@ -463,6 +561,22 @@ impl StageExecutor {
         a.cond = None;
         a.sampler.take().map(|(_, latent)| latent)
     }
+}
+
+/// `dst[:, :, at..at + h, :] = src` for `dst: [B, C, H, W]`, `src: [B, C, h, W]`.
+fn copy_rows(dst: &mut Tensor, src: &Tensor, at: usize) -> Result<()> {
+    let (&[b, c, h_all, w], &[_, _, h, _]) = (dst.shape(), src.shape()) else {
+        return Err(ClusterError::BadRequest(
+            "latent rows must be [B, C, H, W]".into(),
+        ));
+    };
+    let s = src.as_f32()?.to_vec();
+    let d = dst.as_f32_mut()?;
+    for plane in 0..b * c {
+        d[(plane * h_all + at) * w..(plane * h_all + at + h) * w]
+            .copy_from_slice(&s[plane * h * w..(plane + 1) * h * w]);
+    }
+    Ok(())
 }
 
 /// Runs a whole request over a chain of stages in one thread, in global (step, part, stage) order:

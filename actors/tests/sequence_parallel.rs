@@ -137,3 +137,35 @@ async fn failures_and_late_begins_in_a_group() {
         cluster.shutdown().await;
     }
 }
+
+/// Ulysses inside PipeFusion stages, alone and in the full hybrid (CFG x PipeFusion x Ulysses):
+/// each rank runs its sub-strip of every patch with a K/V buffer of its head group. The result
+/// equals plain PipeFusion with the same stages, patches and warmup (the in-order reference).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ulysses_inside_pipefusion_equals_plain_pipefusion() {
+    let dir = dit_pf().join("transformer");
+    for (cfg, n, m, w) in [(1, 2, 2, 1), (1, 2, 4, 0), (1, 1, 2, 2), (2, 2, 2, 1)] {
+        let mut s = spec(cfg, 2, 1);
+        s.nodes[0].devices = vec![topology::DeviceSpec::Cpu { threads: 1 }; cfg * n * 2];
+        s.parallel.pipefusion_degree = n;
+        s.parallel.num_patches = m;
+        s.parallel.warmup_steps = w;
+        let cluster = Cluster::start(s, ClusterOptions::default()).await.unwrap();
+        let req = GenerateRequest::class_conditional(&cluster, vec![3, 7], 4, 4.0, 42).unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req.clone()))
+            .await
+            .expect("the cluster hung")
+            .unwrap();
+        let one = setup_for(&cluster, &req, m, w);
+        let mut st = stages(4, n, |r| Transformer::load(&dir, Some(r), cpu()).unwrap());
+        let want = pipefusion(&mut st, &one);
+        let e = rel_l2(&out.latent, &want);
+        eprintln!("cfg {cfg} x pipefusion {n} x ulysses 2, M={m} W={w}: relative L2 {e:.2e}");
+        assert!(
+            e <= 1e-5,
+            "cfg {cfg} N={n} M={m} W={w}: relative L2 {e:.3e}"
+        );
+        assert_eq!(out.summary.devices.len(), cfg * n * 2);
+        cluster.shutdown().await;
+    }
+}

@@ -51,22 +51,24 @@ impl SequenceParallel {
         } else {
             ("parallel.ring_degree", r)
         };
-        if p.pipefusion_degree > 1 {
+        let ulysses_only = r == 1;
+        if !ulysses_only && p.pipefusion_degree > 1 {
             return Err(spec.error(
                 field,
                 format!(
-                    "sequence parallelism with pipefusion_degree = {} is not implemented yet",
+                    "Ring attention inside a pipeline (pipefusion_degree = {}) is not \
+                     implemented yet; Ulysses is",
                     p.pipefusion_degree
                 ),
-                Some("use pipefusion_degree = 1 with ulysses/ring, or ulysses/ring = 1".into()),
+                Some("use pipefusion_degree = 1 with ring, or ulysses only".into()),
             ));
         }
-        if p.num_patches != 1 {
+        if !ulysses_only && p.num_patches != 1 {
             return Err(spec.error(
                 "parallel.num_patches",
                 format!(
-                    "num_patches = {} with sequence parallelism: its ranks run whole steps on \
-                     their token rows",
+                    "num_patches = {} with Ring attention: its ranks run whole steps on their \
+                     token rows",
                     p.num_patches
                 ),
                 Some("use num_patches = 1 (--num-patches 1)".into()),
@@ -96,6 +98,23 @@ impl SequenceParallel {
                 Some("use a smaller degree or a larger image".into()),
             ));
         };
+        // Ulysses inside PipeFusion: each patch is cut into U sub-strips, one per rank.
+        if let Some(patches) = patch_rows(shape.token_rows, p.num_patches) {
+            if let Some(small) = patches
+                .iter()
+                .find(|r| patch_rows(r.len(), degree).is_none())
+            {
+                return Err(spec.error(
+                    field,
+                    format!(
+                        "a patch of {} token rows cannot be cut into {degree} sequence-parallel \
+                         sub-strips",
+                        small.len()
+                    ),
+                    Some("use fewer patches or a smaller degree".into()),
+                ));
+            }
+        }
         Ok(match (u > 1, r > 1) {
             (true, true) => SequenceParallel::Usp {
                 ulysses: u,

@@ -48,6 +48,14 @@ pub trait SequenceAttention: Send {
                 .into(),
         ))
     }
+
+    /// Every rank's `own` tensor, in rank order (an all-gather over the group): how the ranks
+    /// of a last stage share the latent rows they updated in a whole-image step.
+    fn all_gather(&mut self, _own: Tensor) -> Result<Vec<Tensor>> {
+        Err(ModelError::Input(
+            "this kind of sequence parallelism has no all-gather".into(),
+        ))
+    }
 }
 
 /// How the ranks of a sequence-parallel group exchange tensors. Every rank makes the same calls
@@ -184,6 +192,11 @@ impl<C: Collective> SequenceAttention for Ulysses<C> {
             head_dim,
         )?; // [B, n_patch, w]
         scatter_tokens(&mut self.comm, &all, &o, &shard_lens)
+    }
+
+    fn all_gather(&mut self, own: Tensor) -> Result<Vec<Tensor>> {
+        let u = self.comm.size();
+        self.comm.all_to_all(vec![own; u])
     }
 }
 

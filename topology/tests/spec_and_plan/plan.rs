@@ -59,10 +59,10 @@ fn plan_rejects_patches_that_do_not_fit() {
 fn plan_rejects_sequence_parallel_combinations_not_built_yet() {
     // Ulysses and Ring together (USP), and sequence parallelism inside a pipeline.
     let cases = [(
-        vec![(7, "pipefusion_degree = 2"), (10, "ulysses_degree = 2")],
+        vec![(7, "pipefusion_degree = 2"), (10, "ring_degree = 2")],
         4,
-        "parallel.ulysses_degree",
-        "with pipefusion_degree = 2 is not implemented yet",
+        "parallel.ring_degree",
+        "Ring attention inside a pipeline (pipefusion_degree = 2) is not implemented yet",
     )];
     for (edits, devices, want_field, want) in cases {
         let mut text = edit(&edits);
@@ -152,13 +152,22 @@ fn sequence_parallel_ranks_own_token_rows() {
     spec.parallel.ring_degree = 1;
     spec.parallel.cfg_degree = 2;
 
-    // Patches make no sense inside a sequence-parallel rank.
+    // Ulysses ranks run PipeFusion patches (each patch cut into U sub-strips); Ring ranks do not.
     spec.parallel.num_patches = 2;
+    assert!(Plan::new(&spec, &shape(4, 8)).is_ok());
+    spec.parallel.num_patches = 8; // one-row patches cannot be cut into 2 sub-strips
     let e = Plan::new(&spec, &shape(4, 8)).unwrap_err().to_string();
     assert!(
-        e.contains("num_patches = 2 with sequence parallelism"),
+        e.contains("cannot be cut into 2 sequence-parallel sub-strips"),
         "{e}"
     );
+    spec.parallel.num_patches = 2;
+    spec.parallel.ulysses_degree = 1;
+    spec.parallel.ring_degree = 2;
+    let e = Plan::new(&spec, &shape(4, 8)).unwrap_err().to_string();
+    assert!(e.contains("num_patches = 2 with Ring attention"), "{e}");
+    spec.parallel.ring_degree = 1;
+    spec.parallel.ulysses_degree = 2;
     spec.parallel.num_patches = 1;
 
     // Ulysses must divide the heads (4 in `shape`); Ring over more ranks than token rows fails.
