@@ -421,6 +421,8 @@ pub(crate) fn device_args(
             topology::SequenceParallel::Usp { ring, .. } => ring,
             _ => 1,
         },
+        buffered: matches!(plan.sp, topology::SequenceParallel::Ulysses { .. })
+            && (plan.pipeline_len() > 1 || plan.patches.len() > 1),
     });
     let (index, stage_index) = (stage.device.index, stage.index);
     let describe = stage.device.to_string();

@@ -56,6 +56,8 @@ pub(crate) struct SpPeer {
     pub(crate) ulysses: usize,
     /// Ring degree R (1: none); the group has U x R ranks.
     pub(crate) ring: usize,
+    /// Ulysses inside PipeFusion (several stages or patches): ranks keep K/V buffers.
+    pub(crate) buffered: bool,
 }
 
 /// The device actor (its configuration arrives as [`DeviceArgs`]; all mutable state is built in
@@ -163,7 +165,7 @@ impl Actor for DeviceActor {
                 (
                     exec.with_sequence_parallel(
                         attention,
-                        if sp.ring > 1 { 0 } else { sp.ulysses },
+                        if sp.buffered { sp.ulysses } else { 0 },
                     ),
                     Some(tx),
                     Some(request),
@@ -351,7 +353,7 @@ impl DeviceState {
         let gathered = part == Part::Whole
             && self.stage == 0
             && a.setup.patches.len() > 1
-            && self.sp.as_ref().is_some_and(|sp| sp.ring <= 1);
+            && self.sp.as_ref().is_some_and(|sp| sp.buffered);
         let want = match gathered {
             true => Some(0..a.setup.token_rows()),
             false => a.setup.rank_rows(part, rank),

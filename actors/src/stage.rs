@@ -509,41 +509,30 @@ impl StageExecutor {
     /// The last stage's scheduler step on the job's rows with the guided prediction `eps`.
     fn step_rows(&mut self, job: &StageJob, eps: &Tensor) -> Result<Tensor> {
         let p = self.model.config().patch_size;
-        let a = self
+        let setup = self
             .active
-            .as_mut()
-            .ok_or_else(|| ClusterError::BadRequest("stage has no active request".into()))?;
+            .as_ref()
+            .ok_or_else(|| ClusterError::BadRequest("stage has no active request".into()))?
+            .setup
+            .clone();
+        // Ulysses inside PipeFusion, a whole-image step: each rank predicted its shard, but its
+        // next patches cover rows of other shards. The ranks share their predictions and all
+        // step the whole latent, so latents and multistep histories stay identical everywhere.
+        let (eps, r0, n_rows) = if self.whole_step_needs_gather(&setup, job) {
+            let sp = self.sequence.as_mut().expect("checked");
+            let parts = sp.all_gather(eps.clone())?;
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            (Tensor::cat(&refs, 2)?, 0, setup.token_rows())
+        } else {
+            (eps.clone(), job.rows.start, job.rows.len())
+        };
+        let a = self.active.as_mut().expect("checked above");
         let (sampler, latent) = a.sampler.as_mut().expect("last stage has a sampler");
-        let (r0, n_rows) = (job.rows.start, job.rows.len());
-        sampler.update_rows(latent, r0 * p, eps)?;
+        sampler.update_rows(latent, r0 * p, &eps)?;
         if job.ends_step {
             sampler.advance();
         }
-        let rows = latent.narrow(2, r0 * p, n_rows * p)?;
-        // Ulysses inside PipeFusion, after a whole-image step: a rank's next patches need rows
-        // other ranks updated, so the ranks share theirs and every rank goes on with the whole
-        // latent.
-        let setup = a.setup.clone();
-        if self.whole_step_needs_gather(&setup, job) {
-            let sp = self.sequence.as_mut().expect("checked");
-            let parts = sp.all_gather(rows)?;
-            let (sampler_latent, shards) = (
-                &mut self
-                    .active
-                    .as_mut()
-                    .expect("active")
-                    .sampler
-                    .as_mut()
-                    .expect("last")
-                    .1,
-                &setup.sp_rows,
-            );
-            for (part, shard) in parts.iter().zip(shards) {
-                copy_rows(sampler_latent, part, shard.start * p)?;
-            }
-            return Ok(sampler_latent.clone());
-        }
-        Ok(rows)
+        Ok(latent.narrow(2, r0 * p, n_rows * p)?)
     }
 
     /// Whether `job` is a whole-image step of a Ulysses rank inside a PipeFusion plan with
@@ -561,22 +550,6 @@ impl StageExecutor {
         a.cond = None;
         a.sampler.take().map(|(_, latent)| latent)
     }
-}
-
-/// `dst[:, :, at..at + h, :] = src` for `dst: [B, C, H, W]`, `src: [B, C, h, W]`.
-fn copy_rows(dst: &mut Tensor, src: &Tensor, at: usize) -> Result<()> {
-    let (&[b, c, h_all, w], &[_, _, h, _]) = (dst.shape(), src.shape()) else {
-        return Err(ClusterError::BadRequest(
-            "latent rows must be [B, C, H, W]".into(),
-        ));
-    };
-    let s = src.as_f32()?.to_vec();
-    let d = dst.as_f32_mut()?;
-    for plane in 0..b * c {
-        d[(plane * h_all + at) * w..(plane * h_all + at + h) * w]
-            .copy_from_slice(&s[plane * h * w..(plane + 1) * h * w]);
-    }
-    Ok(())
 }
 
 /// Runs a whole request over a chain of stages in one thread, in global (step, part, stage) order:

@@ -144,14 +144,23 @@ async fn failures_and_late_begins_in_a_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ulysses_inside_pipefusion_equals_plain_pipefusion() {
     let dir = dit_pf().join("transformer");
-    for (cfg, n, m, w) in [(1, 2, 2, 1), (1, 2, 4, 0), (1, 1, 2, 2), (2, 2, 2, 1)] {
+    // The last case steps with DPM-Solver++ (a multistep sampler: its history must follow the
+    // rows each rank updates across the warmup -> patch transition).
+    for (cfg, n, m, w, sched) in [
+        (1, 2, 2, 1, "ddim"),
+        (1, 2, 4, 0, "ddim"),
+        (1, 1, 2, 2, "ddim"),
+        (2, 2, 2, 1, "ddim"),
+        (1, 2, 2, 1, "dpm"),
+    ] {
         let mut s = spec(cfg, 2, 1);
         s.nodes[0].devices = vec![topology::DeviceSpec::Cpu { threads: 1 }; cfg * n * 2];
         s.parallel.pipefusion_degree = n;
         s.parallel.num_patches = m;
         s.parallel.warmup_steps = w;
         let cluster = Cluster::start(s, ClusterOptions::default()).await.unwrap();
-        let req = GenerateRequest::class_conditional(&cluster, vec![3, 7], 4, 4.0, 42).unwrap();
+        let mut req = GenerateRequest::class_conditional(&cluster, vec![3, 7], 4, 4.0, 42).unwrap();
+        req.scheduler = model::sampler::Scheduler::named(sched).unwrap();
         let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req.clone()))
             .await
             .expect("the cluster hung")
@@ -160,7 +169,9 @@ async fn ulysses_inside_pipefusion_equals_plain_pipefusion() {
         let mut st = stages(4, n, |r| Transformer::load(&dir, Some(r), cpu()).unwrap());
         let want = pipefusion(&mut st, &one);
         let e = rel_l2(&out.latent, &want);
-        eprintln!("cfg {cfg} x pipefusion {n} x ulysses 2, M={m} W={w}: relative L2 {e:.2e}");
+        eprintln!(
+            "cfg {cfg} x pipefusion {n} x ulysses 2, M={m} W={w} {sched}: relative L2 {e:.2e}"
+        );
         assert!(
             e <= 1e-5,
             "cfg {cfg} N={n} M={m} W={w}: relative L2 {e:.3e}"
