@@ -28,18 +28,19 @@ pub(crate) struct ClusterArgs {
     /// CFG parallel degree, 1 or 2: with 2, two device groups run the two branches of
     /// classifier-free guidance (each a PipeFusion pipeline of N stages) and swap their noise
     /// predictions after every patch; needs a guidance scale above 1. Overrides the topology; a
-    /// local cluster gets 2 x N devices [default: the topology's, else 1].
+    /// local cluster gets C x N x U x R devices [default: the topology's, else 1].
     #[arg(long, value_name = "C")]
     cfg_degree: Option<usize>,
     /// Ulysses sequence-parallel degree U: each stage's tokens are split over U devices that
-    /// swap attention inputs all-to-all in every layer (must divide the heads; PipeFusion degree
-    /// 1 only). Overrides the topology; a local cluster gets C x U devices [default: 1].
+    /// swap attention inputs all-to-all in every layer (must divide the heads; also inside
+    /// PipeFusion stages, each patch cut into U sub-strips). Overrides the topology; a local
+    /// cluster gets C x N x U x R devices [default: 1].
     #[arg(long, value_name = "U")]
     ulysses_degree: Option<usize>,
     /// Ring-attention sequence-parallel degree R: each stage's tokens are split over R devices
-    /// whose keys and values travel around a ring in every layer (PipeFusion degree 1 only; not
-    /// together with Ulysses yet). Overrides the topology; a local cluster gets C x R devices
-    /// [default: 1].
+    /// whose keys and values travel around a ring in every layer (PipeFusion degree 1 and one
+    /// patch only); with --ulysses-degree > 1 it is USP (Ulysses among adjacent devices, Ring
+    /// across). Overrides the topology; a local cluster gets C x N x U x R devices [default: 1].
     #[arg(long, value_name = "R")]
     ring_degree: Option<usize>,
     /// Patches M the latent is cut into (horizontal strips of token rows) [default: the topology's,
