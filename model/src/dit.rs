@@ -252,35 +252,7 @@ impl Transformer {
         first: usize,
         patch_tokens: usize,
     ) -> Result<()> {
-        cond.check_tokens(x, self.cfg.hidden())?;
-        let (batch, tokens) = kv.dims();
-        if kv.num_layers() != self.blocks.len()
-            || x.dim(0) != batch
-            || first + patch_tokens > tokens
-        {
-            return Err(ModelError::Input(format!(
-                "K/V buffer for {} layers, batch {batch} and {tokens} tokens does not fit blocks \
-                 {:?}, batch {} and patch tokens {first}..{}",
-                kv.num_layers(),
-                self.range,
-                x.dim(0),
-                first + patch_tokens
-            )));
-        }
-        kv.mark_written(first, patch_tokens)?;
-        self.device.install(|| {
-            for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
-                let _span = tracing::trace_span!("block", i).entered();
-                let slot = KvSlot {
-                    buf: &mut *kv,
-                    layer,
-                    first,
-                };
-                let mode = AttnMode::SharedBuffer(&mut *attn, slot);
-                block.forward(&self.device, x, cond, &self.cfg, mode)?;
-            }
-            Ok(())
-        })
+        self.run_on_buffer(x, cond, Some(attn), kv, first, patch_tokens)
     }
 
     /// A K/V buffer holding `1 / head_groups` of the heads (a Ulysses rank's share).
@@ -310,6 +282,21 @@ impl Transformer {
         kv: &mut KvBuffer,
         first: usize,
     ) -> Result<()> {
+        let patch_tokens = x.dim(1);
+        self.run_on_buffer(x, cond, None, kv, first, patch_tokens)
+    }
+
+    /// The blocks over a K/V buffer for a patch at tokens `first..first + patch_tokens`; `x` is
+    /// the patch, or with `attn` this rank's sub-strip of it.
+    fn run_on_buffer(
+        &self,
+        x: &mut Tensor,
+        cond: &Conditioning,
+        mut attn: Option<&mut dyn SequenceAttention>,
+        kv: &mut KvBuffer,
+        first: usize,
+        patch_tokens: usize,
+    ) -> Result<()> {
         cond.check_tokens(x, self.cfg.hidden())?;
         let (batch, tokens) = kv.dims();
         if kv.num_layers() != self.blocks.len() || x.dim(0) != batch {
@@ -320,13 +307,13 @@ impl Transformer {
                 x.dim(0)
             )));
         }
-        if first + x.dim(1) > tokens {
+        if first + patch_tokens > tokens {
             return Err(ModelError::Input(format!(
                 "patch tokens {first}..{} exceed the image's {tokens} tokens",
-                first + x.dim(1)
+                first + patch_tokens
             )));
         }
-        kv.mark_written(first, x.dim(1))?;
+        kv.mark_written(first, patch_tokens)?;
         self.device.install(|| {
             for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
                 let _span = tracing::trace_span!("block", i).entered();
@@ -335,7 +322,11 @@ impl Transformer {
                     layer,
                     first,
                 };
-                block.forward(&self.device, x, cond, &self.cfg, AttnMode::Buffer(slot))?;
+                let mode = match attn.as_deref_mut() {
+                    Some(sp) => AttnMode::SharedBuffer(sp, slot),
+                    None => AttnMode::Buffer(slot),
+                };
+                block.forward(&self.device, x, cond, &self.cfg, mode)?;
             }
             Ok(())
         })
