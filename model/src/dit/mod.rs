@@ -4,6 +4,8 @@
 //! strip of the latent so that PipeFusion can run patch by patch.
 //! Reference: diffusers 0.42.1 `DiTTransformer2DModel.forward`, `PixArtTransformer2DModel.forward`.
 
+mod sequence;
+
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -11,13 +13,12 @@ use std::sync::{Arc, Mutex};
 
 use kernels::{Device, Tensor};
 
-use crate::blocks::{AttnMode, Block, DitEmbedder, KvSlot};
+use crate::blocks::{AttnMode, Block, DitEmbedder};
 use crate::cond::{conditioning, CondInputs, Conditioning, PixArtEmbedders};
 use crate::config::{Arch, ModelConfig};
 use crate::embedding::{pos_embed_2d, Linear, PatchEmbed};
 use crate::error::{ModelError, Result};
 use crate::kv_buffer::KvBuffer;
-use crate::sp::SequenceAttention;
 use crate::weights::{RandomWeights, SafetensorsDir, WeightSource};
 
 #[derive(Debug, Clone)]
@@ -214,57 +215,6 @@ impl Transformer {
         })
     }
 
-    /// Sequence parallelism: runs this instance's blocks on this device's token shard
-    /// `x: [B, n_r, d]`; every self-attention goes through `attn` (Ulysses, Ring, ...), which
-    /// reaches the other shards. All devices of the group must call this with the same blocks.
-    pub fn run_blocks_sequence_parallel(
-        &self,
-        x: &mut Tensor,
-        cond: &Conditioning,
-        attn: &mut dyn crate::sp::SequenceAttention,
-    ) -> Result<()> {
-        cond.check_tokens(x, self.cfg.hidden())?;
-        self.device.install(|| {
-            for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
-                let _span = tracing::trace_span!("block", i).entered();
-                block.forward(
-                    &self.device,
-                    x,
-                    cond,
-                    &self.cfg,
-                    AttnMode::Shared(&mut *attn, layer),
-                )?;
-            }
-            Ok(())
-        })
-    }
-
-    /// PipeFusion inside a sequence-parallel group (Ulysses): `x: [B', n_r, d]` is this rank's
-    /// sub-strip of the patch whose tokens are `first..first + patch_tokens`; every
-    /// self-attention gathers the patch through `attn`, writes its K/V (this rank's heads) into
-    /// `kv` (made with [`Transformer::kv_buffer_for_heads`]) and attends to the whole buffer.
-    pub fn run_blocks_sequence_parallel_with_kv(
-        &self,
-        x: &mut Tensor,
-        cond: &Conditioning,
-        attn: &mut dyn SequenceAttention,
-        kv: &mut KvBuffer,
-        first: usize,
-        patch_tokens: usize,
-    ) -> Result<()> {
-        self.run_on_buffer(x, cond, Some(attn), kv, first, patch_tokens)
-    }
-
-    /// A K/V buffer holding `1 / head_groups` of the heads (a Ulysses rank's share).
-    pub fn kv_buffer_for_heads(&self, batch: usize, tokens: usize, head_groups: usize) -> KvBuffer {
-        KvBuffer::new(
-            self.blocks.len(),
-            batch,
-            tokens,
-            self.cfg.hidden() / head_groups.max(1),
-        )
-    }
-
     /// A K/V buffer for this instance's blocks: batch `batch` (B'), `tokens` image tokens (S).
     pub fn kv_buffer(&self, batch: usize, tokens: usize) -> KvBuffer {
         KvBuffer::new(self.blocks.len(), batch, tokens, self.cfg.hidden())
@@ -284,52 +234,6 @@ impl Transformer {
     ) -> Result<()> {
         let patch_tokens = x.dim(1);
         self.run_on_buffer(x, cond, None, kv, first, patch_tokens)
-    }
-
-    /// The blocks over a K/V buffer for a patch at tokens `first..first + patch_tokens`; `x` is
-    /// the patch, or with `attn` this rank's sub-strip of it.
-    fn run_on_buffer(
-        &self,
-        x: &mut Tensor,
-        cond: &Conditioning,
-        mut attn: Option<&mut dyn SequenceAttention>,
-        kv: &mut KvBuffer,
-        first: usize,
-        patch_tokens: usize,
-    ) -> Result<()> {
-        cond.check_tokens(x, self.cfg.hidden())?;
-        let (batch, tokens) = kv.dims();
-        if kv.num_layers() != self.blocks.len() || x.dim(0) != batch {
-            return Err(ModelError::Input(format!(
-                "K/V buffer for {} layers and batch {batch} does not fit blocks {:?} with batch {}",
-                kv.num_layers(),
-                self.range,
-                x.dim(0)
-            )));
-        }
-        if first + patch_tokens > tokens {
-            return Err(ModelError::Input(format!(
-                "patch tokens {first}..{} exceed the image's {tokens} tokens",
-                first + patch_tokens
-            )));
-        }
-        kv.mark_written(first, patch_tokens)?;
-        self.device.install(|| {
-            for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
-                let _span = tracing::trace_span!("block", i).entered();
-                let slot = KvSlot {
-                    buf: &mut *kv,
-                    layer,
-                    first,
-                };
-                let mode = match attn.as_deref_mut() {
-                    Some(sp) => AttnMode::SharedBuffer(sp, slot),
-                    None => AttnMode::Buffer(slot),
-                };
-                block.forward(&self.device, x, cond, &self.cfg, mode)?;
-            }
-            Ok(())
-        })
     }
 
     /// Last stage: final norm, projection and unpatchify of tokens `[B, rows*w, d]` of a strip

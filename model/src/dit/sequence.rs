@@ -1,0 +1,110 @@
+//! The sequence-parallel side of [`Transformer`]: blocks run on a rank's token shard (or its
+//! sub-strip of a PipeFusion patch) with self-attention through a [`SequenceAttention`].
+
+use kernels::Tensor;
+
+use super::Transformer;
+use crate::blocks::{AttnMode, KvSlot};
+use crate::cond::Conditioning;
+use crate::error::{ModelError, Result};
+use crate::kv_buffer::KvBuffer;
+use crate::sp::SequenceAttention;
+
+impl Transformer {
+    /// Sequence parallelism: runs this instance's blocks on this device's token shard
+    /// `x: [B, n_r, d]`; every self-attention goes through `attn` (Ulysses, Ring, ...), which
+    /// reaches the other shards. All devices of the group must call this with the same blocks.
+    pub fn run_blocks_sequence_parallel(
+        &self,
+        x: &mut Tensor,
+        cond: &Conditioning,
+        attn: &mut dyn crate::sp::SequenceAttention,
+    ) -> Result<()> {
+        cond.check_tokens(x, self.cfg.hidden())?;
+        self.device.install(|| {
+            for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
+                let _span = tracing::trace_span!("block", i).entered();
+                block.forward(
+                    &self.device,
+                    x,
+                    cond,
+                    &self.cfg,
+                    AttnMode::Shared(&mut *attn, layer),
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// PipeFusion inside a sequence-parallel group (Ulysses): `x: [B', n_r, d]` is this rank's
+    /// sub-strip of the patch whose tokens are `first..first + patch_tokens`; every
+    /// self-attention gathers the patch through `attn`, writes its K/V (this rank's heads) into
+    /// `kv` (made with [`Transformer::kv_buffer_for_heads`]) and attends to the whole buffer.
+    pub fn run_blocks_sequence_parallel_with_kv(
+        &self,
+        x: &mut Tensor,
+        cond: &Conditioning,
+        attn: &mut dyn SequenceAttention,
+        kv: &mut KvBuffer,
+        first: usize,
+        patch_tokens: usize,
+    ) -> Result<()> {
+        self.run_on_buffer(x, cond, Some(attn), kv, first, patch_tokens)
+    }
+
+    /// A K/V buffer holding `1 / head_groups` of the heads (a Ulysses rank's share).
+    pub fn kv_buffer_for_heads(&self, batch: usize, tokens: usize, head_groups: usize) -> KvBuffer {
+        KvBuffer::new(
+            self.blocks.len(),
+            batch,
+            tokens,
+            self.cfg.hidden() / head_groups.max(1),
+        )
+    }
+
+    /// The blocks over a K/V buffer for a patch at tokens `first..first + patch_tokens`; `x` is
+    /// the patch, or with `attn` this rank's sub-strip of it.
+    pub(super) fn run_on_buffer(
+        &self,
+        x: &mut Tensor,
+        cond: &Conditioning,
+        mut attn: Option<&mut dyn SequenceAttention>,
+        kv: &mut KvBuffer,
+        first: usize,
+        patch_tokens: usize,
+    ) -> Result<()> {
+        cond.check_tokens(x, self.cfg.hidden())?;
+        let (batch, tokens) = kv.dims();
+        if kv.num_layers() != self.blocks.len() || x.dim(0) != batch {
+            return Err(ModelError::Input(format!(
+                "K/V buffer for {} layers and batch {batch} does not fit blocks {:?} with batch {}",
+                kv.num_layers(),
+                self.range,
+                x.dim(0)
+            )));
+        }
+        if first + patch_tokens > tokens {
+            return Err(ModelError::Input(format!(
+                "patch tokens {first}..{} exceed the image's {tokens} tokens",
+                first + patch_tokens
+            )));
+        }
+        kv.mark_written(first, patch_tokens)?;
+        self.device.install(|| {
+            for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
+                let _span = tracing::trace_span!("block", i).entered();
+                let slot = KvSlot {
+                    buf: &mut *kv,
+                    layer,
+                    first,
+                };
+                let mode = match attn.as_deref_mut() {
+                    Some(sp) => AttnMode::SharedBuffer(sp, slot),
+                    None => AttnMode::Buffer(slot),
+                };
+                block.forward(&self.device, x, cond, &self.cfg, mode)?;
+            }
+            Ok(())
+        })
+    }
+}
