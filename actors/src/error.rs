@@ -30,7 +30,7 @@ pub enum ClusterError {
         message: String,
     },
     /// A device failed during a request: an error, a panic, a stall or a lost peer.
-    #[error("device {device} failed at step {}: {message}", step.map_or("?".to_string(), |s| s.to_string()))]
+    #[error("device {device} failed{}: {message}", step.map_or(String::new(), |s| format!(" at step {s}")))]
     DeviceFailed {
         /// Device index.
         device: usize,

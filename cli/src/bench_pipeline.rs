@@ -39,10 +39,11 @@ pub(crate) struct PipelineArgs {
     /// CFG parallel degree C (1 or 2): C x N CPU devices.
     #[arg(long, default_value_t = 1)]
     cfg_degree: usize,
-    /// Ulysses degree U (needs --pipefusion-degree 1): C x U devices.
+    /// Ulysses degree U (also inside PipeFusion stages): C x N x U x R devices.
     #[arg(long, default_value_t = 1)]
     ulysses_degree: usize,
-    /// Ring-attention degree R (needs --pipefusion-degree 1): C x R devices.
+    /// Ring-attention degree R (needs --pipefusion-degree 1 and --num-patches 1): C x N x U x R
+    /// devices.
     #[arg(long, default_value_t = 1)]
     ring_degree: usize,
     /// Patches M [default: N: with equal stages the pipeline stays full across steps, and

@@ -339,11 +339,14 @@ pub(crate) async fn generate_with(
         report.line("note: neither --out nor --save-latent given: the result is only summarised");
     }
     let (steps, batch) = (req.steps, req.noise.dim(0));
-    let cfg_groups = if plan.cfg_degree > 1 {
+    let mut cfg_groups = if plan.cfg_degree > 1 {
         format!(" x {} CFG groups", plan.cfg_degree)
     } else {
         String::new()
     };
+    if plan.sp.degree() > 1 {
+        cfg_groups += &format!(" x {} {} ranks", plan.sp.degree(), plan.sp.name());
+    }
     report.line(&format!(
         "{} stage(s){cfg_groups}, {} patch(es), {} warmup step(s), {steps} steps",
         plan.pipeline_len(),

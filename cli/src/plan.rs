@@ -58,19 +58,30 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     );
     print!("{}", plan.describe());
     for st in &plan.stages {
-        // ALGORITHMS.md §2: 2 B' S d floats per owned layer (B' per CFG group).
-        let kv = 2
-            * (forward_batch / plan.cfg_degree)
-            * shape.token_rows
-            * shape.token_cols
-            * cfg.hidden()
-            * st.layers.len()
-            * 4;
+        // ALGORITHMS.md §2: 2 B' S d floats per owned layer (B' per CFG group). A Ulysses rank
+        // inside PipeFusion keeps 1/U of the width; pure sequence-parallel ranks keep none.
+        let width = match &plan.sp {
+            topology::SequenceParallel::None => Some(cfg.hidden()),
+            topology::SequenceParallel::Ulysses { degree, .. }
+                if plan.pipeline_len() > 1 || plan.patches.len() > 1 =>
+            {
+                Some(cfg.hidden() / degree)
+            }
+            _ => None,
+        };
+        let kv = width.map_or(0, |w| {
+            2 * (forward_batch / plan.cfg_degree)
+                * shape.token_rows
+                * shape.token_cols
+                * w
+                * st.layers.len()
+                * 4
+        });
         let mib = kv as f64 / (1 << 20) as f64;
-        if plan.cfg_degree > 1 {
+        if plan.cfg_degree > 1 || plan.sp.degree() > 1 {
             println!(
-                "device {} (stage {}/g{}) K/V buffers: {mib:.2} MiB",
-                st.device.index, st.index, st.cfg_group
+                "device {} (stage {}, CFG group {}, SP rank {}) K/V buffers: {mib:.2} MiB",
+                st.device.index, st.index, st.cfg_group, st.sp_rank
             );
         } else {
             println!("stage {} K/V buffers: {mib:.2} MiB", st.index);

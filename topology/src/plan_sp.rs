@@ -54,13 +54,16 @@ impl SequenceParallel {
         let ulysses_only = r == 1;
         if !ulysses_only && p.pipefusion_degree > 1 {
             return Err(spec.error(
-                field,
+                "parallel.ring_degree",
                 format!(
                     "Ring attention inside a pipeline (pipefusion_degree = {}) is not \
                      implemented yet; Ulysses is",
                     p.pipefusion_degree
                 ),
-                Some("use pipefusion_degree = 1 with ring, or ulysses only".into()),
+                Some(
+                    "use pipefusion_degree = 1 (--pipefusion-degree 1) with ring, or ulysses only"
+                        .into(),
+                ),
             ));
         }
         if !ulysses_only && p.num_patches != 1 {
