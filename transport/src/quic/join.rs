@@ -118,6 +118,19 @@ pub(crate) async fn join(
     drop(tx);
 
     let mut conns: HashMap<String, quinn::Connection> = HashMap::new();
+    // Every node still missing, not only the one whose dial gave up first.
+    let all_missing = |conns: &HashMap<String, quinn::Connection>| {
+        let mut missing = others.iter().filter(|n| !conns.contains_key(&n.name));
+        let first = missing.next().expect("a peer is missing");
+        TransportError::JoinTimeout {
+            node: first.name.clone(),
+            addr: first.addr,
+            others: missing
+                .map(|n| format!("{} at {}", n.name, n.addr))
+                .collect(),
+            waited,
+        }
+    };
     while conns.len() < others.len() {
         let failure = match timeout_at(deadline, rx.recv()).await {
             Ok(Some(Ok((name, conn)))) => {
@@ -131,23 +144,13 @@ pub(crate) async fn join(
                 }
                 continue;
             }
+            Ok(Some(Err(TransportError::JoinTimeout { .. }))) => all_missing(&conns),
             Ok(Some(Err(e))) => e,
             Ok(None) => TransportError::Node {
                 node: inner.name.clone(),
                 message: "the endpoint closed while joining".into(),
             },
-            Err(_) => {
-                let mut missing = others.iter().filter(|n| !conns.contains_key(&n.name));
-                let first = missing.next().expect("a peer is missing");
-                TransportError::JoinTimeout {
-                    node: first.name.clone(),
-                    addr: first.addr,
-                    others: missing
-                        .map(|n| format!("{} at {}", n.name, n.addr))
-                        .collect(),
-                    waited,
-                }
-            }
+            Err(_) => all_missing(&conns),
         };
         for c in conns.values() {
             close_with(

@@ -231,3 +231,35 @@ async fn early_node_waits_for_a_peer_that_starts_later() {
     ea[0].links[1].send(frame(0, 1, 2, 16)).unwrap();
     assert_eq!(recv(&mut eb[0]).await, frame(0, 1, 2, 16));
 }
+
+/// A node whose peers never come names every one of them when its join times out (the dial of
+/// each missing peer gives up at the same deadline as the join).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_timeout_names_every_missing_node() {
+    let pki = transport::generate_cluster_pki("t", &["a", "b", "c"]).unwrap();
+    let opts = QuicOptions {
+        join_timeout: Duration::from_millis(600),
+        ..fast()
+    };
+    let a = transport::QuicNode::bind(pki.identity("a").unwrap(), crate::common::local(), opts)
+        .unwrap();
+    // b and c are given addresses nobody listens on.
+    let silent: Vec<std::net::UdpSocket> = (0..2)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut map = crate::common::map(&[&a], &[vec![0]], [1; 32]);
+    for (i, name) in ["b", "c"].iter().enumerate() {
+        map.nodes.push(transport::NodeAddr {
+            name: (*name).into(),
+            addr: silent[i].local_addr().unwrap(),
+            devices: vec![i + 1],
+        });
+    }
+    let e = a.join(&map).await.unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, TransportError::JoinTimeout { .. }), "{text}");
+    assert!(
+        text.contains("node b at") && text.contains("c at"),
+        "both missing nodes must be named: {text}"
+    );
+}
