@@ -33,4 +33,4 @@ pub use cluster::{
 pub use compute::Fault;
 pub use error::{ClusterError, Result};
 pub use model_source::{locate_model, ModelFolder, ModelSource};
-pub use node::Node;
+pub use node::{node_identity, Node};

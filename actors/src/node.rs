@@ -42,6 +42,44 @@ fn read(spec: &ClusterSpec, field: &str, path: &std::path::Path) -> Result<Strin
     })
 }
 
+/// Node `name`'s place in `spec` and its TLS identity (CA, certificate and key read from the files
+/// the topology names); errors name the file, line and field.
+pub fn node_identity(spec: &ClusterSpec, name: &str) -> Result<(usize, NodeIdentity)> {
+    let (ni, node) = spec
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
+            spec.error(
+                "nodes",
+                format!("no node named `{name}`"),
+                Some(format!("the topology's nodes: {}", names.join(", "))),
+            )
+        })?;
+    let tls = node.tls.clone().ok_or_else(|| {
+        spec.error(
+            &format!("nodes[{ni}].cert"),
+            format!("node `{name}` names no certificate"),
+            Some(
+                "multi-node clusters need mutual TLS: add `cert` and `key`, and `[tls] ca`".into(),
+            ),
+        )
+    })?;
+    let ca = spec
+        .tls_ca
+        .clone()
+        .ok_or_else(|| spec.error("tls.ca", "no CA certificate", None))?;
+    let identity = NodeIdentity {
+        name: name.to_string(),
+        ca_cert_pem: read(spec, "tls.ca", &ca)?,
+        cert_pem: read(spec, &format!("nodes[{ni}].cert"), &tls.cert)?,
+        key_pem: read(spec, &format!("nodes[{ni}].key"), &tls.key)?,
+    };
+    Ok((ni, identity))
+}
+
 impl Node {
     /// Starts node `name` of `spec`: binds its address, loads its devices' layers, waits for
     /// every other node (up to `quic.join_timeout`, naming the missing ones), and on the
@@ -53,39 +91,7 @@ impl Node {
         quic: QuicOptions,
     ) -> Result<Node> {
         spec.validate()?;
-        let (ni, node) = spec
-            .nodes
-            .iter()
-            .enumerate()
-            .find(|(_, n)| n.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
-                spec.error(
-                    "nodes",
-                    format!("no node named `{name}`"),
-                    Some(format!("the topology's nodes: {}", names.join(", "))),
-                )
-            })?;
-        let tls = node.tls.clone().ok_or_else(|| {
-            spec.error(
-                &format!("nodes[{ni}].cert"),
-                format!("node `{name}` names no certificate"),
-                Some(
-                    "multi-node clusters need mutual TLS: add `cert` and `key`, and `[tls] ca`"
-                        .into(),
-                ),
-            )
-        })?;
-        let ca = spec
-            .tls_ca
-            .clone()
-            .ok_or_else(|| spec.error("tls.ca", "no CA certificate", None))?;
-        let identity = NodeIdentity {
-            name: name.to_string(),
-            ca_cert_pem: read(&spec, "tls.ca", &ca)?,
-            cert_pem: read(&spec, &format!("nodes[{ni}].cert"), &tls.cert)?,
-            key_pem: read(&spec, &format!("nodes[{ni}].key"), &tls.key)?,
-        };
+        let (ni, identity) = node_identity(&spec, name)?;
         let model = ModelSource::from_spec(&spec)?;
         let mut map = ClusterMap {
             // The model's config counts too: nodes that would load different models (another config

@@ -136,6 +136,15 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
     // instead of by every node.
     let model = actors::ModelSource::from_spec(&spec)?;
     actors::startup_plan(&spec, &model.config)?;
+    // Certificates of every node this command starts, likewise checked once.
+    let here: Vec<&str> = match (&a.node, a.local) {
+        (_, true) => spec.nodes.iter().map(|n| n.name.as_str()).collect(),
+        (Some(n), false) => vec![n.as_str()],
+        (None, false) => Vec::new(),
+    };
+    for n in here {
+        actors::node_identity(&spec, n)?;
+    }
     let children = if a.local {
         let others: Vec<String> = spec
             .nodes
