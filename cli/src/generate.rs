@@ -1,6 +1,7 @@
 //! `pipefuse generate`: one request on a cluster (a topology file, or a local cluster of CPU
 //! devices; one device runs the plain sampling loop's numbers).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -263,8 +264,13 @@ pub(crate) struct Terminal(std::sync::OnceLock<ProgressBar>);
 impl Report for Terminal {
     fn line(&self, s: &str) {
         match self.0.get() {
-            Some(bar) => bar.suspend(|| eprintln!("{s}")),
-            None => eprintln!("{s}"),
+            // A closed stderr (`... 2>&1 | head -1`) must not stop the run before it saves.
+            Some(bar) => bar.suspend(|| {
+                let _ = writeln!(std::io::stderr(), "{s}");
+            }),
+            None => {
+                let _ = writeln!(std::io::stderr(), "{s}");
+            }
         }
     }
     fn start(&self, steps: usize) {

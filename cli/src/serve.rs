@@ -189,7 +189,7 @@ pub(crate) fn attach(socket: &Path, args: Vec<String>) -> Result<()> {
                 None => bail!("the cluster reported failure"),
             };
         }
-        eprintln!("{line}");
+        let _ = writeln!(std::io::stderr(), "{line}"); // a closed stderr must not stop the client
     }
     bail!("the cluster closed the connection before the request ended")
 }
