@@ -195,9 +195,15 @@ pub struct RequestHandle {
     /// Progress events; the channel closes when the request ends.
     pub progress: mpsc::UnboundedReceiver<Progress>,
     result: ractor::concurrency::OneshotReceiver<Result<GenerateOutput>>,
+    id: u64,
 }
 
 impl RequestHandle {
+    /// The request's id (for [`Cluster::cancel`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Waits for the result.
     pub async fn result(self) -> Result<GenerateOutput> {
         self.result.await.map_err(|_| {
@@ -346,6 +352,7 @@ impl Cluster {
             .with_cfg_degree(plan.cfg_degree)?
             .with_sp_degree(plan.sp.degree())?,
         );
+        let id = setup.id;
         let (ptx, prx) = mpsc::unbounded_channel();
         let (tx, rx) = ractor::concurrency::oneshot();
         self.coordinator
@@ -359,12 +366,31 @@ impl Cluster {
         Ok(RequestHandle {
             progress: prx,
             result: rx,
+            id,
         })
     }
 
     /// Submits a request and waits for its result.
     pub async fn generate(&self, req: GenerateRequest) -> Result<GenerateOutput> {
         self.submit(req).await?.result().await
+    }
+
+    /// Cancels request `id` (see [`RequestHandle::id`]): a queued one is dropped, a running one
+    /// is aborted on every device; its result is [`ClusterError::Cancelled`]. Unknown or finished
+    /// ids are ignored.
+    pub fn cancel(&self, id: u64, reason: &str) {
+        let _ = self.coordinator.cast(CoordinatorMessage::Cancel {
+            request: Some(id),
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Cancels whatever request is running now (queued ones stay).
+    pub fn cancel_running(&self, reason: &str) {
+        let _ = self.coordinator.cast(CoordinatorMessage::Cancel {
+            request: None,
+            reason: reason.to_string(),
+        });
     }
 
     /// Stops the devices and the coordinator; queued requests fail.

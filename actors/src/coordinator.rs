@@ -148,6 +148,28 @@ impl Actor for CoordinatorActor {
                 });
                 st.start_next().await;
             }
+            CoordinatorMessage::Cancel { request, reason } => {
+                let running = st.running.as_ref().map(|r| r.req.setup.id);
+                match request.or(running) {
+                    Some(id) if Some(id) == running => {
+                        st.fail_running(ClusterError::Cancelled {
+                            request: id,
+                            reason,
+                        });
+                        st.start_next().await;
+                    }
+                    Some(id) => {
+                        if let Some(i) = st.queue.iter().position(|q| q.setup.id == id) {
+                            let q = st.queue.remove(i).expect("found");
+                            let _ = q.reply.send(Err(ClusterError::Cancelled {
+                                request: id,
+                                reason,
+                            }));
+                        }
+                    }
+                    None => {}
+                }
+            }
             CoordinatorMessage::StepDone { request, step } => {
                 if let Some(r) = st.running.as_mut().filter(|r| r.req.setup.id == request) {
                     r.last_step = Some(step);

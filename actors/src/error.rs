@@ -47,6 +47,15 @@ pub enum ClusterError {
         /// Why (idle timeout, closed, refused).
         reason: String,
     },
+    /// The request was cancelled (by [`Cluster::cancel`](crate::Cluster::cancel) or
+    /// [`Cluster::cancel_running`](crate::Cluster::cancel_running)) before it finished.
+    #[error("request {request} was cancelled: {reason}")]
+    Cancelled {
+        /// The request's id.
+        request: u64,
+        /// Why.
+        reason: String,
+    },
     /// The cluster is shut down or its coordinator stopped before answering.
     #[error("the cluster is not running: {0}")]
     NotRunning(String),

@@ -76,6 +76,11 @@ pub(crate) enum CoordinatorMessage {
         progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
         reply: RpcReplyPort<Result<GenerateOutput, ClusterError>>,
     },
+    /// Cancel request `request` (queued or running), or with `None` the running one.
+    Cancel {
+        request: Option<u64>,
+        reason: String,
+    },
     /// The last stage finished step `step` of request `request`.
     StepDone { request: u64, step: usize },
     /// A device finished its part of request `request`.

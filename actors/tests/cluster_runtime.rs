@@ -153,6 +153,21 @@ async fn pixart_through_the_cluster_with_all_warmup_equals_serial() {
 
 /// Runs a request under `fault`, returns its error, then checks that the cluster recovered: the
 /// next request (the fault fires in the first only) equals the in-order reference bitwise.
+/// A 5-step request on a cluster of `n` stages and `m` patches (W = 1) equals the in-order
+/// reference bitwise (after a failure or a cancellation: nothing stale leaks in).
+async fn next_request_is_exact(cluster: &Cluster, n: usize, m: usize) {
+    let req = request(cluster, 5);
+    let out = within(cluster.generate(req.clone())).await.unwrap();
+    let dir = dit_pf().join("transformer");
+    let mut st = stages(4, n, |r| Transformer::load(&dir, Some(r), cpu()).unwrap());
+    let want = pipefusion(&mut st, &setup_for(cluster, &req, m, 1));
+    assert_eq!(
+        out.latent.as_f32().unwrap(),
+        want.as_f32().unwrap(),
+        "the request after a failure or a cancellation"
+    );
+}
+
 async fn failing_run(fault: Fault, opts: ClusterOptions, pause: Duration) -> ClusterError {
     let opts = ClusterOptions {
         fault: Some(fault),
@@ -163,25 +178,7 @@ async fn failing_run(fault: Fault, opts: ClusterOptions, pause: Duration) -> Clu
         .await
         .unwrap_err();
     tokio::time::sleep(pause).await;
-    let req = request(&cluster, 5);
-    let out = within(cluster.generate(req.clone())).await.unwrap();
-    let s = setup(
-        &cluster.model().config,
-        &req.request,
-        &req.scheduler,
-        5,
-        &req.noise,
-        3,
-        1,
-    );
-    let dir = dit_pf().join("transformer");
-    let mut st = stages(4, 3, |r| Transformer::load(&dir, Some(r), cpu()).unwrap());
-    let want = pipefusion(&mut st, &s);
-    assert_eq!(
-        out.latent.as_f32().unwrap(),
-        want.as_f32().unwrap(),
-        "the request after a failure"
-    );
+    next_request_is_exact(&cluster, 3, 3).await;
     cluster.shutdown().await;
     err
 }
@@ -306,4 +303,31 @@ async fn a_request_the_plan_cannot_cut_is_refused_before_it_runs() {
     let msg = cluster.err().expect("refused").to_string();
     eprintln!("{msg}");
     assert!(msg.contains("num_patches"), "{msg}");
+}
+
+/// A running request cancelled after its first step ends with `Cancelled` (every device drops it),
+/// a queued one is dropped before it starts, and the next request is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_end_and_the_next_one_is_exact() {
+    let cluster = Cluster::start(spec(2, 2, 1), ClusterOptions::default())
+        .await
+        .unwrap();
+    let mut long = cluster.submit(request(&cluster, 1000)).await.unwrap();
+    let queued = cluster.submit(request(&cluster, 1000)).await.unwrap();
+    let first = within(long.progress.recv()).await;
+    assert!(
+        matches!(first, Some(Progress::Step { step: 0, .. })),
+        "{first:?}"
+    );
+    cluster.cancel(queued.id(), "not needed");
+    cluster.cancel_running("the client left");
+    let e = within(long.result()).await.unwrap_err();
+    assert!(
+        matches!(e, ClusterError::Cancelled { .. }) && e.to_string().contains("the client left"),
+        "{e}"
+    );
+    let e = within(queued.result()).await.unwrap_err();
+    assert!(e.to_string().contains("not needed"), "{e}");
+    next_request_is_exact(&cluster, 2, 2).await;
+    cluster.shutdown().await;
 }

@@ -87,7 +87,8 @@ pub(crate) async fn serve(cluster: &Cluster, socket: &Path) -> Result<()> {
 async fn handle(stream: UnixStream, cluster: &Cluster) -> Result<Option<anyhow::Error>> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    tokio::io::BufReader::new(read).read_line(&mut line).await?;
+    let mut reader = tokio::io::BufReader::new(read);
+    reader.read_line(&mut line).await?;
     let (tx, mut rx) = unbounded_channel::<String>();
     let writer = tokio::spawn(async move {
         while let Some(l) = rx.recv().await {
@@ -96,7 +97,22 @@ async fn handle(stream: UnixStream, cluster: &Cluster) -> Result<Option<anyhow::
             }
         }
     });
-    let outcome = run(&line, cluster, &Client(tx.clone())).await;
+    // The client sends nothing after its request: end of input means it went away (Ctrl-C), and
+    // its request is cancelled instead of occupying the cluster.
+    let outcome = {
+        let client = Client(tx.clone());
+        let request = run(&line, cluster, &client);
+        tokio::pin!(request);
+        let mut rest = String::new();
+        tokio::select! {
+            o = &mut request => o,
+            _ = reader.read_line(&mut rest) => {
+                cluster.cancel_running("the client disconnected");
+                eprintln!("client disconnected: its request is cancelled");
+                request.await
+            }
+        }
+    }; // the client's sender is dropped here, so the writer ends after the exit line
     let _ = tx.send(match &outcome {
         Ok(()) => "exit: 0".to_string(),
         Err(e) => format!("exit: 1 {e:#}"),

@@ -242,6 +242,32 @@ fn a_served_cluster_takes_attached_requests_until_terminated() {
     in_process_demo(3, 4, &request.map(String::from), &local);
     assert_eq!(latent(&dir.join("served.safetensors")), latent(&local));
 
+    // A client that goes away (killed after its first step) takes its request with it: the next
+    // client is served at once instead of waiting for 1000 steps nobody will read.
+    let mut gone = Command::new(bin())
+        .args(["generate", "--attach", socket.to_str().unwrap()])
+        .args(["--class-label", "1", "--steps", "1000"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let stderr = gone.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let first = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("step ")));
+        assert!(first.is_some(), "the long request never reported a step");
+    }
+    gone.kill().unwrap();
+    let _ = gone.wait();
+    let t0 = Instant::now();
+    let o = attach(&["--class-label", "2", "--steps", "3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "the next client waited {:?}: the abandoned request was not cancelled",
+        t0.elapsed()
+    );
+
     let pid = server.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
