@@ -21,7 +21,8 @@ fn shape3(op: &'static str, t: &Tensor) -> Result<[usize; 3]> {
 /// head groups; part j (`[B, S_r, heads / u * head_dim]`) goes to rank j. Needs `heads % u == 0`.
 pub fn split_heads(x: &Tensor, heads: usize, u: usize) -> Result<Vec<Tensor>> {
     let [_, _, width] = shape3("ulysses split_heads", x)?;
-    if u == 0 || heads == 0 || !heads.is_multiple_of(u) || !width.is_multiple_of(heads) {
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; the MSRV is 1.85
+    if u == 0 || heads == 0 || heads % u != 0 || width % heads != 0 {
         return Err(KernelError::shape(
             "ulysses split_heads",
             format!(

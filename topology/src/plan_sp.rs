@@ -77,7 +77,8 @@ impl SequenceParallel {
                 Some("use num_patches = 1 (--num-patches 1)".into()),
             ));
         }
-        if u > 1 && !shape.heads.is_multiple_of(u) {
+        #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; the MSRV is 1.85
+        if u > 1 && shape.heads % u != 0 {
             let valid: Vec<String> = (1..=shape.heads)
                 .filter(|d| shape.heads % d == 0)
                 .map(|d| d.to_string())
