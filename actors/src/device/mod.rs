@@ -2,12 +2,15 @@
 //! message into one `handle_*` call, then [`DeviceState::drain`] turns the schedule's outputs into
 //! compute jobs, frames to peers, progress events and the stall timer.
 
+mod actor;
+mod exchange;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kernels::Tensor;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::ActorRef;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -18,7 +21,7 @@ use crate::codec::{decode, encode, part_of};
 use crate::compute::{ComputeJob, ComputeThread, Fault, PartnerMsg};
 use crate::handles::CoordinatorHandle;
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
-use crate::sp_link::{LinkCollective, SpMsg};
+use crate::sp_link::SpMsg;
 use crate::stage::{RequestSetup, StageExecutor, StageJob};
 
 /// The error of a device actor that failed to start (its `pre_start`: device open, layer load).
@@ -125,176 +128,6 @@ pub(crate) struct DeviceState {
     last_request: u64,
     /// Frames of a newer request than `last_request`, replayed when it begins.
     early: Vec<transport::Frame>,
-}
-
-impl Actor for DeviceActor {
-    type Msg = DeviceMessage;
-    type State = DeviceState;
-    type Arguments = DeviceArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<DeviceMessage>,
-        args: DeviceArgs,
-    ) -> Result<DeviceState, ActorProcessingErr> {
-        let exec = tokio::task::spawn_blocking(args.load).await??;
-        let (partner_tx, partner_rx) = match args.cfg.and_then(|c| c.partner) {
-            Some(_) => {
-                let (tx, rx) = std::sync::mpsc::channel();
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
-        let (exec, sp_tx, sp_request) = match &args.sp {
-            Some(sp) => {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let request = Arc::new(std::sync::atomic::AtomicU64::new(0));
-                let comm = LinkCollective::new(
-                    sp.rank,
-                    sp.devices.clone(),
-                    myself.clone(),
-                    rx,
-                    request.clone(),
-                );
-                let attention: Box<dyn model::sp::SequenceAttention> =
-                    match (sp.ulysses > 1, sp.ring > 1) {
-                        (true, true) => Box::new(model::sp::Usp::new(comm, sp.ulysses)?),
-                        (false, true) => Box::new(model::sp::Ring::new(comm)),
-                        _ => Box::new(model::sp::Ulysses::new(comm)),
-                    };
-                (
-                    exec.with_sequence_parallel(
-                        attention,
-                        if sp.buffered { sp.ulysses } else { 0 },
-                    ),
-                    Some(tx),
-                    Some(request),
-                )
-            }
-            None => (exec, None, None),
-        };
-        let compute = ComputeThread::spawn(
-            args.index,
-            exec,
-            myself.clone(),
-            args.fault,
-            partner_rx,
-            sp_request,
-        )?;
-        let Endpoint {
-            links, mut inbox, ..
-        } = args.endpoint;
-        let me = myself.clone();
-        let inbox_task = tokio::spawn(async move {
-            while let Some(frame) = inbox.recv().await {
-                if me.cast(DeviceMessage::Frame(frame)).is_err() {
-                    break;
-                }
-            }
-        });
-        tracing::debug!(device = args.index, stage = args.stage, "device ready");
-        Ok(DeviceState {
-            index: args.index,
-            stage: args.stage,
-            stage_devices: args.stage_devices,
-            cfg: args.cfg,
-            partner_tx,
-            sp: args.sp,
-            sp_tx,
-            links,
-            compute,
-            coordinator: args.coordinator,
-            stall_timeout: args.stall_timeout,
-            compute_timeout: args.compute_timeout,
-            inbox_task,
-            fault: args.fault,
-            active: None,
-            last_request: 0,
-            early: Vec::new(),
-        })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<DeviceMessage>,
-        state: &mut DeviceState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.inbox_task.abort();
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<DeviceMessage>,
-        msg: DeviceMessage,
-        st: &mut DeviceState,
-    ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            DeviceMessage::Begin {
-                setup,
-                schedule,
-                reply,
-            } => {
-                let r = st.begin(setup, schedule).await;
-                let ok = r.is_ok();
-                let _ = reply.send(r);
-                if ok {
-                    st.drain(&myself).await;
-                    st.replay_early(&myself).await;
-                }
-            }
-            DeviceMessage::Frame(frame) => st.on_frame(&myself, frame).await,
-            DeviceMessage::ComputeDone {
-                request,
-                item,
-                output,
-            } => st.on_compute_done(&myself, request, item, output).await,
-            DeviceMessage::CfgPrediction {
-                request,
-                item,
-                prediction,
-            } => st.send_prediction(request, item, prediction).await,
-            DeviceMessage::SpSend {
-                request,
-                op,
-                to,
-                tensor,
-            } => st.send_sp_part(request, op, to, tensor).await,
-            DeviceMessage::Tick { request } => {
-                if let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) {
-                    a.timer_for = None;
-                    a.schedule.handle_timeout(a.started.elapsed());
-                    st.drain(&myself).await;
-                }
-            }
-            DeviceMessage::ComputeWatchdog { request, item } => {
-                let late = st
-                    .active
-                    .as_ref()
-                    .is_some_and(|a| a.setup.id == request && a.running == Some(item));
-                if late {
-                    let secs = st.compute_timeout.as_secs_f64();
-                    let waiting = st
-                        .active
-                        .as_ref()
-                        .is_some_and(|a| a.awaiting_partner == Some(item));
-                    let partner = st.cfg.and_then(|c| c.partner);
-                    let message = match (partner.filter(|_| waiting), &st.sp) {
-                        (Some(p), _) => format!("waited longer than the compute timeout ({secs:.1} s) for device {p}'s CFG prediction of {item}: device {p} is wedged or far too slow"),
-                        (None, Some(sp)) => format!("computing {item} took longer than the compute timeout ({secs:.1} s): this device or another rank of its sequence-parallel group (devices {:?}) is wedged or far too slow", sp.devices),
-                        (None, None) => format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"),
-                    };
-                    st.fail(Some(item.step), message);
-                }
-            }
-            DeviceMessage::Abort => {
-                if let Some(a) = st.active.take() {
-                    st.cancel_partner(a.setup.id);
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 impl DeviceState {
@@ -413,159 +246,6 @@ impl DeviceState {
         for f in now.into_iter().filter(|f| f.header.request == id) {
             Box::pin(self.on_frame(myself, f)).await;
         }
-    }
-
-    /// The other CFG group's prediction: checked, then handed to the waiting compute thread.
-    fn on_prediction(&mut self, frame: transport::Frame) -> Result<(), String> {
-        let (a, tx) = match (self.active.as_ref(), self.partner_tx.as_ref()) {
-            (Some(a), Some(tx)) => (a, tx),
-            _ => {
-                return Err(format!(
-                    "a CFG prediction from device {} reached a device that exchanges none",
-                    frame.header.from
-                ))
-            }
-        };
-        let partner = self.cfg.and_then(|c| c.partner);
-        if partner != Some(frame.header.from as usize) {
-            return Err(format!(
-                "a CFG prediction from device {}, but this stage's partner is {partner:?}",
-                frame.header.from
-            ));
-        }
-        let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
-        let mut want = a.setup.frame_shape(part, true, 0);
-        if let (Some(w), false) = (want.as_mut(), a.setup.sp_rows.is_empty()) {
-            let p = w[2] / a.setup.rows(part).map_or(1, |r| r.len().max(1));
-            w[2] = self.rows_of(&a.setup, part).len() * p;
-        }
-        let t = decode(&frame).map_err(|e| e.to_string())?;
-        if want.as_deref() != Some(t.shape()) {
-            return Err(format!(
-                "CFG prediction from device {} for step {step} {part:?} has shape {:?}, the plan says {want:?}",
-                frame.header.from,
-                t.shape()
-            ));
-        }
-        tx.send(PartnerMsg::Prediction {
-            request: a.setup.id,
-            item: WorkItem { step, part },
-            prediction: t,
-        })
-        .map_err(|_| "the compute thread has stopped".to_string())
-    }
-
-    /// Sends this stage's prediction for `item` to the other group's last stage.
-    async fn send_prediction(&mut self, request: u64, item: WorkItem, prediction: Tensor) {
-        match self.active.as_mut() {
-            Some(a) if a.setup.id == request => a.awaiting_partner = Some(item),
-            _ => return, // the request ended meanwhile
-        }
-        let Some(partner) = self.cfg.and_then(|c| c.partner) else {
-            return;
-        };
-        let (step, part, kind) = (item.step, item.part, FrameKind::CfgPrediction);
-        let r = self
-            .send_tensor(request, partner, step, part, kind, &prediction)
-            .await;
-        if let Err(e) = r {
-            self.fail(Some(item.step), format!("sending the CFG prediction: {e}"));
-        }
-    }
-
-    /// Encodes `t` as a frame of `kind` and sends it to device `to` (waiting under back-pressure).
-    async fn send_tensor(
-        &self,
-        request: u64,
-        to: usize,
-        step: usize,
-        part: Part,
-        kind: FrameKind,
-        t: &Tensor,
-    ) -> Result<(), String> {
-        let frame = encode(request, self.index, step, part, kind, t).map_err(|e| e.to_string())?;
-        self.links[to]
-            .clone()
-            .send_async(frame)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    /// Unblocks a compute thread waiting for the partner's prediction or the sequence-parallel
-    /// group's parts of `request`.
-    fn cancel_partner(&self, request: u64) {
-        if let Some(tx) = &self.partner_tx {
-            let _ = tx.send(PartnerMsg::Cancel { request });
-        }
-        if let Some(tx) = &self.sp_tx {
-            let _ = tx.send(SpMsg::Cancel { request });
-        }
-    }
-
-    /// Sends the compute thread's part of a sequence-parallel collective to device `to`.
-    async fn send_sp_part(&mut self, request: u64, op: u64, to: usize, tensor: Tensor) {
-        if !self.active.as_ref().is_some_and(|a| a.setup.id == request) {
-            return; // the request ended meanwhile
-        }
-        let kind = FrameKind::SpPart;
-        let r = self
-            .send_tensor(request, to, op as usize, Part::Whole, kind, &tensor)
-            .await;
-        if let Err(e) = r {
-            self.fail(
-                None,
-                format!("sending a sequence-parallel part to device {to}: {e}"),
-            );
-        }
-    }
-
-    /// A part from another rank of this device's sequence-parallel group: checked, then handed
-    /// to the compute thread.
-    fn on_sp_part(&mut self, frame: transport::Frame) -> Result<(), String> {
-        let from = frame.header.from as usize;
-        let (Some(a), Some(sp), Some(tx)) = (self.active.as_ref(), &self.sp, &self.sp_tx) else {
-            return Err(format!(
-                "a sequence-parallel part from device {from} reached a device outside any group"
-            ));
-        };
-        let rank = sp.devices.iter().position(|&d| d == from).ok_or_else(|| {
-            format!("a sequence-parallel part from device {from}, which is not in this group")
-        })?;
-        let t = decode(&frame).map_err(|e| e.to_string())?;
-        let group = self.cfg.map_or(0, |c| c.group);
-        let batch = a
-            .setup
-            .forward_of(group)
-            .map_err(|e| e.to_string())?
-            .forward_batch();
-        // Attention parts [B', tokens, width], or latent rows [B, C, rows, W] (the all-gather
-        // after a whole-image step).
-        let latent = a.setup.prepared.latent_shape();
-        let fits = match t.shape() {
-            [b, _, _] => *b == batch,
-            [b, c, _, w] => [*b, *c, *w] == [latent[0], latent[1], latent[3]],
-            _ => false,
-        };
-        if !fits {
-            return Err(format!(
-                "sequence-parallel part from device {from} has shape {:?}, expected [{batch}, tokens, width] or latent rows",
-                t.shape()
-            ));
-        }
-        tx.send(SpMsg::Part {
-            request: a.setup.id,
-            op: u64::from(frame.header.step),
-            from: rank,
-            tensor: t,
-        })
-        .map_err(|_| "the compute thread has stopped".to_string())
-    }
-
-    /// The token rows this device computes for `part`: the part's rows, or under sequence
-    /// parallelism the rank's shard.
-    fn rows_of(&self, setup: &RequestSetup, part: Part) -> std::ops::Range<usize> {
-        let rank = self.sp.as_ref().map_or(0, |sp| sp.rank);
-        setup.rank_rows(part, rank).unwrap_or(0..setup.token_rows())
     }
 
     fn bytes_sent(&self) -> u64 {
