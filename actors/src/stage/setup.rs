@@ -1,0 +1,265 @@
+//! [`RequestSetup`]: everything every stage (and the coordinator) knows about one request:
+//! the prepared forwards per CFG group, the sampling plan, the initial latent, the patch table and
+//! the sequence-parallel rows.
+
+use std::ops::Range;
+
+use kernels::Tensor;
+use model::sampler::SamplingPlan;
+use model::PreparedRequest;
+
+use super::StageJob;
+use crate::error::{ClusterError, Result};
+
+/// Everything every stage needs to know about one request.
+#[derive(Debug)]
+pub struct RequestSetup {
+    /// Request id (in frame headers and logs).
+    pub id: u64,
+    /// Inputs of each forward and the guidance.
+    pub prepared: PreparedRequest,
+    /// Timesteps and step rules.
+    pub sampling: SamplingPlan,
+    /// The initial latent `[B, C, H, W]` (already scaled by the initial noise sigma).
+    pub initial_latent: Tensor,
+    /// Token rows of each PipeFusion patch.
+    pub patches: Vec<Range<usize>>,
+    /// Warmup steps W (whole-image steps).
+    pub warmup: usize,
+    /// Hidden size d of the model (shape of the activations between stages).
+    pub hidden: usize,
+    /// The request as asked (what another node needs to rebuild `prepared`).
+    pub request: model::Request,
+    /// What each CFG group forwards: `[prepared]` without CFG parallel, else its two branches
+    /// (see [`RequestSetup::with_cfg_degree`]).
+    pub forward: Vec<PreparedRequest>,
+    /// Token rows of each sequence-parallel rank (empty without; see
+    /// [`RequestSetup::with_sp_degree`]).
+    pub sp_rows: Vec<Range<usize>>,
+}
+
+impl RequestSetup {
+    /// Validates a request for `cfg` and prepares it: the forward inputs, the sampling plan, the
+    /// initial latent (`noise [B, C, H, W]` scaled by the scheduler's initial sigma).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        cfg: &model::ModelConfig,
+        request: &model::Request,
+        scheduler: &model::sampler::Scheduler,
+        steps: usize,
+        noise: &Tensor,
+        patches: Vec<Range<usize>>,
+        warmup: usize,
+    ) -> Result<RequestSetup> {
+        let prepared = PreparedRequest::new(cfg, request)?;
+        let sampling = scheduler.plan(steps)?;
+        if noise.shape() != prepared.latent_shape() {
+            return Err(ClusterError::BadRequest(format!(
+                "initial noise {:?} does not match the request's latent {:?}",
+                noise.shape(),
+                prepared.latent_shape()
+            )));
+        }
+        let mut initial_latent = noise.clone();
+        if sampling.init_noise_sigma != 1.0 {
+            let sigma = sampling.init_noise_sigma;
+            initial_latent
+                .as_f32_mut()?
+                .iter_mut()
+                .for_each(|v| *v *= sigma);
+        }
+        Self::from_plan(id, cfg, request, sampling, initial_latent, patches, warmup)
+    }
+
+    /// The same from an already made sampling plan and an already scaled initial latent (what a
+    /// node receives from the coordinator's node): identical numbers on every node.
+    pub fn from_plan(
+        id: u64,
+        cfg: &model::ModelConfig,
+        request: &model::Request,
+        sampling: SamplingPlan,
+        initial_latent: Tensor,
+        patches: Vec<Range<usize>>,
+        warmup: usize,
+    ) -> Result<RequestSetup> {
+        let prepared = PreparedRequest::new(cfg, request)?;
+        if initial_latent.shape() != prepared.latent_shape() {
+            return Err(ClusterError::BadRequest(format!(
+                "initial latent {:?} does not match the request's latent {:?}",
+                initial_latent.shape(),
+                prepared.latent_shape()
+            )));
+        }
+        if patches.last().map(|r| r.end * cfg.patch_size) != Some(prepared.latent_shape()[2]) {
+            return Err(ClusterError::BadRequest(format!(
+                "patch table {patches:?} does not cover the latent's {} token rows",
+                prepared.latent_shape()[2] / cfg.patch_size
+            )));
+        }
+        Ok(RequestSetup {
+            id,
+            sp_rows: Vec::new(),
+            forward: vec![prepared.clone()],
+            prepared,
+            sampling,
+            initial_latent,
+            patches,
+            warmup,
+            hidden: cfg.hidden(),
+            request: request.clone(),
+        })
+    }
+
+    /// Splits the forwards over `degree` CFG groups (1 or 2; ALGORITHMS.md section 3): group g
+    /// runs branch g of the guided batch. Fails for an unguided request.
+    pub fn with_cfg_degree(mut self, degree: usize) -> Result<RequestSetup> {
+        self.forward = match degree {
+            1 => vec![self.prepared.clone()],
+            2 => vec![self.prepared.cfg_branch(0)?, self.prepared.cfg_branch(1)?],
+            d => {
+                return Err(ClusterError::BadRequest(format!(
+                    "cfg_degree {d}: must be 1 or 2"
+                )))
+            }
+        };
+        Ok(self)
+    }
+
+    /// Cuts the token rows over `degree` sequence-parallel ranks (ALGORITHMS.md section 4; the
+    /// same rule as the plan's, `topology::patch_rows`); 1 means none.
+    pub fn with_sp_degree(mut self, degree: usize) -> Result<RequestSetup> {
+        self.sp_rows = match degree {
+            1 => Vec::new(),
+            d => topology::patch_rows(self.token_rows(), d).ok_or_else(|| {
+                ClusterError::BadRequest(format!(
+                    "{} token rows cannot be cut into {d} sequence-parallel shards",
+                    self.token_rows()
+                ))
+            })?,
+        };
+        Ok(self)
+    }
+
+    /// The token rows sequence-parallel rank `rank` computes for `part`: its shard of the image
+    /// in whole-image steps, its sub-strip of the patch otherwise (the patch rule applied to the
+    /// patch's rows; ALGORITHMS.md section 4 "With PipeFusion").
+    pub fn rank_rows(&self, part: topology::schedule::Part, rank: usize) -> Option<Range<usize>> {
+        let rows = self.rows(part)?;
+        if self.sp_rows.is_empty() {
+            return Some(rows);
+        }
+        match part {
+            topology::schedule::Part::Whole => self.sp_rows.get(rank).cloned(),
+            topology::schedule::Part::Patch(_) => {
+                let sub = topology::patch_rows(rows.len(), self.sp_rows.len())?;
+                sub.get(rank)
+                    .map(|r| rows.start + r.start..rows.start + r.end)
+            }
+        }
+    }
+
+    /// The rows rank `rank` holds up to date at the end of the request (its sub-strips of every
+    /// patch after a patch step, its shard after a whole-image one).
+    pub fn final_rows(&self, rank: usize) -> Vec<Range<usize>> {
+        use topology::schedule::Part;
+        if self.steps() > self.warmup {
+            (0..self.patches.len())
+                .filter_map(|p| self.rank_rows(Part::Patch(p), rank))
+                .collect()
+        } else {
+            self.rank_rows(Part::Whole, rank).into_iter().collect()
+        }
+    }
+
+    /// Sequence-parallel ranks (1 without).
+    pub fn sp_degree(&self) -> usize {
+        self.sp_rows.len().max(1)
+    }
+
+    /// CFG groups (1, or 2 with CFG parallel).
+    pub fn cfg_degree(&self) -> usize {
+        self.forward.len()
+    }
+
+    /// What CFG group `group` forwards.
+    pub fn forward_of(&self, group: usize) -> Result<&PreparedRequest> {
+        self.forward.get(group).ok_or_else(|| {
+            ClusterError::BadRequest(format!(
+                "CFG group {group} of a request split over {} group(s)",
+                self.forward.len()
+            ))
+        })
+    }
+
+    /// Number of denoising steps T.
+    pub fn steps(&self) -> usize {
+        self.sampling.timesteps.len()
+    }
+
+    /// Token rows of the image.
+    pub fn token_rows(&self) -> usize {
+        self.patches.last().map_or(0, |r| r.end)
+    }
+
+    /// Token rows of `part` of a step.
+    pub fn rows(&self, part: topology::schedule::Part) -> Option<Range<usize>> {
+        match part {
+            topology::schedule::Part::Whole => Some(0..self.token_rows()),
+            topology::schedule::Part::Patch(p) => self.patches.get(p).cloned(),
+        }
+    }
+
+    /// The shape a frame carrying `part` must have: the latent rows `[B, C, rows*p, W]` when
+    /// sent to stage 0 (and a CFG noise prediction), else hidden states `[B', rows*w, d]` with
+    /// B' the forward batch of CFG group `group`.
+    pub fn frame_shape(
+        &self,
+        part: topology::schedule::Part,
+        to_first: bool,
+        group: usize,
+    ) -> Option<Vec<usize>> {
+        self.frame_shape_rows(self.rows(part)?.len(), to_first, group)
+    }
+
+    /// [`frame_shape`](Self::frame_shape) for `rows` token rows (a sequence-parallel rank's).
+    pub fn frame_shape_rows(
+        &self,
+        rows: usize,
+        to_first: bool,
+        group: usize,
+    ) -> Option<Vec<usize>> {
+        let [b, c, h, w] = self.prepared.latent_shape();
+        let p = h / self.token_rows().max(1);
+        Some(if to_first {
+            vec![b, c, rows * p, w]
+        } else {
+            vec![
+                self.forward.get(group)?.forward_batch(),
+                rows * (w / p.max(1)),
+                self.hidden,
+            ]
+        })
+    }
+
+    /// The work items of step `step`, as (token rows, ends the step).
+    pub fn jobs(&self, step: usize) -> Vec<StageJob> {
+        if step < self.warmup {
+            return vec![StageJob {
+                step,
+                rows: 0..self.token_rows(),
+                patch: 0..self.token_rows(),
+                ends_step: true,
+            }];
+        }
+        let m = self.patches.len();
+        (0..m)
+            .map(|p| StageJob {
+                step,
+                rows: self.patches[p].clone(),
+                patch: self.patches[p].clone(),
+                ends_step: p + 1 == m,
+            })
+            .collect()
+    }
+}
