@@ -72,6 +72,19 @@ impl ClusterArgs {
         self.topology.as_deref()
     }
 
+    /// The numeric flags that override a topology file, with their values when given.
+    fn numeric_overrides(&self) -> [(&'static str, Option<usize>); 7] {
+        [
+            ("--pipefusion-degree", self.pipefusion_degree),
+            ("--cfg-degree", self.cfg_degree),
+            ("--ulysses-degree", self.ulysses_degree),
+            ("--ring-degree", self.ring_degree),
+            ("--num-patches", self.num_patches),
+            ("--warmup-steps", self.warmup_steps),
+            ("--threads", self.threads),
+        ]
+    }
+
     /// The flags to repeat for another node's process, so that it builds the same topology.
     pub(crate) fn forwarded(&self) -> Vec<String> {
         let mut v = Vec::new();
@@ -81,15 +94,7 @@ impl ClusterArgs {
         if let Some(m) = &self.model {
             v.extend(["--model".to_string(), m.display().to_string()]);
         }
-        for (flag, val) in [
-            ("--pipefusion-degree", self.pipefusion_degree),
-            ("--cfg-degree", self.cfg_degree),
-            ("--ulysses-degree", self.ulysses_degree),
-            ("--ring-degree", self.ring_degree),
-            ("--num-patches", self.num_patches),
-            ("--warmup-steps", self.warmup_steps),
-            ("--threads", self.threads),
-        ] {
+        for (flag, val) in self.numeric_overrides() {
             if let Some(x) = val {
                 v.extend([flag.to_string(), x.to_string()]);
             }
@@ -202,18 +207,11 @@ impl ClusterArgs {
         if let Some(w) = self.warmup_steps {
             spec.parallel.warmup_steps = w;
         }
-        let overrides: Vec<String> = [
-            ("--pipefusion-degree", self.pipefusion_degree),
-            ("--cfg-degree", self.cfg_degree),
-            ("--ulysses-degree", self.ulysses_degree),
-            ("--ring-degree", self.ring_degree),
-            ("--num-patches", self.num_patches),
-            ("--warmup-steps", self.warmup_steps),
-            ("--threads", self.threads),
-        ]
-        .iter()
-        .filter_map(|(flag, v)| v.map(|v| format!("{flag} {v}")))
-        .collect();
+        let overrides: Vec<String> = self
+            .numeric_overrides()
+            .iter()
+            .filter_map(|(flag, v)| v.map(|v| format!("{flag} {v}")))
+            .collect();
         match (&self.topology, spec.validate()) {
             (_, Ok(())) => Ok(spec),
             (Some(path), Err(e)) if !overrides.is_empty() => {
