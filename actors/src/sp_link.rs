@@ -130,30 +130,15 @@ impl Collective for LinkCollective {
         self.devices.len()
     }
 
-    fn all_to_all_in(
-        &mut self,
-        members: &[usize],
-        parts: Vec<Tensor>,
-    ) -> Result<Vec<Tensor>, ModelError> {
+    fn next_call(&mut self) {
         self.next_op();
-        let rank = self.rank;
-        let this = std::cell::RefCell::new(self);
-        model::sp::all_to_all_with(
-            rank,
-            members,
-            parts,
-            |j, t| this.borrow().send(j, t),
-            |j| this.borrow_mut().receive(j),
-        )
     }
 
-    fn ring_shift_in(&mut self, members: &[usize], t: Tensor) -> Result<Tensor, ModelError> {
-        self.next_op();
-        let (n, i) = (members.len(), model::sp::position_in(self.rank, members)?);
-        if n == 1 {
-            return Ok(t);
-        }
-        self.send(members[(i + 1) % n], t)?;
-        self.receive(members[(i + n - 1) % n])
+    fn send_to(&mut self, to: usize, t: Tensor) -> Result<(), ModelError> {
+        self.send(to, t)
+    }
+
+    fn receive_from(&mut self, from: usize) -> Result<Tensor, ModelError> {
+        self.receive(from)
     }
 }

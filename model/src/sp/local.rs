@@ -5,7 +5,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 
 use kernels::Tensor;
 
-use super::{all_to_all_with, position_in, Collective};
+use super::Collective;
 use crate::error::{ModelError, Result};
 
 /// A message between in-process ranks: (operation, sender, tensor); `None` says the sender left.
@@ -98,26 +98,15 @@ impl Collective for LocalCollective {
         self.peers.len()
     }
 
-    fn all_to_all_in(&mut self, members: &[usize], parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    fn next_call(&mut self) {
         self.op += 1;
-        let rank = self.rank;
-        let this = std::cell::RefCell::new(self);
-        all_to_all_with(
-            rank,
-            members,
-            parts,
-            |j, t| this.borrow().send(j, t),
-            |j| this.borrow_mut().receive(j),
-        )
     }
 
-    fn ring_shift_in(&mut self, members: &[usize], t: Tensor) -> Result<Tensor> {
-        self.op += 1;
-        let (n, i) = (members.len(), position_in(self.rank, members)?);
-        if n == 1 {
-            return Ok(t);
-        }
-        self.send(members[(i + 1) % n], t)?;
-        self.receive(members[(i + n - 1) % n])
+    fn send_to(&mut self, to: usize, t: Tensor) -> Result<()> {
+        self.send(to, t)
+    }
+
+    fn receive_from(&mut self, from: usize) -> Result<Tensor> {
+        self.receive(from)
     }
 }

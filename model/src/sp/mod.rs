@@ -59,19 +59,59 @@ pub trait SequenceAttention: Send {
 }
 
 /// How the ranks of a sequence-parallel group exchange tensors. Every rank makes the same calls
-/// in the same order.
+/// in the same order. An implementation moves single tensors (`send_to`, `receive_from`, matched
+/// by the call they belong to); the collectives are built on them here.
 pub trait Collective: Send {
     /// This rank, `0..size`.
     fn rank(&self) -> usize;
     /// Ranks in the group.
     fn size(&self) -> usize;
+    /// Starts the next collective call: what is sent or received until the next one belongs to it.
+    fn next_call(&mut self);
+    /// Sends `t` to rank `to` as part of the current call.
+    fn send_to(&mut self, to: usize, t: Tensor) -> Result<()>;
+    /// The tensor rank `from` sent this rank in the current call (waiting for it).
+    fn receive_from(&mut self, from: usize) -> Result<Tensor>;
+
     /// Among `members` (ranks, this one included, the same list on each of them): sends
     /// `parts[i]` to `members[i]` (this rank's own part stays here) and returns the part each
     /// member sent to this one, in member order.
-    fn all_to_all_in(&mut self, members: &[usize], parts: Vec<Tensor>) -> Result<Vec<Tensor>>;
+    fn all_to_all_in(&mut self, members: &[usize], mut parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let rank = self.rank();
+        if parts.len() != members.len() {
+            return Err(ModelError::Collective {
+                rank,
+                message: format!("{} parts for {} members", parts.len(), members.len()),
+            });
+        }
+        let me = position_in(rank, members)?;
+        self.next_call();
+        let own = parts.remove(me);
+        let others: Vec<usize> = members.iter().copied().filter(|&m| m != rank).collect();
+        for (&m, t) in others.iter().zip(parts) {
+            self.send_to(m, t)?;
+        }
+        let mut own = Some(own);
+        members
+            .iter()
+            .map(|&m| match m == rank {
+                true => Ok(own.take().expect("once")),
+                false => self.receive_from(m),
+            })
+            .collect()
+    }
+
     /// Among `members` (a ring in list order): sends `t` to the next member and returns what the
     /// previous one sent.
-    fn ring_shift_in(&mut self, members: &[usize], t: Tensor) -> Result<Tensor>;
+    fn ring_shift_in(&mut self, members: &[usize], t: Tensor) -> Result<Tensor> {
+        let (n, i) = (members.len(), position_in(self.rank(), members)?);
+        self.next_call();
+        if n == 1 {
+            return Ok(t);
+        }
+        self.send_to(members[(i + 1) % n], t)?;
+        self.receive_from(members[(i + n - 1) % n])
+    }
 
     /// [`all_to_all_in`](Self::all_to_all_in) over the whole group, in rank order.
     fn all_to_all(&mut self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
@@ -95,37 +135,6 @@ pub fn position_in(rank: usize, members: &[usize]) -> Result<usize> {
             rank,
             message: format!("this rank is not among the members {members:?}"),
         })
-}
-
-/// The all-to-all of a [`Collective`] from its two halves: `send(member, part)` for every other
-/// member, then `receive(member)` in member order; this rank's own part stays here.
-pub fn all_to_all_with(
-    rank: usize,
-    members: &[usize],
-    mut parts: Vec<Tensor>,
-    mut send: impl FnMut(usize, Tensor) -> Result<()>,
-    mut receive: impl FnMut(usize) -> Result<Tensor>,
-) -> Result<Vec<Tensor>> {
-    if parts.len() != members.len() {
-        return Err(ModelError::Collective {
-            rank,
-            message: format!("{} parts for {} members", parts.len(), members.len()),
-        });
-    }
-    let me = position_in(rank, members)?;
-    let own = parts.remove(me);
-    let others: Vec<usize> = members.iter().copied().filter(|&m| m != rank).collect();
-    for (&m, t) in others.iter().zip(parts) {
-        send(m, t)?;
-    }
-    let mut own = Some(own);
-    members
-        .iter()
-        .map(|&m| match m == rank {
-            true => Ok(own.take().expect("once")),
-            false => receive(m),
-        })
-        .collect()
 }
 
 /// Ulysses: before attention an all-to-all gives each rank all tokens of `heads / U` heads;
@@ -257,28 +266,44 @@ impl<C: Collective> SequenceAttention for Ring<C> {
         heads: usize,
         head_dim: usize,
     ) -> Result<Tensor> {
-        let (b, d) = (qkv.dim(0), heads * head_dim);
-        let q = AttnView::of(qkv, 0)?;
-        let mut block = qkv.narrow(2, d, 2 * d)?; // this rank's [B, n_r, 2d] keys and values
-        let attend = |kv: &Tensor| {
-            dev.attention_with_lse(
-                q,
-                AttnView::of(kv, 0)?,
-                AttnView::of(kv, d)?,
-                None,
-                b,
-                heads,
-                head_dim,
-            )
-        };
-        let (mut acc, mut lse) = attend(&block)?;
-        for _ in 1..self.comm.size() {
-            block = self.comm.ring_shift(block)?;
-            let (part, part_lse) = attend(&block)?;
-            dev.merge_attention_(&mut acc, &mut lse, &part, &part_lse, heads)?;
-        }
-        Ok(acc)
+        let all: Vec<usize> = (0..self.comm.size()).collect();
+        ring_attention(&mut self.comm, &all, dev, qkv, heads, head_dim)
     }
+}
+
+/// Ring attention among `members` (a ring in list order): the queries of `qkv` (`[B, n, 3w]`,
+/// Q, K, V side by side for `heads` heads of `head_dim`) against the keys and values of every
+/// member, this one's first, then each block passed on from the previous member, merged by
+/// log-sum-exp. Returns `[B, n, w]`.
+fn ring_attention<C: Collective>(
+    comm: &mut C,
+    members: &[usize],
+    dev: &Device,
+    qkv: &Tensor,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (b, w) = (qkv.dim(0), heads * head_dim);
+    let q = AttnView::of(qkv, 0)?;
+    let attend = |kv: &Tensor| {
+        dev.attention_with_lse(
+            q,
+            AttnView::of(kv, 0)?,
+            AttnView::of(kv, w)?,
+            None,
+            b,
+            heads,
+            head_dim,
+        )
+    };
+    let mut block = qkv.narrow(2, w, 2 * w)?; // this member's keys and values
+    let (mut acc, mut lse) = attend(&block)?;
+    for _ in 1..members.len() {
+        block = comm.ring_shift_in(members, block)?;
+        let (part, part_lse) = attend(&block)?;
+        dev.merge_attention_(&mut acc, &mut lse, &part, &part_lse, heads)?;
+    }
+    Ok(acc)
 }
 
 /// USP: ranks `u + U r` (u in 0..U, r in 0..R). Ulysses runs among the U ranks of each r (their
@@ -320,29 +345,10 @@ impl<C: Collective> SequenceAttention for Usp<C> {
         let (u, r) = (rank % u_deg, rank / u_deg);
         let ulysses: Vec<usize> = (0..u_deg).map(|j| j + u_deg * r).collect();
         let ring: Vec<usize> = (0..r_deg).map(|k| u + u_deg * k).collect();
-        let (b, w) = (qkv.dim(0), heads * head_dim / u_deg);
         // Ulysses inside: all tokens of my row of ranks, for my head group.
         let (mine, shard_lens) = gather_heads(&mut self.comm, &ulysses, qkv, heads)?;
         // Ring across rows: my queries against every row's keys/values of my head group.
-        let qv = AttnView::of(&mine, 0)?;
-        let mut block = mine.narrow(2, w, 2 * w)?;
-        let attend = |kv: &Tensor| {
-            dev.attention_with_lse(
-                qv,
-                AttnView::of(kv, 0)?,
-                AttnView::of(kv, w)?,
-                None,
-                b,
-                heads / u_deg,
-                head_dim,
-            )
-        };
-        let (mut acc, mut lse) = attend(&block)?;
-        for _ in 1..r_deg {
-            block = self.comm.ring_shift_in(&ring, block)?;
-            let (part, part_lse) = attend(&block)?;
-            dev.merge_attention_(&mut acc, &mut lse, &part, &part_lse, heads / u_deg)?;
-        }
+        let acc = ring_attention(&mut self.comm, &ring, dev, &mine, heads / u_deg, head_dim)?;
         // Ulysses back: my tokens, all heads.
         scatter_tokens(&mut self.comm, &ulysses, &acc, &shard_lens)
     }
