@@ -4,17 +4,20 @@
 //! time enters [`schedule::StageSchedule`] as an explicit `now`, outputs leave through `poll_*`.
 //!
 //! Key types: [`ClusterSpec`] (a topology TOML file, validated, with file/line/field errors),
-//! [`Plan`] (who owns which layers, the patch table), [`schedule::StageSchedule`] (what one
+//! [`Plan`] (who owns which layers, the patch table) and its [`DeviceRole`]s (each device's
+//! stage, pipeline, CFG partner and sequence-parallel group), [`schedule::StageSchedule`] (what one
 //! pipeline stage runs next, what it sends where, when a step completes).
 
 mod error;
 mod plan;
 mod plan_report;
 mod plan_sp;
+mod role;
 pub mod schedule;
 mod spec;
 
 pub use error::{Result, TopologyError};
 pub use plan::*;
 pub use plan_sp::SequenceParallel;
+pub use role::{CfgRole, DeviceRole, SpRole};
 pub use spec::*;

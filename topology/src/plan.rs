@@ -54,10 +54,11 @@ pub struct Plan {
     pub shape: ModelShape,
 }
 
-/// One pipeline stage.
+/// One device's assignment: its stage, CFG group, sequence-parallel rank and layers
+/// ([`Plan::role`] derives its neighbours and groups from these).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stage {
-    /// Position in the pipeline.
+    /// Its stage: position in its pipeline, `0..N` (the device's rank is `device.index`).
     pub index: usize,
     /// The CFG group whose pipeline it belongs to (0 without CFG parallel).
     pub cfg_group: usize,
@@ -230,13 +231,10 @@ impl Plan {
     }
 
     /// The device of every stage of the pipeline `stage` belongs to (same CFG group, same
-    /// sequence-parallel rank), in stage order.
+    /// sequence-parallel rank), in stage order ([`DeviceRole::pipeline`](crate::DeviceRole::pipeline)).
     pub fn pipeline_of(&self, stage: &Stage) -> Vec<usize> {
-        self.group(stage.cfg_group)
-            .iter()
-            .filter(|s| s.sp_rank == stage.sp_rank)
-            .map(|s| s.device.index)
-            .collect()
+        self.role(stage.device.index)
+            .map_or_else(Vec::new, |r| r.pipeline)
     }
 
     /// Under CFG parallel: the device holding the same stage and sequence-parallel rank in the

@@ -2,8 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::plan::{LinkBytes, LinkKind, Plan, Stage};
-use crate::plan_sp::SequenceParallel;
+use crate::plan::{LinkBytes, LinkKind, Plan};
 
 impl Plan {
     /// Per-step f32 bytes on each link, from every device: stage s -> s+1 carries the hidden
@@ -19,10 +18,10 @@ impl Plan {
         let product = |xs: &[usize]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
         let b = s.batch / self.cfg_degree.max(1);
         let all_rows = 0..s.token_rows;
-        let rows_of = |st: &Stage| {
+        let rows_of = |sp_rank: usize| {
             self.sp
                 .rows()
-                .get(st.sp_rank)
+                .get(sp_rank)
                 .cloned()
                 .unwrap_or(all_rows.clone())
                 .len()
@@ -37,67 +36,56 @@ impl Plan {
             ])
         };
         let mut links = Vec::new();
-        for st in &self.stages {
-            let rank = st.device.index;
-            let rows = rows_of(st);
-            let pipe = self.pipeline_of(st);
-            let n = pipe.len();
+        for role in self.roles() {
+            let rank = role.rank;
+            let rows = rows_of(role.sp.rank);
+            let (pipe, stage) = (&role.pipeline, role.stage);
             let link = |to: usize, bytes: u64, kind: LinkKind| LinkBytes {
                 from: rank,
                 to,
                 bytes_per_step: bytes,
                 kind,
             };
-            if n > 1 {
-                links.push(if st.index + 1 < n {
+            if pipe.len() > 1 {
+                links.push(if !role.is_last_stage() {
                     let hidden = product(&[b, rows, s.token_cols, s.hidden, 4]);
-                    link(pipe[st.index + 1], hidden, LinkKind::Hidden)
+                    link(pipe[stage + 1], hidden, LinkKind::Hidden)
                 } else {
                     link(pipe[0], latent(rows), LinkKind::Latent)
                 });
             }
-            if st.index + 1 == n {
-                if let Some(p) = self.cfg_partner(st) {
-                    links.push(link(p, latent(rows), LinkKind::CfgPrediction));
-                }
+            if let Some(p) = role.cfg.partner {
+                links.push(link(p, latent(rows), LinkKind::CfgPrediction));
             }
-            let layers = st.layers.len();
-            let ranks: Vec<&Stage> = self
-                .group(st.cfg_group)
-                .iter()
-                .filter(|o| o.index == st.index)
-                .collect();
-            // Ulysses among `uly` (same row of ranks), then Ring among same-column ranks.
-            let (u_deg, r_deg) = match self.sp {
-                SequenceParallel::None => (1, 1),
-                SequenceParallel::Ulysses { degree, .. } => (degree, 1),
-                SequenceParallel::Ring { degree, .. } => (1, degree),
-                SequenceParallel::Usp { ulysses, ring, .. } => (ulysses, ring),
-            };
-            let (u, r) = (st.sp_rank % u_deg, st.sp_rank / u_deg);
+            let layers = role.layers.len();
+            let members = &role.sp.members;
+            // Ulysses among the members of my row of ranks, then Ring among same-column ranks.
+            let (u_deg, r_deg) = (role.sp.ulysses, role.sp.ring);
+            let (u, r) = (role.sp.rank % u_deg, role.sp.rank / u_deg);
             let w = s.hidden / u_deg;
-            for o in ranks
-                .iter()
-                .filter(|o| o.sp_rank / u_deg == r && o.sp_rank != st.sp_rank)
-            {
+            for (o, &other) in members.iter().enumerate() {
+                if o / u_deg != r || o == role.sp.rank {
+                    continue;
+                }
                 // Q, K, V of my tokens for its heads; my heads' output for its tokens.
                 let tokens = (3 * rows + rows_of(o)) * s.token_cols;
                 let bytes = product(&[b, tokens, w, 4, layers]);
-                links.push(link(o.device.index, bytes, LinkKind::SequenceParallel));
+                links.push(link(other, bytes, LinkKind::SequenceParallel));
             }
             if r_deg > 1 {
-                let next = ranks[u + u_deg * ((r + 1) % r_deg)];
+                let next_row = (r + 1) % r_deg;
                 // K and V of my head group for every row of ranks' tokens but the next's own.
-                let row_tokens = |row: usize| -> usize {
-                    ranks
-                        .iter()
-                        .filter(|o| o.sp_rank / u_deg == row)
-                        .map(|o| rows_of(o))
-                        .sum()
-                };
-                let tokens = (s.token_rows - row_tokens((r + 1) % r_deg)) * s.token_cols;
+                let row_tokens: usize = (0..members.len())
+                    .filter(|o| o / u_deg == next_row)
+                    .map(rows_of)
+                    .sum();
+                let tokens = (s.token_rows - row_tokens) * s.token_cols;
                 let bytes = product(&[b, tokens, 2 * w, 4, layers]);
-                links.push(link(next.device.index, bytes, LinkKind::SequenceParallel));
+                links.push(link(
+                    members[u + u_deg * next_row],
+                    bytes,
+                    LinkKind::SequenceParallel,
+                ));
             }
         }
         links

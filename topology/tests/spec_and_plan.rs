@@ -8,6 +8,8 @@
 mod errors;
 #[path = "spec_and_plan/plan.rs"]
 mod plan;
+#[path = "spec_and_plan/roles.rs"]
+mod roles;
 
 use std::path::{Path, PathBuf};
 
