@@ -28,12 +28,12 @@ use model::{PreparedRequest, Request};
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc;
 use topology::schedule::ScheduleConfig;
-use topology::{ClusterSpec, ModelShape, Plan};
+use topology::{ClusterSpec, DeviceRole, ModelShape, Plan};
 use transport::MemoryNetwork;
 
 use crate::compute::Fault;
 use crate::coordinator::{CoordinatorActor, CoordinatorArgs, StageSlot};
-use crate::device::{CfgPeer, DeviceArgs, SpPeer};
+use crate::device::DeviceArgs;
 use crate::error::{ClusterError, Result};
 use crate::handles::CoordinatorHandle;
 use crate::messages::CoordinatorMessage;
@@ -120,38 +120,50 @@ pub enum Progress {
 /// One device's share of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceSummary {
-    /// Device index (= stage).
+    /// Device rank.
     pub device: usize,
-    /// Time spent computing.
+    /// Time spent computing (running items, not counting `exchange_wait`).
     pub busy: Duration,
+    /// Time spent inside items waiting in exchanges (the CFG prediction swap, sequence-parallel
+    /// collectives) for peers' parts or for room on a link.
+    pub exchange_wait: Duration,
     /// Work items run.
     pub items: usize,
     /// Bytes sent to peers.
     pub bytes_sent: u64,
 }
 
-/// What a run cost.
+/// What a run cost: each device's time is computing (`busy`), waiting in exchanges
+/// (`exchange_wait`) or idle between items (the bubble).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSummary {
     /// Wall time of the request.
     pub wall: Duration,
     /// Per device.
     pub devices: Vec<DeviceSummary>,
-    /// `1 - sum(busy) / (devices * wall)`: the share of device time spent idle.
+    /// `1 - sum(busy + exchange_wait) / (devices * wall)`: the share of device time spent idle
+    /// between items (pipeline fill and drain, waiting for inputs).
     pub bubble_fraction: f64,
+    /// `sum(exchange_wait) / (devices * wall)`: the share spent waiting inside exchanges.
+    pub exchange_fraction: f64,
 }
 
 impl RunSummary {
     pub(crate) fn new(wall: Duration, devices: Vec<DeviceSummary>) -> RunSummary {
-        let busy: f64 = devices.iter().map(|d| d.busy.as_secs_f64()).sum();
+        let sum = |f: fn(&DeviceSummary) -> Duration| -> f64 {
+            devices.iter().map(|d| f(d).as_secs_f64()).sum()
+        };
+        let (busy, waited) = (sum(|d| d.busy), sum(|d| d.exchange_wait));
         let cap = wall.as_secs_f64() * devices.len() as f64;
+        let share = |x: f64| if cap > 0.0 { (x / cap).clamp(0.0, 1.0) } else { 0.0 };
         RunSummary {
             wall,
             bubble_fraction: if cap > 0.0 {
-                (1.0 - busy / cap).max(0.0)
+                (1.0 - (busy + waited) / cap).max(0.0)
             } else {
                 0.0
             },
+            exchange_fraction: share(waited),
             devices,
         }
     }
@@ -161,17 +173,21 @@ impl fmt::Display for RunSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "wall {:.3} s, bubble fraction {:.1}%",
+            "wall {:.3} s, bubble fraction {:.1}%, waiting in exchanges {:.1}%",
             self.wall.as_secs_f64(),
-            100.0 * self.bubble_fraction
+            100.0 * self.bubble_fraction,
+            100.0 * self.exchange_fraction
         )?;
+        let pct = |d: Duration| 100.0 * d.as_secs_f64() / self.wall.as_secs_f64().max(1e-9);
         for d in &self.devices {
             writeln!(
                 f,
-                "  device {}: busy {:.3} s ({:.0}%), {} items, {:.2} MB sent",
+                "  device {}: busy {:.3} s ({:.0}%) computing, {:.3} s ({:.0}%) waiting in exchanges, {} items, {:.2} MB sent",
                 d.device,
                 d.busy.as_secs_f64(),
-                100.0 * d.busy.as_secs_f64() / self.wall.as_secs_f64().max(1e-9),
+                pct(d.busy),
+                d.exchange_wait.as_secs_f64(),
+                pct(d.exchange_wait),
                 d.items,
                 d.bytes_sent as f64 / 1e6
             )?;
@@ -255,23 +271,25 @@ impl Cluster {
     ) -> Result<Cluster> {
         let plan = startup_plan(&spec, &model.config)?;
         let mut devices: Vec<StageSlot> = Vec::new();
-        for stage in &plan.stages {
-            let Some(endpoint) = endpoints.get_mut(stage.device.index).and_then(Option::take)
-            else {
-                let proxy = remote(stage.device.index).ok_or_else(|| {
-                    ClusterError::NotRunning(format!("no route to device {}", stage.device))
+        for role in plan.roles() {
+            let rank = role.rank;
+            let Some(endpoint) = endpoints.get_mut(rank).and_then(Option::take) else {
+                let proxy = remote(rank).ok_or_else(|| {
+                    ClusterError::NotRunning(format!("no route to device {}", role.device))
                 })?;
-                devices.push(StageSlot::Remote(stage.device.index, proxy));
+                devices.push(StageSlot::Remote(proxy));
                 continue;
             };
             devices.push(StageSlot::Local(local_device(
-                &model, &plan, stage, endpoint, &options,
+                &model, role, endpoint, &options,
             )));
         }
         let (coordinator, join) = Actor::spawn(
             None,
             CoordinatorActor,
             CoordinatorArgs {
+                roles: plan.roles(),
+                begin_order: plan.begin_order(),
                 devices,
                 fault: options.fault,
                 begin_timeout: options.compute_timeout,
@@ -400,74 +418,37 @@ impl Cluster {
     }
 }
 
-/// How to spawn the device actor of `stage` in this process, reporting to the local coordinator.
+/// How to spawn the device actor of `role` in this process, reporting to the local coordinator.
 fn local_device(
     model: &ModelSource,
-    plan: &Plan,
-    stage: &topology::Stage,
+    role: DeviceRole,
     endpoint: transport::Endpoint,
     options: &ClusterOptions,
 ) -> crate::coordinator::DeviceArgsFactory {
-    let args = device_args(model, plan, stage, endpoint, options);
+    let args = device_args(model, role, endpoint, options);
     Box::new(move |coordinator| args(CoordinatorHandle::Local(coordinator)))
 }
 
-/// The arguments of `stage`'s device actor, given how it reaches the coordinator.
+/// The arguments of the device actor of `role`, given how it reaches the coordinator.
 pub(crate) fn device_args(
     model: &ModelSource,
-    plan: &Plan,
-    stage: &topology::Stage,
+    role: DeviceRole,
     endpoint: transport::Endpoint,
     options: &ClusterOptions,
 ) -> impl FnOnce(CoordinatorHandle) -> DeviceArgs + Send + 'static {
-    let (model, layers, spec_dev) = (model.clone(), stage.layers.clone(), stage.device.spec);
-    let g = stage.cfg_group;
-    let stage_devices = plan.pipeline_of(stage);
-    let cfg = (plan.cfg_degree > 1).then(|| CfgPeer {
-        group: g,
-        partner: (stage.index + 1 == plan.pipeline_len())
-            .then(|| plan.cfg_partner(stage))
-            .flatten(),
-    });
-    let sp = (plan.sp.degree() > 1).then(|| SpPeer {
-        rank: stage.sp_rank,
-        devices: plan
-            .group(g)
-            .iter()
-            .filter(|s| s.index == stage.index)
-            .map(|s| s.device.index)
-            .collect(),
-        ulysses: match plan.sp {
-            topology::SequenceParallel::Ulysses { degree, .. } => degree,
-            topology::SequenceParallel::Usp { ulysses, .. } => ulysses,
-            _ => 1,
-        },
-        ring: match plan.sp {
-            topology::SequenceParallel::Ring { degree, .. } => degree,
-            topology::SequenceParallel::Usp { ring, .. } => ring,
-            _ => 1,
-        },
-        buffered: matches!(plan.sp, topology::SequenceParallel::Ulysses { .. })
-            && (plan.pipeline_len() > 1 || plan.patches.len() > 1),
-    });
-    let (index, stage_index) = (stage.device.index, stage.index);
-    let describe = stage.device.to_string();
+    let (model, layers, spec_dev) = (model.clone(), role.layers.clone(), role.device.spec);
+    let cfg_group = (role.cfg.degree > 1).then_some(role.cfg.group);
     let (stall_timeout, compute_timeout, fault) = (
         options.stall_timeout,
         options.compute_timeout,
         options.fault,
     );
     move |coordinator| DeviceArgs {
-        index,
-        describe,
-        stage: stage_index,
-        stage_devices,
-        cfg,
-        sp,
+        role,
         load: Box::new(move || {
             let exec = StageExecutor::new(model.load_slice(spec_dev, layers)?);
-            Ok(match cfg {
-                Some(c) => exec.with_cfg_group(c.group),
+            Ok(match cfg_group {
+                Some(g) => exec.with_cfg_group(g),
                 None => exec,
             })
         }),

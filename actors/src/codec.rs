@@ -3,7 +3,7 @@
 
 use kernels::Tensor;
 use topology::schedule::Part;
-use transport::{Frame, FrameHeader, FrameKind, TransportError, WireDType, PART_WHOLE};
+use transport::{Frame, FrameHeader, FrameLabel, TransportError, WireDType, PART_WHOLE};
 
 use crate::error::Result;
 
@@ -24,22 +24,32 @@ pub(crate) fn part_of(code: u32) -> Part {
     }
 }
 
-/// A frame carrying `t` (f32, little endian) as the input of (`step`, `part`).
-pub(crate) fn encode(
-    request: u64,
-    from: usize,
-    step: usize,
-    part: Part,
-    kind: FrameKind,
-    t: &Tensor,
-) -> Result<Frame> {
+/// The label of a work item's input: latent rows for stage 0, hidden states for any other.
+pub(crate) fn item_label(to_first_stage: bool, step: usize, part: Part) -> FrameLabel {
+    let (step, part) = (step as u32, part_code(part));
+    match to_first_stage {
+        true => FrameLabel::Latent { step, part },
+        false => FrameLabel::Hidden { step, part },
+    }
+}
+
+/// The (step, part) a work-item label names (`None` for a collective part).
+pub(crate) fn item_of(label: FrameLabel) -> Option<(usize, Part)> {
+    match label {
+        FrameLabel::Hidden { step, part } | FrameLabel::Latent { step, part } => {
+            Some((step as usize, part_of(part)))
+        }
+        FrameLabel::Collective { .. } => None,
+    }
+}
+
+/// A frame carrying `t` (f32, little endian) labelled `label`.
+pub(crate) fn encode(request: u64, from: usize, label: FrameLabel, t: &Tensor) -> Result<Frame> {
     Ok(Frame {
         header: FrameHeader {
             request,
             from,
-            step: step as u32,
-            part: part_code(part),
-            kind,
+            label,
             dtype: WireDType::F32,
             shape: t.shape().iter().map(|&d| d as u32).collect(),
         },
@@ -72,9 +82,9 @@ mod tests {
     fn a_tensor_survives_the_round_trip() {
         let t =
             Tensor::from_vec((0..24).map(|i| i as f32 * 0.5 - 3.0).collect(), &[2, 3, 4]).unwrap();
-        let f = encode(9, 1, 4, Part::Patch(2), FrameKind::Hidden, &t).unwrap();
-        assert_eq!((f.header.step, f.header.part), (4, 2));
-        assert_eq!(part_of(f.header.part), Part::Patch(2));
+        let f = encode(9, 1, item_label(false, 4, Part::Patch(2)), &t).unwrap();
+        assert_eq!(f.header.label, FrameLabel::Hidden { step: 4, part: 2 });
+        assert_eq!(item_of(f.header.label), Some((4, Part::Patch(2))));
         assert_eq!(part_of(part_code(Part::Whole)), Part::Whole);
         let back = decode(&f).unwrap();
         assert_eq!(back.shape(), t.shape());

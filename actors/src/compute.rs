@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use topology::schedule::WorkItem;
 
 use crate::messages::DeviceMessage;
+use crate::peer_group::{ExchangeClock, PeerGroup};
 use crate::stage::{RequestSetup, StageExecutor, StageJob};
 
 /// A deliberate failure, for testing how the cluster reports a broken device. It fires in the
@@ -70,49 +71,20 @@ pub(crate) enum ComputeJob {
     Finish(oneshot::Sender<Option<Tensor>>),
 }
 
-/// What reaches a CFG-parallel last stage's compute thread from the other group (through its
-/// device actor), or the actor's word that the request is over.
-pub(crate) enum PartnerMsg {
-    /// The other group's noise prediction for `item`.
-    Prediction {
-        request: u64,
-        item: WorkItem,
-        prediction: Tensor,
-    },
-    /// Request `request` ended (failed or aborted): stop waiting for its predictions.
-    Cancel { request: u64 },
-}
-
-/// Waits for the partner's prediction for `item` of `request`; messages of earlier requests are
-/// skipped. The partner runs the same items in the same order, so anything else is an error.
-fn partner_prediction(
-    rx: &mpsc::Receiver<PartnerMsg>,
-    request: u64,
-    item: WorkItem,
+/// CFG parallel, last stage: all-gathers the two groups' noise predictions (group order), then
+/// guides with them and steps the scheduler ([`StageExecutor::combine`]).
+fn swap_predictions(
+    exec: &mut StageExecutor,
+    group: &mut PeerGroup,
+    job: &StageJob,
+    own: Tensor,
 ) -> Result<Tensor, String> {
-    loop {
-        match rx.recv() {
-            Ok(PartnerMsg::Prediction {
-                request: r,
-                item: i,
-                prediction,
-            }) if r == request => {
-                return if i == item {
-                    Ok(prediction)
-                } else {
-                    Err(format!(
-                        "the other CFG group sent its prediction for {i} while this stage waits \
-                         for {item}"
-                    ))
-                };
-            }
-            Ok(PartnerMsg::Cancel { request: r }) if r >= request => {
-                return Err("the request ended while waiting for the other CFG group".into())
-            }
-            Ok(_) => {} // an earlier request's
-            Err(_) => return Err("the device stopped".into()),
-        }
-    }
+    use model::sp::Collective;
+    let me = group.rank();
+    let both = group.all_gather(own).map_err(|e| e.to_string())?;
+    let partner = &both[1 - me];
+    exec.combine(job, &both[me], partner)
+        .map_err(|e| e.to_string())
 }
 
 /// Handle to a running compute thread; dropping it ends the thread after its current job.
@@ -128,13 +100,16 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 }
 
 impl ComputeThread {
+    /// Starts the thread of `device`. `cfg` is a CFG last stage's peer group with the other
+    /// group's last stage (members in group order); `clock` is shared with the device's peer
+    /// groups (the request being computed, the time waited in exchanges).
     pub(crate) fn spawn(
         device: usize,
         mut exec: StageExecutor,
         actor: ActorRef<DeviceMessage>,
         fault: Option<Fault>,
-        partner: Option<mpsc::Receiver<PartnerMsg>>,
-        sp_request: Option<Arc<std::sync::atomic::AtomicU64>>,
+        mut cfg: Option<PeerGroup>,
+        clock: Arc<ExchangeClock>,
     ) -> std::io::Result<ComputeThread> {
         let (tx, rx) = mpsc::channel::<ComputeJob>();
         std::thread::Builder::new()
@@ -149,9 +124,7 @@ impl ComputeThread {
                             let _ = reply.send(r);
                         }
                         ComputeJob::Run { request, item, job, input } => {
-                            if let Some(r) = &sp_request {
-                                r.store(request, std::sync::atomic::Ordering::Relaxed);
-                            }
+                            clock.start_item(request);
                             let _span = tracing::debug_span!("compute", device, step = item.step, part = ?item.part).entered();
                             let out = catch_unwind(AssertUnwindSafe(|| {
                                 match fault.filter(|_| request == 1) {
@@ -167,17 +140,14 @@ impl ComputeThread {
                                     _ => {}
                                 }
                                 let out = exec.run(&job, &input).map_err(|e| e.to_string())?;
-                                let Some(rx) = partner.as_ref().filter(|_| exec.exchanges_predictions()) else {
-                                    return Ok(out);
-                                };
-                                actor
-                                    .cast(DeviceMessage::CfgPrediction { request, item, prediction: out.clone() })
-                                    .map_err(|_| "the device actor stopped".to_string())?;
-                                let theirs = partner_prediction(rx, request, item)?;
-                                exec.combine(&job, &out, &theirs).map_err(|e| e.to_string())
+                                match cfg.as_mut().filter(|_| exec.exchanges_predictions()) {
+                                    Some(group) => swap_predictions(&mut exec, group, &job, out),
+                                    None => Ok(out),
+                                }
                             }))
                             .unwrap_or_else(|p| Err(format!("compute panicked: {}", panic_message(p))));
-                            if actor.cast(DeviceMessage::ComputeDone { request, item, output: out }).is_err() {
+                            let waited = clock.take_waited();
+                            if actor.cast(DeviceMessage::ComputeDone { request, item, output: out, waited }).is_err() {
                                 break; // the actor is gone
                             }
                         }

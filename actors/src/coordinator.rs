@@ -15,6 +15,7 @@ use std::time::Instant;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::mpsc::UnboundedSender;
 use topology::schedule::ScheduleConfig;
+use topology::DeviceRole;
 
 use crate::cluster::{DeviceSummary, GenerateOutput, Progress, RunSummary};
 use crate::device::{start_error, DeviceActor, DeviceArgs};
@@ -25,16 +26,21 @@ use crate::stage::RequestSetup;
 
 pub(crate) struct CoordinatorActor;
 
-/// One stage's device: spawned here, or already running on another node.
+/// One device: spawned here, or already running on another node.
 pub(crate) enum StageSlot {
     /// Spawn a device actor in this process, linked to the coordinator.
     Local(DeviceArgsFactory),
-    /// A device on another node (its device index and proxy).
-    Remote(usize, Arc<dyn RemoteDevice>),
+    /// A device on another node (its proxy).
+    Remote(Arc<dyn RemoteDevice>),
 }
 
-/// How to start each device (one per stage, in stage order).
+/// How to start each device, and what each does.
 pub(crate) struct CoordinatorArgs {
+    /// Every device's role, in rank order.
+    pub(crate) roles: Vec<DeviceRole>,
+    /// The order in which devices begin a request ([`topology::Plan::begin_order`]).
+    pub(crate) begin_order: Vec<usize>,
+    /// Every device, in rank order.
     pub(crate) devices: Vec<StageSlot>,
     /// A deliberate failure (tests): `Fault::SlowBegin` delays a device's Begin.
     pub(crate) fault: Option<crate::compute::Fault>,
@@ -61,10 +67,11 @@ struct Running {
 }
 
 pub(crate) struct CoordinatorState {
-    /// Devices in stage order.
+    /// Devices in rank order.
     devices: Vec<DeviceHandle>,
-    /// Device index of each stage.
-    device_index: Vec<usize>,
+    /// Their roles, in rank order.
+    roles: Vec<DeviceRole>,
+    begin_order: Vec<usize>,
     begin_timeout: std::time::Duration,
     fault: Option<crate::compute::Fault>,
     queue: VecDeque<Queued>,
@@ -82,27 +89,26 @@ impl Actor for CoordinatorActor {
         myself: ActorRef<CoordinatorMessage>,
         args: CoordinatorArgs,
     ) -> Result<CoordinatorState, ActorProcessingErr> {
-        let (mut devices, mut device_index) = (Vec::new(), Vec::new());
+        let mut devices = Vec::new();
         for slot in args.devices {
             let make = match slot {
-                StageSlot::Remote(device, proxy) => {
+                StageSlot::Remote(proxy) => {
                     devices.push(DeviceHandle::Remote(proxy));
-                    device_index.push(device);
                     continue;
                 }
                 StageSlot::Local(make) => make,
             };
             let dargs = make(myself.clone());
-            let (device, failed) = (dargs.index, start_error(&dargs));
+            let failed = start_error(&dargs);
             let (d, _) = Actor::spawn_linked(None, DeviceActor, dargs, myself.get_cell())
                 .await
                 .map_err(failed)?;
             devices.push(DeviceHandle::Local(d));
-            device_index.push(device);
         }
         Ok(CoordinatorState {
             devices,
-            device_index,
+            roles: args.roles,
+            begin_order: args.begin_order,
             begin_timeout: args.begin_timeout,
             fault: args.fault,
             queue: VecDeque::new(),
@@ -187,11 +193,10 @@ impl Actor for CoordinatorActor {
                 device,
                 report,
             } => {
-                let stage = st.device_index.iter().position(|&d| d == device);
                 let Some(r) = st.running.as_mut().filter(|r| r.req.setup.id == request) else {
                     return Ok(());
                 };
-                match stage.and_then(|s| r.reports.get_mut(s)) {
+                match r.reports.get_mut(device) {
                     Some(slot) => *slot = Some(report),
                     None => {
                         st.fail_running(ClusterError::DeviceFailed {
@@ -211,10 +216,9 @@ impl Actor for CoordinatorActor {
                         reports,
                         ..
                     } = st.running.take().expect("running");
-                    let n = req.schedule.stages.max(1);
-                    let _ =
-                        req.reply
-                            .send(finish(started, reports, &st.device_index, &req.setup, n));
+                    let _ = req
+                        .reply
+                        .send(finish(started, reports, &st.roles, &req.setup));
                     st.start_next().await;
                 }
             }
@@ -272,14 +276,13 @@ impl Actor for CoordinatorActor {
             ),
             _ => return Ok(()),
         };
-        let Some(stage) = st
+        let Some(device) = st
             .devices
             .iter()
             .position(|d| d.local().is_some_and(|d| d.get_id() == cell.get_id()))
         else {
             return Ok(());
         };
-        let device = st.device_index[stage];
         let step = st.running.as_ref().and_then(|r| r.last_step.map(|s| s + 1));
         tracing::error!(device, ?step, %why, "device actor down");
         st.broken = Some(format!("device {device} {why}"));
@@ -295,20 +298,11 @@ impl CoordinatorState {
                 return;
             };
             let mut failed = None;
-            // Last stage first: stage 0 starts work as soon as it has begun, and its frames must
-            // find every later stage already expecting this request. Under CFG parallel every
-            // group's later stages begin before any group's stage 0 (ranks are stage + N * group),
-            // so a prediction from one group finds the other's last stage ready.
-            let (n, sp) = (req.schedule.stages.max(1), req.setup.sp_degree());
-            let first = |r: &usize| (r / sp) % n == 0;
-            let order: Vec<usize> = (0..self.devices.len())
-                .rev()
-                .filter(|r| !first(r))
-                .chain((0..self.devices.len()).rev().filter(first))
-                .collect();
-            for stage in order {
-                let d = &self.devices[stage];
-                let i = self.device_index[stage];
+            // Every later stage before any first stage (the plan's begin order): a first stage
+            // starts work as soon as it has begun, and its frames must find the later stages
+            // already expecting this request.
+            for &i in &self.begin_order {
+                let d = &self.devices[i];
                 if let Some(crate::compute::Fault::SlowBegin { device, millis }) = self.fault {
                     if device == i && req.setup.id == 1 {
                         tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
@@ -375,33 +369,30 @@ impl CoordinatorState {
     }
 }
 
-/// The request's result from every device's report. `n` is the pipeline length; device position
-/// `pos` is sequence-parallel rank `pos % S` of stage `(pos / S) % n` of CFG group `pos / (S n)`
-/// (ALGORITHMS.md section 5). Each CFG group's last stages hold the final latent (under sequence
-/// parallelism each rank the rows of its shard); every group must arrive at the same latent, bit
+/// The request's result from every device's report (`roles` in rank order). Each CFG group's
+/// last stages hold the final latent (under sequence parallelism each rank the rows it updated
+/// last, over the latent of its group's rank 0); every group must arrive at the same latent, bit
 /// for bit.
 fn finish(
     started: Instant,
     reports: Vec<Option<StageReport>>,
-    device_index: &[usize],
+    roles: &[DeviceRole],
     setup: &crate::stage::RequestSetup,
-    n: usize,
 ) -> Result<GenerateOutput, ClusterError> {
     let wall = started.elapsed();
     let shape = setup.prepared.latent_shape();
-    let sp = setup.sp_degree();
     let p = shape[2] / setup.token_rows().max(1);
     let mut groups: Vec<Tensor> = Vec::new();
     let mut per_device = Vec::new();
-    for (pos, (device, rep)) in device_index.iter().copied().zip(reports).enumerate() {
+    for (role, rep) in roles.iter().zip(reports) {
         let rep = rep.expect("all reported");
+        let device = role.rank;
         let fail = |message: String| ClusterError::DeviceFailed {
             device,
             step: None,
             message,
         };
-        let (rank, stage, group) = (pos % sp, (pos / sp) % n, pos / (sp * n));
-        if stage == n - 1 {
+        if role.is_last_stage() {
             let l = rep
                 .latent
                 .ok_or_else(|| fail("the last stage finished without a latent".into()))?;
@@ -411,14 +402,14 @@ fn finish(
                     l.shape()
                 )));
             }
-            if rank == 0 {
+            if role.sp.rank == 0 {
                 groups.push(l);
             } else {
                 // The rows rank r updated last go into the group's latent.
                 let target = groups
-                    .get_mut(group)
+                    .get_mut(role.cfg.group)
                     .ok_or_else(|| fail("no rank 0".into()))?;
-                for rows in setup.final_rows(rank) {
+                for rows in setup.final_rows(role.sp.rank) {
                     copy_rows(target, &l, rows.start * p..rows.end * p)
                         .map_err(|e| fail(e.to_string()))?;
                 }
@@ -426,7 +417,8 @@ fn finish(
         }
         per_device.push(DeviceSummary {
             device,
-            busy: rep.busy,
+            busy: rep.busy.saturating_sub(rep.exchange_wait),
+            exchange_wait: rep.exchange_wait,
             items: rep.launched,
             bytes_sent: rep.bytes_sent,
         });
@@ -434,8 +426,12 @@ fn finish(
     for (g, l) in groups.iter().enumerate().skip(1) {
         let same = groups[0].as_f32().ok() == l.as_f32().ok() && l.as_f32().is_ok();
         if !same {
+            let last = roles
+                .iter()
+                .rfind(|r| r.cfg.group == g && r.is_last_stage())
+                .map_or(0, |r| r.rank);
             return Err(ClusterError::DeviceFailed {
-                device: device_index[(g + 1) * sp * n - 1],
+                device: last,
                 step: None,
                 message: "the CFG groups' final latents differ".into(),
             });

@@ -22,8 +22,8 @@ mod handles;
 mod messages;
 mod model_source;
 mod node;
+mod peer_group;
 mod remote;
-mod sp_link;
 pub mod stage;
 
 pub use cluster::{

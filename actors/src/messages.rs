@@ -16,8 +16,11 @@ use crate::stage::RequestSetup;
 /// What a stage reports when it has run its last item of a request.
 #[derive(Debug, Clone)]
 pub(crate) struct StageReport {
-    /// Time spent computing.
+    /// Time spent running items, including `exchange_wait`.
     pub(crate) busy: Duration,
+    /// Of `busy`: time the compute thread waited in exchanges (CFG swap, sequence-parallel
+    /// collectives) for its peers' parts or for room on a link.
+    pub(crate) exchange_wait: Duration,
     /// Items run.
     pub(crate) launched: usize,
     /// Bytes this device sent during the request.
@@ -36,27 +39,15 @@ pub(crate) enum DeviceMessage {
         schedule: ScheduleConfig,
         reply: RpcReplyPort<Result<(), String>>,
     },
-    /// A frame from a peer (forwarded from the transport inbox).
+    /// A work item's input from a peer (forwarded from the transport inbox; collective parts go
+    /// straight to the compute thread's peer groups).
     Frame(Frame),
-    /// The compute thread finished an item.
+    /// The compute thread finished an item (`waited`: of its time, spent in exchanges).
     ComputeDone {
         request: u64,
         item: WorkItem,
         output: Result<Tensor, String>,
-    },
-    /// CFG parallel, last stage: the compute thread's noise prediction for `item`, to send to
-    /// the other group's last stage (the compute thread then waits for the partner's).
-    CfgPrediction {
-        request: u64,
-        item: WorkItem,
-        prediction: Tensor,
-    },
-    /// Sequence parallelism: the compute thread's part of collective `op`, for device `to`.
-    SpSend {
-        request: u64,
-        op: u64,
-        to: usize,
-        tensor: Tensor,
+        waited: Duration,
     },
     /// The stall timer of request `request` fired.
     Tick { request: u64 },

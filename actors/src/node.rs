@@ -211,14 +211,13 @@ impl Node {
             Some(c)
         } else {
             let coord = spec.coordinator.clone();
-            for stage in plan
-                .stages
-                .iter()
-                .filter(|s| my_devices.contains(&s.device.index))
+            for role in plan
+                .roles()
+                .into_iter()
+                .filter(|r| my_devices.contains(&r.rank))
             {
-                let endpoint = by_device[stage.device.index]
-                    .take()
-                    .expect("local endpoint");
+                let rank = role.rank;
+                let endpoint = by_device[rank].take().expect("local endpoint");
                 let q = quic_node.clone();
                 let coord = coord.clone();
                 let report = CoordinatorHandle::Remote(Arc::new(move |m: CoordinatorMessage| {
@@ -228,15 +227,15 @@ impl Node {
                         }
                     }
                 }));
-                let args = device_args(&model, &plan, stage, endpoint, &options)(report);
+                let args = device_args(&model, role, endpoint, &options)(report);
                 let failed = start_error(&args);
                 let (d, join) = Actor::spawn(None, DeviceActor, args)
                     .await
                     .map_err(failed)?;
-                local.insert(stage.device.index, d);
+                local.insert(rank, d);
                 // A device actor that stops (a panic in its handler) closes this node, so the
                 // coordinator sees the node lost, with the reason, instead of a silent gap.
-                let (q, index) = (quic_node.clone(), stage.device.index);
+                let (q, index) = (quic_node.clone(), rank);
                 watchers.push(tokio::spawn(async move {
                     let _ = join.await;
                     tracing::error!(device = index, "device actor stopped; closing this node");

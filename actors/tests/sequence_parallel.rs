@@ -180,3 +180,45 @@ async fn ulysses_inside_pipefusion_equals_plain_pipefusion() {
         cluster.shutdown().await;
     }
 }
+
+/// The run summary separates compute from waiting in exchanges: while one rank of a Ulysses group
+/// hangs for a second before an item, the other waits for its parts inside the collective; that
+/// second shows up as the waiting rank's exchange wait, not as its compute time. (A lower bound
+/// on real time, so a loaded machine cannot make it fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_in_an_exchange_is_not_counted_as_compute() {
+    let opts = ClusterOptions {
+        fault: Some(actors::Fault::HangAt {
+            device: 1,
+            step: 2,
+            secs: 1,
+        }),
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(spec(1, 2, 1), opts).await.unwrap();
+    let req = GenerateRequest::class_conditional(&cluster, vec![3, 7], 4, 4.0, 42).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req))
+        .await
+        .expect("the cluster hung")
+        .unwrap();
+    let s = &out.summary;
+    let waiting = &s.devices[0];
+    eprintln!("{s}");
+    assert!(
+        waiting.exchange_wait >= Duration::from_millis(950),
+        "device 0 waited {:?} in exchanges while device 1 hung for 1 s",
+        waiting.exchange_wait
+    );
+    assert!(
+        waiting.busy + waiting.exchange_wait <= s.wall,
+        "compute {:?} + exchange wait {:?} exceed the wall time {:?}",
+        waiting.busy,
+        waiting.exchange_wait,
+        s.wall
+    );
+    let waited: f64 = s.devices.iter().map(|d| d.exchange_wait.as_secs_f64()).sum();
+    let share = waited / (2.0 * s.wall.as_secs_f64());
+    assert!((s.exchange_fraction - share).abs() < 1e-9, "{s}");
+    assert!(s.to_string().contains("waiting in exchanges"), "{s}");
+    cluster.shutdown().await;
+}

@@ -197,18 +197,20 @@ pub(crate) fn run(a: PipelineArgs) -> Result<()> {
             last = Some((
                 rel_l2(&out.latent, &serial_out)?,
                 out.summary.bubble_fraction,
+                out.summary.exchange_fraction,
             ));
         }
         cluster.shutdown().await;
         anyhow::Ok(())
     })?;
-    let (drift, bubble) = last.context("--rounds must be at least 1")?;
+    let (drift, bubble, exchange) = last.context("--rounds must be at least 1")?;
     let (serial_secs, pipe_secs) = (median(serial_t), median(pipe_t));
     eprintln!("medians: serial {serial_secs:.2} s, cluster {pipe_secs:.2} s; drift of the cluster vs serial: relative L2 {drift:.3e}");
     if !mt_t.is_empty() {
         println!("speedup_vs_multithread={:.3}", median(mt_t) / pipe_secs);
     }
     println!("bubble_fraction={bubble:.3}");
+    println!("exchange_fraction={exchange:.3}");
     println!("speedup_vs_serial={:.3}", serial_secs / pipe_secs);
     Ok(())
 }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::quic::{encode_header, read_frame, ReadFail};
 use crate::{
-    generate_cluster_pki, ClusterMap, Frame, FrameHeader, FrameKind, Link, NodeAddr, QuicNode,
+    generate_cluster_pki, ClusterMap, Frame, FrameHeader, FrameLabel, Link, NodeAddr, QuicNode,
     QuicOptions, TransportError, WireDType,
 };
 
@@ -78,9 +78,7 @@ fn frame(size: usize) -> Frame {
         header: FrameHeader {
             request: 0,
             from: 0,
-            step: 0,
-            part: 0,
-            kind: FrameKind::Hidden,
+            label: FrameLabel::Hidden { step: 0, part: 0 },
             dtype: WireDType::F32,
             shape: vec![n as u32],
         },

@@ -150,8 +150,10 @@ pub enum ControlMessage {
         request: u64,
         /// The device (on the sending node).
         device: u32,
-        /// Time spent computing.
+        /// Time spent running items (including `exchange_wait_ns`).
         busy_ns: u64,
+        /// Of that, time spent waiting in exchanges with peer devices.
+        exchange_wait_ns: u64,
         /// Work items computed.
         items: u32,
         /// Activation bytes sent.

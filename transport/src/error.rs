@@ -11,7 +11,7 @@ use crate::Frame;
 pub enum TransportError {
     /// The peer is unreachable: its inbox is closed (its device stopped) or the connection to its
     /// node is lost. The unsent frame is handed back.
-    #[error("device {peer} is unreachable: its inbox is closed or its node's connection is lost (frame for step {}, part {} not sent)", frame.header.step, frame.header.part)]
+    #[error("device {peer} is unreachable: its inbox is closed or its node's connection is lost ({} not sent)", frame.header.label)]
     PeerGone {
         /// The peer's device index.
         peer: usize,
@@ -20,7 +20,7 @@ pub enum TransportError {
     },
     /// The link's bounded send queue is full; the frame is handed back. Retry later, or use
     /// [`Link::send_async`](crate::Link::send_async), which waits for room.
-    #[error("link to device {peer} is full (frame for step {}, part {} handed back)", frame.header.step, frame.header.part)]
+    #[error("link to device {peer} is full ({} handed back)", frame.header.label)]
     Backpressure {
         /// The peer's device index.
         peer: usize,

@@ -84,7 +84,9 @@ pub use control::{
     WireTensor, DEFAULT_MAX_CONTROL_BYTES, MAX_TENSOR_RANK,
 };
 pub use error::TransportError;
-pub use frame::{Frame, FrameHeader, FrameKind, WireDType, PART_WHOLE};
+pub use frame::{
+    CollectiveOp, Frame, FrameHeader, FrameLabel, PeerGroupKind, WireDType, PART_WHOLE,
+};
 pub use memory::{Endpoint, MemoryNetwork};
 pub use pki::{generate_cluster_pki, ClusterPki, NodeCert, NodeIdentity};
 pub use quic::{

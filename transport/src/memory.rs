@@ -91,20 +91,25 @@ impl MemoryNetwork {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FrameHeader, FrameKind, WireDType};
+    use crate::{FrameHeader, FrameLabel, WireDType};
 
     fn frame(step: u32) -> Frame {
         Frame {
             header: FrameHeader {
                 request: 1,
                 from: 0,
-                step,
-                part: 0,
-                kind: FrameKind::Hidden,
+                label: FrameLabel::Hidden { step, part: 0 },
                 dtype: WireDType::F32,
                 shape: vec![2],
             },
             payload: vec![0; 8],
+        }
+    }
+
+    fn step_of(f: &Frame) -> u32 {
+        match f.header.label {
+            FrameLabel::Hidden { step, .. } => step,
+            other => panic!("not a hidden-state frame: {other}"),
         }
     }
 
@@ -116,7 +121,7 @@ mod tests {
             link.send(frame(s)).unwrap();
         }
         let got: Vec<u32> = (0..3)
-            .map(|_| eps[1].inbox.try_recv().unwrap().header.step)
+            .map(|_| step_of(&eps[1].inbox.try_recv().unwrap()))
             .collect();
         assert_eq!(got, [0, 1, 2]);
         assert_eq!(link.bytes_sent(), 3 * frame(0).wire_len() as u64);
@@ -128,7 +133,7 @@ mod tests {
         let mut eps = MemoryNetwork::build(2);
         drop(eps.remove(1));
         match eps[0].links[1].send(frame(7)) {
-            Err(TransportError::PeerGone { peer: 1, frame }) => assert_eq!(frame.header.step, 7),
+            Err(TransportError::PeerGone { peer: 1, frame }) => assert_eq!(step_of(&frame), 7),
             other => panic!("expected PeerGone, got {other:?}"),
         }
     }

@@ -1,15 +1,17 @@
-//! The device actor's message handling: start-up (load the layers, the compute thread, the
-//! sequence-parallel collective), and one handler per message.
+//! The device actor's message handling: start-up (load the layers, the peer groups, the compute
+//! thread, the inbox router), and one handler per message.
 
+use std::collections::HashMap;
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use transport::{Endpoint, FrameLabel, PeerGroupKind};
 
 use super::{DeviceActor, DeviceArgs, DeviceState};
 use crate::compute::ComputeThread;
 use crate::messages::DeviceMessage;
-use crate::sp_link::LinkCollective;
-use transport::Endpoint;
+use crate::peer_group::{ExchangeClock, GroupMsg, GroupSpec, PeerGroup};
 
 impl Actor for DeviceActor {
     type Msg = DeviceMessage;
@@ -22,69 +24,82 @@ impl Actor for DeviceActor {
         args: DeviceArgs,
     ) -> Result<DeviceState, ActorProcessingErr> {
         let exec = tokio::task::spawn_blocking(args.load).await??;
-        let (partner_tx, partner_rx) = match args.cfg.and_then(|c| c.partner) {
-            Some(_) => {
-                let (tx, rx) = std::sync::mpsc::channel();
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
-        let (exec, sp_tx, sp_request) = match &args.sp {
-            Some(sp) => {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let request = Arc::new(std::sync::atomic::AtomicU64::new(0));
-                let comm = LinkCollective::new(
-                    sp.rank,
-                    sp.devices.clone(),
-                    myself.clone(),
-                    rx,
-                    request.clone(),
-                );
-                let attention: Box<dyn model::sp::SequenceAttention> =
-                    match (sp.ulysses > 1, sp.ring > 1) {
-                        (true, true) => Box::new(model::sp::Usp::new(comm, sp.ulysses)?),
-                        (false, true) => Box::new(model::sp::Ring::new(comm)),
-                        _ => Box::new(model::sp::Ulysses::new(comm)),
-                    };
-                (
-                    exec.with_sequence_parallel(
-                        attention,
-                        if sp.buffered { sp.ulysses } else { 0 },
-                    ),
-                    Some(tx),
-                    Some(request),
-                )
-            }
-            None => (exec, None, None),
-        };
-        let compute = ComputeThread::spawn(
-            args.index,
-            exec,
-            myself.clone(),
-            args.fault,
-            partner_rx,
-            sp_request,
-        )?;
+        let role = args.role;
         let Endpoint {
             links, mut inbox, ..
         } = args.endpoint;
+        let clock = Arc::new(ExchangeClock::default());
+        let runtime = tokio::runtime::Handle::current();
+        let group = |kind, members: Vec<usize>| {
+            let spec = GroupSpec {
+                kind,
+                me: role.rank,
+                members,
+            };
+            PeerGroup::new(spec, links.clone(), runtime.clone(), clock.clone())
+        };
+        let mut routes: HashMap<PeerGroupKind, Sender<GroupMsg>> = HashMap::new();
+        let sp = &role.sp;
+        let exec = if sp.degree() > 1 {
+            let (comm, tx) = group(PeerGroupKind::SequenceParallel, sp.members.clone())?;
+            routes.insert(PeerGroupKind::SequenceParallel, tx);
+            let attention: Box<dyn model::sp::SequenceAttention> = match (sp.ulysses, sp.ring) {
+                (1, _) => Box::new(model::sp::Ring::new(comm)),
+                (_, 1) => Box::new(model::sp::Ulysses::new(comm)),
+                (u, _) => Box::new(model::sp::Usp::new(comm, u)?),
+            };
+            // Ulysses inside PipeFusion keeps a K/V buffer of its head group.
+            let kv_head_groups = match sp.inside_pipefusion && sp.ring == 1 {
+                true => sp.ulysses,
+                false => 0,
+            };
+            exec.with_sequence_parallel(attention, kv_head_groups)
+        } else {
+            exec
+        };
+        let cfg = match role.cfg.partner {
+            Some(partner) => {
+                let mut members = vec![role.rank, partner];
+                if role.cfg.group == 1 {
+                    members.reverse();
+                }
+                let (comm, tx) = group(PeerGroupKind::Cfg, members)?;
+                routes.insert(PeerGroupKind::Cfg, tx);
+                Some(comm)
+            }
+            None => None,
+        };
+        let compute = ComputeThread::spawn(
+            role.rank,
+            exec,
+            myself.clone(),
+            args.fault,
+            cfg,
+            clock.clone(),
+        )?;
+        let groups = routes.values().cloned().collect();
         let me = myself.clone();
+        // Work-item inputs go to the actor; collective parts straight to the compute thread.
         let inbox_task = tokio::spawn(async move {
             while let Some(frame) = inbox.recv().await {
+                if let FrameLabel::Collective { group, .. } = frame.header.label {
+                    if let Some(tx) = routes.get(&group) {
+                        if tx.send(GroupMsg::Frame(frame)).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
                 if me.cast(DeviceMessage::Frame(frame)).is_err() {
                     break;
                 }
             }
         });
-        tracing::debug!(device = args.index, stage = args.stage, "device ready");
+        tracing::debug!(device = role.rank, stage = role.stage, "device ready");
         Ok(DeviceState {
-            index: args.index,
-            stage: args.stage,
-            stage_devices: args.stage_devices,
-            cfg: args.cfg,
-            partner_tx,
-            sp: args.sp,
-            sp_tx,
+            role,
+            groups,
+            clock,
             links,
             compute,
             coordinator: args.coordinator,
@@ -132,18 +147,11 @@ impl Actor for DeviceActor {
                 request,
                 item,
                 output,
-            } => st.on_compute_done(&myself, request, item, output).await,
-            DeviceMessage::CfgPrediction {
-                request,
-                item,
-                prediction,
-            } => st.send_prediction(request, item, prediction).await,
-            DeviceMessage::SpSend {
-                request,
-                op,
-                to,
-                tensor,
-            } => st.send_sp_part(request, op, to, tensor).await,
+                waited,
+            } => {
+                st.on_compute_done(&myself, request, item, output, waited)
+                    .await
+            }
             DeviceMessage::Tick { request } => {
                 if let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) {
                     a.timer_for = None;
@@ -158,22 +166,16 @@ impl Actor for DeviceActor {
                     .is_some_and(|a| a.setup.id == request && a.running == Some(item));
                 if late {
                     let secs = st.compute_timeout.as_secs_f64();
-                    let waiting = st
-                        .active
-                        .as_ref()
-                        .is_some_and(|a| a.awaiting_partner == Some(item));
-                    let partner = st.cfg.and_then(|c| c.partner);
-                    let message = match (partner.filter(|_| waiting), &st.sp) {
-                        (Some(p), _) => format!("waited longer than the compute timeout ({secs:.1} s) for device {p}'s CFG prediction of {item}: device {p} is wedged or far too slow"),
-                        (None, Some(sp)) => format!("computing {item} took longer than the compute timeout ({secs:.1} s): this device or another rank of its sequence-parallel group (devices {:?}) is wedged or far too slow", sp.devices),
-                        (None, None) => format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"),
+                    let message = match st.clock.waiting_for() {
+                        Some(peer) => format!("waited longer than the compute timeout ({secs:.1} s) in {item} for device {peer}'s part of an exchange: device {peer} is wedged or far too slow"),
+                        None => format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"),
                     };
                     st.fail(Some(item.step), message);
                 }
             }
             DeviceMessage::Abort => {
                 if let Some(a) = st.active.take() {
-                    st.cancel_partner(a.setup.id);
+                    st.cancel_exchanges(a.setup.id);
                 }
             }
         }

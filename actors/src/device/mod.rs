@@ -3,7 +3,6 @@
 //! compute jobs, frames to peers, progress events and the stall timer.
 
 mod actor;
-mod exchange;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,20 +14,21 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use topology::schedule::{Part, ScheduleFailure, StageAction, StageSchedule, WorkItem};
-use transport::{Endpoint, FrameKind, Link};
+use topology::DeviceRole;
+use transport::{Endpoint, Link};
 
-use crate::codec::{decode, encode, part_of};
-use crate::compute::{ComputeJob, ComputeThread, Fault, PartnerMsg};
+use crate::codec::{decode, encode, item_label, item_of};
+use crate::compute::{ComputeJob, ComputeThread, Fault};
 use crate::handles::CoordinatorHandle;
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
-use crate::sp_link::SpMsg;
+use crate::peer_group::{ExchangeClock, GroupMsg};
 use crate::stage::{RequestSetup, StageExecutor, StageJob};
 
 /// The error of a device actor that failed to start (its `pre_start`: device open, layer load).
 pub(crate) fn start_error(
     args: &DeviceArgs,
 ) -> impl FnOnce(ractor::SpawnErr) -> crate::ClusterError {
-    let (device, what) = (args.index, args.describe.clone());
+    let (device, what) = (args.role.rank, args.role.device.to_string());
     move |e| crate::ClusterError::DeviceStart {
         device,
         what,
@@ -39,46 +39,13 @@ pub(crate) fn start_error(
     }
 }
 
-/// A device's place in a CFG-parallel plan.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CfgPeer {
-    /// Its CFG group.
-    pub(crate) group: usize,
-    /// The other group's last stage, when this device is a last stage.
-    pub(crate) partner: Option<usize>,
-}
-
-/// A device's place in a sequence-parallel group.
-#[derive(Debug, Clone)]
-pub(crate) struct SpPeer {
-    /// Its rank.
-    pub(crate) rank: usize,
-    /// Device index of every rank of its group.
-    pub(crate) devices: Vec<usize>,
-    /// Ulysses degree U (1: none).
-    pub(crate) ulysses: usize,
-    /// Ring degree R (1: none); the group has U x R ranks.
-    pub(crate) ring: usize,
-    /// Ulysses inside PipeFusion (several stages or patches): ranks keep K/V buffers.
-    pub(crate) buffered: bool,
-}
-
 /// The device actor (its configuration arrives as [`DeviceArgs`]; all mutable state is built in
 /// `pre_start`, so a device that cannot load its layers fails the spawn, not a request).
 pub(crate) struct DeviceActor;
 
 pub(crate) struct DeviceArgs {
-    pub(crate) index: usize,
-    /// The device in words, e.g. `#1 cpu(threads=1) on local`.
-    pub(crate) describe: String,
-    pub(crate) stage: usize,
-    /// Device index of every stage of this device's pipeline (its CFG group's).
-    pub(crate) stage_devices: Vec<usize>,
-    /// Under CFG parallel: this device's group and, for a last stage, the device index of the
-    /// other group's last stage (the prediction exchange partner).
-    pub(crate) cfg: Option<CfgPeer>,
-    /// Under sequence parallelism: this device's rank and group.
-    pub(crate) sp: Option<SpPeer>,
+    /// What the device does in the plan (its rank, stage, pipeline, groups).
+    pub(crate) role: DeviceRole,
     pub(crate) load: Box<dyn FnOnce() -> crate::Result<StageExecutor> + Send>,
     pub(crate) endpoint: Endpoint,
     pub(crate) coordinator: CoordinatorHandle,
@@ -97,9 +64,8 @@ struct Active {
     timer_for: Option<Duration>,
     /// The item on the compute thread.
     running: Option<WorkItem>,
-    /// CFG last stage: the running item whose own prediction is done (the compute thread now
-    /// waits for the partner's).
-    awaiting_partner: Option<WorkItem>,
+    /// Time the compute thread waited in exchanges during this request.
+    exchange_wait: Duration,
 }
 
 /// Frames of a request this device has not begun yet that it keeps until the `Begin` arrives
@@ -107,15 +73,11 @@ struct Active {
 const EARLY_FRAMES_MAX: usize = 1024;
 
 pub(crate) struct DeviceState {
-    index: usize,
-    stage: usize,
-    stage_devices: Vec<usize>,
-    cfg: Option<CfgPeer>,
-    /// To the compute thread: the partner's predictions (CFG-parallel last stage).
-    partner_tx: Option<std::sync::mpsc::Sender<PartnerMsg>>,
-    sp: Option<SpPeer>,
-    /// To the compute thread: the other ranks' collective parts (sequence parallelism).
-    sp_tx: Option<std::sync::mpsc::Sender<SpMsg>>,
+    role: DeviceRole,
+    /// The compute thread's peer groups (to end their waits when a request ends).
+    groups: Vec<std::sync::mpsc::Sender<GroupMsg>>,
+    /// Shared with the compute thread: whom it waits for in an exchange.
+    clock: Arc<ExchangeClock>,
     links: Vec<Arc<dyn Link>>,
     compute: ComputeThread,
     coordinator: CoordinatorHandle,
@@ -137,7 +99,7 @@ impl DeviceState {
             // A request this device has not begun yet: keep the frame for its Begin.
             if self.early.len() >= EARLY_FRAMES_MAX {
                 tracing::warn!(
-                    device = self.index,
+                    device = self.role.rank,
                     request = frame.header.request,
                     "too many frames ahead of their request's Begin; dropped one"
                 );
@@ -148,7 +110,7 @@ impl DeviceState {
         }
         let Some(a) = self.active.as_mut() else {
             tracing::warn!(
-                device = self.index,
+                device = self.role.rank,
                 from = frame.header.from,
                 "frame outside a request dropped"
             );
@@ -156,42 +118,47 @@ impl DeviceState {
         };
         if frame.header.request != a.setup.id {
             tracing::warn!(
-                device = self.index,
+                device = self.role.rank,
                 request = frame.header.request,
                 "frame of another request dropped"
             );
             return;
         }
-        let (step, part) = (frame.header.step as usize, part_of(frame.header.part));
-        if frame.header.kind == FrameKind::SpPart {
-            // (its header's step is the collective's sequence number, not a denoising step)
-            if let Err(e) = self.on_sp_part(frame) {
-                let step = self.active.as_ref().and_then(|a| a.running).map(|i| i.step);
-                self.fail(step, e);
-            }
+        let Some((step, part)) = item_of(frame.header.label) else {
+            // The inbox router hands collective parts to this device's peer groups; one that
+            // gets here names a group this device is not in.
+            let step = a.running.map(|i| i.step);
+            let message = format!(
+                "device {} sent {}, but this device is in no such group",
+                frame.header.from, frame.header.label
+            );
+            self.fail(step, message);
             return;
-        }
-        if frame.header.kind == FrameKind::CfgPrediction {
-            let r = self.on_prediction(frame);
-            if let Err(e) = r {
-                self.fail(Some(step), e);
-            }
+        };
+        let latent = matches!(frame.header.label, transport::FrameLabel::Latent { .. });
+        if latent != self.role.is_first_stage() {
+            let message = format!(
+                "device {} sent {} to stage {} (stage 0 takes latents, the others hidden states)",
+                frame.header.from, frame.header.label, self.role.stage
+            );
+            self.fail(Some(step), message);
             return;
         }
         let now = a.started.elapsed();
-        let group = self.cfg.map_or(0, |c| c.group);
-        let rank = self.sp.as_ref().map_or(0, |sp| sp.rank);
+        let (role, group) = (&self.role, self.role.cfg.group);
+        let rank = role.sp.rank;
         // Ulysses inside PipeFusion: after a whole-image step the last stage sends stage 0 the
         // whole latent (the ranks shared their rows).
         let gathered = part == Part::Whole
-            && self.stage == 0
+            && role.is_first_stage()
             && a.setup.patches.len() > 1
-            && self.sp.as_ref().is_some_and(|sp| sp.buffered);
+            && role.sp.degree() > 1
+            && role.sp.inside_pipefusion;
         let want = match gathered {
             true => Some(0..a.setup.token_rows()),
             false => a.setup.rank_rows(part, rank),
         }
-        .and_then(|r| a.setup.frame_shape_rows(r.len(), self.stage == 0, group));
+        .and_then(|r| a.setup.frame_shape_rows(r.len(), role.is_first_stage(), group));
         let r = decode(&frame).map_err(|e| e.to_string()).and_then(|t| {
             if want.as_deref() != Some(t.shape()) {
                 return Err(format!(
@@ -216,13 +183,14 @@ impl DeviceState {
         request: u64,
         item: WorkItem,
         output: Result<Tensor, String>,
+        waited: Duration,
     ) {
         let Some(a) = self.active.as_mut().filter(|a| a.setup.id == request) else {
             return;
         };
         let now = a.started.elapsed();
         a.running = None;
-        a.awaiting_partner = None;
+        a.exchange_wait += waited;
         let r = output.and_then(|t| {
             a.last_output = Some(t);
             a.schedule
@@ -260,7 +228,10 @@ impl DeviceState {
         let id = setup.id;
         // From now on frames of this request are handled (or dropped with it), not kept.
         self.last_request = self.last_request.max(id);
-        let ranks = self.sp.as_ref().map_or(0, |sp| sp.devices.len());
+        let ranks = match self.role.sp.degree() {
+            1 => 0,
+            n => n,
+        };
         if setup.sp_rows.len() != ranks {
             return Err(format!(
                 "the request splits the tokens over {} sequence-parallel rank(s), this device's \
@@ -276,9 +247,10 @@ impl DeviceState {
         rx.await
             .map_err(|_| "the compute thread has stopped".to_string())??;
         let mut schedule =
-            StageSchedule::new(cfg, self.stage, self.stall_timeout).map_err(|e| e.to_string())?;
+            StageSchedule::new(cfg, self.role.stage, self.stall_timeout)
+                .map_err(|e| e.to_string())?;
         let mut pending = HashMap::new();
-        if self.stage == 0 {
+        if self.role.is_first_stage() {
             pending.insert((0, Part::Whole), setup.initial_latent.clone());
             schedule
                 .handle_input(Duration::ZERO, 0, Part::Whole)
@@ -293,19 +265,26 @@ impl DeviceState {
             bytes_at_start: self.bytes_sent(),
             timer_for: None,
             running: None,
-            awaiting_partner: None,
+            exchange_wait: Duration::ZERO,
         });
         Ok(())
+    }
+
+    /// Ends the compute thread's exchange waits of `request` (its peer groups fail the wait).
+    fn cancel_exchanges(&self, request: u64) {
+        for tx in &self.groups {
+            let _ = tx.send(GroupMsg::Cancel { request });
+        }
     }
 
     /// Reports a failure of the current request to the coordinator and drops the request.
     fn fail(&mut self, step: Option<usize>, message: String) {
         if let Some(a) = self.active.take() {
-            self.cancel_partner(a.setup.id);
-            tracing::error!(device = self.index, ?step, %message, "request failed on this device");
+            self.cancel_exchanges(a.setup.id);
+            tracing::error!(device = self.role.rank, ?step, %message, "request failed on this device");
             self.coordinator.report(CoordinatorMessage::DeviceFailed {
                 request: a.setup.id,
-                device: self.index,
+                device: self.role.rank,
                 step,
                 message,
             });
@@ -333,9 +312,7 @@ impl DeviceState {
                 StageAction::StepDone { step } => {
                     // Under CFG or sequence parallelism several devices finish every step;
                     // group 0's rank 0 reports.
-                    if self.cfg.is_none_or(|c| c.group == 0)
-                        && self.sp.as_ref().is_none_or(|s| s.rank == 0)
-                    {
+                    if self.role.reports_steps() {
                         self.coordinator.report(CoordinatorMessage::StepDone {
                             request: a.setup.id,
                             step,
@@ -375,7 +352,7 @@ impl DeviceState {
 
     fn launch(&mut self, item: WorkItem) -> Result<(), (Option<usize>, String)> {
         if let Some(Fault::ActorPanicAt { device, step }) = self.fault {
-            if device == self.index && step == item.step && a_id(&self.active) == 1 {
+            if device == self.role.rank && step == item.step && a_id(&self.active) == 1 {
                 panic!("injected actor panic at step {step}");
             }
         }
@@ -396,7 +373,7 @@ impl DeviceState {
                 })?
             }
         };
-        let rank = self.sp.as_ref().map_or(0, |sp| sp.rank);
+        let rank = self.role.sp.rank;
         let job = StageJob {
             step: item.step,
             rows: a
@@ -436,20 +413,16 @@ impl DeviceState {
             .last_output
             .take()
             .ok_or((Some(step), "nothing to send".to_string()))?;
-        let to_device = self.stage_devices[to];
-        if to_device == self.index {
+        let to_device = self.role.pipeline[to];
+        if to_device == self.role.rank {
             a.pending.insert((step, part), out);
             return a
                 .schedule
                 .handle_input(now, step, part)
                 .map_err(|e| (Some(step), e.to_string()));
         }
-        let kind = if to == 0 {
-            FrameKind::Latent
-        } else {
-            FrameKind::Hidden
-        };
-        let frame = encode(a.setup.id, self.index, step, part, kind, &out)
+        let label = item_label(to == 0, step, part);
+        let frame = encode(a.setup.id, self.role.rank, label, &out)
             .map_err(|e| (Some(step), e.to_string()))?;
         let link = self.links[to_device].clone();
         link.send_async(frame)
@@ -472,13 +445,14 @@ impl DeviceState {
         let stats = a.schedule.stats();
         let report = StageReport {
             busy: stats.busy,
+            exchange_wait: a.exchange_wait,
             launched: stats.launched,
             bytes_sent: self.bytes_sent() - a.bytes_at_start,
             latent,
         };
         self.coordinator.report(CoordinatorMessage::StageFinished {
             request: a.setup.id,
-            device: self.index,
+            device: self.role.rank,
             report,
         });
     }

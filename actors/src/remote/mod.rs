@@ -98,6 +98,7 @@ pub(crate) fn report_message(msg: CoordinatorMessage) -> Option<ControlMessage> 
             request,
             device: device as u32,
             busy_ns: report.busy.as_nanos() as u64,
+            exchange_wait_ns: report.exchange_wait.as_nanos() as u64,
             items: report.launched as u32,
             bytes_sent: report.bytes_sent,
             latent: match report.latent.as_ref().map(spec::to_wire).transpose() {
@@ -252,6 +253,7 @@ impl ControlContext {
                 request,
                 device,
                 busy_ns,
+                exchange_wait_ns,
                 items,
                 bytes_sent,
                 latent,
@@ -273,6 +275,7 @@ impl ControlContext {
                     device: device as usize,
                     report: StageReport {
                         busy: Duration::from_nanos(busy_ns),
+                        exchange_wait: Duration::from_nanos(exchange_wait_ns),
                         launched: items as usize,
                         bytes_sent,
                         latent,

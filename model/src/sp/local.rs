@@ -5,7 +5,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 
 use kernels::Tensor;
 
-use super::Collective;
+use super::{Collective, CollectiveOp};
 use crate::error::{ModelError, Result};
 
 /// A message between in-process ranks: (operation, sender, tensor); `None` says the sender left.
@@ -98,7 +98,7 @@ impl Collective for LocalCollective {
         self.peers.len()
     }
 
-    fn next_call(&mut self) {
+    fn next_call(&mut self, _op: CollectiveOp) {
         self.op += 1;
     }
 

@@ -58,16 +58,30 @@ pub trait SequenceAttention: Send {
     }
 }
 
-/// How the ranks of a sequence-parallel group exchange tensors. Every rank makes the same calls
-/// in the same order. An implementation moves single tensors (`send_to`, `receive_from`, matched
-/// by the call they belong to); the collectives are built on them here.
+/// The operation of a collective call (an implementation may put it on the wire, so that a
+/// member that makes another call than its peers is caught by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CollectiveOp {
+    /// Each member sends a different tensor to each other member.
+    AllToAll,
+    /// Each member sends one tensor to the next member of a ring.
+    RingShift,
+    /// Each member sends the same tensor to every other member.
+    AllGather,
+}
+
+/// How the ranks of a group exchange tensors (a sequence-parallel group, or the two CFG groups'
+/// last stages). Every rank makes the same calls in the same order. An implementation moves
+/// single tensors (`send_to`, `receive_from`, matched by the call they belong to); the collectives
+/// are built on them here, once.
 pub trait Collective: Send {
     /// This rank, `0..size`.
     fn rank(&self) -> usize;
     /// Ranks in the group.
     fn size(&self) -> usize;
-    /// Starts the next collective call: what is sent or received until the next one belongs to it.
-    fn next_call(&mut self);
+    /// Starts the next collective call, an `op`: what is sent or received until the next one
+    /// belongs to it.
+    fn next_call(&mut self, op: CollectiveOp);
     /// Sends `t` to rank `to` as part of the current call.
     fn send_to(&mut self, to: usize, t: Tensor) -> Result<()>;
     /// The tensor rank `from` sent this rank in the current call (waiting for it).
@@ -85,7 +99,7 @@ pub trait Collective: Send {
             });
         }
         let me = position_in(rank, members)?;
-        self.next_call();
+        self.next_call(CollectiveOp::AllToAll);
         let own = parts.remove(me);
         let others: Vec<usize> = members.iter().copied().filter(|&m| m != rank).collect();
         for (&m, t) in others.iter().zip(parts) {
@@ -105,12 +119,29 @@ pub trait Collective: Send {
     /// previous one sent.
     fn ring_shift_in(&mut self, members: &[usize], t: Tensor) -> Result<Tensor> {
         let (n, i) = (members.len(), position_in(self.rank(), members)?);
-        self.next_call();
+        self.next_call(CollectiveOp::RingShift);
         if n == 1 {
             return Ok(t);
         }
         self.send_to(members[(i + 1) % n], t)?;
         self.receive_from(members[(i + n - 1) % n])
+    }
+
+    /// Every rank's `t`, in rank order (this rank's own included): each rank sends the same tensor
+    /// to every other.
+    fn all_gather(&mut self, t: Tensor) -> Result<Vec<Tensor>> {
+        let (rank, n) = (self.rank(), self.size());
+        self.next_call(CollectiveOp::AllGather);
+        for other in (0..n).filter(|&o| o != rank) {
+            self.send_to(other, t.clone())?;
+        }
+        let mut own = Some(t);
+        (0..n)
+            .map(|o| match o == rank {
+                true => Ok(own.take().expect("once")),
+                false => self.receive_from(o),
+            })
+            .collect()
     }
 
     /// [`all_to_all_in`](Self::all_to_all_in) over the whole group, in rank order.
@@ -204,8 +235,7 @@ impl<C: Collective> SequenceAttention for Ulysses<C> {
     }
 
     fn all_gather(&mut self, own: Tensor) -> Result<Vec<Tensor>> {
-        let u = self.comm.size();
-        self.comm.all_to_all(vec![own; u])
+        self.comm.all_gather(own)
     }
 }
 

@@ -56,6 +56,7 @@ pub(crate) fn samples() -> Vec<ControlMessage> {
             request: 1,
             device: 2,
             busy_ns: 123_456_789,
+            exchange_wait_ns: 0,
             items: 40,
             bytes_sent: 1 << 33,
             latent: Some(tensor(&[1, 4, 8, 8], 0.5)),
@@ -178,6 +179,7 @@ fn tensor_shape_must_match_its_data() {
         request: 1,
         device: 0,
         busy_ns: 0,
+        exchange_wait_ns: 0,
         items: 0,
         bytes_sent: 0,
         latent: Some(WireTensor {

@@ -40,7 +40,9 @@ pub(crate) use wire::{encode_header, read_frame, ReadFail};
 
 /// The protocol version announced in the handshake; nodes with another version refuse each other.
 /// Version 2: every unidirectional stream starts with a kind byte (frames or control).
-pub const WIRE_VERSION: u32 = 4;
+/// Version 5: frame headers name their purpose (`FrameLabel`: item input or collective call with
+/// its group, operation and sequence number).
+pub const WIRE_VERSION: u32 = 5;
 
 /// What the control inbox yields: the sending node's name and its message.
 pub type ControlEnvelope = (String, ControlMessage);

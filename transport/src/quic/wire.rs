@@ -8,7 +8,7 @@ use bytes::Bytes;
 use rkyv::util::AlignedVec;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::{Frame, FrameHeader, FrameKind, WireDType};
+use crate::{CollectiveOp, Frame, FrameHeader, FrameLabel, PeerGroupKind, WireDType};
 
 /// First byte of a unidirectional stream of activation frames.
 pub(crate) const STREAM_FRAMES: u8 = 0;
@@ -28,22 +28,41 @@ pub(crate) const MAX_HEADER_LEN: usize = 1024;
 pub(crate) struct WireHeader {
     request: u64,
     payload_len: u64,
+    /// Collective frames: the call's sequence number (0 otherwise).
+    seq: u64,
     from: u32,
     to: u32,
+    /// Work-item frames: step and part (0 otherwise).
     step: u32,
     part: u32,
+    /// 0 hidden states, 1 latent, 2 collective part.
     kind: u8,
+    /// Collective frames: 0 sequence-parallel group, 1 CFG group.
+    group: u8,
+    /// Collective frames: 0 all-to-all, 1 ring shift, 2 all-gather.
+    op: u8,
     dtype: u8,
     rank: u8,
     shape: [u32; MAX_RANK],
 }
 
-fn kind_code(k: FrameKind) -> u8 {
-    match k {
-        FrameKind::Hidden => 0,
-        FrameKind::Latent => 1,
-        FrameKind::CfgPrediction => 2,
-        FrameKind::SpPart => 3,
+/// (kind, group, op, step, part, seq) codes of a label.
+fn label_codes(l: FrameLabel) -> (u8, u8, u8, u32, u32, u64) {
+    match l {
+        FrameLabel::Hidden { step, part } => (0, 0, 0, step, part, 0),
+        FrameLabel::Latent { step, part } => (1, 0, 0, step, part, 0),
+        FrameLabel::Collective { group, op, seq } => {
+            let group = match group {
+                PeerGroupKind::SequenceParallel => 0,
+                PeerGroupKind::Cfg => 1,
+            };
+            let op = match op {
+                CollectiveOp::AllToAll => 0,
+                CollectiveOp::RingShift => 1,
+                CollectiveOp::AllGather => 2,
+            };
+            (2, group, op, 0, 0, seq)
+        }
     }
 }
 
@@ -75,14 +94,18 @@ pub(crate) fn encode_header(frame: &Frame, to: usize) -> Result<Bytes, String> {
     let h = &frame.header;
     let mut shape = [0u32; MAX_RANK];
     shape[..h.shape.len()].copy_from_slice(&h.shape);
+    let (kind, group, op, step, part, seq) = label_codes(h.label);
     let wire = WireHeader {
         request: h.request,
         payload_len: frame.payload.len() as u64,
+        seq,
         from: h.from as u32,
         to: u32::try_from(to).map_err(|_| format!("device index {to} does not fit in u32"))?,
-        step: h.step,
-        part: h.part,
-        kind: kind_code(h.kind),
+        step,
+        part,
+        kind,
+        group,
+        op,
         dtype: dtype_code(h.dtype),
         rank: h.shape.len() as u8,
         shape,
@@ -189,11 +212,24 @@ fn decode_header(
     let bad = ReadFail::Malformed;
     let a = rkyv::access::<ArchivedWireHeader, rkyv::rancor::BoxedError>(bytes)
         .map_err(|e| bad(format!("header failed validation: {e}")))?;
-    let kind = match a.kind {
-        0 => FrameKind::Hidden,
-        1 => FrameKind::Latent,
-        2 => FrameKind::CfgPrediction,
-        3 => FrameKind::SpPart,
+    let (step, part) = (a.step.to_native(), a.part.to_native());
+    let label = match a.kind {
+        0 => FrameLabel::Hidden { step, part },
+        1 => FrameLabel::Latent { step, part },
+        2 => FrameLabel::Collective {
+            group: match a.group {
+                0 => PeerGroupKind::SequenceParallel,
+                1 => PeerGroupKind::Cfg,
+                g => return Err(bad(format!("unknown peer group {g}"))),
+            },
+            op: match a.op {
+                0 => CollectiveOp::AllToAll,
+                1 => CollectiveOp::RingShift,
+                2 => CollectiveOp::AllGather,
+                o => return Err(bad(format!("unknown collective operation {o}"))),
+            },
+            seq: a.seq.to_native(),
+        },
         k => return Err(bad(format!("unknown frame kind {k}"))),
     };
     let dtype = match a.dtype {
@@ -225,9 +261,7 @@ fn decode_header(
     let header = FrameHeader {
         request: a.request.to_native(),
         from: a.from.to_native() as usize,
-        step: a.step.to_native(),
-        part: a.part.to_native(),
-        kind,
+        label,
         dtype,
         shape,
     };
@@ -244,9 +278,7 @@ mod tests {
             header: FrameHeader {
                 request: 9,
                 from: 3,
-                step: 4,
-                part: 1,
-                kind: FrameKind::Latent,
+                label: FrameLabel::Latent { step: 4, part: 1 },
                 dtype: WireDType::F32,
                 shape,
             },
@@ -282,6 +314,24 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn collective_labels_round_trip() {
+        for (group, op, seq) in [
+            (PeerGroupKind::SequenceParallel, CollectiveOp::AllToAll, 1),
+            (PeerGroupKind::SequenceParallel, CollectiveOp::RingShift, u64::MAX),
+            (PeerGroupKind::Cfg, CollectiveOp::AllGather, 77),
+        ] {
+            let mut f = frame(vec![3]);
+            f.header.label = FrameLabel::Collective { group, op, seq };
+            let bytes = encoded(&f);
+            let d = read_frame(&mut &bytes[..], &mut AlignedVec::new(), 1 << 20)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.frame, f);
+        }
     }
 
     async fn fail(bytes: &[u8], max: usize) -> String {

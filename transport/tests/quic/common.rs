@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 use transport::{
-    generate_cluster_pki, ClusterMap, ClusterPki, Endpoint, Frame, FrameHeader, FrameKind,
+    generate_cluster_pki, ClusterMap, ClusterPki, Endpoint, Frame, FrameHeader, FrameLabel,
     NodeAddr, PeerEvent, QuicNode, QuicOptions, WireDType,
 };
 
@@ -33,9 +33,7 @@ pub fn frame(from: usize, step: u32, part: u32, n: usize) -> Frame {
         header: FrameHeader {
             request: 42,
             from,
-            step,
-            part,
-            kind: FrameKind::Hidden,
+            label: FrameLabel::Hidden { step, part },
             dtype: WireDType::F32,
             shape: vec![1, n as u32],
         },

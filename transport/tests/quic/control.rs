@@ -67,6 +67,7 @@ fn to_a(round: u64) -> Vec<ControlMessage> {
             request: round,
             device: 2,
             busy_ns: 1_000 * round,
+            exchange_wait_ns: 0,
             items: 7,
             bytes_sent: 1 << 30,
             latent: Some(WireTensor::new(vec![2, 2], vec![round as f32; 4]).unwrap()),

@@ -21,7 +21,10 @@ async fn dropped_node_is_lost_and_sends_fail_with_peer_gone() {
         "{e:?}"
     );
     match c.endpoints[0][0].links[1].send(frame(0, 3, 0, 4)) {
-        Err(TransportError::PeerGone { peer: 1, frame }) => assert_eq!(frame.header.step, 3),
+        Err(TransportError::PeerGone { peer: 1, frame }) => assert_eq!(
+            frame.header.label,
+            transport::FrameLabel::Hidden { step: 3, part: 0 }
+        ),
         other => panic!("expected PeerGone, got {other:?}"),
     }
     let r = c.endpoints[0][0].links[1]
