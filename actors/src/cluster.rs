@@ -155,7 +155,13 @@ impl RunSummary {
         };
         let (busy, waited) = (sum(|d| d.busy), sum(|d| d.exchange_wait));
         let cap = wall.as_secs_f64() * devices.len() as f64;
-        let share = |x: f64| if cap > 0.0 { (x / cap).clamp(0.0, 1.0) } else { 0.0 };
+        let share = |x: f64| {
+            if cap > 0.0 {
+                (x / cap).clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
         RunSummary {
             wall,
             bubble_fraction: if cap > 0.0 {

@@ -21,7 +21,7 @@ use crate::cluster::{DeviceSummary, GenerateOutput, Progress, RunSummary};
 use crate::device::{start_error, DeviceActor, DeviceArgs};
 use crate::error::ClusterError;
 use crate::handles::{DeviceHandle, RemoteDevice};
-use crate::messages::{CoordinatorMessage, StageReport};
+use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
 use crate::stage::RequestSetup;
 
 pub(crate) struct CoordinatorActor;
@@ -222,8 +222,19 @@ impl Actor for CoordinatorActor {
                     st.start_next().await;
                 }
             }
-            CoordinatorMessage::NodeLost { node, reason } => {
+            CoordinatorMessage::NodeLost {
+                node,
+                reason,
+                devices,
+            } => {
                 tracing::error!(%node, %reason, "node lost");
+                // The devices here hear of it first (a wait on a lost peer ends now, naming it).
+                for d in st.devices.iter().filter_map(DeviceHandle::local) {
+                    for &device in &devices {
+                        let why = format!("node {node} was lost: {reason}");
+                        let _ = d.cast(DeviceMessage::PeerLost { device, why });
+                    }
+                }
                 st.broken = Some(format!("node {node} was lost: {reason}"));
                 st.fail_running(ClusterError::NodeLost {
                     node: node.clone(),

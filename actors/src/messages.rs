@@ -49,10 +49,10 @@ pub(crate) enum DeviceMessage {
         output: Result<Tensor, String>,
         waited: Duration,
     },
-    /// The stall timer of request `request` fired.
-    Tick { request: u64 },
-    /// The compute watchdog of request `request`'s item fired.
-    ComputeWatchdog { request: u64, item: WorkItem },
+    /// The timer armed at the core's deadline fired (stall or compute deadline).
+    Tick,
+    /// Device `device` of the cluster is gone (its node was lost, for `why`).
+    PeerLost { device: usize, why: String },
     /// Drop the current request (another device failed).
     Abort,
 }
@@ -81,7 +81,12 @@ pub(crate) enum CoordinatorMessage {
         report: StageReport,
     },
     /// A node of the cluster was lost (connection closed or silent past the idle timeout).
-    NodeLost { node: String, reason: String },
+    NodeLost {
+        node: String,
+        reason: String,
+        /// The devices (ranks) it held.
+        devices: Vec<usize>,
+    },
     /// A device gave up on request `request`.
     DeviceFailed {
         request: u64,

@@ -15,7 +15,7 @@ use crate::cluster::{device_args, Cluster, ClusterOptions};
 use crate::device::{start_error, DeviceActor};
 use crate::error::{ClusterError, Result};
 use crate::handles::{CoordinatorHandle, RemoteDevice};
-use crate::messages::CoordinatorMessage;
+use crate::messages::{CoordinatorMessage, DeviceMessage};
 use crate::model_source::ModelSource;
 use crate::remote::{
     fail_pending, report_message, ControlContext, PendingAcks, Readiness, RemoteProxy,
@@ -191,6 +191,7 @@ impl Node {
         let is_coordinator = spec.coordinator == name;
         let mut local = HashMap::new();
         let mut watchers = Vec::new();
+        let mut tasks_early = Vec::new();
         let cluster = if is_coordinator {
             let remote = |device: usize| -> Option<Arc<dyn RemoteDevice>> {
                 Some(Arc::new(RemoteProxy {
@@ -244,6 +245,29 @@ impl Node {
             }
             None
         };
+        if !local.is_empty() {
+            // The local devices hear of a lost node at once: a pipeline neighbour or an exchange
+            // partner there ends their wait, naming it (the coordinator aborts the request too).
+            let (mut events, nodes) = (quic_node.subscribe(), map.nodes.clone());
+            let devices: Vec<_> = local.values().cloned().collect();
+            tasks_early.push(tokio::spawn(async move {
+                loop {
+                    let (node, reason) = match events.recv().await {
+                        Ok(PeerEvent::Lost { node, reason }) => (node, reason),
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            continue; // (a missed loss still reaches them as the coordinator's abort)
+                        }
+                        Err(_) => break,
+                    };
+                    for lost in devices_of(&nodes, &node) {
+                        for d in &devices {
+                            let why = format!("node {node} was lost: {reason}");
+                            let _ = d.cast(DeviceMessage::PeerLost { device: lost, why });
+                        }
+                    }
+                }
+            }));
+        }
         let ctx = Arc::new(ControlContext {
             quic: quic_node.clone(),
             config: cfg,
@@ -255,6 +279,7 @@ impl Node {
             readiness: Arc::new(Readiness::default()),
         });
         let mut tasks = watchers;
+        tasks.append(&mut tasks_early);
         let mut inbox = inbox;
         let c2 = ctx.clone();
         tasks.push(tokio::spawn(async move {
@@ -267,7 +292,12 @@ impl Node {
             tasks.push(tokio::spawn(async move {
                 let lost = |node: String, reason: String| {
                     fail_pending(&pending, &format!("node {node} was lost: {reason}"));
-                    let _ = coord.cast(CoordinatorMessage::NodeLost { node, reason });
+                    let devices = devices_of(&nodes, &node);
+                    let _ = coord.cast(CoordinatorMessage::NodeLost {
+                        node,
+                        reason,
+                        devices,
+                    });
                 };
                 loop {
                     match lost_events.recv().await {
@@ -362,6 +392,14 @@ impl Node {
             .close_and_wait(std::time::Duration::from_secs(2))
             .await;
     }
+}
+
+/// The devices (ranks) of node `node`.
+fn devices_of(nodes: &[NodeAddr], node: &str) -> Vec<usize> {
+    nodes
+        .iter()
+        .find(|n| n.name == node)
+        .map_or_else(Vec::new, |n| n.devices.clone())
 }
 
 /// How long the coordinator's node waits for the others to report ready after joining.

@@ -42,8 +42,7 @@ pub(crate) struct PipelineArgs {
     /// Ulysses degree U (also inside PipeFusion stages): C x N x U x R devices.
     #[arg(long, default_value_t = 1)]
     ulysses_degree: usize,
-    /// Ring-attention degree R (needs --pipefusion-degree 1 and --num-patches 1): C x N x U x R
-    /// devices.
+    /// Ring-attention degree R (also inside PipeFusion stages): C x N x U x R devices.
     #[arg(long, default_value_t = 1)]
     ring_degree: usize,
     /// Patches M [default: N: with equal stages the pipeline stays full across steps, and

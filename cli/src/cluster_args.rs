@@ -33,14 +33,15 @@ pub(crate) struct ClusterArgs {
     cfg_degree: Option<usize>,
     /// Ulysses sequence-parallel degree U: each stage's tokens are split over U devices that
     /// swap attention inputs all-to-all in every layer (must divide the heads; also inside
-    /// PipeFusion stages, each patch cut into U sub-strips). Overrides the topology; a local
+    /// PipeFusion stages, each patch cut into U x R sub-strips). Overrides the topology; a local
     /// cluster gets C x N x U x R devices [default: 1].
     #[arg(long, value_name = "U")]
     ulysses_degree: Option<usize>,
     /// Ring-attention sequence-parallel degree R: each stage's tokens are split over R devices
-    /// whose keys and values travel around a ring in every layer (PipeFusion degree 1 and one
-    /// patch only); with --ulysses-degree > 1 it is USP (Ulysses among adjacent devices, Ring
-    /// across). Overrides the topology; a local cluster gets C x N x U x R devices [default: 1].
+    /// whose keys and values travel around a ring in every layer (also inside PipeFusion stages,
+    /// each patch cut into U x R sub-strips); with --ulysses-degree > 1 it is USP (Ulysses among
+    /// adjacent devices, Ring across). Overrides the topology; a local cluster gets C x N x U x R
+    /// devices [default: 1].
     #[arg(long, value_name = "R")]
     ring_degree: Option<usize>,
     /// Patches M the latent is cut into (horizontal strips of token rows) [default: the topology's,

@@ -319,8 +319,8 @@ fn cfg_parallel_from_the_command_line() {
 }
 
 /// `--ulysses-degree` / `--ring-degree`: the demo's tokens split over devices give the one-device
-/// result (bound 1e-5), alone, with CFG parallel, as USP and (Ulysses) inside PipeFusion stages;
-/// combinations not built yet, and a Ulysses degree that does not divide the heads, are refused
+/// result (bound 1e-5), alone, with CFG parallel, as USP; inside PipeFusion stages (Ulysses, Ring,
+/// USP) they give PipeFusion's result; a Ulysses degree that does not divide the heads is refused
 /// naming the field.
 #[test]
 fn sequence_parallel_from_the_command_line() {
@@ -351,17 +351,26 @@ fn sequence_parallel_from_the_command_line() {
         eprintln!("{extra:?}: relative L2 {e:.3e} vs one device");
         assert!(e <= 1e-5, "{extra:?}: relative L2 {e:.3e}");
     }
-    // Ulysses inside PipeFusion stages: the same as PipeFusion alone.
+    // Sequence parallelism inside PipeFusion stages: the same as PipeFusion alone (same M, W).
     let pf = run(&["--pipefusion-degree", "2"], "pf.safetensors");
-    let pfu = run(
-        &["--pipefusion-degree", "2", "--ulysses-degree", "2"],
-        "pfu.safetensors",
-    );
-    let e = rel_l2(&pfu, &pf);
-    assert!(
-        e <= 1e-5,
-        "PipeFusion x Ulysses vs PipeFusion: relative L2 {e:.3e}"
-    );
+    for (i, sp) in [
+        &["--ulysses-degree", "2"][..],
+        &["--ring-degree", "2"][..],
+        &["--ulysses-degree", "2", "--ring-degree", "2"][..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut args = vec!["--pipefusion-degree", "2"];
+        args.extend_from_slice(sp);
+        let got = run(&args, &format!("pf-sp{i}.safetensors"));
+        let e = rel_l2(&got, &pf);
+        eprintln!("PipeFusion x {sp:?}: relative L2 {e:.3e} vs PipeFusion");
+        assert!(
+            e <= 1e-5,
+            "PipeFusion x {sp:?} vs PipeFusion: relative L2 {e:.3e}"
+        );
+    }
 
     // A topology that leaves the pipeline degree to its default follows --ring-degree.
     let topo = two_device_demo_topology(&dir);
@@ -375,16 +384,10 @@ fn sequence_parallel_from_the_command_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("1 stage(s) x 2 CFG groups"), "{err}");
 
-    for (args, want) in [
-        (
-            &["generate", "--ulysses-degree", "3"][..],
-            "must divide the model's 4 attention heads",
-        ),
-        (
-            &["generate", "--ring-degree", "2", "--pipefusion-degree", "2"][..],
-            "Ring attention inside a pipeline (pipefusion_degree = 2) is not implemented yet",
-        ),
-    ] {
+    for (args, want) in [(
+        &["generate", "--ulysses-degree", "3"][..],
+        "must divide the model's 4 attention heads",
+    )] {
         let o = pipefuse(args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");

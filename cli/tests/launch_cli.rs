@@ -13,6 +13,11 @@ use common::{bin, in_process_demo, latent_bytes as latent, root};
 
 /// A three-node topology on free loopback ports, with certificates, in a fresh dir.
 fn cluster(tag: &str) -> (PathBuf, PathBuf) {
+    cluster_with(tag, 1)
+}
+
+/// [`cluster`] with `first` CPU devices on the first node (one on each other node).
+fn cluster_with(tag: &str, first: usize) -> (PathBuf, PathBuf) {
     let [p0, p1, p2] = free_ports();
     let dir = std::env::temp_dir().join(format!("pipefuse-launch-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -25,7 +30,19 @@ fn cluster(tag: &str) -> (PathBuf, PathBuf) {
         )
         .replace("7100", &p0.to_string())
         .replace("7101", &p1.to_string())
-        .replace("7102", &p2.to_string());
+        .replace("7102", &p2.to_string())
+        .replace(
+            "pipefusion_degree = 3",
+            &format!("pipefusion_degree = {}", 2 + first),
+        )
+        .replacen(
+            r#"devices = [{ kind = "cpu", threads = 1 }]"#,
+            &format!(
+                "devices = [{}]",
+                vec![r#"{ kind = "cpu", threads = 1 }"#; first].join(", ")
+            ),
+            1,
+        );
     let topo = dir.join("three.toml");
     std::fs::write(&topo, text).unwrap();
     let o = Command::new(bin())
@@ -327,5 +344,31 @@ fn three_processes_run_ring_attention_from_the_command_line() {
         latent(&local),
         "3 processes vs one process"
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Ring attention inside PipeFusion stages over three processes (4 devices: the first node holds
+/// stage 0's two ring ranks, the others one rank of stage 1 each, so the ring of stage 1 and the
+/// pipeline cross QUIC): the result equals the in-process run of the same flags bitwise, and plain
+/// PipeFusion with the same patches and warmup within 1e-5.
+#[test]
+fn three_processes_run_ring_inside_pipefusion() {
+    let (dir, topo) = cluster_with("ring-pf", 2);
+    let request = ["--class-label", "3", "--class-label", "8", "--steps", "6"];
+    let pipeline = ["--pipefusion-degree", "2", "--num-patches", "2"];
+    let ring = [&pipeline[..], &["--ring-degree", "2"][..]].concat();
+    let remote = dir.join("remote.safetensors");
+    let err = launch_local(&topo, &[&ring[..], &request[..]].concat(), &remote);
+    assert!(err.contains("device 3: busy"), "{err}");
+    let (same, plain) = (dir.join("same.safetensors"), dir.join("plain.safetensors"));
+    common::in_process_demo_with(&ring, &request, &same);
+    common::in_process_demo_with(&pipeline, &request, &plain);
+    assert_eq!(latent(&remote), latent(&same), "3 processes vs one process");
+    let e = common::rel_l2(
+        &common::read_f32(&remote, "latent"),
+        &common::read_f32(&plain, "latent"),
+    );
+    eprintln!("ring 2 inside pipefusion 2 over QUIC vs plain PipeFusion: relative L2 {e:.3e}");
+    assert!(e <= 1e-5, "relative L2 {e:.3e} vs plain PipeFusion");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -106,12 +106,23 @@ impl KvBuffer {
     /// Copies K and V of `qkv: [B', n, 3d]` (columns `d..3d`) into rows `first..first + n` of
     /// layer `layer`'s buffer.
     pub(crate) fn write(&mut self, layer: usize, first: usize, qkv: &Tensor) -> Result<()> {
+        self.copy_in(layer, first, qkv, 3)
+    }
+
+    /// Copies `kv: [B', n, 2d]` (K and V side by side) into rows `first..first + n` of layer
+    /// `layer`'s buffer.
+    pub(crate) fn write_kv(&mut self, layer: usize, first: usize, kv: &Tensor) -> Result<()> {
+        self.copy_in(layer, first, kv, 2)
+    }
+
+    /// `src: [B', n, parts * d]` whose last `2d` columns are K and V.
+    fn copy_in(&mut self, layer: usize, first: usize, src: &Tensor, parts: usize) -> Result<()> {
         let (b, d, s) = (self.batch, self.hidden, self.tokens);
-        let n = qkv.dim(1);
-        if qkv.shape() != [b, n, 3 * d] || first + n > s {
+        let n = src.dim(1);
+        if src.shape() != [b, n, parts * d] || first + n > s {
             return Err(ModelError::Input(format!(
                 "K/V of shape {:?} at token {first} does not fit the buffer [{b}, {s}, {}]",
-                qkv.shape(),
+                src.shape(),
                 2 * d
             )));
         }
@@ -119,10 +130,10 @@ impl KvBuffer {
             .layers
             .get_mut(layer)
             .ok_or_else(|| ModelError::Input(format!("the K/V buffer has no layer {layer}")))?;
-        let (src, dst) = (qkv.as_f32()?, buf.as_f32_mut()?);
+        let (src, dst) = (src.as_f32()?, buf.as_f32_mut()?);
         for bi in 0..b {
             for j in 0..n {
-                let from = (bi * n + j) * 3 * d + d;
+                let from = (bi * n + j) * parts * d + (parts - 2) * d;
                 let to = (bi * s + first + j) * 2 * d;
                 dst[to..to + 2 * d].copy_from_slice(&src[from..from + 2 * d]);
             }

@@ -129,12 +129,27 @@ fn a_rank_that_leaves_is_named_by_the_others() {
     assert!(e1.contains("left the group"), "{e1}");
 }
 
-/// Ulysses inside PipeFusion: each rank runs its sub-strip of every patch against a K/V buffer
-/// of its head group; a warmup step over the whole image, then a patch step at another timestep
-/// (patches see fresh and stale rows), give the single device's patch outputs.
+/// Rank `rank`'s rows of `rows` cut over `ranks` ranks by the patch rule (ceil rows each, the last
+/// the rest).
+fn sub_strip(rows: &std::ops::Range<usize>, ranks: usize, rank: usize) -> std::ops::Range<usize> {
+    let k = rows.len().div_ceil(ranks);
+    rows.start + rank * k..(rows.start + (rank + 1) * k).min(rows.end)
+}
+
+/// Sequence parallelism inside PipeFusion (Ulysses, Ring, USP): each rank runs its sub-strip of
+/// every patch against a K/V buffer of its head group; a warmup step over the whole image, then a
+/// patch step at another timestep (patches see fresh and stale rows), give the single device's
+/// patch outputs.
 #[test]
-fn ulysses_ranks_with_kv_buffers_equal_one_device_running_patches() {
-    for arch in [Arch::Dit, Arch::PixArt] {
+fn ranks_with_kv_buffers_equal_one_device_running_patches() {
+    for (arch, kind, ranks) in [
+        (Arch::Dit, Kind::Ulysses, 2),
+        (Arch::PixArt, Kind::Ulysses, 2),
+        (Arch::Dit, Kind::Ring, 2),
+        (Arch::PixArt, Kind::Ring, 4),
+        (Arch::Dit, Kind::Usp(2), 4),
+        (Arch::PixArt, Kind::Usp(2), 4),
+    ] {
         let cfg = tiny(arch);
         let latent = model::gaussian(&[2, 4, 16, 12], 5); // 8 x 6 tokens
         let (p, cols, grid) = (cfg.patch_size, 6, 8);
@@ -160,10 +175,15 @@ fn ulysses_ranks_with_kv_buffers_equal_one_device_running_patches() {
                 want.push(x);
             }
         }
-        // Two Ulysses ranks, each the upper or lower half of every part's rows.
-        let u = 2;
+        // The ranks, each its share of every part's rows (the patch rule: 4 rows over 4 ranks
+        // are 1 each).
+        let u = match kind {
+            Kind::Ulysses => ranks,
+            Kind::Ring => 1,
+            Kind::Usp(u) => u,
+        };
         let got: Vec<Vec<Tensor>> = std::thread::scope(|s| {
-            let handles: Vec<_> = local_group(u)
+            let handles: Vec<_> = local_group(ranks)
                 .into_iter()
                 .enumerate()
                 .map(|(rank, comm)| {
@@ -172,20 +192,23 @@ fn ulysses_ranks_with_kv_buffers_equal_one_device_running_patches() {
                         let model =
                             Transformer::random(cfg, 7, None, Device::cpu(1).unwrap()).unwrap();
                         let mut kv = model.kv_buffer_for_heads(2, grid * cols, u);
-                        let mut attn = Ulysses::new(comm);
+                        let mut attn: Box<dyn SequenceAttention> = match kind {
+                            Kind::Ulysses => Box::new(Ulysses::new(comm)),
+                            Kind::Ring => Box::new(Ring::new(comm)),
+                            Kind::Usp(u) => Box::new(Usp::new(comm, u).unwrap()),
+                        };
                         let mut outs = Vec::new();
                         for (t, parts) in &steps {
                             let cond = model.conditioning(&inputs_at(*t)).unwrap();
                             for rows in parts {
-                                let half = rows.len() / u;
-                                let sub = rows.start + rank * half..rows.start + (rank + 1) * half;
-                                let strip = latent.narrow(2, sub.start * p, half * p).unwrap();
+                                let sub = sub_strip(rows, ranks, rank);
+                                let strip = latent.narrow(2, sub.start * p, sub.len() * p).unwrap();
                                 let mut x = model.embed(&strip, sub.start, grid).unwrap();
                                 model
                                     .run_blocks_sequence_parallel_with_kv(
                                         &mut x,
                                         &cond,
-                                        &mut attn,
+                                        attn.as_mut(),
                                         &mut kv,
                                         rows.start * cols,
                                         rows.len() * cols,
@@ -201,10 +224,14 @@ fn ulysses_ranks_with_kv_buffers_equal_one_device_running_patches() {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (i, w) in want.iter().enumerate() {
-            let joined = Tensor::cat(&[&got[0][i], &got[1][i]], 1).unwrap();
+            let parts: Vec<&Tensor> = got.iter().map(|g| &g[i]).collect();
+            let joined = Tensor::cat(&parts, 1).unwrap();
             let e = common::max_abs(&joined, w);
-            eprintln!("{arch:?} call {i}: max abs {e:.2e}");
-            assert!(e <= 1e-5, "{arch:?} call {i}: max abs {e}");
+            eprintln!("{arch:?} {kind:?} x {ranks} call {i}: max abs {e:.2e}");
+            assert!(
+                e <= 1e-5,
+                "{arch:?} {kind:?} x {ranks} call {i}: max abs {e}"
+            );
         }
     }
 }

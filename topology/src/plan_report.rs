@@ -10,21 +10,28 @@ impl Plan {
     /// (M patches); last -> 0 carries the latent rows, `latent_batch * latent_channels * (rows *
     /// patch_size) * (token_cols * patch_size) * 4`. With CFG parallel the groups' last stages
     /// also swap their noise predictions (latent-sized). With sequence parallelism, rows are the
-    /// rank's shard, and each rank exchanges attention inputs with the others in every layer
-    /// (Ulysses: Q, K, V of its tokens for the other ranks' heads, then their outputs back;
-    /// Ring: K and V of every other rank's tokens once per layer). Empty for one device.
+    /// rank's shard (inside PipeFusion: its sub-strips of the patches), and each rank exchanges
+    /// attention inputs with the others in every layer (Ulysses: Q, K, V of its tokens for the
+    /// other ranks' heads, then their outputs back; Ring: K and V of every other rank's tokens
+    /// once per layer). Empty for one device.
     pub fn link_bytes(&self) -> Vec<LinkBytes> {
         let s = &self.shape;
         let product = |xs: &[usize]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
         let b = s.batch / self.cfg_degree.max(1);
         let all_rows = 0..s.token_rows;
-        let rows_of = |sp_rank: usize| {
-            self.sp
-                .rows()
-                .get(sp_rank)
-                .cloned()
-                .unwrap_or(all_rows.clone())
-                .len()
+        // Token rows a sequence-parallel rank computes per step: its shard, or inside PipeFusion
+        // its sub-strip of every patch (ALGORITHMS.md section 4).
+        let degree = self.sp.degree();
+        let inside_pipefusion = self.pipeline_len() > 1 || self.patches.len() > 1;
+        let rows_of = |sp_rank: usize| match (degree, inside_pipefusion) {
+            (1, _) => all_rows.len(),
+            (_, false) => self.sp.rows().get(sp_rank).map_or(0, |r| r.len()),
+            (_, true) => self
+                .patches
+                .iter()
+                .filter_map(|p| crate::plan::patch_rows(p.len(), degree))
+                .map(|sub| sub.get(sp_rank).map_or(0, |r| r.len()))
+                .sum(),
         };
         let latent = |rows: usize| {
             product(&[

@@ -51,32 +51,6 @@ impl SequenceParallel {
         } else {
             ("parallel.ring_degree", r)
         };
-        let ulysses_only = r == 1;
-        if !ulysses_only && p.pipefusion_degree > 1 {
-            return Err(spec.error(
-                "parallel.ring_degree",
-                format!(
-                    "Ring attention inside a pipeline (pipefusion_degree = {}) is not \
-                     implemented yet; Ulysses is",
-                    p.pipefusion_degree
-                ),
-                Some(
-                    "use pipefusion_degree = 1 (--pipefusion-degree 1) with ring, or ulysses only"
-                        .into(),
-                ),
-            ));
-        }
-        if !ulysses_only && p.num_patches != 1 {
-            return Err(spec.error(
-                "parallel.num_patches",
-                format!(
-                    "num_patches = {} with Ring attention: its ranks run whole steps on their \
-                     token rows",
-                    p.num_patches
-                ),
-                Some("use num_patches = 1 (--num-patches 1)".into()),
-            ));
-        }
         #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; the MSRV is 1.85
         if u > 1 && shape.heads % u != 0 {
             let valid: Vec<String> = (1..=shape.heads)
@@ -102,7 +76,7 @@ impl SequenceParallel {
                 Some("use a smaller degree or a larger image".into()),
             ));
         };
-        // Ulysses inside PipeFusion: each patch is cut into U sub-strips, one per rank.
+        // Inside PipeFusion: each patch is cut into U x R sub-strips, one per rank.
         if let Some(patches) = patch_rows(shape.token_rows, p.num_patches) {
             if let Some(small) = patches
                 .iter()

@@ -100,7 +100,9 @@ impl DeviceRole {
 impl Plan {
     /// The role of every device, in rank order.
     pub fn roles(&self) -> Vec<DeviceRole> {
-        (0..self.stages.len()).filter_map(|r| self.role(r)).collect()
+        (0..self.stages.len())
+            .filter_map(|r| self.role(r))
+            .collect()
     }
 
     /// The role of the device of rank `rank` (`None` past the last).

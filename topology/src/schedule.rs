@@ -16,7 +16,10 @@
 use std::fmt;
 use std::time::Duration;
 
+pub use device::{CoreFailure, CoreOutput, DeviceCore, EARLY_INPUTS_MAX};
+
 mod config;
+mod device;
 mod inputs;
 mod stage;
 #[cfg(test)]
@@ -174,8 +177,14 @@ pub struct StageSchedule {
 enum Phase {
     /// Waiting for the input of the next item since the given time.
     Idle { since: Duration },
-    /// Computing `item` since `since`.
-    Running { item: WorkItem, since: Duration },
+    /// Computing `item` since `since`; its input was the one received as `input`, whose last
+    /// user it is when `releases` (see [`StageSchedule::launched_input`]).
+    Running {
+        item: WorkItem,
+        since: Duration,
+        input: WorkItem,
+        releases: bool,
+    },
     /// Every item has completed.
     Finished,
     /// Gave up; see the `Failed` action.

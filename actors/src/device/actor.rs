@@ -8,6 +8,8 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use transport::{Endpoint, FrameLabel, PeerGroupKind};
 
+use topology::schedule::DeviceCore;
+
 use super::{DeviceActor, DeviceArgs, DeviceState};
 use crate::compute::ComputeThread;
 use crate::messages::DeviceMessage;
@@ -48,8 +50,8 @@ impl Actor for DeviceActor {
                 (_, 1) => Box::new(model::sp::Ulysses::new(comm)),
                 (u, _) => Box::new(model::sp::Usp::new(comm, u)?),
             };
-            // Ulysses inside PipeFusion keeps a K/V buffer of its head group.
-            let kv_head_groups = match sp.inside_pipefusion && sp.ring == 1 {
+            // Inside PipeFusion a rank keeps a K/V buffer of its head group (all heads for Ring).
+            let kv_head_groups = match sp.inside_pipefusion {
                 true => sp.ulysses,
                 false => 0,
             };
@@ -97,19 +99,25 @@ impl Actor for DeviceActor {
         });
         tracing::debug!(device = role.rank, stage = role.stage, "device ready");
         Ok(DeviceState {
+            core: DeviceCore::new(
+                role.rank,
+                role.stage,
+                args.stall_timeout,
+                args.compute_timeout,
+            ),
             role,
+            epoch: tokio::time::Instant::now(),
+            setup: None,
+            bytes_at_start: 0,
+            timer_for: None,
+            lost_stages: Vec::new(),
             groups,
             clock,
             links,
             compute,
             coordinator: args.coordinator,
-            stall_timeout: args.stall_timeout,
-            compute_timeout: args.compute_timeout,
             inbox_task,
             fault: args.fault,
-            active: None,
-            last_request: 0,
-            early: Vec::new(),
         })
     }
 
@@ -139,7 +147,6 @@ impl Actor for DeviceActor {
                 let _ = reply.send(r);
                 if ok {
                     st.drain(&myself).await;
-                    st.replay_early(&myself).await;
                 }
             }
             DeviceMessage::Frame(frame) => st.on_frame(&myself, frame).await,
@@ -152,32 +159,14 @@ impl Actor for DeviceActor {
                 st.on_compute_done(&myself, request, item, output, waited)
                     .await
             }
-            DeviceMessage::Tick { request } => {
-                if let Some(a) = st.active.as_mut().filter(|a| a.setup.id == request) {
-                    a.timer_for = None;
-                    a.schedule.handle_timeout(a.started.elapsed());
-                    st.drain(&myself).await;
-                }
+            DeviceMessage::Tick => {
+                st.timer_for = None;
+                let now = st.now();
+                st.core.handle_timeout(now);
+                st.drain(&myself).await;
             }
-            DeviceMessage::ComputeWatchdog { request, item } => {
-                let late = st
-                    .active
-                    .as_ref()
-                    .is_some_and(|a| a.setup.id == request && a.running == Some(item));
-                if late {
-                    let secs = st.compute_timeout.as_secs_f64();
-                    let message = match st.clock.waiting_for() {
-                        Some(peer) => format!("waited longer than the compute timeout ({secs:.1} s) in {item} for device {peer}'s part of an exchange: device {peer} is wedged or far too slow"),
-                        None => format!("computing {item} took longer than the compute timeout ({secs:.1} s): the device is wedged or far too slow"),
-                    };
-                    st.fail(Some(item.step), message);
-                }
-            }
-            DeviceMessage::Abort => {
-                if let Some(a) = st.active.take() {
-                    st.cancel_exchanges(a.setup.id);
-                }
-            }
+            DeviceMessage::PeerLost { device, why } => st.on_peer_lost(&myself, device, why).await,
+            DeviceMessage::Abort => st.abort(),
         }
         Ok(())
     }

@@ -1,10 +1,10 @@
-//! The device actor: a thin driver around one stage's [`StageSchedule`]. Each handler turns a
-//! message into one `handle_*` call, then [`DeviceState::drain`] turns the schedule's outputs into
-//! compute jobs, frames to peers, progress events and the stall timer.
+//! The device actor: a thin driver around its sans-IO [`DeviceCore`] (the stage schedule, the
+//! inputs it holds, early inputs, the compute deadline). Each handler turns a message into one
+//! core event, then [`DeviceState::drain`] carries out the core's outputs: compute jobs, frames
+//! to peers, reports to the coordinator, and one timer at the core's next deadline.
 
 mod actor;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,9 @@ use ractor::ActorRef;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use topology::schedule::{Part, ScheduleFailure, StageAction, StageSchedule, WorkItem};
+use topology::schedule::{
+    CoreFailure, CoreOutput, DeviceCore, Part, ScheduleConfig, ScheduleFailure, WorkItem,
+};
 use topology::DeviceRole;
 use transport::{Endpoint, Link};
 
@@ -54,26 +56,20 @@ pub(crate) struct DeviceArgs {
     pub(crate) fault: Option<Fault>,
 }
 
-struct Active {
-    setup: Arc<RequestSetup>,
-    schedule: StageSchedule,
-    started: Instant,
-    pending: HashMap<(usize, Part), Tensor>,
-    last_output: Option<Tensor>,
-    bytes_at_start: u64,
-    timer_for: Option<Duration>,
-    /// The item on the compute thread.
-    running: Option<WorkItem>,
-    /// Time the compute thread waited in exchanges during this request.
-    exchange_wait: Duration,
-}
-
-/// Frames of a request this device has not begun yet that it keeps until the `Begin` arrives
-/// (a peer can start before this device's `Begin` is processed, e.g. two CFG groups' stage 0s).
-const EARLY_FRAMES_MAX: usize = 1024;
-
 pub(crate) struct DeviceState {
     role: DeviceRole,
+    /// Everything the device decides about its requests.
+    core: DeviceCore<Tensor>,
+    /// The core's clock starts here.
+    epoch: Instant,
+    /// The active request's setup (jobs and input shapes).
+    setup: Option<Arc<RequestSetup>>,
+    /// Bytes sent before the active request began.
+    bytes_at_start: u64,
+    /// The deadline the armed timer is for.
+    timer_for: Option<Duration>,
+    /// Why each lost pipeline stage was lost (named when the schedule fails on it).
+    lost_stages: Vec<(usize, String)>,
     /// The compute thread's peer groups (to end their waits when a request ends).
     groups: Vec<std::sync::mpsc::Sender<GroupMsg>>,
     /// Shared with the compute thread: whom it waits for in an exchange.
@@ -81,102 +77,67 @@ pub(crate) struct DeviceState {
     links: Vec<Arc<dyn Link>>,
     compute: ComputeThread,
     coordinator: CoordinatorHandle,
-    stall_timeout: Duration,
-    compute_timeout: Duration,
     inbox_task: JoinHandle<()>,
     fault: Option<Fault>,
-    active: Option<Active>,
-    /// The newest request this device has begun (ids only grow).
-    last_request: u64,
-    /// Frames of a newer request than `last_request`, replayed when it begins.
-    early: Vec<transport::Frame>,
 }
 
 impl DeviceState {
-    /// A frame from a peer: check it against the plan, hand it to the schedule, drain.
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// A work item's input from a peer: checked for its kind, decoded, handed to the core.
     async fn on_frame(&mut self, myself: &ActorRef<DeviceMessage>, frame: transport::Frame) {
-        if frame.header.request > self.last_request {
-            // A request this device has not begun yet: keep the frame for its Begin.
-            if self.early.len() >= EARLY_FRAMES_MAX {
-                tracing::warn!(
-                    device = self.role.rank,
-                    request = frame.header.request,
-                    "too many frames ahead of their request's Begin; dropped one"
-                );
-                return;
-            }
-            self.early.push(frame);
-            return;
-        }
-        let Some(a) = self.active.as_mut() else {
-            tracing::warn!(
-                device = self.role.rank,
-                from = frame.header.from,
-                "frame outside a request dropped"
-            );
-            return;
-        };
-        if frame.header.request != a.setup.id {
-            tracing::warn!(
-                device = self.role.rank,
-                request = frame.header.request,
-                "frame of another request dropped"
-            );
-            return;
-        }
+        let (request, from) = (frame.header.request, frame.header.from);
         let Some((step, part)) = item_of(frame.header.label) else {
             // The inbox router hands collective parts to this device's peer groups; one that
             // gets here names a group this device is not in.
-            let step = a.running.map(|i| i.step);
-            let message = format!(
-                "device {} sent {}, but this device is in no such group",
-                frame.header.from, frame.header.label
+            let m = format!(
+                "device {from} sent {}, but this device is in no such group",
+                frame.header.label
             );
-            self.fail(step, message);
-            return;
+            return self.refuse(myself, request, None, m).await;
         };
         let latent = matches!(frame.header.label, transport::FrameLabel::Latent { .. });
         if latent != self.role.is_first_stage() {
-            let message = format!(
-                "device {} sent {} to stage {} (stage 0 takes latents, the others hidden states)",
-                frame.header.from, frame.header.label, self.role.stage
+            let m = format!(
+                "device {from} sent {} to stage {} (stage 0 takes latents, the others hidden states)",
+                frame.header.label, self.role.stage
             );
-            self.fail(Some(step), message);
-            return;
+            return self.refuse(myself, request, Some(step), m).await;
         }
-        let now = a.started.elapsed();
-        let (role, group) = (&self.role, self.role.cfg.group);
-        let rank = role.sp.rank;
-        // Ulysses inside PipeFusion: after a whole-image step the last stage sends stage 0 the
-        // whole latent (the ranks shared their rows).
-        let gathered = part == Part::Whole
-            && role.is_first_stage()
-            && a.setup.patches.len() > 1
-            && role.sp.degree() > 1
-            && role.sp.inside_pipefusion;
-        let want = match gathered {
-            true => Some(0..a.setup.token_rows()),
-            false => a.setup.rank_rows(part, rank),
-        }
-        .and_then(|r| a.setup.frame_shape_rows(r.len(), role.is_first_stage(), group));
-        let r = decode(&frame).map_err(|e| e.to_string()).and_then(|t| {
-            if want.as_deref() != Some(t.shape()) {
-                return Err(format!(
-                    "frame from device {} for step {step} {part:?} has shape {:?}, the plan says {want:?}",
-                    frame.header.from,
-                    t.shape()
-                ));
+        match decode(&frame) {
+            Ok(t) => {
+                let now = self.now();
+                self.core
+                    .handle_input(now, request, WorkItem { step, part }, from, t)
             }
-            a.pending.insert((step, part), t);
-            a.schedule.handle_input(now, step, part).map_err(|e| e.to_string())
-        });
-        match r {
-            Ok(()) => self.drain(myself).await,
-            Err(e) => self.fail(Some(step), e),
+            Err(e) => {
+                return self
+                    .refuse(myself, request, Some(step), e.to_string())
+                    .await
+            }
+        }
+        self.drain(myself).await;
+    }
+
+    /// Fails `request` with `message` if it is the active one (a frame that cannot be used).
+    async fn refuse(
+        &mut self,
+        myself: &ActorRef<DeviceMessage>,
+        request: u64,
+        step: Option<usize>,
+        message: String,
+    ) {
+        if self.core.request() == Some(request) {
+            self.core.fail(request, step, message);
+            self.drain(myself).await;
+        } else {
+            tracing::warn!(device = self.role.rank, request, %message, "frame dropped");
         }
     }
 
-    /// The compute thread finished `item` of `request` (ignored if that request was aborted).
+    /// The compute thread finished `item` of `request`.
     async fn on_compute_done(
         &mut self,
         myself: &ActorRef<DeviceMessage>,
@@ -185,49 +146,20 @@ impl DeviceState {
         output: Result<Tensor, String>,
         waited: Duration,
     ) {
-        let Some(a) = self.active.as_mut().filter(|a| a.setup.id == request) else {
-            return;
-        };
-        let now = a.started.elapsed();
-        a.running = None;
-        a.exchange_wait += waited;
-        let r = output.and_then(|t| {
-            a.last_output = Some(t);
-            a.schedule
-                .handle_compute_done(now, item)
-                .map_err(|e| e.to_string())
-        });
-        match r {
-            Ok(()) => self.drain(myself).await,
-            Err(e) => self.fail(Some(item.step), e),
-        }
-    }
-
-    /// Hands the frames that arrived before this request's Begin to [`Self::on_frame`]; frames of
-    /// older requests are dropped.
-    async fn replay_early(&mut self, myself: &ActorRef<DeviceMessage>) {
-        let id = self.last_request;
-        let early = std::mem::take(&mut self.early);
-        let (now, later): (Vec<_>, Vec<_>) =
-            early.into_iter().partition(|f| f.header.request <= id);
-        self.early = later;
-        for f in now.into_iter().filter(|f| f.header.request == id) {
-            Box::pin(self.on_frame(myself, f)).await;
-        }
+        let now = self.now();
+        self.core
+            .handle_compute_done(now, request, item, output, waited);
+        self.drain(myself).await;
     }
 
     fn bytes_sent(&self) -> u64 {
         self.links.iter().map(|l| l.bytes_sent()).sum()
     }
 
-    async fn begin(
-        &mut self,
-        setup: Arc<RequestSetup>,
-        cfg: topology::schedule::ScheduleConfig,
-    ) -> Result<(), String> {
+    /// Begins a request: the compute thread's buffers, then the core (stage 0 takes the
+    /// request's latent as its step-0 input).
+    async fn begin(&mut self, setup: Arc<RequestSetup>, cfg: ScheduleConfig) -> Result<(), String> {
         let id = setup.id;
-        // From now on frames of this request are handled (or dropped with it), not kept.
-        self.last_request = self.last_request.max(id);
         let ranks = match self.role.sp.degree() {
             1 => 0,
             n => n,
@@ -246,28 +178,48 @@ impl DeviceState {
         }
         rx.await
             .map_err(|_| "the compute thread has stopped".to_string())??;
-        let mut schedule =
-            StageSchedule::new(cfg, self.role.stage, self.stall_timeout)
-                .map_err(|e| e.to_string())?;
-        let mut pending = HashMap::new();
+        let now = self.now();
+        self.core.begin(now, id, cfg).map_err(|e| e.to_string())?;
+        self.bytes_at_start = self.bytes_sent();
         if self.role.is_first_stage() {
-            pending.insert((0, Part::Whole), setup.initial_latent.clone());
-            schedule
-                .handle_input(Duration::ZERO, 0, Part::Whole)
-                .map_err(|e| e.to_string())?;
+            let latent = setup.initial_latent.clone();
+            self.core
+                .handle_input(now, id, WorkItem::whole(0), self.role.rank, latent);
         }
-        self.active = Some(Active {
-            setup,
-            schedule,
-            started: Instant::now(),
-            pending,
-            last_output: None,
-            bytes_at_start: self.bytes_sent(),
-            timer_for: None,
-            running: None,
-            exchange_wait: Duration::ZERO,
-        });
+        self.setup = Some(setup);
         Ok(())
+    }
+
+    /// Drops the active request (another device failed, or it was cancelled).
+    fn abort(&mut self) {
+        if let Some(id) = self.core.request() {
+            self.core.abort(Some(id));
+            self.cancel_exchanges(id);
+        }
+    }
+
+    /// A device of the cluster is gone (its node was lost): a pipeline neighbour goes to the
+    /// schedule's peer-loss rule; a member of one of this device's peer groups fails the request.
+    async fn on_peer_lost(&mut self, myself: &ActorRef<DeviceMessage>, device: usize, why: String) {
+        let now = self.now();
+        if let Some(stage) = self.role.pipeline.iter().position(|&d| d == device) {
+            if stage != self.role.stage {
+                if !self.lost_stages.iter().any(|(s, _)| *s == stage) {
+                    self.lost_stages
+                        .push((stage, format!("device {device}: {why}")));
+                }
+                self.core.handle_peer_lost(now, stage);
+            }
+        }
+        let in_group =
+            self.role.sp.members.contains(&device) || self.role.cfg.partner == Some(device);
+        if let (true, Some(id)) = (in_group && device != self.role.rank, self.core.request()) {
+            let m = format!(
+                "device {device}, a member of this device's exchange group, was lost: {why}"
+            );
+            self.core.fail(id, None, m);
+        }
+        self.drain(myself).await;
     }
 
     /// Ends the compute thread's exchange waits of `request` (its peer groups fail the wait).
@@ -277,162 +229,164 @@ impl DeviceState {
         }
     }
 
-    /// Reports a failure of the current request to the coordinator and drops the request.
-    fn fail(&mut self, step: Option<usize>, message: String) {
-        if let Some(a) = self.active.take() {
-            self.cancel_exchanges(a.setup.id);
-            tracing::error!(device = self.role.rank, ?step, %message, "request failed on this device");
-            self.coordinator.report(CoordinatorMessage::DeviceFailed {
-                request: a.setup.id,
-                device: self.role.rank,
-                step,
-                message,
-            });
-        }
-    }
-
-    /// Turns every pending schedule output into its effect, then re-arms the stall timer.
+    /// Carries out every output of the core, then arms the timer at its next deadline.
     async fn drain(&mut self, myself: &ActorRef<DeviceMessage>) {
-        loop {
-            let Some(a) = self.active.as_mut() else {
-                return;
-            };
-            let now = a.started.elapsed();
-            let Some(action) = a.schedule.poll_action() else {
-                break;
-            };
-            let r: Result<(), (Option<usize>, String)> = match action {
-                StageAction::Launch(item) => self.launch(item).map(|()| {
-                    let request = a_id(&self.active);
-                    myself.send_after(self.compute_timeout, move || {
-                        DeviceMessage::ComputeWatchdog { request, item }
-                    });
-                }),
-                StageAction::Send { to, step, part } => self.send(now, to, step, part).await,
-                StageAction::StepDone { step } => {
-                    // Under CFG or sequence parallelism several devices finish every step;
-                    // group 0's rank 0 reports.
+        while let Some(out) = self.core.poll_output() {
+            let (request, step) = (out.request(), step_of(&out));
+            let r = match out {
+                CoreOutput::Launch {
+                    item,
+                    input,
+                    label,
+                    from,
+                    ..
+                } => self.launch(request, item, (label, from), input),
+                CoreOutput::Send {
+                    to, item, payload, ..
+                } => self.send(request, to, item, &payload).await,
+                CoreOutput::StepDone { step, .. } => {
                     if self.role.reports_steps() {
-                        self.coordinator.report(CoordinatorMessage::StepDone {
-                            request: a.setup.id,
-                            step,
-                        });
+                        self.coordinator
+                            .report(CoordinatorMessage::StepDone { request, step });
                     }
                     Ok(())
                 }
-                StageAction::Finished => {
-                    self.finish().await;
-                    return;
+                CoreOutput::Finished {
+                    stats,
+                    exchange_wait,
+                    ..
+                } => {
+                    self.finish(request, stats, exchange_wait).await;
+                    Ok(())
                 }
-                StageAction::Failed(f) => {
-                    let step = match &f {
-                        ScheduleFailure::Stalled { waiting_for, .. } => Some(waiting_for.step),
-                        ScheduleFailure::PeerLost { during, .. } => during.map(|i| i.step),
-                    };
-                    Err((step, f.to_string()))
+                CoreOutput::Failed { reason, .. } => {
+                    self.report_failure(request, step, &reason);
+                    Ok(())
                 }
             };
-            if let Err((step, msg)) = r {
-                self.fail(step, msg);
-                return;
+            if let Err(m) = r {
+                self.core.fail(request, step, m);
             }
         }
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        if let Some(deadline) = a.schedule.poll_timeout() {
-            if a.timer_for != Some(deadline) {
-                a.timer_for = Some(deadline);
-                let wait = deadline.saturating_sub(a.started.elapsed());
-                let request = a.setup.id;
-                myself.send_after(wait, move || DeviceMessage::Tick { request });
+        if let Some(deadline) = self.core.poll_timeout() {
+            if self.timer_for != Some(deadline) {
+                self.timer_for = Some(deadline);
+                let wait = deadline.saturating_sub(self.now());
+                myself.send_after(wait, || DeviceMessage::Tick);
             }
         }
     }
 
-    fn launch(&mut self, item: WorkItem) -> Result<(), (Option<usize>, String)> {
+    /// Hands `item` to the compute thread, after checking its input (which arrived as `label`
+    /// from device `from`) against the plan.
+    fn launch(
+        &mut self,
+        request: u64,
+        item: WorkItem,
+        (label, from): (WorkItem, usize),
+        input: Tensor,
+    ) -> Result<(), String> {
         if let Some(Fault::ActorPanicAt { device, step }) = self.fault {
-            if device == self.role.rank && step == item.step && a_id(&self.active) == 1 {
+            if device == self.role.rank && step == item.step && request == 1 {
                 panic!("injected actor panic at step {step}");
             }
         }
-        let a = self.active.as_mut().expect("active");
-        let fail = |m: String| (Some(item.step), m);
-        let input = match a.pending.remove(&(item.step, item.part)) {
-            Some(t) => t,
-            None => {
-                // Stage 0 at the first PipeFusion step: the whole latent stands for every patch.
-                let last = matches!(item.part, Part::Patch(p) if p + 1 == a.setup.patches.len());
-                let whole = if last {
-                    a.pending.remove(&(item.step, Part::Whole))
-                } else {
-                    a.pending.get(&(item.step, Part::Whole)).cloned()
-                };
-                whole.ok_or_else(|| {
-                    fail(format!("no input for step {} {:?}", item.step, item.part))
-                })?
+        let setup = self.setup.clone().ok_or("no request set up")?;
+        let (role, rank) = (&self.role, self.role.sp.rank);
+        // The rows the input covers: the whole latent for stage 0 at step 0 (the request's) and,
+        // inside PipeFusion under sequence parallelism, after a whole-image step (the ranks
+        // shared their rows); otherwise the rank's rows of the part.
+        let gathered = role.sp.degree() > 1 && role.sp.inside_pipefusion && setup.patches.len() > 1;
+        let rows = match label.part {
+            Part::Whole if role.is_first_stage() && (label.step == 0 || gathered) => {
+                Some(0..setup.token_rows())
             }
+            part => setup.rank_rows(part, rank),
         };
-        let rank = self.role.sp.rank;
+        let want = rows
+            .and_then(|r| setup.frame_shape_rows(r.len(), role.is_first_stage(), role.cfg.group));
+        if want.as_deref() != Some(input.shape()) {
+            return Err(format!(
+                "the input of {item} from device {from} has shape {:?}, the plan says {want:?}",
+                input.shape()
+            ));
+        }
         let job = StageJob {
             step: item.step,
-            rows: a
-                .setup
+            rows: setup
                 .rank_rows(item.part, rank)
-                .ok_or_else(|| fail(format!("no rows for {item} on rank {rank}")))?,
-            patch: a.setup.rows(item.part).unwrap_or(0..a.setup.token_rows()),
+                .ok_or_else(|| format!("no rows for {item} on rank {rank}"))?,
+            patch: setup.rows(item.part).unwrap_or(0..setup.token_rows()),
             ends_step: match item.part {
                 Part::Whole => true,
-                Part::Patch(p) => p + 1 == a.setup.patches.len(),
+                Part::Patch(p) => p + 1 == setup.patches.len(),
             },
         };
-        let request = a.setup.id;
-        a.running = Some(item);
-        if !self.compute.submit(ComputeJob::Run {
+        let job = ComputeJob::Run {
             request,
             item,
             job,
             input,
-        }) {
-            return Err(fail("the compute thread has stopped".into()));
+        };
+        match self.compute.submit(job) {
+            true => Ok(()),
+            false => Err("the compute thread has stopped".into()),
         }
-        Ok(())
     }
 
-    /// Sends the completed item's output; over QUIC this waits while the link's bounded queue is
-    /// full (back-pressure), so a slow link slows the producer instead of piling up frames.
+    /// Sends an item's output to stage `to` of this device's pipeline; over QUIC this waits
+    /// while the link's bounded queue is full (back-pressure).
     async fn send(
         &mut self,
-        now: Duration,
+        request: u64,
         to: usize,
-        step: usize,
-        part: Part,
-    ) -> Result<(), (Option<usize>, String)> {
-        let a = self.active.as_mut().expect("active");
-        let out = a
-            .last_output
-            .take()
-            .ok_or((Some(step), "nothing to send".to_string()))?;
+        item: WorkItem,
+        out: &Tensor,
+    ) -> Result<(), String> {
         let to_device = self.role.pipeline[to];
-        if to_device == self.role.rank {
-            a.pending.insert((step, part), out);
-            return a
-                .schedule
-                .handle_input(now, step, part)
-                .map_err(|e| (Some(step), e.to_string()));
-        }
-        let label = item_label(to == 0, step, part);
-        let frame = encode(a.setup.id, self.role.rank, label, &out)
-            .map_err(|e| (Some(step), e.to_string()))?;
+        let label = item_label(to == 0, item.step, item.part);
+        let frame = encode(request, self.role.rank, label, out).map_err(|e| e.to_string())?;
         let link = self.links[to_device].clone();
-        link.send_async(frame)
-            .await
-            .map_err(|e| (Some(step), e.to_string()))
+        link.send_async(frame).await.map_err(|e| e.to_string())
     }
 
-    async fn finish(&mut self) {
-        let Some(a) = self.active.take() else { return };
-        let latent = if a.schedule.is_last() {
+    /// Reports a failure of `request` to the coordinator and releases the exchange waits.
+    fn report_failure(&mut self, request: u64, step: Option<usize>, reason: &CoreFailure) {
+        self.cancel_exchanges(request);
+        let message = match (reason, self.clock.waiting_for()) {
+            (CoreFailure::ComputeTimeout { item, timeout }, Some(peer)) => format!(
+                "waited longer than the compute timeout ({:.1} s) in {item} for device {peer}'s \
+                 part of an exchange: device {peer} is wedged or far too slow",
+                timeout.as_secs_f64()
+            ),
+            (CoreFailure::ComputeTimeout { .. }, None) => {
+                format!("{reason}: the device is wedged or far too slow")
+            }
+            (CoreFailure::Schedule(ScheduleFailure::PeerLost { peer, .. }), _) => {
+                match self.lost_stages.iter().find(|(s, _)| s == peer) {
+                    Some((_, why)) => format!("{reason} ({why})"),
+                    None => reason.to_string(),
+                }
+            }
+            _ => reason.to_string(),
+        };
+        tracing::error!(device = self.role.rank, ?step, %message, "request failed on this device");
+        self.coordinator.report(CoordinatorMessage::DeviceFailed {
+            request,
+            device: self.role.rank,
+            step,
+            message,
+        });
+    }
+
+    /// Reports a finished request (the last stage's final latent with it).
+    async fn finish(
+        &mut self,
+        request: u64,
+        stats: topology::schedule::StageStats,
+        exchange_wait: Duration,
+    ) {
+        let latent = if self.role.is_last_stage() {
             let (tx, rx) = oneshot::channel();
             if self.compute.submit(ComputeJob::Finish(tx)) {
                 rx.await.ok().flatten()
@@ -442,23 +396,27 @@ impl DeviceState {
         } else {
             None
         };
-        let stats = a.schedule.stats();
         let report = StageReport {
             busy: stats.busy,
-            exchange_wait: a.exchange_wait,
+            exchange_wait,
             launched: stats.launched,
-            bytes_sent: self.bytes_sent() - a.bytes_at_start,
+            bytes_sent: self.bytes_sent() - self.bytes_at_start,
             latent,
         };
         self.coordinator.report(CoordinatorMessage::StageFinished {
-            request: a.setup.id,
+            request,
             device: self.role.rank,
             report,
         });
     }
 }
 
-/// The id of the active request (0 when none).
-fn a_id(active: &Option<Active>) -> u64 {
-    active.as_ref().map_or(0, |a| a.setup.id)
+/// The step an output is about, when it names one.
+fn step_of(out: &CoreOutput<Tensor>) -> Option<usize> {
+    match out {
+        CoreOutput::Launch { item, .. } | CoreOutput::Send { item, .. } => Some(item.step),
+        CoreOutput::StepDone { step, .. } => Some(*step),
+        CoreOutput::Failed { step, .. } => *step,
+        CoreOutput::Finished { .. } => None,
+    }
 }

@@ -123,12 +123,16 @@ impl PeerGroup {
         runtime: tokio::runtime::Handle,
         clock: Arc<ExchangeClock>,
     ) -> Result<(PeerGroup, Sender<GroupMsg>), String> {
-        let rank = spec.members.iter().position(|&m| m == spec.me).ok_or_else(|| {
-            format!(
-                "device {} is not a member of its {:?} group {:?}",
-                spec.me, spec.kind, spec.members
-            )
-        })?;
+        let rank = spec
+            .members
+            .iter()
+            .position(|&m| m == spec.me)
+            .ok_or_else(|| {
+                format!(
+                    "device {} is not a member of its {:?} group {:?}",
+                    spec.me, spec.kind, spec.members
+                )
+            })?;
         if let Some(&m) = spec.members.iter().find(|&&m| m >= links.len()) {
             return Err(format!("group member {m} has no link"));
         }
@@ -194,7 +198,10 @@ impl PeerGroup {
             return Ok(());
         }
         let FrameLabel::Collective { seq, .. } = frame.header.label else {
-            return Err(self.fail(format!("a {} frame routed to a peer group", frame.header.label)));
+            return Err(self.fail(format!(
+                "a {} frame routed to a peer group",
+                frame.header.label
+            )));
         };
         if seq < self.seq || self.stash.contains_key(&(seq, pos)) {
             return Err(self.fail(format!(

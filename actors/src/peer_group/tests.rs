@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use kernels::Tensor;
 use model::sp::{Collective, CollectiveOp};
-use transport::{Endpoint, Frame, FrameHeader, FrameLabel, MemoryNetwork, PeerGroupKind, WireDType};
+use transport::{
+    Endpoint, Frame, FrameHeader, FrameLabel, MemoryNetwork, PeerGroupKind, WireDType,
+};
 
 use super::{ExchangeClock, GroupMsg, GroupSpec, PeerGroup};
 
@@ -94,7 +96,8 @@ fn collectives_over_links_give_every_member_its_parts() {
                 let parts = (0..3).map(|j| t(10.0 * r + j as f32)).collect();
                 let a2a: Vec<f32> = m.group.all_to_all(parts).unwrap().iter().map(val).collect();
                 let shifted = val(&m.group.ring_shift(t(r)).unwrap());
-                let gathered: Vec<f32> = m.group.all_gather(t(r)).unwrap().iter().map(val).collect();
+                let gathered: Vec<f32> =
+                    m.group.all_gather(t(r)).unwrap().iter().map(val).collect();
                 drop(router); // ends with the links
                 (r, a2a, shifted, gathered)
             })
@@ -207,7 +210,10 @@ fn a_cancel_releases_a_waiting_member_and_the_wait_is_counted() {
     tx.send(GroupMsg::Cancel { request: 0 }).unwrap();
     tx.send(GroupMsg::Cancel { request: 1 }).unwrap();
     let e = h.join().unwrap().unwrap_err().to_string();
-    assert!(e.contains("the request ended while waiting for device 1"), "{e}");
+    assert!(
+        e.contains("the request ended while waiting for device 1"),
+        "{e}"
+    );
     assert_eq!(clock.waiting_for(), None);
     assert!(clock.take_waited() >= Duration::from_millis(50));
     assert_eq!(clock.take_waited(), Duration::ZERO);

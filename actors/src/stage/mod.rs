@@ -50,8 +50,8 @@ pub struct StageExecutor {
     cfg_group: Option<usize>,
     /// Under sequence parallelism: how self-attention reaches the other ranks.
     sequence: Option<Box<dyn model::sp::SequenceAttention>>,
-    /// Ulysses degree when the stage keeps a K/V buffer of its head group (PipeFusion inside
-    /// the group); 0 when attention sees the whole sequence every step (Ring, USP).
+    /// Inside PipeFusion: the Ulysses degree U (1 for Ring), the stage keeping a K/V buffer of
+    /// `1 / U` of the heads; 0 when attention sees the whole sequence every step (no patches).
     kv_head_groups: usize,
     active: Option<Active>,
 }
@@ -74,8 +74,9 @@ impl StageExecutor {
 
     /// The same stage as one rank of a sequence-parallel group: it runs the token rows it is
     /// given, and its self-attention goes through `attention` (Ulysses, Ring or USP over the
-    /// group). With `kv_head_groups` = U > 0 (Ulysses) it keeps a K/V buffer of its head group
-    /// and runs PipeFusion patches; with 0 every item must cover the whole image.
+    /// group). With `kv_head_groups` = U > 0 (the Ulysses degree, 1 for Ring) it keeps a K/V
+    /// buffer of its head group and runs PipeFusion patches; with 0 every item must cover the
+    /// whole image.
     pub fn with_sequence_parallel(
         mut self,
         attention: Box<dyn model::sp::SequenceAttention>,
@@ -131,8 +132,9 @@ impl StageExecutor {
         }
         let fwd = setup.forward_of(self.group())?;
         let (b, tokens) = (fwd.forward_batch(), (h / p) * (w / p));
-        // A Ring / USP rank keeps no K/V buffer: its attention sees the whole sequence through
-        // the group, every step. A Ulysses rank keeps its head group's.
+        // A rank of a group that runs no patches keeps no K/V buffer: its attention sees the
+        // whole sequence through the group, every step. Inside PipeFusion it keeps its head
+        // group's.
         let (tokens, groups) = match (&self.sequence, self.kv_head_groups) {
             (Some(_), 0) => (0, 1),
             (Some(_), u) => (tokens, u),
@@ -266,7 +268,8 @@ impl StageExecutor {
             .ok_or_else(|| ClusterError::BadRequest("stage has no active request".into()))?
             .setup
             .clone();
-        // Ulysses inside PipeFusion, a whole-image step: each rank predicted its shard, but its
+        // Sequence parallelism inside PipeFusion, a whole-image step: each rank predicted its
+        // shard, but its
         // next patches cover rows of other shards. The ranks share their predictions and all
         // step the whole latent, so latents and multistep histories stay identical everywhere.
         let (eps, r0, n_rows) = if self.whole_step_needs_gather(&setup, job) {
@@ -286,8 +289,8 @@ impl StageExecutor {
         Ok(latent.narrow(2, r0 * p, n_rows * p)?)
     }
 
-    /// Whether `job` is a whole-image step of a Ulysses rank inside a PipeFusion plan with
-    /// several patches (see [`Self::step_rows`]).
+    /// Whether `job` is a whole-image step of a sequence-parallel rank inside a PipeFusion plan
+    /// with several patches (see [`Self::step_rows`]).
     fn whole_step_needs_gather(&self, setup: &RequestSetup, job: &StageJob) -> bool {
         self.sequence.is_some()
             && self.kv_head_groups > 0

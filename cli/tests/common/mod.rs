@@ -60,12 +60,20 @@ pub fn latent_bytes(path: &Path) -> Vec<u8> {
 /// The demo model on `stages` local CPU devices x 1 thread (PipeFusion, `patches`, W = 1), in
 /// one process: `request` flags, latent saved to `out`.
 pub fn in_process_demo(stages: usize, patches: usize, request: &[String], out: &Path) {
+    let (stages, patches) = (stages.to_string(), patches.to_string());
+    let request: Vec<&str> = request.iter().map(String::as_str).collect();
+    let flags = ["--pipefusion-degree", &stages, "--num-patches", &patches];
+    in_process_demo_with(&flags, &request, out);
+}
+
+/// The demo model on local CPU devices x 1 thread with W = 1 and the parallel `flags`, in one
+/// process: `request` flags, latent saved to `out`.
+pub fn in_process_demo_with(flags: &[&str], request: &[&str], out: &Path) {
     let o = Command::new(bin())
         .args(["generate", "--model"])
         .arg(root().join("assets/digits-dit"))
-        .args(["--pipefusion-degree", &stages.to_string()])
-        .args(["--num-patches", &patches.to_string(), "--warmup-steps", "1"])
-        .args(["--threads", "1"])
+        .args(flags)
+        .args(["--warmup-steps", "1", "--threads", "1"])
         .args(request)
         .arg("--save-latent")
         .arg(out)

@@ -9,6 +9,7 @@
 //! those groups. [`local_group`] is an in-process [`Collective`] over channels (ranks on
 //! threads), the reference the tests use; a runtime implements the trait over its links.
 
+mod buffered;
 mod local;
 
 pub use local::{local_group, LocalCollective};
@@ -33,8 +34,9 @@ pub trait SequenceAttention: Send {
     ) -> Result<Tensor>;
 
     /// PipeFusion with sequence parallelism: `qkv` is this rank's sub-strip of a patch; the
-    /// patch's keys and values (this rank's share) are written into `kv` at the patch's tokens and
-    /// the patch attends to the whole buffer (fresh and stale rows). Only Ulysses supports it.
+    /// patch's keys and values (of this rank's head group) are written into `kv` at the patch's
+    /// tokens and this rank's queries attend to the whole buffer (fresh and stale rows). Ulysses,
+    /// Ring and USP share one procedure (`buffered.rs`).
     fn attend_with_buffer(
         &mut self,
         _dev: &Device,
@@ -44,8 +46,7 @@ pub trait SequenceAttention: Send {
         _kv: crate::KvSlot<'_>,
     ) -> Result<Tensor> {
         Err(ModelError::Input(
-            "this kind of sequence parallelism does not run inside PipeFusion stages (Ulysses does)"
-                .into(),
+            "this kind of sequence parallelism does not run inside PipeFusion stages".into(),
         ))
     }
 
@@ -215,23 +216,11 @@ impl<C: Collective> SequenceAttention for Ulysses<C> {
         head_dim: usize,
         kv: crate::KvSlot<'_>,
     ) -> Result<Tensor> {
-        let u = self.comm.size();
-        let all: Vec<usize> = (0..u).collect();
-        // The patch's tokens (the ranks' sub-strips in order) for this rank's head group.
-        let (patch, shard_lens) = gather_heads(&mut self.comm, &all, qkv, heads)?;
-        kv.buf.write(kv.layer, kv.first, &patch)?;
-        let (buf, w) = (&*kv.buf, heads * head_dim / u);
-        let keys = buf.layer(kv.layer); // [B, S, 2w]
-        let o = dev.attention(
-            AttnView::of(&patch, 0)?,
-            AttnView::of(keys, 0)?,
-            AttnView::of(keys, w)?,
-            buf.bias(),
-            qkv.dim(0),
-            heads / u,
-            head_dim,
-        )?; // [B, n_patch, w]
-        scatter_tokens(&mut self.comm, &all, &o, &shard_lens)
+        let (all, me) = (
+            (0..self.comm.size()).collect::<Vec<_>>(),
+            [self.comm.rank()],
+        );
+        buffered::attend_patch_with_buffer(&mut self.comm, &all, &me, dev, qkv, heads, head_dim, kv)
     }
 
     fn all_gather(&mut self, own: Tensor) -> Result<Vec<Tensor>> {
@@ -298,6 +287,25 @@ impl<C: Collective> SequenceAttention for Ring<C> {
     ) -> Result<Tensor> {
         let all: Vec<usize> = (0..self.comm.size()).collect();
         ring_attention(&mut self.comm, &all, dev, qkv, heads, head_dim)
+    }
+
+    fn attend_with_buffer(
+        &mut self,
+        dev: &Device,
+        qkv: &Tensor,
+        heads: usize,
+        head_dim: usize,
+        kv: crate::KvSlot<'_>,
+    ) -> Result<Tensor> {
+        let (me, all) = (
+            [self.comm.rank()],
+            (0..self.comm.size()).collect::<Vec<_>>(),
+        );
+        buffered::attend_patch_with_buffer(&mut self.comm, &me, &all, dev, qkv, heads, head_dim, kv)
+    }
+
+    fn all_gather(&mut self, own: Tensor) -> Result<Vec<Tensor>> {
+        self.comm.all_gather(own)
     }
 }
 
@@ -370,16 +378,51 @@ impl<C: Collective> SequenceAttention for Usp<C> {
         heads: usize,
         head_dim: usize,
     ) -> Result<Tensor> {
-        let (u_deg, rank) = (self.ulysses, self.comm.rank());
-        let r_deg = self.comm.size() / u_deg;
-        let (u, r) = (rank % u_deg, rank / u_deg);
-        let ulysses: Vec<usize> = (0..u_deg).map(|j| j + u_deg * r).collect();
-        let ring: Vec<usize> = (0..r_deg).map(|k| u + u_deg * k).collect();
+        let (u_deg, (ulysses, ring)) = (self.ulysses, self.row_and_column());
         // Ulysses inside: all tokens of my row of ranks, for my head group.
         let (mine, shard_lens) = gather_heads(&mut self.comm, &ulysses, qkv, heads)?;
         // Ring across rows: my queries against every row's keys/values of my head group.
         let acc = ring_attention(&mut self.comm, &ring, dev, &mine, heads / u_deg, head_dim)?;
         // Ulysses back: my tokens, all heads.
         scatter_tokens(&mut self.comm, &ulysses, &acc, &shard_lens)
+    }
+
+    fn attend_with_buffer(
+        &mut self,
+        dev: &Device,
+        qkv: &Tensor,
+        heads: usize,
+        head_dim: usize,
+        kv: crate::KvSlot<'_>,
+    ) -> Result<Tensor> {
+        let (ulysses, ring) = self.row_and_column();
+        buffered::attend_patch_with_buffer(
+            &mut self.comm,
+            &ulysses,
+            &ring,
+            dev,
+            qkv,
+            heads,
+            head_dim,
+            kv,
+        )
+    }
+
+    fn all_gather(&mut self, own: Tensor) -> Result<Vec<Tensor>> {
+        self.comm.all_gather(own)
+    }
+}
+
+impl<C: Collective> Usp<C> {
+    /// The members of this rank's row (its Ulysses group: `u + U r` for every u) and of its
+    /// column (its ring: `u + U k` for every k).
+    fn row_and_column(&self) -> (Vec<usize>, Vec<usize>) {
+        let (u_deg, rank) = (self.ulysses, self.comm.rank());
+        let r_deg = self.comm.size() / u_deg;
+        let (u, r) = (rank % u_deg, rank / u_deg);
+        (
+            (0..u_deg).map(|j| j + u_deg * r).collect(),
+            (0..r_deg).map(|k| u + u_deg * k).collect(),
+        )
     }
 }

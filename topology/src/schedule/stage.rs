@@ -75,6 +75,7 @@ impl StageSchedule {
             Phase::Running {
                 item: running,
                 since,
+                ..
             } if running == item => since,
             Phase::Running { item: running, .. } => {
                 return Err(self.refuse(format!(
@@ -214,6 +215,20 @@ impl StageSchedule {
         }
     }
 
+    /// The running item's input, as the label it arrived under, and whether the item is its last
+    /// user. An item's input is its own label's, except on stage 0 in a PipeFusion step whose
+    /// input came as one whole latent (after the last warmup step, or the request's at step 0):
+    /// that whole latent stands for every patch of the step and is released after the last one.
+    /// `None` while no item runs.
+    pub fn launched_input(&self) -> Option<(WorkItem, bool)> {
+        match self.phase {
+            Phase::Running {
+                input, releases, ..
+            } => Some((input, releases)),
+            _ => None,
+        }
+    }
+
     fn is_last_part(&self, item: WorkItem) -> bool {
         match item.part {
             Part::Whole => true,
@@ -237,15 +252,24 @@ impl StageSchedule {
         ))
     }
 
+    /// Where the input of `item` (not yet launched) is, if it has arrived: the label it arrived
+    /// under and whether `item` is its last user (the rule of [`Self::launched_input`]).
+    fn input_source(&self, item: WorkItem) -> Option<(WorkItem, bool)> {
+        if self.pending.contains(&item) {
+            return Some((item, true));
+        }
+        let whole = WorkItem {
+            step: item.step,
+            part: Part::Whole,
+        };
+        let stands_for_patch = self.stage == 0 && matches!(item.part, Part::Patch(_));
+        (stands_for_patch && self.pending.contains(&whole))
+            .then_some((whole, item.part == Part::Patch(self.cfg.patches - 1)))
+    }
+
     /// Whether the input of `item` (not yet launched) has arrived.
     fn input_present(&self, item: WorkItem) -> bool {
-        self.pending.contains(&item)
-            || (self.stage == 0
-                && matches!(item.part, Part::Patch(_))
-                && self.pending.contains(&WorkItem {
-                    step: item.step,
-                    part: Part::Whole,
-                }))
+        self.input_source(item).is_some()
     }
 
     /// Launches the next item if the stage is idle and its input is present.
@@ -253,18 +277,22 @@ impl StageSchedule {
         let Some(item) = self.cfg.item_at(self.cursor) else {
             return;
         };
-        if !matches!(self.phase, Phase::Idle { .. }) || !self.input_present(item) {
+        if !matches!(self.phase, Phase::Idle { .. }) {
             return;
         }
-        self.pending.remove(&item);
-        if item.part == Part::Patch(self.cfg.patches - 1) {
-            self.pending.remove(&WorkItem {
-                step: item.step,
-                part: Part::Whole,
-            });
+        let Some((input, releases)) = self.input_source(item) else {
+            return;
+        };
+        if releases {
+            self.pending.remove(&input);
         }
         self.cursor += 1;
-        self.phase = Phase::Running { item, since: now };
+        self.phase = Phase::Running {
+            item,
+            since: now,
+            input,
+            releases,
+        };
         self.stats.launched += 1;
         self.stats.first_launch.get_or_insert(now);
         debug!(stage = self.stage, step = item.step, patch = %item.part, "launch");

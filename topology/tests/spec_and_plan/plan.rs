@@ -56,27 +56,54 @@ fn plan_rejects_patches_that_do_not_fit() {
 }
 
 #[test]
-fn plan_rejects_sequence_parallel_combinations_not_built_yet() {
-    // Ulysses and Ring together (USP), and sequence parallelism inside a pipeline.
-    let cases = [(
-        vec![(7, "pipefusion_degree = 2"), (10, "ring_degree = 2")],
+fn ring_and_usp_run_inside_a_pipeline() {
+    // Ring (and USP) ranks inside PipeFusion stages: each patch cut into sub-strips, one per rank;
+    // the ring passes K/V between the ranks of the same stage.
+    let mut spec = ClusterSpec::local_cpu(
         4,
-        "parallel.ring_degree",
-        "Ring attention inside a pipeline (pipefusion_degree = 2) is not implemented yet",
-    )];
-    for (edits, devices, want_field, want) in cases {
-        let mut text = edit(&edits);
-        text = text.replace(
-            r#"devices = [ { kind = "cpu", threads = 1 }, { kind = "cpu" } ]"#,
-            &format!(
-                "devices = [{}]",
-                vec![r#"{ kind = "cpu" }"#; devices].join(", ")
-            ),
-        );
-        let (field, _, shown) = plan_error(&text, &shape(4, 8));
-        assert_eq!(field, want_field, "{shown}");
-        assert!(shown.contains(want), "{shown}");
-    }
+        1,
+        ModelSpec::Preset {
+            name: "DiT-S/2".into(),
+            seed: 0,
+        },
+    );
+    spec.parallel.pipefusion_degree = 2;
+    spec.parallel.num_patches = 2;
+    spec.parallel.ring_degree = 2;
+    let plan = Plan::new(&spec, &shape(4, 8)).unwrap();
+    assert_eq!((plan.sp.name(), plan.pipeline_len()), ("Ring", 2));
+    let roles = plan.roles();
+    assert!(roles.iter().all(|r| r.sp.inside_pipefusion));
+    assert_eq!(roles[2].sp.members, [2, 3]);
+    assert_eq!(roles[2].pipeline, [0, 2]);
+    let links: Vec<(usize, usize, u64, LinkKind)> = plan
+        .link_bytes()
+        .iter()
+        .map(|l| (l.from, l.to, l.bytes_per_step, l.kind))
+        .collect();
+    // Per step each rank computes 2 of every patch's 4 token rows (4 rows, 16 tokens): hidden
+    // states [2, 16, 8] to the next stage, K and V of the other rank's 16 tokens per layer (2).
+    let hidden = 2 * 16 * 8 * 4;
+    let ring = 2 * 16 * 16 * 4 * 2;
+    assert!(
+        links.contains(&(0, 2, hidden, LinkKind::Hidden)),
+        "{links:?}"
+    );
+    assert!(
+        links.contains(&(0, 1, ring, LinkKind::SequenceParallel)),
+        "{links:?}"
+    );
+    assert!(
+        links.contains(&(3, 2, ring, LinkKind::SequenceParallel)),
+        "{links:?}"
+    );
+    // One-row patches cannot be cut into 2 sub-strips.
+    spec.parallel.num_patches = 8;
+    let e = Plan::new(&spec, &shape(4, 8)).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot be cut into 2 sequence-parallel sub-strips"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -152,7 +179,7 @@ fn sequence_parallel_ranks_own_token_rows() {
     spec.parallel.ring_degree = 1;
     spec.parallel.cfg_degree = 2;
 
-    // Ulysses ranks run PipeFusion patches (each patch cut into U sub-strips); Ring ranks do not.
+    // Sequence-parallel ranks run PipeFusion patches (each patch cut into U x R sub-strips).
     spec.parallel.num_patches = 2;
     assert!(Plan::new(&spec, &shape(4, 8)).is_ok());
     spec.parallel.num_patches = 8; // one-row patches cannot be cut into 2 sub-strips
@@ -164,8 +191,7 @@ fn sequence_parallel_ranks_own_token_rows() {
     spec.parallel.num_patches = 2;
     spec.parallel.ulysses_degree = 1;
     spec.parallel.ring_degree = 2;
-    let e = Plan::new(&spec, &shape(4, 8)).unwrap_err().to_string();
-    assert!(e.contains("num_patches = 2 with Ring attention"), "{e}");
+    assert!(Plan::new(&spec, &shape(4, 8)).is_ok());
     spec.parallel.ring_degree = 1;
     spec.parallel.ulysses_degree = 2;
     spec.parallel.num_patches = 1;

@@ -3,7 +3,6 @@
 
 use topology::{ClusterSpec, ModelSpec, Plan};
 
-
 use crate::shape;
 
 fn hybrid(cfg: usize, pipefusion: usize, ulysses: usize, ring: usize, patches: usize) -> Plan {
@@ -51,7 +50,10 @@ fn roles_of_cfg_x_pipefusion_x_ulysses() {
     let r = &roles[3];
     assert_eq!(r.pipeline, [1, 3]);
     assert_eq!(r.sp.members, [2, 3]);
-    assert_eq!((r.sp.ulysses, r.sp.ring, r.sp.inside_pipefusion), (2, 1, true));
+    assert_eq!(
+        (r.sp.ulysses, r.sp.ring, r.sp.inside_pipefusion),
+        (2, 1, true)
+    );
     assert_eq!(r.cfg.partner, Some(7));
     assert_eq!(r.next_in_pipeline(), 1);
     assert!(r.is_last_stage() && !r.reports_steps());
@@ -78,7 +80,10 @@ fn roles_of_usp_without_a_pipeline() {
     for r in plan.roles() {
         assert_eq!(r.sp.members, [0, 1, 2, 3]);
         assert_eq!(r.sp.rank, r.rank);
-        assert_eq!((r.sp.ulysses, r.sp.ring, r.sp.inside_pipefusion), (2, 2, false));
+        assert_eq!(
+            (r.sp.ulysses, r.sp.ring, r.sp.inside_pipefusion),
+            (2, 2, false)
+        );
         assert_eq!(r.pipeline, [r.rank]);
         assert_eq!(r.next_in_pipeline(), r.rank);
         assert!(r.is_first_stage() && r.is_last_stage());

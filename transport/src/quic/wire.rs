@@ -320,7 +320,11 @@ mod tests {
     async fn collective_labels_round_trip() {
         for (group, op, seq) in [
             (PeerGroupKind::SequenceParallel, CollectiveOp::AllToAll, 1),
-            (PeerGroupKind::SequenceParallel, CollectiveOp::RingShift, u64::MAX),
+            (
+                PeerGroupKind::SequenceParallel,
+                CollectiveOp::RingShift,
+                u64::MAX,
+            ),
             (PeerGroupKind::Cfg, CollectiveOp::AllGather, 77),
         ] {
             let mut f = frame(vec![3]);

@@ -2,6 +2,7 @@
 //! cluster (`sim::SimCluster`), unit tests of single events, and one proptest.
 
 mod config;
+mod device_core;
 mod failures;
 mod invariants;
 mod prop;
