@@ -17,11 +17,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use topology::schedule::ScheduleConfig;
 use topology::DeviceRole;
 
-use crate::cluster::{DeviceSummary, GenerateOutput, Progress, RunSummary};
 use crate::device::{start_error, DeviceActor, DeviceArgs};
 use crate::error::ClusterError;
 use crate::handles::{DeviceHandle, RemoteDevice};
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
+use crate::request::{DeviceSummary, GenerateOutput, Progress, RunSummary};
 use crate::stage::RequestSetup;
 
 pub(crate) struct CoordinatorActor;
@@ -43,7 +43,7 @@ pub(crate) struct CoordinatorArgs {
     /// Every device, in rank order.
     pub(crate) devices: Vec<StageSlot>,
     /// A deliberate failure (tests): `Fault::SlowBegin` delays a device's Begin.
-    pub(crate) fault: Option<crate::compute::Fault>,
+    pub(crate) fault: Option<crate::fault::Fault>,
     /// How long a device may take to accept `Begin` (it waits for its compute thread).
     pub(crate) begin_timeout: std::time::Duration,
 }
@@ -73,7 +73,7 @@ pub(crate) struct CoordinatorState {
     roles: Vec<DeviceRole>,
     begin_order: Vec<usize>,
     begin_timeout: std::time::Duration,
-    fault: Option<crate::compute::Fault>,
+    fault: Option<crate::fault::Fault>,
     queue: VecDeque<Queued>,
     running: Option<Running>,
     broken: Option<String>,
@@ -314,7 +314,7 @@ impl CoordinatorState {
             // already expecting this request.
             for &i in &self.begin_order {
                 let d = &self.devices[i];
-                if let Some(crate::compute::Fault::SlowBegin { device, millis }) = self.fault {
+                if let Some(crate::fault::Fault::SlowBegin { device, millis }) = self.fault {
                     if device == i && req.setup.id == 1 {
                         tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
                     }

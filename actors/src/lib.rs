@@ -18,19 +18,22 @@ mod compute;
 mod coordinator;
 mod device;
 pub mod error;
+mod fault;
 mod handles;
 mod messages;
 mod model_source;
 mod node;
 mod peer_group;
 mod remote;
+mod request;
 pub mod stage;
 
-pub use cluster::{
-    startup_plan, Cluster, ClusterOptions, DeviceSummary, GenerateOutput, GenerateRequest,
-    Progress, RequestHandle, RunSummary,
-};
-pub use compute::Fault;
+pub use cluster::{startup_plan, Cluster};
 pub use error::{ClusterError, Result};
+pub use fault::Fault;
 pub use model_source::{locate_model, ModelFolder, ModelSource};
 pub use node::{node_identity, Node};
+pub use request::{
+    ClusterOptions, DeviceSummary, GenerateOutput, GenerateRequest, Progress, RequestHandle,
+    RunSummary,
+};

@@ -9,8 +9,8 @@ use ractor::RpcReplyPort;
 use topology::schedule::{ScheduleConfig, WorkItem};
 use transport::Frame;
 
-use crate::cluster::{GenerateOutput, Progress};
 use crate::error::ClusterError;
+use crate::request::{GenerateOutput, Progress};
 use crate::stage::RequestSetup;
 
 /// What a stage reports when it has run its last item of a request.

@@ -11,7 +11,7 @@ use ractor::Actor;
 use topology::{ClusterSpec, Plan};
 use transport::{ClusterMap, NodeAddr, NodeIdentity, PeerEvent, QuicNode, QuicOptions};
 
-use crate::cluster::{device_args, Cluster, ClusterOptions};
+use crate::cluster::{device_args, Cluster};
 use crate::device::{start_error, DeviceActor};
 use crate::error::{ClusterError, Result};
 use crate::handles::{CoordinatorHandle, RemoteDevice};
@@ -20,6 +20,7 @@ use crate::model_source::ModelSource;
 use crate::remote::{
     fail_pending, report_message, ControlContext, PendingAcks, Readiness, RemoteProxy,
 };
+use crate::request::ClusterOptions;
 
 /// A running node.
 pub struct Node {

@@ -227,7 +227,7 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
             args.drain(i..(i + 2).min(args.len()));
         }
         args.retain(|x| !x.starts_with("--attach="));
-        return crate::serve::attach(socket, args);
+        return crate::attach::attach(socket, args);
     }
     let spec = a.cluster.spec()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -3,6 +3,7 @@
 //! runs the nodes of a multi-machine cluster, `keygen` makes its certificates, `bench` measures. Logs go to stderr through
 //! `tracing`; set `RUST_LOG` (e.g. `RUST_LOG=pipefuse=debug,model=debug`).
 
+mod attach;
 mod bench;
 mod bench_pipeline;
 mod bench_transport;

@@ -26,6 +26,7 @@ mod cuda_stub;
 mod device;
 mod dtype;
 mod error;
+mod host_bytes;
 mod tensor;
 pub mod ulysses;
 

@@ -14,10 +14,12 @@ mod plan_report;
 mod plan_sp;
 mod role;
 pub mod schedule;
+mod shape;
 mod spec;
 
 pub use error::{Result, TopologyError};
 pub use plan::*;
 pub use plan_sp::SequenceParallel;
 pub use role::{CfgRole, DeviceRole, SpRole};
+pub use shape::{patch_rows, split_layers, ModelShape};
 pub use spec::*;

@@ -9,31 +9,8 @@ use std::ops::Range;
 
 use crate::error::Result;
 use crate::plan_sp::SequenceParallel;
+use crate::shape::{patch_rows, split_layers, ModelShape};
 use crate::spec::{ClusterSpec, DeviceRef};
-
-/// What the plan needs to know about the model and the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ModelShape {
-    /// Transformer blocks L.
-    pub layers: usize,
-    /// Hidden size d.
-    pub hidden: usize,
-    /// Token rows h = H / P (latent height over patch size).
-    pub token_rows: usize,
-    /// Token columns w = W / P.
-    pub token_cols: usize,
-    /// Rows B' of one forward on one device, including the CFG doubling (2B under guidance, B
-    /// without).
-    pub batch: usize,
-    /// Latent channels C.
-    pub latent_channels: usize,
-    /// Latents B in the request.
-    pub latent_batch: usize,
-    /// Patch size P of the patch embedding.
-    pub patch_size: usize,
-    /// Attention heads (Ulysses splits them over its ranks).
-    pub heads: usize,
-}
 
 /// Pipeline stages and the patch table for one model and request shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -247,40 +224,4 @@ impl Plan {
                 .map(|s| s.device.index)
         })?
     }
-}
-
-/// ALGORITHMS.md rule: every strip but the last has `ceil(h / m)` token rows, the last takes the
-/// remainder. `None` when that yields fewer than `m` strips (h = 8, m = 5), or `m == 0`, or
-/// `m > h`.
-pub fn patch_rows(token_rows: usize, m: usize) -> Option<Vec<Range<usize>>> {
-    if m == 0 || m > token_rows {
-        return None;
-    }
-    let rows = token_rows.div_ceil(m);
-    if (m - 1) * rows >= token_rows {
-        return None;
-    }
-    Some(
-        (0..m)
-            .map(|i| i * rows..((i + 1) * rows).min(token_rows))
-            .collect(),
-    )
-}
-
-/// Balanced contiguous split of `layers` over `n` stages; earlier stages take the extra layer
-/// (28 / 3 -> 10, 9, 9). Stages get empty ranges when `layers < n`; empty for `n == 0`.
-pub fn split_layers(layers: usize, n: usize) -> Vec<Range<usize>> {
-    if n == 0 {
-        return Vec::new();
-    }
-    let (base, extra) = (layers / n, layers % n);
-    let mut start = 0;
-    (0..n)
-        .map(|i| {
-            let len = base + usize::from(i < extra);
-            let r = start..start + len;
-            start += len;
-            r
-        })
-        .collect()
 }

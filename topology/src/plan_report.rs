@@ -29,7 +29,7 @@ impl Plan {
             (_, true) => self
                 .patches
                 .iter()
-                .filter_map(|p| crate::plan::patch_rows(p.len(), degree))
+                .filter_map(|p| crate::shape::patch_rows(p.len(), degree))
                 .map(|sub| sub.get(sp_rank).map_or(0, |r| r.len()))
                 .sum(),
         };

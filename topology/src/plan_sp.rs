@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use crate::error::Result;
-use crate::plan::{patch_rows, ModelShape};
+use crate::shape::{patch_rows, ModelShape};
 use crate::spec::ClusterSpec;
 
 /// How the tokens of each pipeline stage are spread over devices.

@@ -83,6 +83,10 @@ impl std::fmt::Display for FrameLabel {
 pub enum WireDType {
     /// 32-bit float, little endian.
     F32,
+    /// 16-bit IEEE half float, little endian.
+    F16,
+    /// bfloat16, little endian.
+    BF16,
 }
 
 impl WireDType {
@@ -90,6 +94,7 @@ impl WireDType {
     pub fn size(self) -> usize {
         match self {
             WireDType::F32 => 4,
+            WireDType::F16 | WireDType::BF16 => 2,
         }
     }
 }

@@ -41,7 +41,7 @@
 //!   than the frame streams, so a control message never waits behind queued multi-MiB
 //!   activations. Each message is `[u32 LE length][rkyv ControlMessage]` ([`encode_control`]),
 //!   at most [`QuicOptions::max_control_bytes`]; the receiver validates the size, the archive
-//!   (bytecheck), every [`WireTensor`] and which node each named device is on before the message
+//!   (bytecheck) and which node each named device is on before the message
 //!   reaches [`QuicNode::control_inbox`] (take-once, in order per sender, with the sender's
 //!   name). [`QuicNode::send_control`] / [`ControlSender::send`] validate the same before
 //!   queueing (unbounded, never blocks) and fail with [`TransportError::NodeGone`] once the node
@@ -58,8 +58,7 @@
 //!   [`TransportError::PeerGone`].
 //!
 //! Key types: [`Link`] (the narrow trait every transport implements), [`Endpoint`] (one device's
-//! links and inbox), [`MemoryNetwork`], [`QuicNode`], [`Frame`], [`ControlMessage`] (with
-//! [`RequestSpec`] and [`WireTensor`]) and [`ControlSender`].
+//! links and inbox), [`MemoryNetwork`], [`QuicNode`], [`Frame`], [`ControlMessage`] and [`ControlSender`].
 //!
 //! # Feature flags
 //!
@@ -80,8 +79,8 @@ mod quic;
 
 pub use bench::{bench_quic_vs_tcp, BenchReport, BenchRow};
 pub use control::{
-    decode_control, decode_control_with_limit, encode_control, ControlMessage, RequestSpec,
-    WireTensor, DEFAULT_MAX_CONTROL_BYTES, MAX_TENSOR_RANK,
+    decode_control, decode_control_with_limit, encode_control, ControlMessage,
+    DEFAULT_MAX_CONTROL_BYTES,
 };
 pub use error::TransportError;
 pub use frame::{

@@ -20,7 +20,8 @@ use topology::DeviceRole;
 use transport::{Endpoint, Link};
 
 use crate::codec::{decode, encode, item_label, item_of};
-use crate::compute::{ComputeJob, ComputeThread, Fault};
+use crate::compute::{ComputeJob, ComputeThread};
+use crate::fault::Fault;
 use crate::handles::CoordinatorHandle;
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
 use crate::peer_group::{ExchangeClock, GroupMsg};

@@ -39,7 +39,7 @@ impl RemoteDevice for RemoteProxy {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let spec = spec::spec_of(&setup, &schedule).map_err(|e| e.to_string())?;
+            let spec = spec::encode_request(&setup, &schedule).map_err(|e| e.to_string())?;
             let (tx, rx) = oneshot::channel();
             let key = (setup.id, self.device);
             self.pending
@@ -101,7 +101,7 @@ pub(crate) fn report_message(msg: CoordinatorMessage) -> Option<ControlMessage> 
             exchange_wait_ns: report.exchange_wait.as_nanos() as u64,
             items: report.launched as u32,
             bytes_sent: report.bytes_sent,
-            latent: match report.latent.as_ref().map(spec::to_wire).transpose() {
+            latent: match report.latent.as_ref().map(spec::encode_latent).transpose() {
                 Ok(l) => l,
                 Err(e) => {
                     return Some(ControlMessage::DeviceFailed {
@@ -211,18 +211,13 @@ impl ControlContext {
         }
     }
 
-    async fn begin_local(
-        &self,
-        request: u64,
-        device: usize,
-        spec: &transport::RequestSpec,
-    ) -> Result<(), String> {
+    async fn begin_local(&self, request: u64, device: usize, spec: &[u8]) -> Result<(), String> {
         let d = self
             .devices
             .get(&device)
             .ok_or_else(|| format!("device {device} does not run on this node"))?;
         let (setup, schedule) =
-            spec::setup_of(&self.config, request, spec).map_err(|e| e.to_string())?;
+            spec::decode_request(&self.config, request, spec).map_err(|e| e.to_string())?;
         let ms = self.begin_timeout.as_millis() as u64;
         ractor::call_t!(
             d,
@@ -258,7 +253,7 @@ impl ControlContext {
                 bytes_sent,
                 latent,
             } => {
-                let latent = match latent.as_ref().map(spec::from_wire).transpose() {
+                let latent = match latent.as_deref().map(spec::decode_latent).transpose() {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = c.cast(CoordinatorMessage::DeviceFailed {

@@ -69,6 +69,8 @@ fn label_codes(l: FrameLabel) -> (u8, u8, u8, u32, u32, u64) {
 fn dtype_code(d: WireDType) -> u8 {
     match d {
         WireDType::F32 => 0,
+        WireDType::F16 => 1,
+        WireDType::BF16 => 2,
     }
 }
 
@@ -234,6 +236,8 @@ fn decode_header(
     };
     let dtype = match a.dtype {
         0 => WireDType::F32,
+        1 => WireDType::F16,
+        2 => WireDType::BF16,
         d => return Err(bad(format!("unknown dtype {d}"))),
     };
     let rank = a.rank as usize;

@@ -5,35 +5,20 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::Receiver;
 use transport::{
-    encode_control, ControlEnvelope, ControlMessage, PeerEvent, QuicOptions, RequestSpec,
-    TransportError, WireTensor,
+    encode_control, ControlEnvelope, ControlMessage, PeerEvent, QuicOptions, TransportError,
 };
 
 use crate::common::{cluster, fast, frame, next_event, recv};
 
-/// A `Begin` for `device` whose noise has `noise` f32 elements.
+/// A `Begin` for `device` whose (opaque) request carries `noise` f32 elements' worth of bytes.
 pub(crate) fn begin(request: u64, device: u32, noise: u32) -> ControlMessage {
-    let data = (0..noise).map(|i| (i as f32).sin()).collect();
+    let spec = (0..noise as usize * 4 + 200)
+        .map(|i| (i as u8).wrapping_mul(7))
+        .collect();
     ControlMessage::Begin {
         request,
         device,
-        spec: RequestSpec {
-            class_labels: vec![1, 2],
-            caption: Some(WireTensor::new(vec![1, 2, 3], vec![0.5; 6]).unwrap()),
-            caption_mask: None,
-            negative_caption: None,
-            negative_caption_mask: None,
-            guidance_scale: 4.0,
-            latent_size: [64, 64],
-            steps: 20,
-            scheduler_json: "{}".into(),
-            noise: WireTensor::new(vec![1, noise], data).unwrap(),
-            patches: vec![[0, 512], [512, 1024]],
-            warmup: 1,
-            stages: 3,
-            cfg_degree: 2,
-            sp_degree: 1,
-        },
+        spec,
     }
 }
 
@@ -70,7 +55,7 @@ fn to_a(round: u64) -> Vec<ControlMessage> {
             exchange_wait_ns: 0,
             items: 7,
             bytes_sent: 1 << 30,
-            latent: Some(WireTensor::new(vec![2, 2], vec![round as f32; 4]).unwrap()),
+            latent: Some(vec![round as u8; 16]),
         },
         ControlMessage::DeviceFailed {
             request: round,
