@@ -185,6 +185,38 @@ async fn sequence_parallel_inside_pipefusion_equals_plain_pipefusion() {
             assert!(e <= 1e-5, "{case}: relative L2 {e:.3e} vs serial");
         }
         assert_eq!(out.summary.devices.len(), cfg * n * u * r);
+        // Each device sends what the plan predicts per step (its rows' share, not the whole
+        // latent), plus in whole-image steps the last stage's all-gather of noise predictions.
+        let plan = cluster.plan(&req).unwrap();
+        let sh = plan.shape;
+        let latent_rows = |rows: usize| {
+            (sh.latent_batch * sh.latent_channels * rows * sh.patch_size * sh.token_cols) as u64
+                * sh.patch_size as u64
+                * 4
+        };
+        for d in &out.summary.devices {
+            let role = plan.role(d.device).unwrap();
+            let links: Vec<_> = plan
+                .link_bytes()
+                .into_iter()
+                .filter(|l| l.from == d.device)
+                .collect();
+            let mut predicted: u64 = links.iter().map(|l| l.bytes_per_step).sum::<u64>() * 4;
+            if role.is_last_stage() {
+                // The final step's latent goes nowhere; each whole-image step all-gathers the
+                // ranks' noise predictions (their shards) among the last stage's ranks.
+                let hop = links.iter().find(|l| l.kind == topology::LinkKind::Latent);
+                predicted -= hop.map_or(0, |l| l.bytes_per_step);
+                let shard = plan.sp.rows()[role.sp.rank].len();
+                predicted += (w.min(4) * (u * r - 1)) as u64 * latent_rows(shard);
+            }
+            let sent = d.bytes_sent;
+            assert!(
+                sent >= predicted && sent <= predicted + predicted / 100 + 8192,
+                "{case}: device {} sent {sent} bytes, the plan says {predicted}",
+                d.device
+            );
+        }
         cluster.shutdown().await;
     }
 }

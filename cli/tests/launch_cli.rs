@@ -347,28 +347,43 @@ fn three_processes_run_ring_attention_from_the_command_line() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Ring attention inside PipeFusion stages over three processes (4 devices: the first node holds
-/// stage 0's two ring ranks, the others one rank of stage 1 each, so the ring of stage 1 and the
-/// pipeline cross QUIC): the result equals the in-process run of the same flags bitwise, and plain
-/// PipeFusion with the same patches and warmup within 1e-5.
+/// Ring attention (and USP) inside PipeFusion stages over three processes (4 devices: the first
+/// node holds stage 0's two ring ranks, the others one rank of stage 1 each, so the ring of stage
+/// 1 and the pipeline cross QUIC; USP 2 x 2: 8 devices, stage 1's groups across all three nodes):
+/// the result equals the in-process run of the same flags bitwise, and plain PipeFusion with the
+/// same patches and warmup within 1e-5.
 #[test]
 fn three_processes_run_ring_inside_pipefusion() {
-    let (dir, topo) = cluster_with("ring-pf", 2);
-    let request = ["--class-label", "3", "--class-label", "8", "--steps", "6"];
-    let pipeline = ["--pipefusion-degree", "2", "--num-patches", "2"];
-    let ring = [&pipeline[..], &["--ring-degree", "2"][..]].concat();
-    let remote = dir.join("remote.safetensors");
-    let err = launch_local(&topo, &[&ring[..], &request[..]].concat(), &remote);
-    assert!(err.contains("device 3: busy"), "{err}");
-    let (same, plain) = (dir.join("same.safetensors"), dir.join("plain.safetensors"));
-    common::in_process_demo_with(&ring, &request, &same);
-    common::in_process_demo_with(&pipeline, &request, &plain);
-    assert_eq!(latent(&remote), latent(&same), "3 processes vs one process");
-    let e = common::rel_l2(
-        &common::read_f32(&remote, "latent"),
-        &common::read_f32(&plain, "latent"),
-    );
-    eprintln!("ring 2 inside pipefusion 2 over QUIC vs plain PipeFusion: relative L2 {e:.3e}");
-    assert!(e <= 1e-5, "relative L2 {e:.3e} vs plain PipeFusion");
-    std::fs::remove_dir_all(&dir).ok();
+    for (tag, first, sp) in [
+        ("ring-pf", 2, &["--ring-degree", "2"][..]),
+        (
+            "usp-pf",
+            6,
+            &["--ring-degree", "2", "--ulysses-degree", "2"][..],
+        ),
+    ] {
+        let (dir, topo) = cluster_with(tag, first);
+        let request = ["--class-label", "3", "--class-label", "8", "--steps", "6"];
+        let pipeline = ["--pipefusion-degree", "2", "--num-patches", "2"];
+        let flags = [&pipeline[..], sp].concat();
+        let remote = dir.join("remote.safetensors");
+        let err = launch_local(&topo, &[&flags[..], &request[..]].concat(), &remote);
+        let last = format!("device {}: busy", first + 1);
+        assert!(err.contains(&last), "{tag}: {err}");
+        let (same, plain) = (dir.join("same.safetensors"), dir.join("plain.safetensors"));
+        common::in_process_demo_with(&flags, &request, &same);
+        common::in_process_demo_with(&pipeline, &request, &plain);
+        assert_eq!(
+            latent(&remote),
+            latent(&same),
+            "{tag}: 3 processes vs one process"
+        );
+        let e = common::rel_l2(
+            &common::read_f32(&remote, "latent"),
+            &common::read_f32(&plain, "latent"),
+        );
+        eprintln!("{tag} inside pipefusion 2 over QUIC vs plain PipeFusion: relative L2 {e:.3e}");
+        assert!(e <= 1e-5, "{tag}: relative L2 {e:.3e} vs plain PipeFusion");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

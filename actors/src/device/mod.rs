@@ -294,19 +294,12 @@ impl DeviceState {
         }
         let setup = self.setup.clone().ok_or("no request set up")?;
         let (role, rank) = (&self.role, self.role.sp.rank);
-        // The rows the input covers: the whole latent for stage 0 at step 0 (the request's) and,
-        // inside PipeFusion under sequence parallelism, after a whole-image step (the ranks
-        // shared their rows); otherwise the rank's rows of the part.
-        let gathered = role.sp.degree() > 1 && role.sp.inside_pipefusion && setup.patches.len() > 1;
-        let rows = match label.part {
-            Part::Whole if role.is_first_stage() && (label.step == 0 || gathered) => {
-                Some(0..setup.token_rows())
-            }
-            part => setup.rank_rows(part, rank),
-        };
-        let want = rows
+        // An input from another device must be the rank's rows of its part (its own inputs, the
+        // request's latent and a one-stage pipeline's loop, are what it made itself).
+        let want = setup
+            .rank_rows(label.part, rank)
             .and_then(|r| setup.frame_shape_rows(r.len(), role.is_first_stage(), role.cfg.group));
-        if want.as_deref() != Some(input.shape()) {
+        if from != role.rank && want.as_deref() != Some(input.shape()) {
             return Err(format!(
                 "the input of {item} from device {from} has shape {:?}, the plan says {want:?}",
                 input.shape()
@@ -345,10 +338,54 @@ impl DeviceState {
         out: &Tensor,
     ) -> Result<(), String> {
         let to_device = self.role.pipeline[to];
-        let label = item_label(to == 0, item.step, item.part);
-        let frame = encode(request, self.role.rank, label, out).map_err(|e| e.to_string())?;
         let link = self.links[to_device].clone();
-        link.send_async(frame).await.map_err(|e| e.to_string())
+        for (item, t) in self.parts_to_send(to, item, out)? {
+            let label = item_label(to == 0, item.step, item.part);
+            let frame = encode(request, self.role.rank, label, &t).map_err(|e| e.to_string())?;
+            link.send_async(frame).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// What an item's output becomes on the wire: itself, except for the whole latent a
+    /// sequence-parallel last stage inside PipeFusion holds after a whole-image step (its ranks
+    /// shared their rows): stage 0's rank needs only its own rows of it, its shard for a
+    /// whole-image step, its sub-strip of each patch (as that patch's input) for a patch step.
+    fn parts_to_send(
+        &self,
+        to: usize,
+        item: WorkItem,
+        out: &Tensor,
+    ) -> Result<Vec<(WorkItem, Tensor)>, String> {
+        let setup = self.setup.as_ref().ok_or("no request set up")?;
+        let [_, _, h, _] = setup.prepared.latent_shape();
+        let sp = &self.role.sp;
+        let gathered = to == 0
+            && item.part == Part::Whole
+            && sp.degree() > 1
+            && sp.inside_pipefusion
+            && setup.patches.len() > 1
+            && out.dim(2) == h;
+        if !gathered {
+            return Ok(vec![(item, out.clone())]);
+        }
+        let p = h / setup.token_rows().max(1);
+        let parts = match item.step < setup.warmup {
+            true => vec![item.part],
+            false => (0..setup.patches.len()).map(Part::Patch).collect(),
+        };
+        parts
+            .into_iter()
+            .map(|part| {
+                let rows = setup
+                    .rank_rows(part, sp.rank)
+                    .ok_or_else(|| format!("no rows of {part:?} for rank {}", sp.rank))?;
+                let t = out
+                    .narrow(2, rows.start * p, rows.len() * p)
+                    .map_err(|e| e.to_string())?;
+                Ok((WorkItem { part, ..item }, t))
+            })
+            .collect()
     }
 
     /// Reports a failure of `request` to the coordinator and releases the exchange waits.

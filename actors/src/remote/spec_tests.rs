@@ -76,21 +76,14 @@ fn bad_payloads_are_refused_naming_what_is_wrong() {
     let cfg = pixart();
     let (want, schedule) = setup(&cfg);
     let bytes = encode_request(&want, &schedule).unwrap();
-    let err = |b: &[u8]| {
-        decode_request(&cfg, 7, b)
-            .err()
-            .expect("refused")
-            .to_string()
-    };
+    let err = |b: &[u8]| decode_request(&cfg, 7, b).expect_err("refused").to_string();
     assert!(err(b"PFRX\x01\0\0\0").contains("does not start with PFRQ"));
     let mut v2 = bytes.clone();
     v2[4] = 2;
     assert!(err(&v2).contains("version 2, this node reads version 1"));
     // Every truncation is refused, never a panic.
     for cut in 0..bytes.len() {
-        decode_request(&cfg, 7, &bytes[..cut])
-            .err()
-            .expect("a truncated payload");
+        decode_request(&cfg, 7, &bytes[..cut]).expect_err("a truncated payload");
     }
     let json_end = 12 + u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
     let e = err(&bytes[..json_end + 10]);
