@@ -17,7 +17,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use model::{PreparedRequest, Request};
@@ -69,7 +68,9 @@ pub struct Cluster {
     join: tokio::task::JoinHandle<()>,
     spec: ClusterSpec,
     model: ModelSource,
-    next_id: AtomicU64,
+    /// The next request's id. Held while a request is prepared and queued, so ids reach the
+    /// coordinator in increasing order (devices rely on ids only growing).
+    next_id: std::sync::Mutex<u64>,
 }
 
 impl Cluster {
@@ -145,7 +146,7 @@ impl Cluster {
             join,
             spec,
             model,
-            next_id: AtomicU64::new(1),
+            next_id: std::sync::Mutex::new(1),
         })
     }
 
@@ -190,9 +191,10 @@ impl Cluster {
         if schedule.patches < schedule.stages && schedule.warmup < schedule.steps {
             tracing::warn!(patches = schedule.patches, stages = schedule.stages, "fewer patches than stages: the pipeline cannot stay full (recommend num_patches >= pipefusion_degree)");
         }
+        let mut next_id = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
         let setup = Arc::new(
             RequestSetup::new(
-                self.next_id.fetch_add(1, Ordering::Relaxed),
+                *next_id,
                 &self.model.config,
                 &req.request,
                 &req.scheduler,
@@ -215,6 +217,8 @@ impl Cluster {
                 reply: tx.into(),
             })
             .map_err(|e| ClusterError::NotRunning(e.to_string()))?;
+        *next_id += 1;
+        drop(next_id);
         Ok(RequestHandle {
             progress: prx,
             result: rx,

@@ -68,7 +68,7 @@ impl DeviceHandle {
     pub(crate) fn abort(&self, request: u64) {
         match self {
             DeviceHandle::Local(d) => {
-                let _ = d.cast(DeviceMessage::Abort);
+                let _ = d.cast(DeviceMessage::Abort { request });
             }
             DeviceHandle::Remote(r) => r.abort(request),
         }

@@ -53,8 +53,8 @@ pub(crate) enum DeviceMessage {
     Tick,
     /// Device `device` of the cluster is gone (its node was lost, for `why`).
     PeerLost { device: usize, why: String },
-    /// Drop the current request (another device failed).
-    Abort,
+    /// Drop request `request` (another device failed, or it was cancelled).
+    Abort { request: u64 },
 }
 
 /// Messages of the coordinator actor.

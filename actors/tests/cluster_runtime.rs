@@ -116,6 +116,45 @@ async fn requests_queue_and_each_gets_its_own_result() {
     cluster.shutdown().await;
 }
 
+/// Requests submitted from several tasks at once all run (request ids reach the devices in
+/// increasing order, which they rely on), each with its own result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_all_run() {
+    let cluster = std::sync::Arc::new(
+        Cluster::start(spec(2, 2, 1), ClusterOptions::default())
+            .await
+            .unwrap(),
+    );
+    let tasks: Vec<_> = (0..6u64)
+        .map(|seed| {
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let mut r = request(&cluster, 3);
+                r.noise = model::gaussian(r.noise.shape(), seed);
+                cluster.generate(r).await
+            })
+        })
+        .collect();
+    let outs = within(async {
+        let mut outs = Vec::new();
+        for t in tasks {
+            outs.push(t.await.unwrap());
+        }
+        outs
+    })
+    .await;
+    for (i, o) in outs.iter().enumerate() {
+        assert!(o.is_ok(), "request of task {i}: {:?}", o.as_ref().err());
+    }
+    let first = outs[0].as_ref().unwrap().latent.as_f32().unwrap();
+    assert_ne!(first, outs[1].as_ref().unwrap().latent.as_f32().unwrap());
+    std::sync::Arc::try_unwrap(cluster)
+        .ok()
+        .expect("tasks done")
+        .shutdown()
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pixart_through_the_cluster_with_all_warmup_equals_serial() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))

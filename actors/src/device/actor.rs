@@ -166,7 +166,7 @@ impl Actor for DeviceActor {
                 st.drain(&myself).await;
             }
             DeviceMessage::PeerLost { device, why } => st.on_peer_lost(&myself, device, why).await,
-            DeviceMessage::Abort => st.abort(),
+            DeviceMessage::Abort { request } => st.abort(request),
         }
         Ok(())
     }

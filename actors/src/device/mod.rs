@@ -14,7 +14,7 @@ use ractor::ActorRef;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use topology::schedule::{CoreOutput, DeviceCore, ScheduleConfig, WorkItem};
+use topology::schedule::{CoreFailure, CoreOutput, DeviceCore, ScheduleConfig, WorkItem};
 use topology::DeviceRole;
 use transport::{Endpoint, Link};
 
@@ -121,7 +121,7 @@ impl DeviceState {
         self.drain(myself).await;
     }
 
-    /// Fails `request` with `message` if it is the active one (a frame that cannot be used).
+    /// A frame of `request` that cannot be used fails that request (now, or when it begins).
     async fn refuse(
         &mut self,
         myself: &ActorRef<DeviceMessage>,
@@ -129,12 +129,9 @@ impl DeviceState {
         step: Option<usize>,
         message: String,
     ) {
-        if self.core.request() == Some(request) {
-            self.core.fail(request, step, message);
-            self.drain(myself).await;
-        } else {
-            tracing::warn!(device = self.role.rank, request, %message, "frame dropped");
-        }
+        tracing::warn!(device = self.role.rank, request, %message, "unusable frame");
+        self.core.handle_bad_input(request, step, message);
+        self.drain(myself).await;
     }
 
     /// The compute thread finished `item` of `request`.
@@ -172,6 +169,19 @@ impl DeviceState {
                 ranks.max(1)
             ));
         }
+        if cfg.stages != self.role.pipeline.len() {
+            return Err(format!(
+                "the request runs a pipeline of {} stages, this device's has {}",
+                cfg.stages,
+                self.role.pipeline.len()
+            ));
+        }
+        // A request still active here is over (its Abort may be behind this Begin): its exchange
+        // waits end, so the compute thread is free to begin the new one.
+        if let Some(old) = self.core.request() {
+            self.core.abort(Some(old));
+            self.cancel_exchanges(old);
+        }
         let (tx, rx) = oneshot::channel();
         if !self.compute.submit(ComputeJob::Begin(setup.clone(), tx)) {
             return Err("the compute thread has stopped".into());
@@ -190,11 +200,11 @@ impl DeviceState {
         Ok(())
     }
 
-    /// Drops the active request (another device failed, or it was cancelled).
-    fn abort(&mut self) {
-        if let Some(id) = self.core.request() {
-            self.core.abort(Some(id));
-            self.cancel_exchanges(id);
+    /// Drops request `request` if it is the active one (another device failed, or it was
+    /// cancelled); an abort that arrives after the next request began leaves that one alone.
+    fn abort(&mut self, request: u64) {
+        if self.core.abort(Some(request)) {
+            self.cancel_exchanges(request);
         }
     }
 
@@ -231,8 +241,14 @@ impl DeviceState {
 
     /// Carries out every output of the core, then arms the timer at its next deadline.
     async fn drain(&mut self, myself: &ActorRef<DeviceMessage>) {
+        // A request whose final sends failed after the core had already finished it: its
+        // remaining outputs (the Finished) are dropped, its failure reported here.
+        let mut failed_late: Option<u64> = None;
         while let Some(out) = self.core.poll_output() {
             let (request, step) = (out.request(), step_of(&out));
+            if failed_late == Some(request) {
+                continue;
+            }
             let r = match out {
                 CoreOutput::Launch {
                     item,
@@ -265,7 +281,13 @@ impl DeviceState {
                 }
             };
             if let Err(m) = r {
-                self.core.fail(request, step, m);
+                match self.core.request() == Some(request) {
+                    true => self.core.fail(request, step, m),
+                    false => {
+                        self.report_failure(request, step, &CoreFailure::Reported(m));
+                        failed_late = Some(request);
+                    }
+                }
             }
         }
         if let Some(deadline) = self.core.poll_timeout() {

@@ -176,17 +176,16 @@ impl PeerGroup {
     /// Files a frame that arrived while waiting: stashed for this request, kept for a later one,
     /// dropped for an earlier one.
     fn file(&mut self, frame: Frame) -> Result<(), ModelError> {
-        let from = frame.header.from;
+        let (from, request) = (frame.header.from, frame.header.request);
+        if request < self.current {
+            return Ok(()); // an earlier request's
+        }
         let Some(pos) = self.members.iter().position(|&m| m == from) else {
             return Err(self.fail(format!(
                 "a part from device {from}, which is not a member ({:?})",
                 self.members
             )));
         };
-        let request = frame.header.request;
-        if request < self.current {
-            return Ok(());
-        }
         if request > self.current {
             if self.later.len() >= LATER_FRAMES_MAX {
                 return Err(self.fail(format!(

@@ -202,9 +202,9 @@ impl ControlContext {
                     self.readiness.changed.notify_waiters();
                 }
             }
-            ControlMessage::Abort { .. } => {
+            ControlMessage::Abort { request } => {
                 for d in self.devices.values() {
-                    let _ = d.cast(DeviceMessage::Abort);
+                    let _ = d.cast(DeviceMessage::Abort { request });
                 }
             }
             other => self.to_coordinator(from, other),

@@ -115,6 +115,13 @@ pub(crate) fn decode_request(
     }
     let (json, mut r) = r.split_at(len);
     let h: SpecHeader = serde_json::from_slice(json).map_err(|e| bad(format!("header: {e}")))?;
+    if h.steps != h.sampling.timesteps.len() {
+        return Err(bad(format!(
+            "steps {} but the sampling plan has {} timesteps",
+            h.steps,
+            h.sampling.timesteps.len()
+        )));
+    }
     if let Some((i, p)) = h.patches.iter().enumerate().find(|(_, p)| p[0] > p[1]) {
         return Err(bad(format!(
             "patches[{i}]: range {}..{} is reversed",

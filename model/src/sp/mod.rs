@@ -136,11 +136,24 @@ pub trait Collective: Send {
         for other in (0..n).filter(|&o| o != rank) {
             self.send_to(other, t.clone())?;
         }
+        let shape = t.shape().to_vec();
         let mut own = Some(t);
         (0..n)
             .map(|o| match o == rank {
                 true => Ok(own.take().expect("once")),
-                false => self.receive_from(o),
+                false => {
+                    let got = self.receive_from(o)?;
+                    match got.shape() == shape.as_slice() {
+                        true => Ok(got),
+                        false => Err(ModelError::Collective {
+                            rank,
+                            message: format!(
+                                "rank {o} gathered a part of shape {:?}, this rank's is {shape:?}",
+                                got.shape()
+                            ),
+                        }),
+                    }
+                }
             })
             .collect()
     }

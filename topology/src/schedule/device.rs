@@ -172,6 +172,8 @@ pub struct DeviceCore<T> {
     newest: u64,
     /// Inputs of requests not begun yet: (request, item, sender, payload).
     early: Vec<(u64, WorkItem, usize, T)>,
+    /// Inputs of requests not begun yet that could not be used: (request, step, why).
+    early_refused: Vec<(u64, Option<usize>, String)>,
     outputs: VecDeque<CoreOutput<T>>,
 }
 
@@ -191,6 +193,7 @@ impl<T: Clone> DeviceCore<T> {
             active: None,
             newest: 0,
             early: Vec::new(),
+            early_refused: Vec::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -233,6 +236,12 @@ impl<T: Clone> DeviceCore<T> {
             .into_iter()
             .partition(|e| e.0 <= request);
         self.early = later;
+        let refused = std::mem::take(&mut self.early_refused);
+        self.early_refused = refused.iter().filter(|e| e.0 > request).cloned().collect();
+        if let Some((_, step, why)) = refused.into_iter().find(|e| e.0 == request) {
+            self.end_failed(step, CoreFailure::Refused(why));
+            return Ok(());
+        }
         for (r, item, from, payload) in now_due.into_iter().filter(|e| e.0 == request) {
             self.handle_input(now, r, item, from, payload);
         }
@@ -280,6 +289,19 @@ impl<T: Clone> DeviceCore<T> {
         self.drain(now);
     }
 
+    /// An input of `request` arrived that cannot be used (it did not decode, or is of the wrong
+    /// kind): the request fails, now if it is active, when it begins if it is not yet (an earlier
+    /// request's is ignored).
+    pub fn handle_bad_input(&mut self, request: u64, step: Option<usize>, message: String) {
+        if request > self.newest {
+            if self.early_refused.len() < EARLY_INPUTS_MAX {
+                self.early_refused.push((request, step, message));
+            }
+        } else if self.request() == Some(request) {
+            self.end_failed(step, CoreFailure::Refused(message));
+        }
+    }
+
     /// The compute thread finished `item` of `request` with `output` (`Err`: the compute failed,
     /// the request fails with that message), having waited `waited` of it in exchanges. Ignored
     /// for a request that is no longer active.
@@ -325,7 +347,7 @@ impl<T: Clone> DeviceCore<T> {
             return;
         };
         if let Some((item, since)) = a.running {
-            if now >= since + self.compute_timeout {
+            if now >= since.saturating_add(self.compute_timeout) {
                 let reason = CoreFailure::ComputeTimeout {
                     item,
                     timeout: self.compute_timeout,
@@ -368,8 +390,10 @@ impl<T: Clone> DeviceCore<T> {
     /// deadline and the running item's compute deadline (`None` without an active request).
     pub fn poll_timeout(&self) -> Option<Duration> {
         let a = self.active.as_ref()?;
-        let stall = a.schedule.poll_timeout().map(|d| a.begun + d);
-        let compute = a.running.map(|(_, since)| since + self.compute_timeout);
+        let stall = a.schedule.poll_timeout().map(|d| a.begun.saturating_add(d));
+        let compute = a
+            .running
+            .map(|(_, since)| since.saturating_add(self.compute_timeout));
         stall.into_iter().chain(compute).min()
     }
 

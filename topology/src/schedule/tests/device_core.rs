@@ -312,3 +312,36 @@ fn compute_errors_driver_failures_and_aborts_end_the_request() {
     assert!(outs(&mut c).is_empty());
     assert_eq!((c.request(), c.poll_timeout()), (None, None));
 }
+
+#[test]
+fn an_unusable_input_fails_its_request_now_or_when_it_begins() {
+    let shape = cfg(2, 1, 1, 1);
+    let mut c = core(1, 1, shape, ms(0));
+    // Request 2's input could not be decoded while request 1 runs: request 1 is unaffected.
+    c.handle_bad_input(2, Some(0), "device 0 sent bytes that do not decode".into());
+    c.handle_bad_input(0, None, "a straggler of an old request".into());
+    assert!(outs(&mut c).is_empty());
+    c.handle_input(ms(1), 1, WorkItem::whole(0), 0, 1);
+    let (_, rest) = run(&mut c, ms(2));
+    assert!(matches!(
+        rest.last(),
+        Some(CoreOutput::Finished { request: 1, .. })
+    ));
+    // Request 2 fails as soon as it begins.
+    c.begin(ms(3), 2, shape).unwrap();
+    match &outs(&mut c)[..] {
+        [CoreOutput::Failed {
+            request: 2,
+            step: Some(0),
+            reason: CoreFailure::Refused(m),
+        }] => assert!(m.contains("do not decode"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // An active request fails at once.
+    c.begin(ms(4), 3, shape).unwrap();
+    c.handle_bad_input(3, None, "wrong kind".into());
+    assert!(matches!(
+        &outs(&mut c)[..],
+        [CoreOutput::Failed { request: 3, .. }]
+    ));
+}
