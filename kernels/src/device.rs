@@ -227,6 +227,40 @@ impl Device {
         }
     }
 
+    /// RMSNorm, in place, of every `weight.len()`-wide group of columns `offset..offset + cols`
+    /// of the last dimension of `x` (per-head query/key norm on a fused `[B, n, 3d]` QKV):
+    /// `v * weight / sqrt(mean(v^2) + eps)`.
+    pub fn rms_norm_groups_(
+        &self,
+        x: &mut Tensor,
+        offset: usize,
+        cols: usize,
+        weight: &Tensor,
+        eps: f32,
+    ) -> Result<()> {
+        let width = last_dim("rms_norm_groups_", x)?;
+        let g = weight.elem_count();
+        #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; the MSRV is 1.85
+        if g == 0 || cols % g != 0 || offset + cols > width {
+            return Err(KernelError::shape(
+                "rms_norm_groups_",
+                format!(
+                    "columns {offset}..{} in groups of {g} do not fit rows of {width}",
+                    offset + cols
+                ),
+            ));
+        }
+        match self {
+            Device::Cpu(c) => {
+                let w = weight.as_f32()?.to_vec();
+                let xs = x.as_f32_mut()?;
+                c.install(|| cpu::norm::rms_norm_groups_(xs, width, offset, cols, &w, eps));
+                Ok(())
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
     /// Multi-head attention of `q` against `k`/`v` (see [`AttnView`]); `key_bias: [B, Sk]` is added
     /// to the scores (`-inf` masks a key). Returns `[B, Sq, heads * head_dim]`.
     pub fn attention(

@@ -48,5 +48,7 @@ pub mod reference {
         conv2d_slow, transpose_last2_slow, upsample_nearest2x_slow, ConvGeom,
     };
     pub use crate::cpu::matmul::linear_slow;
-    pub use crate::cpu::norm::{group_norm_slow, layer_norm_modulate_slow, layer_norm_slow};
+    pub use crate::cpu::norm::{
+        group_norm_slow, layer_norm_modulate_slow, layer_norm_slow, rms_norm_groups_slow,
+    };
 }

@@ -464,3 +464,30 @@ fn add_gated_accepts_image_shaped_tensors() {
     let mut v = Tensor::zeros(&[4]);
     assert!(dev.add_gated_(&mut v, &Tensor::zeros(&[4]), None).is_err());
 }
+
+/// Per-head RMSNorm on the Q and K columns of a fused QKV tensor leaves V untouched.
+#[test]
+fn rms_norm_groups_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let (b, n, heads, hd) = (2, 5, 3, 8);
+    let width = 3 * heads * hd;
+    let x = randn(&mut rng, b * n * width, 2.0);
+    let w = randn(&mut rng, hd, 1.0);
+    for dev in devices() {
+        let mut t = Tensor::from_vec(x.clone(), &[b, n, width]).unwrap();
+        let wt = Tensor::from_vec(w.clone(), &[hd]).unwrap();
+        dev.rms_norm_groups_(&mut t, 0, 2 * heads * hd, &wt, 1e-6)
+            .unwrap();
+        let want = rms_norm_groups_slow(&x, width, 0, 2 * heads * hd, &w, 1e-6);
+        assert!(rel_l2(t.as_f32().unwrap(), &want) < 1e-6);
+        let v = 2 * heads * hd;
+        for r in 0..b * n {
+            assert_eq!(
+                t.as_f32().unwrap()[r * width + v..(r + 1) * width],
+                x[r * width + v..(r + 1) * width]
+            );
+        }
+        let e = dev.rms_norm_groups_(&mut t, 40, 2 * heads * hd, &wt, 1e-6);
+        assert!(e.unwrap_err().to_string().contains("do not fit"));
+    }
+}

@@ -118,19 +118,19 @@ impl CrossAttention {
 
 /// `net.2(gelu_tanh(net.0.proj(x)))`.
 #[derive(Debug, Clone)]
-struct FeedForward {
+pub(crate) struct FeedForward {
     up: Linear,
     down: Linear,
 }
 
 impl FeedForward {
-    fn load(src: &dyn WeightSource, name: &str, d: usize) -> Result<Self> {
+    pub(crate) fn load(src: &dyn WeightSource, name: &str, d: usize) -> Result<Self> {
         Ok(FeedForward {
             up: Linear::load(src, &format!("{name}.net.0.proj"), 4 * d, d)?,
             down: Linear::load(src, &format!("{name}.net.2"), d, 4 * d)?,
         })
     }
-    fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
         let mut h = self.up.forward(dev, x)?; // [B, n, 4d]
         dev.gelu_tanh_(&mut h)?;
         self.down.forward(dev, &h)

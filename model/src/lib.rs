@@ -1,5 +1,5 @@
 //! DiT and PixArt-alpha transformers as diffusers computes them, loaded by block range, plus the
-//! samplers that drive them.
+//! samplers that drive them; MMDiT (Stable Diffusion 3 / 3.5) in [`mmdit`] (whole-model forward).
 //!
 //! Key types: [`Transformer`] (a whole model or the slice of blocks one pipeline stage owns, with
 //! the forward split into embed / blocks / head), [`ModelConfig`] (from `config.json` or a named
@@ -18,6 +18,7 @@ mod embedding;
 mod error;
 mod fields;
 mod kv_buffer;
+pub mod mmdit;
 mod request;
 pub mod sampler;
 pub mod sp;

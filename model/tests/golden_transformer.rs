@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixtures, rel_l2, Fixture};
+use common::{fixtures, Fixture};
 use kernels::{Device, Tensor};
 use model::{CondInputs, ModelConfig, SafetensorsDir, Transformer, WeightSource};
 
@@ -20,10 +20,7 @@ fn dit_inputs(io: &Fixture) -> CondInputs {
 }
 
 fn check(name: &str, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.shape(), want.shape(), "{name}: shape");
-    let e = rel_l2(got.as_f32().unwrap(), want.as_f32().unwrap());
-    eprintln!("{name}: relative L2 {e:.2e}");
-    assert!(e <= TOL, "{name}: relative L2 {e:.3e} > {TOL:e}");
+    common::check_close(name, got, want, TOL);
 }
 
 #[test]

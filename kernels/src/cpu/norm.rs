@@ -68,6 +68,52 @@ pub(crate) fn layer_norm(
         });
 }
 
+/// RMSNorm, in place, of every `weight.len()`-wide group of columns `offset..offset + cols` of
+/// each row (`width` values) of `x`: `v * weight / sqrt(mean(v^2) + eps)`. The per-head query and
+/// key norm of MMDiT models, applied to a fused QKV tensor.
+pub(crate) fn rms_norm_groups_(
+    x: &mut [f32],
+    width: usize,
+    offset: usize,
+    cols: usize,
+    weight: &[f32],
+    eps: f32,
+) {
+    let g = weight.len();
+    x.par_chunks_mut(width).for_each(|row| {
+        for grp in row[offset..offset + cols].chunks_mut(g) {
+            let ss: f32 = grp.iter().map(|v| v * v).sum();
+            let inv = 1.0 / (ss / g as f32 + eps).sqrt();
+            grp.iter_mut()
+                .zip(weight)
+                .for_each(|(v, w)| *v = *v * inv * w);
+        }
+    });
+}
+
+/// Reference [`rms_norm_groups_`] in f64 (returns a copy).
+pub fn rms_norm_groups_slow(
+    x: &[f32],
+    width: usize,
+    offset: usize,
+    cols: usize,
+    weight: &[f32],
+    eps: f32,
+) -> Vec<f32> {
+    let g = weight.len();
+    let mut y = x.to_vec();
+    for row in y.chunks_mut(width) {
+        for grp in row[offset..offset + cols].chunks_mut(g) {
+            let ms = grp.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / g as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            for (v, w) in grp.iter_mut().zip(weight) {
+                *v = (*v as f64 * inv * *w as f64) as f32;
+            }
+        }
+    }
+    y
+}
+
 /// Reference LayerNorm (no affine) in f64, two passes.
 pub fn layer_norm_slow(x: &[f32], d: usize, eps: f32) -> Vec<f32> {
     x.chunks(d)

@@ -116,3 +116,12 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Asserts `got` has `want`'s shape and is within relative L2 `tol` of it (printing the figure).
+#[allow(dead_code)]
+pub fn check_close(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.shape(), want.shape(), "{name}: shape");
+    let e = rel_l2(got.as_f32().unwrap(), want.as_f32().unwrap());
+    eprintln!("{name}: relative L2 {e:.2e}");
+    assert!(e <= tol, "{name}: relative L2 {e:.3e} > {tol:e}");
+}

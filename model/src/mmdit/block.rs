@@ -1,0 +1,244 @@
+//! One MMDiT joint block: the image tokens and the prompt tokens each have their own adaLN
+//! modulation, QKV and MLP, and attend together over the concatenated sequence (image first).
+//! SD3.5's MMDiT-X blocks add a second, image-only self-attention from the same normalised tokens
+//! with its own modulation; `qk_norm` normalises every head's queries and keys (RMSNorm). The last
+//! block only reads the prompt (`context_pre_only`): its prompt side has a continuous adaLN and no
+//! output projection or MLP.
+//! Reference: diffusers 0.42.1 `attention.py::JointTransformerBlock`,
+//! `attention_processor.py::JointAttnProcessor2_0`, `normalization.py` (`AdaLayerNormZero`,
+//! `SD35AdaLayerNormZeroX`, `AdaLayerNormContinuous`, `RMSNorm`).
+
+use kernels::{AttnView, Device, Tensor};
+
+use crate::blocks::FeedForward;
+use crate::embedding::Linear;
+use crate::error::Result;
+use crate::weights::WeightSource;
+
+use super::config::Sd3Config;
+
+/// LayerNorm epsilon of every norm in the block (diffusers: 1e-6).
+const EPS: f32 = 1e-6;
+
+/// Fused Q, K, V of one token stream with its optional per-head RMS norms of Q and K.
+#[derive(Debug, Clone)]
+struct Qkv {
+    proj: Linear, // [3d, d]
+    norms: Option<(Tensor, Tensor)>,
+}
+
+impl Qkv {
+    fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        names: [&str; 3],
+        norms: Option<[&str; 2]>,
+        cfg: &Sd3Config,
+    ) -> Result<Qkv> {
+        let d = cfg.hidden();
+        let names = names.map(|n| format!("{p}.{n}"));
+        let norms = match norms {
+            Some([q, k]) => Some((
+                src.tensor(&format!("{p}.{q}.weight"), &[cfg.head_dim])?,
+                src.tensor(&format!("{p}.{k}.weight"), &[cfg.head_dim])?,
+            )),
+            None => None,
+        };
+        Ok(Qkv {
+            proj: Linear::load_fused(src, &names, d, d)?,
+            norms,
+        })
+    }
+
+    /// `x: [B, n, d]` -> `[B, n, 3d]` (Q and K normalised per head when the model does).
+    fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
+        let mut qkv = self.proj.forward(dev, x)?;
+        if let Some((nq, nk)) = &self.norms {
+            let d = x.dim(2);
+            dev.rms_norm_groups_(&mut qkv, 0, d, nq, EPS)?;
+            dev.rms_norm_groups_(&mut qkv, d, d, nk, EPS)?;
+        }
+        Ok(qkv)
+    }
+}
+
+/// Attention over a fused `[B, S, 3d]` QKV, `[B, S, d]`.
+fn attend(dev: &Device, qkv: &Tensor, cfg: &Sd3Config) -> Result<Tensor> {
+    let d = cfg.hidden();
+    Ok(dev.attention(
+        AttnView::of(qkv, 0)?,
+        AttnView::of(qkv, d)?,
+        AttnView::of(qkv, 2 * d)?,
+        None,
+        qkv.dim(0),
+        cfg.num_heads,
+        cfg.head_dim,
+    )?)
+}
+
+/// The prompt side of a block.
+// One per block, built once: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+enum ContextSide {
+    /// Every block but the last: adaLN-Zero (6 chunks), QKV, output projection, MLP.
+    Full {
+        modulation: Linear, // [6d, d]
+        qkv: Qkv,
+        out: Linear,
+        ff: FeedForward,
+    },
+    /// The last block: continuous adaLN (`[scale | shift]`) and QKV only.
+    PreOnly { modulation: Linear, qkv: Qkv },
+}
+
+/// One joint block (see the module documentation).
+#[derive(Debug, Clone)]
+pub(crate) struct JointBlock {
+    /// `norm1.linear`: `[6d, d]`, or `[9d, d]` with the second attention.
+    modulation: Linear,
+    qkv: Qkv,
+    out: Linear,
+    /// MMDiT-X: the image-only attention (`attn2`).
+    second: Option<(Qkv, Linear)>,
+    ff: FeedForward,
+    context: ContextSide,
+}
+
+/// Chunk `j` of `k` of a `[B, k d]` modulation, as `[B, d]`.
+fn chunk(m: &Tensor, k: usize, j: usize) -> Result<Tensor> {
+    let d = m.dim(1) / k;
+    Ok(m.narrow(1, j * d, d)?)
+}
+
+impl JointBlock {
+    pub(crate) fn load(src: &dyn WeightSource, i: usize, cfg: &Sd3Config) -> Result<JointBlock> {
+        let d = cfg.hidden();
+        let p = format!("transformer_blocks.{i}");
+        let dual = cfg.dual_attention_layers.contains(&i);
+        let last = i + 1 == cfg.num_layers;
+        let norms = |q: &'static str, k: &'static str| cfg.qk_norm.then_some([q, k]);
+        let attn = format!("{p}.attn");
+        let qkv = Qkv::load(
+            src,
+            &attn,
+            ["to_q", "to_k", "to_v"],
+            norms("norm_q", "norm_k"),
+            cfg,
+        )?;
+        let ctx_qkv = Qkv::load(
+            src,
+            &attn,
+            ["add_q_proj", "add_k_proj", "add_v_proj"],
+            norms("norm_added_q", "norm_added_k"),
+            cfg,
+        )?;
+        let context = match last {
+            true => ContextSide::PreOnly {
+                modulation: Linear::load(src, &format!("{p}.norm1_context.linear"), 2 * d, d)?,
+                qkv: ctx_qkv,
+            },
+            false => ContextSide::Full {
+                modulation: Linear::load(src, &format!("{p}.norm1_context.linear"), 6 * d, d)?,
+                qkv: ctx_qkv,
+                out: Linear::load(src, &format!("{attn}.to_add_out"), d, d)?,
+                ff: FeedForward::load(src, &format!("{p}.ff_context"), d)?,
+            },
+        };
+        let second = match dual {
+            true => {
+                let a2 = format!("{p}.attn2");
+                Some((
+                    Qkv::load(
+                        src,
+                        &a2,
+                        ["to_q", "to_k", "to_v"],
+                        norms("norm_q", "norm_k"),
+                        cfg,
+                    )?,
+                    Linear::load(src, &format!("{a2}.to_out.0"), d, d)?,
+                ))
+            }
+            false => None,
+        };
+        Ok(JointBlock {
+            modulation: Linear::load(
+                src,
+                &format!("{p}.norm1.linear"),
+                if dual { 9 } else { 6 } * d,
+                d,
+            )?,
+            qkv,
+            out: Linear::load(src, &format!("{attn}.to_out.0"), d, d)?,
+            second,
+            ff: FeedForward::load(src, &format!("{p}.ff"), d)?,
+            context,
+        })
+    }
+
+    /// Updates the image tokens `x: [B, n, d]` and the prompt tokens `ctx: [B, T, d]` in place
+    /// (`ctx` is left as it was after the last block, which only reads it). `temb_silu` is
+    /// `silu(temb)`, `[B, d]`.
+    pub(crate) fn forward(
+        &self,
+        dev: &Device,
+        x: &mut Tensor,
+        ctx: &mut Tensor,
+        temb_silu: &Tensor,
+        cfg: &Sd3Config,
+    ) -> Result<()> {
+        let n = x.dim(1);
+        let k = if self.second.is_some() { 9 } else { 6 };
+        let m = self.modulation.forward(dev, temb_silu)?; // [B, k d]
+        let c = |j| chunk(&m, k, j);
+        // Image side: shift, scale, gate (attention), shift, scale, gate (MLP)[, shift, scale,
+        // gate (second attention)].
+        let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, EPS)?;
+        let h2 = match self.second.is_some() {
+            true => Some(dev.layer_norm_modulate(x, &c(6)?, &c(7)?, EPS)?),
+            false => None,
+        };
+        let (ctx_qkv, cm) = match &self.context {
+            ContextSide::Full {
+                modulation, qkv, ..
+            }
+            | ContextSide::PreOnly { modulation, qkv } => {
+                (qkv, modulation.forward(dev, temb_silu)?)
+            }
+        };
+        let hc = match &self.context {
+            ContextSide::Full { .. } => {
+                dev.layer_norm_modulate(ctx, &chunk(&cm, 6, 0)?, &chunk(&cm, 6, 1)?, EPS)?
+            }
+            // AdaLayerNormContinuous: [scale | shift].
+            ContextSide::PreOnly { .. } => {
+                dev.layer_norm_modulate(ctx, &chunk(&cm, 2, 1)?, &chunk(&cm, 2, 0)?, EPS)?
+            }
+        };
+        // Joint attention over [image tokens; prompt tokens].
+        let joint = Tensor::cat(
+            &[&self.qkv.forward(dev, &h)?, &ctx_qkv.forward(dev, &hc)?],
+            1,
+        )?;
+        let o = attend(dev, &joint, cfg)?; // [B, n + T, d]
+        let a = self.out.forward(dev, &o.narrow(1, 0, n)?)?;
+        dev.add_gated_(x, &a, Some(&c(2)?))?;
+        if let (Some((qkv2, out2)), Some(h2)) = (&self.second, &h2) {
+            let a2 = out2.forward(dev, &attend(dev, &qkv2.forward(dev, h2)?, cfg)?)?;
+            dev.add_gated_(x, &a2, Some(&c(8)?))?;
+        }
+        let h = dev.layer_norm_modulate(x, &c(3)?, &c(4)?, EPS)?;
+        let f = self.ff.forward(dev, &h)?;
+        dev.add_gated_(x, &f, Some(&c(5)?))?;
+        if let ContextSide::Full { out, ff, .. } = &self.context {
+            let cc = |j| chunk(&cm, 6, j);
+            let t = o.dim(1) - n;
+            let ac = out.forward(dev, &o.narrow(1, n, t)?)?;
+            dev.add_gated_(ctx, &ac, Some(&cc(2)?))?;
+            let hc = dev.layer_norm_modulate(ctx, &cc(3)?, &cc(4)?, EPS)?;
+            let fc = ff.forward(dev, &hc)?;
+            dev.add_gated_(ctx, &fc, Some(&cc(5)?))?;
+        }
+        Ok(())
+    }
+}

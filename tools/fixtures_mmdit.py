@@ -1,0 +1,63 @@
+"""Section `sd3` of tools/make_fixtures.py: tiny random SD3 / SD3.5 transformers (MMDiT) and their
+outputs, from diffusers' SD3Transformer2DModel (the authority).
+
+  sd3_tiny/            SD3Transformer2DModel(sample_size 8, patch 2, in 4, out 4, layers 3, heads 2,
+                       head_dim 8, joint_attention_dim 12, caption_projection_dim 16,
+                       pooled_projection_dim 10, pos_embed_max_size 12, qk_norm "rms_norm",
+                       dual_attention_layers (0,)): the SD3.5 features (per-head RMS q/k norm, the
+                       MMDiT-X dual attention in block 0), save_pretrained; EVERY parameter
+                       re-initialised (diffusers zero-inits nothing here, but the default init makes
+                       the adaLN outputs tiny).
+  sd3_tiny_plain/      the same shapes without qk_norm and dual attention (SD3.0).
+  sd3_tiny_io.safetensors   per variant prefix (`x.` for sd3_tiny, `plain.` for sd3_tiny_plain):
+                       latent [2,4,8,6] (non-square: a 4x3 token grid cropped from the 12x12 table),
+                       timestep f32 [999.0, 350.5], prompt_embeds [2,5,12], pooled [2,10],
+                       output [2,4,8,6], block0..2 (image tokens after each block [2,12,16]).
+"""
+
+import os
+
+import torch
+from safetensors.torch import save_file
+from diffusers import SD3Transformer2DModel
+
+SD3_KW = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
+              num_attention_heads=2, attention_head_dim=8, joint_attention_dim=12,
+              caption_projection_dim=16, pooled_projection_dim=10, pos_embed_max_size=12)
+
+
+@torch.no_grad()
+def make_sd3(out, helpers):
+    print("[sd3]")
+    reinit, clean_dir, record, rel_l2 = (helpers[k] for k in ("reinit", "clean_dir", "record", "rel_l2"))
+    io = {}
+    g = torch.Generator().manual_seed(500)
+    latent = torch.randn(2, 4, 8, 6, generator=g)
+    timestep = torch.tensor([999.0, 350.5])
+    prompt = torch.randn(2, 5, 12, generator=g)
+    pooled = torch.randn(2, 10, generator=g)
+    for prefix, name, extra, seed in (("x.", "sd3_tiny", dict(qk_norm="rms_norm", dual_attention_layers=(0,)), 5),
+                                      ("plain.", "sd3_tiny_plain", {}, 6)):
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(**SD3_KW, **extra).eval()
+        reinit(model, seed=seed)
+        d = os.path.join(out, name)
+        clean_dir(d)
+        model.save_pretrained(d, safe_serialization=True)
+        store = {}
+        hooks = [b.register_forward_hook(lambda m, i, o, k=k: store.__setitem__(f"block{k}", o[1].detach().clone()))
+                 for k, b in enumerate(model.transformer_blocks)]
+        y = model(latent, encoder_hidden_states=prompt, pooled_projections=pooled, timestep=timestep).sample
+        for h in hooks:
+            h.remove()
+        # the prompt matters (joint attention) and so does the pooled projection (conditioning)
+        y_p = model(latent, encoder_hidden_states=prompt * 0.5, pooled_projections=pooled, timestep=timestep).sample
+        y_c = model(latent, encoder_hidden_states=prompt, pooled_projections=pooled * 0.5, timestep=timestep).sample
+        print(f"  {name}: output rms {y.pow(2).mean().sqrt():.3f}; prompt effect rel {rel_l2(y_p, y):.3f}, "
+              f"pooled effect rel {rel_l2(y_c, y):.3f}")
+        record(f"sd3 {name} prompt effect (must be visible) 1/rel", 1.0 / max(rel_l2(y_p, y), 1e-9), 100.0)
+        io.update({f"{prefix}latent": latent, f"{prefix}timestep": timestep, f"{prefix}prompt_embeds": prompt,
+                   f"{prefix}pooled": pooled, f"{prefix}output": y})
+        for k, v in store.items():
+            io[f"{prefix}{k}"] = v
+    save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(out, "sd3_tiny_io.safetensors"))
