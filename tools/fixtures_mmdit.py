@@ -61,3 +61,81 @@ def make_sd3(out, helpers):
         for k, v in store.items():
             io[f"{prefix}{k}"] = v
     save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(out, "sd3_tiny_io.safetensors"))
+
+
+# ---------------------------------------------------------------- flux
+FLUX_KW = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+               num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
+
+
+def pack_latents(x):
+    """FluxPipeline's packing (its `_pack_latents`, restated): [B, C, H, W] -> [B, (H/2)(W/2), 4C],
+    each token the 2x2 block at (row, col) with channels ordered (c, dy, dx)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def image_ids(rows, cols):
+    """FluxPipeline's image position ids (its `_prepare_latent_image_ids`, restated): one row
+    (0, row, col) per packed token, row-major, float32."""
+    r = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, cols)
+    c = torch.arange(cols, dtype=torch.float32)[None, :].expand(rows, cols)
+    return torch.stack([torch.zeros(rows, cols), r, c], dim=-1).reshape(rows * cols, 3)
+
+
+@torch.no_grad()
+def make_flux(out, helpers):
+    """Section `flux`: tiny random Flux.1 transformers (FluxTransformer2DModel).
+
+      flux_tiny/           guidance_embeds = True (Flux.1-dev style), 2 double + 2 single blocks,
+                           heads 2 x head_dim 8, axes_dims_rope (2, 2, 4), in 16 (= 4 latent channels
+                           packed 2x2), joint 12, pooled 10.
+      flux_tiny_schnell/   the same without the guidance embedding (Flux.1-schnell style).
+      flux_tiny_io.safetensors   per prefix (`dev.`, `schnell.`): latent [2,4,6,8] (unpacked), packed
+                           [2,12,16] (FluxPipeline._pack_latents), img_ids [12,3]
+                           (_prepare_latent_image_ids), txt_ids [5,3] (zeros), prompt_embeds [2,5,12],
+                           pooled [2,10], timestep [0.999, 0.35] (the model multiplies by 1000),
+                           guidance [3.5, 5.0] (dev only), output [2,12,16] (packed), double0..1 and
+                           single0..1 (image tokens after each block).
+    """
+    from diffusers import FluxTransformer2DModel
+    print("[flux]")
+    reinit, clean_dir, record, rel_l2 = (helpers[k] for k in ("reinit", "clean_dir", "record", "rel_l2"))
+    io = {}
+    g = torch.Generator().manual_seed(600)
+    latent = torch.randn(2, 4, 6, 8, generator=g)
+    packed = pack_latents(latent)
+    img_ids = image_ids(3, 4)
+    txt_ids = torch.zeros(5, 3)
+    prompt = torch.randn(2, 5, 12, generator=g)
+    pooled = torch.randn(2, 10, generator=g)
+    timestep = torch.tensor([0.999, 0.35])
+    guidance = torch.tensor([3.5, 5.0])
+    for prefix, name, guided, seed in (("dev.", "flux_tiny", True, 7), ("schnell.", "flux_tiny_schnell", False, 8)):
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(**FLUX_KW, guidance_embeds=guided).eval()
+        reinit(model, seed=seed)
+        d = os.path.join(out, name)
+        clean_dir(d)
+        model.save_pretrained(d, safe_serialization=True)
+        store = {}
+        hooks = [b.register_forward_hook(lambda m, i, o, k=k: store.__setitem__(f"double{k}", o[1].detach().clone()))
+                 for k, b in enumerate(model.transformer_blocks)]
+        hooks += [b.register_forward_hook(lambda m, i, o, k=k: store.__setitem__(f"single{k}", o[1].detach().clone()))
+                  for k, b in enumerate(model.single_transformer_blocks)]
+        kw = dict(encoder_hidden_states=prompt, pooled_projections=pooled, timestep=timestep, img_ids=img_ids,
+                  txt_ids=txt_ids, guidance=guidance if guided else None)
+        y = model(packed, **kw).sample
+        for h in hooks:
+            h.remove()
+        y_p = model(packed, **{**kw, "encoder_hidden_states": prompt * 0.5}).sample
+        print(f"  {name}: output rms {y.pow(2).mean().sqrt():.3f}; prompt effect rel {rel_l2(y_p, y):.3f}")
+        record(f"flux {name} prompt effect (must be visible) 1/rel", 1.0 / max(rel_l2(y_p, y), 1e-9), 100.0)
+        io.update({f"{prefix}latent": latent, f"{prefix}packed": packed, f"{prefix}img_ids": img_ids,
+                   f"{prefix}txt_ids": txt_ids, f"{prefix}prompt_embeds": prompt, f"{prefix}pooled": pooled,
+                   f"{prefix}timestep": timestep, f"{prefix}output": y})
+        if guided:
+            io[f"{prefix}guidance"] = guidance
+        for k, v in store.items():
+            io[f"{prefix}{k}"] = v
+    save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(out, "flux_tiny_io.safetensors"))

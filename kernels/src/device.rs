@@ -261,6 +261,57 @@ impl Device {
         }
     }
 
+    /// Rotary position embedding, in place, on the `head_dim`-wide heads of columns
+    /// `offset..offset + cols` of `x: [B, S, width]` (queries and keys of a fused QKV), with
+    /// `cos, sin: [S, head_dim]` per position; pairs of channels `(2i, 2i+1)` rotate together
+    /// (Flux's interleaved convention): `(a cos - b sin, b cos + a sin)`.
+    pub fn rope_(
+        &self,
+        x: &mut Tensor,
+        offset: usize,
+        cols: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<()> {
+        let width = last_dim("rope_", x)?;
+        let (&[s, hd], true) = (cos.shape(), cos.shape() == sin.shape()) else {
+            return Err(KernelError::shape(
+                "rope_",
+                format!(
+                    "cos {:?} and sin {:?} must both be [S, head_dim]",
+                    cos.shape(),
+                    sin.shape()
+                ),
+            ));
+        };
+        #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; the MSRV is 1.85
+        let bad = x.shape().len() != 3
+            || x.dim(1) != s
+            || hd == 0
+            || hd % 2 != 0
+            || cols % hd != 0
+            || offset + cols > width;
+        if bad {
+            return Err(KernelError::shape(
+                "rope_",
+                format!(
+                    "x {:?}, columns {offset}..{} in heads of {hd} for {s} positions do not fit",
+                    x.shape(),
+                    offset + cols
+                ),
+            ));
+        }
+        match self {
+            Device::Cpu(c) => {
+                let (co, si) = (cos.as_f32()?.to_vec(), sin.as_f32()?.to_vec());
+                let xs = x.as_f32_mut()?;
+                c.install(|| cpu::norm::rope_(xs, width, s, offset, cols, &co, &si));
+                Ok(())
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
     /// Multi-head attention of `q` against `k`/`v` (see [`AttnView`]); `key_bias: [B, Sk]` is added
     /// to the scores (`-inf` masks a key). Returns `[B, Sq, heads * head_dim]`.
     pub fn attention(

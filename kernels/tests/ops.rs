@@ -491,3 +491,41 @@ fn rms_norm_groups_matches_reference() {
         assert!(e.unwrap_err().to_string().contains("do not fit"));
     }
 }
+
+/// Rotary embedding on the Q and K columns of a fused QKV tensor (interleaved pairs) leaves V
+/// untouched; a rotation by angle 0 is the identity.
+#[test]
+fn rope_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let (b, s, heads, hd) = (2, 7, 3, 8);
+    let width = 3 * heads * hd;
+    let x = randn(&mut rng, b * s * width, 1.0);
+    let ang = randn(&mut rng, s * hd / 2, 3.0);
+    let (cos, sin): (Vec<f32>, Vec<f32>) = ang
+        .iter()
+        .flat_map(|a| [(a.cos(), a.sin()), (a.cos(), a.sin())])
+        .unzip();
+    for dev in devices() {
+        let mut t = Tensor::from_vec(x.clone(), &[b, s, width]).unwrap();
+        let (ct, st) = (
+            Tensor::from_vec(cos.clone(), &[s, hd]).unwrap(),
+            Tensor::from_vec(sin.clone(), &[s, hd]).unwrap(),
+        );
+        dev.rope_(&mut t, 0, 2 * heads * hd, &ct, &st).unwrap();
+        let want = rope_slow(&x, width, s, 0, 2 * heads * hd, &cos, &sin);
+        assert!(rel_l2(t.as_f32().unwrap(), &want) < 1e-6);
+        let v = 2 * heads * hd;
+        assert_eq!(t.as_f32().unwrap()[v..width], x[v..width]);
+        // Norms of each pair are kept.
+        let (a, b0) = (x[0], x[1]);
+        let (a2, b2) = (t.as_f32().unwrap()[0], t.as_f32().unwrap()[1]);
+        assert!(((a * a + b0 * b0) - (a2 * a2 + b2 * b2)).abs() < 1e-4);
+        let ones = Tensor::from_vec(vec![1.0; s * hd], &[s, hd]).unwrap();
+        let zeros = Tensor::from_vec(vec![0.0; s * hd], &[s, hd]).unwrap();
+        let mut id = Tensor::from_vec(x.clone(), &[b, s, width]).unwrap();
+        dev.rope_(&mut id, 0, width, &ones, &zeros).unwrap();
+        assert_eq!(id.as_f32().unwrap(), &x[..]);
+        let e = dev.rope_(&mut id, 8, width, &ones, &zeros).unwrap_err();
+        assert!(e.to_string().contains("do not fit"), "{e}");
+    }
+}

@@ -1,5 +1,6 @@
 //! DiT and PixArt-alpha transformers as diffusers computes them, loaded by block range, plus the
-//! samplers that drive them; MMDiT (Stable Diffusion 3 / 3.5) in [`mmdit`] (whole-model forward).
+//! samplers that drive them; MMDiT models (Stable Diffusion 3 / 3.5, Flux.1) in [`mmdit`] (whole-model
+//! forwards).
 //!
 //! Key types: [`Transformer`] (a whole model or the slice of blocks one pipeline stage owns, with
 //! the forward split into embed / blocks / head), [`ModelConfig`] (from `config.json` or a named

@@ -8,7 +8,7 @@ mod common;
 
 use common::{fixtures, Fixture};
 use kernels::{Device, Tensor};
-use model::mmdit::{Sd3Config, Sd3Inputs, Sd3Transformer};
+use model::mmdit::{FluxConfig, Sd3Config, Sd3Inputs, Sd3Transformer};
 
 const TOL: f64 = 1e-4;
 
@@ -98,4 +98,74 @@ fn bad_inputs_and_configs_are_errors_naming_what_is_wrong() {
     );
     let medium = Sd3Config::preset("sd3.5-medium").unwrap();
     assert_eq!(medium.dual_attention_layers.len(), 13);
+}
+
+/// Flux.1 against diffusers 0.42.1 `FluxTransformer2DModel` (fixtures: section `flux`): with the
+/// guidance embedding (dev) and without (schnell), batch 2, a 3 x 4 packed-token grid with the
+/// pipelines' rotary positions, every double and single block's image tokens; the latent packing
+/// equals diffusers' and unpacks back exactly.
+#[test]
+fn flux_matches_diffusers_with_and_without_guidance() {
+    use model::mmdit::{
+        image_ids, pack_latents, unpack_latents, FluxBlock, FluxInputs, FluxTransformer,
+    };
+    let io = Fixture::load("flux_tiny_io.safetensors");
+    let dev = Device::cpu(2).unwrap();
+    for (prefix, dir, guided) in [
+        ("dev.", "flux_tiny", true),
+        ("schnell.", "flux_tiny_schnell", false),
+    ] {
+        let model = FluxTransformer::load(&fixtures().join(dir), dev.clone()).unwrap();
+        assert_eq!(model.config().guidance_embeds, guided);
+        let f = |k: &str| io.f(&format!("{prefix}{k}"));
+        let latent = f("latent");
+        let packed = pack_latents(&dev, latent).unwrap();
+        assert_eq!(
+            packed.as_f32().unwrap(),
+            f("packed").as_f32().unwrap(),
+            "packing"
+        );
+        let back = unpack_latents(&packed, 6, 8).unwrap();
+        assert_eq!(
+            back.as_f32().unwrap(),
+            latent.as_f32().unwrap(),
+            "unpacking"
+        );
+        let ids = |t: &Tensor| -> Vec<[f32; 3]> {
+            t.as_f32()
+                .unwrap()
+                .chunks(3)
+                .map(|c| [c[0], c[1], c[2]])
+                .collect()
+        };
+        assert_eq!(ids(f("img_ids")), image_ids(3, 4));
+        let inputs = FluxInputs {
+            timesteps: f("timestep").as_f32().unwrap().to_vec(),
+            guidance: guided.then(|| f("guidance").as_f32().unwrap().to_vec()),
+            prompt_embeds: f("prompt_embeds").clone(),
+            pooled: f("pooled").clone(),
+            txt_ids: ids(f("txt_ids")),
+            img_ids: image_ids(3, 4),
+        };
+        let mut blocks = Vec::new();
+        let out = model
+            .forward_traced(&packed, &inputs, &mut |b, x| blocks.push((b, x.clone())))
+            .unwrap();
+        for (b, x) in &blocks {
+            let name = match b {
+                FluxBlock::Double(i) => format!("double{i}"),
+                FluxBlock::Single(i) => format!("single{i}"),
+            };
+            check(&format!("{dir} {name}"), x, f(&name));
+        }
+        assert_eq!(blocks.len(), 4);
+        check(&format!("{dir} output"), &out, f("output"));
+        // A guidance scale for a model without the embedding, or none for one with it, is refused.
+        let mut wrong = inputs.clone();
+        wrong.guidance = if guided { None } else { Some(vec![3.5, 3.5]) };
+        let e = model.forward(&packed, &wrong).unwrap_err().to_string();
+        assert!(e.contains("guidance"), "{e}");
+    }
+    assert!(FluxConfig::preset("Flux.1-dev").unwrap().guidance_embeds);
+    assert_eq!(FluxConfig::preset("flux.1-schnell").unwrap().hidden(), 3072);
 }

@@ -17,30 +17,36 @@ use crate::weights::WeightSource;
 
 use super::config::Sd3Config;
 
-/// LayerNorm epsilon of every norm in the block (diffusers: 1e-6).
-const EPS: f32 = 1e-6;
+/// LayerNorm and RMSNorm epsilon of every norm in the block (diffusers: 1e-6).
+pub(super) const EPS: f32 = 1e-6;
 
-/// Fused Q, K, V of one token stream with its optional per-head RMS norms of Q and K.
+/// The image stream's projections.
+pub(super) const QKV: [&str; 3] = ["to_q", "to_k", "to_v"];
+/// The prompt stream's projections.
+pub(super) const ADDED_QKV: [&str; 3] = ["add_q_proj", "add_k_proj", "add_v_proj"];
+
+/// Fused Q, K, V of one token stream with its optional per-head RMS norms of Q and K (shared by
+/// the SD3 and Flux blocks).
 #[derive(Debug, Clone)]
-struct Qkv {
+pub(super) struct Qkv {
     proj: Linear, // [3d, d]
     norms: Option<(Tensor, Tensor)>,
 }
 
 impl Qkv {
-    fn load(
+    /// `{p}.{names}` (each `[d, d]` + bias) and, with `norms`, `{p}.{norm}.weight` `[head_dim]`.
+    pub(super) fn load(
         src: &dyn WeightSource,
         p: &str,
         names: [&str; 3],
         norms: Option<[&str; 2]>,
-        cfg: &Sd3Config,
+        (d, head_dim): (usize, usize),
     ) -> Result<Qkv> {
-        let d = cfg.hidden();
         let names = names.map(|n| format!("{p}.{n}"));
         let norms = match norms {
             Some([q, k]) => Some((
-                src.tensor(&format!("{p}.{q}.weight"), &[cfg.head_dim])?,
-                src.tensor(&format!("{p}.{k}.weight"), &[cfg.head_dim])?,
+                src.tensor(&format!("{p}.{q}.weight"), &[head_dim])?,
+                src.tensor(&format!("{p}.{k}.weight"), &[head_dim])?,
             )),
             None => None,
         };
@@ -51,7 +57,7 @@ impl Qkv {
     }
 
     /// `x: [B, n, d]` -> `[B, n, 3d]` (Q and K normalised per head when the model does).
-    fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
         let mut qkv = self.proj.forward(dev, x)?;
         if let Some((nq, nk)) = &self.norms {
             let d = x.dim(2);
@@ -62,17 +68,17 @@ impl Qkv {
     }
 }
 
-/// Attention over a fused `[B, S, 3d]` QKV, `[B, S, d]`.
-fn attend(dev: &Device, qkv: &Tensor, cfg: &Sd3Config) -> Result<Tensor> {
-    let d = cfg.hidden();
+/// Attention over a fused `[B, S, 3d]` QKV of `heads` heads of `head_dim`, `[B, S, d]`.
+pub(super) fn attend(dev: &Device, qkv: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let d = heads * head_dim;
     Ok(dev.attention(
         AttnView::of(qkv, 0)?,
         AttnView::of(qkv, d)?,
         AttnView::of(qkv, 2 * d)?,
         None,
         qkv.dim(0),
-        cfg.num_heads,
-        cfg.head_dim,
+        heads,
+        head_dim,
     )?)
 }
 
@@ -106,7 +112,7 @@ pub(crate) struct JointBlock {
 }
 
 /// Chunk `j` of `k` of a `[B, k d]` modulation, as `[B, d]`.
-fn chunk(m: &Tensor, k: usize, j: usize) -> Result<Tensor> {
+pub(super) fn chunk(m: &Tensor, k: usize, j: usize) -> Result<Tensor> {
     let d = m.dim(1) / k;
     Ok(m.narrow(1, j * d, d)?)
 }
@@ -118,20 +124,15 @@ impl JointBlock {
         let dual = cfg.dual_attention_layers.contains(&i);
         let last = i + 1 == cfg.num_layers;
         let norms = |q: &'static str, k: &'static str| cfg.qk_norm.then_some([q, k]);
+        let dims = (d, cfg.head_dim);
         let attn = format!("{p}.attn");
-        let qkv = Qkv::load(
-            src,
-            &attn,
-            ["to_q", "to_k", "to_v"],
-            norms("norm_q", "norm_k"),
-            cfg,
-        )?;
+        let qkv = Qkv::load(src, &attn, QKV, norms("norm_q", "norm_k"), dims)?;
         let ctx_qkv = Qkv::load(
             src,
             &attn,
-            ["add_q_proj", "add_k_proj", "add_v_proj"],
+            ADDED_QKV,
             norms("norm_added_q", "norm_added_k"),
-            cfg,
+            dims,
         )?;
         let context = match last {
             true => ContextSide::PreOnly {
@@ -149,13 +150,7 @@ impl JointBlock {
             true => {
                 let a2 = format!("{p}.attn2");
                 Some((
-                    Qkv::load(
-                        src,
-                        &a2,
-                        ["to_q", "to_k", "to_v"],
-                        norms("norm_q", "norm_k"),
-                        cfg,
-                    )?,
+                    Qkv::load(src, &a2, QKV, norms("norm_q", "norm_k"), dims)?,
                     Linear::load(src, &format!("{a2}.to_out.0"), d, d)?,
                 ))
             }
@@ -220,11 +215,12 @@ impl JointBlock {
             &[&self.qkv.forward(dev, &h)?, &ctx_qkv.forward(dev, &hc)?],
             1,
         )?;
-        let o = attend(dev, &joint, cfg)?; // [B, n + T, d]
+        let o = attend(dev, &joint, cfg.num_heads, cfg.head_dim)?; // [B, n + T, d]
         let a = self.out.forward(dev, &o.narrow(1, 0, n)?)?;
         dev.add_gated_(x, &a, Some(&c(2)?))?;
         if let (Some((qkv2, out2)), Some(h2)) = (&self.second, &h2) {
-            let a2 = out2.forward(dev, &attend(dev, &qkv2.forward(dev, h2)?, cfg)?)?;
+            let o2 = attend(dev, &qkv2.forward(dev, h2)?, cfg.num_heads, cfg.head_dim)?;
+            let a2 = out2.forward(dev, &o2)?;
             dev.add_gated_(x, &a2, Some(&c(8)?))?;
         }
         let h = dev.layer_norm_modulate(x, &c(3)?, &c(4)?, EPS)?;

@@ -1,9 +1,12 @@
-//! MMDiT models: Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`), whole-model forward on one
-//! device. Image tokens and prompt tokens keep separate weights but attend jointly in every block
-//! (`block.rs`); the conditioning is the timestep embedding plus the pooled text embedding.
+//! MMDiT models, whole-model forward on one device: Stable Diffusion 3 / 3.5
+//! (`SD3Transformer2DModel`: [`Sd3Transformer`], joint blocks in `block.rs`) and Flux.1
+//! (`FluxTransformer2DModel`: [`FluxTransformer`], double- and single-stream blocks with rotary
+//! positions in `flux_blocks.rs`). Image tokens and prompt tokens keep separate weights but attend
+//! jointly; the conditioning is the timestep (and for Flux.1-dev the guidance) embedding plus the
+//! pooled text embedding.
 //!
-//! Not yet: Flux.1, layer slices and the parallel runtime (PipeFusion, CFG, sequence parallel),
-//! samplers wired to the pipelines (issue 13). The forward is written the way the DiT one is
+//! Not yet: layer slices and the parallel runtime (PipeFusion, CFG, sequence parallel), the
+//! pipelines' sampling (issue 13). The forward is written the way the DiT one is
 //! (embed, blocks, head over token rows) so the runtime can split it later.
 //!
 //! Reference: diffusers 0.42.1 `transformer_sd3.py` (`SD3Transformer2DModel.forward`),
@@ -11,30 +14,34 @@
 
 mod block;
 mod config;
+mod flux;
+mod flux_blocks;
+mod flux_config;
+mod shared;
 
 pub use config::Sd3Config;
+pub use flux::{image_ids, pack_latents, unpack_latents, FluxBlock, FluxInputs, FluxTransformer};
+pub use flux_config::FluxConfig;
 
 use std::path::Path;
 
 use kernels::{Device, Tensor};
 
-use crate::embedding::{pos_embed_2d, timestep_features, Linear, PatchEmbed, TimestepEmbedding};
+use crate::embedding::{pos_embed_2d, Linear, PatchEmbed};
 use crate::error::{ModelError, Result};
 use crate::weights::{RandomWeights, SafetensorsDir, WeightSource};
 use block::JointBlock;
+use shared::{OutputHead, TimeTextEmbed};
 
 /// An SD3 / SD3.5 transformer (all blocks).
 pub struct Sd3Transformer {
     cfg: Sd3Config,
     device: Device,
     patch_embed: PatchEmbed,
-    timestep: TimestepEmbedding,
-    /// `time_text_embed.text_embedder`: `linear_2(silu(linear_1(pooled)))`.
-    text: (Linear, Linear),
+    time_text: TimeTextEmbed,
     context_embedder: Linear,
     blocks: Vec<JointBlock>,
-    /// `norm_out.linear` (`[scale | shift]`) and `proj_out`.
-    head: (Linear, Linear),
+    head: OutputHead,
 }
 
 impl std::fmt::Debug for Sd3Transformer {
@@ -86,18 +93,10 @@ impl Sd3Transformer {
         let out = cfg.patch_size * cfg.patch_size * cfg.out_channels;
         Ok(Sd3Transformer {
             patch_embed: PatchEmbed::load(src, d, cfg.in_channels, cfg.patch_size)?,
-            timestep: TimestepEmbedding::load(src, "time_text_embed.timestep_embedder", 256, d)?,
-            text: (
-                lin(
-                    "time_text_embed.text_embedder.linear_1",
-                    d,
-                    cfg.pooled_projection_dim,
-                )?,
-                lin("time_text_embed.text_embedder.linear_2", d, d)?,
-            ),
+            time_text: TimeTextEmbed::load(src, d, cfg.pooled_projection_dim, false)?,
             context_embedder: lin("context_embedder", d, cfg.joint_attention_dim)?,
             blocks,
-            head: (lin("norm_out.linear", 2 * d, d)?, lin("proj_out", out, d)?),
+            head: OutputHead::load(src, d, out)?,
             cfg,
             device,
         })
@@ -178,13 +177,9 @@ impl Sd3Transformer {
         dev.install(|| {
             let mut x = self.patch_embed.forward(dev, latent)?; // [B, n, d]
             dev.add_broadcast_(&mut x, &pos)?;
-            // temb = TimestepEmbedding(Timesteps(t)) + text_embedder(pooled), [B, d].
-            let mut temb = self
-                .timestep
-                .forward(dev, &timestep_features(&inputs.timesteps, 0.0)?)?;
-            let (t1, t2) = &self.text;
-            let text = t2.forward(dev, &dev.silu(&t1.forward(dev, &inputs.pooled)?)?)?;
-            dev.add_gated_(&mut temb, &text, None)?;
+            let temb = self
+                .time_text
+                .forward(dev, &inputs.timesteps, None, &inputs.pooled)?; // [B, d]
             let temb_silu = dev.silu(&temb)?;
             let mut ctx = self.context_embedder.forward(dev, pe)?; // [B, T, d]
             for (i, block) in self.blocks.iter().enumerate() {
@@ -192,13 +187,7 @@ impl Sd3Transformer {
                 block.forward(dev, &mut x, &mut ctx, &temb_silu, cfg)?;
                 after_block(i, &x);
             }
-            // AdaLayerNormContinuous: [scale | shift].
-            let (norm, proj) = &self.head;
-            let m = norm.forward(dev, &temb_silu)?; // [B, 2d]
-            let d = cfg.hidden();
-            let (scale, shift) = (m.narrow(1, 0, d)?, m.narrow(1, d, d)?);
-            let hx = dev.layer_norm_modulate(&x, &shift, &scale, 1e-6)?;
-            let tok = proj.forward(dev, &hx)?; // [B, n, p*p*C_out]
+            let tok = self.head.forward(dev, &x, &temb_silu)?; // [B, n, p*p*C_out]
             Ok(dev.unpatchify(&tok, cfg.out_channels, rows, w, p)?)
         })
     }
