@@ -1,5 +1,6 @@
-"""Section `sd3` of tools/make_fixtures.py: tiny random SD3 / SD3.5 transformers (MMDiT) and their
-outputs, from diffusers' SD3Transformer2DModel (the authority).
+"""Sections `sd3`, `flux` and `pixart_sigma` of tools/make_fixtures.py (the models of issue 13): tiny
+random SD3 / SD3.5 and Flux.1 transformers (MMDiT) and a PixArt-Sigma-style one, and their outputs,
+from diffusers (the authority). Section `sd3`:
 
   sd3_tiny/            SD3Transformer2DModel(sample_size 8, patch 2, in 4, out 4, layers 3, heads 2,
                        head_dim 8, joint_attention_dim 12, caption_projection_dim 16,
@@ -139,3 +140,45 @@ def make_flux(out, helpers):
         for k, v in store.items():
             io[f"{prefix}{k}"] = v
     save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(out, "flux_tiny_io.safetensors"))
+
+
+# ---------------------------------------------------------------- pixart-sigma
+@torch.no_grad()
+def make_pixart_sigma(out, helpers):
+    """Section `pixart_sigma`: a tiny PixArt-Sigma-style transformer (the PixArt-alpha class with
+    Sigma's config keys: sample_size 128 without micro-conditions, an explicit interpolation_scale 2,
+    as PixArt-Sigma-XL-2-1024-MS has).
+
+      pixart_sigma_tiny/   PixArtTransformer2DModel(heads 2, head_dim 16, in 4, out 8, layers 2,
+                           sample_size 128, patch 2, caption_channels 24, cross_attention_dim 32,
+                           interpolation_scale 2, use_additional_conditions False).
+      pixart_sigma_tiny_io.safetensors   latent [2,4,10,6] (non-square, far from the 64x64 base
+                           grid), timestep i64 [999, 17], encoder_hidden_states [2,7,24], mask [2,7]
+                           (sample 1 keeps 5 tokens), output_masked, output_nomask.
+    """
+    from diffusers import PixArtTransformer2DModel
+    print("[pixart_sigma]")
+    reinit, clean_dir = helpers["reinit"], helpers["clean_dir"]
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                     num_layers=2, sample_size=128, patch_size=2, caption_channels=24,
+                                     cross_attention_dim=32, interpolation_scale=2,
+                                     use_additional_conditions=False).eval()
+    assert model.use_additional_conditions is False
+    reinit(model, seed=9)
+    d = os.path.join(out, "pixart_sigma_tiny")
+    clean_dir(d)
+    model.save_pretrained(d, safe_serialization=True)
+    g = torch.Generator().manual_seed(700)
+    latent = torch.randn(2, 4, 10, 6, generator=g)
+    timestep = torch.tensor([999, 17], dtype=torch.int64)
+    ehs = torch.randn(2, 7, 24, generator=g)
+    mask = torch.tensor([[1.0] * 7, [1.0] * 5 + [0.0] * 2])
+    added = {"resolution": None, "aspect_ratio": None}
+    y_m = model(latent, encoder_hidden_states=ehs, timestep=timestep, added_cond_kwargs=added,
+                encoder_attention_mask=mask).sample
+    y_n = model(latent, encoder_hidden_states=ehs, timestep=timestep, added_cond_kwargs=added).sample
+    print(f"  output rms {y_m.pow(2).mean().sqrt():.3f}; mask effect rel {helpers['rel_l2'](y_n, y_m):.3f}")
+    save_file({"latent": latent, "timestep": timestep, "encoder_hidden_states": ehs, "mask": mask,
+               "output_masked": y_m.contiguous(), "output_nomask": y_n.contiguous()},
+              os.path.join(out, "pixart_sigma_tiny_io.safetensors"))

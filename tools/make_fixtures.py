@@ -60,7 +60,7 @@ Section `pipefusion` (written under --pf-out, default actors/tests/fixtures/):
                                (M=1, W=steps).
 
 Sections are selected with --only (comma-separated: dit, pixart, schedulers, pipeline, vae, pipefusion,
-sd3 and flux (tools/fixtures_mmdit.py));
+sd3, flux and pixart_sigma (tools/fixtures_mmdit.py));
 the default runs all of them.
 
 Weight files that are exact copies of dit_tiny's (dit_tiny_legacy/ and
@@ -777,7 +777,7 @@ def dir_size(path):
     return total, rows
 
 
-SECTIONS = ("dit", "pixart", "schedulers", "pipeline", "vae", "pipefusion", "sd3", "flux")
+SECTIONS = ("dit", "pixart", "schedulers", "pipeline", "vae", "pipefusion", "sd3", "flux", "pixart_sigma")
 
 
 def main():
@@ -808,7 +808,7 @@ def main():
     else:
         print(f"numpy reference not found in {args.ref_dir}: cross-checks skipped")
     out_dirs = []
-    if any(x in only for x in ("dit", "pixart", "schedulers", "pipeline", "vae", "sd3", "flux")):
+    if any(x in only for x in ("dit", "pixart", "schedulers", "pipeline", "vae", "sd3", "flux", "pixart_sigma")):
         os.makedirs(args.out, exist_ok=True)
         out_dirs.append(args.out)
 
@@ -830,6 +830,10 @@ def main():
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from fixtures_mmdit import make_flux  # noqa: E402
         make_flux(args.out, dict(reinit=reinit, clean_dir=clean_dir, record=record, rel_l2=rel_l2))
+    if "pixart_sigma" in only:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from fixtures_mmdit import make_pixart_sigma  # noqa: E402
+        make_pixart_sigma(args.out, dict(reinit=reinit, clean_dir=clean_dir, record=record, rel_l2=rel_l2))
     if "pipefusion" in only:
         if ref is None or not os.path.exists(os.path.join(args.ref_dir, "pipefusion_ref.py")):
             print(f"[pipefusion] pipefusion_ref.py / numpy_ref.py not found in {args.ref_dir}: section skipped")

@@ -283,3 +283,34 @@ fn tokens_and_conditioning_of_different_batches_are_an_error() {
         .contains("batch"));
     assert!(model.head(&x, &cond, 4, 8).is_err());
 }
+
+/// PixArt-Sigma (issue 13): the PixArt-alpha class with Sigma's config keys (sample_size 128
+/// without micro-conditions, interpolation_scale 2), on a non-square latent far from the base grid,
+/// with and without a caption mask.
+#[test]
+fn pixart_sigma_matches_diffusers() {
+    let io = Fixture::load("pixart_sigma_tiny_io.safetensors");
+    let dir = fixtures().join("pixart_sigma_tiny");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    assert!(!cfg.use_additional_conditions);
+    assert_eq!((cfg.sample_size, cfg.interpolation_scale), (128, 2.0));
+    let model = Transformer::load(&dir, None, Device::cpu(2).unwrap()).unwrap();
+    for masked in [true, false] {
+        let inputs = CondInputs {
+            timesteps: io.i("timestep").iter().map(|&t| t as f32).collect(),
+            caption: Some(io.f("encoder_hidden_states").clone()),
+            caption_mask: masked.then(|| io.f("mask").clone()),
+            ..Default::default()
+        };
+        let out = if masked {
+            "output_masked"
+        } else {
+            "output_nomask"
+        };
+        check(
+            &format!("sigma {out}"),
+            &model.forward(io.f("latent"), &inputs).unwrap(),
+            io.f(out),
+        );
+    }
+}
