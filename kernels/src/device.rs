@@ -305,7 +305,7 @@ impl Device {
             Device::Cpu(c) => {
                 let (co, si) = (cos.as_f32()?.to_vec(), sin.as_f32()?.to_vec());
                 let xs = x.as_f32_mut()?;
-                c.install(|| cpu::norm::rope_(xs, width, s, offset, cols, &co, &si));
+                c.install(|| cpu::rotary::rope_(xs, width, s, offset, cols, &co, &si));
                 Ok(())
             }
             Device::Cuda(c) => match *c {},

@@ -49,6 +49,7 @@ pub mod reference {
     };
     pub use crate::cpu::matmul::linear_slow;
     pub use crate::cpu::norm::{
-        group_norm_slow, layer_norm_modulate_slow, layer_norm_slow, rms_norm_groups_slow, rope_slow,
+        group_norm_slow, layer_norm_modulate_slow, layer_norm_slow, rms_norm_groups_slow,
     };
+    pub use crate::cpu::rotary::rope_slow;
 }

@@ -95,15 +95,29 @@ impl TimestepEmbedding {
 /// `base x base` grid of the config and divided by `interp` (x/column half first), computed in f64
 /// and rounded to f32 as diffusers does.
 pub fn pos_embed_2d(d: usize, gh: usize, gw: usize, base: usize, interp: f32) -> Vec<f32> {
+    pos_embed_2d_window(d, (gh, gw), base, interp, 0..gh, 0..gw)
+}
+
+/// Rows `rows` x columns `cols` of [`pos_embed_2d`]'s table for a `grid` of `(gh, gw)` tokens,
+/// `[rows.len() * cols.len(), d]`, computed without the rest of the table (SD3 crops its
+/// `pos_embed_max_size`^2 table to the image's token grid).
+pub(crate) fn pos_embed_2d_window(
+    d: usize,
+    (gh, gw): (usize, usize),
+    base: usize,
+    interp: f32,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> Vec<f32> {
     let quarter = d / 4;
     let omega: Vec<f64> = (0..quarter)
         .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
         .collect();
     let coord = |i: usize, n: usize| (i as f32 / (n as f64 / base as f64) as f32 / interp) as f64;
-    let mut out = Vec::with_capacity(gh * gw * d);
-    for r in 0..gh {
+    let mut out = Vec::with_capacity(rows.len() * cols.len() * d);
+    for r in rows {
         let y = coord(r, gh);
-        for c in 0..gw {
+        for c in cols.clone() {
             let x = coord(c, gw);
             out.extend(omega.iter().map(|o| (x * o).sin() as f32));
             out.extend(omega.iter().map(|o| (x * o).cos() as f32));

@@ -7,6 +7,7 @@ pub(crate) mod layout;
 pub(crate) mod math;
 pub(crate) mod matmul;
 pub(crate) mod norm;
+pub(crate) mod rotary;
 
 use std::sync::Arc;
 

@@ -27,7 +27,7 @@ use std::path::Path;
 
 use kernels::{Device, Tensor};
 
-use crate::embedding::{pos_embed_2d, Linear, PatchEmbed};
+use crate::embedding::{pos_embed_2d_window, Linear, PatchEmbed};
 use crate::error::{ModelError, Result};
 use crate::weights::{RandomWeights, SafetensorsDir, WeightSource};
 use block::JointBlock;
@@ -117,13 +117,9 @@ impl Sd3Transformer {
                  (pos_embed_max_size): the latent is too large for this model"
             )));
         }
-        let d = self.cfg.hidden();
-        let table = pos_embed_2d(d, max, max, self.cfg.sample_size / p, 1.0);
+        let (d, base) = (self.cfg.hidden(), self.cfg.sample_size / p);
         let (top, left) = ((max - rows) / 2, (max - cols) / 2);
-        let mut out = Vec::with_capacity(rows * cols * d);
-        for r in top..top + rows {
-            out.extend_from_slice(&table[(r * max + left) * d..(r * max + left + cols) * d]);
-        }
+        let out = pos_embed_2d_window(d, (max, max), base, 1.0, top..top + rows, left..left + cols);
         Ok(Tensor::from_vec(out, &[rows * cols, d])?)
     }
 
