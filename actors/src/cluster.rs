@@ -54,6 +54,7 @@ impl GenerateRequest {
                 caption: None,
                 guidance_scale,
                 latent_size: [s, s],
+                embedded_guidance: None,
             },
             steps,
             scheduler: cluster.model.default_scheduler()?,

@@ -35,6 +35,7 @@ fn split_reference_equals_one_group_of_the_doubled_batch() {
             caption: None,
             guidance_scale: 4.0,
             latent_size: [32, 32],
+            embedded_guidance: None,
         };
         let sched = model::sampler::Scheduler::named("ddim").unwrap();
         let noise = model::gaussian(&[2, 4, 32, 32], 42);

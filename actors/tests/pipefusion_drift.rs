@@ -31,6 +31,7 @@ fn drift_of_typical_settings_is_measured_and_bounded() {
         caption: None,
         guidance_scale: 4.0,
         latent_size: [16, 16],
+        embedded_guidance: None,
     };
     let noise = model::gaussian(&[2, 4, 16, 16], 2026);
     let steps = 20;

@@ -40,6 +40,7 @@ fn dit_request(labels: Vec<usize>, size: usize) -> Request {
         caption: None,
         guidance_scale: 4.0,
         latent_size: [size, size],
+        embedded_guidance: None,
     }
 }
 
@@ -97,6 +98,7 @@ fn tiny(arch: Arch) -> ModelConfig {
         caption_channels: 12,
         interpolation_scale: 1.0,
         use_additional_conditions: false,
+        mmdit: None,
     }
 }
 
@@ -107,6 +109,7 @@ fn request_for(arch: Arch) -> Request {
             caption: None,
             guidance_scale: 4.0,
             latent_size: [16, 12],
+            embedded_guidance: None,
         },
         Arch::PixArt => {
             let emb = model::gaussian(&[2, 5, 12], 11);
@@ -118,11 +121,15 @@ fn request_for(arch: Arch) -> Request {
                     embeds: emb,
                     mask: Some(mask),
                     negative: Some((model::gaussian(&[2, 5, 12], 12), None)),
+                    pooled: None,
+                    negative_pooled: None,
                 }),
                 guidance_scale: 4.5,
                 latent_size: [16, 12],
+                embedded_guidance: None,
             }
         }
+        _ => unreachable!("DiT and PixArt only"),
     }
 }
 

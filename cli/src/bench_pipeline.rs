@@ -74,6 +74,7 @@ fn bench_request(cfg: &ModelConfig, a: &PipelineArgs) -> GenerateRequest {
             caption: None,
             guidance_scale: a.guidance_scale,
             latent_size: [side, side],
+            embedded_guidance: None,
         },
         steps: a.steps,
         scheduler: Scheduler::named("ddim").expect("built-in"),

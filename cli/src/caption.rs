@@ -122,5 +122,7 @@ pub(crate) fn read_caption(path: &Path, channels: usize) -> Result<Caption> {
         embeds,
         mask,
         negative,
+        pooled: None,
+        negative_pooled: None,
     })
 }

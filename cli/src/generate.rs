@@ -182,6 +182,7 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
             caption,
             guidance_scale: scale,
             latent_size: [h / f, w / f],
+            embedded_guidance: None,
         },
         steps,
         scheduler: scheduler(a, cluster)?,

@@ -221,9 +221,14 @@ impl Block {
             Arch::PixArt => Modulation::PixArt {
                 table: src.tensor(&format!("{p}.scale_shift_table"), &[6, d])?,
             },
+            Arch::Sd3 | Arch::Flux => {
+                return Err(ModelError::Input(
+                    "MMDiT blocks are built by the MMDiT slice".into(),
+                ))
+            }
         };
         let cross = match cfg.arch {
-            Arch::Dit => None,
+            Arch::Dit | Arch::Sd3 | Arch::Flux => None,
             Arch::PixArt => Some(CrossAttention::load(src, &format!("{p}.attn2"), d)?),
         };
         Ok(Block {
@@ -270,7 +275,7 @@ impl Block {
         let m = self.modulation(dev, cond, batch, d)?;
         let c = |j| chunk(&m, batch, d, j);
         let eps1 = match cfg.arch {
-            Arch::Dit => 1e-6,
+            Arch::Dit | Arch::Sd3 | Arch::Flux => 1e-6,
             Arch::PixArt => cfg.norm_eps,
         };
         let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, eps1)?;

@@ -16,7 +16,8 @@ pub struct CondInputs {
     pub timesteps: Vec<f32>,
     /// DiT: class label per batch element (`num_classes` is the CFG null class).
     pub class_labels: Vec<usize>,
-    /// PixArt: caption embeddings `[B, T, caption_channels]`.
+    /// PixArt: caption embeddings `[B, T, caption_channels]`; SD3 / Flux: the prompt
+    /// embeddings (`prompt_embeds`).
     pub caption: Option<Tensor>,
     /// PixArt: caption mask `[B, T]`, 1 = keep, 0 = padding.
     pub caption_mask: Option<Tensor>,
@@ -24,6 +25,12 @@ pub struct CondInputs {
     pub resolution: Option<Vec<[f32; 2]>>,
     /// PixArt-1024: aspect ratio (height / width) per batch element.
     pub aspect_ratio: Option<Vec<f32>>,
+    /// SD3 / Flux: pooled text embeddings `[B, pooled_projection_dim]`.
+    pub pooled: Option<Tensor>,
+    /// Flux.1-dev: the embedded guidance scale per batch element.
+    pub guidance: Option<Vec<f32>>,
+    /// Latent height and width (Flux's rotary positions need the width).
+    pub latent_size: [usize; 2],
 }
 
 impl Conditioning {
@@ -34,6 +41,7 @@ impl Conditioning {
             Conditioning::PixArt {
                 embedded_timestep, ..
             } => embedded_timestep.dim(0),
+            Conditioning::Mmdit { temb_silu, .. } => temb_silu.dim(0),
         }
     }
 
@@ -77,6 +85,17 @@ pub enum Conditioning {
         caption: Tensor,
         /// `[B, T]` additive bias, `(1 - mask) * -10000`.
         caption_bias: Option<Tensor>,
+    },
+    /// SD3 / Flux: shared by all blocks.
+    Mmdit {
+        /// `silu(temb)`, `[B, d]` (temb: timestep [+ guidance] + pooled text).
+        temb_silu: Tensor,
+        /// Stage 0: the embedded prompt tokens `[B, T, d]` every part starts with.
+        context: Option<Tensor>,
+        /// Prompt tokens T (each stage frame carries them after or before the image tokens).
+        text: usize,
+        /// Token columns of the image.
+        cols: usize,
     },
 }
 
@@ -215,5 +234,8 @@ pub(crate) fn conditioning(
         }
         (Arch::PixArt, Some(p)) => p.forward(dev, inputs, cfg),
         (Arch::PixArt, None) => Err(ModelError::Input("PixArt embedders not loaded".into())),
+        (Arch::Sd3 | Arch::Flux, _) => Err(ModelError::Input(
+            "MMDiT conditioning comes from the model slice".into(),
+        )),
     }
 }

@@ -16,6 +16,10 @@ pub enum Arch {
     Dit,
     /// Text-conditional PixArt-alpha with adaLN-single (diffusers `PixArtTransformer2DModel`).
     PixArt,
+    /// Stable Diffusion 3 / 3.5 MMDiT (diffusers `SD3Transformer2DModel`).
+    Sd3,
+    /// Flux.1 MMDiT (diffusers `FluxTransformer2DModel`).
+    Flux,
 }
 
 /// Shapes and constants of a DiT / PixArt transformer.
@@ -47,6 +51,9 @@ pub struct ModelConfig {
     pub interpolation_scale: f32,
     /// PixArt: resolution / aspect-ratio conditioning (PixArt-XL-2-1024-MS).
     pub use_additional_conditions: bool,
+    /// MMDiT models: their own configuration (the fields above restate its shapes in the
+    /// runtime's terms: unpacked latent channels, layers = every block a stage can own).
+    pub mmdit: Option<crate::mmdit::MmditConfig>,
 }
 
 impl ModelConfig {
@@ -70,6 +77,18 @@ impl ModelConfig {
     pub fn from_json(v: &Value, path: &Path) -> Result<ModelConfig> {
         let field = Fields { v, path };
         let class = field.str("_class_name", "")?;
+        match class.as_str() {
+            "SD3Transformer2DModel" => {
+                return Ok(ModelConfig::from_sd3(crate::mmdit::Sd3Config::from_json(
+                    v, path,
+                )?))
+            }
+            "FluxTransformer2DModel" => {
+                return ModelConfig::from_flux(crate::mmdit::FluxConfig::from_json(v, path)?)
+                    .map_err(|m| ModelError::config(path, "in_channels", m))
+            }
+            _ => {}
+        }
         let norm_type = field.str("norm_type", "")?;
         let arch = match (class.as_str(), norm_type.as_str()) {
             ("DiTTransformer2DModel", "ada_norm_zero" | "") => Arch::Dit,
@@ -78,7 +97,7 @@ impl ModelConfig {
             ("Transformer2DModel", "ada_norm_single") => Arch::PixArt,
             (c, n) => {
                 return Err(ModelError::config(path, "_class_name", format!(
-                    "unsupported model `{c}` with norm_type `{n}`; supported: DiTTransformer2DModel, PixArtTransformer2DModel, Transformer2DModel with ada_norm_zero / ada_norm_single"
+                    "unsupported model `{c}` with norm_type `{n}`; supported: DiTTransformer2DModel, PixArtTransformer2DModel, Transformer2DModel with ada_norm_zero / ada_norm_single, SD3Transformer2DModel, FluxTransformer2DModel"
                 )))
             }
         };
@@ -128,6 +147,7 @@ impl ModelConfig {
                     ))
                 }
             },
+            mmdit: None,
         };
         if arch == Arch::PixArt {
             let cross = field
@@ -187,7 +207,8 @@ impl ModelConfig {
     }
 
     /// A named preset: `DiT-S/2`, `DiT-B/2`, `DiT-L/2`, `DiT-XL/2` (class-conditional, 1000 classes,
-    /// latent side `sample_size`), `PixArt-alpha-256`, `-512`, `-1024`.
+    /// latent side `sample_size`), `PixArt-alpha-256`, `-512`, `-1024`, and the MMDiT models
+    /// `SD3-Medium`, `SD3.5-Medium`, `SD3.5-Large`, `Flux.1-dev`, `Flux.1-schnell`.
     pub fn preset(name: &str) -> Option<ModelConfig> {
         let dit = |hidden: usize, layers: usize, heads: usize| ModelConfig {
             arch: Arch::Dit,
@@ -203,6 +224,7 @@ impl ModelConfig {
             caption_channels: 0,
             interpolation_scale: 1.0,
             use_additional_conditions: false,
+            mmdit: None,
         };
         let pixart = |sample: usize| ModelConfig {
             arch: Arch::PixArt,
@@ -221,7 +243,7 @@ impl ModelConfig {
             "pixart-alpha-256" => pixart(32),
             "pixart-alpha-512" => pixart(64),
             "pixart-alpha-1024" => pixart(128),
-            _ => return None,
+            other => return crate::mmdit::preset(other),
         })
     }
 
@@ -234,6 +256,11 @@ impl ModelConfig {
         "PixArt-alpha-256",
         "PixArt-alpha-512",
         "PixArt-alpha-1024",
+        "SD3-Medium",
+        "SD3.5-Medium",
+        "SD3.5-Large",
+        "Flux.1-dev",
+        "Flux.1-schnell",
     ];
 }
 
@@ -244,6 +271,9 @@ impl ModelConfig {
     /// `2 B (256 d + d^2 + 6 d^2)` (DiT; PixArt shares one, counted once) + PixArt cross-attention
     /// with `caption_tokens`; plus patch embedding and final layer.
     pub fn forward_flops(&self, batch: usize, tokens: usize, caption_tokens: usize) -> f64 {
+        if let Some(m) = &self.mmdit {
+            return m.forward_flops(batch, tokens, caption_tokens);
+        }
         let (b, t, d) = (batch as f64, tokens as f64, self.hidden() as f64);
         let (r, p2) = (b * t, (self.patch_size * self.patch_size) as f64);
         let mut block = 2.0 * r * d * 12.0 * d + 4.0 * b * t * t * d;
@@ -251,6 +281,7 @@ impl ModelConfig {
         let mut total = 0.0;
         match self.arch {
             Arch::Dit => block += modulation,
+            Arch::Sd3 | Arch::Flux => {}
             Arch::PixArt => {
                 let tc = caption_tokens as f64;
                 block += 2.0 * r * d * 2.0 * d + 2.0 * b * tc * d * 2.0 * d + 4.0 * b * t * tc * d;

@@ -103,6 +103,27 @@ impl KvBuffer {
         self.bias.as_ref()
     }
 
+    /// [`bias`](Self::bias) of the first `n` tokens only (`[B', n]`; `None` if all are written).
+    pub(crate) fn bias_prefix(&self, n: usize) -> Result<Option<Tensor>> {
+        if n > self.tokens {
+            return Err(ModelError::Input(format!(
+                "{n} tokens asked of a K/V buffer of {}",
+                self.tokens
+            )));
+        }
+        if self.written[..n].iter().all(|&w| w) {
+            return Ok(None);
+        }
+        let row: Vec<f32> = self.written[..n]
+            .iter()
+            .map(|&w| if w { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        Ok(Some(Tensor::from_vec(
+            row.repeat(self.batch),
+            &[self.batch, n],
+        )?))
+    }
+
     /// Copies K and V of `qkv: [B', n, 3d]` (columns `d..3d`) into rows `first..first + n` of
     /// layer `layer`'s buffer.
     pub(crate) fn write(&mut self, layer: usize, first: usize, qkv: &Tensor) -> Result<()> {

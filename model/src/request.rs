@@ -10,15 +10,19 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::sampler::guidance::{cfg_combine, take_channels, CfgOrder};
 
-/// PixArt caption embeddings (no text encoder runs here).
+/// Text embeddings (no text encoder runs here): PixArt's caption, SD3 / Flux's prompt.
 #[derive(Debug, Clone)]
 pub struct Caption {
-    /// `[B, T, caption_channels]`.
+    /// `[B, T, caption_channels]` (diffusers' `prompt_embeds`).
     pub embeds: Tensor,
-    /// `[B, T]`, 1 = keep, 0 = padding; all ones when absent.
+    /// PixArt: `[B, T]`, 1 = keep, 0 = padding; all ones when absent.
     pub mask: Option<Tensor>,
     /// Negative prompt embeddings and mask, needed under guidance.
     pub negative: Option<(Tensor, Option<Tensor>)>,
+    /// SD3 / Flux: `pooled_prompt_embeds` `[B, pooled_projection_dim]`.
+    pub pooled: Option<Tensor>,
+    /// SD3 / Flux under guidance: `negative_pooled_prompt_embeds`.
+    pub negative_pooled: Option<Tensor>,
 }
 
 /// What the user asks for.
@@ -32,6 +36,9 @@ pub struct Request {
     pub guidance_scale: f32,
     /// Latent height and width (image pixels / 8).
     pub latent_size: [usize; 2],
+    /// Flux.1-dev: the guidance scale the model embeds (diffusers' `guidance_scale` of
+    /// FluxPipeline; `guidance_scale` above is then true CFG's).
+    pub embedded_guidance: Option<f32>,
 }
 
 /// A validated request: the inputs of each forward and the guidance.
@@ -47,6 +54,12 @@ pub struct PreparedRequest {
     caption_mask: Option<Tensor>,
     additional: bool,
     latent_shape: [usize; 4],
+    /// SD3 / Flux: pooled text per forward row.
+    pooled: Option<Tensor>,
+    /// Flux.1-dev: the embedded guidance scale.
+    embedded_guidance: Option<f32>,
+    /// Prompt tokens inside the attention sequence (MMDiT; 0 for DiT and PixArt).
+    text_tokens: usize,
 }
 
 fn ones_mask(e: &Tensor) -> Result<Tensor> {
@@ -112,6 +125,7 @@ impl PreparedRequest {
                     (b, Vec::new(), Some(c.embeds.clone()), c.mask.clone())
                 }
             }
+            Arch::Sd3 | Arch::Flux => return mmdit_request(cfg, req, guided),
         };
         Ok(PreparedRequest {
             batch,
@@ -119,7 +133,7 @@ impl PreparedRequest {
             guided,
             order: match cfg.arch {
                 Arch::Dit => CfgOrder::CondFirst,
-                Arch::PixArt => CfgOrder::UncondFirst,
+                _ => CfgOrder::UncondFirst,
             },
             channels: cfg.in_channels,
             labels,
@@ -127,7 +141,16 @@ impl PreparedRequest {
             caption_mask,
             additional: cfg.use_additional_conditions,
             latent_shape: [batch, cfg.in_channels, h, w],
+            pooled: None,
+            embedded_guidance: None,
+            text_tokens: 0,
         })
+    }
+
+    /// Prompt tokens that join the image tokens in every self-attention (SD3 / Flux: T; DiT
+    /// and PixArt: 0). A stage frame holds them after (SD3) or before (Flux) the image tokens.
+    pub fn text_tokens(&self) -> usize {
+        self.text_tokens
     }
 
     /// Images in the request (B).
@@ -161,6 +184,9 @@ impl PreparedRequest {
             caption_mask: self.caption_mask.clone(),
             resolution: self.additional.then(|| vec![[hp, wp]; n]),
             aspect_ratio: self.additional.then(|| vec![hp / wp; n]),
+            pooled: self.pooled.clone(),
+            guidance: self.embedded_guidance.map(|g| vec![g; n]),
+            latent_size: [h, w],
         }
     }
 
@@ -184,7 +210,7 @@ impl PreparedRequest {
 
     /// The request one CFG-parallel device group runs (ALGORITHMS.md section 3): the rows
     /// `branch * B .. (branch + 1) * B` of the doubled batch (DiT: 0 = conditional, 1 = null
-    /// class; PixArt: 0 = negative prompt, 1 = prompt), unguided, so `forward_batch` is B and
+    /// class; PixArt, SD3, Flux: 0 = negative prompt, 1 = prompt), unguided, so `forward_batch` is B and
     /// `model_input` does not double. Concatenating the branches' outputs along the batch in
     /// branch order and passing that to *this* request's [`guide`](Self::guide) gives what one
     /// device computes.
@@ -211,6 +237,7 @@ impl PreparedRequest {
             },
             caption: rows(&self.caption)?,
             caption_mask: rows(&self.caption_mask)?,
+            pooled: rows(&self.pooled)?,
             ..self.clone()
         })
     }
@@ -224,4 +251,100 @@ impl PreparedRequest {
             take_channels(out, self.channels)
         }
     }
+}
+
+/// An SD3 / Flux request: prompt and pooled embeddings (negative ones first under guidance, as
+/// `StableDiffusion3Pipeline` concatenates them), Flux-dev's embedded guidance.
+fn mmdit_request(cfg: &ModelConfig, req: &Request, guided: bool) -> Result<PreparedRequest> {
+    let [h, w] = req.latent_size;
+    let name = format!("{:?}", cfg.arch);
+    let c = req.caption.as_ref().ok_or_else(|| {
+        ModelError::Input(format!(
+            "a {name} request needs prompt_embeds and pooled_prompt_embeds"
+        ))
+    })?;
+    let pooled = c
+        .pooled
+        .as_ref()
+        .ok_or_else(|| ModelError::Input(format!("a {name} request needs pooled_prompt_embeds")))?;
+    if c.mask.is_some() {
+        return Err(ModelError::Input(format!(
+            "{name} takes no prompt attention mask (its pipelines attend to every prompt token)"
+        )));
+    }
+    let b = c.embeds.dim(0);
+    let check = |what: &str, e: &Tensor, p: &Tensor| -> Result<()> {
+        let ok = e.shape().len() == 3
+            && e.dim(0) == b
+            && e.dim(2) == cfg.caption_channels
+            && p.shape().len() == 2
+            && p.dim(0) == b;
+        match ok {
+            true => Ok(()),
+            false => Err(ModelError::Input(format!(
+                "{what}: prompt embeddings {:?} must be [{b}, T, {}] and pooled {:?} [{b}, P]",
+                e.shape(),
+                cfg.caption_channels,
+                p.shape()
+            ))),
+        }
+    };
+    check("prompt", &c.embeds, pooled)?;
+    let flux_dev =
+        matches!(&cfg.mmdit, Some(crate::mmdit::MmditConfig::Flux(f)) if f.guidance_embeds);
+    let embedded_guidance = match (flux_dev, req.embedded_guidance) {
+        (true, Some(g)) => Some(g),
+        (true, None) => return Err(ModelError::Input(
+            "this Flux model embeds the guidance scale: give one (FluxPipeline's default is 3.5)"
+                .into(),
+        )),
+        (false, Some(g)) => {
+            return Err(ModelError::Input(format!(
+                "embedded guidance {g}: only Flux models with guidance_embeds take it"
+            )))
+        }
+        (false, None) => None,
+    };
+    let (caption, pooled) = if guided {
+        let (Some((neg, neg_mask)), Some(neg_pooled)) = (&c.negative, &c.negative_pooled) else {
+            return Err(ModelError::Input(format!(
+                "guidance scale {} needs negative_prompt_embeds and negative_pooled_prompt_embeds                  (or use scale 1)",
+                req.guidance_scale
+            )));
+        };
+        if neg_mask.is_some() {
+            return Err(ModelError::Input(format!(
+                "{name} takes no negative prompt mask"
+            )));
+        }
+        check("negative prompt", neg, neg_pooled)?;
+        if neg.dim(1) != c.embeds.dim(1) {
+            return Err(ModelError::Input(format!(
+                "negative_prompt_embeds has {} tokens, prompt_embeds {}: they must match",
+                neg.dim(1),
+                c.embeds.dim(1)
+            )));
+        }
+        (
+            Tensor::cat(&[neg, &c.embeds], 0)?,
+            Tensor::cat(&[neg_pooled, pooled], 0)?,
+        )
+    } else {
+        (c.embeds.clone(), pooled.clone())
+    };
+    Ok(PreparedRequest {
+        batch: b,
+        scale: req.guidance_scale,
+        guided,
+        order: CfgOrder::UncondFirst,
+        channels: cfg.in_channels,
+        labels: Vec::new(),
+        text_tokens: caption.dim(1),
+        caption: Some(caption),
+        caption_mask: None,
+        additional: false,
+        latent_shape: [b, cfg.in_channels, h, w],
+        pooled: Some(pooled),
+        embedded_guidance,
+    })
 }

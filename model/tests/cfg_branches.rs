@@ -29,9 +29,12 @@ fn request(arch: Arch) -> Request {
                 Tensor::from_vec(vec![1., 1., 1., 0., 0., 1., 1., 1., 1., 1.], &[2, 5]).unwrap(),
             ),
             negative: Some((t(&[2, 5, 12], 2), None)),
+            pooled: None,
+            negative_pooled: None,
         }),
         guidance_scale: 4.5,
         latent_size: [8, 12],
+        embedded_guidance: None,
     }
 }
 

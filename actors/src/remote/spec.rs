@@ -151,12 +151,15 @@ pub(crate) fn decode_request(
         embeds,
         mask,
         negative: negative.map(|n| (n, negative_mask)),
+        pooled: None,
+        negative_pooled: None,
     });
     let req = Request {
         class_labels: h.class_labels,
         caption,
         guidance_scale: h.guidance_scale,
         latent_size: h.latent_size,
+        embedded_guidance: None,
     };
     let patches = h.patches.iter().map(|p| p[0]..p[1]).collect();
     let setup = RequestSetup::from_plan(request, cfg, &req, h.sampling, noise, patches, h.warmup)?

@@ -16,12 +16,15 @@ fn setup(cfg: &ModelConfig) -> (RequestSetup, ScheduleConfig) {
         embeds: model::gaussian(&[1, 3, 6], 1),
         mask: Some(Tensor::from_vec(vec![1.0, 1.0, 0.0], &[1, 3]).unwrap()),
         negative: Some((model::gaussian(&[1, 3, 6], 2), None)),
+        pooled: None,
+        negative_pooled: None,
     };
     let request = Request {
         class_labels: vec![],
         caption: Some(caption),
         guidance_scale: 4.5,
         latent_size: [8, 8],
+        embedded_guidance: None,
     };
     let scheduler = model::sampler::Scheduler::named("dpm").unwrap();
     let noise = model::gaussian(&[1, 4, 8, 8], 3);

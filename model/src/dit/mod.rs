@@ -19,6 +19,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::embedding::{pos_embed_2d, Linear, PatchEmbed};
 use crate::error::{ModelError, Result};
 use crate::kv_buffer::KvBuffer;
+use crate::mmdit::MmditSlice;
 use crate::weights::{RandomWeights, SafetensorsDir, WeightSource};
 
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct Transformer {
     head: Option<FinalLayer>,
     pixart: Option<PixArtEmbedders>,
     pos_tables: Mutex<HashMap<(usize, usize), Arc<Vec<f32>>>>,
+    /// SD3 / Flux: the slice does everything (the fields above stay empty).
+    mmdit: Option<MmditSlice>,
 }
 
 impl std::fmt::Debug for Transformer {
@@ -92,6 +95,21 @@ impl Transformer {
         }
         let d = cfg.hidden();
         let _span = tracing::info_span!("load", blocks = ?range, arch = ?cfg.arch).entered();
+        if let Some(m) = &cfg.mmdit {
+            let slice = MmditSlice::load(m, src, range.clone())?;
+            tracing::debug!(blocks = range.len(), "model slice loaded");
+            return Ok(Transformer {
+                cfg,
+                device,
+                range,
+                patch_embed: None,
+                blocks: Vec::new(),
+                head: None,
+                pixart: None,
+                pos_tables: Mutex::new(HashMap::new()),
+                mmdit: Some(slice),
+            });
+        }
         let patch_embed = (range.start == 0)
             .then(|| PatchEmbed::load(src, d, cfg.in_channels, cfg.patch_size))
             .transpose()?;
@@ -111,6 +129,7 @@ impl Transformer {
                     table: src.tensor("scale_shift_table", &[2, d])?,
                     proj: Linear::load(src, "proj_out", out, d)?,
                 },
+                Arch::Sd3 | Arch::Flux => unreachable!("MMDiT slices return above"),
             })
         } else {
             None
@@ -128,6 +147,7 @@ impl Transformer {
             head,
             pixart,
             pos_tables: Mutex::new(HashMap::new()),
+            mmdit: None,
         })
     }
 
@@ -148,6 +168,9 @@ impl Transformer {
 
     /// Conditioning for one forward (every stage computes its own).
     pub fn conditioning(&self, inputs: &CondInputs) -> Result<Conditioning> {
+        if let Some(m) = &self.mmdit {
+            return m.conditioning(&self.device, inputs);
+        }
         self.device
             .install(|| conditioning(&self.device, &self.cfg, self.pixart.as_ref(), inputs))
     }
@@ -170,9 +193,34 @@ impl Transformer {
             .clone()
     }
 
+    /// Stage 0 of any family: the stage frame of a latent strip `[B, C, rows*p, W]` whose first
+    /// token row is `first_row` of an image `grid_rows` token rows high: DiT / PixArt its tokens
+    /// (see [`embed`](Self::embed)), MMDiT its tokens and the embedded prompt tokens from `cond`,
+    /// `[B, rows*w + T, d]` (see `mmdit/slice.rs`).
+    pub fn embed_with(
+        &self,
+        strip: &Tensor,
+        first_row: usize,
+        grid_rows: usize,
+        cond: &Conditioning,
+    ) -> Result<Tensor> {
+        match &self.mmdit {
+            Some(m) => self
+                .device
+                .install(|| m.embed(&self.device, strip, first_row, grid_rows, cond)),
+            None => self.embed(strip, first_row, grid_rows),
+        }
+    }
+
     /// Stage 0: tokens `[B, rows*w, d]` of a latent strip `[B, C, rows*p, W]` whose first token
     /// row is `first_row` of an image `grid_rows` token rows high (position embedding added).
+    /// DiT and PixArt only (MMDiT frames also hold the prompt: [`embed_with`](Self::embed_with)).
     pub fn embed(&self, strip: &Tensor, first_row: usize, grid_rows: usize) -> Result<Tensor> {
+        if self.mmdit.is_some() {
+            return Err(ModelError::Input(
+                "an MMDiT stage frame also holds the prompt tokens: use embed_with".into(),
+            ));
+        }
         let pe = self.patch_embed.as_ref().ok_or_else(|| {
             ModelError::Input(format!(
                 "blocks {:?} do not include the patch embedding (stage 0)",
@@ -205,6 +253,9 @@ impl Transformer {
 
     /// Runs this instance's blocks on tokens `x: [B, n, d]` (any subset of the image's tokens).
     pub fn run_blocks(&self, x: &mut Tensor, cond: &Conditioning) -> Result<()> {
+        if let Some(m) = &self.mmdit {
+            return m.run(&self.device, x, cond, None);
+        }
         cond.check_tokens(x, self.cfg.hidden())?;
         self.device.install(|| {
             for (i, block) in self.range.clone().zip(&self.blocks) {
@@ -215,9 +266,10 @@ impl Transformer {
         })
     }
 
-    /// A K/V buffer for this instance's blocks: batch `batch` (B'), `tokens` image tokens (S).
+    /// A K/V buffer for this instance's blocks: batch `batch` (B'), `tokens` rows: the image
+    /// tokens S, plus for MMDiT the prompt tokens T.
     pub fn kv_buffer(&self, batch: usize, tokens: usize) -> KvBuffer {
-        KvBuffer::new(self.blocks.len(), batch, tokens, self.cfg.hidden())
+        self.kv_buffer_for_heads(batch, tokens, 1)
     }
 
     /// PipeFusion: runs this instance's blocks on the tokens `x: [B', n, d]` of one patch that
@@ -245,6 +297,9 @@ impl Transformer {
         token_rows: usize,
         width: usize,
     ) -> Result<Tensor> {
+        if let Some(m) = &self.mmdit {
+            return m.head(&self.device, x, cond, token_rows, width);
+        }
         let head = self.head.as_ref().ok_or_else(|| {
             ModelError::Input(format!(
                 "blocks {:?} do not include the final layer (last stage)",
@@ -313,7 +368,7 @@ impl Transformer {
             )));
         }
         let rows = latent.dim(2) / p;
-        let mut x = self.embed(latent, 0, rows)?;
+        let mut x = self.embed_with(latent, 0, rows, cond)?;
         self.run_blocks(&mut x, cond)?;
         self.head(&x, cond, rows, latent.dim(3))
     }

@@ -20,6 +20,7 @@ impl Transformer {
         cond: &Conditioning,
         attn: &mut dyn crate::sp::SequenceAttention,
     ) -> Result<()> {
+        self.no_sequence_parallel_mmdit()?;
         cond.check_tokens(x, self.cfg.hidden())?;
         self.device.install(|| {
             for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
@@ -52,10 +53,13 @@ impl Transformer {
         self.run_on_buffer(x, cond, Some(attn), kv, first, patch_tokens)
     }
 
-    /// A K/V buffer holding `1 / head_groups` of the heads (a Ulysses rank's share).
+    /// A K/V buffer holding `1 / head_groups` of the heads (a Ulysses rank's share); `tokens`
+    /// as for [`Transformer::kv_buffer`].
     pub fn kv_buffer_for_heads(&self, batch: usize, tokens: usize, head_groups: usize) -> KvBuffer {
         KvBuffer::new(
-            self.blocks.len(),
+            self.mmdit
+                .as_ref()
+                .map_or(self.blocks.len(), |m| m.kv_layers()),
             batch,
             tokens,
             self.cfg.hidden() / head_groups.max(1),
@@ -73,6 +77,21 @@ impl Transformer {
         first: usize,
         patch_tokens: usize,
     ) -> Result<()> {
+        if let Some(m) = &self.mmdit {
+            if attn.is_some() {
+                self.no_sequence_parallel_mmdit()?;
+            }
+            if kv.num_layers() != m.kv_layers() || x.dim(0) != kv.dims().0 {
+                return Err(ModelError::Input(format!(
+                    "K/V buffer for {} layers and batch {} does not fit blocks {:?} with batch {}",
+                    kv.num_layers(),
+                    kv.dims().0,
+                    self.range,
+                    x.dim(0)
+                )));
+            }
+            return m.run(&self.device, x, cond, Some((kv, first)));
+        }
         cond.check_tokens(x, self.cfg.hidden())?;
         let (batch, tokens) = kv.dims();
         if kv.num_layers() != self.blocks.len() || x.dim(0) != batch {
@@ -106,5 +125,16 @@ impl Transformer {
             }
             Ok(())
         })
+    }
+
+    /// Sequence parallelism over MMDiT's joint sequence is not built yet: a clear refusal.
+    fn no_sequence_parallel_mmdit(&self) -> Result<()> {
+        match self.mmdit {
+            Some(_) => Err(ModelError::Input(format!(
+                "sequence parallelism (Ulysses / Ring) over {:?}'s joint image + prompt sequence is                  not supported yet; use PipeFusion and CFG parallel",
+                self.cfg.arch
+            ))),
+            None => Ok(()),
+        }
     }
 }

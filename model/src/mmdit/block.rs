@@ -13,6 +13,7 @@ use kernels::{AttnView, Device, Tensor};
 use crate::blocks::FeedForward;
 use crate::embedding::Linear;
 use crate::error::Result;
+use crate::kv_buffer::KvBuffer;
 use crate::weights::WeightSource;
 
 use super::config::Sd3Config;
@@ -76,6 +77,91 @@ pub(super) fn attend(dev: &Device, qkv: &Tensor, heads: usize, head_dim: usize) 
         AttnView::of(qkv, d)?,
         AttnView::of(qkv, 2 * d)?,
         None,
+        qkv.dim(0),
+        heads,
+        head_dim,
+    )?)
+}
+
+/// PipeFusion: where a block's attentions keep the keys and values of the whole sequence (the
+/// slice's buffer, laid out as the model orders its streams; see `slice.rs`).
+pub(super) struct JointSlot<'a> {
+    pub(super) buf: &'a mut KvBuffer,
+    /// The buffer layer of this block's joint attention.
+    pub(super) layer: usize,
+    /// SD3.5 MMDiT-X: the layer of the block's image-only attention (its rows `0..image_tokens`).
+    pub(super) second_layer: usize,
+    /// Buffer rows of the part's first and second stream (SD3: image, prompt; Flux: prompt,
+    /// image).
+    pub(super) rows: (usize, usize),
+    /// Image tokens S of the whole image.
+    pub(super) image_tokens: usize,
+}
+
+/// Attention of a fused `qkv: [B, n1 + n2, 3d]` holding two streams (`n1` rows first): over
+/// itself, or with a slot, its keys and values written into the buffer (first stream at
+/// `rows.0`, second at `rows.1`) and its queries attending to the whole buffer.
+pub(super) fn attend_joint(
+    dev: &Device,
+    qkv: &Tensor,
+    n1: usize,
+    slot: Option<&mut JointSlot<'_>>,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let Some(slot) = slot else {
+        return attend(dev, qkv, heads, head_dim);
+    };
+    let (n2, d) = (qkv.dim(1) - n1, heads * head_dim);
+    if n1 > 0 {
+        slot.buf
+            .write(slot.layer, slot.rows.0, &qkv.narrow(1, 0, n1)?)?;
+    }
+    if n2 > 0 {
+        slot.buf
+            .write(slot.layer, slot.rows.1, &qkv.narrow(1, n1, n2)?)?;
+    }
+    let kv = slot.buf.layer(slot.layer);
+    Ok(dev.attention(
+        AttnView::of(qkv, 0)?,
+        AttnView::of(kv, 0)?,
+        AttnView::of(kv, d)?,
+        slot.buf.bias(),
+        qkv.dim(0),
+        heads,
+        head_dim,
+    )?)
+}
+
+/// SD3.5's image-only attention of `qkv: [B, n, 3d]` (image tokens starting at buffer row
+/// `rows.0`), over itself or over the image rows of the slot's second layer.
+fn attend_image_only(
+    dev: &Device,
+    qkv: &Tensor,
+    slot: Option<&mut JointSlot<'_>>,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let Some(slot) = slot else {
+        return attend(dev, qkv, heads, head_dim);
+    };
+    let d = heads * head_dim;
+    slot.buf.write(slot.second_layer, slot.rows.0, qkv)?;
+    let kv = slot.buf.layer(slot.second_layer);
+    let s = slot.image_tokens;
+    let view = |col| AttnView {
+        tensor: kv,
+        seq: s,
+        batch_stride: kv.dim(1) * kv.dim(2),
+        row_stride: kv.dim(2),
+        col_offset: col,
+    };
+    let bias = slot.buf.bias_prefix(s)?;
+    Ok(dev.attention(
+        AttnView::of(qkv, 0)?,
+        view(0),
+        view(d),
+        bias.as_ref(),
         qkv.dim(0),
         heads,
         head_dim,
@@ -173,7 +259,8 @@ impl JointBlock {
 
     /// Updates the image tokens `x: [B, n, d]` and the prompt tokens `ctx: [B, T, d]` in place
     /// (`ctx` is left as it was after the last block, which only reads it). `temb_silu` is
-    /// `silu(temb)`, `[B, d]`.
+    /// `silu(temb)`, `[B, d]`. With a slot the image tokens are one PipeFusion patch and the
+    /// attentions read the whole buffer.
     pub(crate) fn forward(
         &self,
         dev: &Device,
@@ -181,6 +268,7 @@ impl JointBlock {
         ctx: &mut Tensor,
         temb_silu: &Tensor,
         cfg: &Sd3Config,
+        mut slot: Option<JointSlot<'_>>,
     ) -> Result<()> {
         let n = x.dim(1);
         let k = if self.second.is_some() { 9 } else { 6 };
@@ -215,11 +303,12 @@ impl JointBlock {
             &[&self.qkv.forward(dev, &h)?, &ctx_qkv.forward(dev, &hc)?],
             1,
         )?;
-        let o = attend(dev, &joint, cfg.num_heads, cfg.head_dim)?; // [B, n + T, d]
+        let o = attend_joint(dev, &joint, n, slot.as_mut(), cfg.num_heads, cfg.head_dim)?; // [B, n + T, d]
         let a = self.out.forward(dev, &o.narrow(1, 0, n)?)?;
         dev.add_gated_(x, &a, Some(&c(2)?))?;
         if let (Some((qkv2, out2)), Some(h2)) = (&self.second, &h2) {
-            let o2 = attend(dev, &qkv2.forward(dev, h2)?, cfg.num_heads, cfg.head_dim)?;
+            let qkv2 = qkv2.forward(dev, h2)?;
+            let o2 = attend_image_only(dev, &qkv2, slot.as_mut(), cfg.num_heads, cfg.head_dim)?;
             let a2 = out2.forward(dev, &o2)?;
             dev.add_gated_(x, &a2, Some(&c(8)?))?;
         }

@@ -146,13 +146,13 @@ impl FluxTransformer {
             let mut x = x;
             for (i, block) in self.double.iter().enumerate() {
                 let _span = tracing::trace_span!("double block", i).entered();
-                block.forward(dev, &mut x, &mut ctx, &temb_silu, &rope, cfg)?;
+                block.forward(dev, &mut x, &mut ctx, &temb_silu, &rope, cfg, None)?;
                 after_block(FluxBlock::Double(i), &x);
             }
             let mut z = Tensor::cat(&[&ctx, &x], 1)?; // [B, T + S, d]
             for (i, block) in self.single.iter().enumerate() {
                 let _span = tracing::trace_span!("single block", i).entered();
-                block.forward(dev, &mut z, &temb_silu, &rope, cfg)?;
+                block.forward(dev, &mut z, t, &temb_silu, &rope, cfg, None)?;
                 after_block(FluxBlock::Single(i), &z.narrow(1, t, s)?);
             }
             let x = z.narrow(1, t, s)?;

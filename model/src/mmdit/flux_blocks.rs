@@ -18,7 +18,7 @@ use crate::embedding::Linear;
 use crate::error::Result;
 use crate::weights::WeightSource;
 
-use super::block::{attend, chunk, Qkv, ADDED_QKV, EPS, QKV};
+use super::block::{attend_joint, chunk, JointSlot, Qkv, ADDED_QKV, EPS, QKV};
 use super::flux_config::FluxConfig;
 
 /// `cos, sin: [S, head_dim]` of positions `ids` (one `[index, row, column]` per token): axis `a`
@@ -95,7 +95,8 @@ impl DoubleBlock {
     }
 
     /// Updates `x: [B, S, d]` (image) and `ctx: [B, T, d]` (prompt) in place; `rope` covers the
-    /// `T + S` positions, prompt first.
+    /// `T + S` positions, prompt first. With a slot the image tokens are one PipeFusion patch.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         dev: &Device,
@@ -104,6 +105,7 @@ impl DoubleBlock {
         temb_silu: &Tensor,
         rope: &(Tensor, Tensor),
         cfg: &FluxConfig,
+        mut slot: Option<JointSlot<'_>>,
     ) -> Result<()> {
         let t = ctx.dim(1);
         let m = self.modulation.forward(dev, temb_silu)?; // [B, 6d]
@@ -119,7 +121,7 @@ impl DoubleBlock {
             1,
         )?; // [B, T + S, 3d]
         rope_qk(dev, &mut joint, rope)?;
-        let o = attend(dev, &joint, cfg.num_heads, cfg.head_dim)?;
+        let o = attend_joint(dev, &joint, t, slot.as_mut(), cfg.num_heads, cfg.head_dim)?;
         let s = o.dim(1) - t;
         let a = self.out.forward(dev, &o.narrow(1, t, s)?)?;
         dev.add_gated_(x, &a, Some(&c(2)?))?;
@@ -159,14 +161,18 @@ impl SingleBlock {
         })
     }
 
-    /// Updates the joint tokens `z: [B, T + S, d]` (prompt first) in place.
+    /// Updates the joint tokens `z: [B, T + S, d]` (`t` prompt tokens first) in place. With a
+    /// slot the image tokens are one PipeFusion patch.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         dev: &Device,
         z: &mut Tensor,
+        t: usize,
         temb_silu: &Tensor,
         rope: &(Tensor, Tensor),
         cfg: &FluxConfig,
+        mut slot: Option<JointSlot<'_>>,
     ) -> Result<()> {
         let m = self.modulation.forward(dev, temb_silu)?; // [B, 3d]: shift, scale, gate
         let h = dev.layer_norm_modulate(z, &chunk(&m, 3, 0)?, &chunk(&m, 3, 1)?, EPS)?;
@@ -174,7 +180,7 @@ impl SingleBlock {
         dev.gelu_tanh_(&mut mlp)?;
         let mut qkv = self.qkv.forward(dev, &h)?;
         rope_qk(dev, &mut qkv, rope)?;
-        let o = attend(dev, &qkv, cfg.num_heads, cfg.head_dim)?; // [B, T + S, d]
+        let o = attend_joint(dev, &qkv, t, slot.as_mut(), cfg.num_heads, cfg.head_dim)?; // [B, T + S, d]
         let y = self.proj_out.forward(dev, &Tensor::cat(&[&o, &mlp], 2)?)?;
         dev.add_gated_(z, &y, Some(&chunk(&m, 3, 2)?))?;
         Ok(())

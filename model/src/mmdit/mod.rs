@@ -5,23 +5,28 @@
 //! jointly; the conditioning is the timestep (and for Flux.1-dev the guidance) embedding plus the
 //! pooled text embedding.
 //!
-//! Not yet: layer slices and the parallel runtime (PipeFusion, CFG, sequence parallel), the
-//! pipelines' sampling (issue 13). The forward is written the way the DiT one is
-//! (embed, blocks, head over token rows) so the runtime can split it later.
+//! The runtime runs them through [`crate::Transformer`] (slices of blocks over parts of the
+//! image with the prompt tokens: `slice.rs`); `family.rs` states them in the runtime's
+//! [`crate::ModelConfig`].
 //!
 //! Reference: diffusers 0.42.1 `transformer_sd3.py` (`SD3Transformer2DModel.forward`),
 //! `embeddings.py` (`PatchEmbed` with `pos_embed_max_size`, `CombinedTimestepTextProjEmbeddings`).
 
 mod block;
 mod config;
+mod family;
 mod flux;
 mod flux_blocks;
 mod flux_config;
 mod shared;
+mod slice;
 
 pub use config::Sd3Config;
+pub(crate) use family::preset;
+pub use family::MmditConfig;
 pub use flux::{image_ids, pack_latents, unpack_latents, FluxBlock, FluxInputs, FluxTransformer};
 pub use flux_config::FluxConfig;
+pub(crate) use slice::MmditSlice;
 
 use std::path::Path;
 
@@ -180,7 +185,7 @@ impl Sd3Transformer {
             let mut ctx = self.context_embedder.forward(dev, pe)?; // [B, T, d]
             for (i, block) in self.blocks.iter().enumerate() {
                 let _span = tracing::trace_span!("joint block", i).entered();
-                block.forward(dev, &mut x, &mut ctx, &temb_silu, cfg)?;
+                block.forward(dev, &mut x, &mut ctx, &temb_silu, cfg, None)?;
                 after_block(i, &x);
             }
             let tok = self.head.forward(dev, &x, &temb_silu)?; // [B, n, p*p*C_out]

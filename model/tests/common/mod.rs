@@ -104,6 +104,7 @@ pub fn tiny(arch: model::Arch) -> model::ModelConfig {
         caption_channels: 12,
         interpolation_scale: 1.0,
         use_additional_conditions: false,
+        mmdit: None,
     }
 }
 

@@ -1,0 +1,210 @@
+//! SD3 / Flux as the runtime runs them (`Transformer` over `ModelConfig`): whole-model forwards
+//! against diffusers 0.42.1 (the `sd3` / `flux` fixtures, relative L2 <= 1e-4), stage slices that
+//! chain to the whole forward bit for bit, and PipeFusion parts over a K/V buffer: after a step
+//! that filled the buffer with the same inputs the parts give the whole forward (<= 1e-5), and
+//! after a step with other inputs they differ (the buffer is read).
+
+mod common;
+
+use common::{fixtures, Fixture};
+use kernels::{Device, Tensor};
+use model::{CondInputs, ModelConfig, Transformer};
+
+struct Case {
+    dir: &'static str,
+    prefix: &'static str,
+    flux: bool,
+}
+
+const CASES: [Case; 4] = [
+    Case {
+        dir: "sd3_tiny",
+        prefix: "x.",
+        flux: false,
+    },
+    Case {
+        dir: "sd3_tiny_plain",
+        prefix: "plain.",
+        flux: false,
+    },
+    Case {
+        dir: "flux_tiny",
+        prefix: "dev.",
+        flux: true,
+    },
+    Case {
+        dir: "flux_tiny_schnell",
+        prefix: "schnell.",
+        flux: true,
+    },
+];
+
+/// The fixture's latent (unpacked), conditioning inputs and expected output (unpacked).
+fn inputs(case: &Case) -> (Tensor, CondInputs, Tensor) {
+    let file = if case.flux {
+        "flux_tiny_io.safetensors"
+    } else {
+        "sd3_tiny_io.safetensors"
+    };
+    let io = Fixture::load(file);
+    let f = |k: &str| io.f(&format!("{}{k}", case.prefix)).clone();
+    let latent = f("latent");
+    let (h, w) = (latent.dim(2), latent.dim(3));
+    let t = f("timestep").as_f32().unwrap().to_vec();
+    let (timesteps, guidance, out) = if case.flux {
+        // The fixture holds the model's input sigma; the runtime takes scheduler units.
+        let g = (case.prefix == "dev.").then(|| f("guidance").as_f32().unwrap().to_vec());
+        let out = model::mmdit::unpack_latents(&f("output"), h, w).unwrap();
+        (t.iter().map(|s| s * 1000.0).collect(), g, out)
+    } else {
+        (t, None, f("output"))
+    };
+    let inputs = CondInputs {
+        timesteps,
+        caption: Some(f("prompt_embeds")),
+        pooled: Some(f("pooled")),
+        guidance,
+        latent_size: [h, w],
+        ..Default::default()
+    };
+    (latent, inputs, out)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn whole_models_match_diffusers_and_slices_chain_bit_for_bit() {
+    let dev = Device::cpu(2).unwrap();
+    for case in &CASES {
+        let dir = fixtures().join(case.dir);
+        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        let (latent, inputs, want) = inputs(case);
+        let whole = Transformer::load(&dir, None, dev.clone()).unwrap();
+        let out = whole.forward(&latent, &inputs).unwrap();
+        common::check_close(case.dir, &out, &want, 1e-4);
+        let p = cfg.patch_size;
+        let rows = latent.dim(2) / p;
+        for cut in 1..cfg.num_layers {
+            let a = Transformer::load(&dir, Some(0..cut), dev.clone()).unwrap();
+            let b = Transformer::load(&dir, Some(cut..cfg.num_layers), dev.clone()).unwrap();
+            let (ca, cb) = (
+                a.conditioning(&inputs).unwrap(),
+                b.conditioning(&inputs).unwrap(),
+            );
+            let mut x = a.embed_with(&latent, 0, rows, &ca).unwrap();
+            a.run_blocks(&mut x, &ca).unwrap();
+            b.run_blocks(&mut x, &cb).unwrap();
+            let got = b.head(&x, &cb, rows, latent.dim(3)).unwrap();
+            assert_eq!(max_diff(&got, &out), 0.0, "{} cut at {cut}", case.dir);
+            // Stage 0 has no head, the last stage no embedding: clear errors.
+            assert!(a.head(&x, &ca, rows, latent.dim(3)).is_err());
+            assert!(b.embed_with(&latent, 0, rows, &cb).is_err());
+        }
+    }
+}
+
+/// One PipeFusion step over parts `parts` (token rows) through `stages` with per-stage K/V
+/// buffers; returns the model output of the whole latent assembled from the parts.
+fn step(
+    stages: &[Transformer],
+    kv: &mut [model::KvBuffer],
+    latent: &Tensor,
+    inputs: &CondInputs,
+    parts: &[std::ops::Range<usize>],
+) -> Tensor {
+    let p = stages[0].config().patch_size;
+    let (rows, cols) = (latent.dim(2) / p, latent.dim(3) / p);
+    let conds: Vec<_> = stages
+        .iter()
+        .map(|s| s.conditioning(inputs).unwrap())
+        .collect();
+    let mut outs = Vec::new();
+    for part in parts {
+        let strip = latent.narrow(2, part.start * p, part.len() * p).unwrap();
+        let mut x = stages[0]
+            .embed_with(&strip, part.start, rows, &conds[0])
+            .unwrap();
+        for (i, s) in stages.iter().enumerate() {
+            s.run_blocks_with_kv(&mut x, &conds[i], &mut kv[i], part.start * cols)
+                .unwrap();
+        }
+        let last = stages.len() - 1;
+        outs.push(
+            stages[last]
+                .head(&x, &conds[last], part.len(), latent.dim(3))
+                .unwrap(),
+        );
+    }
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    Tensor::cat(&refs, 2).unwrap()
+}
+
+#[test]
+fn pipefusion_parts_read_the_buffer_and_equal_the_whole_forward_when_it_is_fresh() {
+    let dev = Device::cpu(2).unwrap();
+    for case in &CASES {
+        let dir = fixtures().join(case.dir);
+        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        let (latent, inputs, _) = inputs(case);
+        let whole = Transformer::load(&dir, None, dev.clone())
+            .unwrap()
+            .forward(&latent, &inputs)
+            .unwrap();
+        let l = cfg.num_layers;
+        let stages = [
+            Transformer::load(&dir, Some(0..l / 2), dev.clone()).unwrap(),
+            Transformer::load(&dir, Some(l / 2..l), dev.clone()).unwrap(),
+        ];
+        let p = cfg.patch_size;
+        let (rows, cols) = (latent.dim(2) / p, latent.dim(3) / p);
+        let t = inputs.caption.as_ref().unwrap().dim(1);
+        let batch = latent.dim(0);
+        let mut kv: Vec<_> = stages
+            .iter()
+            .map(|s| s.kv_buffer(batch, rows * cols + t))
+            .collect();
+        // Warmup: the whole image as one part fills the buffers; it is the serial forward.
+        let full = step(
+            &stages,
+            &mut kv,
+            &latent,
+            &inputs,
+            std::slice::from_ref(&(0..rows)),
+        );
+        assert_eq!(max_diff(&full, &whole), 0.0, "{} whole part", case.dir);
+        // Parts of 1 and rows - 1 token rows over the filled buffers: every stale row holds what
+        // a fresh one would, so the parts give the whole forward.
+        let parts = [0..1, 1..rows];
+        let got = step(&stages, &mut kv, &latent, &inputs, &parts);
+        let d = max_diff(&got, &whole);
+        assert!(
+            d <= 1e-5,
+            "{}: parts over a fresh buffer differ by {d}",
+            case.dir
+        );
+        // Buffers filled from another latent: the first part reads stale rows and differs.
+        let other = model::gaussian(latent.shape(), 99);
+        step(
+            &stages,
+            &mut kv,
+            &other,
+            &inputs,
+            std::slice::from_ref(&(0..rows)),
+        );
+        let stale = step(&stages, &mut kv, &latent, &inputs, &parts);
+        let first_rows = |t: &Tensor| t.narrow(2, 0, p).unwrap();
+        let d = max_diff(&first_rows(&stale), &first_rows(&whole));
+        assert!(
+            d > 1e-4,
+            "{}: the first part ignored the buffer ({d})",
+            case.dir
+        );
+    }
+}
