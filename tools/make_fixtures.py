@@ -60,7 +60,8 @@ Section `pipefusion` (written under --pf-out, default actors/tests/fixtures/):
                                (M=1, W=steps).
 
 Sections are selected with --only (comma-separated: dit, pixart, schedulers, pipeline, vae, pipefusion,
-sd3, flux and pixart_sigma (tools/fixtures_mmdit.py));
+sd3, flux and pixart_sigma (tools/fixtures_mmdit.py), mmdit_pipelines (tools/fixtures_flow_pipelines.py,
+after sd3 and flux));
 the default runs all of them.
 
 Weight files that are exact copies of dit_tiny's (dit_tiny_legacy/ and
@@ -777,7 +778,8 @@ def dir_size(path):
     return total, rows
 
 
-SECTIONS = ("dit", "pixart", "schedulers", "pipeline", "vae", "pipefusion", "sd3", "flux", "pixart_sigma")
+SECTIONS = ("dit", "pixart", "schedulers", "pipeline", "vae", "pipefusion", "sd3", "flux", "pixart_sigma",
+            "mmdit_pipelines")
 
 
 def main():
@@ -808,7 +810,8 @@ def main():
     else:
         print(f"numpy reference not found in {args.ref_dir}: cross-checks skipped")
     out_dirs = []
-    if any(x in only for x in ("dit", "pixart", "schedulers", "pipeline", "vae", "sd3", "flux", "pixart_sigma")):
+    if any(x in only for x in ("dit", "pixart", "schedulers", "pipeline", "vae", "sd3", "flux", "pixart_sigma",
+                               "mmdit_pipelines")):
         os.makedirs(args.out, exist_ok=True)
         out_dirs.append(args.out)
 
@@ -834,6 +837,10 @@ def main():
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from fixtures_mmdit import make_pixart_sigma  # noqa: E402
         make_pixart_sigma(args.out, dict(reinit=reinit, clean_dir=clean_dir, record=record, rel_l2=rel_l2))
+    if "mmdit_pipelines" in only:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from fixtures_flow_pipelines import make_mmdit_pipelines  # noqa: E402
+        make_mmdit_pipelines(args.out, dict(record=record, rel_l2=rel_l2))
     if "pipefusion" in only:
         if ref is None or not os.path.exists(os.path.join(args.ref_dir, "pipefusion_ref.py")):
             print(f"[pipefusion] pipefusion_ref.py / numpy_ref.py not found in {args.ref_dir}: section skipped")

@@ -176,6 +176,7 @@ impl Cluster {
                 prepared.forward_batch(),
                 prepared.batch(),
                 req.request.latent_size,
+                prepared.text_tokens(),
             ),
         )?)
     }
@@ -304,7 +305,7 @@ pub(crate) fn device_args(
 /// on the request: a guided request of the model's native size stands for all of them.
 pub fn startup_plan(spec: &ClusterSpec, model: &model::ModelConfig) -> Result<Plan> {
     let side = model.sample_size;
-    Ok(Plan::new(spec, &shape_of(model, 2, 1, [side, side]))?)
+    Ok(Plan::new(spec, &shape_of(model, 2, 1, [side, side], 0))?)
 }
 
 /// The plan's view of a request on this model.
@@ -313,6 +314,7 @@ fn shape_of(
     forward_batch: usize,
     batch: usize,
     latent: [usize; 2],
+    text_tokens: usize,
 ) -> ModelShape {
     let p = cfg.patch_size;
     ModelShape {
@@ -325,5 +327,6 @@ fn shape_of(
         latent_batch: batch,
         patch_size: p,
         heads: cfg.num_heads,
+        text_tokens,
     }
 }

@@ -114,13 +114,16 @@ impl ModelSource {
         }
     }
 
-    /// The pipeline's scheduler, or the family default (DDIM for DiT, DPM-Solver++ for PixArt).
+    /// The pipeline's scheduler, or the family default (DDIM for DiT, DPM-Solver++ for PixArt,
+    /// flow-matching Euler for SD3 (shift 3) and Flux (FLUX.1-dev's dynamic shift)).
     pub fn default_scheduler(&self) -> Result<Scheduler> {
         match &self.scheduler_file {
             Some(f) => Ok(Scheduler::from_file(f)?),
             None => Ok(Scheduler::named(match self.config.arch {
                 Arch::Dit => "ddim",
                 Arch::PixArt => "dpm",
+                Arch::Sd3 => "flow",
+                Arch::Flux => "flux",
             })
             .expect("built-in scheduler")),
         }

@@ -41,9 +41,10 @@ pub(crate) struct ForwardArgs {
     /// Timed forwards (after one warm-up).
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    /// PixArt: caption tokens.
-    #[arg(long, default_value_t = 120)]
-    caption_tokens: usize,
+    /// Text tokens: PixArt's caption (cross-attention) [default 120]; SD3's and Flux's prompt
+    /// tokens in the joint sequence [default 333 for SD3 (77 CLIP + 256 T5), 512 for Flux].
+    #[arg(long, value_name = "T")]
+    caption_tokens: Option<usize>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -96,27 +97,37 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let model = Transformer::random(cfg.clone(), 0, None, dev.clone())?;
     let side = a.resolution / 8;
     let latent = model::gaussian(&[a.batch, cfg.in_channels, side, side], 1);
+    let text = cfg.arch != Arch::Dit;
+    let caption_tokens = a.caption_tokens.unwrap_or(match cfg.arch {
+        Arch::Dit | Arch::PixArt => 120,
+        Arch::Sd3 => 333,
+        Arch::Flux => 512,
+    });
+    let (pooled, guidance) = match &cfg.mmdit {
+        Some(model::mmdit::MmditConfig::Sd3(c)) => (Some(c.pooled_projection_dim), false),
+        Some(model::mmdit::MmditConfig::Flux(c)) => {
+            (Some(c.pooled_projection_dim), c.guidance_embeds)
+        }
+        None => (None, false),
+    };
     let inputs = CondInputs {
         timesteps: vec![500.0; a.batch],
-        class_labels: (0..a.batch).map(|i| i % cfg.num_classes).collect(),
-        caption: (cfg.arch == Arch::PixArt)
-            .then(|| model::gaussian(&[a.batch, a.caption_tokens, cfg.caption_channels], 2)),
+        class_labels: match cfg.arch {
+            Arch::Dit => (0..a.batch).map(|i| i % cfg.num_classes).collect(),
+            _ => Vec::new(),
+        },
+        caption: text.then(|| model::gaussian(&[a.batch, caption_tokens, cfg.caption_channels], 2)),
         caption_mask: None,
         resolution: cfg
             .use_additional_conditions
             .then(|| vec![[a.resolution as f32; 2]; a.batch]),
         aspect_ratio: cfg.use_additional_conditions.then(|| vec![1.0; a.batch]),
+        pooled: pooled.map(|p| model::gaussian(&[a.batch, p], 3)),
+        guidance: guidance.then(|| vec![3.5; a.batch]),
+        latent_size: [side, side],
     };
     let tokens = (side / cfg.patch_size).pow(2);
-    let flops = cfg.forward_flops(
-        a.batch,
-        tokens,
-        if cfg.arch == Arch::PixArt {
-            a.caption_tokens
-        } else {
-            0
-        },
-    );
+    let flops = cfg.forward_flops(a.batch, tokens, if text { caption_tokens } else { 0 });
     let gemm_before = gemm_gflops(&dev)?;
     model.forward(&latent, &inputs)?; // warm-up
     let mut times = Vec::new();

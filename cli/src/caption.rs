@@ -1,4 +1,5 @@
-//! PixArt caption embeddings from a safetensors file (no text encoder runs here), validated
+//! Prompt embeddings from a safetensors file with diffusers' names (no text encoder runs here):
+//! PixArt's caption (with attention masks), SD3 / Flux's prompt and pooled embeddings; validated
 //! against each other and the model, with errors naming the file and the tensor.
 
 use std::path::Path;
@@ -62,10 +63,87 @@ fn broadcast(x: Tensor, b: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&vec![&x; b], 0)?)
 }
 
+/// A `[B, P]` pooled embedding (a `[P]` one is one prompt), broadcast from batch 1 to `b`.
+fn as_pooled(path: &Path, name: &str, x: Tensor, b: usize) -> Result<Tensor> {
+    let x = match x.shape().len() {
+        1 => {
+            let p = x.dim(0);
+            x.reshape(&[1, p])?
+        }
+        2 => x,
+        _ => bail!(
+            "{}: `{name}` must be [B, P] or [P], got {:?}",
+            path.display(),
+            x.shape()
+        ),
+    };
+    if (x.dim(0) != b && x.dim(0) != 1) || x.dim(1) == 0 {
+        bail!(
+            "{}: `{name}` is {:?}: it needs a batch of {b} (or 1) like the prompt embeddings",
+            path.display(),
+            x.shape()
+        );
+    }
+    broadcast(x, b)
+}
+
+/// SD3 / Flux: [`read_caption`] plus `pooled_prompt_embeds` [B, P] (required) and, with a
+/// negative prompt, `negative_pooled_prompt_embeds` [B or 1, P]; attention masks are refused
+/// (these pipelines attend to every prompt token).
+pub(crate) fn read_prompt(path: &Path, channels: usize) -> Result<Caption> {
+    let mut t = read_tensors(path)?;
+    let pooled = t.remove("pooled_prompt_embeds").with_context(|| {
+        format!(
+            "{}: no tensor `pooled_prompt_embeds` (SD3 and Flux need the pooled text embedding)",
+            path.display()
+        )
+    })?;
+    let negative_pooled = t.remove("negative_pooled_prompt_embeds");
+    for mask in ["prompt_attention_mask", "negative_prompt_attention_mask"] {
+        if t.contains_key(mask) {
+            bail!(
+                "{}: `{mask}`: SD3 and Flux take no attention mask (their pipelines attend to                  every prompt token)",
+                path.display()
+            );
+        }
+    }
+    let mut c = caption_from(path, t, channels)?;
+    let b = c.embeds.dim(0);
+    c.pooled = Some(as_pooled(path, "pooled_prompt_embeds", pooled, b)?);
+    c.negative_pooled = match (negative_pooled, c.negative.is_some()) {
+        (Some(n), true) => Some(as_pooled(path, "negative_pooled_prompt_embeds", n, b)?),
+        (None, false) => None,
+        (Some(_), false) => bail!(
+            "{}: `negative_pooled_prompt_embeds` without `negative_prompt_embeds`",
+            path.display()
+        ),
+        (None, true) => bail!(
+            "{}: `negative_prompt_embeds` without `negative_pooled_prompt_embeds` (guidance needs              both)",
+            path.display()
+        ),
+    };
+    if let (Some(p), Some(n)) = (&c.pooled, &c.negative_pooled) {
+        if p.dim(1) != n.dim(1) {
+            bail!(
+                "{}: `pooled_prompt_embeds` and `negative_pooled_prompt_embeds` differ in width",
+                path.display()
+            );
+        }
+    }
+    Ok(c)
+}
+
 /// Reads `prompt_embeds` [B, T, C] and optionally `prompt_attention_mask` [B, T],
 /// `negative_prompt_embeds` [B or 1, T, C], `negative_prompt_attention_mask` [B or 1, T].
 pub(crate) fn read_caption(path: &Path, channels: usize) -> Result<Caption> {
-    let mut t = read_tensors(path)?;
+    caption_from(path, read_tensors(path)?, channels)
+}
+
+fn caption_from(
+    path: &Path,
+    mut t: std::collections::HashMap<String, Tensor>,
+    channels: usize,
+) -> Result<Caption> {
     let embeds = t
         .remove("prompt_embeds")
         .with_context(|| format!("{}: no tensor `prompt_embeds`", path.display()))?;

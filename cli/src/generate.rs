@@ -23,18 +23,29 @@ pub(crate) struct GenerateArgs {
     /// DiT: class label to generate; repeat for a batch (e.g. --class-label 1 --class-label 7).
     #[arg(long = "class-label", value_name = "N")]
     class_labels: Vec<usize>,
-    /// PixArt: safetensors file with `prompt_embeds` [B, T, C] and optionally
-    /// `prompt_attention_mask`, `negative_prompt_embeds`, `negative_prompt_attention_mask`.
+    /// Text-conditioned models (no text encoder runs here): a safetensors file with diffusers'
+    /// names. PixArt: `prompt_embeds` [B, T, C], optionally `prompt_attention_mask`,
+    /// `negative_prompt_embeds`, `negative_prompt_attention_mask`. SD3 / Flux:
+    /// `prompt_embeds` [B, T, C] and `pooled_prompt_embeds` [B, P], for guidance also
+    /// `negative_prompt_embeds` and `negative_pooled_prompt_embeds` (batch B or 1).
     #[arg(long, value_name = "FILE")]
     prompt_embeds: Option<PathBuf>,
-    /// Denoising steps [default: 50 for DiT, 20 for PixArt].
+    /// Denoising steps [default: 50 for DiT, 20 for PixArt, 28 for SD3 and Flux].
     #[arg(long)]
     steps: Option<usize>,
-    /// Classifier-free guidance scale; 1 disables guidance [default: 4.0 DiT, 4.5 PixArt].
+    /// Classifier-free guidance scale; 1 disables guidance [default: 4.0 DiT, 4.5 PixArt,
+    /// 7.0 SD3]. Flux: the guidance scale the model embeds (Flux.1-dev style models only,
+    /// default 3.5); Flux's classifier-free guidance is --true-cfg-scale.
     #[arg(long)]
     guidance_scale: Option<f32>,
-    /// Scheduler: `ddim`, `dpm` (DPM-Solver++ 2M), `flow` (flow-matching Euler), or a
-    /// scheduler_config.json [default: the pipeline's scheduler/, else ddim for DiT, dpm for PixArt].
+    /// Flux: true classifier-free guidance with the negative prompt embeddings (FluxPipeline's
+    /// `true_cfg_scale`); 1 disables it [default: 1].
+    #[arg(long, value_name = "SCALE")]
+    true_cfg_scale: Option<f32>,
+    /// Scheduler: `ddim`, `dpm` (DPM-Solver++ 2M), `flow` (flow-matching Euler, shift 3),
+    /// `flux` (flow matching with FLUX.1-dev's resolution-dependent shift), or a
+    /// scheduler_config.json [default: the pipeline's scheduler/, else ddim for DiT, dpm for
+    /// PixArt, flow for SD3, flux for Flux].
     #[arg(long, value_name = "NAME|FILE")]
     scheduler: Option<String>,
     /// Seed of the initial noise (ignored with --latents).
@@ -79,7 +90,7 @@ fn scheduler(a: &GenerateArgs, cluster: &Cluster) -> Result<Scheduler> {
             Some(s) => s,
             None => Scheduler::from_file(Path::new(name)).with_context(|| {
                 format!(
-                    "--scheduler {name}: not ddim, dpm, flow or a readable scheduler_config.json"
+                    "--scheduler {name}: not ddim, dpm, flow, flux or a readable scheduler_config.json"
                 )
             })?,
         },
@@ -90,15 +101,15 @@ fn scheduler(a: &GenerateArgs, cluster: &Cluster) -> Result<Scheduler> {
 /// The request the flags describe, for the cluster's model.
 fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
     let cfg = &cluster.model().config;
-    let steps = a
-        .steps
-        .unwrap_or(if cfg.arch == Arch::Dit { 50 } else { 20 });
+    let steps = a.steps.unwrap_or(match cfg.arch {
+        Arch::Dit => 50,
+        Arch::PixArt => 20,
+        Arch::Sd3 | Arch::Flux => 28,
+    });
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let scale = a
-        .guidance_scale
-        .unwrap_or(if cfg.arch == Arch::Dit { 4.0 } else { 4.5 });
+    let (scale, embedded_guidance) = guidance(a, cfg)?;
     // A flag the model cannot use is an error, not silently dropped.
     match (cfg.arch, a.prompt_embeds.as_ref(), a.class_labels.first()) {
         (Arch::Dit, Some(p), _) => bail!(
@@ -106,9 +117,10 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
              instead (prompt embeddings are for PixArt models)",
             p.display()
         ),
-        (Arch::PixArt, _, Some(l)) => bail!(
-            "--class-label {l}: this is a text-conditioned PixArt model, it takes \
-             --prompt-embeds FILE instead (class labels are for DiT models)"
+        (Arch::PixArt | Arch::Sd3 | Arch::Flux, _, Some(l)) => bail!(
+            "--class-label {l}: this is a text-conditioned {:?} model, it takes \
+             --prompt-embeds FILE instead (class labels are for DiT models)",
+            cfg.arch
         ),
         _ => {}
     }
@@ -140,6 +152,29 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
             let c = crate::caption::read_caption(path, cfg.caption_channels)?;
             if scale > 1.0 && c.negative.is_none() {
                 bail!("{}: guidance scale {scale} needs `negative_prompt_embeds` (or pass --guidance-scale 1)", path.display());
+            }
+            (c.embeds.dim(0), Some(c))
+        }
+        Arch::Sd3 | Arch::Flux => {
+            let path = a.prompt_embeds.as_ref().with_context(|| {
+                format!(
+                    "a {:?} model needs --prompt-embeds FILE with prompt_embeds and \
+                     pooled_prompt_embeds (no text encoder runs here)",
+                    cfg.arch
+                )
+            })?;
+            let c = crate::caption::read_prompt(path, cfg.caption_channels)?;
+            if scale > 1.0 && c.negative.is_none() {
+                bail!(
+                    "{}: guidance scale {scale} needs `negative_prompt_embeds` and \
+                     `negative_pooled_prompt_embeds` (or pass {} 1)",
+                    path.display(),
+                    if cfg.arch == Arch::Flux {
+                        "--true-cfg-scale"
+                    } else {
+                        "--guidance-scale"
+                    }
+                );
             }
             (c.embeds.dim(0), Some(c))
         }
@@ -182,11 +217,38 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
             caption,
             guidance_scale: scale,
             latent_size: [h / f, w / f],
-            embedded_guidance: None,
+            embedded_guidance,
         },
         steps,
         scheduler: scheduler(a, cluster)?,
         noise,
+    })
+}
+
+/// The classifier-free guidance scale and Flux-dev's embedded guidance the flags ask for; a
+/// guidance flag the model cannot use is an error.
+fn guidance(a: &GenerateArgs, cfg: &model::ModelConfig) -> Result<(f32, Option<f32>)> {
+    if let (Some(s), false) = (a.true_cfg_scale, cfg.arch == Arch::Flux) {
+        bail!("--true-cfg-scale {s}: only Flux models take it (use --guidance-scale)");
+    }
+    Ok(match cfg.arch {
+        Arch::Dit => (a.guidance_scale.unwrap_or(4.0), None),
+        Arch::PixArt => (a.guidance_scale.unwrap_or(4.5), None),
+        Arch::Sd3 => (a.guidance_scale.unwrap_or(7.0), None),
+        Arch::Flux => {
+            let embeds =
+                matches!(&cfg.mmdit, Some(model::mmdit::MmditConfig::Flux(f)) if f.guidance_embeds);
+            let embedded = match (embeds, a.guidance_scale) {
+                (true, g) => Some(g.unwrap_or(3.5)),
+                (false, None) => None,
+                (false, Some(g)) => bail!(
+                    "--guidance-scale {g}: this Flux model has no guidance embedding \
+                     (Flux.1-schnell style); for classifier-free guidance use --true-cfg-scale \
+                     with negative prompt embeddings"
+                ),
+            };
+            (a.true_cfg_scale.unwrap_or(1.0), embedded)
+        }
     })
 }
 

@@ -24,6 +24,10 @@ pub(crate) struct PlanArgs {
     /// Image width in pixels [default: the model's sample size x its VAE factor].
     #[arg(long)]
     width: Option<usize>,
+    /// SD3 / Flux: prompt tokens in the joint sequence (every part carries them, every K/V
+    /// buffer holds them) [default: 333 for SD3 (77 CLIP + 256 T5), 512 for Flux].
+    #[arg(long, value_name = "T")]
+    prompt_tokens: Option<usize>,
 }
 
 pub(crate) fn run(a: PlanArgs) -> Result<()> {
@@ -40,6 +44,14 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         bail!("--height {h} / --width {w} must be positive multiples of {pf} (pixels per latent element {f} x patch size {}), --batch at least 1", cfg.patch_size);
     }
     let forward_batch = if a.guidance { 2 * a.batch } else { a.batch };
+    let text_tokens = match (cfg.arch, a.prompt_tokens) {
+        (model::Arch::Dit | model::Arch::PixArt, Some(t)) => {
+            bail!("--prompt-tokens {t}: only SD3 and Flux models put prompt tokens in the sequence")
+        }
+        (model::Arch::Dit | model::Arch::PixArt, None) => 0,
+        (model::Arch::Sd3, t) => t.unwrap_or(333),
+        (model::Arch::Flux, t) => t.unwrap_or(512),
+    };
     let shape = ModelShape {
         layers: cfg.num_layers,
         hidden: cfg.hidden(),
@@ -50,11 +62,14 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         latent_batch: a.batch,
         patch_size: cfg.patch_size,
         heads: cfg.num_heads,
+        text_tokens,
     };
     let plan = Plan::new(&spec, &shape)?;
     println!(
-        "model: {:?}, {} layers, hidden {}, {}x{} px -> {}x{} tokens, batch {} ({} rows per forward)",
-        cfg.arch, cfg.num_layers, cfg.hidden(), h, w, shape.token_rows, shape.token_cols, a.batch, forward_batch
+        "model: {:?}, {} layers, hidden {}, {}x{} px -> {}x{} tokens{}, batch {} ({} rows per forward)",
+        cfg.arch, cfg.num_layers, cfg.hidden(), h, w, shape.token_rows, shape.token_cols,
+        if text_tokens > 0 { format!(" + {text_tokens} prompt tokens") } else { String::new() },
+        a.batch, forward_batch
     );
     print!("{}", plan.describe());
     for st in &plan.stages {
@@ -69,13 +84,22 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
             }
             _ => None,
         };
+        // MMDiT: every joint attention's buffer also holds the T prompt rows; SD3.5's image-only
+        // second attentions (MMDiT-X) hold the image rows once more.
+        let image = shape.token_rows * shape.token_cols;
+        let second = match &cfg.mmdit {
+            Some(model::mmdit::MmditConfig::Sd3(c)) => c
+                .dual_attention_layers
+                .iter()
+                .filter(|l| st.layers.contains(l))
+                .count(),
+            _ => 0,
+        };
         let kv = width.map_or(0, |w| {
             2 * (forward_batch / plan.cfg_degree)
-                * shape.token_rows
-                * shape.token_cols
                 * w
-                * st.layers.len()
                 * 4
+                * ((image + text_tokens) * st.layers.len() + image * second)
         });
         let mib = kv as f64 / (1 << 20) as f64;
         if plan.cfg_degree > 1 || plan.sp.degree() > 1 {

@@ -208,3 +208,136 @@ fn pipefusion_parts_read_the_buffer_and_equal_the_whole_forward_when_it_is_fresh
         );
     }
 }
+
+/// A whole sampling run as the pipelines make it, from a pipeline folder and the prompt / noise
+/// files the fixtures hold: the scheduler plan (`plan_for`), the prepared request (CFG rows,
+/// embedded guidance), one whole-model forward per step.
+fn run_pipeline(
+    name: &str,
+    guidance_scale: f32,
+    embedded_guidance: Option<f32>,
+    negative: bool,
+) -> (Vec<f32>, Tensor) {
+    use model::sampler::guidance::denoise;
+    use model::sampler::{PipelineTimesteps, SamplerState, Scheduler};
+    let dir = fixtures().join(format!("{name}_pipeline"));
+    let prompt = Fixture::load(&format!("{name}_prompt.safetensors"));
+    let noise = Fixture::load(&format!("{name}_noise.safetensors"))
+        .f("latents")
+        .clone();
+    let cfg = ModelConfig::from_dir(&dir.join("transformer")).unwrap();
+    let req = model::Request {
+        class_labels: vec![],
+        caption: Some(model::Caption {
+            embeds: prompt.f("prompt_embeds").clone(),
+            mask: None,
+            negative: negative.then(|| (prompt.f("negative_prompt_embeds").clone(), None)),
+            pooled: Some(prompt.f("pooled_prompt_embeds").clone()),
+            negative_pooled: negative.then(|| prompt.f("negative_pooled_prompt_embeds").clone()),
+        }),
+        guidance_scale,
+        latent_size: [noise.dim(2), noise.dim(3)],
+        embedded_guidance,
+    };
+    let p = model::PreparedRequest::new(&cfg, &req).unwrap();
+    let how = match cfg.arch {
+        model::Arch::Flux => PipelineTimesteps::FluxSigmas,
+        _ => PipelineTimesteps::Default,
+    };
+    let tokens = (noise.dim(2) / cfg.patch_size) * (noise.dim(3) / cfg.patch_size);
+    let plan = Scheduler::from_file(&dir.join("scheduler/scheduler_config.json"))
+        .unwrap()
+        .plan_for(4, tokens, how)
+        .unwrap();
+    let timesteps = plan.timesteps.clone();
+    let model = Transformer::load(&dir.join("transformer"), None, Device::cpu(2).unwrap()).unwrap();
+    let mut state = SamplerState::new(plan, noise.elem_count());
+    let out = denoise(
+        &mut state,
+        noise,
+        |_, t, x| {
+            let out = model.forward(&p.model_input(x)?, &p.inputs(t))?;
+            p.guide(&out)
+        },
+        |_| {},
+    )
+    .unwrap();
+    (timesteps, out)
+}
+
+/// StableDiffusion3Pipeline (CFG 5.0 with negative embeddings, SD3.5's static shift 3) and
+/// FluxPipeline (Flux-dev's embedded guidance 3.5, its resolution-dependent shift and own sigmas;
+/// and true CFG 2.0 with a negative prompt), 4 steps from the same noise and prompt embeddings
+/// as diffusers 0.42.1 (`mmdit_pipelines` fixtures): timesteps within 1e-3, final latents within
+/// relative L2 1e-4.
+#[test]
+fn sampling_runs_match_the_diffusers_pipelines() {
+    let io = Fixture::load("mmdit_pipelines_io.safetensors");
+    for (name, key, scale, embedded, negative) in [
+        ("sd3", "sd3", 5.0, None, true),
+        ("flux", "flux", 1.0, Some(3.5), false),
+        ("flux", "flux_cfg", 2.0, Some(3.5), true),
+    ] {
+        let (ts, latent) = run_pipeline(name, scale, embedded, negative);
+        if let Some(want) = io.doubles.get(&format!("{key}.timesteps")) {
+            assert_eq!(ts.len(), want.len());
+            for (a, b) in ts.iter().zip(want) {
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-3,
+                    "{key}: timesteps {ts:?} vs {want:?}"
+                );
+            }
+        }
+        common::check_close(key, &latent, io.f(&format!("{key}.latent")), 1e-4);
+    }
+}
+
+/// Requests the MMDiT models cannot run are refused naming what is missing.
+#[test]
+fn mmdit_requests_name_what_is_missing() {
+    let cfg = ModelConfig::from_dir(&fixtures().join("flux_pipeline/transformer")).unwrap();
+    let prompt = Fixture::load("flux_prompt.safetensors");
+    let base = model::Request {
+        class_labels: vec![],
+        caption: Some(model::Caption {
+            embeds: prompt.f("prompt_embeds").clone(),
+            mask: None,
+            negative: None,
+            pooled: Some(prompt.f("pooled_prompt_embeds").clone()),
+            negative_pooled: None,
+        }),
+        guidance_scale: 1.0,
+        latent_size: [6, 8],
+        embedded_guidance: Some(3.5),
+    };
+    let err = |r: &model::Request| {
+        model::PreparedRequest::new(&cfg, r)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(model::PreparedRequest::new(&cfg, &base).is_ok());
+    let e = err(&model::Request {
+        embedded_guidance: None,
+        ..base.clone()
+    });
+    assert!(e.contains("guidance"), "{e}");
+    let e = err(&model::Request {
+        guidance_scale: 2.0,
+        ..base.clone()
+    });
+    assert!(e.contains("negative_prompt_embeds"), "{e}");
+    let mut no_pooled = base.clone();
+    no_pooled.caption.as_mut().unwrap().pooled = None;
+    assert!(err(&no_pooled).contains("pooled_prompt_embeds"));
+    let e = err(&model::Request {
+        caption: None,
+        ..base.clone()
+    });
+    assert!(e.contains("prompt_embeds"), "{e}");
+    // SD3 has no guidance embedding.
+    let sd3 = ModelConfig::from_dir(&fixtures().join("sd3_pipeline/transformer")).unwrap();
+    let e = model::PreparedRequest::new(&sd3, &base)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("embedded guidance"), "{e}");
+}

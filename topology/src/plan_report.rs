@@ -55,7 +55,9 @@ impl Plan {
             };
             if pipe.len() > 1 {
                 links.push(if !role.is_last_stage() {
-                    let hidden = product(&[b, rows, s.token_cols, s.hidden, 4]);
+                    // MMDiT: every part also carries the prompt tokens.
+                    let tokens = rows * s.token_cols + self.patches.len() * s.text_tokens;
+                    let hidden = product(&[b, tokens, s.hidden, 4]);
                     link(pipe[stage + 1], hidden, LinkKind::Hidden)
                 } else {
                     link(pipe[0], latent(rows), LinkKind::Latent)

@@ -26,6 +26,9 @@ pub struct ModelShape {
     pub patch_size: usize,
     /// Attention heads (Ulysses splits them over its ranks).
     pub heads: usize,
+    /// MMDiT (SD3, Flux): prompt tokens every part carries besides its image tokens (and every
+    /// K/V buffer holds); 0 for DiT and PixArt.
+    pub text_tokens: usize,
 }
 
 /// ALGORITHMS.md rule: every strip but the last has `ceil(h / m)` token rows, the last takes the

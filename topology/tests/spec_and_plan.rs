@@ -80,6 +80,7 @@ pub(crate) fn shape(layers: usize, token_rows: usize) -> ModelShape {
         latent_batch: 1,
         patch_size: 2,
         heads: 4,
+        text_tokens: 0,
     }
 }
 

@@ -6,7 +6,8 @@
 //! Layout: `b"PFRQ"`, a `u32` LE version ([`REQUEST_VERSION`]), a `u32` LE length and that many
 //! bytes of JSON ([`SpecHeader`]: every number of the request, the sampling plan included, f32s
 //! printed shortest-round-trip so they come back exactly), then the tensors as `codec` blobs: the
-//! initial latent, then the caption tensors the header says are present, in field order. Decoding
+//! initial latent, then the caption tensors the header says are present, in field order
+//! (version 2 added SD3 / Flux's pooled embeddings and Flux-dev's embedded guidance). Decoding
 //! checks every length before it reads or allocates, and errors name the field.
 
 use std::sync::Arc;
@@ -26,7 +27,7 @@ const MAGIC: &[u8; 4] = b"PFRQ";
 
 /// The request payload's version: a node refuses another (with WIRE_VERSION, the handshake already
 /// refuses other builds; this catches a payload written by another layout of the same wire).
-pub(crate) const REQUEST_VERSION: u32 = 1;
+pub(crate) const REQUEST_VERSION: u32 = 2;
 
 /// Everything of a request but its tensors.
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,8 +44,11 @@ struct SpecHeader {
     stages: usize,
     cfg_degree: usize,
     sp_degree: usize,
-    /// Which caption tensors follow the initial latent: embeds, mask, negative, negative mask.
-    caption: [bool; 4],
+    /// Which caption tensors follow the initial latent: embeds, mask, negative, negative mask,
+    /// pooled, negative pooled (SD3 / Flux).
+    caption: [bool; 6],
+    /// Flux.1-dev's embedded guidance scale.
+    embedded_guidance: Option<f32>,
 }
 
 /// The payload of a request (see the module documentation).
@@ -57,6 +61,8 @@ pub(crate) fn encode_request(setup: &RequestSetup, schedule: &ScheduleConfig) ->
         cap.and_then(|c| c.mask.as_ref()),
         neg.map(|n| &n.0),
         neg.and_then(|n| n.1.as_ref()),
+        cap.and_then(|c| c.pooled.as_ref()),
+        cap.and_then(|c| c.negative_pooled.as_ref()),
     ];
     let header = SpecHeader {
         class_labels: r.class_labels.clone(),
@@ -70,6 +76,7 @@ pub(crate) fn encode_request(setup: &RequestSetup, schedule: &ScheduleConfig) ->
         cfg_degree: setup.cfg_degree(),
         sp_degree: setup.sp_degree(),
         caption: captions.map(|t| t.is_some()),
+        embedded_guidance: r.embedded_guidance,
     };
     let json = serde_json::to_vec(&header)
         .map_err(|e| ClusterError::BadRequest(format!("request header: {e}")))?;
@@ -134,6 +141,8 @@ pub(crate) fn decode_request(
         "caption_mask",
         "negative_caption",
         "negative_caption_mask",
+        "pooled",
+        "negative_pooled",
     ];
     let mut caps: Vec<Option<Tensor>> = Vec::new();
     for (present, name) in h.caption.iter().zip(names) {
@@ -145,21 +154,24 @@ pub(crate) fn decode_request(
     if !r.is_empty() {
         return Err(bad(format!("{} bytes after the last tensor", r.len())));
     }
-    let [embeds, mask, negative, negative_mask]: [Option<Tensor>; 4] =
-        caps.try_into().expect("four captions");
+    let [embeds, mask, negative, negative_mask, pooled, negative_pooled]: [Option<Tensor>; 6] =
+        caps.try_into().expect("six caption tensors");
+    if embeds.is_none() && [&mask, &negative, &pooled].iter().any(|t| t.is_some()) {
+        return Err(bad("caption tensors without the prompt embeddings".into()));
+    }
     let caption = embeds.map(|embeds| Caption {
         embeds,
         mask,
         negative: negative.map(|n| (n, negative_mask)),
-        pooled: None,
-        negative_pooled: None,
+        pooled,
+        negative_pooled,
     });
     let req = Request {
         class_labels: h.class_labels,
         caption,
         guidance_scale: h.guidance_scale,
         latent_size: h.latent_size,
-        embedded_guidance: None,
+        embedded_guidance: h.embedded_guidance,
     };
     let patches = h.patches.iter().map(|p| p[0]..p[1]).collect();
     let setup = RequestSetup::from_plan(request, cfg, &req, h.sampling, noise, patches, h.warmup)?

@@ -74,6 +74,73 @@ fn a_request_round_trips_exactly() {
     );
 }
 
+/// Flux-dev under true CFG: pooled and negative pooled embeddings and the embedded guidance scale
+/// come back exactly, and the plan (FluxPipeline's shifted sigmas) is the sender's.
+#[test]
+fn a_flux_request_round_trips_with_pooled_embeddings_and_guidance() {
+    let cfg = ModelConfig {
+        caption_channels: 6,
+        ..ModelConfig::preset("Flux.1-dev").unwrap()
+    };
+    let caption = Caption {
+        embeds: model::gaussian(&[1, 3, 6], 1),
+        mask: None,
+        negative: Some((model::gaussian(&[1, 3, 6], 2), None)),
+        pooled: Some(model::gaussian(&[1, 4], 3)),
+        negative_pooled: Some(model::gaussian(&[1, 4], 4)),
+    };
+    let request = Request {
+        class_labels: vec![],
+        caption: Some(caption),
+        guidance_scale: 2.0,
+        latent_size: [8, 8],
+        embedded_guidance: Some(3.5),
+    };
+    let scheduler = model::sampler::Scheduler::named("flux").unwrap();
+    let noise = model::gaussian(&[1, 16, 8, 8], 5);
+    let want = RequestSetup::new(
+        3,
+        &cfg,
+        &request,
+        &scheduler,
+        4,
+        &noise,
+        vec![0..2, 2..4],
+        1,
+    )
+    .unwrap()
+    .with_cfg_degree(2)
+    .unwrap();
+    let schedule = ScheduleConfig {
+        stages: 2,
+        patches: 2,
+        warmup: 1,
+        steps: 4,
+    };
+    let bytes = encode_request(&want, &schedule).unwrap();
+    let (got, _) = decode_request(&cfg, 3, &bytes).unwrap();
+    assert_eq!(got.sampling, want.sampling);
+    assert_eq!(got.cfg_degree(), 2);
+    let (a, b) = (
+        got.request.caption.clone().unwrap(),
+        request.caption.unwrap(),
+    );
+    for (x, y) in [
+        (a.pooled.unwrap(), b.pooled.unwrap()),
+        (a.negative_pooled.unwrap(), b.negative_pooled.unwrap()),
+    ] {
+        assert_eq!(x.as_f32().unwrap(), y.as_f32().unwrap());
+    }
+    assert_eq!(got.request.embedded_guidance, Some(3.5));
+    assert_eq!(got.prepared.text_tokens(), 3);
+    // Each CFG group's frames carry its batch of image tokens plus the 3 prompt tokens.
+    let part = topology::schedule::Part::Patch(0);
+    assert_eq!(
+        got.frame_shape(part, false, 1),
+        Some(vec![1, 2 * 4 + 3, 3072])
+    );
+}
+
 #[test]
 fn bad_payloads_are_refused_naming_what_is_wrong() {
     let cfg = pixart();
@@ -82,8 +149,8 @@ fn bad_payloads_are_refused_naming_what_is_wrong() {
     let err = |b: &[u8]| decode_request(&cfg, 7, b).expect_err("refused").to_string();
     assert!(err(b"PFRX\x01\0\0\0").contains("does not start with PFRQ"));
     let mut v2 = bytes.clone();
-    v2[4] = 2;
-    assert!(err(&v2).contains("version 2, this node reads version 1"));
+    v2[4] = 9;
+    assert!(err(&v2).contains("version 9, this node reads version 2"));
     // Every truncation is refused, never a panic.
     for cut in 0..bytes.len() {
         decode_request(&cfg, 7, &bytes[..cut]).expect_err("a truncated payload");

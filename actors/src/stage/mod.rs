@@ -131,7 +131,8 @@ impl StageExecutor {
             )));
         }
         let fwd = setup.forward_of(self.group())?;
-        let (b, tokens) = (fwd.forward_batch(), (h / p) * (w / p));
+        // MMDiT: the prompt tokens join the image tokens in the buffer.
+        let (b, tokens) = (fwd.forward_batch(), (h / p) * (w / p) + fwd.text_tokens());
         // A rank of a group that runs no patches keeps no K/V buffer: its attention sees the
         // whole sequence through the group, every step. Inside PipeFusion it keeps its head
         // group's.
@@ -197,7 +198,7 @@ impl StageExecutor {
                 input.narrow(2, r0 * p, n_rows * p)?
             };
             let xin = fwd.model_input(&strip)?; // [B', C, rows*p, W]
-            self.model.embed(&xin, r0, grid_rows)? // [B', n, d]
+            self.model.embed_with(&xin, r0, grid_rows, cond)? // [B', n (+ T), d]
         } else {
             input.clone()
         };

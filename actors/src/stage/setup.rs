@@ -53,7 +53,13 @@ impl RequestSetup {
         warmup: usize,
     ) -> Result<RequestSetup> {
         let prepared = PreparedRequest::new(cfg, request)?;
-        let sampling = scheduler.plan(steps)?;
+        let [_, _, h, w] = prepared.latent_shape();
+        let p = cfg.patch_size.max(1);
+        let how = match cfg.arch {
+            model::Arch::Flux => model::sampler::PipelineTimesteps::FluxSigmas,
+            _ => model::sampler::PipelineTimesteps::Default,
+        };
+        let sampling = scheduler.plan_for(steps, (h / p) * (w / p), how)?;
         if noise.shape() != prepared.latent_shape() {
             return Err(ClusterError::BadRequest(format!(
                 "initial noise {:?} does not match the request's latent {:?}",
@@ -211,8 +217,8 @@ impl RequestSetup {
     }
 
     /// The shape a frame carrying `part` must have: the latent rows `[B, C, rows*p, W]` when
-    /// sent to stage 0 (and a CFG noise prediction), else hidden states `[B', rows*w, d]` with
-    /// B' the forward batch of CFG group `group`.
+    /// sent to stage 0 (and a CFG noise prediction), else hidden states `[B', rows*w + T, d]`
+    /// with B' the forward batch of CFG group `group` and T its prompt tokens (MMDiT; 0 else).
     pub fn frame_shape(
         &self,
         part: topology::schedule::Part,
@@ -234,9 +240,10 @@ impl RequestSetup {
         Some(if to_first {
             vec![b, c, rows * p, w]
         } else {
+            let fwd = self.forward.get(group)?;
             vec![
-                self.forward.get(group)?.forward_batch(),
-                rows * (w / p.max(1)),
+                fwd.forward_batch(),
+                rows * (w / p.max(1)) + fwd.text_tokens(),
                 self.hidden,
             ]
         })

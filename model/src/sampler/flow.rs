@@ -1,5 +1,8 @@
-//! `FlowMatchEulerDiscreteScheduler` (static shift; no dynamic shifting).
-//! Reference: diffusers 0.42.1 `scheduling_flow_match_euler_discrete.py`.
+//! `FlowMatchEulerDiscreteScheduler`: SD3's static shift and the resolution-dependent
+//! ("dynamic") shift Flux uses, with the sigmas the pipelines pass.
+//! Reference: diffusers 0.42.1 `scheduling_flow_match_euler_discrete.py` (`set_timesteps`,
+//! `time_shift`), `pipeline_flux.py` / `pipeline_stable_diffusion_3.py` (`calculate_shift`,
+//! FluxPipeline's `np.linspace(1.0, 1 / steps, steps)` sigmas).
 
 use super::{Fields, SamplingPlan, StepRule};
 use crate::error::{ModelError, Result};
@@ -9,12 +12,60 @@ use crate::error::{ModelError, Result};
 pub struct FlowEuler {
     train: usize,
     shift: f64,
+    dynamic: Option<DynamicShift>,
+}
+
+/// `use_dynamic_shifting`: `mu` grows linearly with the image's token count from `base_shift`
+/// at `base_seq` tokens to `max_shift` at `max_seq`; sigmas become `e^mu / (e^mu + 1/s - 1)`
+/// (exponential) or `mu / (mu + 1/s - 1)` (linear `time_shift_type`).
+#[derive(Debug, Clone, PartialEq)]
+struct DynamicShift {
+    base_shift: f64,
+    max_shift: f64,
+    base_seq: f64,
+    max_seq: f64,
+    linear: bool,
+}
+
+impl DynamicShift {
+    /// The pipelines' `calculate_shift` (f64, as Python computes it).
+    fn mu(&self, image_tokens: usize) -> f64 {
+        let m = (self.max_shift - self.base_shift) / (self.max_seq - self.base_seq);
+        let b = self.base_shift - m * self.base_seq;
+        image_tokens as f64 * m + b
+    }
+
+    /// `time_shift(mu, 1.0, s)` on a float32 array (NumPy keeps float32: the Python float
+    /// `exp(mu)` is cast to it).
+    fn shift(&self, mu: f64, s: f32) -> f32 {
+        let e = if self.linear {
+            mu as f32
+        } else {
+            mu.exp() as f32
+        };
+        e / (e + (1.0 / s - 1.0))
+    }
+
+    /// The same on a float64 array.
+    fn shift_f64(&self, mu: f64, s: f64) -> f64 {
+        let e = if self.linear { mu } else { mu.exp() };
+        e / (e + (1.0 / s - 1.0))
+    }
+}
+
+/// How a model family's diffusers pipeline sets a scheduler's timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineTimesteps {
+    /// `set_timesteps(steps)` (DiT, PixArt, SD3; SD3 passes `mu` when the scheduler shifts
+    /// dynamically).
+    Default,
+    /// FluxPipeline: its own sigmas `linspace(1, 1 / steps, steps)`, and `mu`.
+    FluxSigmas,
 }
 
 impl FlowEuler {
     pub(super) fn from_fields(f: &Fields<'_>) -> Result<FlowEuler> {
         for k in [
-            "use_dynamic_shifting",
             "invert_sigmas",
             "use_karras_sigmas",
             "use_exponential_sigmas",
@@ -32,9 +83,39 @@ impl FlowEuler {
                 "is not supported",
             ));
         }
+        let dynamic = match f.bool("use_dynamic_shifting", false)? {
+            false => None,
+            true => Some(DynamicShift {
+                base_shift: f.f64("base_shift", 0.5)?,
+                max_shift: f.f64("max_shift", 1.15)?,
+                base_seq: f.usize("base_image_seq_len", 256)? as f64,
+                max_seq: f.usize("max_image_seq_len", 4096)? as f64,
+                linear: match f.str("time_shift_type", "exponential")?.as_str() {
+                    "exponential" => false,
+                    "linear" => true,
+                    other => {
+                        return Err(ModelError::config(
+                            f.path,
+                            "time_shift_type",
+                            format!("`{other}`: expected \"exponential\" or \"linear\""),
+                        ))
+                    }
+                },
+            }),
+        };
+        if let Some(d) = &dynamic {
+            if d.max_seq == d.base_seq {
+                return Err(ModelError::config(
+                    f.path,
+                    "max_image_seq_len",
+                    "must differ from base_image_seq_len",
+                ));
+            }
+        }
         Ok(FlowEuler {
             train: f.usize("num_train_timesteps", 1000)?,
             shift: f.f64("shift", 1.0)?,
+            dynamic,
         })
     }
 
@@ -42,7 +123,89 @@ impl FlowEuler {
         self.shift * s / (1.0 + (self.shift - 1.0) * s)
     }
 
-    pub(super) fn plan(&self, n: usize) -> Result<SamplingPlan> {
+    /// The plan for `n` steps of an image of `image_tokens` tokens (the dynamic shift's input),
+    /// with the sigmas the pipeline passes.
+    pub(super) fn plan(
+        &self,
+        n: usize,
+        image_tokens: usize,
+        how: PipelineTimesteps,
+    ) -> Result<SamplingPlan> {
+        let mut sigmas: Vec<f32> = match (&self.dynamic, how) {
+            (None, PipelineTimesteps::Default) => return self.plan_static(n),
+            (Some(_), _) if image_tokens == 0 => {
+                return Err(ModelError::Input(
+                    "this scheduler shifts by the image size (use_dynamic_shifting): the plan                      needs the image's token count"
+                        .into(),
+                ))
+            }
+            // linspace(1, 1/n, n) in f64, then float32.
+            (_, PipelineTimesteps::FluxSigmas) => (0..n)
+                .map(|i| {
+                    let end = 1.0 / n as f64;
+                    match n {
+                        1 => 1.0,
+                        _ => (1.0 + (end - 1.0) * i as f64 / (n - 1) as f64) as f32,
+                    }
+                })
+                .collect(),
+            // The unshifted training range (dynamic schedulers do not shift at construction),
+            // spaced and shifted in f64 (NumPy float64 arrays), then float32.
+            (Some(d), PipelineTimesteps::Default) => {
+                let train = self.train as f64;
+                let (t0, t1) = (train, (1.0f32 / self.train as f32) as f64 * train);
+                let mu = d.mu(image_tokens);
+                let sigmas = (0..n)
+                    .map(|i| {
+                        let t = match n {
+                            1 => t0,
+                            _ => t0 + (t1 - t0) * i as f64 / (n - 1) as f64,
+                        };
+                        d.shift_f64(mu, t / train) as f32
+                    })
+                    .collect();
+                return Ok(self.from_sigmas(sigmas));
+            }
+        };
+        match &self.dynamic {
+            Some(d) => {
+                let mu = d.mu(image_tokens);
+                sigmas.iter_mut().for_each(|s| *s = d.shift(mu, *s));
+            }
+            None => {
+                let shift = self.shift as f32;
+                sigmas
+                    .iter_mut()
+                    .for_each(|s| *s = shift * *s / (1.0 + (shift - 1.0) * *s));
+            }
+        }
+        Ok(self.from_sigmas(sigmas))
+    }
+
+    /// Timesteps (sigma x train, float32) and Euler rules from the shifted sigmas (a terminal
+    /// 0 appended).
+    fn from_sigmas(&self, mut sigmas: Vec<f32>) -> SamplingPlan {
+        let n = sigmas.len();
+        let train = self.train as f32;
+        sigmas.push(0.0);
+        SamplingPlan {
+            timesteps: sigmas[..n].iter().map(|s| s * train).collect(),
+            rules: (0..n)
+                .map(|i| StepRule {
+                    x0_alpha: 1.0,
+                    x0_sigma: 0.0,
+                    a: 1.0,
+                    b: 0.0,
+                    c: 0.0,
+                    e: sigmas[i + 1] - sigmas[i],
+                })
+                .collect(),
+            multistep: false,
+            init_noise_sigma: 1.0,
+        }
+    }
+
+    fn plan_static(&self, n: usize) -> Result<SamplingPlan> {
         let train = self.train as f64;
         // The training sigmas are shifted once at construction; set_timesteps spaces timesteps
         // between the shifted extremes and shifts again (diffusers' behaviour, kept).
@@ -50,7 +213,7 @@ impl FlowEuler {
         let sigma_max = self.shifted(1.0) as f32 as f64;
         let sigma_min = self.shifted((1.0f32 / train as f32) as f64) as f32 as f64;
         let (t0, t1) = (sigma_max * train, sigma_min * train);
-        let mut sigmas: Vec<f32> = (0..n)
+        let sigmas: Vec<f32> = (0..n)
             .map(|i| {
                 let t = if n == 1 {
                     t0
@@ -60,22 +223,6 @@ impl FlowEuler {
                 self.shifted(t / train) as f32
             })
             .collect();
-        sigmas.push(0.0);
-        let rules = (0..n)
-            .map(|i| StepRule {
-                x0_alpha: 1.0,
-                x0_sigma: 0.0,
-                a: 1.0,
-                b: 0.0,
-                c: 0.0,
-                e: sigmas[i + 1] - sigmas[i],
-            })
-            .collect();
-        Ok(SamplingPlan {
-            timesteps: sigmas[..n].iter().map(|s| s * train as f32).collect(),
-            rules,
-            multistep: false,
-            init_noise_sigma: 1.0,
-        })
+        Ok(self.from_sigmas(sigmas))
     }
 }

@@ -15,6 +15,8 @@ mod flow;
 pub mod guidance;
 mod spacing;
 
+pub use flow::PipelineTimesteps;
+
 use std::path::Path;
 
 use kernels::Tensor;
@@ -115,7 +117,7 @@ impl Scheduler {
     }
 
     /// A default config by short name: `ddim` (DiT-XL-2-256's), `dpm` (PixArt-alpha's),
-    /// `flow` (SD3's, shift 3).
+    /// `flow` (SD3's, shift 3), `flux` (FLUX.1-dev's: resolution-dependent shift).
     pub fn named(name: &str) -> Option<Scheduler> {
         let json = match name {
             "ddim" => {
@@ -127,6 +129,9 @@ impl Scheduler {
             "flow" | "euler" => {
                 r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","num_train_timesteps":1000,"shift":3.0}"#
             }
+            "flux" => {
+                r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","num_train_timesteps":1000,"shift":3.0,"use_dynamic_shifting":true,"base_shift":0.5,"max_shift":1.15,"base_image_seq_len":256,"max_image_seq_len":4096}"#
+            }
             _ => return None,
         };
         Self::from_json(
@@ -136,8 +141,21 @@ impl Scheduler {
         .ok()
     }
 
-    /// The plan for `steps` denoising steps.
+    /// The plan for `steps` denoising steps as `set_timesteps(steps)` makes it (a scheduler
+    /// that shifts by the image size needs [`plan_for`](Self::plan_for)).
     pub fn plan(&self, steps: usize) -> Result<SamplingPlan> {
+        self.plan_for(steps, 0, PipelineTimesteps::Default)
+    }
+
+    /// The plan a model family's pipeline makes for `steps` steps of an image of `image_tokens`
+    /// tokens (flow matching with `use_dynamic_shifting` shifts by it; FluxPipeline passes its
+    /// own sigmas: `how`).
+    pub fn plan_for(
+        &self,
+        steps: usize,
+        image_tokens: usize,
+        how: PipelineTimesteps,
+    ) -> Result<SamplingPlan> {
         if steps == 0 {
             return Err(ModelError::Input(
                 "the number of steps must be at least 1".into(),
@@ -146,7 +164,7 @@ impl Scheduler {
         match self {
             Scheduler::Ddim(s) => s.plan(steps),
             Scheduler::DpmSolverPP(s) => s.plan(steps),
-            Scheduler::FlowEuler(s) => s.plan(steps),
+            Scheduler::FlowEuler(s) => s.plan(steps, image_tokens, how),
         }
     }
 }
