@@ -106,7 +106,7 @@ fn exact_modes_equal_the_serial_run() {
         let m = model(name);
         let layers = m.cfg.num_layers;
         let want = m.serial(4);
-        let mut check = |what: String, got: Tensor| {
+        let check = |what: String, got: Tensor| {
             let e = rel_l2(&got, &want);
             eprintln!("{name} {what}: rel L2 {e:.2e} vs serial");
             assert!(e <= 1e-5, "{name} {what}: rel L2 {e:.3e} vs serial");

@@ -58,7 +58,9 @@ pub(crate) struct GenerateArgs {
     /// Image width in pixels (see --height) [default: the model's sample size x the factor].
     #[arg(long)]
     width: Option<usize>,
-    /// Initial noise from a safetensors file holding one tensor [B, C, H/8, W/8].
+    /// Initial noise from a safetensors file holding one tensor [B, C, H/8, W/8] (unpacked for
+    /// every model: Flux's 2x2 packing happens inside); it sets the image size unless
+    /// --height / --width are given (they must then agree).
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
     /// Write the final latent to this safetensors file (tensor name `latent`).
@@ -181,15 +183,8 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
     };
     let f = crate::images::pixel_factor(cluster.model())?;
     let pf = f * cfg.patch_size;
-    let (h, w) = (
-        a.height.unwrap_or(cfg.sample_size * f),
-        a.width.unwrap_or(cfg.sample_size * f),
-    );
-    if h % pf != 0 || w % pf != 0 || h == 0 || w == 0 {
-        bail!("--height {h} / --width {w} must be positive multiples of {pf} (pixels per latent element {f} x patch size {})", cfg.patch_size);
-    }
-    let shape = [batch, cfg.in_channels, h / f, w / f];
-    let noise = match &a.latents {
+    // --latents fixes the size (unless --height / --width say the same).
+    let given = match &a.latents {
         Some(path) => {
             let t = read_tensors(path)?;
             if t.len() != 1 {
@@ -200,6 +195,33 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
                 );
             }
             let x = t.into_values().next().expect("one tensor");
+            if x.shape().len() != 4 {
+                bail!(
+                    "{}: latents have shape {:?}: expected [B, C, H/{f}, W/{f}] (unpacked, for \
+                     every model)",
+                    path.display(),
+                    x.shape()
+                );
+            }
+            Some((path, x))
+        }
+        None => None,
+    };
+    let from_latents = given.as_ref().map(|(_, x)| (x.dim(2) * f, x.dim(3) * f));
+    let (h, w) = (
+        a.height
+            .or(from_latents.map(|s| s.0))
+            .unwrap_or(cfg.sample_size * f),
+        a.width
+            .or(from_latents.map(|s| s.1))
+            .unwrap_or(cfg.sample_size * f),
+    );
+    if h % pf != 0 || w % pf != 0 || h == 0 || w == 0 {
+        bail!("--height {h} / --width {w} must be positive multiples of {pf} (pixels per latent element {f} x patch size {})", cfg.patch_size);
+    }
+    let shape = [batch, cfg.in_channels, h / f, w / f];
+    let noise = match given {
+        Some((path, x)) => {
             if x.shape() != shape {
                 bail!("{}: latents have shape {:?}, the request needs {:?} (batch, channels, height/{f}, width/{f})", path.display(), x.shape(), shape);
             }

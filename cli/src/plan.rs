@@ -43,6 +43,16 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     if h % pf != 0 || w % pf != 0 || h == 0 || w == 0 || a.batch == 0 {
         bail!("--height {h} / --width {w} must be positive multiples of {pf} (pixels per latent element {f} x patch size {}), --batch at least 1", cfg.patch_size);
     }
+    if let Some(model::mmdit::MmditConfig::Sd3(c)) = &cfg.mmdit {
+        let max = c.pos_embed_max_size * cfg.patch_size * f;
+        if h > max || w > max {
+            bail!(
+                "--height {h} / --width {w}: this SD3 model's position table \
+                 (pos_embed_max_size {}) covers at most {max} x {max} px",
+                c.pos_embed_max_size
+            );
+        }
+    }
     let forward_batch = if a.guidance { 2 * a.batch } else { a.batch };
     let text_tokens = match (cfg.arch, a.prompt_tokens) {
         (model::Arch::Dit | model::Arch::PixArt, Some(t)) => {

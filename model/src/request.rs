@@ -272,6 +272,19 @@ fn mmdit_request(cfg: &ModelConfig, req: &Request, guided: bool) -> Result<Prepa
             "{name} takes no prompt attention mask (its pipelines attend to every prompt token)"
         )));
     }
+    if let Some(crate::mmdit::MmditConfig::Sd3(s)) = &cfg.mmdit {
+        let (rows, cols, max) = (h / cfg.patch_size, w / cfg.patch_size, s.pos_embed_max_size);
+        if rows > max || cols > max {
+            return Err(ModelError::Input(format!(
+                "a {rows} x {cols} token grid ({}x{} latent) exceeds this SD3 model's position \
+                 table of {max} x {max} tokens (pos_embed_max_size): at most {} latent pixels a \
+                 side",
+                h,
+                w,
+                max * cfg.patch_size
+            )));
+        }
+    }
     let b = c.embeds.dim(0);
     let check = |what: &str, e: &Tensor, p: &Tensor| -> Result<()> {
         let ok = e.shape().len() == 3

@@ -164,7 +164,7 @@ impl FlowEuler {
                         d.shift_f64(mu, t / train) as f32
                     })
                     .collect();
-                return Ok(self.from_sigmas(sigmas));
+                return Ok(self.plan_of_sigmas(sigmas));
             }
         };
         match &self.dynamic {
@@ -179,12 +179,12 @@ impl FlowEuler {
                     .for_each(|s| *s = shift * *s / (1.0 + (shift - 1.0) * *s));
             }
         }
-        Ok(self.from_sigmas(sigmas))
+        Ok(self.plan_of_sigmas(sigmas))
     }
 
     /// Timesteps (sigma x train, float32) and Euler rules from the shifted sigmas (a terminal
     /// 0 appended).
-    fn from_sigmas(&self, mut sigmas: Vec<f32>) -> SamplingPlan {
+    fn plan_of_sigmas(&self, mut sigmas: Vec<f32>) -> SamplingPlan {
         let n = sigmas.len();
         let train = self.train as f32;
         sigmas.push(0.0);
@@ -223,6 +223,6 @@ impl FlowEuler {
                 self.shifted(t / train) as f32
             })
             .collect();
-        Ok(self.from_sigmas(sigmas))
+        Ok(self.plan_of_sigmas(sigmas))
     }
 }
