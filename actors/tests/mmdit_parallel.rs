@@ -219,3 +219,59 @@ async fn the_cluster_reproduces_the_in_order_reference() {
         cluster.shutdown().await;
     }
 }
+
+/// Ulysses, Ring and CFG x Ulysses over the joint sequence through the actor runtime (one rank
+/// of each group holds the prompt tokens) equal the serial run; sequence parallelism inside
+/// PipeFusion is refused at start for MMDiT, naming the method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_parallel_over_the_joint_sequence_through_the_cluster() {
+    for (name, cfg_degree, u, r) in [
+        ("sd3", 1, 2, 1),
+        ("sd3", 2, 1, 2),
+        ("flux", 1, 1, 3),
+        ("flux", 2, 2, 1),
+    ] {
+        let m = model(name);
+        let mut s = spec(pipeline(name), cfg_degree, 1, 1, 1);
+        s = ClusterSpec::local_cpu(cfg_degree * u * r, 1, s.model.clone());
+        s.parallel.pipefusion_degree = 1;
+        s.parallel.cfg_degree = cfg_degree;
+        s.parallel.ulysses_degree = u;
+        s.parallel.ring_degree = r;
+        s.parallel.num_patches = 1;
+        let cluster = Cluster::start(s, ClusterOptions::default()).await.unwrap();
+        let req = GenerateRequest {
+            request: m.req.clone(),
+            steps: 4,
+            scheduler: cluster.model().default_scheduler().unwrap(),
+            noise: m.noise.clone(),
+        };
+        let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req))
+            .await
+            .expect("the cluster hung")
+            .unwrap();
+        assert_eq!(out.summary.devices.len(), cfg_degree * u * r);
+        assert!(out.summary.devices.iter().all(|d| d.bytes_sent > 0));
+        let e = rel_l2(&out.latent, &m.serial(4));
+        eprintln!("{name} cfg {cfg_degree} ulysses {u} ring {r}: rel L2 {e:.2e} vs serial");
+        assert!(
+            e <= 1e-5,
+            "{name} cfg {cfg_degree} ulysses {u} ring {r}: {e:.3e}"
+        );
+        cluster.shutdown().await;
+    }
+    let mut s = spec(pipeline("sd3"), 1, 2, 2, 1);
+    s = ClusterSpec::local_cpu(4, 1, s.model.clone());
+    s.parallel.pipefusion_degree = 2;
+    s.parallel.ulysses_degree = 2;
+    s.parallel.num_patches = 2;
+    let e = Cluster::start(s, ClusterOptions::default())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("inside PipeFusion") && e.contains("MMDiT"),
+        "{e}"
+    );
+}

@@ -45,6 +45,22 @@ impl Conditioning {
         }
     }
 
+    /// MMDiT: the same conditioning for a sequence-parallel rank whose frames hold no prompt
+    /// tokens (another rank of its group holds them); other families are unchanged.
+    pub fn without_prompt(self) -> Conditioning {
+        match self {
+            Conditioning::Mmdit {
+                temb_silu, cols, ..
+            } => Conditioning::Mmdit {
+                temb_silu,
+                context: None,
+                text: 0,
+                cols,
+            },
+            other => other,
+        }
+    }
+
     /// Errors unless `x` is `[B, n, d]` with this conditioning's batch.
     pub(crate) fn check_tokens(&self, x: &Tensor, d: usize) -> Result<()> {
         if x.shape().len() != 3 || x.dim(0) != self.batch() || x.dim(2) != d {

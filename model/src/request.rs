@@ -60,6 +60,8 @@ pub struct PreparedRequest {
     embedded_guidance: Option<f32>,
     /// Prompt tokens inside the attention sequence (MMDiT; 0 for DiT and PixArt).
     text_tokens: usize,
+    /// Flux: the prompt tokens come before the image tokens (SD3: after).
+    prompt_first: bool,
 }
 
 fn ones_mask(e: &Tensor) -> Result<Tensor> {
@@ -144,6 +146,7 @@ impl PreparedRequest {
             pooled: None,
             embedded_guidance: None,
             text_tokens: 0,
+            prompt_first: false,
         })
     }
 
@@ -151,6 +154,12 @@ impl PreparedRequest {
     /// and PixArt: 0). A stage frame holds them after (SD3) or before (Flux) the image tokens.
     pub fn text_tokens(&self) -> usize {
         self.text_tokens
+    }
+
+    /// Whether the prompt tokens come before the image tokens in the sequence (Flux) or after
+    /// them (SD3).
+    pub fn prompt_first(&self) -> bool {
+        self.prompt_first
     }
 
     /// Images in the request (B).
@@ -359,5 +368,6 @@ fn mmdit_request(cfg: &ModelConfig, req: &Request, guided: bool) -> Result<Prepa
         latent_shape: [b, cfg.in_channels, h, w],
         pooled: Some(pooled),
         embedded_guidance,
+        prompt_first: cfg.arch == Arch::Flux,
     })
 }

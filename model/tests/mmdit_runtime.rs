@@ -341,3 +341,95 @@ fn mmdit_requests_name_what_is_missing() {
         .to_string();
     assert!(e.contains("embedded guidance"), "{e}");
 }
+
+#[derive(Clone, Copy, Debug)]
+enum Sp {
+    Ulysses,
+    Ring,
+    Usp(usize),
+}
+
+/// Ulysses / Ring / USP over the joint sequence: rank r owns image token rows `rows[r]`; the
+/// rank at the prompt's end of the sequence (SD3: the last, Flux: the first) also holds the
+/// prompt tokens, the others run `without_prompt`. Returns the outputs concatenated by rows.
+fn sequence_parallel(case: &Case, rows: &[usize], kind: Sp) -> Tensor {
+    use model::sp::{local_group, Ring, SequenceAttention, Ulysses, Usp};
+    let dir = fixtures().join(case.dir);
+    let (latent, inputs, _) = inputs(case);
+    let p = ModelConfig::from_dir(&dir).unwrap().patch_size;
+    let (grid_rows, cols) = (latent.dim(2) / p, latent.dim(3) / p);
+    let owner = if case.flux { 0 } else { rows.len() - 1 };
+    let outs: Vec<Tensor> = std::thread::scope(|s| {
+        let handles: Vec<_> = local_group(rows.len())
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let (dir, latent, inputs) = (&dir, &latent, &inputs);
+                let first: usize = rows[..r].iter().sum();
+                let n = rows[r];
+                s.spawn(move || {
+                    let model = Transformer::load(dir, None, Device::cpu(1).unwrap()).unwrap();
+                    let mut cond = model.conditioning(inputs).unwrap();
+                    if r != owner {
+                        cond = cond.without_prompt();
+                    }
+                    let strip = latent.narrow(2, first * p, n * p).unwrap();
+                    let mut x = model.embed_with(&strip, first, grid_rows, &cond).unwrap();
+                    let mut attn: Box<dyn SequenceAttention> = match kind {
+                        Sp::Ulysses => Box::new(Ulysses::new(comm)),
+                        Sp::Ring => Box::new(Ring::new(comm)),
+                        Sp::Usp(u) => Box::new(Usp::new(comm, u).unwrap()),
+                    };
+                    model
+                        .run_blocks_sequence_parallel(&mut x, &cond, attn.as_mut(), first * cols)
+                        .unwrap();
+                    model.head(&x, &cond, n, latent.dim(3)).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    Tensor::cat(&refs, 2).unwrap()
+}
+
+/// Sequence parallelism over the joint image + prompt sequence equals the single-device forward
+/// (Ulysses: same key order, <= 1e-6; Ring / USP: log-sum-exp merges, <= 1e-5), with uneven
+/// shards, for SD3.5 (dual attention, qk norm), SD3.0 and Flux (rotary positions per shard).
+#[test]
+fn sequence_parallel_over_the_joint_sequence_equals_one_device() {
+    for case in &CASES {
+        let (latent, inputs, _) = inputs(case);
+        let dir = fixtures().join(case.dir);
+        let want = Transformer::load(&dir, None, Device::cpu(1).unwrap())
+            .unwrap()
+            .forward(&latent, &inputs)
+            .unwrap();
+        // SD3's fixture has 4 token rows, Flux's 3; both have 2 heads.
+        let runs: Vec<(Sp, Vec<usize>)> = if case.flux {
+            vec![
+                (Sp::Ulysses, vec![2, 1]),
+                (Sp::Ring, vec![2, 1]),
+                (Sp::Ring, vec![1, 1, 1]),
+            ]
+        } else {
+            vec![
+                (Sp::Ulysses, vec![2, 2]),
+                (Sp::Ulysses, vec![3, 1]),
+                (Sp::Ring, vec![1, 2, 1]),
+                (Sp::Usp(2), vec![1, 1, 1, 1]),
+            ]
+        };
+        for (kind, rows) in runs {
+            let got = sequence_parallel(case, &rows, kind);
+            let e = common::rel_l2(got.as_f32().unwrap(), want.as_f32().unwrap());
+            eprintln!("{} {kind:?} rows {rows:?}: rel L2 {e:.2e}", case.dir);
+            let bound = if matches!(kind, Sp::Ulysses) {
+                1e-6
+            } else {
+                1e-5
+            };
+            assert!(e <= bound, "{} {kind:?} rows {rows:?}: {e:.3e}", case.dir);
+        }
+    }
+}

@@ -60,7 +60,7 @@ fn sequence_parallel(cfg: &ModelConfig, latent: &Tensor, rows: &[usize], kind: K
                         Kind::Usp(u) => Box::new(Usp::new(comm, u).unwrap()),
                     };
                     model
-                        .run_blocks_sequence_parallel(&mut x, &cond, attn.as_mut())
+                        .run_blocks_sequence_parallel(&mut x, &cond, attn.as_mut(), 0)
                         .unwrap();
                     model.head(&x, &cond, n, latent.dim(3)).unwrap()
                 })

@@ -165,8 +165,10 @@ fn example_files_all_parse() {
     assert_eq!(
         names,
         [
+            "flux_dev_4stage.toml",
             "local_2cpu.toml",
             "local_4cpu_dit_b.toml",
+            "sd35_large_cfg2_pf2.toml",
             "three-nodes-local.toml",
             "two_nodes.toml"
         ]

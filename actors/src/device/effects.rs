@@ -34,9 +34,11 @@ impl DeviceState {
         let (role, rank) = (&self.role, self.role.sp.rank);
         // An input from another device must be the rank's rows of its part (its own inputs, the
         // request's latent and a one-stage pipeline's loop, are what it made itself).
-        let want = setup
-            .rank_rows(label.part, rank)
-            .and_then(|r| setup.frame_shape_rows(r.len(), role.is_first_stage(), role.cfg.group));
+        let want = setup.rank_rows(label.part, rank).and_then(|r| {
+            let part = setup.rows(label.part)?;
+            let prompt = setup.prompt_rows(&r, &part);
+            setup.frame_shape_rows(r.len(), prompt, role.is_first_stage(), role.cfg.group)
+        });
         if from != role.rank && want.as_deref() != Some(input.shape()) {
             return Err(format!(
                 "the input of {item} from device {from} has shape {:?}, the plan says {want:?}",

@@ -187,7 +187,13 @@ impl StageExecutor {
         })?;
         let fwd = setup.forward_of(self.cfg_group.unwrap_or(0))?;
         if a.cond.as_ref().is_none_or(|(s, _)| *s != job.step) {
-            a.cond = Some((job.step, self.model.conditioning(&fwd.inputs(t))?));
+            let mut cond = self.model.conditioning(&fwd.inputs(t))?;
+            // MMDiT under sequence parallelism: one rank of the group holds the prompt tokens
+            // (the same rank for every item: pure sequence parallelism runs whole images).
+            if setup.prompt_rows(&job.rows, &job.patch) == 0 {
+                cond = cond.without_prompt();
+            }
+            a.cond = Some((job.step, cond));
         }
         let cond = &a.cond.as_ref().expect("set above").1;
         let (r0, n_rows) = (job.rows.start, job.rows.len());
@@ -203,9 +209,10 @@ impl StageExecutor {
             input.clone()
         };
         match (self.sequence.as_mut(), self.kv_head_groups) {
-            (Some(sp), 0) => self
-                .model
-                .run_blocks_sequence_parallel(&mut x, cond, sp.as_mut())?,
+            (Some(sp), 0) => {
+                self.model
+                    .run_blocks_sequence_parallel(&mut x, cond, sp.as_mut(), r0 * cols)?
+            }
             (Some(sp), _) => self.model.run_blocks_sequence_parallel_with_kv(
                 &mut x,
                 cond,

@@ -178,6 +178,23 @@ impl RequestSetup {
         }
     }
 
+    /// MMDiT: the prompt tokens a frame of token rows `rows` of a part with rows `part_rows`
+    /// carries: all T without sequence parallelism; under it only the rank whose rows hold the
+    /// prompt's end of the sequence (Flux: the part's first rows, SD3: its last), so that the
+    /// ranks' shards in rank order are the serial sequence. 0 for DiT and PixArt.
+    pub fn prompt_rows(&self, rows: &Range<usize>, part_rows: &Range<usize>) -> usize {
+        let t = self.prepared.text_tokens();
+        let holds = match self.prepared.prompt_first() {
+            true => rows.start == part_rows.start,
+            false => rows.end == part_rows.end,
+        };
+        if self.sp_rows.is_empty() || holds {
+            t
+        } else {
+            0
+        }
+    }
+
     /// Sequence-parallel ranks (1 without).
     pub fn sp_degree(&self) -> usize {
         self.sp_rows.len().max(1)
@@ -225,13 +242,17 @@ impl RequestSetup {
         to_first: bool,
         group: usize,
     ) -> Option<Vec<usize>> {
-        self.frame_shape_rows(self.rows(part)?.len(), to_first, group)
+        let rows = self.rows(part)?;
+        let t = self.prepared.text_tokens();
+        self.frame_shape_rows(rows.len(), t, to_first, group)
     }
 
-    /// [`frame_shape`](Self::frame_shape) for `rows` token rows (a sequence-parallel rank's).
+    /// [`frame_shape`](Self::frame_shape) for `rows` token rows (a sequence-parallel rank's)
+    /// and `prompt` prompt tokens ([`prompt_rows`](Self::prompt_rows)).
     pub fn frame_shape_rows(
         &self,
         rows: usize,
+        prompt: usize,
         to_first: bool,
         group: usize,
     ) -> Option<Vec<usize>> {
@@ -240,10 +261,9 @@ impl RequestSetup {
         Some(if to_first {
             vec![b, c, rows * p, w]
         } else {
-            let fwd = self.forward.get(group)?;
             vec![
-                fwd.forward_batch(),
-                rows * (w / p.max(1)) + fwd.text_tokens(),
+                self.forward.get(group)?.forward_batch(),
+                rows * (w / p.max(1)) + prompt,
                 self.hidden,
             ]
         })

@@ -254,7 +254,7 @@ impl Transformer {
     /// Runs this instance's blocks on tokens `x: [B, n, d]` (any subset of the image's tokens).
     pub fn run_blocks(&self, x: &mut Tensor, cond: &Conditioning) -> Result<()> {
         if let Some(m) = &self.mmdit {
-            return m.run(&self.device, x, cond, None);
+            return m.run(&self.device, x, cond, crate::mmdit::PartMode::Whole);
         }
         cond.check_tokens(x, self.cfg.hidden())?;
         self.device.install(|| {

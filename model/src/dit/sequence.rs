@@ -12,15 +12,27 @@ use crate::sp::SequenceAttention;
 
 impl Transformer {
     /// Sequence parallelism: runs this instance's blocks on this device's token shard
-    /// `x: [B, n_r, d]`; every self-attention goes through `attn` (Ulysses, Ring, ...), which
-    /// reaches the other shards. All devices of the group must call this with the same blocks.
+    /// `x: [B, n_r, d]` whose image tokens start at image token `first`; every self-attention
+    /// goes through `attn` (Ulysses, Ring, ...), which reaches the other shards. All devices of
+    /// the group must call this with the same blocks. MMDiT: one rank's shard also holds the
+    /// prompt tokens (SD3: the last rank's, after its image tokens; Flux: the first rank's,
+    /// before them), so the ranks' shards in rank order are the serial sequence; the other ranks
+    /// run with [`Conditioning::without_prompt`].
     pub fn run_blocks_sequence_parallel(
         &self,
         x: &mut Tensor,
         cond: &Conditioning,
         attn: &mut dyn crate::sp::SequenceAttention,
+        first: usize,
     ) -> Result<()> {
-        self.no_sequence_parallel_mmdit()?;
+        if let Some(m) = &self.mmdit {
+            return m.run(
+                &self.device,
+                x,
+                cond,
+                crate::mmdit::PartMode::Shared(attn, first),
+            );
+        }
         cond.check_tokens(x, self.cfg.hidden())?;
         self.device.install(|| {
             for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
@@ -90,7 +102,12 @@ impl Transformer {
                     x.dim(0)
                 )));
             }
-            return m.run(&self.device, x, cond, Some((kv, first)));
+            return m.run(
+                &self.device,
+                x,
+                cond,
+                crate::mmdit::PartMode::Buffer(kv, first),
+            );
         }
         cond.check_tokens(x, self.cfg.hidden())?;
         let (batch, tokens) = kv.dims();

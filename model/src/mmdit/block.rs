@@ -98,19 +98,31 @@ pub(super) struct JointSlot<'a> {
     pub(super) image_tokens: usize,
 }
 
+/// How a block's attentions see the rest of the sequence, when the tokens given are not all of it.
+pub(super) enum JointAttn<'a> {
+    /// PipeFusion: one part's tokens over the stage's K/V buffer.
+    Buffer(JointSlot<'a>),
+    /// Sequence parallelism: this rank's tokens (its image shard, and the prompt on the rank
+    /// that holds it) with the other ranks' through a collective.
+    Shared(&'a mut dyn crate::sp::SequenceAttention),
+}
+
 /// Attention of a fused `qkv: [B, n1 + n2, 3d]` holding two streams (`n1` rows first): over
-/// itself, or with a slot, its keys and values written into the buffer (first stream at
-/// `rows.0`, second at `rows.1`) and its queries attending to the whole buffer.
+/// itself; with a buffer slot, its keys and values written into the buffer (first stream at
+/// `rows.0`, second at `rows.1`) and its queries attending to the whole buffer; shared, over every
+/// rank's tokens.
 pub(super) fn attend_joint(
     dev: &Device,
     qkv: &Tensor,
     n1: usize,
-    slot: Option<&mut JointSlot<'_>>,
+    attn: Option<&mut JointAttn<'_>>,
     heads: usize,
     head_dim: usize,
 ) -> Result<Tensor> {
-    let Some(slot) = slot else {
-        return attend(dev, qkv, heads, head_dim);
+    let slot = match attn {
+        None => return attend(dev, qkv, heads, head_dim),
+        Some(JointAttn::Shared(sp)) => return sp.attend(dev, 0, qkv, heads, head_dim),
+        Some(JointAttn::Buffer(slot)) => slot,
     };
     let (n2, d) = (qkv.dim(1) - n1, heads * head_dim);
     if n1 > 0 {
@@ -138,12 +150,14 @@ pub(super) fn attend_joint(
 fn attend_image_only(
     dev: &Device,
     qkv: &Tensor,
-    slot: Option<&mut JointSlot<'_>>,
+    attn: Option<&mut JointAttn<'_>>,
     heads: usize,
     head_dim: usize,
 ) -> Result<Tensor> {
-    let Some(slot) = slot else {
-        return attend(dev, qkv, heads, head_dim);
+    let slot = match attn {
+        None => return attend(dev, qkv, heads, head_dim),
+        Some(JointAttn::Shared(sp)) => return sp.attend(dev, 0, qkv, heads, head_dim),
+        Some(JointAttn::Buffer(slot)) => slot,
     };
     let d = heads * head_dim;
     slot.buf.write(slot.second_layer, slot.rows.0, qkv)?;
@@ -268,7 +282,7 @@ impl JointBlock {
         ctx: &mut Tensor,
         temb_silu: &Tensor,
         cfg: &Sd3Config,
-        mut slot: Option<JointSlot<'_>>,
+        mut slot: Option<JointAttn<'_>>,
     ) -> Result<()> {
         let n = x.dim(1);
         let k = if self.second.is_some() { 9 } else { 6 };
@@ -289,20 +303,24 @@ impl JointBlock {
                 (qkv, modulation.forward(dev, temb_silu)?)
             }
         };
-        let hc = match &self.context {
-            ContextSide::Full { .. } => {
-                dev.layer_norm_modulate(ctx, &chunk(&cm, 6, 0)?, &chunk(&cm, 6, 1)?, EPS)?
-            }
-            // AdaLayerNormContinuous: [scale | shift].
-            ContextSide::PreOnly { .. } => {
-                dev.layer_norm_modulate(ctx, &chunk(&cm, 2, 1)?, &chunk(&cm, 2, 0)?, EPS)?
-            }
+        // A sequence-parallel rank without the prompt tokens runs the image side only.
+        let t = ctx.dim(1);
+        let image_qkv = self.qkv.forward(dev, &h)?;
+        let joint = if t == 0 {
+            image_qkv
+        } else {
+            let hc = match &self.context {
+                ContextSide::Full { .. } => {
+                    dev.layer_norm_modulate(ctx, &chunk(&cm, 6, 0)?, &chunk(&cm, 6, 1)?, EPS)?
+                }
+                // AdaLayerNormContinuous: [scale | shift].
+                ContextSide::PreOnly { .. } => {
+                    dev.layer_norm_modulate(ctx, &chunk(&cm, 2, 1)?, &chunk(&cm, 2, 0)?, EPS)?
+                }
+            };
+            // Joint attention over [image tokens; prompt tokens].
+            Tensor::cat(&[&image_qkv, &ctx_qkv.forward(dev, &hc)?], 1)?
         };
-        // Joint attention over [image tokens; prompt tokens].
-        let joint = Tensor::cat(
-            &[&self.qkv.forward(dev, &h)?, &ctx_qkv.forward(dev, &hc)?],
-            1,
-        )?;
         let o = attend_joint(dev, &joint, n, slot.as_mut(), cfg.num_heads, cfg.head_dim)?; // [B, n + T, d]
         let a = self.out.forward(dev, &o.narrow(1, 0, n)?)?;
         dev.add_gated_(x, &a, Some(&c(2)?))?;
@@ -315,9 +333,8 @@ impl JointBlock {
         let h = dev.layer_norm_modulate(x, &c(3)?, &c(4)?, EPS)?;
         let f = self.ff.forward(dev, &h)?;
         dev.add_gated_(x, &f, Some(&c(5)?))?;
-        if let ContextSide::Full { out, ff, .. } = &self.context {
+        if let (ContextSide::Full { out, ff, .. }, true) = (&self.context, t > 0) {
             let cc = |j| chunk(&cm, 6, j);
-            let t = o.dim(1) - n;
             let ac = out.forward(dev, &o.narrow(1, n, t)?)?;
             dev.add_gated_(ctx, &ac, Some(&cc(2)?))?;
             let hc = dev.layer_norm_modulate(ctx, &cc(3)?, &cc(4)?, EPS)?;

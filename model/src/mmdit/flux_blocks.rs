@@ -18,7 +18,7 @@ use crate::embedding::Linear;
 use crate::error::Result;
 use crate::weights::WeightSource;
 
-use super::block::{attend_joint, chunk, JointSlot, Qkv, ADDED_QKV, EPS, QKV};
+use super::block::{attend_joint, chunk, JointAttn, Qkv, ADDED_QKV, EPS, QKV};
 use super::flux_config::FluxConfig;
 
 /// `cos, sin: [S, head_dim]` of positions `ids` (one `[index, row, column]` per token): axis `a`
@@ -105,21 +105,22 @@ impl DoubleBlock {
         temb_silu: &Tensor,
         rope: &(Tensor, Tensor),
         cfg: &FluxConfig,
-        mut slot: Option<JointSlot<'_>>,
+        mut slot: Option<JointAttn<'_>>,
     ) -> Result<()> {
         let t = ctx.dim(1);
         let m = self.modulation.forward(dev, temb_silu)?; // [B, 6d]
         let cm = self.context_modulation.forward(dev, temb_silu)?;
         let (c, cc) = (|j| chunk(&m, 6, j), |j| chunk(&cm, 6, j));
         let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, EPS)?;
-        let hc = dev.layer_norm_modulate(ctx, &cc(0)?, &cc(1)?, EPS)?;
-        let mut joint = Tensor::cat(
-            &[
-                &self.context_qkv.forward(dev, &hc)?,
-                &self.qkv.forward(dev, &h)?,
-            ],
-            1,
-        )?; // [B, T + S, 3d]
+        let image_qkv = self.qkv.forward(dev, &h)?;
+        // A sequence-parallel rank without the prompt tokens runs the image side only.
+        let mut joint = match t {
+            0 => image_qkv,
+            _ => {
+                let hc = dev.layer_norm_modulate(ctx, &cc(0)?, &cc(1)?, EPS)?;
+                Tensor::cat(&[&self.context_qkv.forward(dev, &hc)?, &image_qkv], 1)?
+            }
+        }; // [B, T + S, 3d]
         rope_qk(dev, &mut joint, rope)?;
         let o = attend_joint(dev, &joint, t, slot.as_mut(), cfg.num_heads, cfg.head_dim)?;
         let s = o.dim(1) - t;
@@ -127,6 +128,9 @@ impl DoubleBlock {
         dev.add_gated_(x, &a, Some(&c(2)?))?;
         let h = dev.layer_norm_modulate(x, &c(3)?, &c(4)?, EPS)?;
         dev.add_gated_(x, &self.ff.forward(dev, &h)?, Some(&c(5)?))?;
+        if t == 0 {
+            return Ok(());
+        }
         let ac = self.context_out.forward(dev, &o.narrow(1, 0, t)?)?;
         dev.add_gated_(ctx, &ac, Some(&cc(2)?))?;
         let hc = dev.layer_norm_modulate(ctx, &cc(3)?, &cc(4)?, EPS)?;
@@ -172,7 +176,7 @@ impl SingleBlock {
         temb_silu: &Tensor,
         rope: &(Tensor, Tensor),
         cfg: &FluxConfig,
-        mut slot: Option<JointSlot<'_>>,
+        mut slot: Option<JointAttn<'_>>,
     ) -> Result<()> {
         let m = self.modulation.forward(dev, temb_silu)?; // [B, 3d]: shift, scale, gate
         let h = dev.layer_norm_modulate(z, &chunk(&m, 3, 0)?, &chunk(&m, 3, 1)?, EPS)?;

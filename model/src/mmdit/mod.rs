@@ -26,7 +26,7 @@ pub(crate) use family::preset;
 pub use family::MmditConfig;
 pub use flux::{image_ids, pack_latents, unpack_latents, FluxBlock, FluxInputs, FluxTransformer};
 pub use flux_config::FluxConfig;
-pub(crate) use slice::MmditSlice;
+pub(crate) use slice::{MmditSlice, PartMode};
 
 use std::path::Path;
 

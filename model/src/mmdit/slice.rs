@@ -30,10 +30,11 @@ use crate::error::{ModelError, Result};
 use crate::kv_buffer::KvBuffer;
 use crate::weights::WeightSource;
 
-use super::block::{JointBlock, JointSlot};
+use super::block::{JointAttn, JointBlock, JointSlot};
 use super::flux_blocks::{rope_tables, DoubleBlock, SingleBlock};
 use super::shared::{OutputHead, TimeTextEmbed};
 use super::{image_ids, unpack_latents, FluxConfig, MmditConfig, Sd3Config};
+use crate::sp::SequenceAttention;
 
 enum Body {
     Sd3 {
@@ -235,15 +236,19 @@ impl MmditSlice {
         grid_rows: usize,
         cond: &Conditioning,
     ) -> Result<Tensor> {
-        let Conditioning::Mmdit {
-            context: Some(ctx), ..
-        } = cond
-        else {
-            return Err(ModelError::Input(format!(
-                "blocks {:?} do not include the embeddings (stage 0), or the conditioning is not \
-                 an MMDiT model's",
-                self.range
-            )));
+        let ctx = match cond {
+            Conditioning::Mmdit {
+                context: Some(c), ..
+            } => Some(c),
+            // A sequence-parallel rank without the prompt.
+            Conditioning::Mmdit { text: 0, .. } => None,
+            _ => {
+                return Err(ModelError::Input(format!(
+                    "blocks {:?} do not include the embeddings (stage 0), or the conditioning is \
+                     not an MMDiT model's",
+                    self.range
+                )))
+            }
         };
         let x = match &self.body {
             Body::Sd3 {
@@ -286,22 +291,26 @@ impl MmditSlice {
                 )))
             }
         };
-        Ok(match self.prompt_first() {
-            true => Tensor::cat(&[ctx, &x], 1)?,
-            false => Tensor::cat(&[&x, ctx], 1)?,
+        Ok(match (ctx, self.prompt_first()) {
+            (None, _) => x,
+            (Some(ctx), true) => Tensor::cat(&[ctx, &x], 1)?,
+            (Some(ctx), false) => Tensor::cat(&[&x, ctx], 1)?,
         })
     }
 
-    /// Runs the slice's blocks on a frame `x: [B', n + T, d]`. With `kv = (buffer, first)` the
-    /// frame's image tokens start at image token `first` and attention reads the whole buffer;
-    /// without, the frame is the whole image.
+    /// Runs the slice's blocks on a frame `x: [B', n + T, d]` (see [`PartMode`]).
     pub(crate) fn run(
         &self,
         dev: &Device,
         x: &mut Tensor,
         cond: &Conditioning,
-        mut kv: Option<(&mut KvBuffer, usize)>,
+        mode: PartMode<'_>,
     ) -> Result<()> {
+        let (mut kv, mut sp, first) = match mode {
+            PartMode::Whole => (None, None, 0),
+            PartMode::Buffer(buf, first) => (Some((buf, first)), None, first),
+            PartMode::Shared(sp, first) => (None, Some(sp), first),
+        };
         let Conditioning::Mmdit {
             temb_silu,
             text: t,
@@ -322,7 +331,6 @@ impl MmditSlice {
             )));
         }
         let n = x.dim(1) - t;
-        let first = kv.as_ref().map_or(0, |(_, f)| *f);
         // Buffer rows of the frame's image tokens and prompt tokens.
         let mut image_tokens = n;
         let rows = if let Some((buf, first)) = kv.as_mut() {
@@ -359,7 +367,14 @@ impl MmditSlice {
                 for (i, block) in blocks.iter().enumerate() {
                     let _span =
                         tracing::trace_span!("joint block", i = self.range.start + i).entered();
-                    let s = joint_slot(&mut kv, i, second[i].unwrap_or(0), rows, image_tokens);
+                    let s = joint_attn(
+                        &mut kv,
+                        &mut sp,
+                        i,
+                        second[i].unwrap_or(0),
+                        rows,
+                        image_tokens,
+                    );
                     block.forward(dev, &mut img, &mut ctx, temb_silu, cfg, s)?;
                 }
                 *x = Tensor::cat(&[&img, &ctx], 1)?;
@@ -378,14 +393,15 @@ impl MmditSlice {
                     for (i, block) in double.iter().enumerate() {
                         let _span = tracing::trace_span!("double block", i).entered();
                         // The joint QKV is [prompt; image]: its first stream is the prompt.
-                        let s = joint_slot(&mut kv, i, 0, swapped, image_tokens);
+                        let s = joint_attn(&mut kv, &mut sp, i, 0, swapped, image_tokens);
                         block.forward(dev, &mut img, &mut ctx, temb_silu, &rope, cfg, s)?;
                     }
                     *x = Tensor::cat(&[&ctx, &img], 1)?;
                 }
                 for (j, block) in single.iter().enumerate() {
                     let _span = tracing::trace_span!("single block", j).entered();
-                    let s = joint_slot(&mut kv, double.len() + j, 0, swapped, image_tokens);
+                    let s =
+                        joint_attn(&mut kv, &mut sp, double.len() + j, 0, swapped, image_tokens);
                     block.forward(dev, x, t, temb_silu, &rope, cfg, s)?;
                 }
                 Ok(())
@@ -465,19 +481,38 @@ impl MmditSlice {
     }
 }
 
-/// The slot of buffer layer `layer` (and `second`) when running over a buffer.
-fn joint_slot<'a>(
+/// How a part's attention reaches the rest of the sequence.
+pub(crate) enum PartMode<'a> {
+    /// The frame is the whole image (and the prompt).
+    Whole,
+    /// PipeFusion: the frame's image tokens start at image token `first`; attention reads the
+    /// whole buffer.
+    Buffer(&'a mut KvBuffer, usize),
+    /// Sequence parallelism: the frame is this rank's shard (its image tokens start at `first`;
+    /// the prompt rows are there on the rank that holds them); attention goes through the
+    /// collective.
+    Shared(&'a mut dyn SequenceAttention, usize),
+}
+
+/// Block `layer`'s attention mode (`second`: its MMDiT-X attention's buffer layer).
+fn joint_attn<'a>(
     kv: &'a mut Option<(&mut KvBuffer, usize)>,
+    sp: &'a mut Option<&mut dyn SequenceAttention>,
     layer: usize,
     second: usize,
     rows: (usize, usize),
     image_tokens: usize,
-) -> Option<JointSlot<'a>> {
-    kv.as_mut().map(|(buf, _)| JointSlot {
-        buf,
-        layer,
-        second_layer: second,
-        rows,
-        image_tokens,
+) -> Option<JointAttn<'a>> {
+    if let Some(sp) = sp.as_mut() {
+        return Some(JointAttn::Shared(&mut **sp));
+    }
+    kv.as_mut().map(|(buf, _)| {
+        JointAttn::Buffer(JointSlot {
+            buf,
+            layer,
+            second_layer: second,
+            rows,
+            image_tokens,
+        })
     })
 }
