@@ -26,9 +26,16 @@ pub(crate) enum BenchCommand {
 /// Arguments of `pipefuse bench forward`.
 #[derive(Args, Debug)]
 pub(crate) struct ForwardArgs {
-    /// Model preset (DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2, PixArt-alpha-256/-512/-1024); random weights.
+    /// Model preset (DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2, PixArt-alpha-256/-512/-1024,
+    /// SD3-Medium, SD3.5-Medium, SD3.5-Large, Flux.1-dev, Flux.1-schnell); random weights.
     #[arg(long, default_value = "DiT-XL/2")]
     preset: String,
+    /// Keep only this many blocks of the preset (a model too large for this machine's memory
+    /// still gives its per-block speed; Flux keeps its 1:2 ratio of double- to single-stream
+    /// blocks: N/3 double, the rest single). The same flag of tools/bench_torch_mmdit.py builds
+    /// the same shapes.
+    #[arg(long, value_name = "N")]
+    layers: Option<usize>,
     /// Image size in pixels (latent = resolution / 8).
     #[arg(long, default_value_t = 256)]
     resolution: usize,
@@ -87,6 +94,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
             a.preset,
             ModelConfig::PRESETS.join(", ")
         );
+    };
+    let cfg = match a.layers {
+        None => cfg,
+        Some(n) => with_layers(cfg, n)?,
     };
     let p8 = 8 * cfg.patch_size;
     if a.resolution % p8 != 0 || a.resolution == 0 || a.batch == 0 || a.iters == 0 {
@@ -156,11 +167,35 @@ fn forward(a: ForwardArgs) -> Result<()> {
     );
     if a.json {
         let j = serde_json::json!({
-            "impl": "pipefuse", "preset": a.preset, "resolution": a.resolution, "batch": a.batch, "threads": a.threads,
+            "impl": "pipefuse", "preset": a.preset, "layers": cfg.num_layers, "resolution": a.resolution, "batch": a.batch, "threads": a.threads,
             "ms_per_forward": med * 1e3, "ms_min": min * 1e3, "ms_max": max * 1e3, "gflop_per_forward": flops / 1e9,
             "gflops": gflops, "gemm_gflops": gemm, "forward_vs_gemm": gflops / gemm,
         });
         println!("{j}");
     }
     Ok(())
+}
+
+/// `cfg` with only `n` blocks (Flux: `n / 3` double-stream, the rest single-stream).
+fn with_layers(cfg: ModelConfig, n: usize) -> Result<ModelConfig> {
+    use model::mmdit::MmditConfig;
+    if n == 0 || n > cfg.num_layers {
+        bail!("--layers {n}: the preset has 1..={} blocks", cfg.num_layers);
+    }
+    Ok(match cfg.mmdit.clone() {
+        None => ModelConfig {
+            num_layers: n,
+            ..cfg
+        },
+        Some(MmditConfig::Sd3(mut c)) => {
+            c.num_layers = n;
+            c.dual_attention_layers.retain(|&l| l < n);
+            ModelConfig::from_sd3(c)
+        }
+        Some(MmditConfig::Flux(mut c)) => {
+            c.num_layers = n / 3;
+            c.num_single_layers = n - n / 3;
+            ModelConfig::from_flux(c).map_err(anyhow::Error::msg)?
+        }
+    })
 }

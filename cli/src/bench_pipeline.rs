@@ -17,13 +17,15 @@ use topology::{ClusterSpec, ModelSpec};
 /// Arguments of `pipefuse bench pipeline`.
 #[derive(Args, Debug)]
 pub(crate) struct PipelineArgs {
-    /// Model preset (random weights, seed 0).
+    /// Model preset (random weights, seed 0): DiT-*, PixArt-alpha-*, SD3-Medium, SD3.5-Medium,
+    /// SD3.5-Large, Flux.1-dev, Flux.1-schnell.
     #[arg(long, default_value = "DiT-B/2")]
     preset: String,
     /// Image size in pixels (latent = resolution / 8).
     #[arg(long, default_value_t = 256)]
     resolution: usize,
-    /// Images per request (class-conditional, guidance doubles the rows).
+    /// Images per request (guidance doubles the rows; text models get random prompt
+    /// embeddings).
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Denoising steps (DDIM); 50 = `pipefuse generate`'s DiT default. The warmup step runs one
@@ -52,6 +54,7 @@ pub(crate) struct PipelineArgs {
     /// Warmup steps W.
     #[arg(long, default_value_t = 1)]
     warmup_steps: usize,
+
     /// CPU threads per device (the serial baseline gets the same).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -63,22 +66,50 @@ pub(crate) struct PipelineArgs {
     rounds: usize,
 }
 
-/// The benchmark's request: `batch` class labels, guidance, DDIM, noise from seed 0.
+/// The benchmark's request, noise from seed 0: DiT `batch` class labels and DDIM; text models
+/// random prompt embeddings (PixArt 120 caption tokens and DPM-Solver++; SD3 333 prompt tokens and
+/// pooled embeddings, flow matching; Flux 512, FLUX.1-dev's scheduler and embedded guidance 3.5),
+/// with negative ones under guidance (Flux: true CFG).
 fn bench_request(cfg: &ModelConfig, a: &PipelineArgs) -> GenerateRequest {
+    use model::mmdit::MmditConfig;
     let side = a.resolution / 8;
+    let b = a.batch;
+    let guided = a.guidance_scale > 1.0;
+    let (tokens, pooled, embedded, scheduler) = match &cfg.mmdit {
+        None if cfg.arch == model::Arch::Dit => (0, None, None, "ddim"),
+        None => (120, None, None, "dpm"),
+        Some(MmditConfig::Sd3(c)) => (333, Some(c.pooled_projection_dim), None, "flow"),
+        Some(MmditConfig::Flux(c)) => (
+            512,
+            Some(c.pooled_projection_dim),
+            c.guidance_embeds.then_some(3.5),
+            "flux",
+        ),
+    };
+    let embeds = |seed| model::gaussian(&[b, tokens, cfg.caption_channels], seed);
+    let caption = (tokens > 0).then(|| model::Caption {
+        embeds: embeds(1),
+        mask: None,
+        negative: guided.then(|| (embeds(2), None)),
+        pooled: pooled.map(|p| model::gaussian(&[b, p], 3)),
+        negative_pooled: pooled
+            .filter(|_| guided)
+            .map(|p| model::gaussian(&[b, p], 4)),
+    });
     GenerateRequest {
         request: Request {
-            class_labels: (0..a.batch)
-                .map(|i| (7 * i + 1) % cfg.num_classes)
-                .collect(),
-            caption: None,
+            class_labels: match cfg.arch {
+                model::Arch::Dit => (0..b).map(|i| (7 * i + 1) % cfg.num_classes).collect(),
+                _ => Vec::new(),
+            },
+            caption,
             guidance_scale: a.guidance_scale,
             latent_size: [side, side],
-            embedded_guidance: None,
+            embedded_guidance: embedded,
         },
         steps: a.steps,
-        scheduler: Scheduler::named("ddim").expect("built-in"),
-        noise: model::gaussian(&[a.batch, cfg.in_channels, side, side], 0),
+        scheduler: Scheduler::named(scheduler).expect("built-in"),
+        noise: model::gaussian(&[b, cfg.in_channels, side, side], 0),
     }
 }
 
