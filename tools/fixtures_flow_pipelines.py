@@ -25,6 +25,11 @@ without encoders:
     flux.timesteps      its timesteps (dynamic shift from the 12 packed tokens, the pipeline's
                         linspace sigmas).
     flux_cfg.latent     the same with true_cfg_scale 2.0 and the negative embeddings.
+    sd3_plain.latent    sd3_plain_pipeline/ (transformer = sd3_tiny_plain: SD3.0, no qk_norm, no dual
+                        attention; same scheduler), the sd3 prompt and noise, CFG 5.0.
+    flux_schnell.latent flux_schnell_pipeline/ (transformer = flux_tiny_schnell: no guidance
+                        embedding; FLUX.1-schnell's scheduler: static shift 1.0), the flux prompt
+                        and noise, no guidance.
 """
 
 import json
@@ -40,6 +45,18 @@ SD35_SCHEDULER = {
     "_diffusers_version": "0.31.0.dev0",
     "num_train_timesteps": 1000,
     "shift": 3.0,
+}
+# black-forest-labs/FLUX.1-schnell scheduler/scheduler_config.json
+FLUX_SCHNELL_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.30.0.dev0",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
 }
 # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json
 FLUX_SCHEDULER = {
@@ -91,7 +108,7 @@ def make_mmdit_pipelines(out, helpers):
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
     print("[mmdit_pipelines]")
     record, rel_l2 = helpers["record"], helpers["rel_l2"]
-    for src in ("sd3_tiny", "flux_tiny"):
+    for src in ("sd3_tiny", "sd3_tiny_plain", "flux_tiny", "flux_tiny_schnell"):
         if not os.path.exists(os.path.join(out, src, "config.json")):
             raise SystemExit(f"[mmdit_pipelines] {out}/{src} is missing: run sections sd3 and flux first")
     io = {}
@@ -151,5 +168,28 @@ def make_mmdit_pipelines(out, helpers):
           f"true-CFG effect rel {rel_l2(yc, y):.3f}")
     record("flux pipeline true-CFG effect (must be visible) 1/rel", 1.0 / max(rel_l2(yc, y), 1e-9), 100.0)
     assert torch.equal(pack(unpack(y, 48, 64)), y), "pack/unpack round trip"
+
+    # ---- SD3.0-style transformer (no qk_norm, no dual attention), same request as sd3
+    d = pipeline_folder(out, "sd3_plain_pipeline", "StableDiffusion3Pipeline", "SD3Transformer2DModel",
+                        "sd3_tiny_plain", SD35_SCHEDULER, ["text_encoder", "text_encoder_2", "text_encoder_3",
+                                                           "tokenizer", "tokenizer_2", "tokenizer_3", "vae",
+                                                           "image_encoder", "feature_extractor"])
+    sd3.transformer = SD3Transformer2DModel.from_pretrained(os.path.join(d, "transformer"))
+    io["sd3_plain.latent"] = sd3(**prompt, latents=noise.clone(), height=64, width=48, num_inference_steps=4,
+                                 guidance_scale=5.0, output_type="latent").images
+    # ---- Flux.1-schnell-style: no guidance embedding, static shift 1
+    d = pipeline_folder(out, "flux_schnell_pipeline", "FluxPipeline", "FluxTransformer2DModel", "flux_tiny_schnell",
+                        FLUX_SCHNELL_SCHEDULER, ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae",
+                                                 "image_encoder", "feature_extractor"])
+    schnell = FluxPipeline(
+        transformer=FluxTransformer2DModel.from_pretrained(os.path.join(d, "transformer")),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(d, "scheduler")),
+        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    ys = schnell(**pos, latents=pack(fnoise), height=48, width=64, num_inference_steps=4,
+                 output_type="latent").images
+    io["flux_schnell.latent"] = unpack(ys, 48, 64)
+    io["flux_schnell.timesteps"] = schnell.scheduler.timesteps.to(torch.float64)
+    print(f"  sd3_plain: |latent| rms {io['sd3_plain.latent'].pow(2).mean().sqrt():.3f}; flux_schnell: timesteps "
+          f"{schnell.scheduler.timesteps.tolist()}")
     save_file({k: v.clone().contiguous() for k, v in io.items()},
               os.path.join(out, "mmdit_pipelines_io.safetensors"))

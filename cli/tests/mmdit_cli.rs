@@ -20,13 +20,14 @@ fn s(p: &std::path::Path) -> String {
     p.display().to_string()
 }
 
-/// Runs `generate` on `name`'s pipeline with `flags`; returns the final latent.
-fn generate(name: &str, flags: &[&str], out: &std::path::Path) -> Vec<f32> {
+/// Runs `generate` on `folder`'s pipeline with `name`'s prompt and noise and `flags`; returns
+/// the final latent.
+fn generate(folder: &str, name: &str, flags: &[&str], out: &std::path::Path) -> Vec<f32> {
     let f = fixtures();
     let mut args = vec![
         "generate".to_string(),
         "--model".into(),
-        s(&f.join(format!("{name}_pipeline"))),
+        s(&f.join(format!("{folder}_pipeline"))),
         "--prompt-embeds".into(),
         s(&f.join(format!("{name}_prompt.safetensors"))),
         "--latents".into(),
@@ -59,27 +60,45 @@ fn sd3_and_flux_pipelines_match_diffusers_on_one_device_and_on_a_cluster() {
         "--warmup-steps",
         "4",
     ];
-    for (name, key, flags) in [
-        ("sd3", "sd3", vec!["--guidance-scale", "5"]),
-        ("flux", "flux", vec!["--guidance-scale", "3.5"]),
+    for (folder, name, key, flags) in [
+        ("sd3", "sd3", "sd3", vec!["--guidance-scale", "5"]),
         (
+            "sd3_plain",
+            "sd3",
+            "sd3_plain",
+            vec!["--guidance-scale", "5"],
+        ),
+        ("flux", "flux", "flux", vec!["--guidance-scale", "3.5"]),
+        (
+            "flux",
             "flux",
             "flux_cfg",
             vec!["--guidance-scale", "3.5", "--true-cfg-scale", "2"],
         ),
+        ("flux_schnell", "flux", "flux_schnell", vec![]),
     ] {
         let want = read_f32(&io, &format!("{key}.latent"));
-        let one = generate(name, &flags, &tmp.join(format!("{key}.safetensors")));
+        let one = generate(
+            folder,
+            name,
+            &flags,
+            &tmp.join(format!("{key}.safetensors")),
+        );
         let e = rel_l2(&one, &want);
         eprintln!("{key}: one device, rel L2 {e:.2e} vs diffusers");
         assert!(e <= 1e-4, "{key}: {e:.3e}");
         // PipeFusion 2 with W = T, and CFG parallel where the run is guided.
         let mut more = flags.clone();
         more.extend_from_slice(&pipefusion);
-        if key != "flux" {
+        if !matches!(key, "flux" | "flux_schnell") {
             more.extend_from_slice(&["--cfg-degree", "2"]);
         }
-        let par = generate(name, &more, &tmp.join(format!("{key}_par.safetensors")));
+        let par = generate(
+            folder,
+            name,
+            &more,
+            &tmp.join(format!("{key}_par.safetensors")),
+        );
         let e = rel_l2(&par, &one);
         eprintln!("{key}: {more:?}, rel L2 {e:.2e} vs one device");
         assert!(e <= 1e-5, "{key} on a cluster: {e:.3e}");
@@ -132,6 +151,9 @@ fn flags_and_files_the_model_cannot_use_are_refused() {
     assert!(e.contains("pooled_prompt_embeds"), "{e}");
     let e = run("flux", &flux_prompt, &["--height", "40", "--width", "64"]);
     assert!(e.contains("--height 40"), "{e}");
+    // A schnell-style model has no guidance embedding to give a scale to.
+    let e = run("flux_schnell", &flux_prompt, &["--guidance-scale", "3.5"]);
+    assert!(e.contains("no guidance embedding"), "{e}");
 }
 
 /// `pipefuse plan` on the MMDiT presets (random weights are never built): Flux.1-dev's 57

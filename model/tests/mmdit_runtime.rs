@@ -213,6 +213,7 @@ fn pipefusion_parts_read_the_buffer_and_equal_the_whole_forward_when_it_is_fresh
 /// files the fixtures hold: the scheduler plan (`plan_for`), the prepared request (CFG rows,
 /// embedded guidance), one whole-model forward per step.
 fn run_pipeline(
+    folder: &str,
     name: &str,
     guidance_scale: f32,
     embedded_guidance: Option<f32>,
@@ -220,7 +221,7 @@ fn run_pipeline(
 ) -> (Vec<f32>, Tensor) {
     use model::sampler::guidance::denoise;
     use model::sampler::{PipelineTimesteps, SamplerState, Scheduler};
-    let dir = fixtures().join(format!("{name}_pipeline"));
+    let dir = fixtures().join(format!("{folder}_pipeline"));
     let prompt = Fixture::load(&format!("{name}_prompt.safetensors"));
     let noise = Fixture::load(&format!("{name}_noise.safetensors"))
         .f("latents")
@@ -265,20 +266,23 @@ fn run_pipeline(
     (timesteps, out)
 }
 
-/// StableDiffusion3Pipeline (CFG 5.0 with negative embeddings, SD3.5's static shift 3) and
-/// FluxPipeline (Flux-dev's embedded guidance 3.5, its resolution-dependent shift and own sigmas;
-/// and true CFG 2.0 with a negative prompt), 4 steps from the same noise and prompt embeddings
+/// StableDiffusion3Pipeline (CFG 5.0 with negative embeddings, SD3.5's static shift 3; with the
+/// SD3.5 features and without) and FluxPipeline (Flux-dev's embedded guidance 3.5, its
+/// resolution-dependent shift and own sigmas; true CFG 2.0 with a negative prompt; schnell
+/// without guidance embedding, static shift 1), 4 steps from the same noise and prompt embeddings
 /// as diffusers 0.42.1 (`mmdit_pipelines` fixtures): timesteps within 1e-3, final latents within
 /// relative L2 1e-4.
 #[test]
 fn sampling_runs_match_the_diffusers_pipelines() {
     let io = Fixture::load("mmdit_pipelines_io.safetensors");
-    for (name, key, scale, embedded, negative) in [
-        ("sd3", "sd3", 5.0, None, true),
-        ("flux", "flux", 1.0, Some(3.5), false),
-        ("flux", "flux_cfg", 2.0, Some(3.5), true),
+    for (folder, name, key, scale, embedded, negative) in [
+        ("sd3", "sd3", "sd3", 5.0, None, true),
+        ("sd3_plain", "sd3", "sd3_plain", 5.0, None, true),
+        ("flux", "flux", "flux", 1.0, Some(3.5), false),
+        ("flux", "flux", "flux_cfg", 2.0, Some(3.5), true),
+        ("flux_schnell", "flux", "flux_schnell", 1.0, None, false),
     ] {
-        let (ts, latent) = run_pipeline(name, scale, embedded, negative);
+        let (ts, latent) = run_pipeline(folder, name, scale, embedded, negative);
         if let Some(want) = io.doubles.get(&format!("{key}.timesteps")) {
             assert_eq!(ts.len(), want.len());
             for (a, b) in ts.iter().zip(want) {
