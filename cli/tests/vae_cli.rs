@@ -70,15 +70,7 @@ fn generate_decodes_through_the_pipelines_vae_into_the_png() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The same latent decoded here: the PNG holds exactly these pixels.
-    let bytes = std::fs::read(&lat).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let v = st.tensor("latent").unwrap();
-    let data = v
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let latent = Tensor::from_vec(data, v.shape()).unwrap(); // [2, 4, 8, 8]
+    let latent = read_latent(&lat); // [2, 4, 8, 8]
     let vae = VaeDecoder::load(&dir.join("vae"), Device::cpu(1).unwrap()).unwrap();
     let image = to_unit_range(&vae.decode(&latent).unwrap()).unwrap(); // [2, 3, 16, 16]
     assert_eq!(image.shape(), [2, 3, 16, 16], "vae_tiny upscales by 2");
@@ -147,15 +139,7 @@ fn sd3_decodes_through_a_shifted_vae_into_the_png() {
         .output()
         .expect("binary runs");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let bytes = std::fs::read(&lat).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let v = st.tensor("latent").unwrap();
-    let data = v
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let latent = Tensor::from_vec(data, v.shape()).unwrap(); // [2, 4, 8, 6]
+    let latent = read_latent(&lat); // [2, 4, 8, 6]
     let vae = VaeDecoder::load(&dir.join("vae"), Device::cpu(1).unwrap()).unwrap();
     let image = to_unit_range(&vae.decode(&latent).unwrap()).unwrap(); // [2, 3, 16, 12]
     assert_eq!(image.shape(), [2, 3, 16, 12]);
@@ -181,4 +165,17 @@ fn sd3_decodes_through_a_shifted_vae_into_the_png() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The `latent` tensor of a `--save-latent` file.
+fn read_latent(path: &std::path::Path) -> Tensor {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor("latent").unwrap();
+    let data = v
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    Tensor::from_vec(data, v.shape()).unwrap()
 }
