@@ -306,18 +306,6 @@ pub(crate) fn device_args(
 pub fn startup_plan(spec: &ClusterSpec, model: &model::ModelConfig) -> Result<Plan> {
     let side = model.sample_size;
     let plan = Plan::new(spec, &shape_of(model, 2, 1, [side, side], 0))?;
-    let patches = plan.pipeline_len() > 1 || spec.parallel.num_patches > 1;
-    if model.mmdit.is_some() && plan.sp.degree() > 1 && patches {
-        return Err(ClusterError::BadRequest(format!(
-            "{:?}: {} inside PipeFusion (pipefusion_degree {}, num_patches {}) is not supported \
-             for MMDiT models yet; use sequence parallelism with pipefusion_degree 1 and \
-             num_patches 1, or PipeFusion without it",
-            model.arch,
-            plan.sp.name(),
-            plan.pipeline_len(),
-            spec.parallel.num_patches
-        )));
-    }
     Ok(plan)
 }
 
@@ -341,5 +329,6 @@ fn shape_of(
         patch_size: p,
         heads: cfg.num_heads,
         text_tokens,
+        prompt_first: cfg.arch == model::Arch::Flux,
     }
 }

@@ -221,8 +221,7 @@ async fn the_cluster_reproduces_the_in_order_reference() {
 }
 
 /// Ulysses, Ring and CFG x Ulysses over the joint sequence through the actor runtime (one rank
-/// of each group holds the prompt tokens) equal the serial run; sequence parallelism inside
-/// PipeFusion is refused at start for MMDiT, naming the method.
+/// of each group holds the prompt tokens) equal the serial run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequence_parallel_over_the_joint_sequence_through_the_cluster() {
     for (name, cfg_degree, u, r) in [
@@ -239,17 +238,7 @@ async fn sequence_parallel_over_the_joint_sequence_through_the_cluster() {
         s.parallel.ulysses_degree = u;
         s.parallel.ring_degree = r;
         s.parallel.num_patches = 1;
-        let cluster = Cluster::start(s, ClusterOptions::default()).await.unwrap();
-        let req = GenerateRequest {
-            request: m.req.clone(),
-            steps: 4,
-            scheduler: cluster.model().default_scheduler().unwrap(),
-            noise: m.noise.clone(),
-        };
-        let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req))
-            .await
-            .expect("the cluster hung")
-            .unwrap();
+        let (cluster, out) = run(s, &m, 4).await;
         assert_eq!(out.summary.devices.len(), cfg_degree * u * r);
         assert!(out.summary.devices.iter().all(|d| d.bytes_sent > 0));
         let e = rel_l2(&out.latent, &m.serial(4));
@@ -260,18 +249,62 @@ async fn sequence_parallel_over_the_joint_sequence_through_the_cluster() {
         );
         cluster.shutdown().await;
     }
-    let mut s = spec(pipeline("sd3"), 1, 2, 2, 1);
-    s = ClusterSpec::local_cpu(4, 1, s.model.clone());
-    s.parallel.pipefusion_degree = 2;
-    s.parallel.ulysses_degree = 2;
-    s.parallel.num_patches = 2;
-    let e = Cluster::start(s, ClusterOptions::default())
+}
+
+/// Sequence parallelism inside PipeFusion stages (each part cut into sub-strips, the prompt on
+/// the rank at its end of the part, every rank a full-sequence buffer of its head group) equals
+/// plain PipeFusion with the same patches and warmup (the in-order reference), stale steps
+/// included: SD3 pf 2 x Ulysses 2 (M = 2), SD3 pf 2 x USP 2x2 (M = 1), Flux pf 2 x Ring 2
+/// (M = 1, uneven sub-strips), Flux cfg 2 x pf 2 x Ulysses 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_parallel_inside_pipefusion_equals_plain_pipefusion() {
+    for (name, cfg_degree, u, r, patches) in [
+        ("sd3", 1, 2, 1, 2),
+        ("sd3", 1, 2, 2, 1),
+        ("flux", 1, 1, 2, 1),
+        ("flux", 2, 2, 1, 1),
+    ] {
+        let m = model(name);
+        let (n, warmup, steps) = (2, 1, 4);
+        let devices = cfg_degree * n * u * r;
+        let mut s = ClusterSpec::local_cpu(devices, 1, ModelSpec::Path(pipeline(name)));
+        s.parallel.pipefusion_degree = n;
+        s.parallel.cfg_degree = cfg_degree;
+        s.parallel.ulysses_degree = u;
+        s.parallel.ring_degree = r;
+        s.parallel.num_patches = patches;
+        s.parallel.warmup_steps = warmup;
+        let (cluster, out) = run(s, &m, steps).await;
+        assert_eq!(out.summary.devices.len(), devices);
+        let want = pipefusion(
+            &mut stages(m.cfg.num_layers, n, m.load()),
+            &m.setup(steps, patches, warmup),
+        );
+        let e = rel_l2(&out.latent, &want);
+        eprintln!("{name} cfg {cfg_degree} x pf {n} x U {u} x R {r}, M={patches}: rel L2 {e:.2e} vs plain PipeFusion");
+        assert!(
+            e <= 1e-5,
+            "{name} cfg {cfg_degree} U {u} R {r} M {patches}: {e:.3e}"
+        );
+        cluster.shutdown().await;
+    }
+}
+
+/// Starts a cluster for `spec` and runs `m`'s request for `steps` steps on it (the pipeline's
+/// own scheduler).
+async fn run(spec: ClusterSpec, m: &Model, steps: usize) -> (Cluster, actors::GenerateOutput) {
+    let cluster = Cluster::start(spec, ClusterOptions::default())
         .await
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(
-        e.contains("inside PipeFusion") && e.contains("MMDiT"),
-        "{e}"
-    );
+        .unwrap();
+    let req = GenerateRequest {
+        request: m.req.clone(),
+        steps,
+        scheduler: cluster.model().default_scheduler().unwrap(),
+        noise: m.noise.clone(),
+    };
+    let out = tokio::time::timeout(Duration::from_secs(60), cluster.generate(req))
+        .await
+        .expect("the cluster hung")
+        .unwrap();
+    (cluster, out)
 }

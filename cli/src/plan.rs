@@ -73,6 +73,7 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         patch_size: cfg.patch_size,
         heads: cfg.num_heads,
         text_tokens,
+        prompt_first: cfg.arch == model::Arch::Flux,
     };
     let plan = Plan::new(&spec, &shape)?;
     println!(

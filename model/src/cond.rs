@@ -50,12 +50,16 @@ impl Conditioning {
     pub fn without_prompt(self) -> Conditioning {
         match self {
             Conditioning::Mmdit {
-                temb_silu, cols, ..
+                temb_silu,
+                text,
+                cols,
+                ..
             } => Conditioning::Mmdit {
                 temb_silu,
                 context: None,
-                text: 0,
+                text,
                 cols,
+                holds_prompt: false,
             },
             other => other,
         }
@@ -112,6 +116,9 @@ pub enum Conditioning {
         text: usize,
         /// Token columns of the image.
         cols: usize,
+        /// This device's frames hold the prompt tokens (false: a sequence-parallel rank whose
+        /// group holds them on another rank).
+        holds_prompt: bool,
     },
 }
 

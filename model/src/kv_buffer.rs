@@ -16,6 +16,22 @@ pub struct KvSlot<'a> {
     pub(crate) buf: &'a mut KvBuffer,
     pub(crate) layer: usize,
     pub(crate) first: usize,
+    /// MMDiT: where the gathered part's prompt rows go and which keys the attention reads.
+    pub(crate) joint: JointRows,
+}
+
+/// How an MMDiT part's gathered keys and values map onto the buffer's rows (DiT and PixArt:
+/// the default, no prompt rows and every buffer row read).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct JointRows {
+    /// Prompt tokens T at the end (SD3) or the start (Flux) of the gathered part.
+    pub(crate) prompt: usize,
+    /// The prompt comes first in the gathered part (Flux).
+    pub(crate) prompt_first: bool,
+    /// Buffer row of the prompt's first token.
+    pub(crate) prompt_at: usize,
+    /// Attend to the first `n` buffer rows only (SD3.5's image-only attention); 0 = all.
+    pub(crate) keys: usize,
 }
 
 /// K/V buffers of the layers one stage owns, for one request.

@@ -212,6 +212,7 @@ fn ranks_with_kv_buffers_equal_one_device_running_patches() {
                                         &mut kv,
                                         rows.start * cols,
                                         rows.len() * cols,
+                                        sub.start * cols,
                                     )
                                     .unwrap();
                                 outs.push(x);

@@ -55,8 +55,17 @@ impl Plan {
             };
             if pipe.len() > 1 {
                 links.push(if !role.is_last_stage() {
-                    // MMDiT: every part also carries the prompt tokens.
-                    let tokens = rows * s.token_cols + self.patches.len() * s.text_tokens;
+                    // MMDiT: every part also carries the prompt tokens (under sequence
+                    // parallelism, on the rank at the prompt's end of the part).
+                    let holder = match s.prompt_first {
+                        true => 0,
+                        false => degree - 1,
+                    };
+                    let text = match degree == 1 || role.sp.rank == holder {
+                        true => s.text_tokens,
+                        false => 0,
+                    };
+                    let tokens = rows * s.token_cols + self.patches.len() * text;
                     let hidden = product(&[b, tokens, s.hidden, 4]);
                     link(pipe[stage + 1], hidden, LinkKind::Hidden)
                 } else {

@@ -27,8 +27,12 @@ pub struct ModelShape {
     /// Attention heads (Ulysses splits them over its ranks).
     pub heads: usize,
     /// MMDiT (SD3, Flux): prompt tokens every part carries besides its image tokens (and every
-    /// K/V buffer holds); 0 for DiT and PixArt.
+    /// K/V buffer holds); 0 for DiT and PixArt. Under sequence parallelism only the rank at the
+    /// prompt's end of the sequence carries them.
     pub text_tokens: usize,
+    /// The prompt precedes the image tokens (Flux: sequence-parallel rank 0 carries it; SD3: the
+    /// last rank).
+    pub prompt_first: bool,
 }
 
 /// ALGORITHMS.md rule: every strip but the last has `ceil(h / m)` token rows, the last takes the

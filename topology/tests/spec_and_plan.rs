@@ -81,6 +81,7 @@ pub(crate) fn shape(layers: usize, token_rows: usize) -> ModelShape {
         patch_size: 2,
         heads: 4,
         text_tokens: 0,
+        prompt_first: false,
     }
 }
 

@@ -220,6 +220,7 @@ impl StageExecutor {
                 &mut a.kv,
                 job.patch.start * cols,
                 job.patch.len() * cols,
+                r0 * cols,
             )?,
             (None, _) => self
                 .model

@@ -53,6 +53,11 @@ impl Transformer {
     /// sub-strip of the patch whose tokens are `first..first + patch_tokens`; every
     /// self-attention gathers the patch through `attn`, writes its K/V (this rank's heads) into
     /// `kv` (made with [`Transformer::kv_buffer_for_heads`]) and attends to the whole buffer.
+    ///
+    /// `rank_first` is this rank's first image token (MMDiT's positions; the prompt rows ride
+    /// with the rank at the prompt's end of the part, as in
+    /// [`run_blocks_sequence_parallel`](Self::run_blocks_sequence_parallel)).
+    #[allow(clippy::too_many_arguments)]
     pub fn run_blocks_sequence_parallel_with_kv(
         &self,
         x: &mut Tensor,
@@ -61,8 +66,34 @@ impl Transformer {
         kv: &mut KvBuffer,
         first: usize,
         patch_tokens: usize,
+        rank_first: usize,
     ) -> Result<()> {
+        if let Some(m) = &self.mmdit {
+            self.check_mmdit_buffer(m, x, kv)?;
+            let part = first..first + patch_tokens;
+            let mode = crate::mmdit::PartMode::SharedBuffer(attn, kv, rank_first, part);
+            return m.run(&self.device, x, cond, mode);
+        }
         self.run_on_buffer(x, cond, Some(attn), kv, first, patch_tokens)
+    }
+
+    /// An MMDiT slice's buffer must have its layers and the frame's batch.
+    fn check_mmdit_buffer(
+        &self,
+        m: &crate::mmdit::MmditSlice,
+        x: &Tensor,
+        kv: &KvBuffer,
+    ) -> Result<()> {
+        if kv.num_layers() != m.kv_layers() || x.dim(0) != kv.dims().0 {
+            return Err(ModelError::Input(format!(
+                "K/V buffer for {} layers and batch {} does not fit blocks {:?} with batch {}",
+                kv.num_layers(),
+                kv.dims().0,
+                self.range,
+                x.dim(0)
+            )));
+        }
+        Ok(())
     }
 
     /// A K/V buffer holding `1 / head_groups` of the heads (a Ulysses rank's share); `tokens`
@@ -90,18 +121,8 @@ impl Transformer {
         patch_tokens: usize,
     ) -> Result<()> {
         if let Some(m) = &self.mmdit {
-            if attn.is_some() {
-                self.no_sequence_parallel_mmdit()?;
-            }
-            if kv.num_layers() != m.kv_layers() || x.dim(0) != kv.dims().0 {
-                return Err(ModelError::Input(format!(
-                    "K/V buffer for {} layers and batch {} does not fit blocks {:?} with batch {}",
-                    kv.num_layers(),
-                    kv.dims().0,
-                    self.range,
-                    x.dim(0)
-                )));
-            }
+            // (Sequence-parallel MMDiT parts go through run_blocks_sequence_parallel_with_kv.)
+            self.check_mmdit_buffer(m, x, kv)?;
             return m.run(
                 &self.device,
                 x,
@@ -133,6 +154,7 @@ impl Transformer {
                     buf: &mut *kv,
                     layer,
                     first,
+                    joint: Default::default(),
                 };
                 let mode = match attn.as_deref_mut() {
                     Some(sp) => AttnMode::SharedBuffer(sp, slot),
@@ -142,16 +164,5 @@ impl Transformer {
             }
             Ok(())
         })
-    }
-
-    /// Sequence parallelism over MMDiT's joint sequence is not built yet: a clear refusal.
-    fn no_sequence_parallel_mmdit(&self) -> Result<()> {
-        match self.mmdit {
-            Some(_) => Err(ModelError::Input(format!(
-                "sequence parallelism (Ulysses / Ring) over {:?}'s joint image + prompt sequence is                  not supported yet; use PipeFusion and CFG parallel",
-                self.cfg.arch
-            ))),
-            None => Ok(()),
-        }
     }
 }

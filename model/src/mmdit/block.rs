@@ -91,11 +91,32 @@ pub(super) struct JointSlot<'a> {
     pub(super) layer: usize,
     /// SD3.5 MMDiT-X: the layer of the block's image-only attention (its rows `0..image_tokens`).
     pub(super) second_layer: usize,
-    /// Buffer rows of the part's first and second stream (SD3: image, prompt; Flux: prompt,
-    /// image).
-    pub(super) rows: (usize, usize),
+    /// Buffer row of the part's first image token, and of the prompt's first token.
+    pub(super) image_at: usize,
+    pub(super) prompt_at: usize,
+    /// The request's prompt tokens T, and whether they precede the image (Flux).
+    pub(super) prompt: usize,
+    pub(super) prompt_first: bool,
     /// Image tokens S of the whole image.
     pub(super) image_tokens: usize,
+}
+
+impl JointSlot<'_> {
+    /// The slot in the form the sequence-parallel procedures take (`keys`: attend to the first
+    /// rows only, 0 = all).
+    fn kv_slot(&mut self, layer: usize, prompt: usize, keys: usize) -> crate::KvSlot<'_> {
+        crate::KvSlot {
+            buf: &mut *self.buf,
+            layer,
+            first: self.image_at,
+            joint: crate::kv_buffer::JointRows {
+                prompt,
+                prompt_first: self.prompt_first,
+                prompt_at: self.prompt_at,
+                keys,
+            },
+        }
+    }
 }
 
 /// How a block's attentions see the rest of the sequence, when the tokens given are not all of it.
@@ -105,12 +126,14 @@ pub(super) enum JointAttn<'a> {
     /// Sequence parallelism: this rank's tokens (its image shard, and the prompt on the rank
     /// that holds it) with the other ranks' through a collective.
     Shared(&'a mut dyn crate::sp::SequenceAttention),
+    /// Both: this rank's sub-strip of a part; the collective gathers the part's keys and values
+    /// (the prompt's from the rank that holds it) into the buffer of this rank's head group.
+    SharedBuffer(&'a mut dyn crate::sp::SequenceAttention, JointSlot<'a>),
 }
 
 /// Attention of a fused `qkv: [B, n1 + n2, 3d]` holding two streams (`n1` rows first): over
-/// itself; with a buffer slot, its keys and values written into the buffer (first stream at
-/// `rows.0`, second at `rows.1`) and its queries attending to the whole buffer; shared, over every
-/// rank's tokens.
+/// itself; with a buffer slot, its keys and values written into the buffer and its queries
+/// attending to the whole buffer; shared, over every rank's tokens (and buffer).
 pub(super) fn attend_joint(
     dev: &Device,
     qkv: &Tensor,
@@ -122,16 +145,29 @@ pub(super) fn attend_joint(
     let slot = match attn {
         None => return attend(dev, qkv, heads, head_dim),
         Some(JointAttn::Shared(sp)) => return sp.attend(dev, 0, qkv, heads, head_dim),
+        Some(JointAttn::SharedBuffer(sp, slot)) => {
+            let (layer, prompt) = (slot.layer, slot.prompt);
+            return sp.attend_with_buffer(
+                dev,
+                qkv,
+                heads,
+                head_dim,
+                slot.kv_slot(layer, prompt, 0),
+            );
+        }
         Some(JointAttn::Buffer(slot)) => slot,
     };
     let (n2, d) = (qkv.dim(1) - n1, heads * head_dim);
+    let rows = match slot.prompt_first {
+        true => (slot.prompt_at, slot.image_at),
+        false => (slot.image_at, slot.prompt_at),
+    };
     if n1 > 0 {
-        slot.buf
-            .write(slot.layer, slot.rows.0, &qkv.narrow(1, 0, n1)?)?;
+        slot.buf.write(slot.layer, rows.0, &qkv.narrow(1, 0, n1)?)?;
     }
     if n2 > 0 {
         slot.buf
-            .write(slot.layer, slot.rows.1, &qkv.narrow(1, n1, n2)?)?;
+            .write(slot.layer, rows.1, &qkv.narrow(1, n1, n2)?)?;
     }
     let kv = slot.buf.layer(slot.layer);
     Ok(dev.attention(
@@ -157,10 +193,14 @@ fn attend_image_only(
     let slot = match attn {
         None => return attend(dev, qkv, heads, head_dim),
         Some(JointAttn::Shared(sp)) => return sp.attend(dev, 0, qkv, heads, head_dim),
+        Some(JointAttn::SharedBuffer(sp, slot)) => {
+            let (layer, s) = (slot.second_layer, slot.image_tokens);
+            return sp.attend_with_buffer(dev, qkv, heads, head_dim, slot.kv_slot(layer, 0, s));
+        }
         Some(JointAttn::Buffer(slot)) => slot,
     };
     let d = heads * head_dim;
-    slot.buf.write(slot.second_layer, slot.rows.0, qkv)?;
+    slot.buf.write(slot.second_layer, slot.image_at, qkv)?;
     let kv = slot.buf.layer(slot.second_layer);
     let s = slot.image_tokens;
     let view = |col| AttnView {

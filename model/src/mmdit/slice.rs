@@ -222,6 +222,7 @@ impl MmditSlice {
                 context,
                 text: prompt.dim(1),
                 cols: inputs.latent_size[1] / p,
+                holds_prompt: true,
             })
         })
     }
@@ -241,7 +242,10 @@ impl MmditSlice {
                 context: Some(c), ..
             } => Some(c),
             // A sequence-parallel rank without the prompt.
-            Conditioning::Mmdit { text: 0, .. } => None,
+            Conditioning::Mmdit {
+                holds_prompt: false,
+                ..
+            } => None,
             _ => {
                 return Err(ModelError::Input(format!(
                     "blocks {:?} do not include the embeddings (stage 0), or the conditioning is \
@@ -306,15 +310,11 @@ impl MmditSlice {
         cond: &Conditioning,
         mode: PartMode<'_>,
     ) -> Result<()> {
-        let (mut kv, mut sp, first) = match mode {
-            PartMode::Whole => (None, None, 0),
-            PartMode::Buffer(buf, first) => (Some((buf, first)), None, first),
-            PartMode::Shared(sp, first) => (None, Some(sp), first),
-        };
         let Conditioning::Mmdit {
             temb_silu,
-            text: t,
+            text,
             cols,
+            holds_prompt,
             ..
         } = cond
         else {
@@ -322,7 +322,10 @@ impl MmditSlice {
                 "conditioning of the wrong model family".into(),
             ));
         };
-        let (t, d) = (*t, self.hidden());
+        // T: the request's prompt tokens; t: those in this frame (a sequence-parallel rank
+        // without the prompt has none).
+        let (big_t, d) = (*text, self.hidden());
+        let t = if *holds_prompt { big_t } else { 0 };
         if x.shape().len() != 3 || x.dim(1) < t || x.dim(2) != d || x.dim(0) != temb_silu.dim(0) {
             return Err(ModelError::Input(format!(
                 "frame {:?} must be [{}, n + {t}, {d}] (image tokens and {t} prompt tokens)",
@@ -331,30 +334,37 @@ impl MmditSlice {
             )));
         }
         let n = x.dim(1) - t;
-        // Buffer rows of the frame's image tokens and prompt tokens.
+        // This frame's first image token; the image tokens whose buffer rows it writes (the
+        // whole part's under sequence parallelism: the ranks gather them).
+        let (mut kv, mut sp, first, written) = match mode {
+            PartMode::Whole => (None, None, 0, 0..0),
+            PartMode::Buffer(buf, first) => (Some(buf), None, first, first..first + n),
+            PartMode::Shared(sp, first) => (None, Some(sp), first, 0..0),
+            PartMode::SharedBuffer(sp, buf, first, part) => (Some(buf), Some(sp), first, part),
+        };
+        // Buffer rows of the frame's (or gathered part's) image tokens and of the prompt.
         let mut image_tokens = n;
-        let rows = if let Some((buf, first)) = kv.as_mut() {
+        let rows = if let Some(buf) = kv.as_mut() {
             let total = buf.dims().1;
-            if total < t + *first + n {
+            if total < big_t + written.end || !written.contains(&first) && n > 0 {
                 return Err(ModelError::Input(format!(
-                    "image tokens {first}..{} and {t} prompt tokens do not fit the K/V buffer's \
+                    "image tokens {}..{} and {big_t} prompt tokens do not fit the K/V buffer's \
                      {total} rows",
-                    *first + n
+                    written.start, written.end
                 )));
             }
-            image_tokens = total - t;
-            let rows = match self.prompt_first() {
-                true => (t + *first, 0),
-                false => (*first, image_tokens),
+            image_tokens = total - big_t;
+            let (image_at, prompt_at) = match self.prompt_first() {
+                true => (big_t + written.start, 0),
+                false => (written.start, image_tokens),
             };
-            buf.mark_written(rows.0, n)?;
-            buf.mark_written(rows.1, t)?;
-            rows
+            buf.mark_written(image_at, written.len())?;
+            buf.mark_written(prompt_at, big_t)?;
+            (image_at, prompt_at)
         } else {
             (0, n)
         };
-        // Buffer rows of a joint QKV's first and second stream (Flux's is [prompt; image]).
-        let swapped = (rows.1, rows.0);
+        let pf = self.prompt_first();
         dev.install(|| match &self.body {
             Body::Sd3 {
                 cfg,
@@ -367,14 +377,8 @@ impl MmditSlice {
                 for (i, block) in blocks.iter().enumerate() {
                     let _span =
                         tracing::trace_span!("joint block", i = self.range.start + i).entered();
-                    let s = joint_attn(
-                        &mut kv,
-                        &mut sp,
-                        i,
-                        second[i].unwrap_or(0),
-                        rows,
-                        image_tokens,
-                    );
+                    let sec = second[i].unwrap_or(0);
+                    let s = joint_attn(&mut kv, &mut sp, i, sec, rows, big_t, pf, image_tokens);
                     block.forward(dev, &mut img, &mut ctx, temb_silu, cfg, s)?;
                 }
                 *x = Tensor::cat(&[&img, &ctx], 1)?;
@@ -392,16 +396,15 @@ impl MmditSlice {
                     let mut img = x.narrow(1, t, n)?;
                     for (i, block) in double.iter().enumerate() {
                         let _span = tracing::trace_span!("double block", i).entered();
-                        // The joint QKV is [prompt; image]: its first stream is the prompt.
-                        let s = joint_attn(&mut kv, &mut sp, i, 0, swapped, image_tokens);
+                        let s = joint_attn(&mut kv, &mut sp, i, 0, rows, big_t, pf, image_tokens);
                         block.forward(dev, &mut img, &mut ctx, temb_silu, &rope, cfg, s)?;
                     }
                     *x = Tensor::cat(&[&ctx, &img], 1)?;
                 }
                 for (j, block) in single.iter().enumerate() {
                     let _span = tracing::trace_span!("single block", j).entered();
-                    let s =
-                        joint_attn(&mut kv, &mut sp, double.len() + j, 0, swapped, image_tokens);
+                    let l = double.len() + j;
+                    let s = joint_attn(&mut kv, &mut sp, l, 0, rows, big_t, pf, image_tokens);
                     block.forward(dev, x, t, temb_silu, &rope, cfg, s)?;
                 }
                 Ok(())
@@ -453,7 +456,10 @@ impl MmditSlice {
         let (
             Some(head),
             Conditioning::Mmdit {
-                temb_silu, text, ..
+                temb_silu,
+                text,
+                holds_prompt,
+                ..
             },
         ) = (&self.head, cond)
         else {
@@ -463,7 +469,7 @@ impl MmditSlice {
                 self.range
             )));
         };
-        let t = *text;
+        let t = if *holds_prompt { *text } else { 0 };
         let n = x.dim(1).checked_sub(t).ok_or_else(|| {
             ModelError::Input(format!("frame {:?} has fewer than {t} rows", x.shape()))
         })?;
@@ -492,27 +498,42 @@ pub(crate) enum PartMode<'a> {
     /// the prompt rows are there on the rank that holds them); attention goes through the
     /// collective.
     Shared(&'a mut dyn SequenceAttention, usize),
+    /// Both: this rank's sub-strip (image tokens from `first`) of a part whose image tokens are
+    /// `part`; the collective gathers the part into the buffer of this rank's head group.
+    SharedBuffer(
+        &'a mut dyn SequenceAttention,
+        &'a mut KvBuffer,
+        usize,
+        std::ops::Range<usize>,
+    ),
 }
 
-/// Block `layer`'s attention mode (`second`: its MMDiT-X attention's buffer layer).
+/// Block `layer`'s attention mode (`second`: its MMDiT-X attention's buffer layer; `rows`: the
+/// buffer rows of the part's first image token and of the prompt).
+#[allow(clippy::too_many_arguments)]
 fn joint_attn<'a>(
-    kv: &'a mut Option<(&mut KvBuffer, usize)>,
+    kv: &'a mut Option<&mut KvBuffer>,
     sp: &'a mut Option<&mut dyn SequenceAttention>,
     layer: usize,
     second: usize,
-    rows: (usize, usize),
+    (image_at, prompt_at): (usize, usize),
+    prompt: usize,
+    prompt_first: bool,
     image_tokens: usize,
 ) -> Option<JointAttn<'a>> {
-    if let Some(sp) = sp.as_mut() {
-        return Some(JointAttn::Shared(&mut **sp));
+    let slot = kv.as_mut().map(|buf| JointSlot {
+        buf,
+        layer,
+        second_layer: second,
+        image_at,
+        prompt_at,
+        prompt,
+        prompt_first,
+        image_tokens,
+    });
+    match (sp.as_mut(), slot) {
+        (Some(sp), Some(slot)) => Some(JointAttn::SharedBuffer(&mut **sp, slot)),
+        (Some(sp), None) => Some(JointAttn::Shared(&mut **sp)),
+        (None, slot) => slot.map(JointAttn::Buffer),
     }
-    kv.as_mut().map(|(buf, _)| {
-        JointAttn::Buffer(JointSlot {
-            buf,
-            layer,
-            second_layer: second,
-            rows,
-            image_tokens,
-        })
-    })
 }

@@ -40,15 +40,40 @@ pub(super) fn attend_patch_with_buffer<C: Collective>(
     };
     let blocks = ring_all_gather(comm, ring, row.narrow(2, w, 2 * w)?)?; // [B, n_row', 2w] each
     let refs: Vec<&Tensor> = blocks.iter().collect();
-    let patch_kv = Tensor::cat(&refs, 1)?; // [B, n_patch, 2w], in token order
-    kv.buf.write_kv(kv.layer, kv.first, &patch_kv)?;
+    let patch_kv = Tensor::cat(&refs, 1)?; // [B, n_patch (+ T), 2w], in token order
+                                           // MMDiT: the prompt rows (on one rank's end of the part) go to their own buffer rows.
+    let (j, n) = (kv.joint, patch_kv.dim(1));
+    let t = j.prompt.min(n);
+    let (image, prompt) = match j.prompt_first {
+        true => (patch_kv.narrow(1, t, n - t)?, patch_kv.narrow(1, 0, t)?),
+        false => (patch_kv.narrow(1, 0, n - t)?, patch_kv.narrow(1, n - t, t)?),
+    };
+    kv.buf.write_kv(kv.layer, kv.first, &image)?;
+    if t > 0 {
+        kv.buf.write_kv(kv.layer, j.prompt_at, &prompt)?;
+    }
     let buf = &*kv.buf;
-    let keys = buf.layer(kv.layer); // [B, S, 2w]
+    let keys = buf.layer(kv.layer); // [B, S (+ T), 2w]
+    let prefix_bias;
+    let (seq, bias) = match j.keys {
+        0 => (keys.dim(1), buf.bias()),
+        k => {
+            prefix_bias = buf.bias_prefix(k)?;
+            (k, prefix_bias.as_ref())
+        }
+    };
+    let view = |col| AttnView {
+        tensor: keys,
+        seq,
+        batch_stride: keys.dim(1) * keys.dim(2),
+        row_stride: keys.dim(2),
+        col_offset: col,
+    };
     let o = dev.attention(
         AttnView::of(&row, 0)?,
-        AttnView::of(keys, 0)?,
-        AttnView::of(keys, w)?,
-        buf.bias(),
+        view(0),
+        view(w),
+        bias,
         qkv.dim(0),
         heads / u,
         head_dim,
