@@ -30,6 +30,13 @@ without encoders:
     flux_schnell.latent flux_schnell_pipeline/ (transformer = flux_tiny_schnell: no guidance
                         embedding; FLUX.1-schnell's scheduler: static shift 1.0), the flux prompt
                         and noise, no guidance.
+  pixart_sigma_pipeline/    PixArtSigmaPipeline folder (text encoder, tokenizer, vae null),
+                        transformer = pixart_sigma_tiny (section pixart_sigma), scheduler = PixArt's
+                        DPM-Solver++ 2M (schedulers/dpm).
+  pixart_sigma_prompt.safetensors   prompt_embeds [2,6,24], prompt_attention_mask [2,6] (second
+                        caption padded), negative_prompt_embeds, negative_prompt_attention_mask.
+  pixart_sigma_noise.safetensors    latents [2,4,8,12].
+    pixart_sigma.latent PixArtSigmaPipeline, 4 steps, guidance 4.5, use_resolution_binning False.
 """
 
 import json
@@ -191,5 +198,34 @@ def make_mmdit_pipelines(out, helpers):
     io["flux_schnell.timesteps"] = schnell.scheduler.timesteps.to(torch.float64)
     print(f"  sd3_plain: |latent| rms {io['sd3_plain.latent'].pow(2).mean().sqrt():.3f}; flux_schnell: timesteps "
           f"{schnell.scheduler.timesteps.tolist()}")
+    # ---- PixArt-Sigma: the PixArt class with Sigma's config, its own pipeline class
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    d = os.path.join(out, "pixart_sigma_pipeline")
+    if os.path.exists(d):
+        shutil.rmtree(d)
+    shutil.copytree(os.path.join(out, "pixart_sigma_tiny"), os.path.join(d, "transformer"))
+    shutil.copytree(os.path.join(out, "schedulers", "dpm"), os.path.join(d, "scheduler"))
+    with open(os.path.join(d, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.42.1",
+                   "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+                   "transformer": ["diffusers", "PixArtTransformer2DModel"],
+                   "text_encoder": [None, None], "tokenizer": [None, None], "vae": [None, None]}, f, indent=2)
+    sigma = PixArtSigmaPipeline(
+        transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(d, "transformer")),
+        scheduler=DPMSolverMultistepScheduler.from_pretrained(os.path.join(d, "scheduler")),
+        vae=None, text_encoder=None, tokenizer=None)
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    sp = {"prompt_embeds": torch.randn(2, 6, 24, generator=g), "prompt_attention_mask": mask,
+          "negative_prompt_embeds": torch.randn(2, 6, 24, generator=g),
+          "negative_prompt_attention_mask": torch.ones(2, 6)}
+    snoise = torch.randn(2, 4, 8, 12, generator=g)
+    io["pixart_sigma.latent"] = sigma(**sp, negative_prompt=None, latents=snoise.clone(), height=64, width=96,
+                                      num_inference_steps=4,
+                                      guidance_scale=4.5, use_resolution_binning=False,
+                                      output_type="latent").images
+    save_file(sp, os.path.join(out, "pixart_sigma_prompt.safetensors"))
+    save_file({"latents": snoise}, os.path.join(out, "pixart_sigma_noise.safetensors"))
+    print(f"  pixart_sigma: |latent| rms {io['pixart_sigma.latent'].pow(2).mean().sqrt():.3f}")
     save_file({k: v.clone().contiguous() for k, v in io.items()},
               os.path.join(out, "mmdit_pipelines_io.safetensors"))
