@@ -55,6 +55,11 @@ pub(crate) struct ClusterArgs {
     /// CPU threads per device [default: the topology's; for a local cluster, cores / N].
     #[arg(long, value_name = "T")]
     threads: Option<usize>,
+    /// Where a local cluster's devices run: `cpu`, or `cuda` (GPU i for device i; the CUDA
+    /// backend's ops are not built yet, so today this ends with an error saying why: no `cuda`
+    /// feature, no driver, or not implemented). Not with --topology (its devices say it).
+    #[arg(long, value_name = "KIND", default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 /// Cores of this machine (the default thread count of one device).
@@ -112,6 +117,12 @@ impl ClusterArgs {
     pub(crate) fn spec(&self) -> Result<ClusterSpec> {
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
+        }
+        if let (Some(path), "cuda") = (&self.topology, self.device.as_str()) {
+            bail!(
+                "--device cuda: {} names its devices itself (kind = \"cuda\", index = N)",
+                path.display()
+            );
         }
         let mut spec = match &self.topology {
             Some(path) => {
@@ -190,6 +201,11 @@ impl ClusterArgs {
                 let threads = self.threads.unwrap_or((cores() / devices).max(1));
                 let mut s =
                     ClusterSpec::local_cpu(devices, threads, ModelSpec::Path(model.clone()));
+                if self.device == "cuda" {
+                    for (i, d) in s.nodes[0].devices.iter_mut().enumerate() {
+                        *d = topology::DeviceSpec::Cuda { ordinal: i };
+                    }
+                }
                 s.parallel.pipefusion_degree = n;
                 s.parallel.cfg_degree = c;
                 s.parallel.ulysses_degree = u;

@@ -9,6 +9,7 @@ mod bench_pipeline;
 mod bench_transport;
 mod caption;
 mod cluster_args;
+mod devices;
 mod generate;
 mod images;
 mod keygen;
@@ -44,6 +45,9 @@ enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// List this machine's devices: the CPU (model, cores, vector instructions) and the CUDA
+    /// GPUs (name, memory, compute capability); exits non-zero, saying why, when there is no GPU.
+    Devices,
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Keygen(a) => keygen::run(a),
         Command::Launch(a) => launch::run(*a),
         Command::Bench(b) => bench::run(b),
+        Command::Devices => devices::run(),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

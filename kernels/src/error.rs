@@ -37,13 +37,14 @@ pub enum KernelError {
         /// The tensor's device.
         got: String,
     },
-    /// This binary has no CUDA backend (built without the `cuda` feature, or not implemented yet).
-    #[error(
-        "CUDA device {ordinal} requested, but this build has no CUDA backend; use a cpu device"
-    )]
+    /// No CUDA device can be used (built without the `cuda` feature, no driver, no such device,
+    /// or the backend's ops are not built yet).
+    #[error("CUDA device {ordinal} requested: {reason}")]
     CudaNotAvailable {
         /// Requested ordinal.
         ordinal: usize,
+        /// Why not, for the user.
+        reason: String,
     },
     /// The thread pool of a CPU device could not be built.
     #[error("cannot start a CPU device with {threads} threads: {reason}")]

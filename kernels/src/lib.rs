@@ -13,7 +13,9 @@
 //! A CPU device owns a rayon thread pool; its ops (GEMMs included) run only on that pool, so two
 //! devices in one process with one thread each never compete for each other's threads.
 //!
-//! The CUDA backend is not built yet: [`Device::cuda`] returns [`KernelError::CudaNotAvailable`].
+//! The CUDA backend's ops are not built yet: [`Device::cuda`] returns
+//! [`KernelError::CudaNotAvailable`] saying why (no `cuda` feature, no driver, no such device, or
+//! not implemented); [`cuda_devices`] lists the visible GPUs without ever panicking.
 //! The storage enum already has its CUDA arm (an uninhabited type), so adding the backend changes
 //! no caller.
 //!
@@ -22,6 +24,7 @@
 //! [`KernelError::Shape`] naming the op and the shapes.
 
 mod cpu;
+mod cuda_probe;
 mod cuda_stub;
 mod device;
 mod dtype;
@@ -32,6 +35,7 @@ pub mod ulysses;
 
 pub use cpu::math::{exp_fast, gelu_tanh_scalar};
 pub use cpu::CpuDevice;
+pub use cuda_probe::{cuda_devices, cuda_libraries, CudaDeviceInfo};
 pub use device::AttnView;
 pub use device::Device;
 pub use dtype::DType;

@@ -1,0 +1,48 @@
+//! `pipefuse devices` and `--device cuda` on a machine without a usable GPU (this build, or no
+//! driver): a clear error and a non-zero exit, never a panic (issue 11's first step; on a GPU
+//! machine with the `cuda` feature the list is printed instead).
+
+mod common;
+
+use common::{pipefuse, root};
+
+#[test]
+fn devices_lists_the_cpu_and_says_why_there_is_no_gpu() {
+    let o = pipefuse(&["devices"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(out.starts_with("cpu: ") && out.contains("cores"), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+    if !o.status.success() {
+        assert!(err.contains("no CUDA device: "), "{err}");
+    } else {
+        assert!(out.contains("cuda:0 "), "{out}");
+    }
+}
+
+#[test]
+fn a_cuda_device_that_cannot_run_is_a_clear_error() {
+    let o = pipefuse(&["generate", "--device", "cuda", "--steps", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "the CUDA backend's ops do not exist yet"
+    );
+    assert!(err.contains("CUDA device 0 requested: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let topo = root().join("examples/topologies/local_2cpu.toml");
+    let o = pipefuse(&[
+        "generate",
+        "--device",
+        "cuda",
+        "--topology",
+        topo.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("names its devices itself"),
+        "{err}"
+    );
+}
