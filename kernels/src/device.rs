@@ -93,7 +93,8 @@ impl Device {
         Ok(Device::Cpu(CpuDevice::new(threads)?))
     }
 
-    /// CUDA device `ordinal` (fails in this build: no CUDA backend yet).
+    /// CUDA device `ordinal`: fails, saying why (no `cuda` feature, no driver, no such device,
+    /// or the backend's ops not built yet: issue 11).
     pub fn cuda(ordinal: usize) -> Result<Device> {
         CudaDevice::new(ordinal).map(Device::Cuda)
     }

@@ -46,6 +46,16 @@ pub enum KernelError {
         /// Why not, for the user.
         reason: String,
     },
+    /// A CUDA kernel source did not compile (or NVRTC is missing), with the compiler's log.
+    #[error("NVRTC, {file} for {arch}: {message}")]
+    Nvrtc {
+        /// The kernel source.
+        file: String,
+        /// The target architecture (`sm_90`).
+        arch: String,
+        /// What went wrong, and the compiler's log.
+        message: String,
+    },
     /// The thread pool of a CPU device could not be built.
     #[error("cannot start a CPU device with {threads} threads: {reason}")]
     ThreadPool {

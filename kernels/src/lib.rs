@@ -24,6 +24,8 @@
 //! [`KernelError::Shape`] naming the op and the shapes.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod cuda_probe;
 mod cuda_stub;
 mod device;
