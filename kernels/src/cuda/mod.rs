@@ -11,8 +11,11 @@ use std::path::Path;
 
 use crate::{KernelError, Result};
 
-/// The shared device code every source includes as `"common.cuh"`.
+/// The shared device code every source includes as `"common.cuh"` (it includes `"math.cuh"`).
 pub const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// The kernels' arithmetic as plain float functions (also compiled as host C++ by the tests).
+pub const MATH: &str = include_str!("kernels/math.cuh");
 
 /// Every kernel source, by file name.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -65,7 +68,9 @@ pub fn compile(file: &str, arch: &str, include: &Path) -> Result<Compiled> {
 
 /// [`compile`] for any source text (`#include "common.cuh"` is resolved to [`COMMON`]).
 pub fn compile_source(file: &str, src: &str, arch: &str, include: &Path) -> Result<Compiled> {
-    let src = src.replace("#include \"common.cuh\"", COMMON);
+    let src = src
+        .replace("#include \"common.cuh\"", COMMON)
+        .replace("#include \"math.cuh\"", MATH);
     // SAFETY: only opens the library.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(nvrtc_error(

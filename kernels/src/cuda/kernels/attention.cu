@@ -37,11 +37,10 @@ __device__ void attention_impl(float* lse, T* out, const T* q, View qv, const T*
             for (int d = 0; d < head_dim; ++d) s += qs[d] * to_f32(kr[d]);
             if (bias) s += bias[b * sk + key];
         }
-        const float m_new = fmaxf(m, warp_max(s));
-        if (m_new == NEG_INF) continue;  // every key so far masked
-        const float p = key < sk ? expf(s - m_new) : 0.0f;
-        const float correction = expf(m - m_new);
-        l = l * correction + warp_sum(p);
+        const float correction = online_softmax_rescale(&m, &l, warp_max(s));
+        if (m == NEG_INF) continue;  // every key so far masked
+        const float p = key < sk ? expf(s - m) : 0.0f;
+        l += warp_sum(p);
         for (int j = 0; j < 4; ++j) acc[j] *= correction;
         const long n = sk - k0 < 32 ? sk - k0 : 32;
         for (int i = 0; i < n; ++i) {
@@ -52,7 +51,6 @@ __device__ void attention_impl(float* lse, T* out, const T* q, View qv, const T*
                 if (d < head_dim) acc[j] += pi * to_f32(vr[d]);
             }
         }
-        m = m_new;
     }
     T* o = out + ((long)b * sq + row) * heads * head_dim + h * head_dim;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;

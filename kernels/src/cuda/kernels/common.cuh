@@ -10,6 +10,7 @@
 
 // -inf (NVRTC has no <cmath>, so no INFINITY).
 #define NEG_INF (-CUDART_INF_F)
+#define PF_NEG_INF NEG_INF
 
 // Element types: T is float, __nv_bfloat16 or __half; arithmetic is f32.
 __device__ __forceinline__ float to_f32(float v) { return v; }
@@ -20,15 +21,7 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
-// tanh-approximated GELU, as the CPU backend's gelu_tanh_scalar and PyTorch's
-// gelu(approximate="tanh"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-__device__ __forceinline__ float gelu_tanh_f(float x) {
-    const float k = 0.7978845608028654f;
-    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
-}
-
-// SiLU: x sigmoid(x).
-__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
+#include "math.cuh"
 
 // Sum over a warp (every lane gets it).
 __device__ __forceinline__ float warp_sum(float v) {

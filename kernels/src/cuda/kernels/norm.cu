@@ -24,7 +24,8 @@ __device__ void layer_norm_modulate_impl(T* y, const T* x, const T* shift, const
     const float inv = rsqrtf(block_sum(v, scratch) / channels + eps);
     for (int c = threadIdx.x; c < channels; c += blockDim.x) {
         const float n = (to_f32(xr[c]) - mean) * inv;
-        yr[c] = from_f32<T>(n * (1.0f + to_f32(scale[b * channels + c])) + to_f32(shift[b * channels + c]));
+        const long j = b * channels + c;
+        yr[c] = from_f32<T>(modulate_f(n, to_f32(scale[j]), to_f32(shift[j])));
     }
 }
 

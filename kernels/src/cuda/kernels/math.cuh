@@ -1,0 +1,37 @@
+// The arithmetic of pipefuse's CUDA kernels as small functions of floats, with no CUDA types:
+// included by common.cuh on the GPU (PF_FN = __device__ __forceinline__), and compiled as host
+// C++ by kernels/tests/cuda_math_host.rs (PF_FN = inline), which checks it against the CPU
+// backend's references. f32 throughout.
+#pragma once
+#ifndef PF_FN
+#define PF_FN __device__ __forceinline__
+#endif
+// -inf, defined by the includer (CUDART_INF_F on the GPU, INFINITY on the host).
+#ifndef PF_NEG_INF
+#error "define PF_NEG_INF before including math.cuh"
+#endif
+
+// tanh-approximated GELU, as PyTorch's gelu(approximate="tanh"):
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+PF_FN float gelu_tanh_f(float x) {
+    const float k = 0.7978845608028654f;
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+// SiLU: x sigmoid(x).
+PF_FN float silu_f(float x) { return x / (1.0f + expf(-x)); }
+
+// adaLN modulation of a normalised value: n (1 + scale) + shift.
+PF_FN float modulate_f(float n, float scale, float shift) { return n * (1.0f + scale) + shift; }
+
+// Online softmax: folds a block of scores whose maximum is `block_max` into the running maximum
+// `m` and sum `l` (returns the factor the running accumulators are multiplied by). A block of
+// only -inf scores with an empty running state leaves it empty (factor 1).
+PF_FN float online_softmax_rescale(float* m, float* l, float block_max) {
+    const float m_new = fmaxf(*m, block_max);
+    if (m_new == PF_NEG_INF) return 1.0f;
+    const float factor = expf(*m - m_new);
+    *l *= factor;
+    *m = m_new;
+    return factor;
+}

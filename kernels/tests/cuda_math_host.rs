@@ -1,0 +1,106 @@
+//! The CUDA kernels' arithmetic (`src/cuda/kernels/math.cuh`: GELU, SiLU, adaLN modulation, the
+//! online-softmax update) compiled as host C++ with this machine's C++ compiler agrees with the
+//! CPU backend's references: the GPU's math is checked without a GPU (issue 11). The device
+//! kernels include the same file. Needs a C++ compiler (`c++`, or `CXX`; the Rust toolchain's
+//! linker setup has one); without it the test fails saying so.
+
+use std::process::Command;
+
+use kernels::reference::{gelu_tanh_slow, silu_slow};
+
+const MATH: &str = include_str!("../src/cuda/kernels/math.cuh");
+
+/// Compiles and runs the host harness; its output lines.
+fn run_harness(tag: &str, body: &str) -> Vec<Vec<f64>> {
+    let dir = std::env::temp_dir().join(format!("pipefuse-cuda-math-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, bin) = (dir.join("math.cpp"), dir.join("math"));
+    let program = format!(
+        "#include <math.h>\n#include <stdio.h>\n#define PF_FN inline\n#define PF_NEG_INF (-INFINITY)\n\
+         {}\nint main() {{\n{body}\nreturn 0;\n}}\n",
+        MATH.replace("#pragma once", "")
+    );
+    std::fs::write(&src, program).unwrap();
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = Command::new(&cxx)
+        .args(["-O1", "-std=c++17", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("no C++ compiler `{cxx}` ({e}): set CXX to one"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new(&bin).output().unwrap();
+    assert!(run.status.success());
+    std::fs::remove_dir_all(&dir).ok();
+    String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+#[test]
+fn gelu_silu_and_modulation_match_the_cpu_references() {
+    let rows = run_harness(
+        "elementwise",
+        "for (int i = -600; i <= 600; ++i) { float x = i / 60.0f; \
+         printf(\"%.9g %.9g %.9g %.9g\\n\", x, gelu_tanh_f(x), silu_f(x), modulate_f(x, 0.25f, -0.5f)); }",
+    );
+    assert_eq!(rows.len(), 1201);
+    let xs: Vec<f32> = rows.iter().map(|r| r[0] as f32).collect();
+    let (gelu, silu) = (gelu_tanh_slow(&xs), silu_slow(&xs));
+    for (i, r) in rows.iter().enumerate() {
+        let close = |got: f64, want: f64, what: &str| {
+            assert!(
+                (got - want).abs() <= 2e-6 * want.abs().max(1.0),
+                "{what}({}): device math {got}, CPU reference {want}",
+                r[0]
+            );
+        };
+        close(r[1], gelu[i] as f64, "gelu_tanh");
+        close(r[2], silu[i] as f64, "silu");
+        close(r[3], r[0] * 1.25 - 0.5, "modulate");
+    }
+}
+
+/// The attention kernel's online-softmax update over blocks of scores (a fully masked block
+/// first, then three blocks) ends with the log-sum-exp of all scores.
+#[test]
+fn online_softmax_update_gives_the_log_sum_exp() {
+    let blocks: [&[f32]; 4] = [
+        &[f32::NEG_INFINITY; 3],
+        &[0.5, -1.0, 2.0],
+        &[7.0, 3.0],
+        &[-2.0, 6.5, 0.0, 1.0],
+    ];
+    let mut body = String::from("float m = PF_NEG_INF, l = 0.0f;\n");
+    for b in &blocks {
+        let vals: Vec<String> = b
+            .iter()
+            .map(|v| match v.is_finite() {
+                true => format!("{v:?}f"),
+                false => "PF_NEG_INF".into(),
+            })
+            .collect();
+        body += &format!(
+            "{{ float s[] = {{{}}}; float bm = PF_NEG_INF; for (float v : s) bm = fmaxf(bm, v);\n\
+             online_softmax_rescale(&m, &l, bm); if (m != PF_NEG_INF) for (float v : s) l += expf(v - m); }}\n",
+            vals.join(", ")
+        );
+    }
+    body += "printf(\"%.9g %.9g\\n\", m, m + logf(l));";
+    let out = run_harness("softmax", &body);
+    let all: Vec<f64> = blocks
+        .iter()
+        .flat_map(|b| b.iter())
+        .filter(|v| v.is_finite())
+        .map(|&v| v as f64)
+        .collect();
+    let max = all.iter().cloned().fold(f64::MIN, f64::max);
+    let lse = max + all.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+    assert_eq!(out[0][0], 7.0, "running maximum");
+    assert!((out[0][1] - lse).abs() < 1e-5, "{} vs {lse}", out[0][1]);
+}
