@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use kernels::cuda::{compile, compile_source, parse_ptxas_report, SOURCES};
+use kernels::cuda::{compile, compile_ptx, compile_source, parse_ptxas_report, SOURCES};
 
 fn include() -> Option<PathBuf> {
     std::env::var_os("PIPEFUSE_CUDA_INCLUDE").map(PathBuf::from)
@@ -94,4 +94,23 @@ fn nvrtc_reports_compile_errors_and_spills() {
         err.contains("broken.cu for sm_90") && err.contains("undefined_name"),
         "{err}"
     );
+}
+
+/// What a GPU loads: PTX for its virtual architecture, with every entry point (the prepared GPU
+/// check compiles this way on the lent machine).
+#[test]
+fn nvrtc_ptx_for_compute_90_has_every_entry_point() {
+    if std::env::var_os("PIPEFUSE_SKIP_NVRTC").is_some() {
+        return;
+    }
+    let include = include().expect("PIPEFUSE_CUDA_INCLUDE (see the first test)");
+    let ptx = compile_ptx("attention.cu", "compute_90", &include).unwrap_or_else(|e| panic!("{e}"));
+    for t in ["f32", "bf16", "f16"] {
+        assert!(
+            ptx.contains(&format!(".entry attention_{t}(")),
+            "attention_{t} missing"
+        );
+    }
+    let ptx = compile_ptx("norm.cu", "compute_80", &include).unwrap();
+    assert!(ptx.contains(".target sm_80"), "target");
 }

@@ -11,6 +11,8 @@ use std::path::Path;
 
 use crate::{KernelError, Result};
 
+pub mod gpu;
+
 /// The shared device code every source includes as `"common.cuh"` (it includes `"math.cuh"`).
 pub const COMMON: &str = include_str!("kernels/common.cuh");
 
@@ -58,19 +60,20 @@ fn nvrtc_error(file: &str, arch: &str, message: String) -> KernelError {
 /// CUDA headers in `include` (`cuda_bf16.h`, `math_constants.h`, ...). Errors carry the
 /// compiler's log; a missing libnvrtc is an error, not a panic.
 pub fn compile(file: &str, arch: &str, include: &Path) -> Result<Compiled> {
-    let src = SOURCES
+    compile_source(file, source(file, arch)?, arch, include)
+}
+
+/// Kernel source `file` of [`SOURCES`].
+fn source(file: &str, arch: &str) -> Result<&'static str> {
+    SOURCES
         .iter()
         .find(|(name, _)| *name == file)
         .map(|(_, s)| *s)
-        .ok_or_else(|| nvrtc_error(file, arch, "no such kernel source".into()))?;
-    compile_source(file, src, arch, include)
+        .ok_or_else(|| nvrtc_error(file, arch, "no such kernel source".into()))
 }
 
-/// [`compile`] for any source text (`#include "common.cuh"` is resolved to [`COMMON`]).
-pub fn compile_source(file: &str, src: &str, arch: &str, include: &Path) -> Result<Compiled> {
-    let src = src
-        .replace("#include \"common.cuh\"", COMMON)
-        .replace("#include \"math.cuh\"", MATH);
+/// `src` with its includes of the shared files resolved, once NVRTC is known to be there.
+fn prepared(file: &str, src: &str, arch: &str) -> Result<String> {
     // SAFETY: only opens the library.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(nvrtc_error(
@@ -80,6 +83,14 @@ pub fn compile_source(file: &str, src: &str, arch: &str, include: &Path) -> Resu
                 .into(),
         ));
     }
+    Ok(src
+        .replace("#include \"common.cuh\"", COMMON)
+        .replace("#include \"math.cuh\"", MATH))
+}
+
+/// [`compile`] for any source text (`#include "common.cuh"` is resolved to [`COMMON`]).
+pub fn compile_source(file: &str, src: &str, arch: &str, include: &Path) -> Result<Compiled> {
+    let src = prepared(file, src, arch)?;
     let (csrc, cname) = (
         CString::new(src).map_err(|e| nvrtc_error(file, arch, e.to_string()))?,
         CString::new(file).expect("file names have no NUL"),
@@ -115,6 +126,21 @@ pub fn compile_source(file: &str, src: &str, arch: &str, include: &Path) -> Resu
         entries: parse_ptxas_report(&log),
         log,
     })
+}
+
+/// PTX of kernel source `file` for virtual architecture `arch` (`compute_90`): what a GPU loads
+/// (its driver finishes the compile for the exact chip).
+pub fn compile_ptx(file: &str, arch: &str, include: &Path) -> Result<String> {
+    let src = prepared(file, source(file, arch)?, arch)?;
+    let options = cudarc::nvrtc::CompileOptions {
+        arch: None,
+        include_paths: vec![include.display().to_string()],
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, options)
+        .map_err(|e| nvrtc_error(file, arch, format!("{e:?}")))?;
+    Ok(ptx.to_src())
 }
 
 /// Entry points with their registers and spills from ptxas' `-v` report.
