@@ -385,29 +385,23 @@ impl Report for Terminal {
 /// or whose folder does not exist, a PNG of a model whose latents cannot become images, a latent
 /// file in a missing folder.
 fn check_outputs(a: &GenerateArgs, cluster: &Cluster) -> Result<()> {
-    let folder_exists = |p: &Path| {
-        p.parent()
-            .map_or(true, |d| d.as_os_str().is_empty() || d.is_dir())
-    };
     if let Some(out) = &a.out {
-        if !out
+        let is_png = out
             .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("png"))
-        {
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        let is_device = std::fs::metadata(out)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()));
+        if !is_png && !is_device {
             bail!(
                 "--out {}: only PNG is written; use a .png file name",
                 out.display()
             );
         }
-        if !folder_exists(out) {
-            bail!("--out {}: the folder does not exist", out.display());
-        }
+        crate::output_file::check_writable(out, "--out")?;
         crate::images::check_decodable(cluster.model())?;
     }
     if let Some(p) = &a.save_latent {
-        if !folder_exists(p) {
-            bail!("--save-latent {}: the folder does not exist", p.display());
-        }
+        crate::output_file::check_writable(p, "--save-latent")?;
     }
     Ok(())
 }
@@ -459,22 +453,35 @@ pub(crate) async fn generate_with(
         secs / steps as f64
     ));
     report.line(out.summary.to_string().trim_end());
+    // Both outputs are attempted: one failing does not lose the other.
+    let mut failures = Vec::new();
     if let Some(path) = &a.save_latent {
-        write_tensors(path, &[("latent", &out.latent)])?;
-        report.line(&format!("final latent written to {}", path.display()));
+        match write_tensors(path, &[("latent", &out.latent)]) {
+            Ok(()) => report.line(&format!("final latent written to {}", path.display())),
+            Err(e) => failures.push(e),
+        }
     }
     if let Some(path) = &a.out {
-        let images =
-            crate::images::to_images(cluster.model(), &out.latent, crate::cluster_args::cores())?; // [B, C, H, W] in [0, 1]
-        let scale = a
-            .png_scale
-            .unwrap_or_else(|| crate::png_out::auto_scale(images.dim(2), images.dim(3)));
-        crate::png_out::write_grid(path, &images, scale)?;
-        report.line(&format!(
-            "{} image(s) written to {}",
-            images.dim(0),
-            path.display()
-        ));
+        let png = (|| -> Result<usize> {
+            let threads = crate::cluster_args::cores();
+            let images = crate::images::to_images(cluster.model(), &out.latent, threads)?; // [B, C, H, W] in [0, 1]
+            let scale = a
+                .png_scale
+                .unwrap_or_else(|| crate::png_out::auto_scale(images.dim(2), images.dim(3)));
+            crate::png_out::write_grid(path, &images, scale)?;
+            Ok(images.dim(0))
+        })();
+        match png {
+            Ok(n) => report.line(&format!("{n} image(s) written to {}", path.display())),
+            Err(e) => failures.push(e),
+        }
     }
-    Ok(())
+    match failures.len() {
+        0 => Ok(()),
+        1 => Err(failures.pop().expect("one")),
+        _ => {
+            let all: Vec<String> = failures.iter().map(crate::error_chain).collect();
+            bail!("both outputs failed: {}", all.join("; "))
+        }
+    }
 }

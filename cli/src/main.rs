@@ -14,6 +14,7 @@ mod generate;
 mod images;
 mod keygen;
 mod launch;
+mod output_file;
 mod plan;
 mod png_out;
 mod serve;
@@ -78,7 +79,7 @@ fn main() -> std::process::ExitCode {
 
 /// The error and its causes joined by ": ", skipping a cause whose text the message already
 /// holds (many error types print their source themselves: "cannot read X: Is a directory").
-fn error_chain(e: &anyhow::Error) -> String {
+pub(crate) fn error_chain(e: &anyhow::Error) -> String {
     let mut msg = e.to_string();
     for cause in e.chain().skip(1) {
         let c = cause.to_string();

@@ -37,20 +37,24 @@ pub(crate) fn write_grid(path: &Path, images: &Tensor, scale: usize) -> Result<(
         );
         (i < b && x < w && y < h).then_some((i, y, x))
     };
-    let res = if c == 1 {
+    let image: image::DynamicImage = if c == 1 {
         ImageBuffer::from_fn(gw, gh, |gx, gy| {
             Luma([at(gx, gy).map_or(GAP, |(i, y, x)| px(i, 0, y, x))])
         })
-        .save(path)
+        .into()
     } else {
         ImageBuffer::from_fn(gw, gh, |gx, gy| {
             Rgb(at(gx, gy).map_or([GAP; 3], |(i, y, x)| {
                 [px(i, 0, y, x), px(i, 1, y, x), px(i, 2, y, x)]
             }))
         })
-        .save(path)
+        .into()
     };
-    res.with_context(|| format!("writing {}", path.display()))
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .with_context(|| format!("encoding {}", path.display()))?;
+    crate::output_file::write_output(path, png.get_ref(), "--out")
 }
 
 /// The upscaling that makes each tile at least 96 pixels on its shorter side.

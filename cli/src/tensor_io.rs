@@ -65,7 +65,7 @@ pub(crate) fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<
             ))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, None, path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let data = safetensors::serialize(views, None)
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    crate::output_file::write_output(path, &data, "--save-latent")
 }
