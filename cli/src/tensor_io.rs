@@ -8,6 +8,15 @@ use kernels::Tensor;
 
 /// All floating-point tensors of a safetensors file, as f32.
 pub(crate) fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    // A FIFO would block the read forever; a folder gives an OS error that names nothing.
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{}: not a regular file (a directory, FIFO or device); give a safetensors file",
+            path.display()
+        );
+    }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;

@@ -65,6 +65,13 @@ fn special_targets_are_written_through_or_refused_never_replaced() {
         assert!(!o.status.success() && err.contains("a FIFO"), "{err}");
         assert!(!err.contains("step"), "refused before any compute: {err}");
         assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        // An input that is a FIFO is refused too (reading it would block forever).
+        let o = generate(&["--latents", fifo.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("not a regular file"),
+            "{err}"
+        );
     }
     let o = generate(&["--save-latent", dir.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);

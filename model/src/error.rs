@@ -109,10 +109,32 @@ impl ModelError {
 
 /// Reads and parses a JSON file with errors that name the file and line.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
+    regular_file(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| ModelError::Json {
         path: path.to_path_buf(),
         line: e.line(),
         msg: e.to_string(),
     })
+}
+
+/// Errors unless `path` is a regular file (after following links): reading a FIFO would block
+/// forever, a folder gives the OS's "Is a directory" or "No such device".
+pub(crate) fn regular_file(path: &std::path::Path) -> Result<()> {
+    let m = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if m.is_file() {
+        return Ok(());
+    }
+    let kind = if m.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file (a FIFO, socket or device)"
+    };
+    Err(ModelError::io(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{kind}; a model file must be a regular file"),
+        ),
+    ))
 }

@@ -68,6 +68,21 @@ impl SafetensorsDir {
                         "expected a file name",
                     )
                 })?;
+                // Confined to the model folder: one plain file name, no `..`, no absolute path.
+                let mut parts = Path::new(file).components();
+                if !matches!(
+                    (parts.next(), parts.next()),
+                    (Some(std::path::Component::Normal(_)), None)
+                ) {
+                    return Err(ModelError::config(
+                        &index_path,
+                        &format!("weight_map.{name}"),
+                        format!(
+                            "`{file}` is not a file name inside the model folder (shards must sit \
+                             beside the index)"
+                        ),
+                    ));
+                }
                 index.insert(name.clone(), dir.join(file));
             }
             Some(index)
@@ -122,6 +137,7 @@ impl SafetensorsDir {
         if let Some(f) = open.get(path) {
             return Ok(f.clone());
         }
+        crate::error::regular_file(path)?;
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         // SAFETY: the file is opened read-only; like every mmap-based loader (candle, safetensors'
         // own Python loader) we assume it is not truncated while the model is loading.

@@ -90,6 +90,7 @@ pub enum Scheduler {
 impl Scheduler {
     /// Reads a `scheduler_config.json`.
     pub fn from_file(path: &Path) -> Result<Scheduler> {
+        crate::error::regular_file(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         // Python's json writes bare -Infinity / NaN values (e.g. `lambda_min_clipped`): not JSON;
         // read them as null (the field's default).
