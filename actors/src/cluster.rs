@@ -89,6 +89,9 @@ impl Cluster {
                 .into());
         }
         let model = ModelSource::from_spec(&spec)?;
+        // Check the layout against the model before building anything per device: the
+        // in-process network has a link per pair of devices (N^2 of them).
+        startup_plan(&spec, &model.config)?;
         let endpoints = MemoryNetwork::build(spec.device_count())
             .into_iter()
             .map(Some)

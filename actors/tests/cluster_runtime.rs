@@ -373,3 +373,20 @@ async fn cancelled_requests_end_and_the_next_one_is_exact() {
     next_request_is_exact(&cluster, 2, 2).await;
     cluster.shutdown().await;
 }
+
+/// A layout the model cannot take is refused before anything per device is built (issue 16
+/// group 3: the in-process network has a link per pair of devices, so 100,000 devices built
+/// first would take ~10^10 links).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_layout_is_refused_before_building_devices() {
+    let s = ClusterSpec::local_cpu(100_000, 1, ModelSpec::Path(dit_pf()));
+    let e = Cluster::start(s, ClusterOptions::default())
+        .await
+        .err()
+        .expect("100,000 stages for 4 layers")
+        .to_string();
+    assert!(
+        e.contains("pipefusion_degree") && e.contains("layers"),
+        "{e}"
+    );
+}
