@@ -194,3 +194,23 @@ fn stale_buffers_drift_and_warmup_reduces_the_drift() {
         "drift must shrink with W: {drift:?}"
     );
 }
+
+/// A latent that turns non-finite (here: a NaN planted in the initial noise, which the binary
+/// refuses at input; a diverging model would do the same) fails the request naming the step and
+/// the token rows, instead of finishing with a NaN image (issue 16 group 5).
+#[test]
+fn a_non_finite_latent_fails_naming_the_step() {
+    let cfg = tiny(Arch::Dit);
+    let req = request_for(Arch::Dit);
+    let sched = Scheduler::named("ddim").unwrap();
+    let mut noise = model::gaussian(&[2, 4, 16, 12], 5);
+    noise.as_f32_mut().unwrap()[100] = f32::NAN;
+    let s = setup(&cfg, &req, &sched, 3, &noise, 2, 1);
+    let mut st = stages(cfg.num_layers, 2, |r| {
+        Transformer::random(cfg.clone(), 3, Some(r), cpu()).unwrap()
+    });
+    let e = actors::stage::run_in_order(&mut st, s)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("step 0") && e.contains("non-finite"), "{e}");
+}

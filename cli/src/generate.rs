@@ -225,10 +225,24 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
             if x.shape() != shape {
                 bail!("{}: latents have shape {:?}, the request needs {:?} (batch, channels, height/{f}, width/{f})", path.display(), x.shape(), shape);
             }
+            check_values(path, "latents", &x, MAX_NOISE)?;
             x
         }
         None => gaussian(&shape, a.seed),
     };
+    if let Some(c) = &caption {
+        let path = a.prompt_embeds.as_deref().unwrap_or(Path::new("prompt"));
+        for (name, t) in [
+            ("prompt_embeds", Some(&c.embeds)),
+            ("negative_prompt_embeds", c.negative.as_ref().map(|n| &n.0)),
+            ("pooled_prompt_embeds", c.pooled.as_ref()),
+            ("negative_pooled_prompt_embeds", c.negative_pooled.as_ref()),
+        ] {
+            if let Some(t) = t {
+                check_values(path, name, t, f32::MAX)?;
+            }
+        }
+    }
     Ok(GenerateRequest {
         request: Request {
             class_labels: if a.class_labels.is_empty() && cfg.arch == Arch::Dit {
@@ -249,7 +263,41 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
 
 /// The classifier-free guidance scale and Flux-dev's embedded guidance the flags ask for; a
 /// guidance flag the model cannot use is an error.
+/// The largest initial-noise magnitude accepted from a --latents file (Gaussian noise stays far
+/// below it; 3e38 or a typo'd scale would only produce garbage).
+const MAX_NOISE: f32 = 1e4;
+
+/// Refuses NaN, infinite and (beyond `max`) absurd values in an input tensor, naming the file,
+/// the tensor and the first bad element.
+fn check_values(path: &Path, name: &str, t: &kernels::Tensor, max: f32) -> Result<()> {
+    if let Some((i, v)) = t
+        .as_f32()?
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite() || v.abs() > max)
+    {
+        bail!(
+            "{}: `{name}` element {i} is {v}: inputs must be finite{}",
+            path.display(),
+            if max < f32::MAX {
+                format!(" and within +-{max:e}")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
 fn guidance(a: &GenerateArgs, cfg: &model::ModelConfig) -> Result<(f32, Option<f32>)> {
+    for (flag, v) in [
+        ("--guidance-scale", a.guidance_scale),
+        ("--true-cfg-scale", a.true_cfg_scale),
+    ] {
+        if let Some(v) = v.filter(|v| !v.is_finite() || *v < 0.0) {
+            bail!("{flag} {v}: must be a finite number >= 0 (1 disables guidance)");
+        }
+    }
     if let (Some(s), false) = (a.true_cfg_scale, cfg.arch == Arch::Flux) {
         bail!("--true-cfg-scale {s}: only Flux models take it (use --guidance-scale)");
     }

@@ -295,7 +295,18 @@ impl StageExecutor {
         if job.ends_step {
             sampler.advance();
         }
-        Ok(latent.narrow(2, r0 * p, n_rows * p)?)
+        let rows = latent.narrow(2, r0 * p, n_rows * p)?;
+        // A diverging model or input is an error naming where, not a NaN image.
+        if rows.as_f32()?.iter().any(|v| !v.is_finite()) {
+            return Err(ClusterError::BadRequest(format!(
+                "step {}: the latent became non-finite (NaN or infinite) in token rows {}..{} \
+                 at the last stage: the model, its weights or the request's inputs diverge",
+                job.step,
+                r0,
+                r0 + n_rows
+            )));
+        }
+        Ok(rows)
     }
 
     /// Whether `job` is a whole-image step of a sequence-parallel rank inside a PipeFusion plan

@@ -1,0 +1,52 @@
+//! Non-finite and absurd inputs are refused naming the flag, file, tensor and element (issue 16
+//! group 5): `--latents` holding NaN, inf or 3e38, `--guidance-scale inf` / `nan` / negative.
+
+mod common;
+
+use common::pipefuse;
+
+fn write_latents(path: &std::path::Path, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    // The demo model's latent: [B, 1, 16, 16] pixels (pixel space).
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 1, 16, 16], &bytes)
+            .unwrap();
+    safetensors::serialize_to_file([("latents", view)], None, path).unwrap();
+}
+
+#[test]
+fn non_finite_inputs_are_refused_naming_where() {
+    let dir = std::env::temp_dir().join(format!("pipefuse-badvalues-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (tag, bad) in [("nan", f32::NAN), ("inf", f32::INFINITY), ("huge", 3e38)] {
+        let mut v = vec![0.5f32; 256];
+        v[17] = bad;
+        let p = dir.join(format!("{tag}.safetensors"));
+        write_latents(&p, &v);
+        let o = pipefuse(&[
+            "generate",
+            "--class-label",
+            "3",
+            "--steps",
+            "1",
+            "--latents",
+            p.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{tag}: {err}");
+        assert!(
+            err.contains("`latents` element 17") && err.contains("finite"),
+            "{tag}: {err}"
+        );
+    }
+    for scale in ["inf", "NaN", "-2"] {
+        let flag = format!("--guidance-scale={scale}");
+        let o = pipefuse(&["generate", "--class-label", "3", "--steps", "1", &flag]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--guidance-scale"),
+            "{scale}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
