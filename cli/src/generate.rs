@@ -468,6 +468,18 @@ pub(crate) async fn generate_with(
     let req = request(a, cluster)?;
     let plan = cluster.plan(&req)?;
     check_outputs(a, cluster)?;
+    if a.out.is_some() {
+        // The PNG's size is known now: refuse an absurd --png-scale before any compute.
+        let f = crate::images::pixel_factor(cluster.model())?;
+        let [b, _, h, w] = req.noise.shape() else {
+            bail!("the request's latent is not [B, C, H, W]");
+        };
+        let (h, w) = (h * f, w * f);
+        let scale = a
+            .png_scale
+            .unwrap_or_else(|| crate::png_out::auto_scale(h, w));
+        crate::png_out::grid_size(*b, h, w, scale)?;
+    }
     if a.out.is_none() && a.save_latent.is_none() {
         report.line("note: neither --out nor --save-latent given: the result is only summarised");
     }

@@ -20,10 +20,9 @@ pub(crate) fn write_grid(path: &Path, images: &Tensor, scale: usize) -> Result<(
         bail!("{c}-channel images cannot be written as PNG (1 or 3 channels)");
     }
     let v = images.as_f32()?;
-    let (cols, scale) = (b.clamp(1, 10), scale.max(1));
-    let rows = b.div_ceil(cols);
+    let cols = b.clamp(1, 10);
+    let (gw, gh) = grid_size(b, h, w, scale)?;
     let (tw, th) = ((w + 1) * scale, (h + 1) * scale);
-    let (gw, gh) = ((cols * tw) as u32, (rows * th) as u32);
     let px = |i: usize, ch: usize, y: usize, x: usize| -> u8 {
         let f = v[((i * c + ch) * h + y) * w + x];
         (f.clamp(0.0, 1.0) * 255.0).round() as u8
@@ -60,4 +59,24 @@ pub(crate) fn write_grid(path: &Path, images: &Tensor, scale: usize) -> Result<(
 /// The upscaling that makes each tile at least 96 pixels on its shorter side.
 pub(crate) fn auto_scale(h: usize, w: usize) -> usize {
     96usize.div_ceil(h.min(w).max(1)).max(1)
+}
+
+/// The grid's width and height in pixels for `b` images of `h` x `w` at `scale`, refused (naming
+/// --png-scale) beyond 2^28 pixels (768 MiB of RGB) before anything is allocated.
+pub(crate) fn grid_size(b: usize, h: usize, w: usize, scale: usize) -> Result<(u32, u32)> {
+    if scale == 0 {
+        bail!("--png-scale 0: the scale is a whole number >= 1");
+    }
+    let cols = b.clamp(1, 10);
+    let rows = b.div_ceil(cols);
+    let size = |n: usize, side: usize| n.checked_mul(side.checked_add(1)?)?.checked_mul(scale);
+    match (size(cols, w), size(rows, h)) {
+        (Some(gw), Some(gh)) if gw.checked_mul(gh).is_some_and(|p| p <= 1 << 28) => {
+            Ok((gw as u32, gh as u32))
+        }
+        _ => bail!(
+            "--png-scale {scale}: a grid of {b} images of {h}x{w} pixels at that scale is too \
+             large (at most 2^28 pixels)"
+        ),
+    }
 }

@@ -50,3 +50,36 @@ fn non_finite_inputs_are_refused_naming_where() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Flags that used to be taken silently (issue 16 groups 2 and 8): `--png-scale 0` acted as 1,
+/// `--png-scale 100000` aborted allocating the grid, `bench forward --threads 0` ran.
+#[test]
+fn zero_and_absurd_scales_and_thread_counts_are_refused() {
+    let png = std::env::temp_dir().join(format!("pipefuse-badscale-{}.png", std::process::id()));
+    for scale in ["0", "100000"] {
+        let o = pipefuse(&[
+            "generate",
+            "--class-label",
+            "3",
+            "--steps",
+            "1",
+            "--png-scale",
+            scale,
+            "--out",
+            png.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--png-scale"),
+            "{scale}: {err}"
+        );
+        assert!(
+            !err.contains("step 1/"),
+            "refused before any compute: {err}"
+        );
+        assert!(!png.exists(), "nothing written");
+    }
+    let o = pipefuse(&["bench", "forward", "--preset", "DiT-S/2", "--threads", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--threads 0"), "{err}");
+}

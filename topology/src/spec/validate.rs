@@ -35,6 +35,10 @@ fn nodes(s: &ClusterSpec) -> Result<()> {
             Some("add a [[nodes]] table with `name` and `devices`".into()),
         ));
     }
+    // First index of each name and address (hash maps: a topology of 100,000 nodes is checked in
+    // linear time).
+    let mut names: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut addresses: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, node) in s.nodes.iter().enumerate() {
         let path = format!("nodes[{i}]");
         if node.name.trim().is_empty() {
@@ -44,7 +48,7 @@ fn nodes(s: &ClusterSpec) -> Result<()> {
                 Some("give every node a unique, non-empty name".into()),
             ));
         }
-        if let Some(j) = s.nodes[..i].iter().position(|n| n.name == node.name) {
+        if let Some(j) = names.insert(&node.name, i) {
             return Err(s.error(
                 &format!("{path}.name"),
                 format!("node name `{}` is already used by nodes[{j}]", node.name),
@@ -57,6 +61,13 @@ fn nodes(s: &ClusterSpec) -> Result<()> {
                     &format!("{path}.address"),
                     format!("address `{address}`: {why}"),
                     Some("write \"host:port\", e.g. \"10.0.0.2:7000\" or \"[::1]:7000\"".into()),
+                ));
+            }
+            if let Some(j) = addresses.insert(address, i) {
+                return Err(s.error(
+                    &format!("{path}.address"),
+                    format!("address `{address}` is already used by nodes[{j}]"),
+                    Some("every node listens on its own host:port".into()),
                 ));
             }
         }

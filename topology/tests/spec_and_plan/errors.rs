@@ -153,6 +153,20 @@ fn duplicate_node_names_are_rejected() {
     rejects(&text, "nodes[1].name", Some(15), "already used by nodes[0]");
 }
 
+/// Two nodes on one host:port could never both listen (issue 16 group 8: it used to pass and
+/// fail later at `launch` with a certificate error).
+#[test]
+fn duplicate_node_addresses_are_rejected() {
+    let text = edit(&[(12, "name = \"a\"\naddress = \"127.0.0.1:7000\""), (1, "coordinator = \"a\"")])
+        + "[[nodes]]\nname = \"b\"\naddress = \"127.0.0.1:7000\"\ndevices = [ { kind = \"cpu\" } ]\n";
+    rejects(
+        &text,
+        "nodes[1].address",
+        Some(17),
+        "already used by nodes[0]",
+    );
+}
+
 #[test]
 fn coordinator_must_name_a_node() {
     rejects(
