@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use kernels::Device;
 use model::sampler::Scheduler;
-use model::{Arch, ModelConfig, Transformer};
+use model::{ModelConfig, Transformer};
 use topology::{ClusterSpec, DeviceSpec, ModelSpec};
 
 use crate::error::Result;
@@ -119,13 +119,7 @@ impl ModelSource {
     pub fn default_scheduler(&self) -> Result<Scheduler> {
         match &self.scheduler_file {
             Some(f) => Ok(Scheduler::from_file(f)?),
-            None => Ok(Scheduler::named(match self.config.arch {
-                Arch::Dit => "ddim",
-                Arch::PixArt => "dpm",
-                Arch::Sd3 => "flow",
-                Arch::Flux => "flux",
-            })
-            .expect("built-in scheduler")),
+            None => Ok(Scheduler::family_default(self.config.arch)),
         }
     }
 

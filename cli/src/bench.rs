@@ -112,11 +112,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let side = a.resolution / 8;
     let latent = model::gaussian(&[a.batch, cfg.in_channels, side, side], 1);
     let text = cfg.arch != Arch::Dit;
-    let caption_tokens = a.caption_tokens.unwrap_or(match cfg.arch {
-        Arch::Dit | Arch::PixArt => 120,
-        Arch::Sd3 => 333,
-        Arch::Flux => 512,
-    });
+    let caption_tokens = a.caption_tokens.unwrap_or(cfg.typical_text_tokens());
     let (pooled, guidance) = match &cfg.mmdit {
         Some(model::mmdit::MmditConfig::Sd3(c)) => (Some(c.pooled_projection_dim), false),
         Some(model::mmdit::MmditConfig::Flux(c)) => {

@@ -75,15 +75,13 @@ fn bench_request(cfg: &ModelConfig, a: &PipelineArgs) -> GenerateRequest {
     let side = a.resolution / 8;
     let b = a.batch;
     let guided = a.guidance_scale > 1.0;
-    let (tokens, pooled, embedded, scheduler) = match &cfg.mmdit {
-        None if cfg.arch == model::Arch::Dit => (0, None, None, "ddim"),
-        None => (120, None, None, "dpm"),
-        Some(MmditConfig::Sd3(c)) => (333, Some(c.pooled_projection_dim), None, "flow"),
+    let tokens = cfg.typical_text_tokens();
+    let (pooled, embedded) = match &cfg.mmdit {
+        None => (None, None),
+        Some(MmditConfig::Sd3(c)) => (Some(c.pooled_projection_dim), None),
         Some(MmditConfig::Flux(c)) => (
-            512,
             Some(c.pooled_projection_dim),
             c.guidance_embeds.then_some(3.5),
-            "flux",
         ),
     };
     let embeds = |seed| model::gaussian(&[b, tokens, cfg.caption_channels], seed);
@@ -108,7 +106,7 @@ fn bench_request(cfg: &ModelConfig, a: &PipelineArgs) -> GenerateRequest {
             embedded_guidance: embedded,
         },
         steps: a.steps,
-        scheduler: Scheduler::named(scheduler).expect("built-in"),
+        scheduler: Scheduler::family_default(cfg.arch),
         noise: model::gaussian(&[b, cfg.in_channels, side, side], 0),
     }
 }

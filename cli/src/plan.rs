@@ -59,8 +59,7 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
             bail!("--prompt-tokens {t}: only SD3 and Flux models put prompt tokens in the sequence")
         }
         (model::Arch::Dit | model::Arch::PixArt, None) => 0,
-        (model::Arch::Sd3, t) => t.unwrap_or(333),
-        (model::Arch::Flux, t) => t.unwrap_or(512),
+        (model::Arch::Sd3 | model::Arch::Flux, t) => t.unwrap_or(cfg.typical_text_tokens()),
     };
     let shape = ModelShape {
         layers: cfg.num_layers,

@@ -46,6 +46,14 @@ pub enum KernelError {
         /// Why not, for the user.
         reason: String,
     },
+    /// A CUDA driver call failed on a GPU that is there (allocation, copy, launch).
+    #[error("CUDA {op}: {message}")]
+    Cuda {
+        /// The call.
+        op: String,
+        /// The driver's error.
+        message: String,
+    },
     /// A CUDA kernel source did not compile (or NVRTC is missing), with the compiler's log.
     #[error("NVRTC, {file} for {arch}: {message}")]
     Nvrtc {

@@ -66,10 +66,7 @@ impl SelfAttention {
             }
             AttnMode::Buffer(slot) => {
                 slot.buf.write(slot.layer, slot.first, &qkv)?;
-                let buf = &*slot.buf;
-                let kv = buf.layer(slot.layer); // [B, S, 2d]
-                let (k, v) = (AttnView::of(kv, 0)?, AttnView::of(kv, d)?);
-                dev.attention(q, k, v, buf.bias(), b, heads, hd)? // [B, n, d]
+                slot.buf.attend(dev, slot.layer, q, None, (b, heads, hd))? // [B, n, d]
             }
         };
         self.out.forward(dev, &o)

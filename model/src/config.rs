@@ -265,6 +265,18 @@ impl ModelConfig {
 }
 
 impl ModelConfig {
+    /// The text tokens a typical request has: PixArt's caption (120, cross-attention), SD3's
+    /// prompt in the joint sequence (333 = 77 CLIP + 256 T5), Flux's (512 T5); 0 for DiT. What
+    /// `bench` and `plan` assume when not told.
+    pub fn typical_text_tokens(&self) -> usize {
+        match self.arch {
+            Arch::Dit => 0,
+            Arch::PixArt => 120,
+            Arch::Sd3 => 333,
+            Arch::Flux => 512,
+        }
+    }
+
     /// FLOPs of one forward over `batch` latents of `tokens` tokens (multiply-add = 2; softmax,
     /// norms, activations and biases not counted), the formula `tools/bench_torch.py` shares:
     /// per block `2 R d (3d + d + 4d + 4d)` linear + `4 B T^2 d` attention + per-block modulation

@@ -6,7 +6,7 @@
 //! and attends to the whole buffer: rows written earlier this step are fresh, the rest are from
 //! the previous step. Tokens never written in this request are masked out (warmup W = 0).
 
-use kernels::Tensor;
+use kernels::{AttnView, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 
@@ -98,25 +98,8 @@ impl KvBuffer {
         self.written[first..first + n]
             .iter_mut()
             .for_each(|w| *w = true);
-        self.bias = if self.written.iter().all(|&w| w) {
-            None
-        } else {
-            let row: Vec<f32> = self
-                .written
-                .iter()
-                .map(|&w| if w { 0.0 } else { f32::NEG_INFINITY })
-                .collect();
-            Some(Tensor::from_vec(
-                row.repeat(self.batch),
-                &[self.batch, self.tokens],
-            )?)
-        };
+        self.bias = key_mask(&self.written, self.batch)?;
         Ok(())
-    }
-
-    /// The key bias masking unwritten tokens, `None` once all are written.
-    pub(crate) fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
     }
 
     /// [`bias`](Self::bias) of the first `n` tokens only (`[B', n]`; `None` if all are written).
@@ -127,17 +110,7 @@ impl KvBuffer {
                 self.tokens
             )));
         }
-        if self.written[..n].iter().all(|&w| w) {
-            return Ok(None);
-        }
-        let row: Vec<f32> = self.written[..n]
-            .iter()
-            .map(|&w| if w { 0.0 } else { f32::NEG_INFINITY })
-            .collect();
-        Ok(Some(Tensor::from_vec(
-            row.repeat(self.batch),
-            &[self.batch, n],
-        )?))
+        key_mask(&self.written[..n], self.batch)
     }
 
     /// Copies K and V of `qkv: [B', n, 3d]` (columns `d..3d`) into rows `first..first + n` of
@@ -178,8 +151,52 @@ impl KvBuffer {
         Ok(())
     }
 
-    /// Layer `layer`'s buffer `[B', S, 2d]`.
-    pub(crate) fn layer(&self, layer: usize) -> &Tensor {
-        &self.layers[layer]
+    /// Attention of queries `q` (`heads` heads of `head_dim`, the buffer's width) over layer
+    /// `layer`'s keys and values: all its rows, or with `keys = Some(n)` only the first `n`
+    /// (SD3.5's image-only attention); unwritten rows are masked.
+    pub(crate) fn attend(
+        &self,
+        dev: &Device,
+        layer: usize,
+        q: AttnView<'_>,
+        keys: Option<usize>,
+        (batch, heads, head_dim): (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let kv = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| ModelError::Input(format!("the K/V buffer has no layer {layer}")))?;
+        let prefix_bias;
+        let (seq, bias) = match keys {
+            None => (self.tokens, self.bias.as_ref()),
+            Some(n) => {
+                prefix_bias = self.bias_prefix(n)?;
+                (n, prefix_bias.as_ref())
+            }
+        };
+        let view = |col| AttnView {
+            tensor: kv,
+            seq,
+            batch_stride: self.tokens * 2 * self.hidden,
+            row_stride: 2 * self.hidden,
+            col_offset: col,
+        };
+        Ok(dev.attention(q, view(0), view(self.hidden), bias, batch, heads, head_dim)?)
     }
+}
+
+/// The additive key bias `[batch, written.len()]` masking unwritten tokens (`-inf`), `None` when
+/// every token is written.
+fn key_mask(written: &[bool], batch: usize) -> Result<Option<Tensor>> {
+    if written.iter().all(|&w| w) {
+        return Ok(None);
+    }
+    let row: Vec<f32> = written
+        .iter()
+        .map(|&w| if w { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
+    Ok(Some(Tensor::from_vec(
+        row.repeat(batch),
+        &[batch, written.len()],
+    )?))
 }

@@ -220,7 +220,7 @@ fn run_pipeline(
     negative: bool,
 ) -> (Vec<f32>, Tensor) {
     use model::sampler::guidance::denoise;
-    use model::sampler::{PipelineTimesteps, SamplerState, Scheduler};
+    use model::sampler::{SamplerState, Scheduler};
     let dir = fixtures().join(format!("{folder}_pipeline"));
     let prompt = Fixture::load(&format!("{name}_prompt.safetensors"));
     let noise = Fixture::load(&format!("{name}_noise.safetensors"))
@@ -241,14 +241,9 @@ fn run_pipeline(
         embedded_guidance,
     };
     let p = model::PreparedRequest::new(&cfg, &req).unwrap();
-    let how = match cfg.arch {
-        model::Arch::Flux => PipelineTimesteps::FluxSigmas,
-        _ => PipelineTimesteps::Default,
-    };
-    let tokens = (noise.dim(2) / cfg.patch_size) * (noise.dim(3) / cfg.patch_size);
     let plan = Scheduler::from_file(&dir.join("scheduler/scheduler_config.json"))
         .unwrap()
-        .plan_for(4, tokens, how)
+        .plan_for_model(4, &cfg, [noise.dim(2), noise.dim(3)])
         .unwrap();
     let timesteps = plan.timesteps.clone();
     let model = Transformer::load(&dir.join("transformer"), None, Device::cpu(2).unwrap()).unwrap();

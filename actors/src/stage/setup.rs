@@ -54,12 +54,7 @@ impl RequestSetup {
     ) -> Result<RequestSetup> {
         let prepared = PreparedRequest::new(cfg, request)?;
         let [_, _, h, w] = prepared.latent_shape();
-        let p = cfg.patch_size.max(1);
-        let how = match cfg.arch {
-            model::Arch::Flux => model::sampler::PipelineTimesteps::FluxSigmas,
-            _ => model::sampler::PipelineTimesteps::Default,
-        };
-        let sampling = scheduler.plan_for(steps, (h / p) * (w / p), how)?;
+        let sampling = scheduler.plan_for_model(steps, cfg, [h, w])?;
         if noise.shape() != prepared.latent_shape() {
             return Err(ClusterError::BadRequest(format!(
                 "initial noise {:?} does not match the request's latent {:?}",

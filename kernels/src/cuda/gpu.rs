@@ -33,9 +33,9 @@ pub struct View {
 unsafe impl DeviceRepr for View {}
 
 fn gpu_error(what: &str, e: impl std::fmt::Debug) -> KernelError {
-    KernelError::CudaNotAvailable {
-        ordinal: 0,
-        reason: format!("{what}: {e:?}"),
+    KernelError::Cuda {
+        op: what.to_string(),
+        message: format!("{e:?}"),
     }
 }
 

@@ -157,7 +157,7 @@ pub(super) fn attend_joint(
         }
         Some(JointAttn::Buffer(slot)) => slot,
     };
-    let (n2, d) = (qkv.dim(1) - n1, heads * head_dim);
+    let n2 = qkv.dim(1) - n1;
     let rows = match slot.prompt_first {
         true => (slot.prompt_at, slot.image_at),
         false => (slot.image_at, slot.prompt_at),
@@ -169,16 +169,9 @@ pub(super) fn attend_joint(
         slot.buf
             .write(slot.layer, rows.1, &qkv.narrow(1, n1, n2)?)?;
     }
-    let kv = slot.buf.layer(slot.layer);
-    Ok(dev.attention(
-        AttnView::of(qkv, 0)?,
-        AttnView::of(kv, 0)?,
-        AttnView::of(kv, d)?,
-        slot.buf.bias(),
-        qkv.dim(0),
-        heads,
-        head_dim,
-    )?)
+    let q = AttnView::of(qkv, 0)?;
+    slot.buf
+        .attend(dev, slot.layer, q, None, (qkv.dim(0), heads, head_dim))
 }
 
 /// SD3.5's image-only attention of `qkv: [B, n, 3d]` (image tokens starting at buffer row
@@ -199,27 +192,11 @@ fn attend_image_only(
         }
         Some(JointAttn::Buffer(slot)) => slot,
     };
-    let d = heads * head_dim;
     slot.buf.write(slot.second_layer, slot.image_at, qkv)?;
-    let kv = slot.buf.layer(slot.second_layer);
-    let s = slot.image_tokens;
-    let view = |col| AttnView {
-        tensor: kv,
-        seq: s,
-        batch_stride: kv.dim(1) * kv.dim(2),
-        row_stride: kv.dim(2),
-        col_offset: col,
-    };
-    let bias = slot.buf.bias_prefix(s)?;
-    Ok(dev.attention(
-        AttnView::of(qkv, 0)?,
-        view(0),
-        view(d),
-        bias.as_ref(),
-        qkv.dim(0),
-        heads,
-        head_dim,
-    )?)
+    let q = AttnView::of(qkv, 0)?;
+    let dims = (qkv.dim(0), heads, head_dim);
+    slot.buf
+        .attend(dev, slot.second_layer, q, Some(slot.image_tokens), dims)
 }
 
 /// The prompt side of a block.

@@ -142,10 +142,39 @@ impl Scheduler {
         .ok()
     }
 
+    /// A model family's default scheduler (when its folder has none): DDIM for DiT, DPM-Solver++
+    /// for PixArt, flow-matching Euler for SD3 (shift 3) and Flux (FLUX.1-dev's dynamic shift).
+    pub fn family_default(arch: crate::Arch) -> Scheduler {
+        Scheduler::named(match arch {
+            crate::Arch::Dit => "ddim",
+            crate::Arch::PixArt => "dpm",
+            crate::Arch::Sd3 => "flow",
+            crate::Arch::Flux => "flux",
+        })
+        .expect("built-in scheduler")
+    }
+
     /// The plan for `steps` denoising steps as `set_timesteps(steps)` makes it (a scheduler
     /// that shifts by the image size needs [`plan_for`](Self::plan_for)).
     pub fn plan(&self, steps: usize) -> Result<SamplingPlan> {
         self.plan_for(steps, 0, PipelineTimesteps::Default)
+    }
+
+    /// The plan `cfg`'s diffusers pipeline makes for `steps` steps of a latent `[h, w]`:
+    /// FluxPipeline passes its own sigmas; a dynamically shifting scheduler shifts by the image's
+    /// token count.
+    pub fn plan_for_model(
+        &self,
+        steps: usize,
+        cfg: &crate::ModelConfig,
+        [h, w]: [usize; 2],
+    ) -> Result<SamplingPlan> {
+        let p = cfg.patch_size.max(1);
+        let how = match cfg.arch {
+            crate::Arch::Flux => PipelineTimesteps::FluxSigmas,
+            _ => PipelineTimesteps::Default,
+        };
+        self.plan_for(steps, (h / p) * (w / p), how)
     }
 
     /// The plan a model family's pipeline makes for `steps` steps of an image of `image_tokens`

@@ -52,31 +52,13 @@ pub(super) fn attend_patch_with_buffer<C: Collective>(
     if t > 0 {
         kv.buf.write_kv(kv.layer, j.prompt_at, &prompt)?;
     }
-    let buf = &*kv.buf;
-    let keys = buf.layer(kv.layer); // [B, S (+ T), 2w]
-    let prefix_bias;
-    let (seq, bias) = match j.keys {
-        0 => (keys.dim(1), buf.bias()),
-        k => {
-            prefix_bias = buf.bias_prefix(k)?;
-            (k, prefix_bias.as_ref())
-        }
-    };
-    let view = |col| AttnView {
-        tensor: keys,
-        seq,
-        batch_stride: keys.dim(1) * keys.dim(2),
-        row_stride: keys.dim(2),
-        col_offset: col,
-    };
-    let o = dev.attention(
+    let keys = (j.keys > 0).then_some(j.keys);
+    let o = kv.buf.attend(
+        dev,
+        kv.layer,
         AttnView::of(&row, 0)?,
-        view(0),
-        view(w),
-        bias,
-        qkv.dim(0),
-        heads / u,
-        head_dim,
+        keys,
+        (qkv.dim(0), heads / u, head_dim),
     )?; // [B, n_row, w]
     match u {
         1 => Ok(o),
