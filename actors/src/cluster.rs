@@ -30,6 +30,7 @@ use crate::coordinator::{CoordinatorActor, CoordinatorArgs, StageSlot};
 use crate::device::DeviceArgs;
 use crate::error::{ClusterError, Result};
 use crate::handles::CoordinatorHandle;
+use crate::memory::MemoryEstimate;
 use crate::messages::CoordinatorMessage;
 use crate::model_source::ModelSource;
 use crate::request::{ClusterOptions, GenerateOutput, GenerateRequest, RequestHandle};
@@ -72,6 +73,8 @@ pub struct Cluster {
     /// The next request's id. Held while a request is prepared and queued, so ids reach the
     /// coordinator in increasing order (devices rely on ids only growing).
     next_id: std::sync::Mutex<u64>,
+    /// Ranks whose devices run in this process (their memory is this host's).
+    local: Vec<bool>,
 }
 
 impl Cluster {
@@ -109,6 +112,7 @@ impl Cluster {
         remote: impl Fn(usize) -> Option<std::sync::Arc<dyn crate::handles::RemoteDevice>>,
     ) -> Result<Cluster> {
         let plan = startup_plan(&spec, &model.config)?;
+        let local = endpoints.iter().map(Option::is_some).collect();
         let mut devices: Vec<StageSlot> = Vec::new();
         for role in plan.roles() {
             let rank = role.rank;
@@ -151,6 +155,7 @@ impl Cluster {
             spec,
             model,
             next_id: std::sync::Mutex::new(1),
+            local,
         })
     }
 
@@ -171,22 +176,52 @@ impl Cluster {
 
     /// The plan a request runs under (layer owners, patch table); errors say why it cannot run.
     pub fn plan(&self, req: &GenerateRequest) -> Result<Plan> {
-        let prepared = PreparedRequest::new(&self.model.config, &req.request)?;
+        self.plan_of(&req.request)
+    }
+
+    fn plan_of(&self, request: &Request) -> Result<Plan> {
+        let prepared = PreparedRequest::new(&self.model.config, request)?;
         Ok(Plan::new(
             &self.spec,
             &shape_of(
                 &self.model.config,
                 prepared.forward_batch(),
                 prepared.batch(),
-                req.request.latent_size,
+                request.latent_size,
                 prepared.text_tokens(),
             ),
         )?)
     }
 
+    /// What `request` would allocate on this process's devices (K/V buffers, working sets,
+    /// latents; see [`crate::memory`]), before anything is allocated.
+    pub fn memory_estimate(&self, request: &Request) -> Result<MemoryEstimate> {
+        let plan = self.plan_of(request)?;
+        let prepared = PreparedRequest::new(&self.model.config, request)?;
+        let caption = request.caption.as_ref().map_or(0, |c| c.embeds.dim(1));
+        crate::memory::estimate_request(&self.model.config, &plan, &prepared, caption, |r| {
+            self.local.get(r).copied().unwrap_or(false)
+        })
+    }
+
+    /// [`Cluster::memory_estimate`] plus `outputs` bytes (what the caller allocates for the
+    /// result), checked against what this host can still allocate: `Err`
+    /// ([`ClusterError::OutOfMemory`]) naming both figures when it does not fit. Hosts where
+    /// that cannot be read pass.
+    pub fn check_memory(&self, request: &Request, outputs: u64) -> Result<MemoryEstimate> {
+        let mut est = self.memory_estimate(request)?;
+        est.outputs = outputs;
+        match kernels::host_memory() {
+            Some(host) => est.check(&host)?,
+            None => tracing::debug!("this host's free memory is unknown: memory check skipped"),
+        }
+        Ok(est)
+    }
+
     /// Submits a request; it runs after the ones before it.
     pub async fn submit(&self, req: GenerateRequest) -> Result<RequestHandle> {
         let plan = self.plan(&req)?;
+        self.check_memory(&req.request, 0)?;
         let schedule = ScheduleConfig {
             stages: plan.pipeline_len(),
             patches: plan.patches.len(),

@@ -59,6 +59,10 @@ pub enum ClusterError {
     /// The cluster is shut down or its coordinator stopped before answering.
     #[error("the cluster is not running: {0}")]
     NotRunning(String),
+    /// A request whose estimated memory exceeds what this process can still allocate, or whose
+    /// sizes overflow (checked before anything is allocated).
+    #[error("not enough memory: {0}")]
+    OutOfMemory(String),
     /// A request that the cluster cannot run as asked.
     #[error("bad request: {0}")]
     BadRequest(String),

@@ -20,6 +20,7 @@ mod device;
 pub mod error;
 mod fault;
 mod handles;
+pub mod memory;
 mod messages;
 mod model_source;
 mod node;
@@ -31,6 +32,7 @@ pub mod stage;
 pub use cluster::{startup_plan, Cluster};
 pub use error::{ClusterError, Result};
 pub use fault::Fault;
+pub use memory::MemoryEstimate;
 pub use model_source::{locate_model, ModelFolder, ModelSource};
 pub use node::{node_identity, Node};
 pub use request::{

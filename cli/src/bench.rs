@@ -106,6 +106,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     if a.resolution % p8 != 0 || a.resolution == 0 || a.batch == 0 || a.iters == 0 {
         bail!("--resolution must be a positive multiple of {p8}; --batch and --iters at least 1");
     }
+    check_forward_memory(&a, &cfg)?;
     let dev = Device::cpu(a.threads)?;
     eprintln!("building {} with random weights ...", a.preset);
     let model = Transformer::random(cfg.clone(), 0, None, dev.clone())?;
@@ -176,6 +177,47 @@ fn forward(a: ForwardArgs) -> Result<()> {
 }
 
 /// `cfg` with only `n` blocks (Flux: `n / 3` double-stream, the rest single-stream).
+/// Refuses, naming the flags, a forward whose weights (f32: four bytes per parameter, the
+/// parameters read off the FLOP formula at one token: two FLOPs per weight, plus 10% for
+/// embeddings and norms), inputs and working set (16 floats per token and hidden unit, 24 for
+/// MMDiT: see `actors::memory`) cannot fit in what this host can still allocate.
+fn check_forward_memory(a: &ForwardArgs, cfg: &ModelConfig) -> Result<()> {
+    let Some(host) = kernels::host_memory() else {
+        return Ok(());
+    };
+    let side = (a.resolution / 8) as f64;
+    let tokens = (side / cfg.patch_size as f64).powi(2);
+    let caption = match cfg.arch {
+        Arch::Dit => 0.0,
+        _ => a.caption_tokens.unwrap_or(cfg.typical_text_tokens()) as f64,
+    };
+    let (b, d) = (a.batch as f64, cfg.hidden() as f64);
+    let weights = cfg.forward_flops(1, 1, 0) / 2.0 * 4.0 * 1.1;
+    let per_token = if cfg.mmdit.is_some() { 24.0 } else { 16.0 };
+    let inputs = b * (side * side * cfg.in_channels as f64 + caption * cfg.caption_channels as f64);
+    let working = b * (tokens + caption) * d * per_token;
+    let need = weights + 4.0 * (inputs + working);
+    if need > host.available as f64 {
+        bail!(
+            "--preset {} --resolution {} --batch {}{}: the forward needs about {} (weights {}) \
+             but only {host}; use a smaller --resolution, --batch{} or --layers",
+            a.preset,
+            a.resolution,
+            a.batch,
+            a.caption_tokens
+                .map_or(String::new(), |t| format!(" --caption-tokens {t}")),
+            topology::human_bytes(need.min(u64::MAX as f64) as u64),
+            topology::human_bytes(weights as u64),
+            if caption > 0.0 {
+                ", --caption-tokens"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
 fn with_layers(cfg: ModelConfig, n: usize) -> Result<ModelConfig> {
     use model::mmdit::MmditConfig;
     if n == 0 || n > cfg.num_layers {

@@ -23,6 +23,18 @@ pub(crate) fn run(a: TransportArgs) -> Result<()> {
     if a.sizes_mib.is_empty() || a.sizes_mib.contains(&0) || a.count == 0 {
         bail!("--sizes-mib needs positive sizes and --count at least 1");
     }
+    // Each message exists about three times at once (sent, in flight, received), on top of the
+    // TCP run's copies: refuse sizes the host cannot hold before allocating any.
+    let largest = a.sizes_mib.iter().copied().max().unwrap_or(0);
+    let bytes = (largest as u64).checked_mul(4 << 20);
+    if let Some(host) = kernels::host_memory() {
+        if bytes.is_none_or(|b| b > host.available) {
+            bail!(
+                "--sizes-mib {largest}: a message of {largest} MiB needs about four times that \
+                 in memory, but only {host}"
+            );
+        }
+    }
     let sizes: Vec<usize> = a.sizes_mib.iter().map(|m| m << 20).collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

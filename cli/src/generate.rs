@@ -220,6 +220,43 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
         bail!("--height {h} / --width {w} must be positive multiples of {pf} (pixels per latent element {f} x patch size {})", cfg.patch_size);
     }
     let shape = [batch, cfg.in_channels, h / f, w / f];
+    let request = Request {
+        class_labels: if a.class_labels.is_empty() && cfg.arch == Arch::Dit {
+            (0..batch).collect()
+        } else {
+            a.class_labels.clone()
+        },
+        caption,
+        guidance_scale: scale,
+        latent_size: [h / f, w / f],
+        embedded_guidance,
+    };
+    // Everything the request will allocate, against what this host can give, before the noise
+    // (B C H W floats) or anything else of its size exists.
+    let png_scale = a.out.as_ref().map(|_| {
+        a.png_scale
+            .unwrap_or_else(|| crate::png_out::auto_scale(h, w))
+    });
+    let outputs = crate::images::output_bytes(cluster.model(), batch, (h, w), png_scale)?;
+    let estimate = cluster.check_memory(&request, outputs).map_err(|e| {
+        let size = match (a.height, a.width, &a.latents) {
+            (None, None, None) => format!(
+                "{h}x{w} px (the default: the model's sample_size {} x {f})",
+                cfg.sample_size
+            ),
+            (_, _, Some(p)) if a.height.is_none() => {
+                format!("{h}x{w} px (from --latents {})", p.display())
+            }
+            _ => format!("--height {h} / --width {w}"),
+        };
+        let images = match (a.class_labels.len(), &a.prompt_embeds) {
+            (0, None) => format!("{batch} image(s)"),
+            (n, None) => format!("{n} --class-label image(s)"),
+            (_, Some(p)) => format!("{batch} prompt(s) in {}", p.display()),
+        };
+        anyhow::anyhow!("{images} of {size}: {e}")
+    })?;
+    tracing::info!(%estimate, "request memory estimate");
     let noise = match given {
         Some((path, x)) => {
             if x.shape() != shape {
@@ -230,7 +267,7 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
         }
         None => gaussian(&shape, a.seed),
     };
-    if let Some(c) = &caption {
+    if let Some(c) = &request.caption {
         let path = a.prompt_embeds.as_deref().unwrap_or(Path::new("prompt"));
         for (name, t) in [
             ("prompt_embeds", Some(&c.embeds)),
@@ -244,17 +281,7 @@ fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
         }
     }
     Ok(GenerateRequest {
-        request: Request {
-            class_labels: if a.class_labels.is_empty() && cfg.arch == Arch::Dit {
-                (0..batch).collect()
-            } else {
-                a.class_labels.clone()
-            },
-            caption,
-            guidance_scale: scale,
-            latent_size: [h / f, w / f],
-            embedded_guidance,
-        },
+        request,
         steps,
         scheduler: scheduler(a, cluster)?,
         noise,

@@ -61,3 +61,43 @@ pub(crate) fn to_images(model: &ModelSource, latent: &Tensor, threads: usize) ->
         .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
     Ok(x)
 }
+
+/// Bytes the outputs of `batch` images of `h` x `w` pixels take after the request: the VAE
+/// decode's largest activations (about five copies of the biggest level: input, residual, group
+/// norm and convolution outputs, the upsampled map; its im2col buffer is bounded), the images in
+/// [0, 1], and the PNG grid (`png_scale`: refused naming --png-scale when absurd). Saturating:
+/// a figure near 2^64 is refused by the memory check anyway.
+pub(crate) fn output_bytes(
+    model: &ModelSource,
+    batch: usize,
+    (h, w): (usize, usize),
+    png_scale: Option<usize>,
+) -> Result<u64> {
+    let u = |x: usize| x as u64;
+    let pixels = u(batch).saturating_mul(u(h)).saturating_mul(u(w));
+    let mut bytes = pixels.saturating_mul(3 * 4 * 2);
+    if let Some(dir) = &model.vae_dir {
+        let vae = VaeConfig::from_dir(dir)?;
+        let f = u(vae.upscale_factor().max(1));
+        let latent = pixels / f.saturating_mul(f);
+        // Level i of the decoder runs at 4^i the latent's pixels with the reversed channels.
+        let largest = vae
+            .block_out_channels
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, &c)| {
+                let scale = 1u64.checked_shl(2 * i as u32).unwrap_or(u64::MAX);
+                latent.saturating_mul(scale).saturating_mul(u(c))
+            })
+            .max()
+            .unwrap_or(0);
+        // The upsampled map at the next level keeps the channels: counted by the 5 copies.
+        bytes = bytes.saturating_add(largest.saturating_mul(4 * 4 * 5));
+    }
+    if let Some(scale) = png_scale {
+        let (gw, gh) = crate::png_out::grid_size(batch, h, w, scale)?;
+        bytes = bytes.saturating_add(u(gw as usize * gh as usize).saturating_mul(3 * 2));
+    }
+    Ok(bytes)
+}

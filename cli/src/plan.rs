@@ -1,6 +1,6 @@
 //! `pipefuse plan`: how a topology splits a model and a request, without running anything.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use topology::{ModelShape, Plan};
 
@@ -53,7 +53,15 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
             );
         }
     }
-    let forward_batch = if a.guidance { 2 * a.batch } else { a.batch };
+    let forward_batch = match a.guidance {
+        true => a.batch.checked_mul(2).with_context(|| {
+            format!(
+                "--batch {}: twice that (guidance) does not fit in 64 bits",
+                a.batch
+            )
+        })?,
+        false => a.batch,
+    };
     let text_tokens = match (cfg.arch, a.prompt_tokens) {
         (model::Arch::Dit | model::Arch::PixArt, Some(t)) => {
             bail!("--prompt-tokens {t}: only SD3 and Flux models put prompt tokens in the sequence")
@@ -96,7 +104,10 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         };
         // MMDiT: every joint attention's buffer also holds the T prompt rows; SD3.5's image-only
         // second attentions (MMDiT-X) hold the image rows once more.
-        let image = shape.token_rows * shape.token_cols;
+        let image = shape
+            .token_rows
+            .checked_mul(shape.token_cols)
+            .with_context(|| format!("--height {h} / --width {w}: too many tokens"))?;
         let second = match &cfg.mmdit {
             Some(model::mmdit::MmditConfig::Sd3(c)) => c
                 .dual_attention_layers
@@ -105,13 +116,15 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
                 .count(),
             _ => 0,
         };
-        let kv = width.map_or(0, |w| {
-            2 * (forward_batch / plan.cfg_degree)
-                * w
-                * 4
-                * ((image + text_tokens) * st.layers.len() + image * second)
+        // In f64: a batch of 2^40 gives a huge figure, not a wrapped small one.
+        let kv = width.map_or(0.0, |w| {
+            2.0 * (forward_batch / plan.cfg_degree) as f64
+                * w as f64
+                * 4.0
+                * ((image + text_tokens) as f64 * st.layers.len() as f64
+                    + image as f64 * second as f64)
         });
-        let mib = kv as f64 / (1 << 20) as f64;
+        let mib = kv / (1 << 20) as f64;
         if plan.cfg_degree > 1 || plan.sp.degree() > 1 {
             println!(
                 "device {} (stage {}, CFG group {}, SP rank {}) K/V buffers: {mib:.2} MiB",

@@ -32,6 +32,7 @@ mod device;
 mod dtype;
 mod error;
 mod host_bytes;
+mod host_memory;
 mod tensor;
 pub mod ulysses;
 
@@ -42,6 +43,7 @@ pub use device::AttnView;
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{KernelError, Result};
+pub use host_memory::{host_memory, HostMemory, MemoryLimit};
 pub use tensor::{CpuStorage, Storage, Tensor};
 
 /// Slow reference implementations of every fast op, for tests and validation harnesses.

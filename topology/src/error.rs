@@ -32,6 +32,9 @@ pub enum TopologyError {
         /// How to fix it.
         hint: Option<String>,
     },
+    /// A request whose sizes cannot be planned: a per-step activation of more than 2^64 bytes.
+    #[error("the request's sizes overflow: {0}")]
+    Overflow(String),
     /// An event that does not fit a stage's schedule (a duplicate or unknown input, a completion
     /// for work that was not launched): a bug or a misbehaving peer, never ignored.
     #[error("stage {stage}: {message}")]

@@ -19,6 +19,7 @@ mod spec;
 
 pub use error::{Result, TopologyError};
 pub use plan::*;
+pub use plan_report::human_bytes;
 pub use plan_sp::SequenceParallel;
 pub use role::{CfgRole, DeviceRole, SpRole};
 pub use shape::{patch_rows, split_layers, ModelShape};

@@ -87,6 +87,21 @@ impl Plan {
     pub fn new(spec: &ClusterSpec, shape: &ModelShape) -> Result<Plan> {
         spec.validate()?;
         let p = &spec.parallel;
+        // One step's hidden states (B' x tokens x d floats) must be a 64-bit byte count, so the
+        // plan's figures (link bytes, buffers) are exact or saturate, never wrap.
+        let tokens = (shape.token_rows as u64)
+            .checked_mul(shape.token_cols as u64)
+            .and_then(|t| t.checked_add(shape.text_tokens as u64));
+        let step_bytes = [shape.batch, shape.hidden.max(shape.latent_channels), 4]
+            .iter()
+            .fold(tokens, |a, &x| a.and_then(|a| a.checked_mul(x as u64)));
+        if step_bytes.is_none() {
+            return Err(crate::TopologyError::Overflow(format!(
+                "{} x {} tokens (+ {} prompt tokens), {} rows per forward, hidden size {}: one \
+                 step's activations exceed 2^64 bytes",
+                shape.token_rows, shape.token_cols, shape.text_tokens, shape.batch, shape.hidden
+            )));
+        }
 
         if p.cfg_degree == 2 && shape.batch != 2 * shape.latent_batch {
             return Err(spec.error(

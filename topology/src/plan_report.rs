@@ -16,6 +16,8 @@ impl Plan {
     /// once per layer). Empty for one device.
     pub fn link_bytes(&self) -> Vec<LinkBytes> {
         let s = &self.shape;
+        // Saturating: Plan::new refuses shapes whose step activations exceed 2^64 bytes, and a
+        // figure beyond that (many layers of exchanges) reads as u64::MAX, never wrapped.
         let product = |xs: &[usize]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
         let b = s.batch / self.cfg_degree.max(1);
         let all_rows = 0..s.token_rows;
@@ -37,8 +39,10 @@ impl Plan {
             product(&[
                 s.latent_batch,
                 s.latent_channels,
-                rows * s.patch_size,
-                s.token_cols * s.patch_size,
+                rows,
+                s.patch_size,
+                s.token_cols,
+                s.patch_size,
                 4,
             ])
         };
@@ -65,8 +69,9 @@ impl Plan {
                         true => s.text_tokens,
                         false => 0,
                     };
-                    let tokens = rows * s.token_cols + self.patches.len() * text;
-                    let hidden = product(&[b, tokens, s.hidden, 4]);
+                    let tokens = product(&[rows, s.token_cols])
+                        .saturating_add(product(&[self.patches.len(), text]));
+                    let hidden = product(&[b, s.hidden, 4]).saturating_mul(tokens);
                     link(pipe[stage + 1], hidden, LinkKind::Hidden)
                 } else {
                     link(pipe[0], latent(rows), LinkKind::Latent)
@@ -86,8 +91,9 @@ impl Plan {
                     continue;
                 }
                 // Q, K, V of my tokens for its heads; my heads' output for its tokens.
-                let tokens = (3 * rows + rows_of(o)) * s.token_cols;
-                let bytes = product(&[b, tokens, w, 4, layers]);
+                let tokens = product(&[3, rows, s.token_cols])
+                    .saturating_add(product(&[rows_of(o), s.token_cols]));
+                let bytes = product(&[b, w, 4, layers]).saturating_mul(tokens);
                 links.push(link(other, bytes, LinkKind::SequenceParallel));
             }
             if r_deg > 1 {
@@ -97,8 +103,8 @@ impl Plan {
                     .filter(|o| o / u_deg == next_row)
                     .map(rows_of)
                     .sum();
-                let tokens = (s.token_rows - row_tokens) * s.token_cols;
-                let bytes = product(&[b, tokens, 2 * w, 4, layers]);
+                let tokens = product(&[s.token_rows.saturating_sub(row_tokens), s.token_cols]);
+                let bytes = product(&[b, 2, w, 4, layers]).saturating_mul(tokens);
                 links.push(link(
                     members[u + u_deg * next_row],
                     bytes,
@@ -173,6 +179,14 @@ impl Plan {
             );
         }
         for l in self.link_bytes() {
+            if l.bytes_per_step == u64::MAX {
+                let _ = writeln!(
+                    out,
+                    "link {} -> {}: more than 2^64 bytes/step (the sizes overflow)",
+                    l.from, l.to
+                );
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "link {} -> {}: {} bytes/step ({}, {})",
@@ -198,11 +212,11 @@ impl Plan {
     }
 }
 
-/// `1536` -> `1.5 KiB`.
-fn human_bytes(bytes: u64) -> String {
+/// `1536` -> `1.5 KiB`; `3 << 30` -> `3.0 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
     let mut value = bytes as f64;
     let mut unit = "B";
-    for next in ["KiB", "MiB", "GiB", "TiB"] {
+    for next in ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"] {
         if value < 1024.0 {
             break;
         }

@@ -409,3 +409,55 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Size arithmetic never wraps: any shape either is refused (`Overflow`, naming the sizes) or
+    /// plans with link figures equal to the exact products (computed here in 128 bits) or
+    /// saturated at u64::MAX.
+    #[test]
+    fn plan_sizes_are_exact_or_refused(
+        rows_log in 0u32..40,
+        cols_log in 0u32..40,
+        batch in prop_oneof![1usize..8, 1usize..usize::MAX],
+        hidden_log in 3u32..20,
+        text in prop_oneof![Just(0usize), 1usize..4096, 1usize..usize::MAX],
+    ) {
+        let spec = parse(&edit(&[])).unwrap();
+        let (rows, cols) = ((1usize << rows_log).max(4), 1usize << cols_log);
+        let s = ModelShape {
+            token_rows: rows,
+            token_cols: cols,
+            batch,
+            latent_batch: batch.div_ceil(2),
+            hidden: 1 << hidden_log,
+            text_tokens: text,
+            ..shape(4, 8)
+        };
+        // Exact products in 128 bits, saturating there (far above u64::MAX either way).
+        let mul = |xs: &[u128]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x));
+        match Plan::new(&spec, &s) {
+            Err(topology::TopologyError::Overflow(m)) => {
+                let tokens = mul(&[rows as u128, cols as u128]) + text as u128;
+                let exact = mul(&[tokens, batch as u128, s.hidden.max(s.latent_channels) as u128, 4]);
+                prop_assert!(exact > u64::MAX as u128, "refused a fitting shape: {m}");
+            }
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+            Ok(plan) => {
+                let m = plan.patches.len() as u128;
+                let tokens = mul(&[rows as u128, cols as u128]).saturating_add(mul(&[m, text as u128]));
+                let hidden = mul(&[batch as u128, tokens, s.hidden as u128, 4]);
+                let p = s.patch_size as u128;
+                let latent = mul(&[s.latent_batch as u128, s.latent_channels as u128,
+                    rows as u128, p, cols as u128, p, 4]);
+                for l in plan.link_bytes() {
+                    let want = match l.kind {
+                        LinkKind::Hidden => hidden,
+                        LinkKind::Latent => latent,
+                        _ => continue,
+                    };
+                    prop_assert_eq!(l.bytes_per_step as u128, want.min(u64::MAX as u128));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The request memory estimate (actors::memory) against the real peak: a counting global
+//! allocator measures the bytes a request adds above the loaded cluster, and the estimate must
+//! cover that peak (it is what the memory check refuses by) without being absurdly loose (at most
+//! `LOOSENESS` times the peak, so a legitimate request is not refused for a figure 10x too high).
+//! Also: sizes that overflow or cannot fit are refused by `submit` before anything is allocated.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use actors::{Cluster, ClusterError, ClusterOptions, GenerateRequest};
+use common::*;
+use model::Request;
+use topology::{ClusterSpec, ModelSpec};
+
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The tests of this binary measure one process-wide counter: they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The estimate may be at most this many times the measured peak.
+const LOOSENESS: f64 = 6.0;
+
+fn spec(model: ModelSpec, n: usize, m: usize, ulysses: usize) -> ClusterSpec {
+    let mut s = ClusterSpec::local_cpu(n * ulysses, 1, model);
+    s.parallel.pipefusion_degree = n;
+    s.parallel.num_patches = m;
+    s.parallel.warmup_steps = 1;
+    s.parallel.ulysses_degree = ulysses;
+    s
+}
+
+fn request(cluster: &Cluster, labels: usize, side: usize) -> GenerateRequest {
+    let cfg = &cluster.model().config;
+    GenerateRequest {
+        noise: model::gaussian(&[labels, cfg.in_channels, side, side], 7),
+        request: Request {
+            class_labels: (0..labels).collect(),
+            caption: None,
+            guidance_scale: 4.0,
+            latent_size: [side, side],
+            embedded_guidance: None,
+        },
+        steps: 3,
+        scheduler: cluster.model().default_scheduler().unwrap(),
+    }
+}
+
+/// Runs `req` and returns the peak bytes above what was allocated when it was submitted.
+async fn measured_peak(cluster: &Cluster, req: GenerateRequest) -> usize {
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    tokio::time::timeout(Duration::from_secs(120), cluster.generate(req))
+        .await
+        .expect("the cluster hung")
+        .unwrap();
+    PEAK.load(Ordering::Relaxed) - base
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_estimate_covers_the_measured_peak() {
+    let _serial = SERIAL.lock().await;
+    let cases = [
+        (
+            "DiT fixture, PipeFusion 2, M 4, 64x64 latent",
+            ModelSpec::Path(dit_pf()),
+            2,
+            4,
+            1,
+            2,
+            64,
+        ),
+        (
+            "DiT fixture, Ulysses 2, 32x32 latent",
+            ModelSpec::Path(dit_pf()),
+            1,
+            1,
+            2,
+            3,
+            32,
+        ),
+        (
+            "DiT fixture, PipeFusion 2 x Ulysses 2",
+            ModelSpec::Path(dit_pf()),
+            2,
+            2,
+            2,
+            1,
+            48,
+        ),
+        (
+            "DiT-S/2 preset, PipeFusion 2, M 2, 32x32 latent",
+            ModelSpec::Preset {
+                name: "DiT-S/2".into(),
+                seed: 1,
+            },
+            2,
+            2,
+            1,
+            2,
+            32,
+        ),
+    ];
+    for (name, model, n, m, u, labels, side) in cases {
+        let cluster = Cluster::start(spec(model, n, m, u), ClusterOptions::default())
+            .await
+            .unwrap();
+        let req = request(&cluster, labels, side);
+        let estimate = cluster.memory_estimate(&req.request).unwrap();
+        // The first request on a fresh cluster: it allocates the K/V buffers (later requests of
+        // the same shape may reuse them).
+        let peak = measured_peak(&cluster, req).await;
+        let total = estimate.total();
+        eprintln!(
+            "{name}: measured peak {:.2} MiB, estimate {:.2} MiB ({estimate}), ratio {:.2}",
+            peak as f64 / 1048576.0,
+            total as f64 / 1048576.0,
+            total as f64 / peak as f64
+        );
+        assert!(
+            total >= peak as u64,
+            "{name}: estimate {total} below the peak {peak}"
+        );
+        assert!(
+            (total as f64) <= LOOSENESS * peak as f64,
+            "{name}: estimate {total} more than {LOOSENESS}x the peak {peak}"
+        );
+        cluster.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sizes_beyond_the_host_are_refused_before_allocating() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start(
+        spec(ModelSpec::Path(dit_pf()), 2, 2, 1),
+        ClusterOptions::default(),
+    )
+    .await
+    .unwrap();
+    let small = request(&cluster, 1, 16);
+    for side in [1usize << 20, 1 << 40, usize::MAX - 1] {
+        let mut req = small.clone();
+        req.request.latent_size = [side, 16];
+        let before = CURRENT.load(Ordering::Relaxed);
+        PEAK.store(before, Ordering::Relaxed);
+        let err = cluster.submit(req).await.unwrap_err();
+        // Too large for this host, or (usize::MAX) too large for 64-bit sizes at all.
+        assert!(
+            matches!(
+                err,
+                ClusterError::OutOfMemory(_)
+                    | ClusterError::Topology(topology::TopologyError::Overflow(_))
+            ),
+            "{side}: {err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("needs about") || text.contains("2^64"),
+            "{side}: {text}"
+        );
+        // Nothing of the request's size was allocated on the way to the refusal.
+        assert!(
+            PEAK.load(Ordering::Relaxed) - before < 1 << 20,
+            "{side}: {} bytes allocated before refusing",
+            PEAK.load(Ordering::Relaxed) - before
+        );
+    }
+    // The cluster still serves.
+    cluster.generate(small).await.unwrap();
+    cluster.shutdown().await;
+}
