@@ -124,6 +124,7 @@ impl Node {
         }
         let my_addr = map.nodes[ni].addr;
         let plan = crate::cluster::startup_plan(&spec, &model.config)?;
+        crate::cluster::warn_if_oversubscribed(&spec.nodes[ni].devices);
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
         let lost_events = quic_node.subscribe();

@@ -43,7 +43,7 @@ pub(crate) struct ForwardArgs {
     #[arg(long, default_value_t = 2)]
     batch: usize,
     /// CPU threads.
-    #[arg(long, default_value_t = crate::cluster_args::cores())]
+    #[arg(long, default_value_t = crate::cluster_args::cores(), value_parser = crate::cluster_args::thread_count)]
     threads: usize,
     /// Timed forwards (after one warm-up).
     #[arg(long, default_value_t = 3)]
@@ -99,9 +99,6 @@ fn forward(a: ForwardArgs) -> Result<()> {
         None => cfg,
         Some(n) => with_layers(cfg, n)?,
     };
-    if a.threads == 0 {
-        bail!("--threads 0: a device needs at least one thread");
-    }
     let p8 = 8 * cfg.patch_size;
     if a.resolution % p8 != 0 || a.resolution == 0 || a.batch == 0 || a.iters == 0 {
         bail!("--resolution must be a positive multiple of {p8}; --batch and --iters at least 1");

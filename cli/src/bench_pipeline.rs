@@ -56,7 +56,7 @@ pub(crate) struct PipelineArgs {
     warmup_steps: usize,
 
     /// CPU threads per device (the serial baseline gets the same).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::cluster_args::thread_count)]
     threads: usize,
     /// Skip the one-device-with-all-threads comparison.
     #[arg(long)]

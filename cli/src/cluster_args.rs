@@ -52,8 +52,9 @@ pub(crate) struct ClusterArgs {
     /// else 1].
     #[arg(long, value_name = "W")]
     warmup_steps: Option<usize>,
-    /// CPU threads per device [default: the topology's; for a local cluster, cores / N].
-    #[arg(long, value_name = "T")]
+    /// CPU threads per device, 1 to 1024 [default: the topology's; for a local cluster,
+    /// cores / N].
+    #[arg(long, value_name = "T", value_parser = thread_count)]
     threads: Option<usize>,
     /// Where a local cluster's devices run: `cpu`, or `cuda` (GPU i for device i; the CUDA
     /// backend's ops are not built yet, so today this ends with an error saying why: no `cuda`
@@ -63,6 +64,19 @@ pub(crate) struct ClusterArgs {
 }
 
 /// Cores of this machine (the default thread count of one device).
+/// Parses a `--threads` value: 1 ..= the kernels' bound on one CPU device's threads.
+pub(crate) fn thread_count(text: &str) -> std::result::Result<usize, String> {
+    let max = kernels::CpuDevice::MAX_THREADS;
+    match text.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} threads: a device has 1 to {max} (this machine has {} cores)",
+            cores()
+        )),
+        Err(e) => Err(format!("`{text}` is not a thread count: {e}")),
+    }
+}
+
 pub(crate) fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -115,9 +129,6 @@ impl ClusterArgs {
 
     /// The cluster these flags describe, validated (errors name the file/flag, line and field).
     pub(crate) fn spec(&self) -> Result<ClusterSpec> {
-        if self.threads == Some(0) {
-            bail!("--threads must be at least 1");
-        }
         if let (Some(path), "cuda") = (&self.topology, self.device.as_str()) {
             bail!(
                 "--device cuda: {} names its devices itself (kind = \"cuda\", index = N)",

@@ -79,7 +79,33 @@ fn zero_and_absurd_scales_and_thread_counts_are_refused() {
         );
         assert!(!png.exists(), "nothing written");
     }
-    let o = pipefuse(&["bench", "forward", "--preset", "DiT-S/2", "--threads", "0"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--threads 0"), "{err}");
+    // --threads: 0 ran, 100000 spawned them all, 4294967296 failed after 53 s with EAGAIN
+    // (issue 16 groups 6 and 8); all are refused by the flag's parser (exit 2).
+    for (command, value) in [
+        (&["bench", "forward", "--preset", "DiT-S/2"][..], "0"),
+        (&["bench", "forward", "--preset", "DiT-S/2"][..], "100000"),
+        (&["generate"][..], "4294967296"),
+        (&["generate"][..], "100000"),
+        (&["bench", "pipeline"][..], "2000"),
+    ] {
+        let mut args = command.to_vec();
+        args.extend(["--threads", value]);
+        let o = pipefuse(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--threads") && err.contains("1 to 1024"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// The CLI's bound on threads is the kernels' and the topology's.
+#[test]
+fn thread_bounds_agree() {
+    assert_eq!(
+        kernels::CpuDevice::MAX_THREADS,
+        topology::DeviceSpec::MAX_CPU_THREADS
+    );
+    assert!(kernels::Device::cpu(kernels::CpuDevice::MAX_THREADS + 1).is_err());
 }

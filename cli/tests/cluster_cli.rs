@@ -169,10 +169,7 @@ fn flag_mistakes_are_named_before_any_compute() {
             vec!["generate", "--steps", "0"],
             "--steps must be at least 1",
         ),
-        (
-            vec!["generate", "--threads", "0"],
-            "--threads must be at least 1",
-        ),
+        (vec!["generate", "--threads", "0"], "1 to 1024"),
         (vec!["generate", "--out", "digits.jpg"], "only PNG"),
         (
             vec!["generate", "--out", "/nonexistent-dir/d.png"],

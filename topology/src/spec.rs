@@ -95,7 +95,7 @@ pub struct NodeTls {
 pub enum DeviceSpec {
     /// A CPU device running on `threads` threads.
     Cpu {
-        /// Worker threads (>= 1).
+        /// Worker threads (1 ..= [`DeviceSpec::MAX_CPU_THREADS`]).
         threads: usize,
     },
     /// A CUDA GPU.
@@ -103,6 +103,12 @@ pub enum DeviceSpec {
         /// The CUDA device ordinal on its node.
         ordinal: usize,
     },
+}
+
+impl DeviceSpec {
+    /// The most threads a CPU device may name (the kernels' `CpuDevice::MAX_THREADS`; the CLI
+    /// tests check that the two agree).
+    pub const MAX_CPU_THREADS: usize = 1024;
 }
 
 impl fmt::Display for DeviceSpec {

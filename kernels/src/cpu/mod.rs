@@ -27,9 +27,25 @@ impl std::fmt::Debug for CpuDevice {
 }
 
 impl CpuDevice {
-    /// A device with its own pool of `threads` threads (at least 1).
+    /// The most threads one CPU device may have. More than any CPU socket sold today has
+    /// hardware threads; a larger figure is a typo (issue 16 group 6: `--threads 100000` spawned
+    /// them all and ran on, `4294967296` failed after 53 s with EAGAIN).
+    pub const MAX_THREADS: usize = 1024;
+
+    /// A device with its own pool of `threads` threads (at least 1, at most
+    /// [`CpuDevice::MAX_THREADS`]).
     pub fn new(threads: usize) -> Result<CpuDevice> {
         let threads = threads.max(1);
+        if threads > Self::MAX_THREADS {
+            return Err(KernelError::ThreadPool {
+                threads,
+                reason: format!(
+                    "at most {} threads per CPU device (this machine has {} hardware threads)",
+                    Self::MAX_THREADS,
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                ),
+            });
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("pipefuse-cpu-{i}"))

@@ -97,6 +97,19 @@ fn nodes(s: &ClusterSpec) -> Result<()> {
                         ));
                     }
                 }
+                DeviceSpec::Cpu { threads } if threads > DeviceSpec::MAX_CPU_THREADS => {
+                    return Err(s.error(
+                        &format!("{path}.devices[{k}].threads"),
+                        format!(
+                            "threads = {threads}: a cpu device has at most {} threads",
+                            DeviceSpec::MAX_CPU_THREADS
+                        ),
+                        Some(
+                            "use about one thread per core of the node, split over its devices"
+                                .into(),
+                        ),
+                    ))
+                }
                 DeviceSpec::Cpu { .. } => {}
             }
         }

@@ -223,6 +223,26 @@ fn cpu_device_needs_threads() {
     );
 }
 
+/// `threads = 100000` used to start 100,000 threads (issue 16 group 6).
+#[test]
+fn cpu_device_threads_are_bounded() {
+    let text = edit(&[(
+        13,
+        r#"devices = [ { kind = "cpu", threads = 2 }, { kind = "cpu", threads = 100000 } ]"#,
+    )]);
+    rejects(
+        &text,
+        "nodes[0].devices[1].threads",
+        Some(13),
+        "at most 1024 threads",
+    );
+    let text = edit(&[(
+        13,
+        r#"devices = [ { kind = "cpu", threads = 1024 }, { kind = "cpu", threads = 1 } ]"#,
+    )]);
+    parse(&text).expect("1024 threads is allowed");
+}
+
 #[test]
 fn cuda_device_needs_ordinal() {
     let text = edit(&[(
@@ -320,4 +340,30 @@ fn layer_split_needs_one_entry_per_stage() {
     );
     let text = edit(&[(10, "layer_split = [\n  2,\n  0 ]")]);
     rejects(&text, "parallel.layer_split[1]", Some(12), "0 layers");
+}
+
+/// A topology of 20,000 nodes is read in one pass (issue 16 group 6: every field's line was found
+/// by counting newlines from the file's start, quadratic in the node count), and the error for the
+/// last node still names its line exactly.
+#[test]
+fn many_nodes_are_read_and_the_last_error_names_its_line() {
+    const NODES: usize = 20_000;
+    let mut text = String::from("coordinator = \"n0\"\n[model]\npreset = \"DiT-S/2\"\n");
+    for i in 0..NODES {
+        let port = 10_000 + i % 50_000;
+        text += &format!(
+            "[[nodes]]\nname = \"n{i}\"\naddress = \"10.0.{}.{}:{port}\"\ndevices = [ {{ kind = \"cpu\" }} ]\n",
+            i / 256,
+            i % 256
+        );
+    }
+    // One more node reusing the first node's address: four lines per node after three header
+    // lines, so its address is on line 3 + 4 * NODES + 3.
+    text += "[[nodes]]\nname = \"last\"\naddress = \"10.0.0.0:10000\"\ndevices = [ { kind = \"cpu\" } ]\n";
+    rejects(
+        &text,
+        &format!("nodes[{NODES}].address"),
+        Some(3 + 4 * NODES + 3),
+        "already used by nodes[0]",
+    );
 }
