@@ -42,6 +42,9 @@ pub struct ModelFolder {
 /// of a bare transformer folder (config.json).
 pub fn locate_model(dir: &Path) -> std::result::Result<ModelFolder, String> {
     if dir.join("model_index.json").exists() {
+        // A broken index or another kind of pipeline is refused naming the file and the classes
+        // that work.
+        model::ModelIndex::from_file(&dir.join("model_index.json")).map_err(|e| e.to_string())?;
         let t = dir.join("transformer");
         if !t.join("config.json").exists() {
             return Err(format!(

@@ -7,7 +7,10 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{read_json, ModelError, Result};
-use crate::fields::Fields;
+use crate::fields::{hidden_size, in_range, sample_and_patch, Fields, MAX_LAYERS, MAX_WIDTH};
+
+/// The most classes a DiT config may state (its class table has one row per class).
+const MAX_CLASSES: usize = 1 << 24;
 
 /// Which transformer family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +65,16 @@ impl ModelConfig {
         self.num_heads * self.head_dim
     }
 
+    /// The checkpoint's block families as (tensor name prefix, blocks, config field): what
+    /// [`crate::SafetensorsDir::check_block_counts`] compares a checkpoint with.
+    pub fn block_families(&self) -> Vec<(&'static str, usize, &'static str)> {
+        match &self.mmdit {
+            Some(crate::mmdit::MmditConfig::Sd3(c)) => c.block_families(),
+            Some(crate::mmdit::MmditConfig::Flux(c)) => c.block_families(),
+            None => vec![("transformer_blocks", self.num_layers, "num_layers")],
+        }
+    }
+
     /// The CFG null class label (DiT).
     pub fn null_class(&self) -> usize {
         self.num_classes
@@ -75,6 +88,7 @@ impl ModelConfig {
 
     /// Parses a diffusers transformer config; `path` is only used in error messages.
     pub fn from_json(v: &Value, path: &Path) -> Result<ModelConfig> {
+        crate::error::json_object(v, path)?;
         let field = Fields { v, path };
         let class = field.str("_class_name", "")?;
         match class.as_str() {
@@ -149,6 +163,7 @@ impl ModelConfig {
             },
             mmdit: None,
         };
+        cfg.check_domains(path)?;
         if arch == Arch::PixArt {
             let cross = field
                 .opt_usize("cross_attention_dim")?
@@ -166,28 +181,53 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
-        if self.in_channels == 0 || self.out_channels == 0 {
-            return Err((
-                "in_channels",
-                "in_channels and out_channels must be >= 1".into(),
-            ));
-        }
-        if self.arch == Arch::Dit && self.num_classes == 0 {
-            return Err((
+    /// Every size in its range and every number in its domain, before anything multiplies them
+    /// (so `hidden()` and the weight shapes cannot overflow).
+    fn check_domains(&self, path: &Path) -> Result<()> {
+        sample_and_patch(path, self.sample_size, self.patch_size)?;
+        in_range(path, "num_layers", self.num_layers, 1, MAX_LAYERS, "")?;
+        hidden_size(path, self.num_heads, self.head_dim)?;
+        in_range(path, "in_channels", self.in_channels, 1, MAX_WIDTH, "")?;
+        in_range(path, "out_channels", self.out_channels, 1, MAX_WIDTH, "")?;
+        match self.arch {
+            Arch::Dit => in_range(
+                path,
                 "num_embeds_ada_norm",
-                "a class-conditional DiT needs at least one class".into(),
-            ));
+                self.num_classes,
+                1,
+                MAX_CLASSES,
+                " (the class count of a class-conditional DiT)",
+            )?,
+            Arch::PixArt => in_range(
+                path,
+                "caption_channels",
+                self.caption_channels,
+                1,
+                MAX_WIDTH,
+                "",
+            )?,
+            Arch::Sd3 | Arch::Flux => {}
         }
-        if self.patch_size == 0 {
-            return Err(("patch_size", "must be >= 1".into()));
+        for (field, x) in [
+            ("norm_eps", self.norm_eps),
+            ("interpolation_scale", self.interpolation_scale),
+        ] {
+            // Checked in f32, as the model uses them: 1e-50 is 0 there, 1e39 infinite.
+            if !(x.is_finite() && x > 0.0) {
+                return Err(ModelError::config(
+                    path,
+                    field,
+                    format!(
+                        "{x} (as f32) is out of range; values that work: a finite number > 0 \
+                         (diffusers' DiT uses norm_eps 1e-5, PixArt 1e-6)"
+                    ),
+                ));
+            }
         }
-        if self.num_heads == 0 || self.head_dim == 0 {
-            return Err((
-                "num_attention_heads",
-                "heads and head dim must be >= 1".into(),
-            ));
-        }
+        Ok(())
+    }
+
+    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         if self.hidden() % 4 != 0 {
             return Err((
                 "attention_head_dim",

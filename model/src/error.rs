@@ -65,6 +65,29 @@ pub enum ModelError {
         /// Shape in the file.
         got: Vec<usize>,
     },
+    /// A weight holds NaN or an infinity (a corrupt or overflowed checkpoint).
+    #[error(
+        "{path}: tensor `{name}` holds {value} at element {index}; weights must be finite \
+         (a corrupt or overflowed checkpoint: re-export it)"
+    )]
+    NonFiniteWeight {
+        /// The file.
+        path: PathBuf,
+        /// Tensor name.
+        name: String,
+        /// Flat index of the first non-finite element.
+        index: usize,
+        /// That element.
+        value: f32,
+    },
+    /// A JSON file holds something other than an object of fields.
+    #[error("{path}: the file holds a JSON {found}, expected an object of fields ({{\"_class_name\": ...}})")]
+    NotAnObject {
+        /// The file.
+        path: PathBuf,
+        /// What it holds: an array, a string, a number, ...
+        found: &'static str,
+    },
     /// A weight has an element type the loader does not read.
     #[error("{path}: tensor `{name}` has dtype {dtype}; supported: F32, F16, BF16")]
     UnsupportedDType {
@@ -107,34 +130,55 @@ impl ModelError {
     }
 }
 
-/// Reads and parses a JSON file with errors that name the file and line.
+/// Reads and parses a JSON file holding an object, with errors that name the file and line.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
-    regular_file(path)?;
+    regular_file(path, "a JSON file")?;
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Json {
+    let v = serde_json::from_str(&text).map_err(|e| ModelError::Json {
         path: path.to_path_buf(),
         line: e.line(),
         msg: e.to_string(),
+    })?;
+    json_object(&v, path)?;
+    Ok(v)
+}
+
+/// Errors unless `v` is a JSON object: a config that is an array or a number would otherwise
+/// read as an object with every field absent (all defaults) and fail later naming nothing.
+pub(crate) fn json_object(v: &serde_json::Value, path: &std::path::Path) -> Result<()> {
+    use serde_json::Value;
+    let found = match v {
+        Value::Object(_) => return Ok(()),
+        Value::Array(_) => "array",
+        Value::String(_) => "string",
+        Value::Number(_) => "number",
+        Value::Bool(_) => "boolean",
+        Value::Null => "null",
+    };
+    Err(ModelError::NotAnObject {
+        path: path.to_path_buf(),
+        found,
     })
 }
 
 /// Errors unless `path` is a regular file (after following links): reading a FIFO would block
-/// forever, a folder gives the OS's "Is a directory" or "No such device".
-pub(crate) fn regular_file(path: &std::path::Path) -> Result<()> {
+/// forever, a folder gives the OS's "Is a directory" or, memory-mapped, "No such device".
+/// `expected` says what the file should be ("a .safetensors file").
+pub(crate) fn regular_file(path: &std::path::Path, expected: &str) -> Result<()> {
     let m = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     if m.is_file() {
         return Ok(());
     }
     let kind = if m.is_dir() {
-        "a directory"
+        "is a directory"
     } else {
-        "not a regular file (a FIFO, socket or device)"
+        "is not a regular file (a FIFO, socket or device)"
     };
     Err(ModelError::io(
         path,
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("{kind}; a model file must be a regular file"),
+            format!("{kind}, expected {expected}"),
         ),
     ))
 }

@@ -125,6 +125,60 @@ impl SafetensorsDir {
         v
     }
 
+    /// The names of every tensor in the checkpoint: the shard index's keys (no shard is mapped),
+    /// or the single file's header. Returns the file that lists them too.
+    pub fn names(&self) -> Result<(PathBuf, Vec<String>)> {
+        Ok(match &self.index {
+            Some(ix) => (self.dir.join(INDEX), ix.keys().cloned().collect()),
+            None => (
+                self.single.clone(),
+                self.mapped(&self.single)?.meta.offset_keys(),
+            ),
+        })
+    }
+
+    /// Refuses a checkpoint with blocks the config does not count: `blocks` lists each block
+    /// family as (name prefix, blocks in the config, config field), e.g.
+    /// `("transformer_blocks", 3, "num_layers")`. A `transformer_blocks.3.*` tensor with
+    /// `num_layers` 3 would otherwise be silently dropped. `config` is the config file named in
+    /// the error.
+    pub fn check_block_counts(&self, config: &Path, blocks: &[(&str, usize, &str)]) -> Result<()> {
+        let (file, names) = self.names()?;
+        for &(prefix, count, field) in blocks {
+            let mut extra: Vec<(usize, &str)> = names
+                .iter()
+                .filter_map(|n| {
+                    let rest = n.strip_prefix(prefix)?.strip_prefix('.')?;
+                    let (i, _) = rest.split_once('.')?;
+                    let i: usize = i.parse().ok()?;
+                    (i >= count).then_some((i, n.as_str()))
+                })
+                .collect();
+            if extra.is_empty() {
+                continue;
+            }
+            extra.sort_unstable();
+            let top = extra.last().map_or(0, |e| e.0);
+            let shown: Vec<&str> = extra.iter().take(3).map(|e| e.1).collect();
+            let more = match extra.len() - shown.len() {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            return Err(ModelError::config(
+                config,
+                field,
+                format!(
+                    "is {count}, but {} has blocks up to {prefix}.{top} ({}{more}), which would be \
+                     silently dropped; set {field} to {} to match the weights",
+                    file.display(),
+                    shown.join(", "),
+                    top + 1,
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn file_of(&self, name: &str) -> Option<PathBuf> {
         match &self.index {
             Some(ix) => ix.get(name).cloned(),
@@ -137,7 +191,7 @@ impl SafetensorsDir {
         if let Some(f) = open.get(path) {
             return Ok(f.clone());
         }
-        crate::error::regular_file(path)?;
+        crate::error::regular_file(path, "a .safetensors file")?;
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         // SAFETY: the file is opened read-only; like every mmap-based loader (candle, safetensors'
         // own Python loader) we assume it is not truncated while the model is loading.
@@ -208,12 +262,33 @@ impl WeightSource for SafetensorsDir {
                 })
             }
         };
+        if let Some(index) = first_non_finite(&data) {
+            return Err(ModelError::NonFiniteWeight {
+                path,
+                name: name.into(),
+                index,
+                value: data[index],
+            });
+        }
         self.read_log
             .lock()
             .expect("read log poisoned")
             .push(name.to_string());
         Ok(Tensor::from_vec(data, shape)?)
     }
+}
+
+/// The index of the first NaN or infinity in `data`, if any. Branch-free over chunks (so it
+/// vectorises: one pass at memory speed), then a scan of the one chunk that has one.
+fn first_non_finite(data: &[f32]) -> Option<usize> {
+    const CHUNK: usize = 4096;
+    let exp = 0x7f80_0000u32;
+    data.chunks(CHUNK).enumerate().find_map(|(k, c)| {
+        let bad = c
+            .iter()
+            .fold(0u32, |m, x| m | ((x.to_bits() & exp == exp) as u32));
+        (bad != 0).then(|| k * CHUNK + c.iter().position(|x| !x.is_finite()).unwrap_or(0))
+    })
 }
 
 /// Deterministic random weights for benchmarks and tests: every tensor is uniform with standard

@@ -66,6 +66,7 @@ impl Transformer {
     pub fn load(dir: &Path, range: Option<Range<usize>>, device: Device) -> Result<Transformer> {
         let cfg = ModelConfig::from_dir(dir)?;
         let src = SafetensorsDir::open(dir)?;
+        src.check_block_counts(&dir.join("config.json"), &cfg.block_families())?;
         Self::from_source(cfg, &src, range, device)
     }
 

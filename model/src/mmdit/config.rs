@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{read_json, ModelError, Result};
-use crate::fields::Fields;
+use crate::fields::{hidden_size, in_range, sample_and_patch, Fields, MAX_LAYERS, MAX_WIDTH};
 
 /// The shape of an SD3 / SD3.5 MMDiT.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,11 @@ impl Sd3Config {
         self.num_heads * self.head_dim
     }
 
+    /// The checkpoint's block family (see [`crate::ModelConfig::block_families`]).
+    pub fn block_families(&self) -> Vec<(&'static str, usize, &'static str)> {
+        vec![("transformer_blocks", self.num_layers, "num_layers")]
+    }
+
     /// Reads `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Sd3Config> {
         let path = dir.join("config.json");
@@ -54,6 +59,7 @@ impl Sd3Config {
 
     /// Parses an `SD3Transformer2DModel` config; errors name `path` and the field.
     pub fn from_json(v: &Value, path: &Path) -> Result<Sd3Config> {
+        crate::error::json_object(v, path)?;
         let f = Fields { v, path };
         let class = f.str("_class_name", "")?;
         if class != "SD3Transformer2DModel" {
@@ -133,17 +139,18 @@ impl Sd3Config {
     /// Checks what the forward relies on.
     fn check(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, msg: String| Err(ModelError::config(path, field, msg));
+        sample_and_patch(path, self.sample_size, self.patch_size)?;
+        in_range(path, "num_layers", self.num_layers, 1, MAX_LAYERS, "")?;
+        hidden_size(path, self.num_heads, self.head_dim)?;
         for (field, v) in [
-            ("patch_size", self.patch_size),
-            ("num_layers", self.num_layers),
-            ("num_attention_heads", self.num_heads),
-            ("attention_head_dim", self.head_dim),
             ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("joint_attention_dim", self.joint_attention_dim),
+            ("caption_projection_dim", self.caption_projection_dim),
+            ("pooled_projection_dim", self.pooled_projection_dim),
             ("pos_embed_max_size", self.pos_embed_max_size),
         ] {
-            if v == 0 {
-                return bad(field, "must be positive".into());
-            }
+            in_range(path, field, v, 1, MAX_WIDTH, "")?;
         }
         if self.caption_projection_dim != self.hidden() {
             return bad(

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{read_json, ModelError, Result};
-use crate::fields::Fields;
+use crate::fields::{hidden_size, in_range, Fields, MAX_LAYERS, MAX_WIDTH};
 
 /// The shape of a Flux.1 transformer.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +43,19 @@ impl FluxConfig {
         self.num_heads * self.head_dim
     }
 
+    /// The checkpoint's block families: double-stream, then single-stream (see
+    /// [`crate::ModelConfig::block_families`]).
+    pub fn block_families(&self) -> Vec<(&'static str, usize, &'static str)> {
+        vec![
+            ("transformer_blocks", self.num_layers, "num_layers"),
+            (
+                "single_transformer_blocks",
+                self.num_single_layers,
+                "num_single_layers",
+            ),
+        ]
+    }
+
     /// Reads `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<FluxConfig> {
         let path = dir.join("config.json");
@@ -51,6 +64,7 @@ impl FluxConfig {
 
     /// Parses a `FluxTransformer2DModel` config; errors name `path` and the field.
     pub fn from_json(v: &Value, path: &Path) -> Result<FluxConfig> {
+        crate::error::json_object(v, path)?;
         let f = Fields { v, path };
         let class = f.str("_class_name", "")?;
         if class != "FluxTransformer2DModel" {
@@ -117,16 +131,38 @@ impl FluxConfig {
                 ),
             );
         }
-        for (field, v) in [
-            ("num_attention_heads", self.num_heads),
-            ("attention_head_dim", self.head_dim),
-            ("in_channels", self.in_channels),
-        ] {
-            if v == 0 {
-                return bad(field, "must be positive".into());
-            }
+        in_range(path, "num_layers", self.num_layers, 0, MAX_LAYERS, "")?;
+        in_range(
+            path,
+            "num_single_layers",
+            self.num_single_layers,
+            0,
+            MAX_LAYERS,
+            "",
+        )?;
+        if self.num_layers + self.num_single_layers == 0 {
+            return bad(
+                "num_layers",
+                "0 with num_single_layers 0: a model needs at least one block; values that \
+                 work: num_layers + num_single_layers >= 1 (Flux.1: 19 + 38)"
+                    .into(),
+            );
         }
-        let sum: usize = self.axes_dims_rope.iter().sum();
+        hidden_size(path, self.num_heads, self.head_dim)?;
+        for (field, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("joint_attention_dim", self.joint_attention_dim),
+            ("pooled_projection_dim", self.pooled_projection_dim),
+        ] {
+            in_range(path, field, v, 1, MAX_WIDTH, "")?;
+        }
+        // Each axis within the head (checked before summing: no overflow).
+        let sum: usize = self
+            .axes_dims_rope
+            .iter()
+            .map(|a| (*a).min(MAX_WIDTH + 1))
+            .sum();
         if self.axes_dims_rope.len() != 3
             || sum != self.head_dim
             || self.axes_dims_rope.iter().any(|a| a % 2 != 0)

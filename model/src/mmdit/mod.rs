@@ -76,7 +76,9 @@ impl Sd3Transformer {
     /// Loads the diffusers model in `dir` (`config.json` + safetensors).
     pub fn load(dir: &Path, device: Device) -> Result<Sd3Transformer> {
         let cfg = Sd3Config::from_dir(dir)?;
-        Self::from_source(cfg, &SafetensorsDir::open(dir)?, device)
+        let src = SafetensorsDir::open(dir)?;
+        src.check_block_counts(&dir.join("config.json"), &cfg.block_families())?;
+        Self::from_source(cfg, &src, device)
     }
 
     /// Random weights (std 0.02), deterministic in `seed`.

@@ -1,7 +1,7 @@
 //! `DDIMScheduler` with eta = 0 (deterministic).
 //! Reference: diffusers 0.42.1 `scheduling_ddim.py` (`set_timesteps`, `step`).
 
-use super::spacing::{np_arange_down, np_linspace, Spacing};
+use super::spacing::{leading, np_arange_down, np_linspace, Spacing};
 use super::{alphas_cumprod, require_epsilon, Fields, SamplingPlan, StepRule};
 use crate::error::{ModelError, Result};
 
@@ -31,6 +31,7 @@ impl Ddim {
             }
         }
         let acp = alphas_cumprod(f)?;
+        let steps_offset = super::spacing::steps_offset(f, acp.len())?;
         let final_alpha = if f.bool("set_alpha_to_one", true)? {
             1.0
         } else {
@@ -40,9 +41,13 @@ impl Ddim {
         Ok(Ddim {
             acp,
             final_alpha,
-            steps_offset: f.usize("steps_offset", 0)?,
+            steps_offset,
             spacing,
         })
+    }
+
+    pub(super) fn acp(&self) -> &[f32] {
+        &self.acp
     }
 
     pub(super) fn plan(&self, n: usize) -> Result<SamplingPlan> {
@@ -62,10 +67,7 @@ impl Ddim {
                 .iter()
                 .map(|t| t.round_ties_even() as usize - 1)
                 .collect(),
-            Spacing::Leading => (0..n)
-                .rev()
-                .map(|i| (i * (train / n) + self.steps_offset).min(train - 1))
-                .collect(),
+            Spacing::Leading => leading(n, 0, train / n, self.steps_offset, train)?,
         };
         let rules = ts
             .iter()

@@ -3,7 +3,7 @@
 //! Reference: diffusers 0.42.1 `scheduling_dpmsolver_multistep.py` (`set_timesteps`,
 //! `dpm_solver_first_order_update`, `multistep_dpm_solver_second_order_update`, `step`).
 
-use super::spacing::{np_arange_down, np_linspace, Spacing};
+use super::spacing::{leading, np_arange_down, np_linspace, Spacing};
 use super::{alphas_cumprod, require_epsilon, Fields, SamplingPlan, StepRule};
 use crate::error::{ModelError, Result};
 
@@ -72,41 +72,48 @@ impl DpmSolver {
                 "true is not supported",
             ));
         }
-        // A finite value is a real number in the JSON (Python's -Infinity is read as null).
-        if f.v.get("lambda_min_clipped").is_some_and(|v| v.is_number()) {
-            return Err(ModelError::config(
-                f.path,
-                "lambda_min_clipped",
-                "only -inf (no clipping) is supported",
-            ));
+        // Python's bare -Infinity is read as the string "-Infinity" (`fields::python_json`).
+        match f.v.get("lambda_min_clipped") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(s)) if s == "-Infinity" => {}
+            Some(other) => {
+                return Err(ModelError::config(
+                    f.path,
+                    "lambda_min_clipped",
+                    format!("{other} is not supported: only -Infinity (no clipping)"),
+                ))
+            }
         }
+        let acp = alphas_cumprod(f)?;
+        let steps_offset = super::spacing::steps_offset(f, acp.len())?;
         Ok(DpmSolver {
-            acp: alphas_cumprod(f)?,
+            acp,
             order,
             heun: solver == "heun",
             spacing,
-            steps_offset: f.usize("steps_offset", 0)?,
+            steps_offset,
         })
     }
 
-    fn timesteps(&self, n: usize) -> Vec<usize> {
+    pub(super) fn acp(&self) -> &[f32] {
+        &self.acp
+    }
+
+    fn timesteps(&self, n: usize) -> Result<Vec<usize>> {
         let last = self.acp.len(); // lambda_min_clipped = -inf
-        match self.spacing {
+        Ok(match self.spacing {
             Spacing::Linspace => np_linspace((last - 1) as f64, n + 1)
                 .iter()
                 .rev()
                 .take(n)
                 .map(|t| t.round_ties_even() as usize)
                 .collect(),
-            Spacing::Leading => (1..=n)
-                .rev()
-                .map(|i| (i * (last / (n + 1)) + self.steps_offset).min(last - 1))
-                .collect(),
+            Spacing::Leading => leading(n, 1, last / (n + 1), self.steps_offset, last)?,
             Spacing::Trailing => np_arange_down(last as f64, last as f64 / n as f64, n)
                 .iter()
                 .map(|t| t.round_ties_even() as usize - 1)
                 .collect(),
-        }
+        })
     }
 
     pub(super) fn plan(&self, n: usize) -> Result<SamplingPlan> {
@@ -116,7 +123,7 @@ impl DpmSolver {
                 self.acp.len()
             )));
         }
-        let ts = self.timesteps(n);
+        let ts = self.timesteps(n)?;
         // sigma = sqrt((1 - acp) / acp) in f32, then (alpha, sigma) = (1, sigma) / sqrt(sigma^2 + 1).
         let mut sigmas: Vec<f64> = ts
             .iter()

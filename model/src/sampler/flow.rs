@@ -7,6 +7,11 @@
 use super::{Fields, SamplingPlan, StepRule};
 use crate::error::{ModelError, Result};
 
+/// The range of a static `shift` whose f32 sigmas stay in [0, 1] (up to 1e-5) and distinct;
+/// released models use 1 to ~17.
+const MIN_SHIFT: f64 = 0.01;
+const MAX_SHIFT: f64 = 1000.0;
+
 /// Flow-matching Euler's configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlowEuler {
@@ -44,6 +49,21 @@ impl DynamicShift {
             mu.exp() as f32
         };
         e / (e + (1.0 / s - 1.0))
+    }
+
+    /// Errors unless every shifted sigma is a number in `[0, 1]`: a shift that extrapolates far
+    /// from `base_image_seq_len..max_image_seq_len` (or a linear shift through 0) would make
+    /// NaN or negative noise levels.
+    fn check(&self, mu: f64, image_tokens: usize, sigmas: &[f32]) -> Result<()> {
+        if sigmas.iter().all(|s| (0.0..=1.0).contains(s)) {
+            return Ok(());
+        }
+        Err(ModelError::Input(format!(
+            "the scheduler's dynamic shift for {image_tokens} image tokens is mu = {mu} \
+             (base_shift {} at {} tokens, max_shift {} at {}), which gives noise levels outside \
+             [0, 1]; use an image size nearer the config's range or other shifts",
+            self.base_shift, self.base_seq, self.max_shift, self.max_seq
+        )))
     }
 
     /// The same on a float64 array.
@@ -112,9 +132,23 @@ impl FlowEuler {
                 ));
             }
         }
+        // The shifted sigmas are computed in f32 as diffusers does: the first one is
+        // `shift / (1 + (shift - 1))`, which rounds above 1 by ~6e-8 / shift (a shift of 1e-9
+        // divides by 0: inf); a shift far above 1000 makes every sigma ~1.
+        let shift = f.positive_f64("shift", 1.0)?;
+        if !(MIN_SHIFT..=MAX_SHIFT).contains(&shift) {
+            return Err(ModelError::config(
+                f.path,
+                "shift",
+                format!(
+                    "{shift} is out of range; values that work: {MIN_SHIFT}..={MAX_SHIFT} (SD3 \
+                     uses 3.0, Flux.1-schnell 1.0)"
+                ),
+            ));
+        }
         Ok(FlowEuler {
-            train: f.usize("num_train_timesteps", 1000)?,
-            shift: f.f64("shift", 1.0)?,
+            train: super::spacing::train_steps(f, 1)?,
+            shift,
             dynamic,
         })
     }
@@ -163,7 +197,8 @@ impl FlowEuler {
                         };
                         d.shift_f64(mu, t / train) as f32
                     })
-                    .collect();
+                    .collect::<Vec<f32>>();
+                d.check(mu, image_tokens, &sigmas)?;
                 return Ok(self.plan_of_sigmas(sigmas));
             }
         };
@@ -171,6 +206,7 @@ impl FlowEuler {
             Some(d) => {
                 let mu = d.mu(image_tokens);
                 sigmas.iter_mut().for_each(|s| *s = d.shift(mu, *s));
+                d.check(mu, image_tokens, &sigmas)?;
             }
             None => {
                 let shift = self.shift as f32;

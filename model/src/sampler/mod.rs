@@ -90,24 +90,23 @@ pub enum Scheduler {
 impl Scheduler {
     /// Reads a `scheduler_config.json`.
     pub fn from_file(path: &Path) -> Result<Scheduler> {
-        crate::error::regular_file(path)?;
+        crate::error::regular_file(path, "a JSON file")?;
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         // Python's json writes bare -Infinity / NaN values (e.g. `lambda_min_clipped`): not JSON;
-        // read them as null (the field's default).
-        let text = text
-            .replace("-Infinity", "null")
-            .replace("Infinity", "null")
-            .replace("NaN", "null");
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
-            path: path.to_path_buf(),
-            line: e.line(),
-            msg: e.to_string(),
+        // read them as strings, which each field accepts or refuses.
+        let v: Value = serde_json::from_str(&crate::fields::python_json(&text)).map_err(|e| {
+            ModelError::Json {
+                path: path.to_path_buf(),
+                line: e.line(),
+                msg: e.to_string(),
+            }
         })?;
         Self::from_json(&v, path)
     }
 
     /// Parses a scheduler config; `path` is used in error messages.
     pub fn from_json(v: &Value, path: &Path) -> Result<Scheduler> {
+        crate::error::json_object(v, path)?;
         let f = Fields { v, path };
         match f.str("_class_name", "")?.as_str() {
             "DDIMScheduler" => Ok(Scheduler::Ddim(ddim::Ddim::from_fields(&f)?)),
@@ -152,6 +151,16 @@ impl Scheduler {
             crate::Arch::Flux => "flux",
         })
         .expect("built-in scheduler")
+    }
+
+    /// The training noise schedule `alphas_cumprod`, one value per training timestep (DDIM and
+    /// DPM-Solver++; `None` for flow matching, which has none).
+    pub fn alphas_cumprod(&self) -> Option<&[f32]> {
+        match self {
+            Scheduler::Ddim(s) => Some(s.acp()),
+            Scheduler::DpmSolverPP(s) => Some(s.acp()),
+            Scheduler::FlowEuler(_) => None,
+        }
     }
 
     /// The plan for `steps` denoising steps as `set_timesteps(steps)` makes it (a scheduler
@@ -297,10 +306,35 @@ impl SamplerState {
     }
 }
 
-/// `alphas_cumprod` of a beta schedule, in f32 as torch computes it.
+/// `alphas_cumprod` of a beta schedule, in f32 as torch computes it. The betas must lie in
+/// `(0, 1)` and not decrease (`0 < beta_start <= beta_end < 1`, in f32 too), and the product
+/// must stay a normal f32: outside that the samplers divide by zero or take the root of a
+/// negative number and make NaN images.
 pub(crate) fn alphas_cumprod(f: &Fields<'_>) -> Result<Vec<f32>> {
-    let n = spacing::train_steps(f)?;
+    let n = spacing::train_steps(f, 2)?;
     let (b0, b1) = (f.f64("beta_start", 0.0001)?, f.f64("beta_end", 0.02)?);
+    // 1 - beta must be below 1 in f32: beta >= 2^-24.
+    let smallest = f32::EPSILON as f64 / 2.0;
+    let works = format!(
+        "values that work: {smallest:.1e} <= beta_start <= beta_end < 1 (diffusers' defaults: \
+         0.0001 and 0.02)"
+    );
+    for (k, b) in [("beta_start", b0), ("beta_end", b1)] {
+        if !(b >= smallest && (b as f32) < 1.0) {
+            return Err(ModelError::config(
+                f.path,
+                k,
+                format!("{b} is out of range; {works}"),
+            ));
+        }
+    }
+    if b0 > b1 {
+        return Err(ModelError::config(
+            f.path,
+            "beta_start",
+            format!("{b0} is above beta_end {b1} (the noise would decrease over time); {works}"),
+        ));
+    }
     if f.v.get("trained_betas").is_some_and(|v| !v.is_null()) {
         return Err(ModelError::config(
             f.path,
@@ -321,13 +355,26 @@ pub(crate) fn alphas_cumprod(f: &Fields<'_>) -> Result<Vec<f32>> {
         }
     };
     let mut acc = 1f32;
-    Ok(betas
+    let acp: Vec<f32> = betas
         .iter()
         .map(|b| {
             acc *= 1.0 - b;
             acc
         })
-        .collect())
+        .collect();
+    if let Some(t) = acp.iter().position(|a| *a < f32::MIN_POSITIVE) {
+        return Err(ModelError::config(
+            f.path,
+            "beta_end",
+            format!(
+                "{b1} with {n} training timesteps removes all signal: alphas_cumprod falls to \
+                 {:e} at timestep {t}, below f32's smallest normal number; lower beta_end or \
+                 num_train_timesteps",
+                acp[t]
+            ),
+        ));
+    }
+    Ok(acp)
 }
 
 pub(crate) fn require_epsilon(f: &Fields<'_>) -> Result<()> {

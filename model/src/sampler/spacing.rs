@@ -50,15 +50,54 @@ pub(crate) fn np_arange_down(start: f64, step: f64, n: usize) -> Vec<f64> {
     (0..n).map(|i| start + i as f64 * delta).collect()
 }
 
-/// Checks `num_train_timesteps` and returns it.
-pub(crate) fn train_steps(f: &Fields<'_>) -> Result<usize> {
-    let n = f.usize("num_train_timesteps", 1000)?;
-    if n < 2 {
+/// The most training timesteps a scheduler config may state (diffusers' configs use 1000; the
+/// beta schedules hold one value per timestep).
+pub(crate) const MAX_TRAIN_STEPS: usize = 100_000;
+
+/// Checks `num_train_timesteps` (at least `min`) and returns it.
+pub(crate) fn train_steps(f: &Fields<'_>, min: usize) -> Result<usize> {
+    f.usize_in("num_train_timesteps", 1000, min, MAX_TRAIN_STEPS)
+}
+
+/// The "leading" timesteps `(i * ratio + offset)` for `i` in `first..first + n`, largest first.
+/// diffusers adds the offset without clamping, so a largest timestep past the training range
+/// fails there (an index error); here it is refused naming the fields, never clamped into
+/// repeated timesteps (DPM-Solver++ divides by their zero log-SNR step).
+pub(crate) fn leading(
+    n: usize,
+    first: usize,
+    ratio: usize,
+    offset: usize,
+    train: usize,
+) -> Result<Vec<usize>> {
+    let top = (first + n - 1) * ratio + offset;
+    if top >= train {
+        return Err(ModelError::Input(format!(
+            "{n} steps with the scheduler's \"leading\" timestep_spacing and steps_offset \
+             {offset} reach timestep {top}, past its {train} training timesteps \
+             (num_train_timesteps); use fewer steps or a config with a smaller steps_offset"
+        )));
+    }
+    Ok((first..first + n)
+        .rev()
+        .map(|i| i * ratio + offset)
+        .collect())
+}
+
+/// Checks `steps_offset` (below `num_train_timesteps`: the offset shifts the timesteps of a
+/// "leading" spacing, which would otherwise all clamp to the last one) and returns it.
+pub(crate) fn steps_offset(f: &Fields<'_>, train: usize) -> Result<usize> {
+    let x = f.usize("steps_offset", 0)?;
+    if x >= train {
         return Err(ModelError::config(
             f.path,
-            "num_train_timesteps",
-            format!("{n} is too small (at least 2)"),
+            "steps_offset",
+            format!(
+                "{x} is not below num_train_timesteps {train}; values that work: 0..={} \
+                 (diffusers' configs use 0 or 1)",
+                train - 1
+            ),
         ));
     }
-    Ok(n)
+    Ok(x)
 }
