@@ -359,7 +359,13 @@ impl CoordinatorState {
             for d in &self.devices {
                 d.abort(r.req.setup.id);
             }
-            tracing::error!(request = r.req.setup.id, %err, "request failed");
+            match err {
+                // Asked for: not a failure of the cluster.
+                ClusterError::Cancelled { .. } => {
+                    tracing::info!(request = r.req.setup.id, %err, "request cancelled")
+                }
+                _ => tracing::error!(request = r.req.setup.id, %err, "request failed"),
+            }
             let _ = r.req.reply.send(Err(err));
         }
     }

@@ -53,9 +53,17 @@ pub(crate) fn attach(socket: &Path, args: Vec<String>) -> Result<()> {
             socket.display()
         )
     })?;
-    writeln!(s, "{}", serde_json::json!({ "args": out }))?;
+    // A server that refuses at once (too many connections) may close before the request is
+    // written: its reason, read below, says more than the broken pipe.
+    let sent = writeln!(s, "{}", serde_json::json!({ "args": out }));
     for line in BufReader::new(s).lines() {
-        let line = line?;
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                sent.context("sending the request")?;
+                return Err(e).context("reading the cluster's reply");
+            }
+        };
         if let Some(code) = line.strip_prefix("exit: ") {
             return match code.split_once(' ') {
                 None if code == "0" => Ok(()),
@@ -65,5 +73,6 @@ pub(crate) fn attach(socket: &Path, args: Vec<String>) -> Result<()> {
         }
         let _ = writeln!(std::io::stderr(), "{line}"); // a closed stderr must not stop the client
     }
+    sent.context("sending the request")?;
     bail!("the cluster closed the connection before the request ended")
 }

@@ -350,6 +350,30 @@ fn guidance(a: &GenerateArgs, cfg: &model::ModelConfig) -> Result<(f32, Option<f
 }
 
 impl GenerateArgs {
+    /// The flags of one request that were given (they mean nothing to a process that does not
+    /// run that request: a non-coordinator node, or a server that takes requests from clients).
+    pub(crate) fn request_flags(&self) -> Vec<&'static str> {
+        [
+            ("--class-label", !self.class_labels.is_empty()),
+            ("--prompt-embeds", self.prompt_embeds.is_some()),
+            ("--steps", self.steps.is_some()),
+            ("--guidance-scale", self.guidance_scale.is_some()),
+            ("--true-cfg-scale", self.true_cfg_scale.is_some()),
+            ("--scheduler", self.scheduler.is_some()),
+            ("--seed", self.seed != 0),
+            ("--height", self.height.is_some()),
+            ("--width", self.width.is_some()),
+            ("--latents", self.latents.is_some()),
+            ("--save-latent", self.save_latent.is_some()),
+            ("--out", self.out.is_some()),
+            ("--png-scale", self.png_scale.is_some()),
+            ("--attach", self.attach.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+
     /// The runtime flags another node's process must repeat.
     pub(crate) fn forwarded_timeouts(&self) -> Vec<String> {
         vec![
@@ -411,6 +435,8 @@ pub(crate) trait Report: Send + Sync {
     fn line(&self, s: &str);
     /// The request started; `steps` in total.
     fn start(&self, _steps: usize) {}
+    /// The request was queued on the cluster as request `id` (nothing is queued before this).
+    fn submitted(&self, _id: u64) {}
     /// `done` steps of `steps` are complete.
     fn step(&self, done: usize, steps: usize);
     /// The request ended (successfully or not).
@@ -527,6 +553,7 @@ pub(crate) async fn generate_with(
     ));
     report.start(steps);
     let mut handle = cluster.submit(req).await?;
+    report.submitted(handle.id());
     while let Some(Progress::Step { step, .. }) = handle.progress.recv().await {
         report.step(step + 1, steps);
     }

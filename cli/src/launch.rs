@@ -23,14 +23,15 @@ pub(crate) struct LaunchArgs {
     /// the coordinator's node, then stop them all.
     #[arg(long)]
     local: bool,
-    /// Coordinator's node: after starting, serve requests from `pipefuse generate --attach
-    /// SOCKET` until Ctrl-C / SIGTERM, instead of running one request from these flags.
+    /// Coordinator's node (or a one-node topology): after starting, serve requests from
+    /// `pipefuse generate --attach SOCKET` until Ctrl-C / SIGTERM, instead of running one
+    /// request from these flags.
     #[arg(long)]
     serve: bool,
     /// The Unix socket `--serve` listens on [default: the topology file's path + `.sock`].
     #[arg(long, value_name = "PATH")]
     socket: Option<std::path::PathBuf>,
-    /// Seconds to wait for every node to connect.
+    /// Seconds to wait for every node to connect (at least 1).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     join_timeout: u64,
     /// Seconds without a packet after which a node counts as lost.
@@ -116,14 +117,57 @@ fn reap(mut children: Children, limit: Duration) -> Result<()> {
     Ok(())
 }
 
+/// The socket `--serve` listens on: `--socket`, else the topology file's path + `.sock`.
+fn socket_path(a: &LaunchArgs) -> std::path::PathBuf {
+    a.socket.clone().unwrap_or_else(|| {
+        let topo = a
+            .generate
+            .cluster
+            .topology()
+            .expect("launch has a topology");
+        let mut s = topo.as_os_str().to_owned();
+        s.push(".sock");
+        s.into()
+    })
+}
+
+/// `launch --serve` of a one-node topology: the cluster runs in this process.
+fn serve_single_node(a: &LaunchArgs, spec: topology::ClusterSpec) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let cluster = actors::Cluster::start(spec, a.generate.options()?).await?;
+        let r = crate::serve::serve(&cluster, &socket_path(a)).await;
+        cluster.shutdown().await;
+        r
+    })
+}
+
 pub(crate) fn run(a: LaunchArgs) -> Result<()> {
     if a.generate.cluster.topology().is_none() {
         bail!("launch needs --topology FILE (the same file on every node)");
     }
+    if a.join_timeout == 0 {
+        bail!("--join-timeout 0: the nodes need at least 1 s to connect");
+    }
     let spec = a.generate.cluster.spec()?;
-    if spec.nodes.len() == 1 {
+    let request_flags = a.generate.request_flags();
+    // A non-coordinator node is told that first (below): it runs no requests at all.
+    let non_coordinator = a.node.as_ref().is_some_and(|n| *n != spec.coordinator);
+    if a.serve && !request_flags.is_empty() && !non_coordinator {
         bail!(
-            "{} has a single node: run it with `pipefuse generate --topology FILE` (launch is for clusters of several nodes)",
+            "{}: --serve takes its requests from `generate --attach` clients, so these flags would be ignored (give them to the client, or drop --serve to run one request)",
+            request_flags.join(" ")
+        );
+    }
+    if spec.nodes.len() == 1 {
+        if a.serve {
+            return serve_single_node(&a, spec);
+        }
+        bail!(
+            "{} has a single node: run it with `pipefuse generate --topology FILE`, or serve it with `pipefuse launch --serve --topology FILE` (launch is otherwise for clusters of several nodes)",
             spec.file
         );
     }
@@ -132,6 +176,22 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         (None, true) => spec.coordinator.clone(),
         _ => bail!("give --node NAME (this process is that node) or --local (every node here)"),
     };
+    if me != spec.coordinator {
+        let mut ignored = request_flags;
+        if a.serve {
+            ignored.push("--serve");
+        }
+        if a.socket.is_some() {
+            ignored.push("--socket");
+        }
+        if !ignored.is_empty() {
+            bail!(
+                "{}: node {me} is not the coordinator ({}), and only the coordinator's node runs requests (give these flags to `launch --node {1}`)",
+                ignored.join(" "),
+                spec.coordinator
+            );
+        }
+    }
     // The layout against the model, once, before any process starts: a mistake is reported here
     // instead of by every node.
     let model = actors::ModelSource::from_spec(&spec)?;
@@ -169,13 +229,7 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
                     spec.nodes.len()
                 );
                 let r = if a.serve {
-                    let topo = a.generate.cluster.topology().expect("checked above");
-                    let socket = a.socket.clone().unwrap_or_else(|| {
-                        let mut s = topo.as_os_str().to_owned();
-                        s.push(".sock");
-                        s.into()
-                    });
-                    crate::serve::serve(cluster, &socket).await
+                    crate::serve::serve(cluster, &socket_path(&a)).await
                 } else {
                     generate(&a.generate, cluster).await
                 };

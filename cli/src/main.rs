@@ -18,6 +18,7 @@ mod output_file;
 mod plan;
 mod png_out;
 mod serve;
+mod serve_connection;
 mod tensor_io;
 
 use clap::{Parser, Subcommand};

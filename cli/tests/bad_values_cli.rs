@@ -109,3 +109,34 @@ fn thread_bounds_agree() {
     );
     assert!(kernels::Device::cpu(kernels::CpuDevice::MAX_THREADS + 1).is_err());
 }
+
+/// Flags a `launch` would ignore are refused (issue 16 group 8): request flags or --serve on a
+/// node that is not the coordinator, request flags given to a server, --join-timeout 0.
+#[test]
+fn launch_refuses_flags_it_would_ignore() {
+    let topo = common::root().join("examples/topologies/three-nodes-local.toml");
+    let topo = topo.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--node", "n1", "--serve", "--out", "x.png"],
+            "--out --serve: node n1 is not the coordinator (n0)",
+        ),
+        (
+            &["--node", "n2", "--class-label", "3"],
+            "--class-label: node n2 is not the coordinator (n0)",
+        ),
+        (
+            &["--local", "--serve", "--class-label", "3", "--steps", "4"],
+            "--class-label --steps: --serve takes its requests from `generate --attach` clients",
+        ),
+        (&["--local", "--join-timeout", "0"], "--join-timeout 0"),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["launch", "--topology", topo];
+        all.extend(args);
+        let o = pipefuse(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{all:?}: {err}");
+        assert!(err.contains(want), "{all:?}: stderr lacks `{want}`: {err}");
+    }
+}

@@ -81,3 +81,19 @@ pub fn in_process_demo_with(flags: &[&str], request: &[&str], out: &Path) {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// An empty scratch folder `pipefuse-{tag}-{pid}` under the system's temp folder.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pipefuse-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The text of `examples/topologies/{name}` with its relative model path (`model`, as the file
+/// writes it) made absolute to `assets/digits-dit`, so a copy works from any folder.
+pub fn example_topology_with_demo(name: &str, model: &str) -> String {
+    std::fs::read_to_string(root().join("examples/topologies").join(name))
+        .unwrap()
+        .replace(model, root().join("assets/digits-dit").to_str().unwrap())
+}
