@@ -58,8 +58,9 @@ fn quic_options(a: &LaunchArgs) -> Result<QuicOptions> {
 /// is dropped: no node outlives `launch --local`, whatever path it leaves by.
 struct Children(Vec<(String, Child)>);
 
-impl Drop for Children {
-    fn drop(&mut self) {
+impl Children {
+    /// Kills the children that are still running.
+    fn stop_running(&mut self) {
         for (name, c) in &mut self.0 {
             if let Ok(None) = c.try_wait() {
                 tracing::warn!(node = %name, "stopping a node that is still running");
@@ -67,6 +68,12 @@ impl Drop for Children {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop_running();
     }
 }
 
@@ -86,6 +93,20 @@ fn spawn_children(a: &LaunchArgs, names: &[String]) -> Result<Children> {
         children.0.push((n.clone(), child));
     }
     Ok(children)
+}
+
+/// Resolves when one of `children` exits: its name and status. Raced against joining, so a node
+/// that fails at once (a port in use, an unreadable file) is reported then, not after the whole
+/// join timeout. Pending forever when there are no children.
+async fn first_child_exit(children: &mut Children) -> (String, std::process::ExitStatus) {
+    loop {
+        for (name, c) in &mut children.0 {
+            if let Ok(Some(status)) = c.try_wait() {
+                return (name.clone(), status);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits up to `limit` for the children to exit after the coordinator closed, then kills them.
@@ -205,7 +226,7 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
     for n in here {
         actors::node_identity(&spec, n)?;
     }
-    let children = if a.local {
+    let mut children = if a.local {
         let others: Vec<String> = spec
             .nodes
             .iter()
@@ -221,7 +242,14 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
-        let node = Node::start(spec.clone(), &me, a.generate.options()?, quic_options(&a)?).await?;
+        let start = Node::start(spec.clone(), &me, a.generate.options()?, quic_options(&a)?);
+        let node = tokio::select! {
+            node = start => node.with_context(|| format!("node {me}"))?,
+            (name, status) = first_child_exit(&mut children) => {
+                children.stop_running(); // they would wait the whole join timeout for it
+                bail!("node {name} ({status}) ended before the cluster formed; its error is above")
+            }
+        };
         match node.cluster() {
             Some(cluster) => {
                 eprintln!(

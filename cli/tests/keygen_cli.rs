@@ -50,6 +50,27 @@ fn keygen_writes_what_the_topology_names_and_refuses_to_overwrite() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Two nodes naming one certificate file: refused naming both fields, nothing written (keygen
+/// would otherwise write one node's set and then stop at the other, asking for --force).
+#[test]
+fn keygen_refuses_a_shared_certificate_path_before_writing() {
+    let dir = common::scratch_dir("keygen-shared");
+    let topo = dir.join("three.toml");
+    let text = std::fs::read_to_string(root().join("examples/topologies/three-nodes-local.toml"))
+        .unwrap()
+        .replace("certs/n2.pem", "certs/n1.pem");
+    std::fs::write(&topo, text).unwrap();
+    let o = pipefuse(&["keygen", "--topology", topo.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("nodes[2].cert") && err.contains("also nodes[1].cert"),
+        "{err}"
+    );
+    assert!(!dir.join("certs").exists(), "nothing may be written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bench_transport_ends_with_the_ratio_line() {
     let o = pipefuse(&["bench", "transport", "--sizes-mib", "1", "--count", "3"]);

@@ -105,6 +105,29 @@ fn three_processes_equal_the_in_process_run_bitwise() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A child node that cannot start (its port is taken) is reported when it exits, not after the
+/// join timeout (300 s here: the other outcome is "did not join", which the assertion refuses).
+#[test]
+fn launch_local_reports_a_child_node_that_fails_at_once() {
+    let (dir, topo) = cluster("child-fails");
+    let text = std::fs::read_to_string(&topo).unwrap();
+    let spec = topology::ClusterSpec::parse(&text, "three.toml", None).unwrap();
+    let n1 = spec.nodes[1].address.clone().unwrap();
+    let _taken = std::net::UdpSocket::bind(&n1).unwrap();
+    let o = Command::new(bin())
+        .args(["launch", "--local", "--join-timeout", "300"])
+        .args(["--topology", topo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("node n1 (exit status: 1) ended before the cluster formed"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_killed_node_is_named_and_the_others_exit() {
     use std::io::BufRead;

@@ -93,3 +93,39 @@ fn the_shipped_three_node_topology_parses() {
     assert_eq!((s.nodes.len(), s.parallel.pipefusion_degree), (3, 3));
     assert!(s.nodes.iter().all(|n| n.tls.is_some()) && s.tls_ca.is_some());
 }
+
+#[test]
+fn two_nodes_sharing_a_certificate_or_key_file_are_refused() {
+    let cases = [
+        // b's certificate is a's.
+        (
+            THREE.replace("cert = \"certs/b.pem\"", "cert = \"certs/a.pem\""),
+            "nodes[1].cert",
+            "also nodes[0].cert",
+        ),
+        // b's key is its own certificate.
+        (
+            THREE.replace("key = \"certs/b.key\"", "key = \"certs/b.pem\""),
+            "nodes[1].key",
+            "also nodes[1].cert",
+        ),
+        // a's key is where keygen writes the CA's key.
+        (
+            THREE.replace("key = \"certs/a.key\"", "key = \"certs/ca.key\""),
+            "nodes[0].key",
+            "also tls.ca's key",
+        ),
+    ];
+    for (text, field, why) in cases {
+        let e = ClusterSpec::parse(&text, "t.toml", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml:") && e.contains(field) && e.contains(why),
+            "{field}: {e}"
+        );
+    }
+    // Same file names in different folders are different files.
+    let text = THREE.replace("\"certs/b.pem\"", "\"other/a.pem\"");
+    ClusterSpec::parse(&text, "t.toml", None).unwrap();
+}

@@ -7,6 +7,7 @@ use crate::error::Result;
 pub(super) fn validate(s: &ClusterSpec) -> Result<()> {
     model(s)?;
     nodes(s)?;
+    tls_files(s)?;
     coordinator(s)?;
     parallel(s)
 }
@@ -111,6 +112,43 @@ fn nodes(s: &ClusterSpec) -> Result<()> {
                     ))
                 }
                 DeviceSpec::Cpu { .. } => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every certificate and key is its own file: the CA (and the CA key `pipefuse keygen` writes
+/// beside it, `<ca>.key`) and each node's pair. Two nodes naming one file would each need the
+/// other's certificate (a certificate names one node), and `keygen` would overwrite one with the
+/// other.
+fn tls_files(s: &ClusterSpec) -> Result<()> {
+    let mut seen: std::collections::HashMap<&std::path::Path, String> =
+        std::collections::HashMap::new();
+    let ca_key = s.tls_ca.as_ref().map(|ca| ca.with_extension("key"));
+    if let (Some(ca), Some(ca_key)) = (&s.tls_ca, &ca_key) {
+        seen.insert(ca, "tls.ca".into());
+        seen.insert(
+            ca_key,
+            "tls.ca's key (the CA path with extension .key)".into(),
+        );
+    }
+    for (i, node) in s.nodes.iter().enumerate() {
+        let Some(tls) = &node.tls else { continue };
+        for (field, file) in [("cert", &tls.cert), ("key", &tls.key)] {
+            let here = format!("nodes[{i}].{field}");
+            if let Some(other) = seen.insert(file, here.clone()) {
+                return Err(s.error(
+                    &here,
+                    format!(
+                        "{} is also {other}: every node's certificate and key is its own file",
+                        file.display()
+                    ),
+                    Some(format!(
+                        "e.g. `cert = \"certs/{0}.pem\"`, `key = \"certs/{0}.key\"`",
+                        node.name
+                    )),
+                ));
             }
         }
     }
