@@ -113,6 +113,9 @@ impl Cluster {
         remote: impl Fn(usize) -> Option<std::sync::Arc<dyn crate::handles::RemoteDevice>>,
     ) -> Result<Cluster> {
         let plan = startup_plan(&spec, &model.config)?;
+        check_weights_fit(&model, &plan, |rank| {
+            endpoints.get(rank).is_some_and(Option::is_some)
+        })?;
         let local = endpoints.iter().map(Option::is_some).collect();
         let mut devices: Vec<StageSlot> = Vec::new();
         for role in plan.roles() {
@@ -181,26 +184,13 @@ impl Cluster {
     }
 
     fn plan_of(&self, request: &Request) -> Result<Plan> {
-        let prepared = PreparedRequest::new(&self.model.config, request)?;
-        Ok(Plan::new(
-            &self.spec,
-            &shape_of(
-                &self.model.config,
-                prepared.forward_batch(),
-                prepared.batch(),
-                request.latent_size,
-                prepared.text_tokens(),
-            ),
-        )?)
+        plan_of(&self.spec, &self.model.config, request)
     }
 
     /// What `request` would allocate on this process's devices (K/V buffers, working sets,
     /// latents; see [`crate::memory`]), before anything is allocated.
     pub fn memory_estimate(&self, request: &Request) -> Result<MemoryEstimate> {
-        let plan = self.plan_of(request)?;
-        let prepared = PreparedRequest::new(&self.model.config, request)?;
-        let caption = request.caption.as_ref().map_or(0, |c| c.embeds.dim(1));
-        crate::memory::estimate_request(&self.model.config, &plan, &prepared, caption, |r| {
+        request_memory(&self.spec, &self.model.config, request, |r| {
             self.local.get(r).copied().unwrap_or(false)
         })
     }
@@ -298,6 +288,22 @@ impl Cluster {
 }
 
 /// How to spawn the device actor of `role` in this process, reporting to the local coordinator.
+/// Refuses, before any device loads its slice, weights that this host cannot hold (the devices
+/// for which `local(rank)` holds are this process's).
+pub(crate) fn check_weights_fit(
+    model: &ModelSource,
+    plan: &Plan,
+    local: impl Fn(usize) -> bool,
+) -> Result<()> {
+    let Some(host) = kernels::host_memory() else {
+        return Ok(());
+    };
+    let devices = plan.roles().iter().filter(|r| local(r.rank)).count();
+    let elements = model.weight_elements()?;
+    let weights = crate::memory::estimate_weights(&model.config, plan, elements.as_deref(), local);
+    crate::memory::check_weights(weights, devices, &host)
+}
+
 fn local_device(
     model: &ModelSource,
     role: DeviceRole,
@@ -374,6 +380,35 @@ pub(crate) fn oversubscription(devices: &[topology::DeviceSpec], cores: usize) -
             (cores / devices.len().max(1)).max(1)
         )
     })
+}
+
+/// The plan of `request` on the cluster `spec` describes.
+fn plan_of(spec: &ClusterSpec, cfg: &model::ModelConfig, request: &Request) -> Result<Plan> {
+    let prepared = PreparedRequest::new(cfg, request)?;
+    Ok(Plan::new(
+        spec,
+        &shape_of(
+            cfg,
+            prepared.forward_batch(),
+            prepared.batch(),
+            request.latent_size,
+            prepared.text_tokens(),
+        ),
+    )?)
+}
+
+/// What `request` would allocate on the devices for which `local(rank)` holds (see
+/// [`crate::memory`]): the coordinator's process at submit, each other node at Begin.
+pub(crate) fn request_memory(
+    spec: &ClusterSpec,
+    cfg: &model::ModelConfig,
+    request: &Request,
+    local: impl Fn(usize) -> bool,
+) -> Result<MemoryEstimate> {
+    let plan = plan_of(spec, cfg, request)?;
+    let prepared = PreparedRequest::new(cfg, request)?;
+    let caption = request.caption.as_ref().map_or(0, |c| c.embeds.dim(1));
+    crate::memory::estimate_request(cfg, &plan, &prepared, caption, local)
 }
 
 /// The plan's view of a request on this model.

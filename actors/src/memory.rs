@@ -86,6 +86,96 @@ impl fmt::Display for MemoryEstimate {
     }
 }
 
+/// Bytes of weights per parameter: every backend keeps them in f32 today.
+const WEIGHT_BYTES: f64 = 4.0;
+
+/// Per device, what starting it allocates besides its weights: actor state, channels, its
+/// thread pool's bookkeeping (measured: about 120 KiB).
+const LOAD_FIXED: f64 = (512 << 10) as f64;
+
+/// The weights that the devices for which `local(rank)` hold load for their layer slices, in
+/// bytes (f32), 10% up for the Q/K/V fusion's transient copy, plus `LOAD_FIXED` per device. With the checkpoint's tensors
+/// (`elements`: name and element count, [`crate::ModelSource::weight_elements`]) each device
+/// counts its blocks' tensors plus every tensor outside the blocks (embedders, head: an upper
+/// bound, a middle stage loads none of them). For a preset (`None`) the parameters are read off
+/// the FLOP formula at one token (two FLOPs per weight), each device's blocks plus one block's
+/// worth for the parts outside them. `tests/request_memory.rs` compares both with the bytes a
+/// cluster's start really allocates.
+pub fn estimate_weights(
+    cfg: &ModelConfig,
+    plan: &Plan,
+    elements: Option<&[(String, u64)]>,
+    local: impl Fn(usize) -> bool,
+) -> u64 {
+    let roles = plan.roles();
+    let mine = roles.iter().filter(|r| local(r.rank));
+    let params: f64 = match elements {
+        Some(tensors) => {
+            let families = cfg.block_families();
+            let layers: usize = families.iter().map(|f| f.1).sum();
+            let mut per_layer = vec![0u64; layers];
+            let mut outside = 0u64;
+            for (name, n) in tensors {
+                match layer_of(name, &families).filter(|&l| l < layers) {
+                    Some(l) => per_layer[l] = per_layer[l].saturating_add(*n),
+                    None => outside = outside.saturating_add(*n),
+                }
+            }
+            mine.map(|r| {
+                let end = r.layers.end.min(layers);
+                let blocks: u64 = per_layer[r.layers.start.min(end)..end].iter().sum();
+                (outside + blocks) as f64
+            })
+            .sum()
+        }
+        None => {
+            // One image and one text token, so the text stream's weights (MMDiT) and the
+            // caption projections (PixArt) count too.
+            let mut per_block = cfg.forward_flops(1, 1, 1) / 2.0 / cfg.num_layers.max(1) as f64;
+            if cfg.arch == model::Arch::Dit {
+                // Each DiT block's conditioning embedder has its own class table (a lookup: no
+                // FLOPs).
+                per_block += ((cfg.num_classes + 1) * cfg.hidden()) as f64;
+            }
+            mine.map(|r| per_block * (r.layers.len() + 1) as f64).sum()
+        }
+    };
+    let devices = roles.iter().filter(|r| local(r.rank)).count() as f64;
+    (params * 1.1 * WEIGHT_BYTES + devices * LOAD_FIXED).min(u64::MAX as f64) as u64
+}
+
+/// The layer a tensor belongs to: `<family>.<i>.` is layer `i` after the layers of the families
+/// before it (Flux: double-stream blocks, then single-stream ones).
+fn layer_of(name: &str, families: &[(&str, usize, &str)]) -> Option<usize> {
+    let mut first = 0;
+    for &(prefix, count, _) in families {
+        if let Some(i) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(i, _)| i.parse::<usize>().ok())
+        {
+            return Some(first + i);
+        }
+        first += count;
+    }
+    None
+}
+
+/// `Err` naming both figures when `weights` bytes (from [`estimate_weights`] over `devices`
+/// devices) cannot fit in what `host` can still give.
+pub fn check_weights(weights: u64, devices: usize, host: &HostMemory) -> Result<()> {
+    if weights <= host.available {
+        return Ok(());
+    }
+    Err(ClusterError::OutOfMemory(format!(
+        "loading the model on this process's {devices} device(s) needs about {} of weights (f32) \
+         but only {host}; spread its layers over more nodes (pipefusion_degree, one stage per \
+         node), or use a smaller model",
+        human_bytes(weights)
+    )))
+}
+
 /// Checked product of sizes; `Err` naming `what` on overflow.
 fn product(what: &str, xs: &[u64]) -> Result<u64> {
     xs.iter()

@@ -74,6 +74,15 @@ pub fn locate_model(dir: &Path) -> std::result::Result<ModelFolder, String> {
 }
 
 impl ModelSource {
+    /// Every weight tensor's name and element count from the checkpoint's headers (nothing is
+    /// loaded); `None` for a preset, whose random weights have no file.
+    pub fn weight_elements(&self) -> Result<Option<Vec<(String, u64)>>> {
+        match &self.transformer_dir {
+            Some(dir) => Ok(Some(model::SafetensorsDir::open(dir)?.element_counts()?)),
+            None => Ok(None),
+        }
+    }
+
     /// Resolves the spec's model; errors name the topology file, line and field.
     pub fn from_spec(spec: &ClusterSpec) -> Result<ModelSource> {
         match &spec.model {

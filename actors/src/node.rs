@@ -125,6 +125,8 @@ impl Node {
         let my_addr = map.nodes[ni].addr;
         let plan = crate::cluster::startup_plan(&spec, &model.config)?;
         crate::cluster::warn_if_oversubscribed(&spec.nodes[ni].devices);
+        let mine = &map.nodes[ni].devices;
+        crate::cluster::check_weights_fit(&model, &plan, |rank| mine.contains(&rank))?;
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
         let lost_events = quic_node.subscribe();
@@ -279,6 +281,8 @@ impl Node {
             begin_timeout: options.compute_timeout,
             coordinator_node: spec.coordinator.clone(),
             readiness: Arc::new(Readiness::default()),
+            spec: Arc::new(spec.clone()),
+            node: name.to_string(),
         });
         let mut tasks = watchers;
         tasks.append(&mut tasks_early);

@@ -69,6 +69,38 @@ fn request(cluster: &Cluster, labels: usize, side: usize) -> GenerateRequest {
     }
 }
 
+/// Waits until the heap is back to `base` (plus 256 KiB): a stopped cluster's device threads drop
+/// their weights after `shutdown` returns, and the next measurement must see only its own bytes.
+async fn settle(base: usize, what: &str) {
+    let t0 = std::time::Instant::now();
+    while CURRENT.load(Ordering::Relaxed) > base + (256 << 10) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{what}: a stopped cluster's memory was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Prints the measured peak, the estimate and their ratio; the estimate must cover the peak and
+/// be at most `LOOSENESS` times it.
+fn assert_covers(what: &str, estimate: u64, peak: usize) {
+    eprintln!(
+        "{what}: measured peak {:.2} MiB, estimate {:.2} MiB, ratio {:.2}",
+        peak as f64 / 1048576.0,
+        estimate as f64 / 1048576.0,
+        estimate as f64 / peak as f64
+    );
+    assert!(
+        estimate >= peak as u64,
+        "{what}: estimate {estimate} below the peak {peak}"
+    );
+    assert!(
+        (estimate as f64) <= LOOSENESS * peak as f64,
+        "{what}: estimate {estimate} more than {LOOSENESS}x the peak {peak}"
+    );
+}
+
 /// Runs `req` and returns the peak bytes above what was allocated when it was submitted.
 async fn measured_peak(cluster: &Cluster, req: GenerateRequest) -> usize {
     let base = CURRENT.load(Ordering::Relaxed);
@@ -125,6 +157,7 @@ async fn the_estimate_covers_the_measured_peak() {
         ),
     ];
     for (name, model, n, m, u, labels, side) in cases {
+        let start = CURRENT.load(Ordering::Relaxed);
         let cluster = Cluster::start(spec(model, n, m, u), ClusterOptions::default())
             .await
             .unwrap();
@@ -133,28 +166,16 @@ async fn the_estimate_covers_the_measured_peak() {
         // The first request on a fresh cluster: it allocates the K/V buffers (later requests of
         // the same shape may reuse them).
         let peak = measured_peak(&cluster, req).await;
-        let total = estimate.total();
-        eprintln!(
-            "{name}: measured peak {:.2} MiB, estimate {:.2} MiB ({estimate}), ratio {:.2}",
-            peak as f64 / 1048576.0,
-            total as f64 / 1048576.0,
-            total as f64 / peak as f64
-        );
-        assert!(
-            total >= peak as u64,
-            "{name}: estimate {total} below the peak {peak}"
-        );
-        assert!(
-            (total as f64) <= LOOSENESS * peak as f64,
-            "{name}: estimate {total} more than {LOOSENESS}x the peak {peak}"
-        );
+        assert_covers(&format!("{name} ({estimate})"), estimate.total(), peak);
         cluster.shutdown().await;
+        settle(start, name).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sizes_beyond_the_host_are_refused_before_allocating() {
     let _serial = SERIAL.lock().await;
+    let start = CURRENT.load(Ordering::Relaxed);
     let cluster = Cluster::start(
         spec(ModelSpec::Path(dit_pf()), 2, 2, 1),
         ClusterOptions::default(),
@@ -192,4 +213,52 @@ async fn sizes_beyond_the_host_are_refused_before_allocating() {
     // The cluster still serves.
     cluster.generate(small).await.unwrap();
     cluster.shutdown().await;
+    settle(start, "refusals").await;
+}
+
+/// The weights estimate (what `Cluster::start` and `Node::start` refuse by before any device
+/// loads its slice) against the bytes a cluster's start really allocates: at least that, at most
+/// `LOOSENESS` times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_weights_estimate_covers_what_start_allocates() {
+    let _serial = SERIAL.lock().await;
+    let model_fixture = |name: &str| {
+        ModelSpec::Path(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../model/tests/fixtures")
+                .join(name),
+        )
+    };
+    let cases = [
+        ("DiT fixture, 2 stages", ModelSpec::Path(dit_pf()), 2),
+        (
+            "DiT-S/2 preset, 2 stages",
+            ModelSpec::Preset {
+                name: "DiT-S/2".into(),
+                seed: 1,
+            },
+            2,
+        ),
+        ("PixArt fixture, 2 stages", model_fixture("pixart_tiny"), 2),
+        ("SD3 fixture, 2 stages", model_fixture("sd3_tiny"), 2),
+        ("Flux fixture, 2 stages", model_fixture("flux_tiny"), 2),
+    ];
+    for (name, model, n) in cases {
+        let spec = spec(model, n, n, 1);
+        let source = actors::ModelSource::from_spec(&spec).unwrap();
+        let plan = actors::startup_plan(&spec, &source.config).unwrap();
+        let elements = source.weight_elements().unwrap();
+        let estimate =
+            actors::memory::estimate_weights(&source.config, &plan, elements.as_deref(), |_| true);
+        drop(source);
+        let base = CURRENT.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let cluster = Cluster::start(spec, ClusterOptions::default())
+            .await
+            .unwrap();
+        let peak = PEAK.load(Ordering::Relaxed) - base;
+        assert_covers(&format!("{name}, weights at start"), estimate, peak);
+        cluster.shutdown().await;
+        settle(base, name).await;
+    }
 }

@@ -128,6 +128,45 @@ fn launch_local_reports_a_child_node_that_fails_at_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A request that fits the coordinator's host but not another node's (n1 under `ulimit -v`) is
+/// refused by that node at Begin, naming it and the figures, before anything of its size is
+/// allocated anywhere; every node then exits.
+#[test]
+fn a_node_short_of_memory_refuses_the_request_naming_itself() {
+    let (dir, topo) = cluster("node-memory");
+    let t = topo.to_str().unwrap();
+    let node = |name: &str, limit: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("{limit} exec \"$0\" \"$@\""))
+            .arg(bin())
+            .args(["launch", "--topology", t, "--node", name])
+            .args(["--join-timeout", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut others = [node("n1", "ulimit -v 3000000 &&"), node("n2", "")];
+    let o = Command::new(bin())
+        .args(["launch", "--topology", t, "--node", "n0"])
+        .args(["--height", "768", "--width", "768", "--class-label", "1"])
+        .args(["--steps", "2", "--join-timeout", "60"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("node n1: not enough memory") && err.contains("ulimit -v"),
+        "{err}"
+    );
+    for c in &mut others {
+        let status = c.wait().unwrap();
+        assert!(status.success(), "a node did not end cleanly: {status}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_killed_node_is_named_and_the_others_exit() {
     use std::io::BufRead;

@@ -151,3 +151,41 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// A model whose weights cannot fit is refused before any device loads its slice, naming the
+/// figure (SD3.5-Large: about 34 GiB in f32; DiT-XL/2 on two Ulysses ranks, each holding it all).
+#[test]
+fn weights_beyond_memory_are_refused_before_loading() {
+    let dir = common::scratch_dir("bigweights");
+    for (preset, extra, devices) in [
+        ("SD3.5-Large", "", "{ kind = \"cpu\" }"),
+        (
+            "DiT-XL/2",
+            "[parallel]\nulysses_degree = 2\n",
+            "{ kind = \"cpu\" }, { kind = \"cpu\" }",
+        ),
+    ] {
+        let topo = dir.join("big.toml");
+        std::fs::write(
+            &topo,
+            format!(
+                "coordinator = \"n0\"\n[model]\npreset = \"{preset}\"\n{extra}\
+                 [[nodes]]\nname = \"n0\"\ndevices = [{devices}]\n"
+            ),
+        )
+        .unwrap();
+        refused(
+            &[
+                "generate",
+                "--topology",
+                topo.to_str().unwrap(),
+                "--steps",
+                "1",
+                "--save-latent",
+                dir.join("x.st").to_str().unwrap(),
+            ],
+            &["not enough memory", "of weights (f32)", "ulimit -v"],
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

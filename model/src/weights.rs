@@ -137,6 +137,29 @@ impl SafetensorsDir {
         })
     }
 
+    /// Every tensor's name and element count, read from the file headers (shards are mapped,
+    /// no tensor is read): what a slice will hold, before it is loaded.
+    pub fn element_counts(&self) -> Result<Vec<(String, u64)>> {
+        let mut files: Vec<PathBuf> = match &self.index {
+            Some(ix) => ix.values().cloned().collect(),
+            None => vec![self.single.clone()],
+        };
+        files.sort();
+        files.dedup();
+        let mut out = Vec::new();
+        for f in files {
+            let meta = &self.mapped(&f)?.meta;
+            out.extend(meta.tensors().into_iter().map(|(name, info)| {
+                let n = info
+                    .shape
+                    .iter()
+                    .fold(1u64, |a, &d| a.saturating_mul(d as u64));
+                (name, n)
+            }));
+        }
+        Ok(out)
+    }
+
     /// Refuses a checkpoint with blocks the config does not count: `blocks` lists each block
     /// family as (name prefix, blocks in the config, config field), e.g.
     /// `("transformer_blocks", 3, "num_layers")`. A `transformer_blocks.3.*` tensor with

@@ -142,6 +142,9 @@ pub(crate) struct ControlContext {
     pub(crate) coordinator_node: String,
     /// On the coordinator's node: which nodes are ready.
     pub(crate) readiness: Arc<Readiness>,
+    /// The cluster (for the plan of each request's memory check) and this node's name.
+    pub(crate) spec: Arc<topology::ClusterSpec>,
+    pub(crate) node: String,
 }
 
 impl ControlContext {
@@ -218,6 +221,12 @@ impl ControlContext {
             .ok_or_else(|| format!("device {device} does not run on this node"))?;
         let (setup, schedule) =
             spec::decode_request(&self.config, request, spec).map_err(|e| e.to_string())?;
+        // The coordinator checked its own process's share at submit; each other node checks
+        // its share here, once per request (at its first device's Begin).
+        if self.devices.keys().min() == Some(&device) {
+            self.check_memory(&setup.request)
+                .map_err(|e| format!("node {}: {e}", self.node))?;
+        }
         let ms = self.begin_timeout.as_millis() as u64;
         ractor::call_t!(
             d,
@@ -229,6 +238,17 @@ impl ControlContext {
             ms
         )
         .map_err(|e| format!("device {device} did not begin: {e}"))?
+    }
+
+    /// `request`'s memory on this node's devices against what this host can still give.
+    fn check_memory(&self, request: &model::Request) -> crate::error::Result<()> {
+        let Some(host) = kernels::host_memory() else {
+            return Ok(());
+        };
+        crate::cluster::request_memory(&self.spec, &self.config, request, |r| {
+            self.devices.contains_key(&r)
+        })?
+        .check(&host)
     }
 
     fn to_coordinator(&self, from: &str, msg: ControlMessage) {
