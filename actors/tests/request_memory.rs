@@ -82,9 +82,9 @@ async fn settle(base: usize, what: &str) {
     }
 }
 
-/// Prints the measured peak, the estimate and their ratio; the estimate must cover the peak and
-/// be at most `LOOSENESS` times it.
-fn assert_covers(what: &str, estimate: u64, peak: usize) {
+/// Prints the measured peak, the estimate and their ratio; the estimate must cover the peak and,
+/// where `tight`, be at most `LOOSENESS` times it.
+fn assert_covers(what: &str, estimate: u64, peak: usize, tight: bool) {
     eprintln!(
         "{what}: measured peak {:.2} MiB, estimate {:.2} MiB, ratio {:.2}",
         peak as f64 / 1048576.0,
@@ -96,7 +96,7 @@ fn assert_covers(what: &str, estimate: u64, peak: usize) {
         "{what}: estimate {estimate} below the peak {peak}"
     );
     assert!(
-        (estimate as f64) <= LOOSENESS * peak as f64,
+        !tight || (estimate as f64) <= LOOSENESS * peak as f64,
         "{what}: estimate {estimate} more than {LOOSENESS}x the peak {peak}"
     );
 }
@@ -166,7 +166,12 @@ async fn the_estimate_covers_the_measured_peak() {
         // The first request on a fresh cluster: it allocates the K/V buffers (later requests of
         // the same shape may reuse them).
         let peak = measured_peak(&cluster, req).await;
-        assert_covers(&format!("{name} ({estimate})"), estimate.total(), peak);
+        assert_covers(
+            &format!("{name} ({estimate})"),
+            estimate.total(),
+            peak,
+            true,
+        );
         cluster.shutdown().await;
         settle(start, name).await;
     }
@@ -257,7 +262,11 @@ async fn the_weights_estimate_covers_what_start_allocates() {
             .await
             .unwrap();
         let peak = PEAK.load(Ordering::Relaxed) - base;
-        assert_covers(&format!("{name}, weights at start"), estimate, peak);
+        // Tiny fixtures (under 8 MiB) hold less than the per-device constant, and a stopped
+        // cluster's last frees (up to `settle`'s slack) can overlap their measurement: only the
+        // lower bound is asserted for them.
+        let tight = peak > 8 << 20;
+        assert_covers(&format!("{name}, weights at start"), estimate, peak, tight);
         cluster.shutdown().await;
         settle(base, name).await;
     }
