@@ -52,9 +52,22 @@ pub(crate) struct ForwardArgs {
     /// tokens in the joint sequence [default 333 for SD3 (77 CLIP + 256 T5), 512 for Flux].
     #[arg(long, value_name = "T")]
     caption_tokens: Option<usize>,
+    /// Weight format of the linear layers: `f32`, or `bf16` (packed once at load; activations
+    /// rounded to bf16 per product, f32 accumulation; AMX tiles where the CPU has them). The
+    /// plain GEMM baseline runs in the same format.
+    #[arg(long, default_value = "f32", value_parser = linear_dtype)]
+    dtype: kernels::DType,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
+}
+
+/// `--dtype`: f32 or bf16 (f16 has no CPU GEMM).
+fn linear_dtype(s: &str) -> Result<kernels::DType, String> {
+    match s.parse::<kernels::DType>()? {
+        kernels::DType::F16 => Err("f16 has no CPU path; use f32 or bf16".into()),
+        d => Ok(d),
+    }
 }
 
 pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
@@ -70,17 +83,21 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// GFLOP/s of `y = x W^T` with m = k = n = 2048 on `dev` (median of 5).
-fn gemm_gflops(dev: &Device) -> Result<f64> {
+/// GFLOP/s of `y = x W^T` with m = k = n = 2048 on `dev` (median of 5), the weight in `dtype`.
+fn gemm_gflops(dev: &Device, dtype: kernels::DType) -> Result<f64> {
     let n = 2048;
-    let x = Tensor::from_vec(
-        (0..n * n).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect(),
-        &[n, n],
-    )?;
+    let values: Vec<f32> = (0..n * n).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
+    let packed =
+        (dtype == kernels::DType::BF16).then(|| kernels::PackedBf16::from_f32(&values, n, n));
+    let x = Tensor::from_vec(values, &[n, n])?;
     let mut times: Vec<f64> = (0..6)
         .map(|_| {
             let t = Instant::now();
-            dev.linear(&x, &x, None).map(|_| t.elapsed().as_secs_f64())
+            match &packed {
+                Some(w) => dev.linear_bf16(&x, w, None),
+                None => dev.linear(&x, &x, None),
+            }
+            .map(|_| t.elapsed().as_secs_f64())
         })
         .collect::<Result<_, _>>()?;
     times.remove(0);
@@ -105,8 +122,21 @@ fn forward(a: ForwardArgs) -> Result<()> {
     }
     check_forward_memory(&a, &cfg)?;
     let dev = Device::cpu(a.threads)?;
-    eprintln!("building {} with random weights ...", a.preset);
-    let model = Transformer::random(cfg.clone(), 0, None, dev.clone())?;
+    eprintln!("{}", crate::devices::cpu_summary());
+    let path = match a.dtype {
+        kernels::DType::BF16 => kernels::bf16_gemm_path(),
+        _ => "f32 (gemm crate, AVX-512 where present)",
+    };
+    eprintln!(
+        "building {} with random weights, linear layers in {} ({path}) ...",
+        a.preset, a.dtype
+    );
+    let weights = model::RandomWeights { seed: 0, std: 0.02 };
+    let source = model::WithLinearDtype {
+        inner: &weights,
+        dtype: a.dtype,
+    };
+    let model = Transformer::from_source(cfg.clone(), &source, None, dev.clone())?;
     let side = a.resolution / 8;
     let latent = model::gaussian(&[a.batch, cfg.in_channels, side, side], 1);
     let text = cfg.arch != Arch::Dit;
@@ -136,7 +166,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     };
     let tokens = (side / cfg.patch_size).pow(2);
     let flops = cfg.forward_flops(a.batch, tokens, if text { caption_tokens } else { 0 });
-    let gemm_before = gemm_gflops(&dev)?;
+    let gemm_before = gemm_gflops(&dev, a.dtype)?;
     model.forward(&latent, &inputs)?; // warm-up
     let mut times = Vec::new();
     for i in 0..a.iters {
@@ -150,7 +180,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         );
         times.push(s);
     }
-    let gemm_after = gemm_gflops(&dev)?;
+    let gemm_after = gemm_gflops(&dev, a.dtype)?;
     let (min, max) = (
         times.iter().cloned().fold(f64::MAX, f64::min),
         times.iter().cloned().fold(0.0, f64::max),
@@ -159,12 +189,12 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let gflops = flops / med / 1e9;
     let gemm = (gemm_before + gemm_after) / 2.0;
     println!(
-        "{} {}px batch {} threads {}: {:.1} ms/forward (min {:.1}, max {:.1}), {:.1} GFLOP per forward, {:.1} GFLOP/s; plain 2048^3 GEMM {:.1} GFLOP/s (before {:.1}, after {:.1}); forward/GEMM = {:.3}",
-        a.preset, a.resolution, a.batch, a.threads, med * 1e3, min * 1e3, max * 1e3, flops / 1e9, gflops, gemm, gemm_before, gemm_after, gflops / gemm
+        "{} {}px batch {} threads {} {}: {:.1} ms/forward (min {:.1}, max {:.1}), {:.1} GFLOP per forward, {:.1} GFLOP/s; plain 2048^3 {} GEMM {:.1} GFLOP/s (before {:.1}, after {:.1}); forward/GEMM = {:.3}",
+        a.preset, a.resolution, a.batch, a.threads, a.dtype, med * 1e3, min * 1e3, max * 1e3, flops / 1e9, gflops, a.dtype, gemm, gemm_before, gemm_after, gflops / gemm
     );
     if a.json {
         let j = serde_json::json!({
-            "impl": "pipefuse", "preset": a.preset, "layers": cfg.num_layers, "resolution": a.resolution, "batch": a.batch, "threads": a.threads,
+            "impl": "pipefuse", "dtype": a.dtype.as_str(), "gemm_path": path, "preset": a.preset, "layers": cfg.num_layers, "resolution": a.resolution, "batch": a.batch, "threads": a.threads,
             "ms_per_forward": med * 1e3, "ms_min": min * 1e3, "ms_max": max * 1e3, "gflop_per_forward": flops / 1e9,
             "gflops": gflops, "gemm_gflops": gemm, "forward_vs_gemm": gflops / gemm,
         });

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 
 /// The CPU's model name and the instruction-set flags that matter to the kernels (Linux
 /// `/proc/cpuinfo`; elsewhere only the core count is known).
-fn cpu_summary() -> String {
+pub(crate) fn cpu_summary() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |key: &str| {
         info.lines()

@@ -148,6 +148,41 @@ impl Device {
         }
     }
 
+    /// `bf16(x[.., k]) · w[n, k]^T + b[n]` with a bf16 weight packed once
+    /// ([`crate::PackedBf16`]) and f32 accumulation -> `[.., n]` f32 (AMX tiles where the CPU
+    /// has them: [`crate::bf16_gemm_path`]).
+    pub fn linear_bf16(
+        &self,
+        x: &Tensor,
+        w: &crate::PackedBf16,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let k = last_dim("linear_bf16", x)?;
+        if w.k() != k {
+            return Err(KernelError::shape(
+                "linear_bf16",
+                format!("input {:?} vs weight {w:?}", x.shape()),
+            ));
+        }
+        let n = w.n();
+        if let Some(b) = b {
+            check_len("linear_bf16", "bias", b, n)?;
+        }
+        let m = x.elem_count() / k;
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("checked non-scalar") = n;
+        match self {
+            Device::Cpu(c) => {
+                let mut y = vec![0f32; m * n];
+                let xs = x.as_f32()?;
+                let bs = b.map(|b| b.as_f32()).transpose()?;
+                c.install(|| cpu::bf16_gemm::linear_bf16(&mut y, xs, w, bs, m, c.threads()));
+                Tensor::from_vec(y, &shape)
+            }
+            Device::Cuda(c) => match *c {},
+        }
+    }
+
     /// GELU (tanh approximation) in place.
     pub fn gelu_tanh_(&self, x: &mut Tensor) -> Result<()> {
         match self {

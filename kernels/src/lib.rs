@@ -36,6 +36,7 @@ mod host_memory;
 mod tensor;
 pub mod ulysses;
 
+pub use cpu::bf16_gemm::{bf16_bits, bf16_gemm_path, bf16_to_f32, PackedBf16};
 pub use cpu::math::{exp_fast, gelu_tanh_scalar};
 pub use cpu::CpuDevice;
 pub use cuda_probe::{cuda_devices, cuda_libraries, CudaDeviceInfo};
@@ -52,6 +53,7 @@ pub mod reference {
     pub use crate::cpu::attention::{
         attention_slow, merge_partial_slow, AttnInput as SlowAttnInput,
     };
+    pub use crate::cpu::bf16_gemm::linear_bf16_slow;
     pub use crate::cpu::conv::{
         conv2d_slow, transpose_last2_slow, upsample_nearest2x_slow, ConvGeom,
     };

@@ -3,19 +3,41 @@
 //! Reference: diffusers 0.42.1 `embeddings.py` (`Timesteps`, `TimestepEmbedding`,
 //! `get_2d_sincos_pos_embed`, `PatchEmbed`), restated in shared/reference/LAYOUT.md §3.
 
-use kernels::{Device, Tensor};
+use kernels::{DType, Device, PackedBf16, Tensor};
 
 use crate::error::Result;
 use crate::weights::WeightSource;
 
-/// `y = x W^T + b` with torch's `[out, in]` weight layout.
+/// `y = x W^T + b` with torch's `[out, in]` weight layout. The weight is kept in the format its
+/// source asks for ([`WeightSource::linear_dtype`]): f32, or bf16 packed once for
+/// `Device::linear_bf16` (activations rounded to bf16, f32 accumulation).
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    w: Tensor, // [out, in]
+    w: LinearWeight,
     b: Tensor, // [out]
 }
 
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    F32(Tensor), // [out, in]
+    Bf16(PackedBf16),
+}
+
 impl Linear {
+    /// `w` `[out, in]` (f32) and `b` in the format `dtype` names.
+    pub(crate) fn new(w: Tensor, b: Tensor, dtype: DType) -> Result<Linear> {
+        let w = match dtype {
+            DType::BF16 => {
+                let &[out, inp] = w.shape() else {
+                    unreachable!("linear weights are loaded as [out, in]")
+                };
+                LinearWeight::Bf16(PackedBf16::from_f32(w.as_f32()?, out, inp))
+            }
+            DType::F32 | DType::F16 => LinearWeight::F32(w),
+        };
+        Ok(Linear { w, b })
+    }
+
     /// Loads `{name}.weight` `[out, inp]` and `{name}.bias` `[out]`.
     pub(crate) fn load(
         src: &dyn WeightSource,
@@ -23,10 +45,11 @@ impl Linear {
         out: usize,
         inp: usize,
     ) -> Result<Linear> {
-        Ok(Linear {
-            w: src.tensor(&format!("{name}.weight"), &[out, inp])?,
-            b: src.tensor(&format!("{name}.bias"), &[out])?,
-        })
+        Linear::new(
+            src.tensor(&format!("{name}.weight"), &[out, inp])?,
+            src.tensor(&format!("{name}.bias"), &[out])?,
+            src.linear_dtype(),
+        )
     }
 
     /// Loads several projections of the same input and stacks them into one (e.g. Q, K, V into
@@ -37,20 +60,24 @@ impl Linear {
         out: usize,
         inp: usize,
     ) -> Result<Linear> {
-        let parts = names
-            .iter()
-            .map(|n| Linear::load(src, n, out, inp))
-            .collect::<Result<Vec<_>>>()?;
-        let ws: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
-        let bs: Vec<&Tensor> = parts.iter().map(|p| &p.b).collect();
-        Ok(Linear {
-            w: Tensor::cat(&ws, 0)?,
-            b: Tensor::cat(&bs, 0)?,
-        })
+        let mut ws = Vec::new();
+        let mut bs = Vec::new();
+        for n in names {
+            ws.push(src.tensor(&format!("{n}.weight"), &[out, inp])?);
+            bs.push(src.tensor(&format!("{n}.bias"), &[out])?);
+        }
+        Linear::new(
+            Tensor::cat(&ws.iter().collect::<Vec<_>>(), 0)?,
+            Tensor::cat(&bs.iter().collect::<Vec<_>>(), 0)?,
+            src.linear_dtype(),
+        )
     }
 
     pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
-        Ok(dev.linear(x, &self.w, Some(&self.b))?)
+        Ok(match &self.w {
+            LinearWeight::F32(w) => dev.linear(x, w, Some(&self.b))?,
+            LinearWeight::Bf16(w) => dev.linear_bf16(x, w, Some(&self.b))?,
+        })
     }
 }
 
@@ -147,7 +174,7 @@ impl PatchEmbed {
             .reshape(&[d, channels * patch * patch])?;
         let b = src.tensor("pos_embed.proj.bias", &[d])?;
         Ok(PatchEmbed {
-            proj: Linear { w, b },
+            proj: Linear::new(w, b, src.linear_dtype())?,
             patch,
         })
     }

@@ -36,4 +36,4 @@ pub use kv_buffer::{KvBuffer, KvSlot};
 pub use model_index::{ModelIndex, KNOWN_PIPELINES};
 pub use request::{Caption, PreparedRequest, Request};
 pub use vae::{to_unit_range, VaeConfig, VaeDecoder};
-pub use weights::{gaussian, RandomWeights, SafetensorsDir, WeightSource};
+pub use weights::{gaussian, RandomWeights, SafetensorsDir, WeightSource, WithLinearDtype};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use half::{bf16, f16};
-use kernels::Tensor;
+use kernels::{DType, Tensor};
 use safetensors::tensor::{Metadata, SafeTensors};
 use safetensors::Dtype;
 
@@ -22,6 +22,32 @@ pub trait WeightSource: Send + Sync {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
     /// Whether the source has `name`.
     fn contains(&self, name: &str) -> bool;
+    /// The format linear layers built from this source keep their weights in: f32 (the default)
+    /// or bf16 ([`WithLinearDtype`]).
+    fn linear_dtype(&self) -> DType {
+        DType::F32
+    }
+}
+
+/// A weight source whose linear layers keep their weights in `dtype` (bf16: packed once at load
+/// for the bf16 GEMM, half the memory); every other weight stays f32.
+pub struct WithLinearDtype<'a> {
+    /// The weights.
+    pub inner: &'a dyn WeightSource,
+    /// The linear layers' weight format.
+    pub dtype: DType,
+}
+
+impl WeightSource for WithLinearDtype<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.inner.tensor(name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+    fn linear_dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 struct MappedFile {

@@ -1,7 +1,10 @@
 //! The CPU backend: a rayon pool per device and the f32 kernels it runs.
 
 pub(crate) mod activation;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub(crate) mod attention;
+pub(crate) mod bf16_gemm;
 pub(crate) mod conv;
 pub(crate) mod layout;
 pub(crate) mod math;

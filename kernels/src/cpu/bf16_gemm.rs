@@ -1,0 +1,176 @@
+//! bf16 matrix products with f32 accumulation: `y = x · W^T (+ b)` where `x` is f32 (rounded to
+//! bf16 per call, as PyTorch's bf16 autocast rounds activations) and `W` is bf16, packed once at
+//! load into [`PackedBf16`]. Intel AMX tiles run it where the CPU has them (`amx.rs`); elsewhere
+//! a portable path unpacks to f32 and uses the f32 GEMM (same numbers: the bf16 products are
+//! exact in f32, only the summation order differs).
+//!
+//! Packing (the layout AMX's `tdpbf16ps` reads for its B operand): `W` `[n, k]` is cut into
+//! blocks of 16 output columns and chunks of 32 inputs, zero-padded to whole blocks and chunks;
+//! each block x chunk is one 1 KiB tile of 16 rows (input pairs) x 16 columns x 2, element
+//! `(r, c, e)` = `W[n0 + c][k0 + 2 r + e]`. Tiles are stored block-major, then chunk.
+
+use rayon::prelude::*;
+
+/// Output columns per packed block (one tile's columns).
+pub(crate) const BLOCK_N: usize = 16;
+/// Inputs per packed chunk (one tile's bf16 pairs x 2).
+pub(crate) const CHUNK_K: usize = 32;
+/// u16 elements per packed tile.
+const TILE: usize = BLOCK_N * CHUNK_K;
+
+/// `f32 -> bf16` bits, round to nearest even (NaN stays NaN): what `half::bf16::from_f32` and
+/// PyTorch's conversion do, written so that it vectorises.
+#[inline]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+#[inline]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// A weight `[n, k]` in bf16, packed for [`linear_bf16`] (see the module docs).
+#[derive(Clone)]
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    data: Vec<u16>,
+}
+
+impl std::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedBf16[{}, {}]", self.n, self.k)
+    }
+}
+
+impl PackedBf16 {
+    /// Packs `w` (`[n, k]`, row-major, bf16 bits).
+    pub fn pack(w: &[u16], n: usize, k: usize) -> PackedBf16 {
+        assert_eq!(w.len(), n * k, "PackedBf16::pack: weight length");
+        // Blocks come in pairs (the AMX kernel computes 32 columns at a time).
+        let (blocks, chunks) = (n.div_ceil(2 * BLOCK_N) * 2, k.div_ceil(CHUNK_K));
+        let mut data = vec![0u16; blocks * chunks * TILE];
+        data.par_chunks_mut(chunks * TILE)
+            .enumerate()
+            .for_each(|(nb, panel)| {
+                for (kc, tile) in panel.chunks_mut(TILE).enumerate() {
+                    for c in 0..BLOCK_N.min(n.saturating_sub(nb * BLOCK_N)) {
+                        let row = &w[(nb * BLOCK_N + c) * k..][..k];
+                        for kk in kc * CHUNK_K..((kc + 1) * CHUNK_K).min(k) {
+                            let (r, e) = ((kk % CHUNK_K) / 2, kk % 2);
+                            tile[r * 2 * BLOCK_N + 2 * c + e] = row[kk];
+                        }
+                    }
+                }
+            });
+        PackedBf16 { n, k, data }
+    }
+
+    /// Packs an f32 weight `[n, k]`, rounding each element to bf16.
+    pub fn from_f32(w: &[f32], n: usize, k: usize) -> PackedBf16 {
+        let bits: Vec<u16> = w.par_iter().map(|&x| bf16_bits(x)).collect();
+        Self::pack(&bits, n, k)
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// K chunks per block.
+    pub(crate) fn chunks(&self) -> usize {
+        self.k.div_ceil(CHUNK_K)
+    }
+
+    /// The tiles of output block `nb` (all chunks, 1 KiB each).
+    pub(crate) fn panel(&self, nb: usize) -> &[u16] {
+        let len = self.chunks() * TILE;
+        &self.data[nb * len..][..len]
+    }
+
+    /// Element `(j, kk)` of the weight (bf16 bits).
+    pub fn get(&self, j: usize, kk: usize) -> u16 {
+        let (nb, c, kc) = (j / BLOCK_N, j % BLOCK_N, kk / CHUNK_K);
+        let (r, e) = ((kk % CHUNK_K) / 2, kk % 2);
+        self.panel(nb)[kc * TILE + r * 2 * BLOCK_N + 2 * c + e]
+    }
+
+    /// The weight as f32 `[n, k]` (the portable path and the tests).
+    pub fn unpack_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * self.k];
+        out.par_chunks_mut(self.k.max(1))
+            .enumerate()
+            .for_each(|(j, row)| {
+                for (kk, v) in row.iter_mut().enumerate() {
+                    *v = bf16_to_f32(self.get(j, kk));
+                }
+            });
+        out
+    }
+}
+
+/// Whether the AMX kernel runs here (x86-64 Linux with AMX-BF16, not `PIPEFUSE_NO_AMX=1`).
+fn amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Which path [`linear_bf16`] takes on this CPU.
+pub fn bf16_gemm_path() -> &'static str {
+    if amx() {
+        "amx-bf16"
+    } else {
+        "f32 fallback (no AMX)"
+    }
+}
+
+/// `y[m, n] = bf16(x)[m, k] · W^T + b`, f32 accumulation; `y` is overwritten.
+pub(crate) fn linear_bf16(
+    y: &mut [f32],
+    x: &[f32],
+    w: &PackedBf16,
+    b: Option<&[f32]>,
+    m: usize,
+    threads: usize,
+) {
+    let (k, n) = (w.k, w.n);
+    assert!(
+        y.len() == m * n && x.len() == m * k,
+        "linear_bf16: operand lengths"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if amx() {
+        return super::amx::linear(y, x, w, b, m, threads);
+    }
+    {
+        let xr: Vec<f32> = x.par_iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect();
+        super::matmul::linear(y, &xr, &w.unpack_f32(), b, m, k, n, threads);
+    }
+}
+
+/// Reference: `bf16(x) · W^T + b` with f64 accumulation.
+pub fn linear_bf16_slow(x: &[f32], w: &PackedBf16, b: Option<&[f32]>, m: usize) -> Vec<f32> {
+    let xr: Vec<f32> = x.iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect();
+    super::matmul::linear_slow(&xr, &w.unpack_f32(), b, m, w.k, w.n)
+}

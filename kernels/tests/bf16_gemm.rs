@@ -1,0 +1,115 @@
+//! The bf16 linear (`Device::linear_bf16`: AMX tiles where the CPU has them) against its
+//! reference (`bf16(x) · W^T + b` in f64 over the same bf16-rounded operands): the products of
+//! bf16 values are exact in f32, so only the summation order differs; tolerance relative L2
+//! 1e-5 of the whole output. Shapes cover every edge: rows, columns and inputs that are not
+//! whole tiles (1, 15, 17, 33 ...), one row, and the DiT-XL/2 shapes.
+
+use kernels::reference::{linear_bf16_slow, linear_slow};
+use kernels::{bf16_bits, bf16_gemm_path, bf16_to_f32, Device, PackedBf16, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn bf16_rounding_is_round_to_nearest_even() {
+    for x in [
+        1.0f32,
+        -2.5,
+        3.1415927,
+        1e-30,
+        6.5e4,
+        f32::MAX,
+        f32::INFINITY,
+    ] {
+        assert_eq!(bf16_bits(x), half::bf16::from_f32(x).to_bits(), "{x}");
+    }
+    // Ties go to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7.
+    assert_eq!(bf16_to_f32(bf16_bits(1.0 + 1.0 / 256.0)), 1.0);
+    assert_eq!(bf16_to_f32(bf16_bits(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
+    assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
+}
+
+#[test]
+fn packing_keeps_every_element() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (n, k) in [(1, 1), (17, 33), (32, 64), (50, 70)] {
+        let w = randn(&mut rng, n * k);
+        let p = PackedBf16::from_f32(&w, n, k);
+        let back = p.unpack_f32();
+        for (i, (&a, &b)) in w.iter().zip(&back).enumerate() {
+            assert_eq!(bf16_to_f32(bf16_bits(a)), b, "element {i} of [{n}, {k}]");
+        }
+    }
+}
+
+#[test]
+fn linear_bf16_matches_the_reference_on_every_edge() {
+    // This CPU's path is the one tested; on an AMX host it must be AMX (not a silent fallback).
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let amx_host = cpuinfo.contains(" amx_bf16") && std::env::var_os("PIPEFUSE_NO_AMX").is_none();
+    eprintln!("bf16 GEMM path: {}", bf16_gemm_path());
+    assert_eq!(bf16_gemm_path() == "amx-bf16", amx_host);
+    let mut rng = StdRng::seed_from_u64(11);
+    let shapes = [
+        (1, 1, 1),
+        (1, 64, 32),
+        (15, 17, 33),
+        (33, 95, 31),
+        (64, 64, 64),
+        (70, 130, 200),
+        (512, 1152, 96),
+    ];
+    for dev in [Device::cpu(1).unwrap(), Device::cpu(2).unwrap()] {
+        for &(m, k, n) in &shapes {
+            let x = randn(&mut rng, m * k);
+            let w = randn(&mut rng, n * k);
+            let b = randn(&mut rng, n);
+            let packed = PackedBf16::from_f32(&w, n, k);
+            let want = linear_bf16_slow(&x, &packed, Some(&b), m);
+            let xt = Tensor::from_vec(x.clone(), &[m, k]).unwrap();
+            let bt = Tensor::from_vec(b.clone(), &[n]).unwrap();
+            let got = dev.linear_bf16(&xt, &packed, Some(&bt)).unwrap();
+            assert_eq!(got.shape(), &[m, n]);
+            let e = rel_l2(got.as_f32().unwrap(), &want);
+            assert!(
+                e <= 1e-5,
+                "{} [{m}, {k}] x [{n}, {k}]: rel L2 {e}",
+                dev.name()
+            );
+            let nobias = dev.linear_bf16(&xt, &packed, None).unwrap();
+            let want = linear_bf16_slow(&x, &packed, None, m);
+            let e = rel_l2(nobias.as_f32().unwrap(), &want);
+            assert!(e <= 1e-5, "no bias, [{m}, {k}] x [{n}, {k}]: rel L2 {e}");
+            // And within bf16's rounding of the f32 product (8 bits of mantissa per operand).
+            let f32_ref = linear_slow(&x, &w, Some(&b), m, k, n);
+            let e = rel_l2(got.as_f32().unwrap(), &f32_ref);
+            assert!(e <= 1e-2, "[{m}, {k}] x [{n}, {k}] vs f32: rel L2 {e}");
+        }
+    }
+}
+
+#[test]
+fn linear_bf16_refuses_mismatched_shapes() {
+    let dev = Device::cpu(1).unwrap();
+    let w = PackedBf16::from_f32(&[0.0; 6], 2, 3);
+    let x = Tensor::from_vec(vec![0.0; 4], &[1, 4]).unwrap();
+    let e = dev.linear_bf16(&x, &w, None).unwrap_err().to_string();
+    assert!(e.contains("linear_bf16"), "{e}");
+    let x = Tensor::from_vec(vec![0.0; 3], &[1, 3]).unwrap();
+    let b = Tensor::from_vec(vec![0.0; 3], &[3]).unwrap();
+    let e = dev.linear_bf16(&x, &w, Some(&b)).unwrap_err().to_string();
+    assert!(e.contains("bias"), "{e}");
+}
