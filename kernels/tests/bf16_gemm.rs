@@ -4,24 +4,13 @@
 //! 1e-5 of the whole output. Shapes cover every edge: rows, columns and inputs that are not
 //! whole tiles (1, 15, 17, 33 ...), one row, and the DiT-XL/2 shapes.
 
+mod common;
+
+use common::{randn, rel_l2};
 use kernels::reference::{linear_bf16_slow, linear_slow};
 use kernels::{bf16_bits, bf16_gemm_path, bf16_to_f32, Device, PackedBf16, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
+use rand::SeedableRng;
 
 #[test]
 fn bf16_rounding_is_round_to_nearest_even() {
@@ -46,7 +35,7 @@ fn bf16_rounding_is_round_to_nearest_even() {
 fn packing_keeps_every_element() {
     let mut rng = StdRng::seed_from_u64(3);
     for (n, k) in [(1, 1), (17, 33), (32, 64), (50, 70)] {
-        let w = randn(&mut rng, n * k);
+        let w = randn(&mut rng, n * k, 1.0);
         let p = PackedBf16::from_f32(&w, n, k);
         let back = p.unpack_f32();
         for (i, (&a, &b)) in w.iter().zip(&back).enumerate() {
@@ -74,9 +63,9 @@ fn linear_bf16_matches_the_reference_on_every_edge() {
     ];
     for dev in [Device::cpu(1).unwrap(), Device::cpu(2).unwrap()] {
         for &(m, k, n) in &shapes {
-            let x = randn(&mut rng, m * k);
-            let w = randn(&mut rng, n * k);
-            let b = randn(&mut rng, n);
+            let x = randn(&mut rng, m * k, 1.0);
+            let w = randn(&mut rng, n * k, 1.0);
+            let b = randn(&mut rng, n, 1.0);
             let packed = PackedBf16::from_f32(&w, n, k);
             let want = linear_bf16_slow(&x, &packed, Some(&b), m);
             let xt = Tensor::from_vec(x.clone(), &[m, k]).unwrap();

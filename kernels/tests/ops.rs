@@ -1,27 +1,13 @@
 //! Fast CPU kernels against their slow references, with stated tolerances (f32: relative L2 of
 //! the whole output <= 1e-5 unless said; upsampling and transposes exactly).
 
+mod common;
+
+use common::{randn, rel_l2};
 use kernels::reference::*;
 use kernels::{exp_fast, AttnView, Device, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect()
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
+use rand::SeedableRng;
 
 fn devices() -> Vec<Device> {
     vec![Device::cpu(1).unwrap(), Device::cpu(2).unwrap()]

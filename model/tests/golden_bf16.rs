@@ -54,16 +54,7 @@ fn pixart_with_bf16_linears_is_within_the_stated_tolerance() {
     let io = Fixture::load("pixart_tiny_io.safetensors");
     let model = load_bf16("pixart_tiny");
     for p in ["sq.", "nonsq."] {
-        let inputs = CondInputs {
-            timesteps: io
-                .i(&format!("{p}timestep"))
-                .iter()
-                .map(|&t| t as f32)
-                .collect(),
-            caption: Some(io.f(&format!("{p}encoder_hidden_states")).clone()),
-            caption_mask: Some(io.f(&format!("{p}mask")).clone()),
-            ..Default::default()
-        };
+        let (inputs, _) = common::pixart_case(&io, p, true);
         check(
             &format!("pixart_tiny {p}output_masked"),
             &model.forward(io.f(&format!("{p}latent")), &inputs).unwrap(),

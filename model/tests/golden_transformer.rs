@@ -113,27 +113,6 @@ fn a_block_slice_reads_only_its_own_weights() {
     }
 }
 
-fn pixart_case(io: &Fixture, p: &str, masked: bool) -> (CondInputs, &'static str) {
-    let inputs = CondInputs {
-        timesteps: io
-            .i(&format!("{p}timestep"))
-            .iter()
-            .map(|&t| t as f32)
-            .collect(),
-        caption: Some(io.f(&format!("{p}encoder_hidden_states")).clone()),
-        caption_mask: masked.then(|| io.f(&format!("{p}mask")).clone()),
-        ..Default::default()
-    };
-    (
-        inputs,
-        if masked {
-            "output_masked"
-        } else {
-            "output_nomask"
-        },
-    )
-}
-
 #[test]
 fn pixart_matches_diffusers_square_nonsquare_masked_unmasked() {
     let io = Fixture::load("pixart_tiny_io.safetensors");
@@ -145,7 +124,7 @@ fn pixart_matches_diffusers_square_nonsquare_masked_unmasked() {
     .unwrap();
     for p in ["sq.", "nonsq."] {
         for masked in [true, false] {
-            let (inputs, out) = pixart_case(&io, p, masked);
+            let (inputs, out) = common::pixart_case(&io, p, masked);
             check(
                 &format!("{p}{out}"),
                 &model.forward(io.f(&format!("{p}latent")), &inputs).unwrap(),
@@ -153,7 +132,7 @@ fn pixart_matches_diffusers_square_nonsquare_masked_unmasked() {
             );
         }
     }
-    let (inputs, _) = pixart_case(&io, "sq.", true);
+    let (inputs, _) = common::pixart_case(&io, "sq.", true);
     let latent = io.f("sq.latent");
     let cond = model.conditioning(&inputs).unwrap();
     let mut x = model.embed(latent, 0, 4).unwrap();

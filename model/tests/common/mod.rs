@@ -126,3 +126,26 @@ pub fn check_close(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
     eprintln!("{name}: relative L2 {e:.2e}");
     assert!(e <= tol, "{name}: relative L2 {e:.3e} > {tol:e}");
 }
+
+/// The PixArt fixture's inputs for case `p` (`sq.` or `nonsq.`), with or without the caption
+/// mask, and the name of the matching diffusers output.
+pub fn pixart_case(io: &Fixture, p: &str, masked: bool) -> (model::CondInputs, &'static str) {
+    let inputs = model::CondInputs {
+        timesteps: io
+            .i(&format!("{p}timestep"))
+            .iter()
+            .map(|&t| t as f32)
+            .collect(),
+        caption: Some(io.f(&format!("{p}encoder_hidden_states")).clone()),
+        caption_mask: masked.then(|| io.f(&format!("{p}mask")).clone()),
+        ..Default::default()
+    };
+    (
+        inputs,
+        if masked {
+            "output_masked"
+        } else {
+            "output_nomask"
+        },
+    )
+}
