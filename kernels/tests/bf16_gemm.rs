@@ -2,7 +2,8 @@
 //! reference (`bf16(x) · W^T + b` in f64 over the same bf16-rounded operands): the products of
 //! bf16 values are exact in f32, so only the summation order differs; tolerance relative L2
 //! 1e-5 of the whole output. Shapes cover every edge: rows, columns and inputs that are not
-//! whole tiles (1, 15, 17, 33 ...), one row, and the DiT-XL/2 shapes.
+//! whole tiles (1, 15, 17, 33 ...), one row, inputs in several K blocks, row blocks in several
+//! cache groups, and the DiT-XL/2 shapes.
 
 mod common;
 
@@ -60,6 +61,8 @@ fn linear_bf16_matches_the_reference_on_every_edge() {
         (64, 64, 64),
         (70, 130, 200),
         (512, 1152, 96),
+        // Long rows: row blocks in several L2 groups, inputs in several K blocks.
+        (256, 4608, 40),
     ];
     for dev in [Device::cpu(1).unwrap(), Device::cpu(2).unwrap()] {
         for &(m, k, n) in &shapes {

@@ -15,6 +15,10 @@ use super::bf16_gemm::{bf16_bits, PackedBf16, CHUNK_K};
 
 /// Output rows and columns of one kernel call.
 const BLOCK: usize = 32;
+/// Chunks of 32 inputs per K block (12: the two weight tiles' 24 KiB fit L1 with room for A).
+const K_BLOCK: usize = 12;
+/// u16 elements of one packed weight tile.
+const TILE: usize = 512;
 
 /// Whether this CPU has AMX-BF16 and this process may use the tile state. `PIPEFUSE_NO_AMX=1`
 /// turns it off (to compare paths).
@@ -109,8 +113,9 @@ impl Drop for Tiles {
     }
 }
 
-/// `c[32][32] = a[32 rows, 32 chunks...] · b` for one block: `a0` / `a1` point at 16 rows each
-/// (row stride `sa` bytes), `b0` / `b1` at `chunks` consecutive 1 KiB weight tiles.
+/// `c[32][32] (+)= a · b` for one block over `chunks` chunks of 32 inputs: `a0` / `a1` point at
+/// 16 rows each (row stride `sa` bytes), `b0` / `b1` at `chunks` consecutive 1 KiB weight tiles;
+/// `c` (row stride 128 bytes) is overwritten, or accumulated into when `accumulate`.
 ///
 /// # Safety
 /// Tiles loaded on this thread ([`Tiles::load`]); every pointer covers what it addresses;
@@ -124,22 +129,40 @@ unsafe fn block(
     b1: *const u16,
     chunks: usize,
     c: *mut f32,
+    accumulate: bool,
 ) {
-    // SAFETY: the caller's contract; tmm0-7 are not used by compiled code.
+    // SAFETY: the caller's contract; tmm0-7 are not used by compiled code, and nothing between
+    // the two asm blocks touches them.
     unsafe {
+        if accumulate {
+            std::arch::asm!(
+                "mov {cs}, 128",
+                "tileloadd tmm0, [{c} + {cs}*1]",
+                "tileloadd tmm1, [{c} + {cs}*1 + 64]",
+                "tileloadd tmm2, [{c} + {cs}*1 + 2048]",
+                "tileloadd tmm3, [{c} + {cs}*1 + 2112]",
+                c = in(reg) c,
+                cs = out(reg) _,
+                options(nostack, readonly),
+            );
+        } else {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem),
+            );
+        }
         std::arch::asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
             "mov {bs}, 64",
             "2:",
             "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
             "tileloadd tmm6, [{b0} + {bs}*1]",
-            "tileloadd tmm7, [{b1} + {bs}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {bs}*1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
             "add {a0}, 64",
@@ -150,19 +173,16 @@ unsafe fn block(
             "jnz 2b",
             "mov {bs}, 128",
             "tilestored [{c} + {bs}*1], tmm0",
-            "add {c}, 64",
-            "tilestored [{c} + {bs}*1], tmm1",
-            "add {c}, 1984",
-            "tilestored [{c} + {bs}*1], tmm2",
-            "add {c}, 64",
-            "tilestored [{c} + {bs}*1], tmm3",
+            "tilestored [{c} + {bs}*1 + 64], tmm1",
+            "tilestored [{c} + {bs}*1 + 2048], tmm2",
+            "tilestored [{c} + {bs}*1 + 2112], tmm3",
             a0 = inout(reg) a0 => _,
             a1 = inout(reg) a1 => _,
             sa = in(reg) sa,
             b0 = inout(reg) b0 => _,
             b1 = inout(reg) b1 => _,
             kc = inout(reg) chunks => _,
-            c = inout(reg) c => _,
+            c = in(reg) c,
             bs = out(reg) _,
             options(nostack),
         );
@@ -214,35 +234,82 @@ pub(crate) fn linear(
         };
         // SAFETY: AMX is available (asserted above).
         let _tiles = unsafe { Tiles::load() };
-        let mut c = [0f32; BLOCK * BLOCK];
+        // Row blocks in groups whose bf16 rows (about 1 MiB) stay in L2 while every column pair
+        // passes them.
+        let group = ((1usize << 20) / (BLOCK * kp * 2)).max(1);
+        // The accumulators of one column pair for every row block of a group, 32 x 32 each.
+        let mut acc = vec![0f32; group.min(mbs.len()) * BLOCK * BLOCK];
+        let mut g0 = mbs.start;
+        while g0 < mbs.end {
+            let g = g0..(g0 + group).min(mbs.end);
+            g0 = g.end;
+            group_pairs(&a, kp, w, b, m, g, nps.clone(), &mut acc, out);
+        }
+    });
+}
+
+/// Row blocks `mbs` against column pairs `nps`: per pair, K blocks outermost, then the row
+/// blocks, accumulating in `acc`; then the pair's columns of those rows are written to `out`.
+#[allow(clippy::too_many_arguments)]
+fn group_pairs(
+    a: &[u16],
+    kp: usize,
+    w: &PackedBf16,
+    b: Option<&[f32]>,
+    m: usize,
+    mbs: std::ops::Range<usize>,
+    nps: std::ops::Range<usize>,
+    acc: &mut [f32],
+    out: Shared,
+) {
+    let (n, chunks) = (w.n(), w.chunks());
+    {
         for np in nps {
-            let (b0, b1) = (w.panel(2 * np).as_ptr(), w.panel(2 * np + 1).as_ptr());
-            for mb in mbs.clone() {
-                let a0 = a[mb * BLOCK * kp..].as_ptr();
-                // SAFETY: `a` holds 32 rows of kp from a0 on; each panel holds `chunks` tiles;
-                // `c` is 32 x 32.
-                unsafe {
-                    block(a0, a0.add(16 * kp), kp * 2, b0, b1, chunks, c.as_mut_ptr());
+            let (p0, p1) = (w.panel(2 * np), w.panel(2 * np + 1));
+            // K blocks of K_BLOCK chunks: the pair's weight tiles of one K block (24 KiB) stay
+            // in L1 while every row block of the task passes them.
+            for kc0 in (0..chunks).step_by(K_BLOCK) {
+                let kcs = K_BLOCK.min(chunks - kc0);
+                let (b0, b1) = (p0[kc0 * TILE..].as_ptr(), p1[kc0 * TILE..].as_ptr());
+                for (i, mb) in mbs.clone().enumerate() {
+                    let a0 = a[mb * BLOCK * kp + kc0 * CHUNK_K..].as_ptr();
+                    // SAFETY: `a` holds 32 rows of kp from row mb * 32 on; each panel holds
+                    // `chunks` tiles; `acc` holds this block's 32 x 32.
+                    unsafe {
+                        block(
+                            a0,
+                            a0.add(16 * kp),
+                            kp * 2,
+                            b0,
+                            b1,
+                            kcs,
+                            acc[i * BLOCK * BLOCK..].as_mut_ptr(),
+                            kc0 > 0,
+                        );
+                    }
                 }
-                let (m0, n0) = (mb * BLOCK, np * BLOCK);
-                let cols = BLOCK.min(n - n0);
-                for i in 0..BLOCK.min(m - m0) {
-                    // SAFETY: row m0 + i < m and columns n0..n0 + cols < n: inside y; no other
+            }
+            let n0 = np * BLOCK;
+            let cols = BLOCK.min(n - n0);
+            for (i, mb) in mbs.clone().enumerate() {
+                let m0 = mb * BLOCK;
+                for r in 0..BLOCK.min(m - m0) {
+                    // SAFETY: row m0 + r < m and columns n0..n0 + cols <= n: inside y; no other
                     // task writes this region.
                     let row = unsafe {
-                        std::slice::from_raw_parts_mut(out.0.add((m0 + i) * n + n0), cols)
+                        std::slice::from_raw_parts_mut(out.0.add((m0 + r) * n + n0), cols)
                     };
-                    let acc = &c[i * BLOCK..][..cols];
+                    let c = &acc[(i * BLOCK + r) * BLOCK..][..cols];
                     match b {
                         Some(b) => {
-                            for ((o, &v), &bias) in row.iter_mut().zip(acc).zip(&b[n0..]) {
+                            for ((o, &v), &bias) in row.iter_mut().zip(c).zip(&b[n0..]) {
                                 *o = v + bias;
                             }
                         }
-                        None => row.copy_from_slice(acc),
+                        None => row.copy_from_slice(c),
                     }
                 }
             }
         }
-    });
+    }
 }
