@@ -369,7 +369,7 @@ pub(crate) fn oversubscription(devices: &[topology::DeviceSpec], cores: usize) -
     let threads: usize = devices
         .iter()
         .map(|d| match d {
-            topology::DeviceSpec::Cpu { threads } => *threads,
+            topology::DeviceSpec::Cpu { threads, .. } => *threads,
             topology::DeviceSpec::Cuda { .. } => 0,
         })
         .sum();
@@ -441,7 +441,10 @@ mod tests {
 
     #[test]
     fn oversubscription_is_named_only_beyond_the_cores() {
-        let cpu = |threads| DeviceSpec::Cpu { threads };
+        let cpu = |threads| DeviceSpec::Cpu {
+            threads,
+            precision: topology::Precision::F32,
+        };
         assert_eq!(super::oversubscription(&[cpu(1), cpu(1)], 2), None);
         assert_eq!(
             super::oversubscription(&[cpu(8), DeviceSpec::Cuda { ordinal: 0 }], 8),

@@ -137,13 +137,27 @@ impl ModelSource {
 
     /// Opens `device` and loads blocks `layers` onto it (only those weights are read).
     pub fn load_slice(&self, device: DeviceSpec, layers: Range<usize>) -> Result<Transformer> {
-        let dev = match device {
-            DeviceSpec::Cpu { threads } => Device::cpu(threads)?,
-            DeviceSpec::Cuda { ordinal } => Device::cuda(ordinal)?,
+        let (dev, precision) = match device {
+            DeviceSpec::Cpu { threads, precision } => (Device::cpu(threads)?, precision),
+            DeviceSpec::Cuda { ordinal } => (Device::cuda(ordinal)?, topology::Precision::F32),
+        };
+        let dtype = match precision {
+            topology::Precision::F32 => kernels::DType::F32,
+            topology::Precision::Bf16 => kernels::DType::BF16,
         };
         Ok(match &self.transformer_dir {
-            Some(dir) => Transformer::load(dir, Some(layers), dev)?,
-            None => Transformer::random(self.config.clone(), self.seed, Some(layers), dev)?,
+            Some(dir) => Transformer::load_with(dir, Some(layers), dev, dtype)?,
+            None => {
+                let weights = model::RandomWeights {
+                    seed: self.seed,
+                    std: 0.02,
+                };
+                let source = model::WithLinearDtype {
+                    inner: &weights,
+                    dtype,
+                };
+                Transformer::from_source(self.config.clone(), &source, Some(layers), dev)?
+            }
         })
     }
 }

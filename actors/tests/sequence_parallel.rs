@@ -161,7 +161,13 @@ async fn sequence_parallel_inside_pipefusion_equals_plain_pipefusion() {
         (1, 2, 2, 4, "ddim", 1, 2),
     ] {
         let mut s = spec(cfg, u, r);
-        s.nodes[0].devices = vec![topology::DeviceSpec::Cpu { threads: 1 }; cfg * n * u * r];
+        s.nodes[0].devices = vec![
+            topology::DeviceSpec::Cpu {
+                threads: 1,
+                precision: topology::Precision::F32
+            };
+            cfg * n * u * r
+        ];
         s.parallel.pipefusion_degree = n;
         s.parallel.num_patches = m;
         s.parallel.warmup_steps = w;

@@ -61,6 +61,12 @@ pub(crate) struct ClusterArgs {
     /// feature, no driver, or not implemented). Not with --topology (its devices say it).
     #[arg(long, value_name = "KIND", default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
+    /// Precision of every CPU device's linear layers: `f32`, or `bf16` (weights packed once at
+    /// load, inputs rounded to bf16, f32 accumulation; AMX tiles where the CPU has them, about
+    /// 2.7x faster on DiT-XL/2; output within ~5e-3 of f32). Overrides the topology's
+    /// `dtype` [default: the topology's, else f32].
+    #[arg(long, value_name = "DTYPE")]
+    dtype: Option<topology::Precision>,
 }
 
 /// Cores of this machine (the default thread count of one device).
@@ -119,6 +125,9 @@ impl ClusterArgs {
                 v.extend([flag.to_string(), x.to_string()]);
             }
         }
+        if let Some(d) = self.dtype {
+            v.extend(["--dtype".to_string(), d.to_string()]);
+        }
         v
     }
 
@@ -168,7 +177,7 @@ impl ClusterArgs {
                 }
                 if let Some(t) = self.threads {
                     for d in s.nodes.iter_mut().flat_map(|n| n.devices.iter_mut()) {
-                        if let DeviceSpec::Cpu { threads } = d {
+                        if let DeviceSpec::Cpu { threads, .. } = d {
                             *threads = t;
                         }
                     }
@@ -226,6 +235,13 @@ impl ClusterArgs {
                 s
             }
         };
+        if let Some(p) = self.dtype {
+            for d in spec.nodes.iter_mut().flat_map(|n| n.devices.iter_mut()) {
+                if let DeviceSpec::Cpu { precision, .. } = d {
+                    *precision = p;
+                }
+            }
+        }
         if let (Some(m), Some(_)) = (&self.model, &self.topology) {
             spec.model = ModelSpec::Path(m.clone());
         }

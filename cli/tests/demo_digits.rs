@@ -41,19 +41,18 @@ fn classify(train: &(Vec<[f32; 64]>, Vec<u8>), x: &[f32; 64]) -> u8 {
     (0..10u8).max_by_key(|&l| votes[l as usize]).unwrap()
 }
 
-#[test]
-fn the_readme_command_draws_recognisable_digits() {
-    let out = std::env::temp_dir().join(format!("pipefuse-digits-{}.png", std::process::id()));
+/// Runs `pipefuse generate` (the demo request) with `args`, reads the PNG back with the k-NN
+/// classifier, and requires every digit to be the one asked for. Returns generate's stderr.
+fn draws_recognisable_digits(args: &[&str], tag: &str) -> String {
+    let out =
+        std::env::temp_dir().join(format!("pipefuse-digits-{tag}-{}.png", std::process::id()));
     let o = Command::new(env!("CARGO_BIN_EXE_pipefuse"))
         .args(["generate", "--out", out.to_str().unwrap()])
+        .args(args)
         .output()
         .expect("binary runs");
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{err}");
-    assert!(
-        err.contains("2 stage(s)"),
-        "the default runs PipeFusion on two devices: {err}"
-    );
 
     let img = image::open(&out).unwrap().to_luma8();
     let (w, h) = img.dimensions();
@@ -81,9 +80,25 @@ fn the_readme_command_draws_recognisable_digits() {
     }
     assert!(
         wrong.is_empty(),
-        "digits read back as other digits (asked, read): {wrong:?}"
+        "{args:?}: digits read back as other digits (asked, read): {wrong:?}"
     );
     std::fs::remove_file(out).ok();
+    err
+}
+
+#[test]
+fn the_readme_command_draws_recognisable_digits() {
+    let err = draws_recognisable_digits(&[], "readme");
+    assert!(
+        err.contains("2 stage(s)"),
+        "the default runs PipeFusion on two devices: {err}"
+    );
+}
+
+/// The same request on bf16 devices (linear layers in bf16: AMX tiles where the CPU has them).
+#[test]
+fn bf16_devices_draw_recognisable_digits_too() {
+    draws_recognisable_digits(&["--dtype", "bf16"], "bf16");
 }
 
 fn latent_of(args: &[&str], tag: &str) -> Vec<f32> {

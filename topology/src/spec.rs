@@ -90,6 +90,45 @@ pub struct NodeTls {
     pub key: PathBuf,
 }
 
+/// The format a device keeps its linear layers' weights in (and rounds their inputs to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    /// f32 weights and products.
+    #[default]
+    F32,
+    /// bf16 weights (packed once at load) and inputs, f32 accumulation; everything else f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The name used in topology files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!(
+                "`{other}` is not a CPU precision; values that work: f32, bf16"
+            )),
+        }
+    }
+}
+
 /// One compute device of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -97,6 +136,8 @@ pub enum DeviceSpec {
     Cpu {
         /// Worker threads (1 ..= [`DeviceSpec::MAX_CPU_THREADS`]).
         threads: usize,
+        /// Its linear layers' weight format (`dtype = "bf16"`; default f32).
+        precision: Precision,
     },
     /// A CUDA GPU.
     Cuda {
@@ -114,7 +155,13 @@ impl DeviceSpec {
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeviceSpec::Cpu { threads } => write!(f, "cpu(threads={threads})"),
+            DeviceSpec::Cpu {
+                threads,
+                precision: Precision::F32,
+            } => write!(f, "cpu(threads={threads})"),
+            DeviceSpec::Cpu { threads, precision } => {
+                write!(f, "cpu(threads={threads}, {precision})")
+            }
             DeviceSpec::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
         }
     }
@@ -204,7 +251,13 @@ impl ClusterSpec {
             nodes: vec![NodeSpec {
                 name: "local".to_string(),
                 address: None,
-                devices: vec![DeviceSpec::Cpu { threads }; devices],
+                devices: vec![
+                    DeviceSpec::Cpu {
+                        threads,
+                        precision: Precision::F32
+                    };
+                    devices
+                ],
                 tls: None,
             }],
             tls_ca: None,

@@ -107,7 +107,13 @@ fn base_file_parses_with_defaults() {
     );
     assert_eq!(
         spec.nodes[0].devices,
-        vec![DeviceSpec::Cpu { threads: 1 }; 2]
+        vec![
+            DeviceSpec::Cpu {
+                threads: 1,
+                precision: topology::Precision::F32
+            };
+            2
+        ]
     );
     assert_eq!(
         (spec.parallel.cfg_degree, spec.parallel.ring_degree),
@@ -218,7 +224,22 @@ fn example_two_nodes_defaults_the_pipeline_to_the_device_count() {
 
 #[test]
 fn device_spec_display() {
-    assert_eq!(DeviceSpec::Cpu { threads: 1 }.to_string(), "cpu(threads=1)");
+    assert_eq!(
+        DeviceSpec::Cpu {
+            threads: 1,
+            precision: topology::Precision::F32
+        }
+        .to_string(),
+        "cpu(threads=1)"
+    );
+    assert_eq!(
+        DeviceSpec::Cpu {
+            threads: 2,
+            precision: topology::Precision::Bf16
+        }
+        .to_string(),
+        "cpu(threads=2, bf16)"
+    );
     assert_eq!(DeviceSpec::Cuda { ordinal: 0 }.to_string(), "cuda:0");
 }
 
@@ -237,7 +258,13 @@ fn local_cpu_validates_and_plans() {
     assert_eq!(spec.devices().len(), 3);
     let plan = Plan::new(&spec, &shape(12, 6)).unwrap();
     assert_eq!(plan.num_patches(), 3);
-    assert_eq!(plan.stages[2].device.spec, DeviceSpec::Cpu { threads: 2 });
+    assert_eq!(
+        plan.stages[2].device.spec,
+        DeviceSpec::Cpu {
+            threads: 2,
+            precision: topology::Precision::F32
+        }
+    );
     let err = ClusterSpec::local_cpu(0, 1, ModelSpec::Path("m".into()))
         .validate()
         .unwrap_err();

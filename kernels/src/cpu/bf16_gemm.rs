@@ -1,8 +1,8 @@
 //! bf16 matrix products with f32 accumulation: `y = x · W^T (+ b)` where `x` is f32 (rounded to
 //! bf16 per call, as PyTorch's bf16 autocast rounds activations) and `W` is bf16, packed once at
 //! load into [`PackedBf16`]. Intel AMX tiles run it where the CPU has them (`amx.rs`); elsewhere
-//! a portable path unpacks to f32 and uses the f32 GEMM (same numbers: the bf16 products are
-//! exact in f32, only the summation order differs).
+//! the weight is unpacked to f32 once, at packing, and the f32 GEMM runs (same numbers: the bf16
+//! products are exact in f32, only the summation order differs; f32's speed and memory).
 //!
 //! Packing (the layout AMX's `tdpbf16ps` reads for its B operand): `W` `[n, k]` is cut into
 //! blocks of 16 output columns and chunks of 32 inputs, zero-padded to whole blocks and chunks;
@@ -41,6 +41,10 @@ pub struct PackedBf16 {
     n: usize,
     k: usize,
     data: Vec<u16>,
+    /// Where the AMX kernel cannot run: the same bf16 values as f32 `[n, k]`, unpacked once so
+    /// that the f32 GEMM runs without a per-call conversion (f32's memory and speed; `data` is
+    /// then empty).
+    unpacked: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for PackedBf16 {
@@ -69,7 +73,17 @@ impl PackedBf16 {
                     }
                 }
             });
-        PackedBf16 { n, k, data }
+        let mut packed = PackedBf16 {
+            n,
+            k,
+            data,
+            unpacked: None,
+        };
+        if !amx() {
+            packed.unpacked = Some(packed.unpack_f32());
+            packed.data = Vec::new(); // only the AMX kernel reads the tiles
+        }
+        packed
     }
 
     /// Packs an f32 weight `[n, k]`, rounding each element to bf16.
@@ -90,7 +104,7 @@ impl PackedBf16 {
 
     /// Bytes held.
     pub fn size_in_bytes(&self) -> usize {
-        self.data.len() * 2
+        self.data.len() * 2 + self.unpacked.as_ref().map_or(0, |u| u.len() * 4)
     }
 
     /// K chunks per block.
@@ -106,6 +120,9 @@ impl PackedBf16 {
 
     /// Element `(j, kk)` of the weight (bf16 bits).
     pub fn get(&self, j: usize, kk: usize) -> u16 {
+        if let Some(u) = &self.unpacked {
+            return bf16_bits(u[j * self.k + kk]); // exact: the values are bf16's
+        }
         let (nb, c, kc) = (j / BLOCK_N, j % BLOCK_N, kk / CHUNK_K);
         let (r, e) = ((kk % CHUNK_K) / 2, kk % 2);
         self.panel(nb)[kc * TILE + r * 2 * BLOCK_N + 2 * c + e]
@@ -113,6 +130,9 @@ impl PackedBf16 {
 
     /// The weight as f32 `[n, k]` (the portable path and the tests).
     pub fn unpack_f32(&self) -> Vec<f32> {
+        if let Some(u) = &self.unpacked {
+            return u.clone();
+        }
         let mut out = vec![0f32; self.n * self.k];
         out.par_chunks_mut(self.k.max(1))
             .enumerate()
@@ -165,7 +185,10 @@ pub(crate) fn linear_bf16(
     }
     {
         let xr: Vec<f32> = x.par_iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect();
-        super::matmul::linear(y, &xr, &w.unpack_f32(), b, m, k, n, threads);
+        match &w.unpacked {
+            Some(wf) => super::matmul::linear(y, &xr, wf, b, m, k, n, threads),
+            None => super::matmul::linear(y, &xr, &w.unpack_f32(), b, m, k, n, threads),
+        }
     }
 }
 

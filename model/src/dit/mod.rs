@@ -64,9 +64,24 @@ impl std::fmt::Debug for Transformer {
 impl Transformer {
     /// Loads blocks `range` of the diffusers model in `dir` (`config.json` + safetensors).
     pub fn load(dir: &Path, range: Option<Range<usize>>, device: Device) -> Result<Transformer> {
+        Self::load_with(dir, range, device, kernels::DType::F32)
+    }
+
+    /// [`Transformer::load`] with the linear layers' weights in `linear_dtype` (f32, or bf16
+    /// packed once for the bf16 GEMM: [`crate::WithLinearDtype`]).
+    pub fn load_with(
+        dir: &Path,
+        range: Option<Range<usize>>,
+        device: Device,
+        linear_dtype: kernels::DType,
+    ) -> Result<Transformer> {
         let cfg = ModelConfig::from_dir(dir)?;
         let src = SafetensorsDir::open(dir)?;
         src.check_block_counts(&dir.join("config.json"), &cfg.block_families())?;
+        let src = crate::WithLinearDtype {
+            inner: &src,
+            dtype: linear_dtype,
+        };
         Self::from_source(cfg, &src, range, device)
     }
 

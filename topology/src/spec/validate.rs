@@ -81,7 +81,7 @@ fn nodes(s: &ClusterSpec) -> Result<()> {
         }
         for (k, device) in node.devices.iter().enumerate() {
             match *device {
-                DeviceSpec::Cpu { threads: 0 } => {
+                DeviceSpec::Cpu { threads: 0, .. } => {
                     return Err(s.error(
                         &format!("{path}.devices[{k}].threads"),
                         "a cpu device needs threads >= 1",
@@ -98,7 +98,7 @@ fn nodes(s: &ClusterSpec) -> Result<()> {
                         ));
                     }
                 }
-                DeviceSpec::Cpu { threads } if threads > DeviceSpec::MAX_CPU_THREADS => {
+                DeviceSpec::Cpu { threads, .. } if threads > DeviceSpec::MAX_CPU_THREADS => {
                     return Err(s.error(
                         &format!("{path}.devices[{k}].threads"),
                         format!(

@@ -52,7 +52,7 @@ fn unknown_device_key_is_named() {
         &text,
         "nodes[0].devices[1].gpus",
         Some(13),
-        "allowed keys: kind, threads",
+        "allowed keys: kind, threads, dtype",
     );
 }
 
@@ -221,6 +221,40 @@ fn cpu_device_needs_threads() {
         Some(13),
         "threads >= 1",
     );
+}
+
+#[test]
+fn cpu_device_dtype_is_f32_or_bf16() {
+    let text = edit(&[(
+        13,
+        r#"devices = [ { kind = "cpu", dtype = "bf16" }, { kind = "cpu", dtype = "fp8" } ]"#,
+    )]);
+    rejects(
+        &text,
+        "nodes[0].devices[1].dtype",
+        Some(13),
+        "values that work: f32, bf16",
+    );
+    let text = edit(&[(
+        13,
+        r#"devices = [ { kind = "cpu", dtype = "bf16" }, { kind = "cpu" } ]"#,
+    )]);
+    let spec = parse(&text).unwrap();
+    let precisions: Vec<_> = spec.nodes[0]
+        .devices
+        .iter()
+        .map(|d| match d {
+            topology::DeviceSpec::Cpu { precision, .. } => *precision,
+            topology::DeviceSpec::Cuda { .. } => unreachable!(),
+        })
+        .collect();
+    assert_eq!(
+        precisions,
+        [topology::Precision::Bf16, topology::Precision::F32]
+    );
+    // Nodes started with another precision are another cluster.
+    let f32_text = edit(&[(13, r#"devices = [ { kind = "cpu" }, { kind = "cpu" } ]"#)]);
+    assert_ne!(spec.fingerprint(), parse(&f32_text).unwrap().fingerprint());
 }
 
 /// `threads = 100000` used to start 100,000 threads (issue 16 group 6).

@@ -6,7 +6,7 @@ use toml::de::DeTable;
 
 use super::{join, Reader, Value};
 use crate::error::Result;
-use crate::spec::{DeviceSpec, ModelSpec, NodeSpec, NodeTls, ParallelSpec};
+use crate::spec::{DeviceSpec, ModelSpec, NodeSpec, NodeTls, ParallelSpec, Precision};
 
 pub(super) const TOP_KEYS: &[&str] = &["coordinator", "model", "parallel", "nodes", "tls"];
 pub(super) const TLS_KEYS: &[&str] = &["ca"];
@@ -21,7 +21,7 @@ const PARALLEL_KEYS: &[&str] = &[
     "ring_degree",
 ];
 const NODE_KEYS: &[&str] = &["name", "address", "devices", "cert", "key"];
-const CPU_KEYS: &[&str] = &["kind", "threads"];
+const CPU_KEYS: &[&str] = &["kind", "threads", "dtype"];
 const CUDA_KEYS: &[&str] = &["kind", "ordinal"];
 
 impl Reader<'_> {
@@ -213,7 +213,22 @@ impl Reader<'_> {
             "cpu" => {
                 self.keys(t, path, CPU_KEYS)?;
                 let threads = self.opt_usize(t, path, "threads")?.unwrap_or(1);
-                Ok(DeviceSpec::Cpu { threads })
+                let precision = match t.get("dtype") {
+                    None => Precision::F32,
+                    Some(d) => {
+                        let dtype_path = join(path, "dtype");
+                        let text = self.string(d, &dtype_path)?;
+                        text.parse().map_err(|why: String| {
+                            self.err(
+                                Some(self.line(d.span())),
+                                &dtype_path,
+                                why,
+                                "bf16 keeps the linear layers in bf16 (AMX tiles where the CPU has them)",
+                            )
+                        })?
+                    }
+                };
+                Ok(DeviceSpec::Cpu { threads, precision })
             }
             "cuda" => {
                 self.keys(t, path, CUDA_KEYS)?;
