@@ -157,6 +157,27 @@ impl Device {
         w: &crate::PackedBf16,
         b: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.linear_bf16_with(x, w, b, cpu::bf16_gemm::Epilogue::Bias)
+    }
+
+    /// [`Device::linear_bf16`] followed by GELU (tanh), fused: the activation is applied as the
+    /// GEMM writes each output block, not in a second pass over the tensor.
+    pub fn linear_bf16_gelu(
+        &self,
+        x: &Tensor,
+        w: &crate::PackedBf16,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.linear_bf16_with(x, w, b, cpu::bf16_gemm::Epilogue::BiasGeluTanh)
+    }
+
+    fn linear_bf16_with(
+        &self,
+        x: &Tensor,
+        w: &crate::PackedBf16,
+        b: Option<&Tensor>,
+        epilogue: cpu::bf16_gemm::Epilogue,
+    ) -> Result<Tensor> {
         let k = last_dim("linear_bf16", x)?;
         if w.k() != k {
             return Err(KernelError::shape(
@@ -176,7 +197,9 @@ impl Device {
                 let mut y = vec![0f32; m * n];
                 let xs = x.as_f32()?;
                 let bs = b.map(|b| b.as_f32()).transpose()?;
-                c.install(|| cpu::bf16_gemm::linear_bf16(&mut y, xs, w, bs, m, c.threads()));
+                c.install(|| {
+                    cpu::bf16_gemm::linear_bf16(&mut y, xs, w, bs, m, c.threads(), epilogue)
+                });
                 Tensor::from_vec(y, &shape)
             }
             Device::Cuda(c) => match *c {},

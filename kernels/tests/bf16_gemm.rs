@@ -8,7 +8,7 @@
 mod common;
 
 use common::{randn, rel_l2};
-use kernels::reference::{linear_bf16_slow, linear_slow};
+use kernels::reference::{gelu_tanh_slow, linear_bf16_slow, linear_slow};
 use kernels::{bf16_bits, bf16_gemm_path, bf16_to_f32, Device, PackedBf16, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -90,6 +90,25 @@ fn linear_bf16_matches_the_reference_on_every_edge() {
             let e = rel_l2(got.as_f32().unwrap(), &f32_ref);
             assert!(e <= 1e-2, "[{m}, {k}] x [{n}, {k}] vs f32: rel L2 {e}");
         }
+    }
+}
+
+/// The fused GELU epilogue equals the bf16 linear followed by the reference GELU.
+#[test]
+fn linear_bf16_gelu_fuses_the_activation() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let dev = Device::cpu(2).unwrap();
+    for &(m, k, n) in &[(33, 95, 70), (512, 1152, 64)] {
+        let x = randn(&mut rng, m * k, 1.0);
+        let w = randn(&mut rng, n * k, 1.0);
+        let b = randn(&mut rng, n, 1.0);
+        let packed = PackedBf16::from_f32(&w, n, k);
+        let want = gelu_tanh_slow(&linear_bf16_slow(&x, &packed, Some(&b), m));
+        let xt = Tensor::from_vec(x, &[m, k]).unwrap();
+        let bt = Tensor::from_vec(b, &[n]).unwrap();
+        let got = dev.linear_bf16_gelu(&xt, &packed, Some(&bt)).unwrap();
+        let e = rel_l2(got.as_f32().unwrap(), &want);
+        assert!(e <= 1e-5, "[{m}, {k}] x [{n}, {k}]: rel L2 {e}");
     }
 }
 

@@ -128,8 +128,7 @@ impl FeedForward {
         })
     }
     pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.up.forward(dev, x)?; // [B, n, 4d]
-        dev.gelu_tanh_(&mut h)?;
+        let h = self.up.forward_gelu(dev, x)?; // [B, n, 4d]
         self.down.forward(dev, &h)
     }
 }

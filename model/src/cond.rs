@@ -205,8 +205,7 @@ impl PixArtEmbedders {
                 cfg.caption_channels
             )));
         }
-        let mut h = self.caption_in.forward(dev, caption)?;
-        dev.gelu_tanh_(&mut h)?;
+        let h = self.caption_in.forward_gelu(dev, caption)?;
         let caption = self.caption_out.forward(dev, &h)?; // [B, T, d]
         let caption_bias = match &inputs.caption_mask {
             None => None,

@@ -79,6 +79,18 @@ impl Linear {
             LinearWeight::Bf16(w) => dev.linear_bf16(x, w, Some(&self.b))?,
         })
     }
+
+    /// `gelu_tanh(x W^T + b)`: fused into the GEMM's write-out for bf16 weights.
+    pub(crate) fn forward_gelu(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.w {
+            LinearWeight::F32(w) => {
+                let mut h = dev.linear(x, w, Some(&self.b))?;
+                dev.gelu_tanh_(&mut h)?;
+                h
+            }
+            LinearWeight::Bf16(w) => dev.linear_bf16_gelu(x, w, Some(&self.b))?,
+        })
+    }
 }
 
 /// Sinusoidal timestep features `[B, 256]` as `[cos | sin]` (diffusers `Timesteps(256,

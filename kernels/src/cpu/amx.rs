@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::bf16_gemm::{bf16_bits, PackedBf16, CHUNK_K};
+use super::bf16_gemm::{bf16_bits, Epilogue, PackedBf16, CHUNK_K};
 
 /// Output rows and columns of one kernel call.
 const BLOCK: usize = 32;
@@ -196,7 +196,8 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
-/// `y = bf16(x) · W^T + b` on AMX tiles. Requires [`available`].
+/// `y = epilogue(bf16(x) · W^T + b)` on AMX tiles, the epilogue applied as each 32 x 32 block
+/// is written out (still in L1). Requires [`available`].
 pub(crate) fn linear(
     y: &mut [f32],
     x: &[f32],
@@ -204,6 +205,7 @@ pub(crate) fn linear(
     b: Option<&[f32]>,
     m: usize,
     threads: usize,
+    epilogue: Epilogue,
 ) {
     assert!(available(), "amx::linear without AMX");
     let (n, k, chunks) = (w.n(), w.k(), w.chunks());
@@ -243,7 +245,7 @@ pub(crate) fn linear(
         while g0 < mbs.end {
             let g = g0..(g0 + group).min(mbs.end);
             g0 = g.end;
-            group_pairs(&a, kp, w, b, m, g, nps.clone(), &mut acc, out);
+            group_pairs(&a, kp, w, b, m, g, nps.clone(), &mut acc, out, epilogue);
         }
     });
 }
@@ -261,6 +263,7 @@ fn group_pairs(
     nps: std::ops::Range<usize>,
     acc: &mut [f32],
     out: Shared,
+    epilogue: Epilogue,
 ) {
     let (n, chunks) = (w.n(), w.chunks());
     {
@@ -300,14 +303,7 @@ fn group_pairs(
                         std::slice::from_raw_parts_mut(out.0.add((m0 + r) * n + n0), cols)
                     };
                     let c = &acc[(i * BLOCK + r) * BLOCK..][..cols];
-                    match b {
-                        Some(b) => {
-                            for ((o, &v), &bias) in row.iter_mut().zip(c).zip(&b[n0..]) {
-                                *o = v + bias;
-                            }
-                        }
-                        None => row.copy_from_slice(c),
-                    }
+                    epilogue.write(row, c, b.map(|b| &b[n0..n0 + cols]));
                 }
             }
         }

@@ -162,7 +162,42 @@ pub fn bf16_gemm_path() -> &'static str {
     }
 }
 
-/// `y[m, n] = bf16(x)[m, k] · W^T + b`, f32 accumulation; `y` is overwritten.
+/// What is applied to each output as it is written (fused into the GEMM's write-out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// `y = x W^T + b`.
+    Bias,
+    /// `y = gelu_tanh(x W^T + b)`.
+    BiasGeluTanh,
+}
+
+impl Epilogue {
+    /// Applies the epilogue to `acc` (one row's accumulators) with `bias`, into `out`.
+    #[inline]
+    pub(crate) fn write(self, out: &mut [f32], acc: &[f32], bias: Option<&[f32]>) {
+        match (self, bias) {
+            (Epilogue::Bias, Some(b)) => {
+                for ((o, &v), &bb) in out.iter_mut().zip(acc).zip(b) {
+                    *o = v + bb;
+                }
+            }
+            (Epilogue::Bias, None) => out.copy_from_slice(acc),
+            (Epilogue::BiasGeluTanh, Some(b)) => {
+                for ((o, &v), &bb) in out.iter_mut().zip(acc).zip(b) {
+                    *o = super::math::gelu_tanh_scalar(v + bb);
+                }
+            }
+            (Epilogue::BiasGeluTanh, None) => {
+                for (o, &v) in out.iter_mut().zip(acc) {
+                    *o = super::math::gelu_tanh_scalar(v);
+                }
+            }
+        }
+    }
+}
+
+/// `y[m, n] = epilogue(bf16(x)[m, k] · W^T + b)`, f32 accumulation; `y` is overwritten.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_bf16(
     y: &mut [f32],
     x: &[f32],
@@ -170,6 +205,7 @@ pub(crate) fn linear_bf16(
     b: Option<&[f32]>,
     m: usize,
     threads: usize,
+    epilogue: Epilogue,
 ) {
     let (k, n) = (w.k, w.n);
     assert!(
@@ -181,13 +217,16 @@ pub(crate) fn linear_bf16(
     }
     #[cfg(target_arch = "x86_64")]
     if amx() {
-        return super::amx::linear(y, x, w, b, m, threads);
+        return super::amx::linear(y, x, w, b, m, threads, epilogue);
     }
     {
         let xr: Vec<f32> = x.par_iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect();
         match &w.unpacked {
             Some(wf) => super::matmul::linear(y, &xr, wf, b, m, k, n, threads),
             None => super::matmul::linear(y, &xr, &w.unpack_f32(), b, m, k, n, threads),
+        }
+        if epilogue == Epilogue::BiasGeluTanh {
+            super::activation::gelu_tanh(y);
         }
     }
 }

@@ -180,8 +180,7 @@ impl SingleBlock {
     ) -> Result<()> {
         let m = self.modulation.forward(dev, temb_silu)?; // [B, 3d]: shift, scale, gate
         let h = dev.layer_norm_modulate(z, &chunk(&m, 3, 0)?, &chunk(&m, 3, 1)?, EPS)?;
-        let mut mlp = self.mlp.forward(dev, &h)?; // [B, T + S, 4d]
-        dev.gelu_tanh_(&mut mlp)?;
+        let mlp = self.mlp.forward_gelu(dev, &h)?; // [B, T + S, 4d]
         let mut qkv = self.qkv.forward(dev, &h)?;
         rope_qk(dev, &mut qkv, rope)?;
         let o = attend_joint(dev, &qkv, t, slot.as_mut(), cfg.num_heads, cfg.head_dim)?; // [B, T + S, d]
