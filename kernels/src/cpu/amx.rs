@@ -221,10 +221,17 @@ pub(crate) fn linear(
                 *d = bf16_bits(s);
             }
         });
-    // Tasks: row ranges when there are enough row blocks, else column ranges. Within a task the
-    // weight panel of a column pair stays in cache while the row blocks stream past it.
-    let by_rows = mblocks >= threads;
-    let tasks = threads.clamp(1, if by_rows { mblocks } else { npairs });
+    // Tasks: column ranges, several per thread, so that rayon's work stealing evens out a thread
+    // that runs slower (a vCPU the host shares: with one static half each, the whole product
+    // waited for the slow one); every task reads the same bf16 rows from its own L2. Rows are
+    // split only when there are too few column pairs to go round.
+    let by_rows = npairs < 2 * threads && mblocks >= threads;
+    let tasks = if by_rows {
+        threads.min(mblocks)
+    } else {
+        npairs.min(4 * threads)
+    }
+    .max(1);
     let span = |units: usize, t: usize| units * t / tasks..units * (t + 1) / tasks;
     let out = Shared(y.as_mut_ptr());
     (0..tasks).into_par_iter().for_each(|t| {
