@@ -122,7 +122,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     }
     check_forward_memory(&a, &cfg)?;
     let dev = Device::cpu(a.threads)?;
-    eprintln!("{}", crate::devices::cpu_summary());
+    eprintln!("{}", crate::devices::bench_header());
     let path = match a.dtype {
         kernels::DType::BF16 => kernels::bf16_gemm_path(),
         _ => "f32 (gemm crate, AVX-512 where present)",

@@ -149,6 +149,7 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 pub(crate) fn run(a: PipelineArgs) -> Result<()> {
+    eprintln!("{}", crate::devices::bench_header());
     let cfg = ModelConfig::preset(&a.preset).with_context(|| {
         format!(
             "--preset {}: unknown; known: {}",

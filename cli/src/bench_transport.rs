@@ -20,6 +20,7 @@ pub(crate) struct TransportArgs {
 }
 
 pub(crate) fn run(a: TransportArgs) -> Result<()> {
+    eprintln!("{}", crate::devices::cpu_summary());
     if a.sizes_mib.is_empty() || a.sizes_mib.contains(&0) || a.count == 0 {
         bail!("--sizes-mib needs positive sizes and --count at least 1");
     }

@@ -34,6 +34,26 @@ pub(crate) fn cpu_summary() -> String {
     )
 }
 
+/// What every benchmark prints first: the CPU (model, cores, ISA) and the GEMM kernels this
+/// process dispatches to.
+pub(crate) fn bench_header() -> String {
+    #[cfg(target_arch = "x86_64")]
+    let f32_kernels = if std::arch::is_x86_feature_detected!("avx512f") {
+        "AVX-512"
+    } else if std::arch::is_x86_feature_detected!("fma") {
+        "AVX2/FMA"
+    } else {
+        "SSE"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let f32_kernels = "portable";
+    format!(
+        "{}; f32 GEMM: gemm crate, {f32_kernels} kernels; bf16 GEMM: {}",
+        cpu_summary(),
+        kernels::bf16_gemm_path()
+    )
+}
+
 pub(crate) fn run() -> Result<()> {
     println!("{}", cpu_summary());
     let libraries = kernels::cuda_libraries();

@@ -157,6 +157,13 @@ fn bench_pipeline_ends_with_the_speedup_line() {
     assert!(out.contains("speedup_vs_multithread="), "{out}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("drift of the cluster vs serial"), "{err}");
+    // Every benchmark names the CPU and the kernels it dispatched to.
+    assert!(
+        err.contains("cpu: ")
+            && err.contains("f32 GEMM: gemm crate")
+            && err.contains("bf16 GEMM: "),
+        "{err}"
+    );
 }
 
 /// Mistakes on the command line are named before anything runs.

@@ -83,4 +83,6 @@ fn bench_transport_ends_with_the_ratio_line() {
         .parse()
         .unwrap();
     assert!(r > 0.0 && r.is_finite());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cpu: "), "the benchmark names the CPU: {err}");
 }
