@@ -59,7 +59,12 @@ Section `pipefusion` (written under --pf-out, default actors/tests/fixtures/):
                                shared/reference/pipefusion_ref.run for cases M{M}_W{W} plus `serial`
                                (M=1, W=steps).
 
-Sections are selected with --only (comma-separated: dit, pixart, schedulers, pipeline, vae, pipefusion,
+torch_bf16_io.safetensors (section torch_bf16): diffusers' own bf16 forwards (`model.to(torch.bfloat16)`) of
+  dit_tiny (dit.output) and pixart_tiny (pixart.sq.output_masked, pixart.nonsq.output_masked) on those
+  fixtures' inputs, stored as f32.
+
+Sections are selected with --only (comma-separated: dit, pixart, torch_bf16 (after dit and pixart),
+schedulers, pipeline, vae, pipefusion,
 sd3, flux and pixart_sigma (tools/fixtures_mmdit.py), mmdit_pipelines (tools/fixtures_flow_pipelines.py,
 after sd3 and flux));
 the default runs all of them.
@@ -420,6 +425,34 @@ def make_pixart(out, ref):
     save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(out, "pixart_tiny_io.safetensors"))
 
 
+# ---------------------------------------------------------------- diffusers' bf16 forwards
+@torch.no_grad()
+def make_torch_bf16(out):
+    """diffusers' own bf16 forward (weights and activations bf16, as `model.to(torch.bfloat16)` runs
+    on the CPU) of the dit_tiny and pixart_tiny folders on their fixtures' inputs, as f32: what the
+    runtime's bf16 linears are compared with (model/tests/golden_bf16.rs). Reads the existing
+    fixtures (run after the dit and pixart sections); writes torch_bf16_io.safetensors."""
+    print("[torch_bf16]")
+    from safetensors.torch import load_file
+    io = {}
+    dit = DiTTransformer2DModel.from_pretrained(os.path.join(out, "dit_tiny")).eval()
+    d = load_file(os.path.join(out, "dit_tiny_io.safetensors"))
+    y = dit.to(torch.bfloat16)(d["latent"].to(torch.bfloat16), timestep=d["timestep"],
+                               class_labels=d["class_labels"]).sample.float()
+    io["dit.output"] = y
+    print(f"  dit_tiny: diffusers bf16 vs f32 rel {rel_l2(y, d['output']):.2e}")
+    pix = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "pixart_tiny")).eval().to(torch.bfloat16)
+    p = load_file(os.path.join(out, "pixart_tiny_io.safetensors"))
+    for prefix in ("sq.", "nonsq."):
+        y = pix(p[f"{prefix}latent"].to(torch.bfloat16),
+                encoder_hidden_states=p[f"{prefix}encoder_hidden_states"].to(torch.bfloat16),
+                timestep=p[f"{prefix}timestep"], added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                encoder_attention_mask=p[f"{prefix}mask"]).sample.float()
+        io[f"pixart.{prefix}output_masked"] = y
+        print(f"  pixart_tiny {prefix}: diffusers bf16 vs f32 rel {rel_l2(y, p[f'{prefix}output_masked']):.2e}")
+    save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(out, "torch_bf16_io.safetensors"))
+
+
 # ---------------------------------------------------------------- schedulers
 @torch.no_grad()
 def make_schedulers(out):
@@ -778,8 +811,8 @@ def dir_size(path):
     return total, rows
 
 
-SECTIONS = ("dit", "pixart", "schedulers", "pipeline", "vae", "pipefusion", "sd3", "flux", "pixart_sigma",
-            "mmdit_pipelines")
+SECTIONS = ("dit", "pixart", "torch_bf16", "schedulers", "pipeline", "vae", "pipefusion", "sd3", "flux",
+            "pixart_sigma", "mmdit_pipelines")
 
 
 def main():
@@ -810,7 +843,7 @@ def main():
     else:
         print(f"numpy reference not found in {args.ref_dir}: cross-checks skipped")
     out_dirs = []
-    if any(x in only for x in ("dit", "pixart", "schedulers", "pipeline", "vae", "sd3", "flux", "pixart_sigma",
+    if any(x in only for x in ("dit", "pixart", "torch_bf16", "schedulers", "pipeline", "vae", "sd3", "flux", "pixart_sigma",
                                "mmdit_pipelines")):
         os.makedirs(args.out, exist_ok=True)
         out_dirs.append(args.out)
@@ -819,6 +852,8 @@ def main():
         make_dit(args.out, args, ref)
     if "pixart" in only:
         make_pixart(args.out, ref)
+    if "torch_bf16" in only:
+        make_torch_bf16(args.out)
     if "schedulers" in only:
         make_schedulers(args.out)
     if "pipeline" in only:
