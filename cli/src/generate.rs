@@ -545,8 +545,28 @@ pub(crate) async fn generate_with(
     if plan.sp.degree() > 1 {
         cfg_groups += &format!(" x {} {} ranks", plan.sp.degree(), plan.sp.name());
     }
+    let bf16 = plan
+        .roles()
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.device.spec,
+                topology::DeviceSpec::Cpu {
+                    precision: topology::Precision::Bf16,
+                    ..
+                }
+            )
+        })
+        .count();
+    let precision = match bf16 {
+        0 => String::new(),
+        n => format!(
+            "; linear layers in bf16 on {n} device(s) ({} here)",
+            kernels::bf16_gemm_path()
+        ),
+    };
     report.line(&format!(
-        "{} stage(s){cfg_groups}, {} patch(es), {} warmup step(s), {steps} steps",
+        "{} stage(s){cfg_groups}, {} patch(es), {} warmup step(s), {steps} steps{precision}",
         plan.pipeline_len(),
         plan.patches.len(),
         plan.warmup_steps.min(steps)

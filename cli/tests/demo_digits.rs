@@ -98,7 +98,11 @@ fn the_readme_command_draws_recognisable_digits() {
 /// The same request on bf16 devices (linear layers in bf16: AMX tiles where the CPU has them).
 #[test]
 fn bf16_devices_draw_recognisable_digits_too() {
-    draws_recognisable_digits(&["--dtype", "bf16"], "bf16");
+    let err = draws_recognisable_digits(&["--dtype", "bf16"], "bf16");
+    assert!(
+        err.contains("linear layers in bf16 on 2 device(s)"),
+        "the run says its precision: {err}"
+    );
 }
 
 fn latent_of(args: &[&str], tag: &str) -> Vec<f32> {
