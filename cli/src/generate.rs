@@ -587,26 +587,39 @@ pub(crate) async fn generate_with(
         secs / steps as f64
     ));
     report.line(out.summary.to_string().trim_end());
-    // Both outputs are attempted: one failing does not lose the other.
-    let mut failures = Vec::new();
-    if let Some(path) = &a.save_latent {
-        match write_tensors(path, &[("latent", &out.latent)]) {
-            Ok(()) => report.line(&format!("final latent written to {}", path.display())),
-            Err(e) => failures.push(e),
+    // Both outputs are attempted: one failing does not lose the other. The VAE decode and the
+    // file writes run on a blocking thread, so a server's other connections go on meanwhile
+    // (and a panic there becomes this request's error).
+    let model = cluster.model().clone();
+    let (save_latent, png_out, png_scale) = (a.save_latent.clone(), a.out.clone(), a.png_scale);
+    let latent = out.latent;
+    let written = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        if let Some(path) = &save_latent {
+            lines.push(
+                write_tensors(path, &[("latent", &latent)])
+                    .map(|()| format!("final latent written to {}", path.display())),
+            );
         }
-    }
-    if let Some(path) = &a.out {
-        let png = (|| -> Result<usize> {
-            let threads = crate::cluster_args::cores();
-            let images = crate::images::to_images(cluster.model(), &out.latent, threads)?; // [B, C, H, W] in [0, 1]
-            let scale = a
-                .png_scale
-                .unwrap_or_else(|| crate::png_out::auto_scale(images.dim(2), images.dim(3)));
-            crate::png_out::write_grid(path, &images, scale)?;
-            Ok(images.dim(0))
-        })();
-        match png {
-            Ok(n) => report.line(&format!("{n} image(s) written to {}", path.display())),
+        if let Some(path) = &png_out {
+            let png = (|| -> Result<usize> {
+                let threads = crate::cluster_args::cores();
+                let images = crate::images::to_images(&model, &latent, threads)?; // [B, C, H, W] in [0, 1]
+                let scale = png_scale
+                    .unwrap_or_else(|| crate::png_out::auto_scale(images.dim(2), images.dim(3)));
+                crate::png_out::write_grid(path, &images, scale)?;
+                Ok(images.dim(0))
+            })();
+            lines.push(png.map(|n| format!("{n} image(s) written to {}", path.display())));
+        }
+        lines
+    })
+    .await
+    .context("writing the outputs")?;
+    let mut failures = Vec::new();
+    for line in written {
+        match line {
+            Ok(l) => report.line(&l),
             Err(e) => failures.push(e),
         }
     }

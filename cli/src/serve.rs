@@ -45,13 +45,16 @@ pub(crate) async fn serve(cluster: &Cluster, socket: &Path) -> Result<()> {
         "serving requests on {} (pipefuse generate --attach {0} ...)",
         socket.display()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{signal, SignalKind};
+    // Both made once: a signal between two loop passes is kept, not dropped.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let (stop, stopping) = watch::channel(false);
     let mut open = FuturesUnordered::new();
     let mut count = 0u64;
     let result = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
             _ = term.recv() => break Ok(()),
             Some(broken) = open.next(), if !open.is_empty() => {
                 if let Some(broken) = broken {
@@ -68,7 +71,12 @@ pub(crate) async fn serve(cluster: &Cluster, socket: &Path) -> Result<()> {
                     tracing::debug!(connection = count, open = open.len() + 1, "client connected");
                     open.push(serve_connection(stream, count, cluster, stopping.clone()));
                 }
-                Err(e) => break Err(e.into()),
+                Err(e) => {
+                    // Out of file descriptors, an aborted connection: passing, not a reason to
+                    // drop every open request.
+                    tracing::warn!(%e, "accepting a connection failed; going on");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             },
         }
     };
