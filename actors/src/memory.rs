@@ -123,8 +123,10 @@ pub fn estimate_weights(
             }
             mine.map(|r| {
                 let end = r.layers.end.min(layers);
-                let blocks: u64 = per_layer[r.layers.start.min(end)..end].iter().sum();
-                (outside + blocks) as f64
+                let blocks = per_layer[r.layers.start.min(end)..end]
+                    .iter()
+                    .fold(0u64, |a, &x| a.saturating_add(x));
+                outside.saturating_add(blocks) as f64
             })
             .sum()
         }
@@ -154,6 +156,7 @@ fn layer_of(name: &str, families: &[(&str, usize, &str)]) -> Option<usize> {
             .and_then(|r| r.strip_prefix('.'))
             .and_then(|r| r.split_once('.'))
             .and_then(|(i, _)| i.parse::<usize>().ok())
+            .filter(|&i| i < count)
         {
             return Some(first + i);
         }

@@ -89,7 +89,9 @@ const CONFIG: TileConfig = {
     }
 };
 
-/// Loads [`CONFIG`] on this thread; releases the tiles when dropped.
+/// Loads [`CONFIG`] on this thread; releases the tiles when dropped. The configuration is
+/// per-thread processor state that compiled code never touches (it uses no tile registers), so
+/// it stays loaded from `load` to the drop on the same thread; each kernel call is one asm block.
 struct Tiles;
 
 impl Tiles {
@@ -131,30 +133,24 @@ unsafe fn block(
     c: *mut f32,
     accumulate: bool,
 ) {
-    // SAFETY: the caller's contract; tmm0-7 are not used by compiled code, and nothing between
-    // the two asm blocks touches them.
+    // SAFETY: the caller's contract. One asm block from the accumulators' start to their store,
+    // so no tile register has to survive between blocks; tmm0-7 are declared clobbered.
     unsafe {
-        if accumulate {
-            std::arch::asm!(
-                "mov {cs}, 128",
-                "tileloadd tmm0, [{c} + {cs}*1]",
-                "tileloadd tmm1, [{c} + {cs}*1 + 64]",
-                "tileloadd tmm2, [{c} + {cs}*1 + 2048]",
-                "tileloadd tmm3, [{c} + {cs}*1 + 2112]",
-                c = in(reg) c,
-                cs = out(reg) _,
-                options(nostack, readonly),
-            );
-        } else {
-            std::arch::asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem),
-            );
-        }
         std::arch::asm!(
+            "mov {bs}, 128",
+            "test {accumulate}, {accumulate}",
+            "jz 3f",
+            "tileloadd tmm0, [{c} + {bs}*1]",
+            "tileloadd tmm1, [{c} + {bs}*1 + 64]",
+            "tileloadd tmm2, [{c} + {bs}*1 + 2048]",
+            "tileloadd tmm3, [{c} + {bs}*1 + 2112]",
+            "jmp 4f",
+            "3:",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "4:",
             "mov {bs}, 64",
             "2:",
             "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -183,7 +179,16 @@ unsafe fn block(
             b1 = inout(reg) b1 => _,
             kc = inout(reg) chunks => _,
             c = in(reg) c,
+            accumulate = in(reg) accumulate as usize,
             bs = out(reg) _,
+            out("tmm0") _,
+            out("tmm1") _,
+            out("tmm2") _,
+            out("tmm3") _,
+            out("tmm4") _,
+            out("tmm5") _,
+            out("tmm6") _,
+            out("tmm7") _,
             options(nostack),
         );
     }

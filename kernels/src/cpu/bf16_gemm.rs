@@ -60,7 +60,7 @@ impl PackedBf16 {
         // Blocks come in pairs (the AMX kernel computes 32 columns at a time).
         let (blocks, chunks) = (n.div_ceil(2 * BLOCK_N) * 2, k.div_ceil(CHUNK_K));
         let mut data = vec![0u16; blocks * chunks * TILE];
-        data.par_chunks_mut(chunks * TILE)
+        data.par_chunks_mut((chunks * TILE).max(1)) // k = 0: no tiles at all
             .enumerate()
             .for_each(|(nb, panel)| {
                 for (kc, tile) in panel.chunks_mut(TILE).enumerate() {
@@ -209,7 +209,7 @@ pub(crate) fn linear_bf16(
 ) {
     let (k, n) = (w.k, w.n);
     assert!(
-        y.len() == m * n && x.len() == m * k,
+        y.len() == m * n && x.len() == m * k && b.is_none_or(|b| b.len() == n),
         "linear_bf16: operand lengths"
     );
     if m == 0 || n == 0 {
