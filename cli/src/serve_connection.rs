@@ -70,7 +70,13 @@ pub(crate) async fn serve_connection(
 ) -> Option<anyhow::Error> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
-    let line = match read_request_line(&mut reader).await {
+    // A client still silent when the server stops is told so at once (it would otherwise hold
+    // the drain until its line's timeout).
+    let read = tokio::select! {
+        r = read_request_line(&mut reader) => r,
+        _ = stopping.wait_for(|&s| s) => Err("the server is stopping".to_string()),
+    };
+    let line = match read {
         Ok(Some(line)) => line,
         Ok(None) => {
             tracing::debug!(connection = n, "closed before sending a request");

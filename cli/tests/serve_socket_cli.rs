@@ -230,7 +230,11 @@ fn half_close_keeps_the_request_and_close_cancels_it() {
         .unwrap();
     assert_eq!(exit_line(c), "exit: 0");
 
-    // SIGTERM while a request runs: its client is told, and the server exits cleanly.
+    // SIGTERM while a request runs and another client has sent nothing yet: both are told, and
+    // the server exits cleanly.
+    // (The silent client connects first: connections are accepted in order, so once the other
+    // one reports a step, the silent one is being served.)
+    let silent = server.connect();
     let mut c = server.connect();
     c.write_all(&request(&["--class-label", "1", "--steps", "1000"]))
         .unwrap();
@@ -241,6 +245,7 @@ fn half_close_keeps_the_request_and_close_cancels_it() {
         e.starts_with("exit: 1 ") && e.contains("the server is stopping"),
         "{e}"
     );
+    assert_eq!(exit_line(silent), "exit: 1 the server is stopping");
     assert!(status.success(), "{status}: {}", server.log());
     assert!(!server.socket.exists(), "the socket is removed");
 }
