@@ -94,8 +94,10 @@ impl Cluster {
         let model = ModelSource::from_spec(&spec)?;
         // Check the layout against the model before building anything per device: the
         // in-process network has a link per pair of devices (N^2 of them).
-        startup_plan(&spec, &model.config)?;
+        let plan = startup_plan(&spec, &model.config)?;
         warn_if_oversubscribed(&spec.nodes[0].devices);
+        // Every device runs here. (`Node::start` checks a node's own devices the same way.)
+        check_weights_fit(&model, &plan, |_| true)?;
         let endpoints = MemoryNetwork::build(spec.device_count())
             .into_iter()
             .map(Some)
@@ -113,9 +115,6 @@ impl Cluster {
         remote: impl Fn(usize) -> Option<std::sync::Arc<dyn crate::handles::RemoteDevice>>,
     ) -> Result<Cluster> {
         let plan = startup_plan(&spec, &model.config)?;
-        check_weights_fit(&model, &plan, |rank| {
-            endpoints.get(rank).is_some_and(Option::is_some)
-        })?;
         let local = endpoints.iter().map(Option::is_some).collect();
         let mut devices: Vec<StageSlot> = Vec::new();
         for role in plan.roles() {
@@ -289,7 +288,8 @@ impl Cluster {
 
 /// How to spawn the device actor of `role` in this process, reporting to the local coordinator.
 /// Refuses, before any device loads its slice, weights that this host cannot hold (the devices
-/// for which `local(rank)` holds are this process's).
+/// for which `local(rank)` holds are this process's). Called by `Cluster::start` and
+/// `Node::start`, before the devices are built.
 pub(crate) fn check_weights_fit(
     model: &ModelSource,
     plan: &Plan,

@@ -346,23 +346,7 @@ fn a_served_cluster_takes_attached_requests_until_terminated() {
     let o = attach(&["--class-label", "2", "--steps", "3"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let pid = server.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = server.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = server.kill();
-            panic!("the server did not stop on SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::terminate(&mut server, Duration::from_secs(20));
     assert!(status.success(), "{status}");
     assert!(!socket.exists(), "the socket is removed");
     std::fs::remove_dir_all(&dir).ok();

@@ -81,20 +81,7 @@ impl Server {
 
     /// SIGTERM, then the exit status.
     fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(t0.elapsed() < HANG, "the server did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::terminate(&mut self.child, HANG)
     }
 }
 

@@ -97,3 +97,28 @@ pub fn example_topology_with_demo(name: &str, model: &str) -> String {
         .unwrap()
         .replace(model, root().join("assets/digits-dit").to_str().unwrap())
 }
+
+/// Sends SIGTERM to `child` and waits up to `limit` for it to exit (killed and a failed test
+/// otherwise); its exit status.
+pub fn terminate(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the server did not stop on SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
