@@ -25,6 +25,8 @@ pub struct ModelSource {
     pub vae_dir: Option<PathBuf>,
     /// Seed of a preset's random weights.
     pub seed: u64,
+    /// Class names to ids from the pipeline's `model_index.json` `id2label` (empty when none).
+    pub labels: std::collections::BTreeMap<String, usize>,
 }
 
 /// The parts of a diffusers folder.
@@ -36,6 +38,8 @@ pub struct ModelFolder {
     pub scheduler: Option<PathBuf>,
     /// `vae/`, when present (it holds `config.json`).
     pub vae: Option<PathBuf>,
+    /// Class names to ids (`model_index.json`'s `id2label`; empty when none).
+    pub labels: std::collections::BTreeMap<String, usize>,
 }
 
 /// The parts of a diffusers pipeline folder (model_index.json, transformer/, scheduler/, vae/) or
@@ -44,7 +48,8 @@ pub fn locate_model(dir: &Path) -> std::result::Result<ModelFolder, String> {
     if dir.join("model_index.json").exists() {
         // A broken index or another kind of pipeline is refused naming the file and the classes
         // that work.
-        model::ModelIndex::from_file(&dir.join("model_index.json")).map_err(|e| e.to_string())?;
+        let index = model::ModelIndex::from_file(&dir.join("model_index.json"))
+            .map_err(|e| e.to_string())?;
         let t = dir.join("transformer");
         if !t.join("config.json").exists() {
             return Err(format!(
@@ -58,12 +63,14 @@ pub fn locate_model(dir: &Path) -> std::result::Result<ModelFolder, String> {
             transformer: t,
             scheduler: s.exists().then_some(s),
             vae: v.join("config.json").exists().then_some(v),
+            labels: index.labels,
         })
     } else if dir.join("config.json").exists() {
         Ok(ModelFolder {
             transformer: dir.to_path_buf(),
             scheduler: None,
             vae: None,
+            labels: Default::default(),
         })
     } else {
         Err(format!(
@@ -102,6 +109,7 @@ impl ModelSource {
                     scheduler_file: folder.scheduler,
                     vae_dir: folder.vae,
                     seed: 0,
+                    labels: folder.labels,
                 })
             }
             ModelSpec::Preset { name, seed } => {
@@ -121,6 +129,7 @@ impl ModelSource {
                     scheduler_file: None,
                     vae_dir: None,
                     seed: *seed,
+                    labels: Default::default(),
                 })
             }
         }

@@ -100,8 +100,41 @@ fn scheduler(a: &GenerateArgs, cluster: &Cluster) -> Result<Scheduler> {
     })
 }
 
+/// What an HTTP request asks for, in generate's terms: `pipefuse serve` builds its requests
+/// through the same checks as the command line.
+#[derive(Debug, Default)]
+pub(crate) struct RequestFields {
+    pub(crate) class_labels: Vec<usize>,
+    pub(crate) prompt_embeds: Option<PathBuf>,
+    pub(crate) steps: Option<usize>,
+    pub(crate) guidance_scale: Option<f32>,
+    pub(crate) seed: u64,
+    pub(crate) height: Option<usize>,
+    pub(crate) width: Option<usize>,
+}
+
+impl GenerateArgs {
+    /// Generate's defaults with `f`'s request fields.
+    pub(crate) fn from_fields(f: RequestFields) -> Result<GenerateArgs> {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: GenerateArgs,
+        }
+        let mut a = <Defaults as clap::Parser>::try_parse_from(["generate"])?.args;
+        a.class_labels = f.class_labels;
+        a.prompt_embeds = f.prompt_embeds;
+        a.steps = f.steps;
+        a.guidance_scale = f.guidance_scale;
+        a.seed = f.seed;
+        a.height = f.height;
+        a.width = f.width;
+        Ok(a)
+    }
+}
+
 /// The request the flags describe, for the cluster's model.
-fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
+pub(crate) fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateRequest> {
     let cfg = &cluster.model().config;
     let steps = a.steps.unwrap_or(match cfg.arch {
         Arch::Dit => 50,

@@ -11,6 +11,7 @@ mod caption;
 mod cluster_args;
 mod devices;
 mod generate;
+mod http;
 mod images;
 mod keygen;
 mod launch;
@@ -44,6 +45,9 @@ enum Command {
     /// Create the cluster CA and one certificate per node, where the topology's `[tls] ca` and
     /// `nodes[i].cert` / `key` point (mutual TLS between nodes).
     Keygen(keygen::KeygenArgs),
+    /// Serve a cluster over HTTP: OpenAI's images API (POST /v1/images/generations), a jobs API
+    /// with live progress (SSE), Prometheus metrics, health checks and a web page at /.
+    Serve(Box<http::ServeArgs>),
     /// Measure performance.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -66,6 +70,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(a) => plan::run(a),
         Command::Keygen(a) => keygen::run(a),
         Command::Launch(a) => launch::run(*a),
+        Command::Serve(a) => http::run(*a),
         Command::Bench(b) => bench::run(b),
         Command::Devices => devices::run(),
     };

@@ -1,0 +1,272 @@
+//! `pipefuse serve`: a cluster behind an HTTP API that image clients already speak (OpenAI's
+//! `POST /v1/images/generations`), an asynchronous jobs API with an SSE progress stream, a
+//! bounded fair queue that says no (429 + `Retry-After`) at once, Prometheus metrics, health
+//! checks and a web page. Built on axum (hyper) on the process's tokio runtime.
+//!
+//! Routes (README "Serving over HTTP" documents them):
+//! `GET /` page; `GET /healthz`; `GET /readyz`; `GET /metrics`; `GET /v1/models`;
+//! `POST /v1/images/generations`; `POST /v1/jobs`; `GET /v1/jobs`; `GET /v1/jobs/{id}`;
+//! `GET /v1/jobs/{id}/events` (SSE); `DELETE /v1/jobs/{id}`.
+
+mod api;
+mod jobs;
+mod metrics;
+mod png;
+mod queue;
+mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actors::Cluster;
+use anyhow::{bail, Context, Result};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Args;
+
+use crate::cluster_args::ClusterArgs;
+use jobs::Jobs;
+use metrics::Metrics;
+
+/// The largest request body taken (prompt embeddings of big text encoders fit).
+const MAX_BODY: usize = 64 << 20;
+
+/// Arguments of `pipefuse serve`.
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Address and port to listen on. Anything but a loopback address needs --api-key.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Key clients must send as `Authorization: Bearer KEY` on /v1 and /metrics (also from the
+    /// environment variable PIPEFUSE_API_KEY). Required to listen beyond loopback.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "PIPEFUSE_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// Requests that may wait for the cluster (beyond the running one); more are answered 429
+    /// with Retry-After at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_queue: usize,
+    /// Seconds a request may take from its arrival, waiting included, before it fails with 504
+    /// (a request's `timeout` field may ask for less).
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    request_timeout: f64,
+    /// On SIGTERM / Ctrl-C: seconds to let admitted requests finish before cancelling them.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    drain_timeout: f64,
+    /// Seconds a stage may wait for its next input before the request fails.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    stall_timeout: f64,
+    /// Seconds one patch may compute on a device before the request fails naming the device.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    compute_timeout: f64,
+}
+
+/// What every handler shares.
+pub(crate) struct Server {
+    jobs: Arc<Jobs>,
+    metrics: Arc<Metrics>,
+    model_id: String,
+    request_timeout: Duration,
+    api_key: Option<String>,
+}
+
+fn secs(v: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} {v}: must be a positive number of seconds"))
+}
+
+pub(crate) fn run(a: ServeArgs) -> Result<()> {
+    if !a.listen.ip().is_loopback() && a.api_key.is_none() {
+        bail!(
+            "--listen {}: listening beyond loopback needs --api-key KEY (or PIPEFUSE_API_KEY), so \
+             that only clients holding the key use the cluster",
+            a.listen
+        );
+    }
+    if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        bail!("--api-key: the key is empty");
+    }
+    if a.max_queue == 0 {
+        bail!("--max-queue 0: at least 1 request must be able to wait");
+    }
+    let request_timeout = secs(a.request_timeout, "--request-timeout")?;
+    let drain_timeout = secs(a.drain_timeout, "--drain-timeout")?;
+    let options = actors::ClusterOptions {
+        stall_timeout: secs(a.stall_timeout, "--stall-timeout")?,
+        compute_timeout: secs(a.compute_timeout, "--compute-timeout")?,
+        fault: None,
+    };
+    let spec = a.cluster.spec()?;
+    let model_id = model_id(&spec);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        // Bind first: a taken port is reported before the model loads.
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("--listen {}: cannot listen", a.listen))?;
+        let t0 = Instant::now();
+        let cluster = Arc::new(Cluster::start(spec, options).await?);
+        tracing::info!(secs = t0.elapsed().as_secs_f32(), "cluster started");
+        let metrics = Arc::new(Metrics::new());
+        let jobs = Arc::new(Jobs::new(cluster.clone(), metrics.clone(), a.max_queue));
+        tokio::spawn(jobs.clone().dispatch());
+        let server = Arc::new(Server {
+            jobs: jobs.clone(),
+            metrics,
+            model_id,
+            request_timeout,
+            api_key: a.api_key.clone(),
+        });
+        let app = router(server);
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "serving {} on http://{addr}/ (OpenAI images API at /v1/images/generations)",
+            server_model(&jobs)
+        );
+        let stopping = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        let drain = {
+            let jobs = jobs.clone();
+            async move {
+                stopping.await;
+                jobs.stop_accepting();
+                eprintln!(
+                    "stopping: no new requests; letting admitted ones finish (up to {} s)",
+                    drain_timeout.as_secs_f64()
+                );
+                let deadline = tokio::time::Instant::now() + drain_timeout;
+                while !jobs.idle() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if !jobs.idle() {
+                    eprintln!("stopping: cancelling the requests still open");
+                    jobs.cancel_all("the server is stopping");
+                    while !jobs.idle() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        };
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(drain)
+        .await
+        .context("serving HTTP")?;
+        eprintln!("stopped serving");
+        drop(jobs);
+        if let Ok(cluster) = Arc::try_unwrap(cluster) {
+            cluster.shutdown().await;
+        }
+        Ok(())
+    })
+}
+
+fn server_model(jobs: &Jobs) -> String {
+    format!("{:?} model", jobs.cluster().model().config.arch)
+}
+
+/// The name the API serves the model under: its folder's name, or the preset's.
+fn model_id(spec: &topology::ClusterSpec) -> String {
+    match &spec.model {
+        topology::ModelSpec::Path(dir) => std::fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.clone())
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
+        topology::ModelSpec::Preset { name, .. } => name.clone(),
+    }
+}
+
+fn router(server: Arc<Server>) -> Router {
+    let api = Router::new()
+        .route("/v1/models", get(routes::models))
+        .route("/v1/images/generations", post(routes::generations))
+        .route("/v1/jobs", post(routes::create_job).get(routes::list_jobs))
+        .route(
+            "/v1/jobs/{id}",
+            get(routes::get_job).delete(routes::delete_job),
+        )
+        .route("/v1/jobs/{id}/events", get(routes::job_events))
+        .route("/metrics", get(routes::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            require_key,
+        ));
+    Router::new()
+        .route("/", get(routes::page))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(refuse_large_bodies))
+        .layer(axum::middleware::from_fn(log_request))
+        .with_state(server)
+}
+
+async fn require_key(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    match &s.api_key {
+        Some(key) if !routes::authorized(req.headers(), key) => {
+            let mut e = api::ApiError::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "missing or wrong API key: send `Authorization: Bearer KEY`",
+            );
+            e.param = None;
+            e.into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+/// Answers 413 as soon as a request's `Content-Length` is beyond [`MAX_BODY`], without reading
+/// the body (a chunked body is cut at the limit by `DefaultBodyLimit`).
+async fn refuse_large_bodies(req: Request, next: Next) -> Response {
+    let length = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(n) if n > MAX_BODY as u64 => api::ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "the body is {n} bytes; at most {} MiB is taken",
+                MAX_BODY >> 20
+            ),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t0 = Instant::now();
+    let r = next.run(req).await;
+    tracing::debug!(%method, %path, status = r.status().as_u16(), ms = t0.elapsed().as_millis() as u64, "http");
+    r
+}
