@@ -297,3 +297,91 @@ fn sigterm_lets_admitted_requests_finish_then_cancels_the_rest() {
     assert!(log.contains("stopping: no new requests"), "{log}");
     let _ = HANG;
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A text-conditioned model (SD3 with a VAE) takes its prompt as base64 safetensors embeddings
+/// and draws what `generate --prompt-embeds` draws; without them it answers 400 saying so.
+#[test]
+fn a_text_model_takes_prompt_embeddings_and_draws_what_generate_draws() {
+    let f = common::fixtures();
+    let dir = common::scratch_dir("http-sd3");
+    for part in ["transformer", "scheduler"] {
+        copy_dir(&f.join("sd3_pipeline").join(part), &dir.join(part));
+    }
+    copy_dir(&f.join("vae_tiny"), &dir.join("vae"));
+    std::fs::copy(
+        f.join("sd3_pipeline/model_index.json"),
+        dir.join("model_index.json"),
+    )
+    .unwrap();
+    let model = dir.to_str().unwrap();
+    let prompt = f.join("sd3_prompt.safetensors");
+    let s = Served::start("sd3", &["--model", model]);
+    let a = s.post("/v1/images/generations", r#"{"prompt": "a cat"}"#);
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(a.json()["error"]["param"], "prompt_embeds");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&prompt).unwrap());
+    let body = |extra: &str| {
+        format!(
+            r#"{{"prompt": "a cat", "prompt_embeds": "{b64}", "seed": 4, "steps": 2, "guidance_scale": 5{extra}}}"#
+        )
+    };
+    let a = s.post("/v1/images/generations", &body(r#", "n": 2"#));
+    assert_eq!(
+        (a.status, a.json()["error"]["param"].as_str()),
+        (400, Some("n"))
+    );
+    let a = s.post("/v1/images/generations", &body(""));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let data = a.json()["data"].as_array().unwrap().clone();
+    let out = dir.join("grid.png");
+    let o = common::pipefuse(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt-embeds",
+        prompt.to_str().unwrap(),
+        "--seed",
+        "4",
+        "--steps",
+        "2",
+        "--guidance-scale",
+        "5",
+        "--png-scale",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let grid = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(data.len(), 2, "the file holds two prompts");
+    for (i, d) in data.iter().enumerate() {
+        let img = b64_png(d["b64_json"].as_str().unwrap()).to_rgb8();
+        let (w, h) = img.dimensions();
+        for y in 0..h {
+            for x in 0..w {
+                let want = grid.get_pixel(i as u32 * (w + 1) + x, y);
+                assert_eq!(img.get_pixel(x, y), want, "image {i} pixel ({x}, {y})");
+            }
+        }
+    }
+    // The temporary copy of the embeddings is gone.
+    let left = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&format!("pipefuse-embeds-{}-", s.child.id()))
+        })
+        .count();
+    assert_eq!(left, 0);
+    drop(s);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -17,6 +17,17 @@ use super::api::ApiError;
 use super::metrics::{Metrics, Outcome};
 use super::queue::FairQueue;
 
+/// The 504 of a job whose deadline passed.
+fn late(job: &Job, what: &str) -> JobState {
+    JobState::Failed {
+        status: 504,
+        message: format!(
+            "the request did not finish within its deadline of {} s ({what})",
+            job.timeout.as_secs_f64()
+        ),
+    }
+}
+
 /// Finished jobs kept for `GET /v1/jobs/{id}` (the oldest is forgotten first).
 const KEEP_FINISHED: usize = 32;
 
@@ -200,7 +211,7 @@ impl Jobs {
 
     /// Queues a built request; 429 when the queue is full, 503 when the server is stopping.
     pub(crate) fn admit(
-        &self,
+        self: &Arc<Self>,
         user: String,
         request: GenerateRequest,
         timeout: Duration,
@@ -238,7 +249,27 @@ impl Jobs {
         drop(inner);
         tracing::info!(job = id, %user, "request queued");
         self.wake.notify_one();
+        // A request still waiting at its deadline ends then, not when its turn comes.
+        let (jobs, deadline) = (Arc::downgrade(self), job.deadline);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            if let Some(jobs) = jobs.upgrade() {
+                jobs.expire_waiting(id);
+            }
+        });
         Ok(job)
+    }
+
+    /// Fails waiting job `id` whose deadline passed (nothing when it runs or has ended).
+    fn expire_waiting(&self, id: u64) {
+        let mut inner = self.lock();
+        if let Some(job) = inner.queue.remove(|j| j.id == id) {
+            self.finish(
+                &mut inner,
+                &job,
+                late(&job, "it was still waiting for the cluster"),
+            );
+        }
     }
 
     fn publish(&self, inner: &Inner) {
@@ -374,15 +405,8 @@ impl Jobs {
 
     /// Runs one job on the cluster: its final state.
     async fn run(&self, job: &Job) -> JobState {
-        let late = |what: &str| JobState::Failed {
-            status: 504,
-            message: format!(
-                "the request did not finish within its deadline of {:.0} s ({what})",
-                job.timeout.as_secs_f64()
-            ),
-        };
         if Instant::now() >= job.deadline {
-            return late("it was still waiting for the cluster");
+            return late(job, "it was still waiting for the cluster");
         }
         let Some(req) = job.request.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return JobState::Failed {
@@ -424,7 +448,7 @@ impl Jobs {
         let out = match handle.result().await {
             Ok(out) => out,
             Err(ClusterError::Cancelled { .. }) if timed_out => {
-                return late("cancelled on the cluster")
+                return late(job, "cancelled on the cluster")
             }
             Err(ClusterError::Cancelled { .. }) => {
                 let reason = job.cancel.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -66,6 +66,7 @@ pub(crate) struct Metrics {
     running: Gauge,
     step_seconds: Histogram,
     request_seconds: Histogram,
+    refusal_seconds: Histogram,
     busy: Family<DeviceLabel, Seconds>,
     exchange_wait: Family<DeviceLabel, Seconds>,
     bubble: Family<DeviceLabel, Seconds>,
@@ -83,6 +84,9 @@ impl Metrics {
             running: Gauge::default(),
             step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             request_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            refusal_seconds: Histogram::new(
+                [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0].into_iter(),
+            ),
             busy: Family::default(),
             exchange_wait: Family::default(),
             bubble: Family::default(),
@@ -112,6 +116,11 @@ impl Metrics {
             "request_seconds",
             "Time of a request on the cluster, from start to its last step",
             m.request_seconds.clone(),
+        );
+        r.register(
+            "refusal_seconds",
+            "Time from a request's arrival to its 429 or 503 answer (queue full, cluster broken, stopping)",
+            m.refusal_seconds.clone(),
         );
         r.register(
             "device_busy_seconds",
@@ -168,6 +177,11 @@ impl Metrics {
     /// One denoising step took `secs`.
     pub(crate) fn step(&self, secs: f64) {
         self.step_seconds.observe(secs);
+    }
+
+    /// A request was refused (429 / 503) `secs` after it arrived.
+    pub(crate) fn refusal(&self, secs: f64) {
+        self.refusal_seconds.observe(secs);
     }
 
     /// A request's run on the cluster ended with this summary.

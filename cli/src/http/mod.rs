@@ -169,6 +169,12 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
                 }
             }
         };
+        // Small answers (a 429, an SSE event) leave at once instead of waiting on Nagle's algorithm.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%e, "TCP_NODELAY");
+            }
+        });
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -222,7 +228,10 @@ fn router(server: Arc<Server>) -> Router {
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
-        .layer(axum::middleware::from_fn(log_request))
+        .layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            log_request,
+        ))
         .with_state(server)
 }
 
@@ -263,10 +272,14 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
     }
 }
 
-async fn log_request(req: Request, next: Next) -> Response {
+/// Logs each request (at debug) and times its refusals.
+async fn log_request(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let t0 = Instant::now();
     let r = next.run(req).await;
+    if matches!(r.status().as_u16(), 429 | 503) && path.starts_with("/v1/") {
+        s.metrics.refusal(t0.elapsed().as_secs_f64());
+    }
     tracing::debug!(%method, %path, status = r.status().as_u16(), ms = t0.elapsed().as_millis() as u64, "http");
     r
 }

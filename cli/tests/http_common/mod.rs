@@ -45,7 +45,8 @@ impl Served {
     /// `pipefuse serve --listen 127.0.0.1:0 <flags>` (the bundled demo unless flags say
     /// otherwise), once it listens.
     pub fn start(tag: &str, flags: &[&str]) -> Served {
-        let dir = std::env::temp_dir().join(format!("pipefuse-http-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("pipefuse-served-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let log = std::fs::File::create(dir.join("server.log")).unwrap();
