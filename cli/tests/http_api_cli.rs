@@ -298,14 +298,6 @@ fn sigterm_lets_admitted_requests_finish_then_cancels_the_rest() {
     let _ = HANG;
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 /// A text-conditioned model (SD3 with a VAE) takes its prompt as base64 safetensors embeddings
 /// and draws what `generate --prompt-embeds` draws; without them it answers 400 saying so.
 #[test]
@@ -313,9 +305,9 @@ fn a_text_model_takes_prompt_embeddings_and_draws_what_generate_draws() {
     let f = common::fixtures();
     let dir = common::scratch_dir("http-sd3");
     for part in ["transformer", "scheduler"] {
-        copy_dir(&f.join("sd3_pipeline").join(part), &dir.join(part));
+        common::copy_dir(&f.join("sd3_pipeline").join(part), &dir.join(part));
     }
-    copy_dir(&f.join("vae_tiny"), &dir.join("vae"));
+    common::copy_dir(&f.join("vae_tiny"), &dir.join("vae"));
     std::fs::copy(
         f.join("sd3_pipeline/model_index.json"),
         dir.join("model_index.json"),

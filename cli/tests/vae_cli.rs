@@ -2,23 +2,18 @@
 //! through the VAE decoder (golden-tested against diffusers in model/tests/golden_vae.rs) and
 //! writes exactly those pixels.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use kernels::{Device, Tensor};
 use model::{to_unit_range, VaeDecoder};
 
+mod common;
+
+use common::copy_dir;
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        // Follow symlinks: the fixtures share weight files through them.
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]

@@ -122,3 +122,13 @@ pub fn terminate(
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Copies the files of folder `from` into `to` (created), following symlinks: the fixtures share
+/// weight files through them.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
