@@ -295,6 +295,10 @@ fn sigterm_lets_admitted_requests_finish_then_cancels_the_rest() {
     );
     let log = s.log();
     assert!(log.contains("stopping: no new requests"), "{log}");
+    assert!(
+        log.contains("stopped serving") && !log.contains("still in use"),
+        "{log}"
+    );
     let _ = HANG;
 }
 

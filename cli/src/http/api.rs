@@ -14,6 +14,9 @@ pub(crate) const MAX_IMAGES: usize = 10;
 pub(crate) const MAX_SIDE: usize = 16384;
 /// The most steps one request may ask for.
 pub(crate) const MAX_STEPS: usize = 1000;
+/// The longest `timeout` a request may ask for, in seconds (a day; the server's own limit
+/// applies too).
+pub(crate) const MAX_TIMEOUT: f64 = 86_400.0;
 
 /// A checked image request.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,11 +80,20 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // OpenAI's `code`: a string naming the error class, or null.
+        let code = match self.status.as_u16() {
+            429 => Some("rate_limit_exceeded"),
+            401 => Some("invalid_api_key"),
+            413 => Some("payload_too_large"),
+            503 => Some("service_unavailable"),
+            504 => Some("timeout"),
+            _ => None,
+        };
         let body = json!({"error": {
             "message": self.message,
             "type": self.kind,
             "param": self.param,
-            "code": self.status.as_u16(),
+            "code": code,
         }});
         let mut r = (self.status, Json(body)).into_response();
         if let Some(s) = self.retry_after {
@@ -92,7 +104,14 @@ impl IntoResponse for ApiError {
 }
 
 /// OpenAI fields taken and ignored (they choose among OpenAI's own models' options).
-const IGNORED: &[&str] = &["quality", "style", "background", "moderation"];
+const IGNORED: &[&str] = &[
+    "quality",
+    "style",
+    "background",
+    "moderation",
+    "output_compression",
+    "partial_images",
+];
 
 /// Checks a request body; the first field at fault is named.
 pub(crate) fn parse(body: &[u8]) -> Result<ImageRequest, ApiError> {
@@ -125,6 +144,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<ImageRequest, ApiError> {
             "negative_prompt",
             "prompt_embeds",
             "timeout",
+            "stream",
         ];
         if !known.contains(&k.as_str()) && !IGNORED.contains(&k.as_str()) {
             return Err(ApiError::field(
@@ -164,6 +184,16 @@ pub(crate) fn parse(body: &[u8]) -> Result<ImageRequest, ApiError> {
         None | Some("png") => {}
         Some(f) => return Err(ApiError::field("output_format", format!("`{f}`: only png"))),
     }
+    match o.get("stream") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(_) => {
+            return Err(ApiError::field(
+                "stream",
+                "images are not streamed here; follow progress with POST /v1/jobs and GET \
+                 /v1/jobs/{id}/events",
+            ))
+        }
+    }
     if o.contains_key("negative_prompt") {
         return Err(ApiError::field(
             "negative_prompt",
@@ -190,11 +220,11 @@ pub(crate) fn parse(body: &[u8]) -> Result<ImageRequest, ApiError> {
     let timeout = match o.get("timeout") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_f64() {
-            Some(t) if t.is_finite() && t > 0.0 => Some(t),
+            Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT => Some(t),
             _ => {
                 return Err(ApiError::field(
                     "timeout",
-                    "must be a positive number of seconds",
+                    format!("must be a number of seconds in (0, {MAX_TIMEOUT}]"),
                 ))
             }
         },
@@ -307,6 +337,8 @@ mod tests {
                 "guidance_scale",
             ),
             (r#"{"prompt": "1", "timeout": 0}"#, "timeout"),
+            (r#"{"prompt": "1", "timeout": 1e300}"#, "timeout"),
+            (r#"{"prompt": "1", "stream": true}"#, "stream"),
             (r#"{"prompt": "1", "prompt_embeds": "!!"}"#, "prompt_embeds"),
             (
                 r#"{"prompt": "1", "negative_prompt": "blurry"}"#,

@@ -29,7 +29,7 @@ fn late(job: &Job, what: &str) -> JobState {
 }
 
 /// Finished jobs kept for `GET /v1/jobs/{id}` (the oldest is forgotten first).
-const KEEP_FINISHED: usize = 32;
+const KEEP_FINISHED: usize = 64;
 
 /// Where a job is.
 #[derive(Debug, Clone, PartialEq)]
@@ -372,14 +372,17 @@ impl Jobs {
             }
             _ => tracing::info!(job = job.id, "request done"),
         }
-        job.set(state);
+        // A job that never ran still holds its request (noise, embeddings): let it go.
+        drop(job.request.lock().unwrap_or_else(|e| e.into_inner()).take());
         inner.finished.push_back(job.id);
         while inner.finished.len() > KEEP_FINISHED {
             if let Some(old) = inner.finished.pop_front() {
                 inner.jobs.remove(&old);
             }
         }
+        // The gauges first: whoever sees the final state sees them updated.
         self.publish(inner);
+        job.set(state);
     }
 
     /// Runs the waiting jobs on the cluster, one at a time, until the process ends.
@@ -396,7 +399,26 @@ impl Jobs {
                 self.wake.notified().await;
                 continue;
             };
-            let state = self.run(&job).await;
+            // A panic in one job fails that job (and marks the cluster broken), never the
+            // dispatcher: every admitted job still ends.
+            let run = std::panic::AssertUnwindSafe(self.run(&job));
+            let state = match futures_util::FutureExt::catch_unwind(run).await {
+                Ok(state) => state,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    let message = format!("internal error while running the request: {what}");
+                    tracing::error!(job = job.id, "{message}");
+                    *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+                    JobState::Failed {
+                        status: 500,
+                        message,
+                    }
+                }
+            };
             let mut inner = self.lock();
             inner.running = None;
             self.finish(&mut inner, &job, state);
@@ -414,6 +436,9 @@ impl Jobs {
                 message: "the request was already run".into(),
             };
         };
+        if let Some(reason) = job.cancel.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return JobState::Cancelled { reason };
+        }
         let steps = req.steps;
         job.set(JobState::Running { step: 0, steps });
         let mut handle = match self.cluster.submit(req).await {

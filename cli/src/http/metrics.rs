@@ -84,9 +84,7 @@ impl Metrics {
             running: Gauge::default(),
             step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             request_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
-            refusal_seconds: Histogram::new(
-                [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0].into_iter(),
-            ),
+            refusal_seconds: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0]),
             busy: Family::default(),
             exchange_wait: Family::default(),
             bubble: Family::default(),

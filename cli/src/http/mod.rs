@@ -15,6 +15,7 @@ mod png;
 mod queue;
 mod routes;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,12 +81,19 @@ pub(crate) struct Server {
     api_key: Option<String>,
 }
 
+/// A positive number of seconds, at most a year.
 fn secs(v: f64, flag: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(v)
         .ok()
-        .filter(|d| !d.is_zero())
-        .with_context(|| format!("{flag} {v}: must be a positive number of seconds"))
+        .filter(|d| !d.is_zero() && d.as_secs() <= 366 * 86_400)
+        .with_context(|| {
+            format!("{flag} {v}: must be a positive number of seconds, at most a year")
+        })
 }
+
+/// How long connections still open after the drain (a slow upload, a client that stopped
+/// reading) may hold the process before it exits anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) fn run(a: ServeArgs) -> Result<()> {
     if !a.listen.ip().is_loopback() && a.api_key.is_none() {
@@ -124,7 +132,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         tracing::info!(secs = t0.elapsed().as_secs_f32(), "cluster started");
         let metrics = Arc::new(Metrics::new());
         let jobs = Arc::new(Jobs::new(cluster.clone(), metrics.clone(), a.max_queue));
-        tokio::spawn(jobs.clone().dispatch());
+        let dispatcher = tokio::spawn(jobs.clone().dispatch());
         let server = Arc::new(Server {
             jobs: jobs.clone(),
             metrics,
@@ -138,19 +146,18 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
             "serving {} on http://{addr}/ (OpenAI images API at /v1/images/generations)",
             server_model(&jobs)
         );
-        let stopping = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing the SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        };
+        // Made before anything is printed: a SIGTERM from then on is a clean stop.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         let drain = {
             let jobs = jobs.clone();
             async move {
-                stopping.await;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
                 jobs.stop_accepting();
                 eprintln!(
                     "stopping: no new requests; letting admitted ones finish (up to {} s)",
@@ -163,29 +170,51 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
                 if !jobs.idle() {
                     eprintln!("stopping: cancelling the requests still open");
                     jobs.cancel_all("the server is stopping");
-                    while !jobs.idle() {
+                    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+                    while !jobs.idle() && tokio::time::Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
+                let _ = drained_tx.send(());
             }
         };
+        eprintln!(
+            "serving {} on http://{addr}/ (OpenAI images API at /v1/images/generations)",
+            server_model(&jobs)
+        );
         // Small answers (a 429, an SSE event) leave at once instead of waiting on Nagle's algorithm.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(%e, "TCP_NODELAY");
             }
         });
-        axum::serve(
+        let serving = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(drain)
-        .await
-        .context("serving HTTP")?;
+        .into_future();
+        tokio::select! {
+            r = serving => r.context("serving HTTP")?,
+            _ = async {
+                let _ = drained_rx.await;
+                tokio::time::sleep(CLOSE_GRACE).await;
+            } => {
+                tracing::warn!("connections still open {} s after the drain: closing them", CLOSE_GRACE.as_secs());
+            }
+        }
         eprintln!("stopped serving");
+        dispatcher.abort();
+        let _ = dispatcher.await;
         drop(jobs);
-        if let Ok(cluster) = Arc::try_unwrap(cluster) {
-            cluster.shutdown().await;
+        // Connection tasks let go of the server's state moments after serving returns.
+        let t0 = tokio::time::Instant::now();
+        while Arc::strong_count(&cluster) > 1 && t0.elapsed() < CLOSE_GRACE {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match Arc::try_unwrap(cluster) {
+            Ok(cluster) => cluster.shutdown().await,
+            Err(_) => tracing::warn!("the cluster is still in use: exiting without its shutdown"),
         }
         Ok(())
     })
@@ -277,7 +306,8 @@ async fn log_request(State(s): State<Arc<Server>>, req: Request, next: Next) -> 
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let t0 = Instant::now();
     let r = next.run(req).await;
-    if matches!(r.status().as_u16(), 429 | 503) && path.starts_with("/v1/") {
+    // Refusals carry Retry-After (a request that failed or was cancelled after running does not).
+    if matches!(r.status().as_u16(), 429 | 503) && r.headers().contains_key("retry-after") {
         s.metrics.refusal(t0.elapsed().as_secs_f64());
     }
     tracing::debug!(%method, %path, status = r.status().as_u16(), ms = t0.elapsed().as_millis() as u64, "http");

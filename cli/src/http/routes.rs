@@ -20,6 +20,9 @@ use super::jobs::{Job, JobState, Jobs};
 use super::Server;
 use crate::generate::{GenerateArgs, RequestFields};
 
+/// How long `DELETE` waits for a running job to stop before answering that it is stopping.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
 /// The web page (one file, no build step, nothing from the network).
 const PAGE: &str = include_str!("page.html");
 
@@ -74,7 +77,7 @@ pub(crate) async fn generations(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let job = submit(&s, peer, &body).await?;
+    let job = submit(s.clone(), peer, body).await?;
     let mut guard = CancelOnDrop(Some((s.jobs.clone(), job.id)));
     let state = job.finished().await;
     guard.0 = None;
@@ -96,8 +99,13 @@ pub(crate) async fn create_job(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let job = submit(&s, peer, &body).await?;
-    Ok((StatusCode::ACCEPTED, Json(job_json(&s.jobs, &job, false))).into_response())
+    let job = submit(s.clone(), peer, body).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/jobs/job-{}", job.id))],
+        Json(job_json(&s.jobs, &job, false)),
+    )
+        .into_response())
 }
 
 pub(crate) async fn list_jobs(State(s): State<Arc<Server>>) -> Json<Value> {
@@ -123,16 +131,26 @@ pub(crate) async fn delete_job(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = find(&s.jobs, &id)?;
-    if !s.jobs.cancel(job.id, "cancelled by DELETE") {
-        return Err(ApiError::new(
+    let ended = |state: &JobState| {
+        ApiError::new(
             StatusCode::CONFLICT,
             "invalid_request_error",
-            format!("{id} has already ended ({})", job.state().name()),
-        ));
+            format!("{id} has already ended ({})", state.name()),
+        )
+    };
+    if !s.jobs.cancel(job.id, "cancelled by DELETE") {
+        return Err(ended(&job.state()));
     }
-    let state = job.finished().await;
-    let _ = state;
-    Ok(Json(job_json(&s.jobs, &job, false)))
+    // A running job stops at its next item; one that finished first was not cancelled.
+    match tokio::time::timeout(CANCEL_WAIT, job.finished()).await {
+        Ok(JobState::Cancelled { .. }) => Ok(Json(job_json(&s.jobs, &job, false))),
+        Ok(other) => Err(ended(&other)),
+        Err(_) => {
+            let mut v = job_json(&s.jobs, &job, false);
+            v["cancelling"] = json!(true);
+            Ok(Json(v))
+        }
+    }
 }
 
 /// `GET /v1/jobs/{id}/events`: one SSE event per change of the job's state (`queued`,
@@ -144,33 +162,22 @@ pub(crate) async fn job_events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
     let job = find(&s.jobs, &id)?;
     let jobs = s.jobs.clone();
-    let mut rx = job.watch();
-    let stream = async_stream(move |tx| async move {
-        loop {
+    let rx = job.watch();
+    // Each state once, as it changes; the stream ends after the final one. Dropping the response
+    // (the client left) drops all of it.
+    let stream = futures_util::stream::unfold((rx, true, false), move |(mut rx, first, done)| {
+        let (jobs, job) = (jobs.clone(), job.clone());
+        async move {
+            if done || (!first && rx.changed().await.is_err()) {
+                return None;
+            }
             let state = rx.borrow_and_update().clone();
             let data = job_json(&jobs, &job, false);
             let event = Event::default().event(state.name()).data(data.to_string());
-            if tx.send(Ok(event)).await.is_err() || state.is_final() {
-                return;
-            }
-            if rx.changed().await.is_err() {
-                return;
-            }
+            Some((Ok(event), (rx, false, state.is_final())))
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
-}
-
-/// A stream fed by a task through a small channel.
-fn async_stream<T: Send + 'static, F>(
-    f: impl FnOnce(tokio::sync::mpsc::Sender<T>) -> F,
-) -> impl Stream<Item = T>
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(f(tx));
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Cancels a synchronous request whose handler was dropped (its client disconnected).
@@ -256,25 +263,43 @@ fn final_error(job: &Job, state: &JobState) -> ApiError {
     }
 }
 
-/// Checks the body, refuses at once when the queue is full, builds the request and queues it.
-async fn submit(s: &Server, peer: SocketAddr, body: &[u8]) -> Result<Arc<Job>, ApiError> {
-    let req = api::parse(body).inspect_err(|_| s.jobs.invalid())?;
+/// Refuses at once when the queue is full, then checks the body and builds the request (on a
+/// blocking thread: a large body's JSON, base64 and embeddings must not hold the runtime that
+/// answers other clients and drives the cluster), then queues it.
+async fn submit(s: Arc<Server>, peer: SocketAddr, body: Bytes) -> Result<Arc<Job>, ApiError> {
     s.jobs.check_room()?;
-    if let Some(m) = req.model.as_deref().filter(|m| *m != s.model_id) {
-        s.jobs.invalid();
-        return Err(ApiError::field(
-            "model",
-            format!(
-                "`{m}` is not served here; this server serves `{}`",
-                s.model_id
-            ),
-        ));
-    }
+    let server = s.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let req = api::parse(&body)?;
+        if let Some(m) = req.model.as_deref().filter(|m| *m != server.model_id) {
+            return Err(ApiError::field(
+                "model",
+                format!(
+                    "`{m}` is not served here; this server serves `{}`",
+                    server.model_id
+                ),
+            ));
+        }
+        let built = build(&server, &req)?;
+        Ok((req, built))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("checking the request failed: {e}"),
+        ))
+    });
+    let (req, built) = built.inspect_err(|e| {
+        if e.status == StatusCode::BAD_REQUEST {
+            s.jobs.invalid();
+        }
+    })?;
     let timeout = req.timeout.map_or(s.request_timeout, |t| {
-        Duration::from_secs_f64(t).min(s.request_timeout)
+        Duration::try_from_secs_f64(t).map_or(s.request_timeout, |d| d.min(s.request_timeout))
     });
     let user = req.user.clone().unwrap_or_else(|| peer.ip().to_string());
-    let built = build(s, &req).inspect_err(|_| s.jobs.invalid())?;
     s.jobs.admit(user, built, timeout)
 }
 
@@ -360,10 +385,43 @@ fn build(s: &Server, req: &ImageRequest) -> Result<actors::GenerateRequest, ApiE
         if let Some(f) = &embeds_file {
             msg = msg.replace(&f.0.display().to_string(), "`prompt_embeds`");
         }
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", msg)
+        flag_error(msg)
     });
     drop(embeds_file);
     built
+}
+
+/// A 400 from generate's checks, in the API's terms: its flag names become the request's field
+/// names, and the first field it names is `param`.
+fn flag_error(msg: String) -> ApiError {
+    const FIELDS: &[(&str, &str)] = &[
+        ("--prompt-embeds FILE", "`prompt_embeds`"),
+        ("--prompt-embeds", "`prompt_embeds`"),
+        ("--guidance-scale", "`guidance_scale`"),
+        ("--true-cfg-scale", "`guidance_scale`"),
+        ("--class-label", "`prompt`"),
+        ("--height", "`size` height"),
+        ("--width", "`size` width"),
+        ("--steps", "`steps`"),
+    ];
+    let mut first: Option<(usize, &str)> = None;
+    let mut out = msg;
+    for (flag, field) in FIELDS {
+        if let Some(at) = out.find(flag) {
+            let name = field
+                .trim_start_matches('`')
+                .split('`')
+                .next()
+                .unwrap_or("");
+            if first.is_none_or(|(f, _)| at < f) {
+                first = Some((at, name));
+            }
+            out = out.replace(flag, field);
+        }
+    }
+    let mut e = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", out);
+    e.param = first.map(|(_, name)| name.to_string());
+    e
 }
 
 /// The class ids `prompt` names: one label of the model's `id2label`, else comma-separated
@@ -440,10 +498,48 @@ pub(crate) fn authorized(headers: &HeaderMap, key: &str) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|k| constant_time_eq(k.trim().as_bytes(), key.as_bytes()))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, k)| constant_time_eq(k.trim().as_bytes(), key.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_errors_speak_of_the_request_fields() {
+        let e = flag_error(
+            "prompt.safetensors: guidance scale 5 needs `negative_prompt_embeds` (or pass \
+             --guidance-scale 1)"
+                .into(),
+        );
+        assert_eq!(e.param.as_deref(), Some("guidance_scale"));
+        assert!(e.message.contains("`guidance_scale` 1") && !e.message.contains("--"));
+        let e = flag_error("--height 100 / --width 100 must be positive multiples of 8".into());
+        assert_eq!(e.param.as_deref(), Some("size"));
+        assert_eq!(
+            e.message,
+            "`size` height 100 / `size` width 100 must be positive multiples of 8"
+        );
+        assert_eq!(flag_error("no flag here".into()).param, None);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_key_exact() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::AUTHORIZATION, v.parse().unwrap());
+            m
+        };
+        assert!(authorized(&h("Bearer k1"), "k1"));
+        assert!(authorized(&h("bearer k1"), "k1"));
+        assert!(!authorized(&h("Bearer k2"), "k1"));
+        assert!(!authorized(&h("Basic k1"), "k1"));
+        assert!(!authorized(&HeaderMap::new(), "k1"));
+    }
 }

@@ -18,6 +18,7 @@ pub fn fixtures() -> PathBuf {
 pub fn pipefuse(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pipefuse"))
         .args(args)
+        .env_remove("PIPEFUSE_API_KEY")
         .output()
         .expect("binary runs")
 }

@@ -53,6 +53,7 @@ impl Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pipefuse"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(flags)
+            .env_remove("PIPEFUSE_API_KEY")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
