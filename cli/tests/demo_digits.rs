@@ -1,6 +1,6 @@
 //! The README's first command on the bundled demo model: `pipefuse generate --out digits.png`
 //! writes one PNG with the digits 0-9, made by PipeFusion on two local CPU devices, and an
-//! independent classifier (k-nearest neighbours fitted here on scikit-learn's digits, shipped in
+//! independent classifier (k-nearest neighbours fitted here on the 8x8 digits shipped in
 //! assets/digits-dit/eval/) reads every digit back as the one that was asked for.
 
 use std::path::PathBuf;
@@ -10,7 +10,8 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The 1797 scikit-learn digits: (8x8 images with values 0..16, labels).
+/// The classifier's digits, shipped with the model (8x8 images with values 0..16, labels): 2,000
+/// rendered apart from the model's training set, then scikit-learn's 1,797 handwritten ones.
 fn digits() -> (Vec<[f32; 64]>, Vec<u8>) {
     let path = root().join("assets/digits-dit/eval/digits_8x8.safetensors");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -132,3 +132,34 @@ fn deadlines_end_waiting_and_running_requests_with_504() {
         2.0
     );
 }
+
+#[test]
+fn one_user_cannot_fill_the_queue() {
+    let s = Served::start(
+        "per-user",
+        &["--max-queue", "4", "--max-queue-per-user", "1"],
+    );
+    let long = s
+        .post("/v1/jobs", r#"{"prompt": "9", "steps": 1000, "user": "a"}"#)
+        .json();
+    let long = long["id"].as_str().unwrap().to_string();
+    s.wait_until("the long job runs", |s| {
+        s.get(&format!("/v1/jobs/{long}")).json()["status"] == "running"
+    });
+    assert_eq!(
+        s.post("/v1/jobs", r#"{"prompt": "1", "user": "a"}"#).status,
+        202
+    );
+    let second = s.post("/v1/jobs", r#"{"prompt": "1", "user": "a"}"#);
+    assert_eq!(second.status, 429, "{}", second.body);
+    assert!(
+        second.body.contains("`a` already has 1 requests waiting"),
+        "{}",
+        second.body
+    );
+    assert_eq!(
+        s.post("/v1/jobs", r#"{"prompt": "1", "user": "b"}"#).status,
+        202
+    );
+    assert_eq!(s.metric("pipefuse_queue_depth"), 2.0);
+}

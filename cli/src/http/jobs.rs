@@ -15,7 +15,7 @@ use tokio::sync::{watch, Notify};
 
 use super::api::ApiError;
 use super::metrics::{Metrics, Outcome};
-use super::queue::FairQueue;
+use super::queue::{FairQueue, QueueFull};
 
 /// The 504 of a job whose deadline passed.
 fn late(job: &Job, what: &str) -> JobState {
@@ -129,14 +129,19 @@ pub(crate) struct Jobs {
 }
 
 impl Jobs {
-    /// No jobs yet; at most `max_queue` wait at once.
-    pub(crate) fn new(cluster: Arc<Cluster>, metrics: Arc<Metrics>, max_queue: usize) -> Jobs {
+    /// No jobs yet; at most `max_queue` wait at once, `per_user` of one user.
+    pub(crate) fn new(
+        cluster: Arc<Cluster>,
+        metrics: Arc<Metrics>,
+        max_queue: usize,
+        per_user: usize,
+    ) -> Jobs {
         Jobs {
             cluster,
             metrics,
             inner: Mutex::new(Inner {
                 jobs: BTreeMap::new(),
-                queue: FairQueue::new(max_queue),
+                queue: FairQueue::new(max_queue, per_user),
                 running: None,
                 finished: VecDeque::new(),
                 next_id: 1,
@@ -239,9 +244,21 @@ impl Jobs {
             cancelled: Notify::new(),
             request: Mutex::new(Some(request)),
         });
-        if let Err(full) = inner.queue.push(&user, job.clone()) {
-            drop(inner);
-            return Err(self.full(full.waiting));
+        match inner.queue.push(&user, job.clone()) {
+            Ok(()) => {}
+            Err(QueueFull::All { waiting }) => {
+                drop(inner);
+                return Err(self.full(waiting));
+            }
+            Err(QueueFull::Client { waiting }) => {
+                drop(inner);
+                let mut e = self.full(waiting);
+                e.message = format!(
+                    "`{user}` already has {waiting} requests waiting (--max-queue-per-user); \
+                     try again when one has run"
+                );
+                return Err(e);
+            }
         }
         inner.next_id += 1;
         inner.jobs.insert(id, job.clone());

@@ -57,6 +57,10 @@ pub(crate) struct ServeArgs {
     /// with Retry-After at once.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_queue: usize,
+    /// Requests one user (the request's `user`, else the client's address) may have waiting; more
+    /// are answered 429 [default: --max-queue, no cap of its own].
+    #[arg(long, value_name = "N")]
+    max_queue_per_user: Option<usize>,
     /// Seconds a request may take from its arrival, waiting included, before it fails with 504
     /// (a request's `timeout` field may ask for less).
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]
@@ -109,6 +113,10 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     if a.max_queue == 0 {
         bail!("--max-queue 0: at least 1 request must be able to wait");
     }
+    let per_user = a.max_queue_per_user.unwrap_or(a.max_queue);
+    if per_user == 0 {
+        bail!("--max-queue-per-user 0: at least 1 request of each user must be able to wait");
+    }
     let request_timeout = secs(a.request_timeout, "--request-timeout")?;
     let drain_timeout = secs(a.drain_timeout, "--drain-timeout")?;
     let options = actors::ClusterOptions {
@@ -131,7 +139,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         let cluster = Arc::new(Cluster::start(spec, options).await?);
         tracing::info!(secs = t0.elapsed().as_secs_f32(), "cluster started");
         let metrics = Arc::new(Metrics::new());
-        let jobs = Arc::new(Jobs::new(cluster.clone(), metrics.clone(), a.max_queue));
+        let jobs = Arc::new(Jobs::new(cluster.clone(), metrics.clone(), a.max_queue, per_user));
         let dispatcher = tokio::spawn(jobs.clone().dispatch());
         let server = Arc::new(Server {
             jobs: jobs.clone(),

@@ -8,6 +8,7 @@ use std::collections::{HashMap, VecDeque};
 #[derive(Debug)]
 pub(crate) struct FairQueue<T> {
     capacity: usize,
+    per_client: usize,
     /// Each client's waiting jobs, oldest first.
     waiting: HashMap<String, VecDeque<T>>,
     /// Clients with waiting jobs, in the order they are served next.
@@ -17,16 +18,25 @@ pub(crate) struct FairQueue<T> {
 
 /// Why a job was not queued.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct QueueFull {
-    /// How many jobs wait (the capacity).
-    pub(crate) waiting: usize,
+pub(crate) enum QueueFull {
+    /// The queue holds its capacity.
+    All {
+        /// How many jobs wait.
+        waiting: usize,
+    },
+    /// This client already has its share waiting.
+    Client {
+        /// How many of its jobs wait.
+        waiting: usize,
+    },
 }
 
 impl<T> FairQueue<T> {
-    /// An empty queue that holds at most `capacity` jobs.
-    pub(crate) fn new(capacity: usize) -> FairQueue<T> {
+    /// An empty queue that holds at most `capacity` jobs, at most `per_client` of one client.
+    pub(crate) fn new(capacity: usize, per_client: usize) -> FairQueue<T> {
         FairQueue {
             capacity,
+            per_client,
             waiting: HashMap::new(),
             turn: VecDeque::new(),
             len: 0,
@@ -46,9 +56,14 @@ impl<T> FairQueue<T> {
     /// Queues `job` of `client` behind that client's earlier jobs; refused when full.
     pub(crate) fn push(&mut self, client: &str, job: T) -> Result<(), QueueFull> {
         if self.is_full() {
-            return Err(QueueFull { waiting: self.len });
+            return Err(QueueFull::All { waiting: self.len });
         }
         let mine = self.waiting.entry(client.to_string()).or_default();
+        if mine.len() >= self.per_client {
+            return Err(QueueFull::Client {
+                waiting: mine.len(),
+            });
+        }
         if mine.is_empty() {
             self.turn.push_back(client.to_string());
         }
@@ -119,7 +134,7 @@ mod tests {
 
     #[test]
     fn clients_take_turns_and_each_keeps_its_order() {
-        let mut q = FairQueue::new(10);
+        let mut q = FairQueue::new(10, 10);
         for j in ["a1", "a2", "a3"] {
             q.push("a", j).unwrap();
         }
@@ -133,18 +148,30 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_and_frees_a_place_when_one_leaves() {
-        let mut q = FairQueue::new(2);
+        let mut q = FairQueue::new(2, 2);
         q.push("a", 1).unwrap();
         q.push("b", 2).unwrap();
-        assert_eq!(q.push("c", 3), Err(QueueFull { waiting: 2 }));
+        assert_eq!(q.push("c", 3), Err(QueueFull::All { waiting: 2 }));
         assert_eq!(q.pop(), Some(("a".to_string(), 1)));
         q.push("c", 3).unwrap();
         assert!(q.is_full());
     }
 
     #[test]
+    fn one_client_cannot_take_more_than_its_share() {
+        let mut q = FairQueue::new(10, 2);
+        q.push("a", 1).unwrap();
+        q.push("a", 2).unwrap();
+        assert_eq!(q.push("a", 3), Err(QueueFull::Client { waiting: 2 }));
+        q.push("b", 4).unwrap();
+        assert_eq!(q.pop().map(|x| x.1), Some(1));
+        q.push("a", 3).unwrap();
+        assert_eq!(q.len(), 3);
+    }
+
+    #[test]
     fn removing_a_job_keeps_the_others_turns() {
-        let mut q = FairQueue::new(10);
+        let mut q = FairQueue::new(10, 10);
         q.push("a", 1).unwrap();
         q.push("b", 2).unwrap();
         q.push("a", 3).unwrap();
@@ -158,7 +185,7 @@ mod tests {
 
     #[test]
     fn position_is_the_number_of_jobs_served_before() {
-        let mut q = FairQueue::new(10);
+        let mut q = FairQueue::new(10, 10);
         for (c, j) in [("a", 1), ("a", 2), ("a", 3), ("b", 4), ("c", 5), ("b", 6)] {
             q.push(c, j).unwrap();
         }
