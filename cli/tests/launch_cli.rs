@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+mod http_common;
 
 use common::{bin, in_process_demo, latent_bytes as latent, root};
 
@@ -431,4 +432,66 @@ fn three_processes_run_ring_inside_pipefusion() {
         assert!(e <= 1e-5, "{tag}: relative L2 {e:.3e} vs plain PipeFusion");
         std::fs::remove_dir_all(&dir).ok();
     }
+}
+
+/// `launch --local --serve --listen`: a three-process cluster behind the HTTP API, every node's
+/// device in the request; SIGTERM stops the server and every node.
+#[test]
+fn a_cluster_of_three_processes_serves_http() {
+    use std::io::BufRead;
+    let (dir, topo) = cluster("http");
+    let mut server = Command::new(bin())
+        .args(["launch", "--local", "--serve", "--listen", "127.0.0.1:0"])
+        .args(["--topology", topo.to_str().unwrap()])
+        .env_remove("PIPEFUSE_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(server.stderr.take().unwrap());
+    let (mut line, mut seen) = (String::new(), String::new());
+    let base = loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "exited before listening:\n{seen}"
+        );
+        seen.push_str(&line);
+        if let Some(at) = line.find("http://") {
+            break line[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches('/')
+                .to_string();
+        }
+    };
+    let log = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        rest
+    });
+    let agent = http_common::agent();
+    let a = http_common::answer(
+        agent
+            .post(format!("{base}/v1/images/generations"))
+            .header("content-type", "application/json")
+            .send(r#"{"prompt": "3, 8", "steps": 12, "seed": 2}"#),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["data"].as_array().unwrap().len(), 2);
+    let metrics = http_common::answer(agent.get(format!("{base}/metrics")).call()).body;
+    for d in 0..3 {
+        assert!(
+            metrics.contains(&format!(
+                "pipefuse_device_busy_seconds_total{{device=\"{d}\"}}"
+            )),
+            "device {d} ran no part of the request:\n{metrics}"
+        );
+    }
+    let status = common::terminate(&mut server, Duration::from_secs(60));
+    let rest = log.join().unwrap();
+    assert!(status.success(), "{status}: {seen}{rest}");
+    assert!(rest.contains("stopped serving"), "{seen}{rest}");
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -9,6 +9,7 @@
 //! `GET /v1/jobs/{id}/events` (SSE); `DELETE /v1/jobs/{id}`.
 
 mod api;
+mod command;
 mod jobs;
 mod metrics;
 mod png;
@@ -21,60 +22,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actors::Cluster;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use clap::Args;
-
-use crate::cluster_args::ClusterArgs;
+pub(crate) use command::{bind, model_id, run, HttpArgs, HttpConfig, ServeArgs};
 use jobs::Jobs;
 use metrics::Metrics;
 
 /// The largest request body taken (prompt embeddings of big text encoders fit).
 const MAX_BODY: usize = 64 << 20;
-
-/// Arguments of `pipefuse serve`.
-#[derive(Args, Debug)]
-pub(crate) struct ServeArgs {
-    #[command(flatten)]
-    cluster: ClusterArgs,
-    /// Address and port to listen on. Anything but a loopback address needs --api-key.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8000")]
-    listen: SocketAddr,
-    /// Key clients must send as `Authorization: Bearer KEY` on /v1 and /metrics (also from the
-    /// environment variable PIPEFUSE_API_KEY). Required to listen beyond loopback.
-    #[arg(
-        long,
-        value_name = "KEY",
-        env = "PIPEFUSE_API_KEY",
-        hide_env_values = true
-    )]
-    api_key: Option<String>,
-    /// Requests that may wait for the cluster (beyond the running one); more are answered 429
-    /// with Retry-After at once.
-    #[arg(long, value_name = "N", default_value_t = 16)]
-    max_queue: usize,
-    /// Requests one user (the request's `user`, else the client's address) may have waiting; more
-    /// are answered 429 [default: --max-queue, no cap of its own].
-    #[arg(long, value_name = "N")]
-    max_queue_per_user: Option<usize>,
-    /// Seconds a request may take from its arrival, waiting included, before it fails with 504
-    /// (a request's `timeout` field may ask for less).
-    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
-    request_timeout: f64,
-    /// On SIGTERM / Ctrl-C: seconds to let admitted requests finish before cancelling them.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-    drain_timeout: f64,
-    /// Seconds a stage may wait for its next input before the request fails.
-    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
-    stall_timeout: f64,
-    /// Seconds one patch may compute on a device before the request fails naming the device.
-    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
-    compute_timeout: f64,
-}
 
 /// What every handler shares.
 pub(crate) struct Server {
@@ -85,162 +44,118 @@ pub(crate) struct Server {
     api_key: Option<String>,
 }
 
-/// A positive number of seconds, at most a year.
-fn secs(v: f64, flag: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(v)
-        .ok()
-        .filter(|d| !d.is_zero() && d.as_secs() <= 366 * 86_400)
-        .with_context(|| {
-            format!("{flag} {v}: must be a positive number of seconds, at most a year")
-        })
-}
-
 /// How long connections still open after the drain (a slow upload, a client that stopped
 /// reading) may hold the process before it exits anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-pub(crate) fn run(a: ServeArgs) -> Result<()> {
-    if !a.listen.ip().is_loopback() && a.api_key.is_none() {
-        bail!(
-            "--listen {}: listening beyond loopback needs --api-key KEY (or PIPEFUSE_API_KEY), so \
-             that only clients holding the key use the cluster",
-            a.listen
-        );
-    }
-    if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
-        bail!("--api-key: the key is empty");
-    }
-    if a.max_queue == 0 {
-        bail!("--max-queue 0: at least 1 request must be able to wait");
-    }
-    let per_user = a.max_queue_per_user.unwrap_or(a.max_queue);
-    if per_user == 0 {
-        bail!("--max-queue-per-user 0: at least 1 request of each user must be able to wait");
-    }
-    let request_timeout = secs(a.request_timeout, "--request-timeout")?;
-    let drain_timeout = secs(a.drain_timeout, "--drain-timeout")?;
-    let options = actors::ClusterOptions {
-        stall_timeout: secs(a.stall_timeout, "--stall-timeout")?,
-        compute_timeout: secs(a.compute_timeout, "--compute-timeout")?,
-        fault: None,
-    };
-    let spec = a.cluster.spec()?;
-    let model_id = model_id(&spec);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        // Bind first: a taken port is reported before the model loads.
-        let listener = tokio::net::TcpListener::bind(a.listen)
-            .await
-            .with_context(|| format!("--listen {}: cannot listen", a.listen))?;
-        let t0 = Instant::now();
-        let cluster = Arc::new(Cluster::start(spec, options).await?);
-        tracing::info!(secs = t0.elapsed().as_secs_f32(), "cluster started");
-        let metrics = Arc::new(Metrics::new());
-        let jobs = Arc::new(Jobs::new(cluster.clone(), metrics.clone(), a.max_queue, per_user));
-        let dispatcher = tokio::spawn(jobs.clone().dispatch());
-        let server = Arc::new(Server {
-            jobs: jobs.clone(),
-            metrics,
-            model_id,
-            request_timeout,
-            api_key: a.api_key.clone(),
-        });
-        let app = router(server);
-        let addr = listener.local_addr()?;
-        eprintln!(
-            "serving {} on http://{addr}/ (OpenAI images API at /v1/images/generations)",
-            server_model(&jobs)
-        );
-        // Made before anything is printed: a SIGTERM from then on is a clean stop.
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-        let drain = {
-            let jobs = jobs.clone();
-            async move {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = interrupt.recv() => {}
-                }
-                jobs.stop_accepting();
-                eprintln!(
-                    "stopping: no new requests; letting admitted ones finish (up to {} s)",
-                    drain_timeout.as_secs_f64()
-                );
-                let deadline = tokio::time::Instant::now() + drain_timeout;
+/// Serves `cluster` on `listener` until SIGTERM / Ctrl-C, then drains (see the module
+/// documentation) and shuts the cluster down.
+pub(crate) async fn serve_on(
+    listener: tokio::net::TcpListener,
+    cluster: Arc<Cluster>,
+    config: HttpConfig,
+    model_id: String,
+) -> Result<()> {
+    let HttpConfig {
+        api_key,
+        max_queue,
+        per_user,
+        request_timeout,
+        drain_timeout,
+        ..
+    } = config;
+    let metrics = Arc::new(Metrics::new());
+    let jobs = Arc::new(Jobs::new(
+        cluster.clone(),
+        metrics.clone(),
+        max_queue,
+        per_user,
+    ));
+    let dispatcher = tokio::spawn(jobs.clone().dispatch());
+    let server = Arc::new(Server {
+        jobs: jobs.clone(),
+        metrics,
+        model_id,
+        request_timeout,
+        api_key,
+    });
+    let app = router(server);
+    let addr = listener.local_addr()?;
+    // Made before anything is printed: a SIGTERM from then on is a clean stop.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = {
+        let jobs = jobs.clone();
+        async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            jobs.stop_accepting();
+            eprintln!(
+                "stopping: no new requests; letting admitted ones finish (up to {} s)",
+                drain_timeout.as_secs_f64()
+            );
+            let deadline = tokio::time::Instant::now() + drain_timeout;
+            while !jobs.idle() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if !jobs.idle() {
+                eprintln!("stopping: cancelling the requests still open");
+                jobs.cancel_all("the server is stopping");
+                let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
                 while !jobs.idle() && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                if !jobs.idle() {
-                    eprintln!("stopping: cancelling the requests still open");
-                    jobs.cancel_all("the server is stopping");
-                    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
-                    while !jobs.idle() && tokio::time::Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-                let _ = drained_tx.send(());
             }
-        };
-        eprintln!(
-            "serving {} on http://{addr}/ (OpenAI images API at /v1/images/generations)",
-            server_model(&jobs)
-        );
-        // Small answers (a 429, an SSE event) leave at once instead of waiting on Nagle's algorithm.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(%e, "TCP_NODELAY");
-            }
-        });
-        let serving = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(drain)
-        .into_future();
-        tokio::select! {
-            r = serving => r.context("serving HTTP")?,
-            _ = async {
-                let _ = drained_rx.await;
-                tokio::time::sleep(CLOSE_GRACE).await;
-            } => {
-                tracing::warn!("connections still open {} s after the drain: closing them", CLOSE_GRACE.as_secs());
-            }
+            let _ = drained_tx.send(());
         }
-        eprintln!("stopped serving");
-        dispatcher.abort();
-        let _ = dispatcher.await;
-        drop(jobs);
-        // Connection tasks let go of the server's state moments after serving returns.
-        let t0 = tokio::time::Instant::now();
-        while Arc::strong_count(&cluster) > 1 && t0.elapsed() < CLOSE_GRACE {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!(
+        "serving {} on http://{addr}/ (OpenAI images API at /v1/images/generations)",
+        server_model(&jobs)
+    );
+    // Small answers (a 429, an SSE event) leave at once instead of waiting on Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%e, "TCP_NODELAY");
         }
-        match Arc::try_unwrap(cluster) {
-            Ok(cluster) => cluster.shutdown().await,
-            Err(_) => tracing::warn!("the cluster is still in use: exiting without its shutdown"),
+    });
+    let serving = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(drain)
+    .into_future();
+    tokio::select! {
+        r = serving => r.context("serving HTTP")?,
+        _ = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        } => {
+            tracing::warn!("connections still open {} s after the drain: closing them", CLOSE_GRACE.as_secs());
         }
-        Ok(())
-    })
+    }
+    eprintln!("stopped serving");
+    dispatcher.abort();
+    let _ = dispatcher.await;
+    drop(jobs);
+    // Connection tasks let go of the server's state moments after serving returns.
+    let t0 = tokio::time::Instant::now();
+    while Arc::strong_count(&cluster) > 1 && t0.elapsed() < CLOSE_GRACE {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match Arc::try_unwrap(cluster) {
+        Ok(cluster) => cluster.shutdown().await,
+        Err(_) => tracing::warn!("the cluster is still in use: exiting without its shutdown"),
+    }
+    Ok(())
 }
 
 fn server_model(jobs: &Jobs) -> String {
     format!("{:?} model", jobs.cluster().model().config.arch)
-}
-
-/// The name the API serves the model under: its folder's name, or the preset's.
-fn model_id(spec: &topology::ClusterSpec) -> String {
-    match &spec.model {
-        topology::ModelSpec::Path(dir) => std::fs::canonicalize(dir)
-            .unwrap_or_else(|_| dir.clone())
-            .file_name()
-            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
-        topology::ModelSpec::Preset { name, .. } => name.clone(),
-    }
 }
 
 fn router(server: Arc<Server>) -> Router {
