@@ -271,6 +271,28 @@ impl Cluster {
         });
     }
 
+    /// Why the cluster can take no more requests: a node was lost or a device actor went down
+    /// (also while idle), or the coordinator does not answer within `wait`; `None` while it can.
+    /// A server's readiness check.
+    pub async fn broken(&self, wait: std::time::Duration) -> Option<String> {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        if self
+            .coordinator
+            .cast(CoordinatorMessage::Health { reply: tx.into() })
+            .is_err()
+        {
+            return Some("the coordinator has stopped".into());
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(why)) => why,
+            Ok(Err(_)) => Some("the coordinator has stopped".into()),
+            Err(_) => Some(format!(
+                "the coordinator did not answer within {} ms",
+                wait.as_millis()
+            )),
+        }
+    }
+
     /// Cancels whatever request is running now (queued ones stay).
     pub fn cancel_running(&self, reason: &str) {
         let _ = self.coordinator.cast(CoordinatorMessage::Cancel {

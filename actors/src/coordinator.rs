@@ -222,6 +222,9 @@ impl Actor for CoordinatorActor {
                     st.start_next().await;
                 }
             }
+            CoordinatorMessage::Health { reply } => {
+                let _ = reply.send(st.broken.clone());
+            }
             CoordinatorMessage::NodeLost {
                 node,
                 reason,

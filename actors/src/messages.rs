@@ -94,4 +94,6 @@ pub(crate) enum CoordinatorMessage {
         step: Option<usize>,
         message: String,
     },
+    /// Why the cluster takes no more requests (a node lost, a device actor down), or `None`.
+    Health { reply: RpcReplyPort<Option<String>> },
 }

@@ -495,3 +495,81 @@ fn a_cluster_of_three_processes_serves_http() {
     assert!(rest.contains("stopped serving"), "{seen}{rest}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A served cluster whose node dies while no request runs: `/readyz` turns 503 naming the node
+/// (the coordinator is asked, not only a failed request), and requests are refused with 503.
+#[test]
+fn readiness_reports_a_node_lost_while_idle() {
+    use std::io::BufRead;
+    let (dir, topo) = cluster("http-idle-loss");
+    let t = topo.to_str().unwrap();
+    let spawn = |node: &str, extra: &[&str]| {
+        Command::new(bin())
+            .args([
+                "launch",
+                "--topology",
+                t,
+                "--node",
+                node,
+                "--join-timeout",
+                "15",
+            ])
+            .args(extra)
+            .env_remove("PIPEFUSE_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // n1's 1 s idle timeout applies to its connections (the smaller of the two ends' values).
+    let mut n1 = spawn("n1", &["--node-timeout", "1"]);
+    let mut n2 = spawn("n2", &[]);
+    let mut n0 = spawn("n0", &["--serve", "--listen", "127.0.0.1:0"]);
+    let mut err = std::io::BufReader::new(n0.stderr.take().unwrap());
+    let (mut line, mut seen) = (String::new(), String::new());
+    let base = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "n0 exited:\n{seen}");
+        seen.push_str(&line);
+        if let Some(at) = line.find("http://") {
+            break line[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches('/')
+                .to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let agent = http_common::agent();
+    let get = |path: &str| http_common::answer(agent.get(format!("{base}{path}")).call());
+    assert_eq!(get("/readyz").status, 200);
+    n1.kill().unwrap();
+    n1.wait().unwrap();
+    let t0 = Instant::now();
+    let why = loop {
+        let r = get("/readyz");
+        if r.status == 503 {
+            break r.body;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "readyz never reported the loss"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(why.contains("n1"), "{why}");
+    let a = http_common::answer(
+        agent
+            .post(format!("{base}/v1/images/generations"))
+            .header("content-type", "application/json")
+            .send(r#"{"prompt": "3", "steps": 2}"#),
+    );
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert!(a.body.contains("n1"), "{}", a.body);
+    let status = common::terminate(&mut n0, Duration::from_secs(60));
+    assert!(status.success(), "{status}");
+    let _ = n2.kill();
+    let _ = n2.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}

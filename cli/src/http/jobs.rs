@@ -162,6 +162,19 @@ impl Jobs {
         &self.cluster
     }
 
+    /// Asks the cluster whether it is broken (a node lost while idle is seen here, not only by
+    /// the next request); remembers it. `/readyz`.
+    pub(crate) async fn check_cluster(&self) -> Option<String> {
+        if let Some(why) = self.cluster.broken(Duration::from_secs(2)).await {
+            let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+            if broken.is_none() {
+                tracing::error!("the cluster is broken: {why}");
+                *broken = Some(why);
+            }
+        }
+        self.unavailable()
+    }
+
     /// Why new requests are refused with 503 (a broken cluster, a stopping server), if they are.
     pub(crate) fn unavailable(&self) -> Option<String> {
         if let Some(b) = self

@@ -35,7 +35,7 @@ pub(crate) async fn healthz() -> &'static str {
 }
 
 pub(crate) async fn readyz(State(s): State<Arc<Server>>) -> Response {
-    match s.jobs.unavailable() {
+    match s.jobs.check_cluster().await {
         None => (StatusCode::OK, "ready\n").into_response(),
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
