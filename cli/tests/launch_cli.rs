@@ -434,21 +434,11 @@ fn three_processes_run_ring_inside_pipefusion() {
     }
 }
 
-/// `launch --local --serve --listen`: a three-process cluster behind the HTTP API, every node's
-/// device in the request; SIGTERM stops the server and every node.
-#[test]
-fn a_cluster_of_three_processes_serves_http() {
+/// Reads `child`'s stderr until the line naming its HTTP address; the address (`http://...`) and
+/// everything read so far. The rest of stderr is drained into the returned thread's string.
+fn http_base(child: &mut std::process::Child) -> (String, std::thread::JoinHandle<String>) {
     use std::io::BufRead;
-    let (dir, topo) = cluster("http");
-    let mut server = Command::new(bin())
-        .args(["launch", "--local", "--serve", "--listen", "127.0.0.1:0"])
-        .args(["--topology", topo.to_str().unwrap()])
-        .env_remove("PIPEFUSE_API_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(server.stderr.take().unwrap());
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
     let (mut line, mut seen) = (String::new(), String::new());
     let base = loop {
         line.clear();
@@ -466,11 +456,47 @@ fn a_cluster_of_three_processes_serves_http() {
                 .to_string();
         }
     };
-    let log = std::thread::spawn(move || {
-        let mut rest = String::new();
+    let rest = std::thread::spawn(move || {
+        let mut rest = seen;
         let _ = std::io::Read::read_to_string(&mut err, &mut rest);
         rest
     });
+    (base, rest)
+}
+
+/// `launch --topology T --node NODE --join-timeout 15 <extra>`, stderr piped.
+fn spawn_node(topo: &Path, node: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args([
+            "launch",
+            "--topology",
+            topo.to_str().unwrap(),
+            "--node",
+            node,
+        ])
+        .args(["--join-timeout", "15"])
+        .args(extra)
+        .env_remove("PIPEFUSE_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `launch --local --serve --listen`: a three-process cluster behind the HTTP API, every node's
+/// device in the request; SIGTERM stops the server and every node.
+#[test]
+fn a_cluster_of_three_processes_serves_http() {
+    let (dir, topo) = cluster("http");
+    let mut server = Command::new(bin())
+        .args(["launch", "--local", "--serve", "--listen", "127.0.0.1:0"])
+        .args(["--topology", topo.to_str().unwrap()])
+        .env_remove("PIPEFUSE_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (base, log) = http_base(&mut server);
     let agent = http_common::agent();
     let a = http_common::answer(
         agent
@@ -490,9 +516,9 @@ fn a_cluster_of_three_processes_serves_http() {
         );
     }
     let status = common::terminate(&mut server, Duration::from_secs(60));
-    let rest = log.join().unwrap();
-    assert!(status.success(), "{status}: {seen}{rest}");
-    assert!(rest.contains("stopped serving"), "{seen}{rest}");
+    let log = log.join().unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("stopped serving"), "{log}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -500,47 +526,12 @@ fn a_cluster_of_three_processes_serves_http() {
 /// (the coordinator is asked, not only a failed request), and requests are refused with 503.
 #[test]
 fn readiness_reports_a_node_lost_while_idle() {
-    use std::io::BufRead;
     let (dir, topo) = cluster("http-idle-loss");
-    let t = topo.to_str().unwrap();
-    let spawn = |node: &str, extra: &[&str]| {
-        Command::new(bin())
-            .args([
-                "launch",
-                "--topology",
-                t,
-                "--node",
-                node,
-                "--join-timeout",
-                "15",
-            ])
-            .args(extra)
-            .env_remove("PIPEFUSE_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
     // n1's 1 s idle timeout applies to its connections (the smaller of the two ends' values).
-    let mut n1 = spawn("n1", &["--node-timeout", "1"]);
-    let mut n2 = spawn("n2", &[]);
-    let mut n0 = spawn("n0", &["--serve", "--listen", "127.0.0.1:0"]);
-    let mut err = std::io::BufReader::new(n0.stderr.take().unwrap());
-    let (mut line, mut seen) = (String::new(), String::new());
-    let base = loop {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "n0 exited:\n{seen}");
-        seen.push_str(&line);
-        if let Some(at) = line.find("http://") {
-            break line[at..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_end_matches('/')
-                .to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let mut n1 = spawn_node(&topo, "n1", &["--node-timeout", "1"]);
+    let mut n2 = spawn_node(&topo, "n2", &[]);
+    let mut n0 = spawn_node(&topo, "n0", &["--serve", "--listen", "127.0.0.1:0"]);
+    let (base, _log) = http_base(&mut n0);
     let agent = http_common::agent();
     let get = |path: &str| http_common::answer(agent.get(format!("{base}{path}")).call());
     assert_eq!(get("/readyz").status, 200);
