@@ -1,6 +1,7 @@
 //! `pipefuse`: parallel Diffusion Transformer inference. This binary is the user's entry point:
-//! `generate` runs a request on a cluster, `plan` shows how a topology splits the work, `launch`
-//! runs the nodes of a multi-machine cluster, `keygen` makes its certificates, `bench` measures. Logs go to stderr through
+//! `generate` runs a request on a cluster, `serve` serves one over HTTP (OpenAI's images API),
+//! `plan` shows how a topology splits the work, `launch` runs the nodes of a multi-machine
+//! cluster, `keygen` makes its certificates, `bench` measures. Logs go to stderr through
 //! `tracing`; set `RUST_LOG` (e.g. `RUST_LOG=pipefuse=debug,model=debug`).
 
 mod attach;
@@ -24,7 +25,7 @@ mod tensor_io;
 
 use clap::{Parser, Subcommand};
 
-/// Parallel Diffusion Transformer (DiT, PixArt) inference on CPUs and GPUs.
+/// Parallel Diffusion Transformer (DiT, PixArt, SD3, Flux) inference on CPUs and GPUs.
 #[derive(Parser, Debug)]
 #[command(name = "pipefuse", version, about, long_about = None, propagate_version = true)]
 struct Cli {
