@@ -131,8 +131,8 @@ fn latent_of(args: &[&str], tag: &str) -> Vec<f32> {
 }
 
 /// The demo request run serially (one device) and with PipeFusion (2 devices, M = 2, W = 1):
-/// the images differ by a bounded amount. Measured 43.55 dB PSNR on [0, 1] images (2026-11-25,
-/// BENCHMARKS.md); the bound leaves 3 dB of margin.
+/// the images differ by a bounded amount. Measured 45.51 dB PSNR on [0, 1] images with the
+/// font-trained demo (2026-12-06, BENCHMARKS.md); the bound leaves 3 dB of margin.
 #[test]
 fn the_demo_images_of_pipefusion_and_serial_are_close() {
     let serial = latent_of(&["--pipefusion-degree", "1"], "serial");
@@ -150,5 +150,5 @@ fn the_demo_images_of_pipefusion_and_serial_are_close() {
         mse > 0.0,
         "W < T with 2 patches cannot equal serial exactly"
     );
-    assert!(psnr >= 40.5, "PSNR {psnr:.2} dB below the bound");
+    assert!(psnr >= 42.5, "PSNR {psnr:.2} dB below the bound");
 }
