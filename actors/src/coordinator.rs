@@ -441,6 +441,7 @@ fn finish(
             exchange_wait: rep.exchange_wait,
             items: rep.launched,
             bytes_sent: rep.bytes_sent,
+            sent_to: rep.sent_to.clone(),
         });
     }
     for (g, l) in groups.iter().enumerate().skip(1) {

@@ -25,6 +25,8 @@ pub(crate) struct StageReport {
     pub(crate) launched: usize,
     /// Bytes this device sent during the request.
     pub(crate) bytes_sent: u64,
+    /// Of those, per peer device: (peer rank, bytes); peers sent nothing are left out.
+    pub(crate) sent_to: Vec<(usize, u64)>,
     /// The final latent (last stage only).
     pub(crate) latent: Option<Tensor>,
 }

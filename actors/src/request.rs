@@ -79,6 +79,8 @@ pub struct DeviceSummary {
     pub items: usize,
     /// Bytes sent to peers.
     pub bytes_sent: u64,
+    /// Of those, per link: (peer device, bytes); links that carried nothing are left out.
+    pub sent_to: Vec<(usize, u64)>,
 }
 
 /// What a run cost: each device's time is computing (`busy`), waiting in exchanges

@@ -515,6 +515,30 @@ fn a_cluster_of_three_processes_serves_http() {
             "device {d} ran no part of the request:\n{metrics}"
         );
     }
+    // Bytes per link add up to each device's bytes, and the pipeline's links carried some.
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    for from in 0..3 {
+        let links: f64 = (0..3)
+            .map(|to| {
+                value(&format!(
+                    "pipefuse_link_sent_bytes_total{{from=\"{from}\",to=\"{to}\"}}"
+                ))
+            })
+            .sum();
+        let device = value(&format!(
+            "pipefuse_device_sent_bytes_total{{device=\"{from}\"}}"
+        ));
+        assert_eq!(links, device, "device {from}:\n{metrics}");
+    }
+    for (from, to) in [(0, 1), (1, 2)] {
+        let series = format!("pipefuse_link_sent_bytes_total{{from=\"{from}\",to=\"{to}\"}}");
+        assert!(value(&series) > 0.0, "{series}:\n{metrics}");
+    }
     let status = common::terminate(&mut server, Duration::from_secs(60));
     let log = log.join().unwrap();
     assert!(status.success(), "{status}: {log}");

@@ -72,6 +72,8 @@ pub enum ControlMessage {
         items: u32,
         /// Activation bytes sent.
         bytes_sent: u64,
+        /// Of those, bytes sent to each peer device: (peer rank, bytes), peers sent nothing left out.
+        sent_to: Vec<(u32, u64)>,
         /// The final latent (last stage only), as the runtime encodes tensors (opaque here).
         latent: Option<Vec<u8>>,
     },

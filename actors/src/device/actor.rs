@@ -109,6 +109,7 @@ impl Actor for DeviceActor {
             epoch: tokio::time::Instant::now(),
             setup: None,
             bytes_at_start: 0,
+            link_bytes_at_start: Vec::new(),
             timer_for: None,
             lost_stages: Vec::new(),
             groups,

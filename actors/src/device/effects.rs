@@ -184,6 +184,7 @@ impl DeviceState {
             exchange_wait,
             launched: stats.launched,
             bytes_sent: self.bytes_sent() - self.bytes_at_start,
+            sent_to: self.sent_to(),
             latent,
         };
         self.coordinator.report(CoordinatorMessage::StageFinished {

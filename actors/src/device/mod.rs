@@ -66,6 +66,8 @@ pub(crate) struct DeviceState {
     setup: Option<Arc<RequestSetup>>,
     /// Bytes sent before the active request began.
     bytes_at_start: u64,
+    /// Each link's byte count when the request began (same order as `links`).
+    link_bytes_at_start: Vec<u64>,
     /// The deadline the armed timer is for.
     timer_for: Option<Duration>,
     /// Why each lost pipeline stage was lost (named when the schedule fails on it).
@@ -153,6 +155,19 @@ impl DeviceState {
         self.links.iter().map(|l| l.bytes_sent()).sum()
     }
 
+    /// Bytes sent on each link since the request began: (peer rank, bytes), nonzero only.
+    fn sent_to(&self) -> Vec<(usize, u64)> {
+        self.links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let start = self.link_bytes_at_start.get(i).copied().unwrap_or(0);
+                (l.peer(), l.bytes_sent().saturating_sub(start))
+            })
+            .filter(|&(_, b)| b > 0)
+            .collect()
+    }
+
     /// Begins a request: the compute thread's buffers, then the core (stage 0 takes the
     /// request's latent as its step-0 input).
     async fn begin(&mut self, setup: Arc<RequestSetup>, cfg: ScheduleConfig) -> Result<(), String> {
@@ -191,6 +206,7 @@ impl DeviceState {
         let now = self.now();
         self.core.begin(now, id, cfg).map_err(|e| e.to_string())?;
         self.bytes_at_start = self.bytes_sent();
+        self.link_bytes_at_start = self.links.iter().map(|l| l.bytes_sent()).collect();
         if self.role.is_first_stage() {
             let latent = setup.initial_latent.clone();
             self.core

@@ -101,6 +101,11 @@ pub(crate) fn report_message(msg: CoordinatorMessage) -> Option<ControlMessage> 
             exchange_wait_ns: report.exchange_wait.as_nanos() as u64,
             items: report.launched as u32,
             bytes_sent: report.bytes_sent,
+            sent_to: report
+                .sent_to
+                .iter()
+                .map(|&(peer, b)| (peer as u32, b))
+                .collect(),
             latent: match report.latent.as_ref().map(spec::encode_latent).transpose() {
                 Ok(l) => l,
                 Err(e) => {
@@ -271,6 +276,7 @@ impl ControlContext {
                 exchange_wait_ns,
                 items,
                 bytes_sent,
+                sent_to,
                 latent,
             } => {
                 let latent = match latent.as_deref().map(spec::decode_latent).transpose() {
@@ -293,6 +299,7 @@ impl ControlContext {
                         exchange_wait: Duration::from_nanos(exchange_wait_ns),
                         launched: items as usize,
                         bytes_sent,
+                        sent_to: sent_to.into_iter().map(|(p, b)| (p as usize, b)).collect(),
                         latent,
                     },
                 }

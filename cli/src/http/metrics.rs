@@ -1,6 +1,6 @@
 //! `/metrics` of `pipefuse serve`, in the OpenMetrics text format that Prometheus scrapes
 //! (through `prometheus-client`): requests by outcome, queue depth, step and request latency,
-//! and each device's busy / exchange-wait / bubble time and bytes sent.
+//! each device's busy / exchange-wait / bubble time and bytes sent, and bytes per link.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
@@ -56,6 +56,12 @@ struct DeviceLabel {
     device: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabel {
+    from: String,
+    to: String,
+}
+
 type Seconds = Counter<f64, AtomicU64>;
 
 /// Every metric the server exports.
@@ -71,6 +77,7 @@ pub(crate) struct Metrics {
     exchange_wait: Family<DeviceLabel, Seconds>,
     bubble: Family<DeviceLabel, Seconds>,
     sent: Family<DeviceLabel, Counter>,
+    link: Family<LinkLabel, Counter>,
 }
 
 impl Metrics {
@@ -89,6 +96,7 @@ impl Metrics {
             exchange_wait: Family::default(),
             bubble: Family::default(),
             sent: Family::default(),
+            link: Family::default(),
         };
         r.register(
             "requests",
@@ -139,6 +147,11 @@ impl Metrics {
             "device_sent_bytes",
             "Bytes each device sent to its peers",
             m.sent.clone(),
+        );
+        r.register(
+            "link_sent_bytes",
+            "Bytes sent on each link between devices (from, to)",
+            m.link.clone(),
         );
         for o in [
             Outcome::Succeeded,
@@ -197,6 +210,13 @@ impl Metrics {
                 .get_or_create(&l)
                 .inc_by((wall - busy - wait).max(0.0));
             self.sent.get_or_create(&l).inc_by(d.bytes_sent);
+            for &(to, bytes) in &d.sent_to {
+                let link = LinkLabel {
+                    from: d.device.to_string(),
+                    to: to.to_string(),
+                };
+                self.link.get_or_create(&link).inc_by(bytes);
+            }
         }
     }
 
