@@ -18,7 +18,7 @@ fn bf16_rounding_is_round_to_nearest_even() {
     for x in [
         1.0f32,
         -2.5,
-        3.1415927,
+        std::f32::consts::PI,
         1e-30,
         6.5e4,
         f32::MAX,

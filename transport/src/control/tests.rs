@@ -37,6 +37,7 @@ pub(crate) fn samples() -> Vec<ControlMessage> {
             exchange_wait_ns: 0,
             items: 40,
             bytes_sent: 1 << 33,
+            sent_to: vec![(0, 1 << 32), (3, (1 << 32) + 7)],
             latent: Some(payload(1024, 2)),
         },
         ControlMessage::DeviceFailed {

@@ -55,6 +55,7 @@ fn to_a(round: u64) -> Vec<ControlMessage> {
             exchange_wait_ns: 0,
             items: 7,
             bytes_sent: 1 << 30,
+            sent_to: vec![(0, 1 << 29), (1, 1 << 29)],
             latent: Some(vec![round as u8; 16]),
         },
         ControlMessage::DeviceFailed {
