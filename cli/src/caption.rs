@@ -2,13 +2,12 @@
 //! PixArt's caption (with attention masks), SD3 / Flux's prompt and pooled embeddings; validated
 //! against each other and the model, with errors naming the file and the tensor.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use kernels::Tensor;
 use model::Caption;
-
-use crate::tensor_io::read_tensors;
 
 /// `[B, T, C]` (a `[T, C]` tensor is one caption).
 fn as_embeds(path: &Path, name: &str, x: Tensor, channels: usize) -> Result<Tensor> {
@@ -90,8 +89,11 @@ fn as_pooled(path: &Path, name: &str, x: Tensor, b: usize) -> Result<Tensor> {
 /// SD3 / Flux: [`read_caption`] plus `pooled_prompt_embeds` [B, P] (required) and, with a
 /// negative prompt, `negative_pooled_prompt_embeds` [B or 1, P]; attention masks are refused
 /// (these pipelines attend to every prompt token).
-pub(crate) fn read_prompt(path: &Path, channels: usize) -> Result<Caption> {
-    let mut t = read_tensors(path)?;
+pub(crate) fn read_prompt(
+    path: &Path,
+    mut t: HashMap<String, Tensor>,
+    channels: usize,
+) -> Result<Caption> {
     let pooled = t.remove("pooled_prompt_embeds").with_context(|| {
         format!(
             "{}: no tensor `pooled_prompt_embeds` (SD3 and Flux need the pooled text embedding)",
@@ -107,7 +109,7 @@ pub(crate) fn read_prompt(path: &Path, channels: usize) -> Result<Caption> {
             );
         }
     }
-    let mut c = caption_from(path, t, channels)?;
+    let mut c = read_caption(path, t, channels)?;
     let b = c.embeds.dim(0);
     c.pooled = Some(as_pooled(path, "pooled_prompt_embeds", pooled, b)?);
     c.negative_pooled = match (negative_pooled, c.negative.is_some()) {
@@ -134,14 +136,11 @@ pub(crate) fn read_prompt(path: &Path, channels: usize) -> Result<Caption> {
 }
 
 /// Reads `prompt_embeds` [B, T, C] and optionally `prompt_attention_mask` [B, T],
-/// `negative_prompt_embeds` [B or 1, T, C], `negative_prompt_attention_mask` [B or 1, T].
-pub(crate) fn read_caption(path: &Path, channels: usize) -> Result<Caption> {
-    caption_from(path, read_tensors(path)?, channels)
-}
-
-fn caption_from(
+/// `negative_prompt_embeds` [B or 1, T, C], `negative_prompt_attention_mask` [B or 1, T], from
+/// the tensors of the file `path` names.
+pub(crate) fn read_caption(
     path: &Path,
-    mut t: std::collections::HashMap<String, Tensor>,
+    mut t: HashMap<String, Tensor>,
     channels: usize,
 ) -> Result<Caption> {
     let embeds = t

@@ -30,6 +30,10 @@ pub(crate) struct GenerateArgs {
     /// `negative_prompt_embeds` and `negative_pooled_prompt_embeds` (batch B or 1).
     #[arg(long, value_name = "FILE")]
     prompt_embeds: Option<PathBuf>,
+    /// The prompt embeddings file's bytes when they came in a request (`pipefuse serve`), not
+    /// from a file; `prompt_embeds` then only names them in messages.
+    #[arg(skip)]
+    prompt_embeds_bytes: Option<Vec<u8>>,
     /// Denoising steps [default: 50 for DiT, 20 for PixArt, 28 for SD3 and Flux].
     #[arg(long)]
     steps: Option<usize>,
@@ -105,7 +109,8 @@ fn scheduler(a: &GenerateArgs, cluster: &Cluster) -> Result<Scheduler> {
 #[derive(Debug, Default)]
 pub(crate) struct RequestFields {
     pub(crate) class_labels: Vec<usize>,
-    pub(crate) prompt_embeds: Option<PathBuf>,
+    /// A safetensors file's bytes (the request's `prompt_embeds`).
+    pub(crate) prompt_embeds: Option<Vec<u8>>,
     pub(crate) steps: Option<usize>,
     pub(crate) guidance_scale: Option<f32>,
     pub(crate) seed: u64,
@@ -123,13 +128,28 @@ impl GenerateArgs {
         }
         let mut a = <Defaults as clap::Parser>::try_parse_from(["generate"])?.args;
         a.class_labels = f.class_labels;
-        a.prompt_embeds = f.prompt_embeds;
+        a.prompt_embeds = f
+            .prompt_embeds
+            .as_ref()
+            .map(|_| PathBuf::from("`prompt_embeds`"));
+        a.prompt_embeds_bytes = f.prompt_embeds;
         a.steps = f.steps;
         a.guidance_scale = f.guidance_scale;
         a.seed = f.seed;
         a.height = f.height;
         a.width = f.width;
         Ok(a)
+    }
+}
+
+/// The prompt embeddings' tensors: the request's bytes, else the `--prompt-embeds` file.
+fn prompt_tensors(
+    a: &GenerateArgs,
+    path: &Path,
+) -> Result<std::collections::HashMap<String, kernels::Tensor>> {
+    match &a.prompt_embeds_bytes {
+        Some(bytes) => crate::tensor_io::tensors_from_bytes(bytes, path),
+        None => read_tensors(path),
     }
 }
 
@@ -184,7 +204,8 @@ pub(crate) fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateReq
                 .prompt_embeds
                 .as_ref()
                 .context("a PixArt model needs --prompt-embeds FILE (no text encoder runs here)")?;
-            let c = crate::caption::read_caption(path, cfg.caption_channels)?;
+            let c =
+                crate::caption::read_caption(path, prompt_tensors(a, path)?, cfg.caption_channels)?;
             if scale > 1.0 && c.negative.is_none() {
                 bail!("{}: guidance scale {scale} needs `negative_prompt_embeds` (or pass --guidance-scale 1)", path.display());
             }
@@ -198,7 +219,8 @@ pub(crate) fn request(a: &GenerateArgs, cluster: &Cluster) -> Result<GenerateReq
                     cfg.arch
                 )
             })?;
-            let c = crate::caption::read_prompt(path, cfg.caption_channels)?;
+            let c =
+                crate::caption::read_prompt(path, prompt_tensors(a, path)?, cfg.caption_channels)?;
             if scale > 1.0 && c.negative.is_none() {
                 bail!(
                     "{}: guidance scale {scale} needs `negative_prompt_embeds` and \

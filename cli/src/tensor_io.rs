@@ -18,7 +18,14 @@ pub(crate) fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         );
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    tensors_from_bytes(&bytes, path)
+}
+
+/// All floating-point tensors of a safetensors file held in memory, as f32; `origin` names it
+/// in errors (a path, or a request field).
+pub(crate) fn tensors_from_bytes(bytes: &[u8], origin: &Path) -> Result<HashMap<String, Tensor>> {
+    let path = origin;
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut out = HashMap::new();
     for (name, v) in st.tensors() {

@@ -35,12 +35,9 @@ fn the_images_api_draws_what_generate_draws() {
     assert_eq!(a.status, 200, "{}", a.body);
     let data = a.json()["data"].as_array().unwrap().clone();
     assert_eq!(data.len(), 2);
-    // The same request from the command line, as a PNG grid at scale 1 (each tile followed by a
-    // one-pixel gap).
+    // The same request from the command line.
     let dir = common::scratch_dir("http-same");
-    let out = dir.join("grid.png");
-    let o = common::pipefuse(&[
-        "generate",
+    let args = [
         "--class-label",
         "7",
         "--class-label",
@@ -49,23 +46,12 @@ fn the_images_api_draws_what_generate_draws() {
         "11",
         "--steps",
         "6",
-        "--png-scale",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let grid = image::open(&out).unwrap().to_luma8();
+    ];
+    let grid = http_common::generate_grid(&dir, &args);
     for (i, d) in data.iter().enumerate() {
-        let img = b64_png(d["b64_json"].as_str().unwrap()).to_luma8();
-        let (w, h) = img.dimensions();
-        assert_eq!((w, h), (16, 16));
-        for y in 0..h {
-            for x in 0..w {
-                let want = grid.get_pixel(i as u32 * (w + 1) + x, y);
-                assert_eq!(img.get_pixel(x, y), want, "image {i} pixel ({x}, {y})");
-            }
-        }
+        let img = b64_png(d["b64_json"].as_str().unwrap());
+        assert_eq!((img.width(), img.height()), (16, 16));
+        http_common::assert_is_tile(&img, &grid, i as u32);
     }
     // Comma-separated labels: one image each, in order; the size field is honoured.
     let a = s.post(
@@ -178,16 +164,11 @@ fn jobs_stream_their_progress_and_can_be_cancelled() {
     b64_png(job["data"][0]["b64_json"].as_str().unwrap());
 
     // A long job, cancelled while it runs; a queued one behind it, cancelled while it waits.
-    let long = s
-        .post("/v1/jobs", r#"{"prompt": "5", "steps": 1000}"#)
-        .json();
+    let long = s.running_job(r#"{"prompt": "5", "steps": 1000}"#);
     let queued = s
         .post("/v1/jobs", r#"{"prompt": "6", "steps": 1000}"#)
         .json();
-    let (long, queued) = (long["id"].as_str().unwrap(), queued["id"].as_str().unwrap());
-    s.wait_until("the long job runs", |s| {
-        s.get(&format!("/v1/jobs/{long}")).json()["status"] == "running"
-    });
+    let (long, queued) = (long.as_str(), queued["id"].as_str().unwrap());
     let q = s.get(&format!("/v1/jobs/{queued}")).json();
     assert_eq!(
         (q["status"].as_str(), q["queue_position"].as_u64()),
@@ -264,13 +245,7 @@ fn the_api_key_guards_the_api_but_not_the_health_checks() {
 #[test]
 fn sigterm_lets_admitted_requests_finish_then_cancels_the_rest() {
     let mut s = Served::start("drain", &["--drain-timeout", "1"]);
-    let long = s
-        .post("/v1/jobs", r#"{"prompt": "8", "steps": 1000}"#)
-        .json();
-    let long = long["id"].as_str().unwrap().to_string();
-    s.wait_until("the job runs", |s| {
-        s.get(&format!("/v1/jobs/{long}")).json()["status"] == "running"
-    });
+    let long = s.running_job(r#"{"prompt": "8", "steps": 1000}"#);
     // The progress stream stays open across the stop and ends with the cancellation.
     let base = s.base.clone();
     let watcher = std::thread::spawn(move || {
@@ -337,47 +312,25 @@ fn a_text_model_takes_prompt_embeddings_and_draws_what_generate_draws() {
     let a = s.post("/v1/images/generations", &body(""));
     assert_eq!(a.status, 200, "{}", a.body);
     let data = a.json()["data"].as_array().unwrap().clone();
-    let out = dir.join("grid.png");
-    let o = common::pipefuse(&[
-        "generate",
-        "--model",
-        model,
-        "--prompt-embeds",
-        prompt.to_str().unwrap(),
-        "--seed",
-        "4",
-        "--steps",
-        "2",
-        "--guidance-scale",
-        "5",
-        "--png-scale",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let grid = image::open(&out).unwrap().to_rgb8();
+    let grid = http_common::generate_grid(
+        &dir,
+        &[
+            "--model",
+            model,
+            "--prompt-embeds",
+            prompt.to_str().unwrap(),
+            "--seed",
+            "4",
+            "--steps",
+            "2",
+            "--guidance-scale",
+            "5",
+        ],
+    );
     assert_eq!(data.len(), 2, "the file holds two prompts");
     for (i, d) in data.iter().enumerate() {
-        let img = b64_png(d["b64_json"].as_str().unwrap()).to_rgb8();
-        let (w, h) = img.dimensions();
-        for y in 0..h {
-            for x in 0..w {
-                let want = grid.get_pixel(i as u32 * (w + 1) + x, y);
-                assert_eq!(img.get_pixel(x, y), want, "image {i} pixel ({x}, {y})");
-            }
-        }
+        http_common::assert_is_tile(&b64_png(d["b64_json"].as_str().unwrap()), &grid, i as u32);
     }
-    // The temporary copy of the embeddings is gone.
-    let left = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with(&format!("pipefuse-embeds-{}-", s.child.id()))
-        })
-        .count();
-    assert_eq!(left, 0);
     drop(s);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -15,13 +15,7 @@ const CLIENTS: usize = 24;
 fn overload_ends_every_request_as_200_or_429_and_metrics_agree() {
     let s = Served::start("overload", &["--max-queue", "2"]);
     // A long request holds the cluster while the clients arrive.
-    let long = s
-        .post("/v1/jobs", r#"{"prompt": "9", "steps": 1000}"#)
-        .json();
-    let long = long["id"].as_str().unwrap().to_string();
-    s.wait_until("the long job runs", |s| {
-        s.get(&format!("/v1/jobs/{long}")).json()["status"] == "running"
-    });
+    let long = s.running_job(r#"{"prompt": "9", "steps": 1000}"#);
     let (tx, rx) = std::sync::mpsc::channel();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -139,13 +133,7 @@ fn one_user_cannot_fill_the_queue() {
         "per-user",
         &["--max-queue", "4", "--max-queue-per-user", "1"],
     );
-    let long = s
-        .post("/v1/jobs", r#"{"prompt": "9", "steps": 1000, "user": "a"}"#)
-        .json();
-    let long = long["id"].as_str().unwrap().to_string();
-    s.wait_until("the long job runs", |s| {
-        s.get(&format!("/v1/jobs/{long}")).json()["status"] == "running"
-    });
+    s.running_job(r#"{"prompt": "9", "steps": 1000, "user": "a"}"#);
     assert_eq!(
         s.post("/v1/jobs", r#"{"prompt": "1", "user": "a"}"#).status,
         202

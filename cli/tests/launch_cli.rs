@@ -437,25 +437,7 @@ fn three_processes_run_ring_inside_pipefusion() {
 /// Reads `child`'s stderr until the line naming its HTTP address; the address (`http://...`) and
 /// everything read so far. The rest of stderr is drained into the returned thread's string.
 fn http_base(child: &mut std::process::Child) -> (String, std::thread::JoinHandle<String>) {
-    use std::io::BufRead;
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (mut line, mut seen) = (String::new(), String::new());
-    let base = loop {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "exited before listening:\n{seen}"
-        );
-        seen.push_str(&line);
-        if let Some(at) = line.find("http://") {
-            break line[at..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_end_matches('/')
-                .to_string();
-        }
-    };
+    let (base, seen, mut err) = http_common::read_address(child);
     let rest = std::thread::spawn(move || {
         let mut rest = seen;
         let _ = std::io::Read::read_to_string(&mut err, &mut rest);

@@ -64,36 +64,23 @@ fn the_openai_python_client_gets_png_images() {
     assert!(stdout.contains("bad request 400 prompt\n"), "{stdout}");
     assert!(stdout.contains("refused 401\n"), "{stdout}");
     // The client's images are generate's.
-    let grid = dir.join("grid.png");
-    let g = common::pipefuse(&[
-        "generate",
-        "--class-label",
-        "7",
-        "--class-label",
-        "7",
-        "--seed",
-        "11",
-        "--steps",
-        "6",
-        "--png-scale",
-        "1",
-        "--out",
-        grid.to_str().unwrap(),
-    ]);
-    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
-    let grid = image::open(&grid).unwrap().to_luma8();
+    let grid = http_common::generate_grid(
+        &dir,
+        &[
+            "--class-label",
+            "7",
+            "--class-label",
+            "7",
+            "--seed",
+            "11",
+            "--steps",
+            "6",
+        ],
+    );
     for i in 0..2u32 {
-        let img = image::open(dir.join(format!("openai_{i}.png")))
-            .unwrap()
-            .to_luma8();
-        assert_eq!(img.dimensions(), (16, 16));
-        for (x, y, p) in img.enumerate_pixels() {
-            assert_eq!(
-                p,
-                grid.get_pixel(i * 17 + x, y),
-                "image {i} pixel ({x}, {y})"
-            );
-        }
+        let img = image::open(dir.join(format!("openai_{i}.png"))).unwrap();
+        assert_eq!((img.width(), img.height()), (16, 16));
+        http_common::assert_is_tile(&img, &grid, i);
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -327,12 +327,11 @@ fn build(s: &Server, req: &ImageRequest) -> Result<actors::GenerateRequest, ApiE
     let mut fields = RequestFields {
         steps: req.steps,
         guidance_scale: req.guidance_scale,
-        seed: req.seed.unwrap_or_else(rand_seed),
+        seed: req.seed.unwrap_or_else(rand::random),
         height: req.size.map(|s| s.1),
         width: req.size.map(|s| s.0),
         ..Default::default()
     };
-    let mut embeds_file = None;
     if cfg.arch == model::Arch::Dit {
         if req.prompt_embeds.is_some() {
             return Err(ApiError::field(
@@ -363,15 +362,7 @@ fn build(s: &Server, req: &ImageRequest) -> Result<actors::GenerateRequest, ApiE
                 "with `prompt_embeds` the batch is the file's; leave n at 1",
             ));
         }
-        let file = TempFile::write(bytes).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                format!("keeping the prompt embeddings: {e}"),
-            )
-        })?;
-        fields.prompt_embeds = Some(file.0.clone());
-        embeds_file = Some(file);
+        fields.prompt_embeds = Some(bytes.clone());
     }
     let args = GenerateArgs::from_fields(fields).map_err(|e| {
         ApiError::new(
@@ -380,15 +371,7 @@ fn build(s: &Server, req: &ImageRequest) -> Result<actors::GenerateRequest, ApiE
             e.to_string(),
         )
     })?;
-    let built = crate::generate::request(&args, cluster).map_err(|e| {
-        let mut msg = crate::error_chain(&e);
-        if let Some(f) = &embeds_file {
-            msg = msg.replace(&f.0.display().to_string(), "`prompt_embeds`");
-        }
-        flag_error(msg)
-    });
-    drop(embeds_file);
-    built
+    crate::generate::request(&args, cluster).map_err(|e| flag_error(crate::error_chain(&e)))
 }
 
 /// A 400 from generate's checks, in the API's terms: its flag names become the request's field
@@ -451,46 +434,6 @@ fn class_ids(model: &actors::ModelSource, prompt: &str) -> Result<Vec<usize>, Ap
             })
         })
         .collect()
-}
-
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
-}
-
-/// A private temporary file, removed when dropped.
-struct TempFile(std::path::PathBuf);
-
-impl TempFile {
-    fn write(bytes: &[u8]) -> std::io::Result<TempFile> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let path = std::env::temp_dir().join(format!(
-            "pipefuse-embeds-{}-{}.safetensors",
-            std::process::id(),
-            rand_seed()
-        ));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
-        let file = TempFile(path);
-        f.write_all(bytes)?;
-        Ok(file)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// Answers 401 unless the request carries `Authorization: Bearer <key>`.

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A hang guard, not a speed expectation: every wait below ends long before on any machine.
@@ -59,23 +59,7 @@ impl Served {
             .spawn()
             .unwrap();
         // The first line names the address; the rest of stderr goes to the log file.
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut first = String::new();
-        let mut seen = String::new();
-        let t0 = Instant::now();
-        let base = loop {
-            first.clear();
-            if err.read_line(&mut first).unwrap() == 0 {
-                let _ = child.wait();
-                panic!("the server exited before listening:\n{seen}");
-            }
-            seen.push_str(&first);
-            if let Some(at) = first.find("http://") {
-                let addr = first[at..].split_whitespace().next().unwrap();
-                break addr.trim_end_matches('/').to_string();
-            }
-            assert!(t0.elapsed() < HANG, "the server never listened:\n{seen}");
-        };
+        let (base, _, mut err) = read_address(&mut child);
         std::thread::spawn(move || {
             let mut log = log;
             let _ = std::io::copy(&mut err, &mut log);
@@ -86,6 +70,17 @@ impl Served {
             base,
             agent: agent(),
         }
+    }
+
+    /// Queues a job from `body` (202) and waits until the cluster runs it; its id.
+    pub fn running_job(&self, body: &str) -> String {
+        let a = self.post("/v1/jobs", body);
+        assert_eq!(a.status, 202, "{}", a.body);
+        let id = a.json()["id"].as_str().unwrap().to_string();
+        self.wait_until("the job runs", |s| {
+            s.get(&format!("/v1/jobs/{id}")).json()["status"] == "running"
+        });
+        id
     }
 
     pub fn log(&self) -> String {
@@ -146,6 +141,55 @@ impl Served {
             assert!(t0.elapsed() < HANG, "the server did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Reads `child`'s stderr until the line naming its HTTP address (`pipefuse serve`, `launch
+/// --serve --listen`): the address (`http://...`), what was read, and the rest of stderr.
+pub fn read_address(child: &mut Child) -> (String, String, BufReader<ChildStderr>) {
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let (mut line, mut seen) = (String::new(), String::new());
+    let t0 = Instant::now();
+    loop {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 {
+            let _ = child.wait();
+            panic!("exited before listening:\n{seen}");
+        }
+        seen.push_str(&line);
+        if let Some(at) = line.find("http://") {
+            let addr = line[at..].split_whitespace().next().unwrap();
+            return (addr.trim_end_matches('/').to_string(), seen, err);
+        }
+        assert!(t0.elapsed() < HANG, "never listened:\n{seen}");
+    }
+}
+
+/// Runs `pipefuse generate <args> --png-scale 1 --out <dir>/grid.png` and returns the grid: one
+/// tile per image, each followed by a one-pixel gap.
+pub fn generate_grid(dir: &std::path::Path, args: &[&str]) -> image::RgbImage {
+    let out = dir.join("grid.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_pipefuse"))
+        .arg("generate")
+        .args(args)
+        .args(["--png-scale", "1", "--out", out.to_str().unwrap()])
+        .env_remove("PIPEFUSE_API_KEY")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    image::open(&out).unwrap().to_rgb8()
+}
+
+/// Requires `img` to equal tile `i` of a [`generate_grid`] grid, pixel for pixel.
+pub fn assert_is_tile(img: &image::DynamicImage, grid: &image::RgbImage, i: u32) {
+    let img = img.to_rgb8();
+    let w = img.width();
+    for (x, y, p) in img.enumerate_pixels() {
+        assert_eq!(
+            p,
+            grid.get_pixel(i * (w + 1) + x, y),
+            "image {i} pixel ({x}, {y})"
+        );
     }
 }
 
