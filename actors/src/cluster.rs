@@ -17,8 +17,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::Arc;
-
 use model::{PreparedRequest, Request};
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc;
@@ -139,6 +137,7 @@ impl Cluster {
                 devices,
                 fault: options.fault,
                 begin_timeout: options.compute_timeout,
+                model: model.config.clone(),
             },
         )
         .await
@@ -222,25 +221,24 @@ impl Cluster {
             tracing::warn!(patches = schedule.patches, stages = schedule.stages, "fewer patches than stages: the pipeline cannot stay full (recommend num_patches >= pipefusion_degree)");
         }
         let mut next_id = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
-        let setup = Arc::new(
-            RequestSetup::new(
-                *next_id,
-                &self.model.config,
-                &req.request,
-                &req.scheduler,
-                req.steps,
-                &req.noise,
-                plan.patches.clone(),
-                plan.warmup_steps,
-            )?
-            .with_cfg_degree(plan.cfg_degree)?
-            .with_sp_degree(plan.sp.degree())?,
-        );
-        let id = setup.id;
+        let id = *next_id;
+        let setup = RequestSetup::new(
+            0, // the run's id, set by the coordinator when it starts
+            &self.model.config,
+            &req.request,
+            &req.scheduler,
+            req.steps,
+            &req.noise,
+            plan.patches.clone(),
+            plan.warmup_steps,
+        )?
+        .with_cfg_degree(plan.cfg_degree)?
+        .with_sp_degree(plan.sp.degree())?;
         let (ptx, prx) = mpsc::unbounded_channel();
         let (tx, rx) = ractor::concurrency::oneshot();
         self.coordinator
             .cast(CoordinatorMessage::Submit {
+                id,
                 setup,
                 schedule,
                 progress: Some(ptx),

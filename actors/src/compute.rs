@@ -58,7 +58,8 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 impl ComputeThread {
     /// Starts the thread of `device`. `cfg` is a CFG last stage's peer group with the other
     /// group's last stage (members in group order); `clock` is shared with the device's peer
-    /// groups (the request being computed, the time waited in exchanges).
+    /// groups (the request being computed, the time waited in exchanges); with `checkpoints`
+    /// (a last stage of CFG group 0) the state after every step goes to the actor.
     pub(crate) fn spawn(
         device: usize,
         mut exec: StageExecutor,
@@ -66,6 +67,7 @@ impl ComputeThread {
         fault: Option<Fault>,
         mut cfg: Option<PeerGroup>,
         clock: Arc<ExchangeClock>,
+        checkpoints: bool,
     ) -> std::io::Result<ComputeThread> {
         let (tx, rx) = mpsc::channel::<ComputeJob>();
         std::thread::Builder::new()
@@ -102,6 +104,14 @@ impl ComputeThread {
                                 }
                             }))
                             .unwrap_or_else(|p| Err(format!("compute panicked: {}", panic_message(p))));
+                            // The state after a completed step, for the coordinator's
+                            // checkpoint (sent before the step's ComputeDone, so it arrives
+                            // before the step is reported done).
+                            if checkpoints && job.ends_step && out.is_ok() {
+                                if let Some((latent, history)) = exec.sampler_snapshot() {
+                                    let _ = actor.cast(DeviceMessage::Checkpoint { request, step: item.step, latent, history });
+                                }
+                            }
                             let waited = clock.take_waited();
                             if actor.cast(DeviceMessage::ComputeDone { request, item, output: out, waited }).is_err() {
                                 break; // the actor is gone

@@ -35,6 +35,13 @@ pub enum Fault {
         /// Extra milliseconds.
         millis: u64,
     },
+    /// The coordinator interrupts the request after step `step` (0-based) is done and resumes
+    /// it from its newest checkpoint on the same devices, as after a node loss but without
+    /// re-planning: exercises checkpoints and continuations in one process.
+    ResumeAfter {
+        /// The step after which to interrupt.
+        step: usize,
+    },
     /// The device's compute hangs for `secs` at this step (a straggler or a wedged device).
     HangAt {
         /// Device index.

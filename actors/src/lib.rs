@@ -37,5 +37,6 @@ pub use model_source::{locate_model, ModelFolder, ModelSource};
 pub use node::{node_identity, Node};
 pub use request::{
     ClusterOptions, DeviceSummary, GenerateOutput, GenerateRequest, Progress, RequestHandle,
-    RunSummary,
+    Resume, RunSummary,
 };
+pub use stage::Checkpoint;

@@ -51,6 +51,14 @@ pub(crate) enum DeviceMessage {
         output: Result<Tensor, String>,
         waited: Duration,
     },
+    /// Last stage of CFG group 0: the latent and sampler history after step `step` of
+    /// `request` (from the compute thread; forwarded to the coordinator).
+    Checkpoint {
+        request: u64,
+        step: usize,
+        latent: Tensor,
+        history: Option<Tensor>,
+    },
     /// The timer armed at the core's deadline fired (stall or compute deadline).
     Tick,
     /// Device `device` of the cluster is gone (its node was lost, for `why`).
@@ -64,7 +72,9 @@ pub(crate) enum DeviceMessage {
 pub(crate) enum CoordinatorMessage {
     /// Run a request (queued behind the running one); progress goes to `progress`.
     Submit {
-        setup: Arc<RequestSetup>,
+        /// The request's id (its runs get their own: `setup.id` is set when it starts).
+        id: u64,
+        setup: RequestSetup,
         schedule: ScheduleConfig,
         progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
         reply: RpcReplyPort<Result<GenerateOutput, ClusterError>>,
@@ -76,6 +86,15 @@ pub(crate) enum CoordinatorMessage {
     },
     /// The last stage finished step `step` of request `request`.
     StepDone { request: u64, step: usize },
+    /// A last stage of CFG group 0 after step `step` of `request`: its latent and sampler
+    /// history (under sequence parallelism only its rows are up to date).
+    Checkpoint {
+        request: u64,
+        device: usize,
+        step: usize,
+        latent: Tensor,
+        history: Option<Tensor>,
+    },
     /// A device finished its part of request `request`.
     StageFinished {
         request: u64,

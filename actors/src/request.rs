@@ -63,6 +63,25 @@ pub enum Progress {
         /// Time since the request started.
         elapsed: Duration,
     },
+    /// The request was interrupted (a node was lost) and continues from its checkpoint after
+    /// `steps_done` steps, on the devices that remain; `Step` events follow from there.
+    Resumed {
+        /// Steps done before the interruption that are not run again.
+        steps_done: usize,
+        /// Why it was interrupted.
+        reason: String,
+    },
+}
+
+/// A resume during a request (see [`Progress::Resumed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// Steps kept from before the interruption.
+    pub steps_done: usize,
+    /// Why it was interrupted.
+    pub reason: String,
+    /// Pipeline stages of the run that continued it.
+    pub stages: usize,
 }
 
 /// One device's share of a run.
@@ -96,6 +115,10 @@ pub struct RunSummary {
     pub bubble_fraction: f64,
     /// `sum(exchange_wait) / (devices * wall)`: the share spent waiting inside exchanges.
     pub exchange_fraction: f64,
+    /// Where the request was resumed after an interruption (a lost node), in order; empty for
+    /// an uninterrupted run. After a resume, `devices` describe the run that finished it and
+    /// `wall` the whole request.
+    pub resumes: Vec<Resume>,
 }
 
 impl RunSummary {
@@ -121,6 +144,7 @@ impl RunSummary {
             },
             exchange_fraction: share(waited),
             devices,
+            resumes: Vec::new(),
         }
     }
 }
@@ -134,6 +158,13 @@ impl fmt::Display for RunSummary {
             100.0 * self.bubble_fraction,
             100.0 * self.exchange_fraction
         )?;
+        for r in &self.resumes {
+            writeln!(
+                f,
+                "  resumed after step {} of the request on {} stage(s): {}",
+                r.steps_done, r.stages, r.reason
+            )?;
+        }
         let pct = |d: Duration| 100.0 * d.as_secs_f64() / self.wall.as_secs_f64().max(1e-9);
         for d in &self.devices {
             writeln!(

@@ -629,8 +629,13 @@ pub(crate) async fn generate_with(
     report.start(steps);
     let mut handle = cluster.submit(req).await?;
     report.submitted(handle.id());
-    while let Some(Progress::Step { step, .. }) = handle.progress.recv().await {
-        report.step(step + 1, steps);
+    while let Some(p) = handle.progress.recv().await {
+        match p {
+            Progress::Step { step, .. } => report.step(step + 1, steps),
+            Progress::Resumed { steps_done, reason } => report.line(&format!(
+                "interrupted: {reason}; resumed from the checkpoint after step {steps_done} of {steps}"
+            )),
+        }
     }
     let out = handle.result().await;
     report.end();

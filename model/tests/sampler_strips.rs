@@ -44,3 +44,39 @@ fn a_strip_that_does_not_fit_is_an_error() {
     let wrong = Tensor::zeros(&[2, 2, 3, 5]);
     assert!(s.update_rows(&mut x, 0, &wrong).is_err());
 }
+
+/// A run continued from a checkpoint (the latent and the history after step k, the plan's steps
+/// from k on) ends where the uninterrupted run ends, bitwise, for every scheduler and every k.
+#[test]
+fn a_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run() {
+    let shape = [1, 2, 4, 4];
+    let len = 2 * 4 * 4;
+    for name in ["ddim", "dpm", "flow"] {
+        let plan = Scheduler::named(name).unwrap().plan(7).unwrap();
+        let eps: Vec<Tensor> = (0..7).map(|s| model::gaussian(&shape, 50 + s)).collect();
+        let mut straight = SamplerState::new(plan.clone(), len);
+        let mut x = model::gaussian(&shape, 3);
+        let mut saved = Vec::new();
+        for e in &eps {
+            straight
+                .step(x.as_f32_mut().unwrap(), e.as_f32().unwrap())
+                .unwrap();
+            saved.push((x.clone(), straight.history().to_vec()));
+        }
+        for k in 1..7 {
+            let (mut y, history) = saved[k - 1].clone();
+            let rest = plan.from_step(k).expect("steps left");
+            assert_eq!(rest.timesteps.len(), 7 - k);
+            let mut resumed = SamplerState::resumed(rest, len, history).unwrap();
+            for e in &eps[k..] {
+                resumed
+                    .step(y.as_f32_mut().unwrap(), e.as_f32().unwrap())
+                    .unwrap();
+            }
+            assert_eq!(y.as_f32().unwrap(), x.as_f32().unwrap(), "{name}, k {k}");
+        }
+        assert!(plan.from_step(7).is_none());
+        let wrong = vec![0.0; if plan.multistep { len + 1 } else { 1 }];
+        assert!(SamplerState::resumed(plan.clone(), len, wrong).is_err());
+    }
+}

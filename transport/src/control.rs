@@ -88,6 +88,20 @@ pub enum ControlMessage {
         /// What went wrong.
         message: String,
     },
+    /// Last stage's node -> coordinator: the state after `step` of `request` on `device`, kept
+    /// as the request's checkpoint (a request resumes from it after a node is lost).
+    Checkpoint {
+        /// Request id.
+        request: u64,
+        /// The device (on the sending node).
+        device: u32,
+        /// The completed step.
+        step: u32,
+        /// The latent, as the runtime encodes tensors (opaque here).
+        latent: Vec<u8>,
+        /// The multistep sampler's history (same encoding), for samplers that keep one.
+        history: Option<Vec<u8>>,
+    },
     /// A node -> coordinator: its device actors are up.
     NodeReady {
         /// The sending node's name.
@@ -108,6 +122,7 @@ impl ControlMessage {
             ControlMessage::StageFinished { .. } => "StageFinished",
             ControlMessage::DeviceFailed { .. } => "DeviceFailed",
             ControlMessage::NodeReady { .. } => "NodeReady",
+            ControlMessage::Checkpoint { .. } => "Checkpoint",
         }
     }
 
@@ -119,7 +134,8 @@ impl ControlMessage {
             | ControlMessage::Abort { request }
             | ControlMessage::StepDone { request, .. }
             | ControlMessage::StageFinished { request, .. }
-            | ControlMessage::DeviceFailed { request, .. } => Some(*request),
+            | ControlMessage::DeviceFailed { request, .. }
+            | ControlMessage::Checkpoint { request, .. } => Some(*request),
             ControlMessage::NodeReady { .. } => None,
         }
     }

@@ -78,6 +78,7 @@ impl Actor for DeviceActor {
             args.fault,
             cfg,
             clock.clone(),
+            role.is_last_stage() && role.cfg.group == 0,
         )?;
         let groups = routes.values().cloned().collect();
         let me = myself.clone();
@@ -166,6 +167,20 @@ impl Actor for DeviceActor {
                 st.core.handle_timeout(now);
                 st.drain(&myself).await;
             }
+            DeviceMessage::Checkpoint {
+                request,
+                step,
+                latent,
+                history,
+            } => st
+                .coordinator
+                .report(crate::messages::CoordinatorMessage::Checkpoint {
+                    request,
+                    device: st.role.rank,
+                    step,
+                    latent,
+                    history,
+                }),
             DeviceMessage::PeerLost { device, why } => st.on_peer_lost(&myself, device, why).await,
             DeviceMessage::Abort { request } => st.abort(request),
         }

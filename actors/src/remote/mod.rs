@@ -129,6 +129,30 @@ pub(crate) fn report_message(msg: CoordinatorMessage) -> Option<ControlMessage> 
             step: step.map(|s| s as u32),
             message,
         },
+        CoordinatorMessage::Checkpoint {
+            request,
+            device,
+            step,
+            latent,
+            history,
+        } => {
+            let encoded = spec::encode_latent(&latent)
+                .and_then(|l| Ok((l, history.as_ref().map(spec::encode_latent).transpose()?)));
+            match encoded {
+                Ok((latent, history)) => ControlMessage::Checkpoint {
+                    request,
+                    device: device as u32,
+                    step: step as u32,
+                    latent,
+                    history,
+                },
+                // A checkpoint is an optimisation: without it a resume starts earlier.
+                Err(e) => {
+                    tracing::warn!(request, step, %e, "checkpoint not sent");
+                    return None;
+                }
+            }
+        }
         _ => return None,
     })
 }
@@ -315,6 +339,35 @@ impl ControlContext {
                 step: step.map(|s| s as usize),
                 message: format!("on node {from}: {message}"),
             },
+            ControlMessage::Checkpoint {
+                request,
+                device,
+                step,
+                latent,
+                history,
+            } => {
+                let decoded = spec::decode_tensor(&latent, "checkpoint latent").and_then(|l| {
+                    let h = history.as_deref();
+                    Ok((
+                        l,
+                        h.map(|h| spec::decode_tensor(h, "checkpoint history"))
+                            .transpose()?,
+                    ))
+                });
+                match decoded {
+                    Ok((latent, history)) => CoordinatorMessage::Checkpoint {
+                        request,
+                        device: device as usize,
+                        step: step as usize,
+                        latent,
+                        history,
+                    },
+                    Err(e) => {
+                        tracing::warn!(node = from, request, step, %e, "unusable checkpoint ignored");
+                        return;
+                    }
+                }
+            }
             other => {
                 tracing::debug!(node = from, ?other, "control message ignored");
                 return;

@@ -195,12 +195,17 @@ pub(crate) fn encode_latent(t: &Tensor) -> Result<Vec<u8>> {
 
 /// The final latent of a control payload; errors name it.
 pub(crate) fn decode_latent(bytes: &[u8]) -> Result<Tensor> {
+    decode_tensor(bytes, "final latent")
+}
+
+/// The one tensor of a control payload (`what` names it in errors).
+pub(crate) fn decode_tensor(bytes: &[u8], what: &str) -> Result<Tensor> {
     let mut r = bytes;
-    let t = take_tensor(&mut r, "final latent")?;
+    let t = take_tensor(&mut r, what)?;
     match r.is_empty() {
         true => Ok(t),
         false => Err(ClusterError::BadRequest(format!(
-            "final latent: {} bytes after the tensor",
+            "{what}: {} bytes after the tensor",
             r.len()
         ))),
     }

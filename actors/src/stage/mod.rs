@@ -6,7 +6,7 @@
 
 mod setup;
 
-pub use setup::RequestSetup;
+pub use setup::{Checkpoint, RequestSetup};
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -152,13 +152,10 @@ impl StageExecutor {
                 self.model.kv_buffer_for_heads(b, tokens, groups)
             }
         };
-        let sampler = self.last.then(|| {
-            let len = setup.initial_latent.elem_count();
-            (
-                SamplerState::new(setup.sampling.clone(), len),
-                setup.initial_latent.clone(),
-            )
-        });
+        let sampler = match self.last {
+            true => Some((setup.sampler_state()?, setup.initial_latent.clone())),
+            false => None,
+        };
         tracing::debug!(request = setup.id, kv_bytes = kv.bytes(), "stage ready");
         self.active = Some(Active {
             setup,
@@ -318,6 +315,17 @@ impl StageExecutor {
             && job.patch == (0..setup.token_rows())
     }
 
+    /// Last stage: the latent and the multistep sampler's history (as a tensor of the latent's
+    /// shape; `None` for single-step samplers) as they stand now, for a checkpoint after a step.
+    pub fn sampler_snapshot(&self) -> Option<(Tensor, Option<Tensor>)> {
+        let (sampler, latent) = self.active.as_ref()?.sampler.as_ref()?;
+        let history = match sampler.history() {
+            [] => None,
+            h => Some(Tensor::from_vec(h.to_vec(), latent.shape()).ok()?),
+        };
+        Some((latent.clone(), history))
+    }
+
     /// Ends the request; the last stage returns the final latent.
     pub fn finish(&mut self) -> Option<Tensor> {
         let a = self.active.as_mut()?;
@@ -398,7 +406,7 @@ pub fn run_serial(
     setup: &RequestSetup,
     on_step: impl FnMut(usize),
 ) -> Result<Tensor> {
-    let mut state = SamplerState::new(setup.sampling.clone(), setup.initial_latent.elem_count());
+    let mut state = setup.sampler_state()?;
     let p = &setup.prepared;
     Ok(denoise(
         &mut state,

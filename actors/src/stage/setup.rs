@@ -36,6 +36,24 @@ pub struct RequestSetup {
     /// Token rows of each sequence-parallel rank (empty without; see
     /// [`RequestSetup::with_sp_degree`]).
     pub sp_rows: Vec<Range<usize>>,
+    /// A continuation ([`RequestSetup::continued`]): the steps of the original request done
+    /// before this one's step 0 (0 for a request run from its start).
+    pub resumed_from: usize,
+    /// A continuation of a multistep sampler: its history after the last step done
+    /// (`[B, C, H, W]` like the latent); `None` otherwise.
+    pub history: Option<Tensor>,
+}
+
+/// A request's state at a step boundary, kept by the coordinator while the request runs: what
+/// a continuation needs to finish it elsewhere ([`RequestSetup::continued`]).
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Steps of the original request completed (the latent is x after step `steps_done - 1`).
+    pub steps_done: usize,
+    /// The latent `[B, C, H, W]`.
+    pub latent: Tensor,
+    /// The multistep sampler's history (same shape), `None` for single-step samplers.
+    pub history: Option<Tensor>,
 }
 
 impl RequestSetup {
@@ -109,7 +127,107 @@ impl RequestSetup {
             warmup,
             hidden: cfg.hidden(),
             request: request.clone(),
+            resumed_from: 0,
+            history: None,
         })
+    }
+
+    /// The continuation of `self` (a request run from its start) from `checkpoint`, as request
+    /// `id` under another plan (`patches`, CFG and sequence-parallel degrees): the remaining
+    /// steps of the same sampling plan from the checkpoint's latent and sampler history. Its
+    /// first step is a whole-image (synchronous) step, so every stage's K/V buffers are filled
+    /// fresh before any patch reads them; after that the original warmup rule applies (steps
+    /// before the original `W` stay synchronous). So a run whose steps are all synchronous
+    /// (`W = T`) continues exactly; a stale PipeFusion run has one more synchronous step than
+    /// it would have had.
+    pub fn continued(
+        &self,
+        id: u64,
+        cfg: &model::ModelConfig,
+        checkpoint: &Checkpoint,
+        patches: Vec<Range<usize>>,
+        cfg_degree: usize,
+        sp_degree: usize,
+    ) -> Result<RequestSetup> {
+        let done = checkpoint.steps_done;
+        let sampling = self.sampling.from_step(done).ok_or_else(|| {
+            ClusterError::BadRequest(format!(
+                "a checkpoint after {done} steps leaves none of the request's {} to run",
+                self.steps()
+            ))
+        })?;
+        if self.sampling.multistep != checkpoint.history.is_some() {
+            return Err(ClusterError::BadRequest(format!(
+                "the checkpoint {} a sampler history, the request's sampler {} one",
+                if checkpoint.history.is_some() {
+                    "has"
+                } else {
+                    "has no"
+                },
+                if self.sampling.multistep {
+                    "keeps"
+                } else {
+                    "keeps no"
+                }
+            )));
+        }
+        if let Some(h) = &checkpoint.history {
+            if h.shape() != checkpoint.latent.shape() {
+                return Err(ClusterError::BadRequest(format!(
+                    "the checkpoint's history {:?} does not match its latent {:?}",
+                    h.shape(),
+                    checkpoint.latent.shape()
+                )));
+            }
+        }
+        let warmup = self.warmup.saturating_sub(done).max(1);
+        let mut next = Self::from_plan(
+            id,
+            cfg,
+            &self.request,
+            sampling,
+            checkpoint.latent.clone(),
+            patches,
+            warmup,
+        )?
+        .with_cfg_degree(cfg_degree)?
+        .with_sp_degree(sp_degree)?;
+        next.resumed_from = self.resumed_from + done;
+        next.history = checkpoint.history.clone();
+        Ok(next)
+    }
+
+    /// The last stage's sampler for this request: fresh, or for a continuation with the
+    /// checkpoint's history.
+    pub fn sampler_state(&self) -> Result<model::sampler::SamplerState> {
+        let (plan, len) = (self.sampling.clone(), self.initial_latent.elem_count());
+        match &self.history {
+            None if self.resumed_from == 0 => Ok(model::sampler::SamplerState::new(plan, len)),
+            None => Ok(model::sampler::SamplerState::resumed(
+                plan,
+                len,
+                Vec::new(),
+            )?),
+            Some(h) => Ok(model::sampler::SamplerState::resumed(
+                plan,
+                len,
+                h.as_f32()?.to_vec(),
+            )?),
+        }
+    }
+
+    /// The token rows sequence-parallel rank `rank` has up to date after step `step` (its
+    /// sub-strips of every patch after a patch step, its shard after a whole-image one): what
+    /// it contributes to a checkpoint, and at the end to the final latent.
+    pub fn rows_after_step(&self, step: usize, rank: usize) -> Vec<Range<usize>> {
+        use topology::schedule::Part;
+        if step >= self.warmup {
+            (0..self.patches.len())
+                .filter_map(|p| self.rank_rows(Part::Patch(p), rank))
+                .collect()
+        } else {
+            self.rank_rows(Part::Whole, rank).into_iter().collect()
+        }
     }
 
     /// Splits the forwards over `degree` CFG groups (1 or 2; ALGORITHMS.md section 3): group g
@@ -163,14 +281,7 @@ impl RequestSetup {
     /// The rows rank `rank` holds up to date at the end of the request (its sub-strips of every
     /// patch after a patch step, its shard after a whole-image one).
     pub fn final_rows(&self, rank: usize) -> Vec<Range<usize>> {
-        use topology::schedule::Part;
-        if self.steps() > self.warmup {
-            (0..self.patches.len())
-                .filter_map(|p| self.rank_rows(Part::Patch(p), rank))
-                .collect()
-        } else {
-            self.rank_rows(Part::Whole, rank).into_iter().collect()
-        }
+        self.rows_after_step(self.steps().saturating_sub(1), rank)
     }
 
     /// MMDiT: the prompt tokens a frame of token rows `rows` of a part with rows `part_rows`

@@ -488,6 +488,10 @@ impl Jobs {
                         last = elapsed;
                         job.set(JobState::Running { step: step + 1, steps });
                     }
+                    Some(Progress::Resumed { steps_done, reason }) => {
+                        tracing::warn!(job = job.id, steps_done, %reason, "resumed from a checkpoint");
+                        job.set(JobState::Running { step: steps_done, steps });
+                    }
                     None => break,
                 },
                 _ = job.cancelled.notified() => {

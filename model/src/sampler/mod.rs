@@ -76,6 +76,20 @@ pub struct SamplingPlan {
     pub init_noise_sigma: f32,
 }
 
+impl SamplingPlan {
+    /// The plan's steps from `step` on (a run continued from a checkpoint taken after step
+    /// `step - 1`): the same timesteps and rules, so the continuation computes what the
+    /// uninterrupted run would have. `None` when `step` is not before the last step.
+    pub fn from_step(&self, step: usize) -> Option<SamplingPlan> {
+        (step < self.timesteps.len() && step < self.rules.len()).then(|| SamplingPlan {
+            timesteps: self.timesteps[step..].to_vec(),
+            rules: self.rules[step..].to_vec(),
+            multistep: self.multistep,
+            init_noise_sigma: self.init_noise_sigma,
+        })
+    }
+}
+
 /// A scheduler read from `scheduler_config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scheduler {
@@ -229,6 +243,36 @@ impl SamplerState {
             history,
             step: 0,
         }
+    }
+
+    /// State that continues a run from a checkpoint: `plan` holds the remaining steps
+    /// ([`SamplingPlan::from_step`]) and `history` the multistep history saved after the last
+    /// completed step ([`SamplerState::history`]; empty for a single-step plan). Fails when the
+    /// history's length does not match the latent's.
+    pub fn resumed(
+        plan: SamplingPlan,
+        latent_len: usize,
+        history: Vec<f32>,
+    ) -> Result<SamplerState> {
+        let want = if plan.multistep { latent_len } else { 0 };
+        if history.len() != want {
+            return Err(ModelError::Input(format!(
+                "a checkpoint's sampler history has {} elements, the latent {latent_len} (multistep: {})",
+                history.len(),
+                plan.multistep
+            )));
+        }
+        Ok(SamplerState {
+            plan,
+            history,
+            step: 0,
+        })
+    }
+
+    /// The multistep history (previous x0 prediction per latent element; empty when the plan
+    /// is single-step): with the latent, what a checkpoint must keep to continue the run.
+    pub fn history(&self) -> &[f32] {
+        &self.history
     }
 
     /// The plan.

@@ -50,6 +50,13 @@ pub(crate) fn samples() -> Vec<ControlMessage> {
             node: "node-b".into(),
             devices: vec![2, 3],
         },
+        ControlMessage::Checkpoint {
+            request: 1,
+            device: 3,
+            step: 7,
+            latent: payload(512, 3),
+            history: Some(payload(512, 4)),
+        },
     ]
 }
 

@@ -129,7 +129,7 @@ impl ControlSender {
 type Side<'a> = (&'a str, &'a dyn Fn(usize) -> bool);
 
 /// Checks that the devices a message names are where the protocol says: a `Begin` names a device
-/// of the receiving node; a `BeginAck`, `StageFinished` or `DeviceFailed` one of the sending
+/// of the receiving node; a `BeginAck`, `StageFinished`, `DeviceFailed` or `Checkpoint` one of the sending
 /// node; a `NodeReady` the sending node and some of its devices.
 pub(crate) fn check_route(
     msg: &ControlMessage,
@@ -150,7 +150,8 @@ pub(crate) fn check_route(
         ControlMessage::Begin { device, .. } => on(*device, receiver),
         ControlMessage::BeginAck { device, .. }
         | ControlMessage::StageFinished { device, .. }
-        | ControlMessage::DeviceFailed { device, .. } => on(*device, sender),
+        | ControlMessage::DeviceFailed { device, .. }
+        | ControlMessage::Checkpoint { device, .. } => on(*device, sender),
         ControlMessage::NodeReady { node, devices } => {
             if node != sender.0 {
                 return Err(format!(

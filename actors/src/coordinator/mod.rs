@@ -7,7 +7,6 @@
 //! the device's index, its last known step and the reason; later submissions are refused. There
 //! is no silent restart: a restarted device would have lost its K/V buffers mid-request.
 
-use kernels::Tensor;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,8 +20,13 @@ use crate::device::{start_error, DeviceActor, DeviceArgs};
 use crate::error::ClusterError;
 use crate::handles::{DeviceHandle, RemoteDevice};
 use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
-use crate::request::{DeviceSummary, GenerateOutput, Progress, RunSummary};
-use crate::stage::RequestSetup;
+use crate::request::{GenerateOutput, Progress, Resume};
+use crate::stage::{Checkpoint, RequestSetup};
+
+mod checkpoint;
+mod finish;
+
+use checkpoint::Checkpoints;
 
 pub(crate) struct CoordinatorActor;
 
@@ -46,6 +50,8 @@ pub(crate) struct CoordinatorArgs {
     pub(crate) fault: Option<crate::fault::Fault>,
     /// How long a device may take to accept `Begin` (it waits for its compute thread).
     pub(crate) begin_timeout: std::time::Duration,
+    /// The model the devices run.
+    pub(crate) model: model::ModelConfig,
 }
 
 /// Builds a device's arguments once the coordinator's own reference exists.
@@ -53,17 +59,33 @@ pub(crate) type DeviceArgsFactory =
     Box<dyn FnOnce(ActorRef<CoordinatorMessage>) -> DeviceArgs + Send>;
 
 struct Queued {
-    setup: Arc<RequestSetup>,
+    /// The request's id (what callers cancel by; runs get their own ids).
+    id: u64,
+    setup: RequestSetup,
     schedule: ScheduleConfig,
     progress: Option<UnboundedSender<Progress>>,
     reply: RpcReplyPort<Result<GenerateOutput, ClusterError>>,
 }
 
+/// The request being run, and its current run (the first, or a continuation after a resume).
 struct Running {
-    req: Queued,
+    id: u64,
+    progress: Option<UnboundedSender<Progress>>,
+    reply: RpcReplyPort<Result<GenerateOutput, ClusterError>>,
+    /// The request's steps T.
+    steps: usize,
+    /// Pipeline stages of the current run.
+    stages: usize,
+    /// The first run (what continuations are made from).
+    origin: Arc<RequestSetup>,
+    /// The current run (its id is on the devices and the wire).
+    run: Arc<RequestSetup>,
     started: Instant,
     reports: Vec<Option<StageReport>>,
+    /// The last step done, in the request's numbering.
     last_step: Option<usize>,
+    checkpoints: Checkpoints,
+    resumes: Vec<Resume>,
 }
 
 pub(crate) struct CoordinatorState {
@@ -74,8 +96,12 @@ pub(crate) struct CoordinatorState {
     begin_order: Vec<usize>,
     begin_timeout: std::time::Duration,
     fault: Option<crate::fault::Fault>,
+    /// The model (a continuation rebuilds the request's inputs from it).
+    model: model::ModelConfig,
     queue: VecDeque<Queued>,
     running: Option<Running>,
+    /// The next run's id (runs begin in this order, so devices see ids only grow).
+    next_run: u64,
     broken: Option<String>,
 }
 
@@ -111,8 +137,10 @@ impl Actor for CoordinatorActor {
             begin_order: args.begin_order,
             begin_timeout: args.begin_timeout,
             fault: args.fault,
+            model: args.model,
             queue: VecDeque::new(),
             running: None,
+            next_run: 1,
             broken: None,
         })
     }
@@ -137,6 +165,7 @@ impl Actor for CoordinatorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CoordinatorMessage::Submit {
+                id,
                 setup,
                 schedule,
                 progress,
@@ -147,6 +176,7 @@ impl Actor for CoordinatorActor {
                     return Ok(());
                 }
                 st.queue.push_back(Queued {
+                    id,
                     setup,
                     schedule,
                     progress,
@@ -155,7 +185,7 @@ impl Actor for CoordinatorActor {
                 st.start_next().await;
             }
             CoordinatorMessage::Cancel { request, reason } => {
-                let running = st.running.as_ref().map(|r| r.req.setup.id);
+                let running = st.running.as_ref().map(|r| r.id);
                 match request.or(running) {
                     Some(id) if Some(id) == running => {
                         st.fail_running(ClusterError::Cancelled {
@@ -165,7 +195,7 @@ impl Actor for CoordinatorActor {
                         st.start_next().await;
                     }
                     Some(id) => {
-                        if let Some(i) = st.queue.iter().position(|q| q.setup.id == id) {
+                        if let Some(i) = st.queue.iter().position(|q| q.id == id) {
                             let q = st.queue.remove(i).expect("found");
                             let _ = q.reply.send(Err(ClusterError::Cancelled {
                                 request: id,
@@ -177,15 +207,34 @@ impl Actor for CoordinatorActor {
                 }
             }
             CoordinatorMessage::StepDone { request, step } => {
-                if let Some(r) = st.running.as_mut().filter(|r| r.req.setup.id == request) {
-                    r.last_step = Some(step);
-                    if let Some(p) = &r.req.progress {
-                        let _ = p.send(Progress::Step {
-                            step,
-                            steps: r.req.schedule.steps,
-                            elapsed: r.started.elapsed(),
-                        });
+                let Some(r) = st.running.as_mut().filter(|r| r.run.id == request) else {
+                    return Ok(());
+                };
+                let step = r.run.resumed_from + step;
+                r.last_step = Some(step);
+                if let Some(p) = &r.progress {
+                    let _ = p.send(Progress::Step {
+                        step,
+                        steps: r.steps,
+                        elapsed: r.started.elapsed(),
+                    });
+                }
+                if let Some(crate::fault::Fault::ResumeAfter { step: at }) = st.fault {
+                    if at == step && r.id == 1 && r.resumes.is_empty() {
+                        st.resume("an injected interruption (Fault::ResumeAfter)".into())
+                            .await;
                     }
+                }
+            }
+            CoordinatorMessage::Checkpoint {
+                request,
+                device,
+                step,
+                latent,
+                history,
+            } => {
+                if let Some(r) = st.running.as_mut().filter(|r| r.run.id == request) {
+                    r.checkpoints.add(&r.run, device, step, latent, history);
                 }
             }
             CoordinatorMessage::StageFinished {
@@ -193,7 +242,7 @@ impl Actor for CoordinatorActor {
                 device,
                 report,
             } => {
-                let Some(r) = st.running.as_mut().filter(|r| r.req.setup.id == request) else {
+                let Some(r) = st.running.as_mut().filter(|r| r.run.id == request) else {
                     return Ok(());
                 };
                 match r.reports.get_mut(device) {
@@ -210,15 +259,13 @@ impl Actor for CoordinatorActor {
                     }
                 }
                 if r.reports.iter().all(Option::is_some) {
-                    let Running {
-                        req,
-                        started,
-                        reports,
-                        ..
-                    } = st.running.take().expect("running");
-                    let _ = req
-                        .reply
-                        .send(finish(started, reports, &st.roles, &req.setup));
+                    let r = st.running.take().expect("running");
+                    let out = finish::finish(r.started.elapsed(), r.reports, &st.roles, &r.run)
+                        .map(|mut out| {
+                            out.summary.resumes = r.resumes;
+                            out
+                        });
+                    let _ = r.reply.send(out);
                     st.start_next().await;
                 }
             }
@@ -256,11 +303,7 @@ impl Actor for CoordinatorActor {
                 step,
                 message,
             } => {
-                if st
-                    .running
-                    .as_ref()
-                    .is_some_and(|r| r.req.setup.id == request)
-                {
+                if st.running.as_ref().is_some_and(|r| r.run.id == request) {
                     st.fail_running(ClusterError::DeviceFailed {
                         device,
                         step,
@@ -308,35 +351,14 @@ impl Actor for CoordinatorActor {
 impl CoordinatorState {
     async fn start_next(&mut self) {
         while self.running.is_none() {
-            let Some(req) = self.queue.pop_front() else {
+            let Some(q) = self.queue.pop_front() else {
                 return;
             };
-            let mut failed = None;
-            // Every later stage before any first stage (the plan's begin order): a first stage
-            // starts work as soon as it has begun, and its frames must find the later stages
-            // already expecting this request.
-            for &i in &self.begin_order {
-                let d = &self.devices[i];
-                if let Some(crate::fault::Fault::SlowBegin { device, millis }) = self.fault {
-                    if device == i && req.setup.id == 1 {
-                        tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
-                    }
-                }
-                if let Err(m) = d
-                    .begin(req.setup.clone(), req.schedule, self.begin_timeout)
-                    .await
-                {
-                    failed = Some((i, m));
-                }
-                if failed.is_some() {
-                    break;
-                }
-            }
-            if let Some((device, message)) = failed {
-                for d in &self.devices {
-                    d.abort(req.setup.id);
-                }
-                let _ = req.reply.send(Err(ClusterError::DeviceFailed {
+            let mut setup = q.setup;
+            setup.id = self.take_run_id();
+            let setup = Arc::new(setup);
+            if let Err((device, message)) = self.begin_run(&setup, q.schedule, q.id).await {
+                let _ = q.reply.send(Err(ClusterError::DeviceFailed {
                     device,
                     step: None,
                     message: format!("could not begin the request: {message}"),
@@ -344,32 +366,154 @@ impl CoordinatorState {
                 continue;
             }
             tracing::info!(
-                request = req.setup.id,
-                steps = req.schedule.steps,
+                request = q.id,
+                run = setup.id,
+                steps = q.schedule.steps,
                 "request started"
             );
             self.running = Some(Running {
-                reports: vec![None; self.devices.len()],
-                req,
+                id: q.id,
+                progress: q.progress,
+                reply: q.reply,
+                steps: q.schedule.steps,
+                stages: q.schedule.stages,
+                origin: setup.clone(),
+                run: setup,
                 started: Instant::now(),
+                reports: vec![None; self.devices.len()],
                 last_step: None,
+                checkpoints: Checkpoints::new(&self.roles, None),
+                resumes: Vec::new(),
             });
         }
+    }
+
+    fn take_run_id(&mut self) -> u64 {
+        let id = self.next_run;
+        self.next_run += 1;
+        id
+    }
+
+    /// Begins run `setup` on every device, in the plan's begin order: every later stage before
+    /// any first stage (a first stage starts work as soon as it has begun, and its frames must
+    /// find the later stages already expecting this run). On a refusal the devices that began
+    /// drop it, and the error names the device.
+    async fn begin_run(
+        &self,
+        setup: &Arc<RequestSetup>,
+        schedule: ScheduleConfig,
+        request: u64,
+    ) -> Result<(), (usize, String)> {
+        for &i in &self.begin_order {
+            let d = &self.devices[i];
+            if let Some(crate::fault::Fault::SlowBegin { device, millis }) = self.fault {
+                if device == i && request == 1 {
+                    tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+                }
+            }
+            if let Err(m) = d.begin(setup.clone(), schedule, self.begin_timeout).await {
+                for d in &self.devices {
+                    d.abort(setup.id);
+                }
+                return Err((i, m));
+            }
+        }
+        Ok(())
+    }
+
+    /// Continues the running request from its newest checkpoint (or its start) in a new run on
+    /// the devices there are now: the current run is dropped everywhere, the continuation
+    /// ([`RequestSetup::continued`]) begins, progress and the summary say where it resumed.
+    /// If it cannot begin, the request fails naming why.
+    async fn resume(&mut self, reason: String) {
+        let Some(mut r) = self.running.take() else {
+            return;
+        };
+        for d in &self.devices {
+            d.abort(r.run.id);
+        }
+        let origin = &r.origin;
+        let checkpoint = match r.checkpoints.latest.clone() {
+            Some(c) => c,
+            None => Checkpoint {
+                steps_done: 0,
+                latent: origin.initial_latent.clone(),
+                history: origin
+                    .sampling
+                    .multistep
+                    .then(|| kernels::Tensor::zeros(origin.initial_latent.shape())),
+            },
+        };
+        let done = checkpoint.steps_done;
+        let id = self.take_run_id();
+        let next = origin
+            .continued(
+                id,
+                &self.model,
+                &checkpoint,
+                r.run.patches.clone(),
+                r.run.cfg_degree(),
+                r.run.sp_degree(),
+            )
+            .map(|mut s| {
+                if done == 0 {
+                    s.warmup = origin.warmup; // nothing was run: the request as asked
+                }
+                s
+            });
+        let fail = |r: Running, e: ClusterError| {
+            tracing::error!(request = r.id, %e, "request could not be resumed");
+            let _ = r.reply.send(Err(e));
+        };
+        let next = match next {
+            Ok(s) => Arc::new(s),
+            Err(e) => return fail(r, e),
+        };
+        let schedule = ScheduleConfig {
+            stages: r.stages,
+            patches: next.patches.len(),
+            warmup: next.warmup,
+            steps: next.steps(),
+        };
+        if let Err((device, message)) = self.begin_run(&next, schedule, r.id).await {
+            let e = ClusterError::DeviceFailed {
+                device,
+                step: Some(done),
+                message: format!("could not resume the request ({reason}): {message}"),
+            };
+            return fail(r, e);
+        }
+        tracing::warn!(request = r.id, run = id, steps_done = done, %reason, "request resumed");
+        if let Some(p) = &r.progress {
+            let _ = p.send(Progress::Resumed {
+                steps_done: done,
+                reason: reason.clone(),
+            });
+        }
+        r.resumes.push(Resume {
+            steps_done: done,
+            reason,
+            stages: r.stages,
+        });
+        r.checkpoints = Checkpoints::new(&self.roles, r.checkpoints.latest.take());
+        r.reports = vec![None; self.devices.len()];
+        r.run = next;
+        self.running = Some(r);
     }
 
     fn fail_running(&mut self, err: ClusterError) {
         if let Some(r) = self.running.take() {
             for d in &self.devices {
-                d.abort(r.req.setup.id);
+                d.abort(r.run.id);
             }
             match err {
                 // Asked for: not a failure of the cluster.
                 ClusterError::Cancelled { .. } => {
-                    tracing::info!(request = r.req.setup.id, %err, "request cancelled")
+                    tracing::info!(request = r.id, %err, "request cancelled")
                 }
-                _ => tracing::error!(request = r.req.setup.id, %err, "request failed"),
+                _ => tracing::error!(request = r.id, %err, "request failed"),
             }
-            let _ = r.req.reply.send(Err(err));
+            let _ = r.reply.send(Err(err));
         }
     }
 
@@ -387,96 +531,4 @@ impl CoordinatorState {
             let _ = q.reply.send(Err(err(&why)));
         }
     }
-}
-
-/// The request's result from every device's report (`roles` in rank order). Each CFG group's
-/// last stages hold the final latent (under sequence parallelism each rank the rows it updated
-/// last, over the latent of its group's rank 0); every group must arrive at the same latent, bit
-/// for bit.
-fn finish(
-    started: Instant,
-    reports: Vec<Option<StageReport>>,
-    roles: &[DeviceRole],
-    setup: &crate::stage::RequestSetup,
-) -> Result<GenerateOutput, ClusterError> {
-    let wall = started.elapsed();
-    let shape = setup.prepared.latent_shape();
-    let p = shape[2] / setup.token_rows().max(1);
-    let mut groups: Vec<Tensor> = Vec::new();
-    let mut per_device = Vec::new();
-    for (role, rep) in roles.iter().zip(reports) {
-        let rep = rep.expect("all reported");
-        let device = role.rank;
-        let fail = |message: String| ClusterError::DeviceFailed {
-            device,
-            step: None,
-            message,
-        };
-        if role.is_last_stage() {
-            let l = rep
-                .latent
-                .ok_or_else(|| fail("the last stage finished without a latent".into()))?;
-            if l.shape() != shape {
-                return Err(fail(format!(
-                    "the final latent has shape {:?}, the request's is {shape:?}",
-                    l.shape()
-                )));
-            }
-            if role.sp.rank == 0 {
-                groups.push(l);
-            } else {
-                // The rows rank r updated last go into the group's latent.
-                let target = groups
-                    .get_mut(role.cfg.group)
-                    .ok_or_else(|| fail("no rank 0".into()))?;
-                for rows in setup.final_rows(role.sp.rank) {
-                    copy_rows(target, &l, rows.start * p..rows.end * p)
-                        .map_err(|e| fail(e.to_string()))?;
-                }
-            }
-        }
-        per_device.push(DeviceSummary {
-            device,
-            busy: rep.busy.saturating_sub(rep.exchange_wait),
-            exchange_wait: rep.exchange_wait,
-            items: rep.launched,
-            bytes_sent: rep.bytes_sent,
-            sent_to: rep.sent_to.clone(),
-        });
-    }
-    for (g, l) in groups.iter().enumerate().skip(1) {
-        let same = groups[0].as_f32().ok() == l.as_f32().ok() && l.as_f32().is_ok();
-        if !same {
-            let last = roles
-                .iter()
-                .rfind(|r| r.cfg.group == g && r.is_last_stage())
-                .map_or(0, |r| r.rank);
-            return Err(ClusterError::DeviceFailed {
-                device: last,
-                step: None,
-                message: "the CFG groups' final latents differ".into(),
-            });
-        }
-    }
-    let latent = groups.into_iter().next();
-    let latent = latent.ok_or_else(|| ClusterError::NotRunning("no devices".into()))?;
-    Ok(GenerateOutput {
-        latent,
-        summary: RunSummary::new(wall, per_device),
-    })
-}
-
-/// `dst[:, :, rows, :] = src[:, :, rows, :]` for two `[B, C, H, W]` tensors of one shape.
-fn copy_rows(dst: &mut Tensor, src: &Tensor, rows: std::ops::Range<usize>) -> kernels::Result<()> {
-    let &[b, c, h, w] = dst.shape() else {
-        return Ok(());
-    };
-    let s = src.as_f32()?.to_vec();
-    let d = dst.as_f32_mut()?;
-    for plane in 0..b * c {
-        let at = plane * h * w;
-        d[at + rows.start * w..at + rows.end * w]
-            .copy_from_slice(&s[at + rows.start * w..at + rows.end * w]);
-    }
-    Ok(())
 }
