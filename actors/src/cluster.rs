@@ -239,7 +239,7 @@ impl Cluster {
         self.coordinator
             .cast(CoordinatorMessage::Submit {
                 id,
-                setup,
+                setup: Box::new(setup),
                 schedule,
                 progress: Some(ptx),
                 reply: tx.into(),

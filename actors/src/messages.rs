@@ -74,7 +74,7 @@ pub(crate) enum CoordinatorMessage {
     Submit {
         /// The request's id (its runs get their own: `setup.id` is set when it starts).
         id: u64,
-        setup: RequestSetup,
+        setup: Box<RequestSetup>,
         schedule: ScheduleConfig,
         progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
         reply: RpcReplyPort<Result<GenerateOutput, ClusterError>>,

@@ -21,8 +21,14 @@
 //!   another CA) is refused during TLS and reported as [`PeerEvent::Refused`] with its address.
 //! - **One connection per pair of nodes.** The node whose name sorts first dials, the other
 //!   accepts; there is never a duplicate to resolve. A node dials again only while the peer is not
-//!   yet listening (a handshake that times out) until [`QuicOptions::join_timeout`]. A lost
-//!   connection is not re-established: its peer stays lost (the pipeline fails the request).
+//!   yet listening (a handshake that times out) until [`QuicOptions::join_timeout`].
+//! - **Rejoin.** After the cluster is formed, a lost peer is dialled again by the node that dialled
+//!   it first (every 0.5 s until it answers or this node closes), and the accept loop admits a
+//!   member that comes back; both run the full handshake. The new connection replaces the old
+//!   one (an old one still believed alive is failed and reported `Lost` first) and is reported as
+//!   [`PeerEvent::Rejoined`]. Devices reach the rejoined node through new endpoints
+//!   ([`QuicNode::endpoints`], which also redirects arriving frames to the new inboxes); old
+//!   links to it stay dead.
 //! - **Handshake.** The first bidirectional stream carries a fixed-layout hello
 //!   `{magic, wire_version, topology_fingerprint, node name}` each way; another wire version,
 //!   another topology fingerprint or an unexpected node name refuses the connection, and both

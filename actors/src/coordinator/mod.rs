@@ -61,7 +61,7 @@ pub(crate) type DeviceArgsFactory =
 struct Queued {
     /// The request's id (what callers cancel by; runs get their own ids).
     id: u64,
-    setup: RequestSetup,
+    setup: Box<RequestSetup>,
     schedule: ScheduleConfig,
     progress: Option<UnboundedSender<Progress>>,
     reply: RpcReplyPort<Result<GenerateOutput, ClusterError>>,
@@ -356,7 +356,7 @@ impl CoordinatorState {
             };
             let mut setup = q.setup;
             setup.id = self.take_run_id();
-            let setup = Arc::new(setup);
+            let setup: Arc<RequestSetup> = Arc::from(setup);
             if let Err((device, message)) = self.begin_run(&setup, q.schedule, q.id).await {
                 let _ = q.reply.send(Err(ClusterError::DeviceFailed {
                     device,

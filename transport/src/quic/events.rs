@@ -54,12 +54,23 @@ pub enum PeerEvent {
     },
     /// The connection to `node` is gone; sends to its devices now return
     /// [`TransportError::PeerGone`](crate::TransportError::PeerGone) (control messages:
-    /// [`TransportError::NodeGone`](crate::TransportError::NodeGone)). Published once per peer.
+    /// [`TransportError::NodeGone`](crate::TransportError::NodeGone)). Published once per
+    /// connection (a node that rejoins and is lost again is reported again).
     Lost {
         /// The peer node.
         node: String,
         /// Why.
         reason: LostReason,
+    },
+    /// Node `node`, lost earlier (or still believed connected), connected again after the
+    /// cluster was formed (the same certificate, wire version and topology): it is a peer again,
+    /// reached over the new connection. A connection it supersedes is reported `Lost` first.
+    /// Devices reach it through new endpoints ([`QuicNode::endpoints`](super::QuicNode::endpoints)).
+    Rejoined {
+        /// The peer node.
+        node: String,
+        /// Its address.
+        addr: SocketAddr,
     },
     /// An incoming connection was refused before it could join: no or an invalid certificate,
     /// a failed handshake, or a connection after the cluster was formed.
@@ -75,6 +86,7 @@ impl std::fmt::Display for PeerEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PeerEvent::Connected { node, addr } => write!(f, "node {node} at {addr} connected"),
+            PeerEvent::Rejoined { node, addr } => write!(f, "node {node} at {addr} rejoined"),
             PeerEvent::Lost { node, reason } => {
                 write!(f, "connection to node {node} lost: {reason}")
             }

@@ -5,18 +5,17 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::mpsc::{self, unbounded_channel};
+use tokio::sync::mpsc;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 use super::handshake::{self, Accepted};
 use super::hello::Hello;
-use super::link::QuicLink;
 use super::peer::{close_with, Routes};
+use super::rejoin::{self, Joined};
 use super::{close_code, ClusterMap, NodeAddr, NodeInner, Peer, PeerEvent};
-use crate::memory::MemoryLink;
 use crate::pki::check_node_name;
-use crate::{Endpoint, Link, TransportError};
+use crate::{Endpoint, TransportError};
 
 /// Result of one dial or accept, for the join collector.
 type Handshaken = Result<(String, quinn::Connection), TransportError>;
@@ -161,67 +160,43 @@ pub(crate) async fn join(
         }
         return Err(failure);
     }
-    drop(rx); // from now on the accept loop refuses newcomers
+    drop(rx); // from now on the accept loop admits members that come back (rejoin::admit)
 
-    // Inboxes of the local devices, then the peers (whose readers route into them).
-    let mut routes = vec![None; devices];
-    let mut inboxes = HashMap::new();
-    for &d in &mine.devices {
-        let (t, r) = unbounded_channel();
-        routes[d] = Some(t);
-        inboxes.insert(d, r);
-    }
-    let routes: Routes = Arc::new(routes);
-    let mut by_device: Vec<Option<Arc<Peer>>> = vec![None; devices];
+    // The local devices' inboxes (filled by `endpoints`), then the peers (whose readers route
+    // into them).
+    let routes: Routes = Arc::new(std::sync::RwLock::new(vec![None; devices]));
     let mut peers = HashMap::new();
     for n in &others {
         let conn = conns.remove(&n.name).expect("every peer connected");
         let peer = Peer::new(n.name.clone(), n.devices.clone(), conn, routes.clone());
-        peer.start(inner.clone());
-        for &d in &n.devices {
-            by_device[d] = Some(peer.clone());
-        }
         peers.insert(n.name.clone(), peer);
     }
-    let o = &inner.options;
-    let endpoints = mine
-        .devices
-        .iter()
-        .map(|&me| {
-            let links = (0..devices)
-                .map(|d| match (&routes[d], &by_device[d]) {
-                    (Some(tx), _) => Arc::new(MemoryLink::new(d, tx.clone())) as Arc<dyn Link>,
-                    (None, Some(peer)) => QuicLink::spawn(
-                        me,
-                        d,
-                        peer.clone(),
-                        o.link_queue_frames,
-                        o.link_queue_bytes,
-                        o.max_frame_bytes,
-                    ) as Arc<dyn Link>,
-                    (None, None) => unreachable!("validated: every device is on one node"),
-                })
-                .collect();
-            Endpoint {
-                me,
-                links,
-                inbox: inboxes.remove(&me).expect("one inbox per local device"),
-            }
-        })
-        .collect();
+    let joined = Joined {
+        cluster: cluster.clone(),
+        mine: mine.devices.clone(),
+        devices,
+        routes,
+        hello,
+    };
+    if inner.joined.set(joined).is_err() {
+        unreachable!("join runs once (checked above)");
+    }
+    *inner.peers.lock().expect("peers lock") = Some(peers.clone());
+    let endpoints = rejoin::endpoints(inner)?;
     for p in peers.values() {
+        p.start(inner.clone());
         tracing::info!(node = %inner.name, peer = %p.name, addr = %p.addr, "peer joined");
         inner.publish(PeerEvent::Connected {
             node: p.name.clone(),
             addr: p.addr,
         });
     }
-    *inner.peers.lock().expect("peers lock") = Some(peers);
     Ok(endpoints)
 }
 
 /// Accepts connections for the node's lifetime. While joining, members that dial us are handed
-/// to the collector; afterwards (the collector gone) they are refused. Strangers are always
+/// to the collector; afterwards (the collector gone) a member that comes back is admitted again
+/// ([`rejoin::admit`]). Strangers are always
 /// refused and reported as [`PeerEvent::Refused`].
 async fn accept_loop(
     inner: Arc<NodeInner>,
@@ -252,22 +227,16 @@ async fn accept_loop(
             let deadline = join_deadline.max(Instant::now() + inner.options.idle_timeout);
             let expected: Vec<&str> = dialers.iter().map(String::as_str).collect();
             let refused = match handshake::accept(incoming, &hello, &expected, deadline).await {
-                Accepted::Joined { name, conn } => {
-                    let addr = conn.remote_address();
-                    match tx.send(Ok((name.clone(), conn))).await {
-                        Ok(()) => return,
-                        Err(e) => {
-                            let reason = format!(
-                                "node {} already formed its cluster; node {name} cannot rejoin",
-                                inner.name
-                            );
-                            if let Ok((_, conn)) = e.0 {
-                                close_with(&conn, close_code::UNEXPECTED, &reason);
-                            }
-                            (addr, reason)
+                Accepted::Joined { name, conn } => match tx.send(Ok((name.clone(), conn))).await {
+                    Ok(()) => return,
+                    // The cluster is formed: a member that comes back.
+                    Err(e) => {
+                        if let Ok((name, conn)) = e.0 {
+                            rejoin::admit(&inner, name, conn);
                         }
+                        return;
                     }
-                }
+                },
                 Accepted::Refused { addr, reason } => (addr, reason),
                 Accepted::Failed(e) => {
                     let addr = match &e {

@@ -18,12 +18,14 @@ mod join;
 mod link;
 mod options;
 mod peer;
+mod rejoin;
 mod tls;
 mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use quinn::VarInt;
 use tokio::sync::{broadcast, mpsc};
@@ -96,6 +98,10 @@ pub(crate) struct NodeInner {
     pub(crate) control_tx: mpsc::Sender<ControlEnvelope>,
     /// The control inbox until [`QuicNode::control_inbox`] takes it.
     control_rx: Mutex<Option<mpsc::Receiver<ControlEnvelope>>>,
+    /// What [`QuicNode::join`] settled: the map, the hello, the local inboxes.
+    pub(crate) joined: OnceLock<rejoin::Joined>,
+    /// Set when the node closes: no more dialing.
+    pub(crate) closing: AtomicBool,
 }
 
 impl NodeInner {
@@ -151,6 +157,8 @@ impl QuicNode {
                 peers: Mutex::new(None),
                 control_tx,
                 control_rx: Mutex::new(Some(control_rx)),
+                joined: OnceLock::new(),
+                closing: AtomicBool::new(false),
             }),
             addr,
         })
@@ -181,6 +189,16 @@ impl QuicNode {
         join::join(&self.inner, cluster).await
     }
 
+    /// New endpoints for every local device (same order as [`QuicNode::join`]'s), replacing the
+    /// earlier ones: frames that arrive from now on go to the new inboxes (the old inboxes get
+    /// nothing more), and the links reach each peer over its current connection (a node that
+    /// rejoined is reached again; a lost one gives
+    /// [`TransportError::PeerGone`]). For a runtime that restarts its devices with new roles
+    /// (after a node is lost or rejoins). Fails before [`QuicNode::join`] completed.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, TransportError> {
+        rejoin::endpoints(&self.inner)
+    }
+
     /// Counters and state of peer node `node`, or `None` for a node it is not connected to.
     pub fn peer_stats(&self, node: &str) -> Option<PeerStats> {
         let peers = self.inner.peers.lock().expect("peers lock");
@@ -190,6 +208,7 @@ impl QuicNode {
     /// Closes every connection (peers see [`LostReason::ClosedByPeer`]) and the socket. Also
     /// done on drop.
     pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
         self.inner.endpoint.close(
             close_code::SHUTDOWN,
             format!("node {} shut down", self.inner.name).as_bytes(),
@@ -198,6 +217,7 @@ impl QuicNode {
 
     /// Closes every connection telling the peers `reason` (e.g. why this node cannot serve).
     pub fn close_with(&self, reason: &str) {
+        self.inner.closing.store(true, Ordering::SeqCst);
         self.inner.endpoint.close(
             close_code::SHUTDOWN,
             format!("node {}: {reason}", self.inner.name).as_bytes(),

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use quinn::{ConnectionError, VarInt};
 use rkyv::util::AlignedVec;
@@ -16,8 +16,10 @@ use super::wire::{STREAM_CONTROL, STREAM_FRAMES};
 use super::{close_code, read_frame, LostReason, NodeInner, PeerEvent, PeerStats, ReadFail};
 use crate::Frame;
 
-/// Local inboxes by global device index (`None`: the device is not on this node).
-pub(crate) type Routes = Arc<Vec<Option<UnboundedSender<Frame>>>>;
+/// Local inboxes by global device index (`None`: the device is not on this node). Replaced as a
+/// whole when the node's devices get new endpoints ([`super::QuicNode::endpoints`]); readers
+/// look a frame's inbox up when it arrives.
+pub(crate) type Routes = Arc<RwLock<Vec<Option<UnboundedSender<Frame>>>>>;
 
 /// A connected peer node.
 pub(crate) struct Peer {
@@ -29,6 +31,9 @@ pub(crate) struct Peer {
     /// This node's inboxes (also says which devices are local).
     routes: Routes,
     lost: OnceLock<LostReason>,
+    /// Whether its [`PeerEvent::Lost`] was published (once per peer: by its monitor, or by a
+    /// new connection of the same node that supersedes it).
+    lost_published: AtomicBool,
     bytes_received: AtomicU64,
     messages_received: AtomicU64,
     /// Control messages to the peer, drained by the control writer.
@@ -85,6 +90,7 @@ impl Peer {
             conn,
             routes,
             lost: OnceLock::new(),
+            lost_published: AtomicBool::new(false),
             bytes_received: AtomicU64::new(0),
             messages_received: AtomicU64::new(0),
             control_tx,
@@ -110,7 +116,18 @@ impl Peer {
 
     /// Whether global device `d` is on this node.
     pub(crate) fn is_local(&self, d: usize) -> bool {
-        matches!(self.routes.get(d), Some(Some(_)))
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        matches!(routes.get(d), Some(Some(_)))
+    }
+
+    /// Publishes this peer's [`PeerEvent::Lost`] unless it was already (first caller wins).
+    pub(crate) fn publish_lost(&self, inner: &NodeInner, reason: LostReason) {
+        if !self.lost_published.swap(true, Ordering::SeqCst) {
+            inner.publish(PeerEvent::Lost {
+                node: self.name.clone(),
+                reason,
+            });
+        }
     }
 
     /// Fails the connection for a stream error, unless it is already closed (then the monitor
@@ -177,10 +194,13 @@ impl Peer {
             } else {
                 tracing::warn!(node = %inner.name, peer = %peer.name, addr = %peer.addr, %reason, "peer connection lost");
             }
-            inner.publish(PeerEvent::Lost {
-                node: peer.name.clone(),
-                reason,
-            });
+            let closed_here = reason == LostReason::Closed;
+            peer.publish_lost(&inner, reason);
+            // The node whose name sorts first dials: when this one does, it dials the peer again
+            // until it is back (a restarted node rejoins), unless this node closed it.
+            if !closed_here && peer.name > inner.name {
+                super::rejoin::redial(inner.clone(), peer.name.clone());
+            }
         });
         let rx = self.control_rx.lock().expect("control lock").take();
         if let Some(rx) = rx {
@@ -248,7 +268,11 @@ impl Peer {
                     self.name
                 ));
             }
-            let Some(Some(inbox)) = self.routes.get(to) else {
+            let inbox = {
+                let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+                routes.get(to).cloned().flatten()
+            };
+            let Some(inbox) = inbox else {
                 return Err(format!("frame for device {to}, not on node {}", node.name));
             };
             match pair {

@@ -7,4 +7,5 @@ mod control;
 mod control_faults;
 mod exchange;
 mod failure;
+mod rejoin;
 mod security;
