@@ -100,7 +100,7 @@ impl Cluster {
             .into_iter()
             .map(Some)
             .collect();
-        Self::start_parts(spec, model, options, endpoints, |_| None).await
+        Self::start_parts(spec, model, options, endpoints, |_| None, None).await
     }
 
     /// Starts the coordinator with the stages of `spec`: a stage whose device has an endpoint
@@ -111,6 +111,7 @@ impl Cluster {
         options: ClusterOptions,
         mut endpoints: Vec<Option<transport::Endpoint>>,
         remote: impl Fn(usize) -> Option<std::sync::Arc<dyn crate::handles::RemoteDevice>>,
+        reconfigurer: Option<std::sync::Arc<dyn crate::handles::Reconfigurer>>,
     ) -> Result<Cluster> {
         let plan = startup_plan(&spec, &model.config)?;
         let local = endpoints.iter().map(Option::is_some).collect();
@@ -132,11 +133,13 @@ impl Cluster {
             None,
             CoordinatorActor,
             CoordinatorArgs {
-                roles: plan.roles(),
-                begin_order: plan.begin_order(),
+                layout: crate::replan::Layout::full(&spec, &model.config)?,
+                spec: spec.clone(),
+                reconfigurer,
                 devices,
                 fault: options.fault,
                 begin_timeout: options.compute_timeout,
+                resume: options.resume,
                 model: model.config.clone(),
             },
         )
@@ -269,22 +272,32 @@ impl Cluster {
         });
     }
 
-    /// Why the cluster can take no more requests: a node was lost or a device actor went down
-    /// (also while idle), or the coordinator does not answer within `wait`; `None` while it can.
-    /// A server's readiness check.
+    /// Why the cluster can take no more requests: a node was lost and the others cannot make up
+    /// for it, or a device actor went down (also while idle), or the coordinator does not answer
+    /// within `wait`; `None` while it can. A server's readiness check.
     pub async fn broken(&self, wait: std::time::Duration) -> Option<String> {
+        self.health(wait).await.broken
+    }
+
+    /// Whether the cluster takes requests, and on which nodes it runs now (a multi-node cluster
+    /// runs on fewer nodes while one is lost, and on all again when it is back).
+    pub async fn health(&self, wait: std::time::Duration) -> crate::request::ClusterHealth {
+        let stopped = |why: String| crate::request::ClusterHealth {
+            broken: Some(why),
+            ..Default::default()
+        };
         let (tx, rx) = ractor::concurrency::oneshot();
         if self
             .coordinator
             .cast(CoordinatorMessage::Health { reply: tx.into() })
             .is_err()
         {
-            return Some("the coordinator has stopped".into());
+            return stopped("the coordinator has stopped".into());
         }
         match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(why)) => why,
-            Ok(Err(_)) => Some("the coordinator has stopped".into()),
-            Err(_) => Some(format!(
+            Ok(Ok(h)) => h,
+            Ok(Err(_)) => stopped("the coordinator has stopped".into()),
+            Err(_) => stopped(format!(
                 "the coordinator did not answer within {} ms",
                 wait.as_millis()
             )),
@@ -362,6 +375,7 @@ pub(crate) fn device_args(
         stall_timeout,
         compute_timeout,
         fault,
+        floor: 0,
     }
 }
 
@@ -403,7 +417,11 @@ pub(crate) fn oversubscription(devices: &[topology::DeviceSpec], cores: usize) -
 }
 
 /// The plan of `request` on the cluster `spec` describes.
-fn plan_of(spec: &ClusterSpec, cfg: &model::ModelConfig, request: &Request) -> Result<Plan> {
+pub(crate) fn plan_of(
+    spec: &ClusterSpec,
+    cfg: &model::ModelConfig,
+    request: &Request,
+) -> Result<Plan> {
     let prepared = PreparedRequest::new(cfg, request)?;
     Ok(Plan::new(
         spec,

@@ -85,6 +85,11 @@ impl ComputeThread {
                             clock.start_item(request);
                             let _span = tracing::debug_span!("compute", device, step = item.step, part = ?item.part).entered();
                             let out = catch_unwind(AssertUnwindSafe(|| {
+                                if let Some(Fault::Straggler { device: d, millis }) = fault {
+                                    if d == device {
+                                        std::thread::sleep(std::time::Duration::from_millis(millis));
+                                    }
+                                }
                                 match fault.filter(|_| request == 1) {
                                     Some(Fault::ErrorAt { device: d, step }) if d == device && step == item.step => {
                                         return Err(format!("injected error at step {step}"));

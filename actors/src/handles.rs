@@ -25,6 +25,19 @@ pub(crate) trait RemoteDevice: Send + Sync {
     fn abort(&self, request: u64);
 }
 
+/// Restarts the devices of a multi-node cluster in a new layout (after a node was lost or came
+/// back): every other member restarts its devices (asked over the control plane, answered when
+/// they run), and the coordinator's own devices come back as slots for it to spawn.
+pub(crate) trait Reconfigurer: Send + Sync {
+    /// Every member's devices in `layout`'s roles; `floor` is the newest run id begun so far.
+    /// Returns the coordinator's slots in the layout's order, or why a member could not.
+    fn reconfigure(
+        &self,
+        layout: crate::replan::Layout,
+        floor: u64,
+    ) -> BoxFuture<'_, Result<Vec<crate::coordinator::StageSlot>, String>>;
+}
+
 /// The coordinator's view of one stage's device.
 #[derive(Clone)]
 pub(crate) enum DeviceHandle {

@@ -26,6 +26,7 @@ mod model_source;
 mod node;
 mod peer_group;
 mod remote;
+mod replan;
 mod request;
 pub mod stage;
 
@@ -36,7 +37,7 @@ pub use memory::MemoryEstimate;
 pub use model_source::{locate_model, ModelFolder, ModelSource};
 pub use node::{node_identity, Node};
 pub use request::{
-    ClusterOptions, DeviceSummary, GenerateOutput, GenerateRequest, Progress, RequestHandle,
-    Resume, RunSummary,
+    ClusterHealth, ClusterOptions, DeviceSummary, GenerateOutput, GenerateRequest, Progress,
+    RequestHandle, Resume, RunSummary,
 };
 pub use stage::Checkpoint;

@@ -108,13 +108,20 @@ pub(crate) enum CoordinatorMessage {
         /// The devices (ranks) it held.
         devices: Vec<usize>,
     },
+    /// Node `node` (lost earlier, or not yet counted) reported its devices ready: the next
+    /// layout includes it.
+    NodeJoined { node: String },
     /// A device gave up on request `request`.
     DeviceFailed {
         request: u64,
         device: usize,
         step: Option<usize>,
         message: String,
+        /// The failure was losing this peer device (its node gone, as the device's node saw).
+        lost_peer: Option<usize>,
     },
     /// Why the cluster takes no more requests (a node lost, a device actor down), or `None`.
-    Health { reply: RpcReplyPort<Option<String>> },
+    Health {
+        reply: RpcReplyPort<crate::request::ClusterHealth>,
+    },
 }

@@ -5,21 +5,19 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use ractor::Actor;
 use topology::{ClusterSpec, Plan};
 use transport::{ClusterMap, NodeAddr, NodeIdentity, PeerEvent, QuicNode, QuicOptions};
 
-use crate::cluster::{device_args, Cluster};
-use crate::device::{start_error, DeviceActor};
+use crate::cluster::Cluster;
 use crate::error::{ClusterError, Result};
-use crate::handles::{CoordinatorHandle, RemoteDevice};
+use crate::handles::RemoteDevice;
 use crate::messages::{CoordinatorMessage, DeviceMessage};
 use crate::model_source::ModelSource;
-use crate::remote::{
-    fail_pending, report_message, ControlContext, PendingAcks, Readiness, RemoteProxy,
-};
+use crate::remote::members::{LocalDevices, NodeReconfigurer, ReconfigAcks};
+use crate::remote::{fail_pending, ControlContext, PendingAcks, Readiness, RemoteProxy};
 use crate::request::ClusterOptions;
 
 /// A running node.
@@ -30,6 +28,8 @@ pub struct Node {
     cluster: Option<Cluster>,
     events: tokio::sync::broadcast::Receiver<PeerEvent>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// This node's device actors (not the coordinator's node's: the coordinator runs those).
+    devices: Arc<LocalDevices>,
 }
 
 fn read(spec: &ClusterSpec, field: &str, path: &std::path::Path) -> Result<String> {
@@ -193,8 +193,17 @@ impl Node {
                 .map(|n| n.name.clone())
         };
         let is_coordinator = spec.coordinator == name;
-        let mut local = HashMap::new();
-        let mut watchers = Vec::new();
+        let local_devices = Arc::new(LocalDevices::new(
+            quic_node.clone(),
+            spec.clone(),
+            model.clone(),
+            options.clone(),
+            match is_coordinator {
+                true => Vec::new(), // the coordinator runs this node's devices
+                false => my_devices.clone(),
+            },
+        ));
+        let reconfig_acks: ReconfigAcks = Arc::new(Mutex::new(HashMap::new()));
         let mut tasks_early = Vec::new();
         let cluster = if is_coordinator {
             let remote = |device: usize| -> Option<Arc<dyn RemoteDevice>> {
@@ -205,55 +214,41 @@ impl Node {
                     pending: pending.clone(),
                 }))
             };
+            let reconfigurer = Arc::new(NodeReconfigurer {
+                quic: quic_node.clone(),
+                model: model.clone(),
+                options: options.clone(),
+                node: name.to_string(),
+                mine: my_devices.clone(),
+                node_of: (0..spec.device_count())
+                    .map(|d| node_of(d).unwrap_or_default())
+                    .collect(),
+                pending: pending.clone(),
+                acks: reconfig_acks.clone(),
+                epoch: AtomicU64::new(0),
+                timeout: options.compute_timeout,
+            });
             let c = Cluster::start_parts(
                 spec.clone(),
                 model.clone(),
                 options.clone(),
                 by_device,
                 remote,
+                Some(reconfigurer),
             )
             .await?;
             Some(c)
         } else {
-            let coord = spec.coordinator.clone();
-            for role in plan
-                .roles()
+            let endpoints = by_device
                 .into_iter()
-                .filter(|r| my_devices.contains(&r.rank))
-            {
-                let rank = role.rank;
-                let endpoint = by_device[rank].take().expect("local endpoint");
-                let q = quic_node.clone();
-                let coord = coord.clone();
-                let report = CoordinatorHandle::Remote(Arc::new(move |m: CoordinatorMessage| {
-                    if let Some(c) = report_message(m) {
-                        if let Err(e) = q.send_control(&coord, &c) {
-                            tracing::warn!(%e, "report to the coordinator lost");
-                        }
-                    }
-                }));
-                let args = device_args(&model, role, endpoint, &options)(report);
-                let failed = start_error(&args);
-                let (d, join) = Actor::spawn(None, DeviceActor, args)
-                    .await
-                    .map_err(failed)?;
-                local.insert(rank, d);
-                // A device actor that stops (a panic in its handler) closes this node, so the
-                // coordinator sees the node lost, with the reason, instead of a silent gap.
-                let (q, index) = (quic_node.clone(), rank);
-                watchers.push(tokio::spawn(async move {
-                    let _ = join.await;
-                    tracing::error!(device = index, "device actor stopped; closing this node");
-                    q.close_with(&format!("device {index} stopped unexpectedly"));
-                }));
-            }
-            None
-        };
-        if !local.is_empty() {
+                .enumerate()
+                .filter_map(|(d, e)| e.map(|e| (d, e)))
+                .collect();
+            local_devices.start(&plan.roles(), endpoints, 0).await?;
             // The local devices hear of a lost node at once: a pipeline neighbour or an exchange
             // partner there ends their wait, naming it (the coordinator aborts the request too).
             let (mut events, nodes) = (quic_node.subscribe(), map.nodes.clone());
-            let devices: Vec<_> = local.values().cloned().collect();
+            let devices = local_devices.clone();
             tasks_early.push(tokio::spawn(async move {
                 loop {
                     let (node, reason) = match events.recv().await {
@@ -264,18 +259,20 @@ impl Node {
                         Err(_) => break,
                     };
                     for lost in devices_of(&nodes, &node) {
-                        for d in &devices {
+                        for d in devices.actors().values() {
                             let why = format!("node {node} was lost: {reason}");
                             let _ = d.cast(DeviceMessage::PeerLost { device: lost, why });
                         }
                     }
                 }
             }));
-        }
+            None
+        };
         let ctx = Arc::new(ControlContext {
             quic: quic_node.clone(),
             config: cfg,
-            devices: local,
+            devices: local_devices.clone(),
+            reconfig_acks,
             coordinator: cluster.as_ref().map(|c| c.coordinator_ref().clone()),
             pending: pending.clone(),
             begin_timeout: options.compute_timeout,
@@ -284,8 +281,7 @@ impl Node {
             spec: Arc::new(spec.clone()),
             node: name.to_string(),
         });
-        let mut tasks = watchers;
-        tasks.append(&mut tasks_early);
+        let mut tasks = tasks_early;
         let mut inbox = inbox;
         let c2 = ctx.clone();
         tasks.push(tokio::spawn(async move {
@@ -339,6 +335,7 @@ impl Node {
             cluster,
             events,
             tasks,
+            devices: local_devices,
         })
     }
 
@@ -401,6 +398,7 @@ impl Node {
         for t in &self.tasks {
             t.abort();
         }
+        self.devices.stop_all();
         self.quic
             .close_and_wait(std::time::Duration::from_secs(2))
             .await;

@@ -26,6 +26,10 @@ pub struct ClusterOptions {
     pub compute_timeout: Duration,
     /// A deliberate failure (tests and chaos drills).
     pub fault: Option<Fault>,
+    /// Multi-node clusters: a request running when a node is lost resumes from its checkpoint
+    /// on the nodes that remain (default); `false` fails it naming the node. Either way the
+    /// cluster re-plans over the remaining nodes for later requests.
+    pub resume: bool,
 }
 
 impl Default for ClusterOptions {
@@ -34,6 +38,7 @@ impl Default for ClusterOptions {
             stall_timeout: Duration::from_secs(600),
             compute_timeout: Duration::from_secs(300),
             fault: None,
+            resume: true,
         }
     }
 }
@@ -71,6 +76,18 @@ pub enum Progress {
         /// Why it was interrupted.
         reason: String,
     },
+}
+
+/// How the cluster stands (see [`crate::Cluster::health`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterHealth {
+    /// Why it takes no requests (a device actor down, a node lost that the others cannot make
+    /// up for, the coordinator not answering), or `None` while it takes them.
+    pub broken: Option<String>,
+    /// The nodes its devices run on now, in topology order.
+    pub nodes: Vec<String>,
+    /// The topology's nodes that are not among them (lost, not yet back).
+    pub missing: Vec<String>,
 }
 
 /// A resume during a request (see [`Progress::Resumed`]).

@@ -287,7 +287,7 @@ async fn a_wedged_device_is_named_by_its_compute_watchdog() {
     let opts = ClusterOptions {
         stall_timeout: Duration::from_millis(800),
         compute_timeout: Duration::from_millis(300),
-        fault: None,
+        ..ClusterOptions::default()
     };
     let hang = Fault::HangAt {
         device: 1,
@@ -314,6 +314,7 @@ async fn a_stage_left_waiting_is_detected_by_the_stall_timer() {
             step: 2,
             secs: 1,
         }),
+        ..ClusterOptions::default()
     };
     let cluster = Cluster::start(spec(3, 3, 1), opts).await.unwrap();
     let msg = within(cluster.generate(request(&cluster, 5)))

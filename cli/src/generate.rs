@@ -81,6 +81,11 @@ pub(crate) struct GenerateArgs {
     /// naming the device (keep it below --stall-timeout).
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     compute_timeout: f64,
+    /// Multi-node clusters: a request whose node is lost fails naming the node, instead of
+    /// resuming from its last step on the nodes that remain (the cluster still re-plans for the
+    /// requests after it, and takes the node back when it returns).
+    #[arg(long)]
+    no_resume: bool,
     /// Send this request to a running cluster's coordinator (`pipefuse launch --serve`) through
     /// its Unix socket, instead of starting a cluster; cluster flags are not allowed then.
     #[arg(long, value_name = "SOCKET")]
@@ -450,7 +455,9 @@ impl GenerateArgs {
         Ok(ClusterOptions {
             stall_timeout: secs(self.stall_timeout, "--stall-timeout")?,
             compute_timeout: secs(self.compute_timeout, "--compute-timeout")?,
-            fault: None,
+            // Chaos drills and the fault tests: a deliberate failure from the environment.
+            fault: actors::Fault::from_env().map_err(anyhow::Error::msg)?,
+            resume: !self.no_resume,
         })
     }
 }

@@ -58,9 +58,9 @@ impl Report for Client {
     }
 }
 
-/// Serves connection `n`; returns the error of a request that showed the cluster is broken (a
-/// node lost, a device down): then serving stops, so the operator sees it and restarts the
-/// cluster. `stopping` turns true when the server stops: the request is cancelled and its client
+/// Serves connection `n`; returns the error of a request that showed a one-process cluster
+/// broken (a device down): then serving stops, so the operator sees it and restarts the
+/// cluster (a multi-node cluster resumes on the remaining nodes and takes lost ones back). `stopping` turns true when the server stops: the request is cancelled and its client
 /// told so.
 pub(crate) async fn serve_connection(
     stream: UnixStream,
@@ -143,11 +143,14 @@ pub(crate) async fn serve_connection(
     if !writer.is_finished() {
         let _ = writer.await;
     }
+    // A multi-node cluster takes a lost node back when it returns: serving goes on.
+    let mends = cluster.spec().nodes.len() > 1;
     outcome.err().filter(|e| {
-        matches!(
-            e.downcast_ref::<ClusterError>(),
-            Some(ClusterError::NodeLost { .. } | ClusterError::NotRunning(_))
-        ) || e.to_string().contains("was lost")
+        !mends
+            && (matches!(
+                e.downcast_ref::<ClusterError>(),
+                Some(ClusterError::NodeLost { .. } | ClusterError::NotRunning(_))
+            ) || e.to_string().contains("was lost"))
     })
 }
 

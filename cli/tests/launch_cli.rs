@@ -1,60 +1,19 @@
 //! Multi-process clusters on loopback: `pipefuse keygen` + `pipefuse launch --local` (three
 //! processes joined by QUIC with mutual TLS) reproduce the in-process run of the same plan
-//! bitwise, move the bytes the plan predicts, and a node killed mid-request is named in the
-//! error while the survivors exit cleanly.
+//! bitwise, move the bytes the plan predicts, and (with --no-resume) a node killed mid-request is
+//! named in the error while the survivors exit cleanly. Resuming around a lost node and its
+//! return: node_loss_cli.rs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod cluster_common;
 mod common;
 mod http_common;
 
+use cluster_common::{cluster, cluster_with, http_base};
 use common::{bin, in_process_demo, latent_bytes as latent, root};
-
-/// A three-node topology on free loopback ports, with certificates, in a fresh dir.
-fn cluster(tag: &str) -> (PathBuf, PathBuf) {
-    cluster_with(tag, 1)
-}
-
-/// [`cluster`] with `first` CPU devices on the first node (one on each other node).
-fn cluster_with(tag: &str, first: usize) -> (PathBuf, PathBuf) {
-    let [p0, p1, p2] = free_ports();
-    let dir = common::scratch_dir(&format!("launch-{tag}"));
-    let text =
-        common::example_topology_with_demo("three-nodes-local.toml", "../../assets/digits-dit")
-            .replace("7100", &p0.to_string())
-            .replace("7101", &p1.to_string())
-            .replace("7102", &p2.to_string())
-            .replace(
-                "pipefusion_degree = 3",
-                &format!("pipefusion_degree = {}", 2 + first),
-            )
-            .replacen(
-                r#"devices = [{ kind = "cpu", threads = 1 }]"#,
-                &format!(
-                    "devices = [{}]",
-                    vec![r#"{ kind = "cpu", threads = 1 }"#; first].join(", ")
-                ),
-                1,
-            );
-    let topo = dir.join("three.toml");
-    std::fs::write(&topo, text).unwrap();
-    let o = Command::new(bin())
-        .args(["keygen", "--topology", topo.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    (dir, topo)
-}
-
-/// Three UDP ports the OS reports free right now (held together, so they are distinct).
-fn free_ports() -> [u16; 3] {
-    let s: Vec<std::net::UdpSocket> = (0..3)
-        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| s[i].local_addr().unwrap().port())
-}
 
 /// `pipefuse launch --local` on `topo` with `args`, the latent saved to `out`; its stderr.
 fn launch_local(topo: &Path, args: &[&str], out: &Path) -> String {
@@ -193,7 +152,11 @@ fn a_killed_node_is_named_and_the_others_exit() {
     // Only n1 asks for a 1 s idle timeout: a connection uses the smaller of its two ends' values.
     let mut n1 = spawn("n1", &["--node-timeout", "1"]);
     let mut n2 = spawn("n2", &[]);
-    let mut n0 = spawn("n0", &["--class-label", "1", "--steps", "1000"]);
+    // --no-resume: the request fails naming the node instead of finishing on n0 and n2.
+    let mut n0 = spawn(
+        "n0",
+        &["--class-label", "1", "--steps", "1000", "--no-resume"],
+    );
     // Kill n1 once n0 reports the cluster connected and the request running.
     let stderr = n0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -434,37 +397,6 @@ fn three_processes_run_ring_inside_pipefusion() {
     }
 }
 
-/// Reads `child`'s stderr until the line naming its HTTP address; the address (`http://...`) and
-/// everything read so far. The rest of stderr is drained into the returned thread's string.
-fn http_base(child: &mut std::process::Child) -> (String, std::thread::JoinHandle<String>) {
-    let (base, seen, mut err) = http_common::read_address(child);
-    let rest = std::thread::spawn(move || {
-        let mut rest = seen;
-        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-        rest
-    });
-    (base, rest)
-}
-
-/// `launch --topology T --node NODE --join-timeout 15 <extra>`, stderr piped.
-fn spawn_node(topo: &Path, node: &str, extra: &[&str]) -> std::process::Child {
-    Command::new(bin())
-        .args([
-            "launch",
-            "--topology",
-            topo.to_str().unwrap(),
-            "--node",
-            node,
-        ])
-        .args(["--join-timeout", "15"])
-        .args(extra)
-        .env_remove("PIPEFUSE_API_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 /// `launch --local --serve --listen`: a three-process cluster behind the HTTP API, every node's
 /// device in the request; SIGTERM stops the server and every node.
 #[test]
@@ -525,48 +457,5 @@ fn a_cluster_of_three_processes_serves_http() {
     let log = log.join().unwrap();
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("stopped serving"), "{log}");
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-/// A served cluster whose node dies while no request runs: `/readyz` turns 503 naming the node
-/// (the coordinator is asked, not only a failed request), and requests are refused with 503.
-#[test]
-fn readiness_reports_a_node_lost_while_idle() {
-    let (dir, topo) = cluster("http-idle-loss");
-    // n1's 1 s idle timeout applies to its connections (the smaller of the two ends' values).
-    let mut n1 = spawn_node(&topo, "n1", &["--node-timeout", "1"]);
-    let mut n2 = spawn_node(&topo, "n2", &[]);
-    let mut n0 = spawn_node(&topo, "n0", &["--serve", "--listen", "127.0.0.1:0"]);
-    let (base, _log) = http_base(&mut n0);
-    let agent = http_common::agent();
-    let get = |path: &str| http_common::answer(agent.get(format!("{base}{path}")).call());
-    assert_eq!(get("/readyz").status, 200);
-    n1.kill().unwrap();
-    n1.wait().unwrap();
-    let t0 = Instant::now();
-    let why = loop {
-        let r = get("/readyz");
-        if r.status == 503 {
-            break r.body;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "readyz never reported the loss"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(why.contains("n1"), "{why}");
-    let a = http_common::answer(
-        agent
-            .post(format!("{base}/v1/images/generations"))
-            .header("content-type", "application/json")
-            .send(r#"{"prompt": "3", "steps": 2}"#),
-    );
-    assert_eq!(a.status, 503, "{}", a.body);
-    assert!(a.body.contains("n1"), "{}", a.body);
-    let status = common::terminate(&mut n0, Duration::from_secs(60));
-    assert!(status.success(), "{status}");
-    let _ = n2.kill();
-    let _ = n2.wait();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -90,6 +90,34 @@ impl DeviceRole {
         self.is_last_stage() && self.cfg.group == 0 && self.sp.rank == 0
     }
 
+    /// The same role with every rank it names (its own, its pipeline's, its CFG partner's, its
+    /// sequence-parallel group's, its device's index) replaced by `ids[rank]`: the plan of a part
+    /// of a cluster (the nodes that remain after one was lost) speaks in the whole cluster's
+    /// device indices, which the transport and every device use. `None` if a rank is past
+    /// `ids`.
+    pub fn renumbered(&self, ids: &[usize]) -> Option<DeviceRole> {
+        let id = |r: usize| ids.get(r).copied();
+        let mut role = self.clone();
+        role.rank = id(self.rank)?;
+        role.device.index = id(self.device.index)?;
+        role.pipeline = self
+            .pipeline
+            .iter()
+            .map(|&r| id(r))
+            .collect::<Option<_>>()?;
+        role.cfg.partner = match self.cfg.partner {
+            Some(p) => Some(id(p)?),
+            None => None,
+        };
+        role.sp.members = self
+            .sp
+            .members
+            .iter()
+            .map(|&r| id(r))
+            .collect::<Option<_>>()?;
+        Some(role)
+    }
+
     /// The rank of the device that receives this one's output (the next stage; stage 0 from the
     /// last stage, itself in a one-stage pipeline).
     pub fn next_in_pipeline(&self) -> usize {

@@ -87,6 +87,8 @@ pub enum ControlMessage {
         step: Option<u32>,
         /// What went wrong.
         message: String,
+        /// The failure was a peer device it lost (its node gone): that device.
+        lost_peer: Option<u32>,
     },
     /// Last stage's node -> coordinator: the state after `step` of `request` on `device`, kept
     /// as the request's checkpoint (a request resumes from it after a node is lost).
@@ -101,6 +103,25 @@ pub enum ControlMessage {
         latent: Vec<u8>,
         /// The multistep sampler's history (same encoding), for samplers that keep one.
         history: Option<Vec<u8>>,
+    },
+    /// Coordinator -> a member node: restart your devices in the roles of the plan over
+    /// `members` (every node computes the same plan from the topology and this list); runs up to
+    /// `floor` are over. Answered with [`ControlMessage::Reconfigured`].
+    Reconfigure {
+        /// Numbers the coordinator's reconfigurations (the answer names it).
+        epoch: u64,
+        /// The nodes of the new layout, in topology order.
+        members: Vec<String>,
+        /// The newest run id begun so far.
+        floor: u64,
+    },
+    /// A member node -> coordinator: its devices run in the roles of reconfiguration `epoch`
+    /// (`error: None`), or why they could not.
+    Reconfigured {
+        /// The reconfiguration answered.
+        epoch: u64,
+        /// Why it failed on this node.
+        error: Option<String>,
     },
     /// A node -> coordinator: its device actors are up.
     NodeReady {
@@ -123,6 +144,8 @@ impl ControlMessage {
             ControlMessage::DeviceFailed { .. } => "DeviceFailed",
             ControlMessage::NodeReady { .. } => "NodeReady",
             ControlMessage::Checkpoint { .. } => "Checkpoint",
+            ControlMessage::Reconfigure { .. } => "Reconfigure",
+            ControlMessage::Reconfigured { .. } => "Reconfigured",
         }
     }
 
@@ -136,7 +159,9 @@ impl ControlMessage {
             | ControlMessage::StageFinished { request, .. }
             | ControlMessage::DeviceFailed { request, .. }
             | ControlMessage::Checkpoint { request, .. } => Some(*request),
-            ControlMessage::NodeReady { .. } => None,
+            ControlMessage::NodeReady { .. }
+            | ControlMessage::Reconfigure { .. }
+            | ControlMessage::Reconfigured { .. } => None,
         }
     }
 

@@ -18,13 +18,15 @@ use topology::DeviceRole;
 
 use crate::device::{start_error, DeviceActor, DeviceArgs};
 use crate::error::ClusterError;
-use crate::handles::{DeviceHandle, RemoteDevice};
-use crate::messages::{CoordinatorMessage, DeviceMessage, StageReport};
+use crate::handles::{DeviceHandle, Reconfigurer, RemoteDevice};
+use crate::messages::{CoordinatorMessage, StageReport};
+use crate::replan::Layout;
 use crate::request::{GenerateOutput, Progress, Resume};
-use crate::stage::{Checkpoint, RequestSetup};
+use crate::stage::RequestSetup;
 
 mod checkpoint;
 mod finish;
+mod recovery;
 
 use checkpoint::Checkpoints;
 
@@ -40,16 +42,20 @@ pub(crate) enum StageSlot {
 
 /// How to start each device, and what each does.
 pub(crate) struct CoordinatorArgs {
-    /// Every device's role, in rank order.
-    pub(crate) roles: Vec<DeviceRole>,
-    /// The order in which devices begin a request ([`topology::Plan::begin_order`]).
-    pub(crate) begin_order: Vec<usize>,
-    /// Every device, in rank order.
+    /// The topology.
+    pub(crate) spec: topology::ClusterSpec,
+    /// The devices' roles and begin order.
+    pub(crate) layout: Layout,
+    /// See [`CoordinatorState::reconfigurer`].
+    pub(crate) reconfigurer: Option<Arc<dyn Reconfigurer>>,
+    /// Every device, in the layout's order.
     pub(crate) devices: Vec<StageSlot>,
     /// A deliberate failure (tests): `Fault::SlowBegin` delays a device's Begin.
     pub(crate) fault: Option<crate::fault::Fault>,
     /// How long a device may take to accept `Begin` (it waits for its compute thread).
     pub(crate) begin_timeout: std::time::Duration,
+    /// See [`crate::ClusterOptions::resume`].
+    pub(crate) resume: bool,
     /// The model the devices run.
     pub(crate) model: model::ModelConfig,
 }
@@ -89,15 +95,27 @@ struct Running {
 }
 
 pub(crate) struct CoordinatorState {
-    /// Devices in rank order.
+    /// Devices in the layout's order (their ids are `roles[i].rank`).
     devices: Vec<DeviceHandle>,
-    /// Their roles, in rank order.
+    /// Their roles.
     roles: Vec<DeviceRole>,
     begin_order: Vec<usize>,
     begin_timeout: std::time::Duration,
+    /// Resume a request whose node is lost (see [`crate::ClusterOptions::resume`]).
+    resume_requests: bool,
     fault: Option<crate::fault::Fault>,
     /// The model (a continuation rebuilds the request's inputs from it).
     model: model::ModelConfig,
+    /// The topology (every layout is planned over a part of it).
+    spec: topology::ClusterSpec,
+    /// The layout the devices run (roles and begin order come from it).
+    layout: Layout,
+    /// The nodes up now (the layout's, until a loss or a rejoin is acted on).
+    members: Vec<String>,
+    /// Restarts the members' devices in a new layout (multi-node clusters; `None` in one
+    /// process, where a lost device ends the cluster).
+    reconfigurer: Option<Arc<dyn Reconfigurer>>,
+    me: ActorRef<CoordinatorMessage>,
     queue: VecDeque<Queued>,
     running: Option<Running>,
     /// The next run's id (runs begin in this order, so devices see ids only grow).
@@ -115,27 +133,18 @@ impl Actor for CoordinatorActor {
         myself: ActorRef<CoordinatorMessage>,
         args: CoordinatorArgs,
     ) -> Result<CoordinatorState, ActorProcessingErr> {
-        let mut devices = Vec::new();
-        for slot in args.devices {
-            let make = match slot {
-                StageSlot::Remote(proxy) => {
-                    devices.push(DeviceHandle::Remote(proxy));
-                    continue;
-                }
-                StageSlot::Local(make) => make,
-            };
-            let dargs = make(myself.clone());
-            let failed = start_error(&dargs);
-            let (d, _) = Actor::spawn_linked(None, DeviceActor, dargs, myself.get_cell())
-                .await
-                .map_err(failed)?;
-            devices.push(DeviceHandle::Local(d));
-        }
+        let devices = spawn_slots(&myself, args.devices).await?;
         Ok(CoordinatorState {
             devices,
-            roles: args.roles,
-            begin_order: args.begin_order,
+            roles: args.layout.roles.clone(),
+            begin_order: args.layout.begin_order.clone(),
+            members: args.layout.members.clone(),
+            layout: args.layout,
+            spec: args.spec,
+            reconfigurer: args.reconfigurer,
+            me: myself,
             begin_timeout: args.begin_timeout,
+            resume_requests: args.resume,
             fault: args.fault,
             model: args.model,
             queue: VecDeque::new(),
@@ -245,7 +254,8 @@ impl Actor for CoordinatorActor {
                 let Some(r) = st.running.as_mut().filter(|r| r.run.id == request) else {
                     return Ok(());
                 };
-                match r.reports.get_mut(device) {
+                let at = st.roles.iter().position(|role| role.rank == device);
+                match at.and_then(|i| r.reports.get_mut(i)) {
                     Some(slot) => *slot = Some(report),
                     None => {
                         st.fail_running(ClusterError::DeviceFailed {
@@ -270,39 +280,41 @@ impl Actor for CoordinatorActor {
                 }
             }
             CoordinatorMessage::Health { reply } => {
-                let _ = reply.send(st.broken.clone());
+                let _ = reply.send(crate::request::ClusterHealth {
+                    broken: st.broken.clone(),
+                    nodes: st.layout.members.clone(),
+                    missing: st
+                        .spec
+                        .nodes
+                        .iter()
+                        .map(|n| n.name.clone())
+                        .filter(|n| !st.members.contains(n))
+                        .collect(),
+                });
             }
             CoordinatorMessage::NodeLost {
                 node,
                 reason,
                 devices,
-            } => {
-                tracing::error!(%node, %reason, "node lost");
-                // The devices here hear of it first (a wait on a lost peer ends now, naming it).
-                for d in st.devices.iter().filter_map(DeviceHandle::local) {
-                    for &device in &devices {
-                        let why = format!("node {node} was lost: {reason}");
-                        let _ = d.cast(DeviceMessage::PeerLost { device, why });
-                    }
-                }
-                st.broken = Some(format!("node {node} was lost: {reason}"));
-                st.fail_running(ClusterError::NodeLost {
-                    node: node.clone(),
-                    reason: reason.clone(),
-                });
-                for q in st.queue.drain(..) {
-                    let _ = q.reply.send(Err(ClusterError::NodeLost {
-                        node: node.clone(),
-                        reason: reason.clone(),
-                    }));
-                }
-            }
+            } => st.node_lost(node, reason, devices).await,
+            CoordinatorMessage::NodeJoined { node } => st.node_joined(node).await,
             CoordinatorMessage::DeviceFailed {
                 request,
                 device,
                 step,
                 message,
+                lost_peer,
             } => {
+                // A device that failed because a node it depends on is gone: the node is lost
+                // (its devices' node saw it first); the request resumes around it.
+                if let Some(node) = lost_peer.and_then(|d| st.node_of(d)) {
+                    let running = st.running.as_ref().is_some_and(|r| r.run.id == request);
+                    if running && st.reconfigurer.is_some() && st.members.contains(&node) {
+                        let devices = st.devices_of(&node);
+                        st.node_lost(node, message, devices).await;
+                        return Ok(());
+                    }
+                }
                 if st.running.as_ref().is_some_and(|r| r.run.id == request) {
                     st.fail_running(ClusterError::DeviceFailed {
                         device,
@@ -337,8 +349,9 @@ impl Actor for CoordinatorActor {
             .devices
             .iter()
             .position(|d| d.local().is_some_and(|d| d.get_id() == cell.get_id()))
+            .map(|i| st.roles[i].rank)
         else {
-            return Ok(());
+            return Ok(()); // not a current device (one replaced in a new layout stops so)
         };
         let step = st.running.as_ref().and_then(|r| r.last_step.map(|s| s + 1));
         tracing::error!(device, ?step, %why, "device actor down");
@@ -350,10 +363,25 @@ impl Actor for CoordinatorActor {
 
 impl CoordinatorState {
     async fn start_next(&mut self) {
+        // A layout change waiting for the running request to end (a node that came back).
+        if self.running.is_none()
+            && self.reconfigurer.is_some()
+            && self.layout.members != self.members
+        {
+            match self.replan().await {
+                Ok(()) => self.broken = None,
+                Err(e) => tracing::error!(%e, "the cluster could not change its layout"),
+            }
+        }
         while self.running.is_none() {
-            let Some(q) = self.queue.pop_front() else {
+            let Some(mut q) = self.queue.pop_front() else {
                 return;
             };
+            // The layout may have changed since the request was made (a node lost or back).
+            if let Err(e) = self.fit_to_layout(&mut q) {
+                let _ = q.reply.send(Err(e));
+                continue;
+            }
             let mut setup = q.setup;
             setup.id = self.take_run_id();
             let setup: Arc<RequestSetup> = Arc::from(setup);
@@ -386,6 +414,25 @@ impl CoordinatorState {
                 resumes: Vec::new(),
             });
         }
+    }
+
+    /// Re-plans a queued request for the current layout when its plan differs.
+    fn fit_to_layout(&self, q: &mut Queued) -> Result<(), ClusterError> {
+        let plan = crate::cluster::plan_of(&self.layout.spec, &self.model, &q.setup.request)?;
+        let (stages, sp) = (plan.pipeline_len(), plan.sp.degree());
+        let same = q.setup.patches == plan.patches
+            && q.setup.cfg_degree() == plan.cfg_degree
+            && q.setup.sp_degree() == sp
+            && q.schedule.stages == stages;
+        if !same {
+            let s = q
+                .setup
+                .replanned(&self.model, plan.patches.clone(), plan.cfg_degree, sp)?;
+            q.schedule.stages = stages;
+            q.schedule.patches = s.patches.len();
+            *q.setup = s;
+        }
+        Ok(())
     }
 
     fn take_run_id(&mut self) -> u64 {
@@ -421,86 +468,6 @@ impl CoordinatorState {
         Ok(())
     }
 
-    /// Continues the running request from its newest checkpoint (or its start) in a new run on
-    /// the devices there are now: the current run is dropped everywhere, the continuation
-    /// ([`RequestSetup::continued`]) begins, progress and the summary say where it resumed.
-    /// If it cannot begin, the request fails naming why.
-    async fn resume(&mut self, reason: String) {
-        let Some(mut r) = self.running.take() else {
-            return;
-        };
-        for d in &self.devices {
-            d.abort(r.run.id);
-        }
-        let origin = &r.origin;
-        let checkpoint = match r.checkpoints.latest.clone() {
-            Some(c) => c,
-            None => Checkpoint {
-                steps_done: 0,
-                latent: origin.initial_latent.clone(),
-                history: origin
-                    .sampling
-                    .multistep
-                    .then(|| kernels::Tensor::zeros(origin.initial_latent.shape())),
-            },
-        };
-        let done = checkpoint.steps_done;
-        let id = self.take_run_id();
-        let next = origin
-            .continued(
-                id,
-                &self.model,
-                &checkpoint,
-                r.run.patches.clone(),
-                r.run.cfg_degree(),
-                r.run.sp_degree(),
-            )
-            .map(|mut s| {
-                if done == 0 {
-                    s.warmup = origin.warmup; // nothing was run: the request as asked
-                }
-                s
-            });
-        let fail = |r: Running, e: ClusterError| {
-            tracing::error!(request = r.id, %e, "request could not be resumed");
-            let _ = r.reply.send(Err(e));
-        };
-        let next = match next {
-            Ok(s) => Arc::new(s),
-            Err(e) => return fail(r, e),
-        };
-        let schedule = ScheduleConfig {
-            stages: r.stages,
-            patches: next.patches.len(),
-            warmup: next.warmup,
-            steps: next.steps(),
-        };
-        if let Err((device, message)) = self.begin_run(&next, schedule, r.id).await {
-            let e = ClusterError::DeviceFailed {
-                device,
-                step: Some(done),
-                message: format!("could not resume the request ({reason}): {message}"),
-            };
-            return fail(r, e);
-        }
-        tracing::warn!(request = r.id, run = id, steps_done = done, %reason, "request resumed");
-        if let Some(p) = &r.progress {
-            let _ = p.send(Progress::Resumed {
-                steps_done: done,
-                reason: reason.clone(),
-            });
-        }
-        r.resumes.push(Resume {
-            steps_done: done,
-            reason,
-            stages: r.stages,
-        });
-        r.checkpoints = Checkpoints::new(&self.roles, r.checkpoints.latest.take());
-        r.reports = vec![None; self.devices.len()];
-        r.run = next;
-        self.running = Some(r);
-    }
-
     fn fail_running(&mut self, err: ClusterError) {
         if let Some(r) = self.running.take() {
             for d in &self.devices {
@@ -531,4 +498,29 @@ impl CoordinatorState {
             let _ = q.reply.send(Err(err(&why)));
         }
     }
+}
+
+/// Spawns the local slots as device actors linked to the coordinator (`me`); remote slots become
+/// their proxies. Fails naming the device that could not start.
+async fn spawn_slots(
+    me: &ActorRef<CoordinatorMessage>,
+    slots: Vec<StageSlot>,
+) -> Result<Vec<DeviceHandle>, ClusterError> {
+    let mut devices = Vec::new();
+    for slot in slots {
+        let make = match slot {
+            StageSlot::Remote(proxy) => {
+                devices.push(DeviceHandle::Remote(proxy));
+                continue;
+            }
+            StageSlot::Local(make) => make,
+        };
+        let dargs = make(me.clone());
+        let failed = start_error(&dargs);
+        let (d, _) = Actor::spawn_linked(None, DeviceActor, dargs, me.get_cell())
+            .await
+            .map_err(failed)?;
+        devices.push(DeviceHandle::Local(d));
+    }
+    Ok(devices)
 }

@@ -105,7 +105,8 @@ impl Actor for DeviceActor {
                 role.stage,
                 args.stall_timeout,
                 args.compute_timeout,
-            ),
+            )
+            .with_floor(args.floor),
             role,
             epoch: tokio::time::Instant::now(),
             setup: None,
@@ -113,6 +114,7 @@ impl Actor for DeviceActor {
             link_bytes_at_start: Vec::new(),
             timer_for: None,
             lost_stages: Vec::new(),
+            lost_peer: None,
             groups,
             clock,
             links,

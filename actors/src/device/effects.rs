@@ -159,6 +159,7 @@ impl DeviceState {
             device: self.role.rank,
             step,
             message,
+            lost_peer: self.lost_peer,
         });
     }
 

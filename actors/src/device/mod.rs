@@ -54,6 +54,9 @@ pub(crate) struct DeviceArgs {
     pub(crate) stall_timeout: Duration,
     pub(crate) compute_timeout: Duration,
     pub(crate) fault: Option<Fault>,
+    /// Runs up to this id belong to an earlier device in this place (see
+    /// [`DeviceCore::with_floor`]); 0 for a device of a cluster's first layout.
+    pub(crate) floor: u64,
 }
 
 pub(crate) struct DeviceState {
@@ -72,6 +75,9 @@ pub(crate) struct DeviceState {
     timer_for: Option<Duration>,
     /// Why each lost pipeline stage was lost (named when the schedule fails on it).
     lost_stages: Vec<(usize, String)>,
+    /// The first peer this device depends on (pipeline neighbour, exchange partner) that was
+    /// lost: named in its failure reports, so that the coordinator can resume around its node.
+    lost_peer: Option<usize>,
     /// The compute thread's peer groups (to end their waits when a request ends).
     groups: Vec<std::sync::mpsc::Sender<GroupMsg>>,
     /// Shared with the compute thread: whom it waits for in an exchange.
@@ -239,6 +245,9 @@ impl DeviceState {
         }
         let in_group =
             self.role.sp.members.contains(&device) || self.role.cfg.partner == Some(device);
+        if device != self.role.rank && (in_group || self.role.pipeline.contains(&device)) {
+            self.lost_peer.get_or_insert(device);
+        }
         if let (true, Some(id)) = (in_group && device != self.role.rank, self.core.request()) {
             let m = format!(
                 "device {device}, a member of this device's exchange group, was lost: {why}"

@@ -3,6 +3,7 @@
 //! (Begin / Abort for its local devices; on the coordinator's node, acknowledgements and reports
 //! for the coordinator).
 
+pub(crate) mod members;
 pub(crate) mod spec;
 
 use std::collections::HashMap;
@@ -114,6 +115,7 @@ pub(crate) fn report_message(msg: CoordinatorMessage) -> Option<ControlMessage> 
                         device: device as u32,
                         step: None,
                         message: format!("final latent could not be encoded: {e}"),
+                        lost_peer: None,
                     })
                 }
             },
@@ -123,11 +125,13 @@ pub(crate) fn report_message(msg: CoordinatorMessage) -> Option<ControlMessage> 
             device,
             step,
             message,
+            lost_peer,
         } => ControlMessage::DeviceFailed {
             request,
             device: device as u32,
             step: step.map(|s| s as u32),
             message,
+            lost_peer: lost_peer.map(|d| d as u32),
         },
         CoordinatorMessage::Checkpoint {
             request,
@@ -161,8 +165,11 @@ pub(crate) fn report_message(msg: CoordinatorMessage) -> Option<ControlMessage> 
 pub(crate) struct ControlContext {
     pub(crate) quic: Arc<QuicNode>,
     pub(crate) config: ModelConfig,
-    /// This node's device actors, by device index.
-    pub(crate) devices: HashMap<usize, ActorRef<DeviceMessage>>,
+    /// This node's device actors (none on the coordinator's node, whose devices the
+    /// coordinator runs).
+    pub(crate) devices: Arc<members::LocalDevices>,
+    /// On the coordinator's node: reconfiguration answers awaited.
+    pub(crate) reconfig_acks: members::ReconfigAcks,
     /// The coordinator, on the coordinator's node.
     pub(crate) coordinator: Option<ActorRef<CoordinatorMessage>>,
     pub(crate) pending: PendingAcks,
@@ -181,7 +188,9 @@ impl ControlContext {
     pub(crate) async fn handle(&self, from: &str, msg: ControlMessage) {
         if matches!(
             msg,
-            ControlMessage::Begin { .. } | ControlMessage::Abort { .. }
+            ControlMessage::Begin { .. }
+                | ControlMessage::Abort { .. }
+                | ControlMessage::Reconfigure { .. }
         ) && from != self.coordinator_node
         {
             tracing::warn!(
@@ -230,13 +239,46 @@ impl ControlContext {
                         .ready
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(node);
+                        .insert(node.clone());
                     self.readiness.changed.notify_waiters();
+                    // A node that comes back (the coordinator ignores one it counts already).
+                    if let Some(c) = &self.coordinator {
+                        let _ = c.cast(CoordinatorMessage::NodeJoined { node });
+                    }
                 }
             }
             ControlMessage::Abort { request } => {
-                for d in self.devices.values() {
+                for d in self.devices.actors().values() {
                     let _ = d.cast(DeviceMessage::Abort { request });
+                }
+            }
+            ControlMessage::Reconfigure {
+                epoch,
+                members,
+                floor,
+            } => {
+                let error = self
+                    .devices
+                    .restart(&members, floor)
+                    .await
+                    .err()
+                    .map(|e| format!("node {}: {e}", self.node));
+                if let Some(e) = &error {
+                    tracing::error!(%e, "could not restart the devices in the new layout");
+                }
+                let answer = ControlMessage::Reconfigured { epoch, error };
+                if let Err(e) = self.quic.send_control(from, &answer) {
+                    tracing::warn!(node = from, %e, "could not answer a reconfiguration");
+                }
+            }
+            ControlMessage::Reconfigured { epoch, error } => {
+                let waiter = self
+                    .reconfig_acks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&(epoch, from.to_string()));
+                if let Some(tx) = waiter {
+                    let _ = tx.send(error.map_or(Ok(()), Err));
                 }
             }
             other => self.to_coordinator(from, other),
@@ -244,15 +286,15 @@ impl ControlContext {
     }
 
     async fn begin_local(&self, request: u64, device: usize, spec: &[u8]) -> Result<(), String> {
-        let d = self
-            .devices
+        let devices = self.devices.actors();
+        let d = devices
             .get(&device)
             .ok_or_else(|| format!("device {device} does not run on this node"))?;
         let (setup, schedule) =
             spec::decode_request(&self.config, request, spec).map_err(|e| e.to_string())?;
         // The coordinator checked its own process's share at submit; each other node checks
         // its share here, once per request (at its first device's Begin).
-        if self.devices.keys().min() == Some(&device) {
+        if devices.keys().min() == Some(&device) {
             self.check_memory(&setup.request)
                 .map_err(|e| format!("node {}: {e}", self.node))?;
         }
@@ -275,7 +317,7 @@ impl ControlContext {
             return Ok(());
         };
         crate::cluster::request_memory(&self.spec, &self.config, request, |r| {
-            self.devices.contains_key(&r)
+            self.devices.actors().contains_key(&r)
         })?
         .check(&host)
     }
@@ -311,6 +353,7 @@ impl ControlContext {
                             device: device as usize,
                             step: None,
                             message: format!("node {from} sent an unusable final latent: {e}"),
+                            lost_peer: None,
                         });
                         return;
                     }
@@ -333,11 +376,13 @@ impl ControlContext {
                 device,
                 step,
                 message,
+                lost_peer,
             } => CoordinatorMessage::DeviceFailed {
                 request,
                 device: device as usize,
                 step: step.map(|s| s as usize),
                 message: format!("on node {from}: {message}"),
+                lost_peer: lost_peer.map(|d| d as usize),
             },
             ControlMessage::Checkpoint {
                 request,

@@ -216,6 +216,31 @@ impl RequestSetup {
         }
     }
 
+    /// The same request under another plan (`patches`, CFG and sequence-parallel degrees): what
+    /// the coordinator runs when the cluster's layout changed after the request was made.
+    pub fn replanned(
+        &self,
+        cfg: &model::ModelConfig,
+        patches: Vec<Range<usize>>,
+        cfg_degree: usize,
+        sp_degree: usize,
+    ) -> Result<RequestSetup> {
+        let mut next = Self::from_plan(
+            self.id,
+            cfg,
+            &self.request,
+            self.sampling.clone(),
+            self.initial_latent.clone(),
+            patches,
+            self.warmup,
+        )?
+        .with_cfg_degree(cfg_degree)?
+        .with_sp_degree(sp_degree)?;
+        next.resumed_from = self.resumed_from;
+        next.history = self.history.clone();
+        Ok(next)
+    }
+
     /// The token rows sequence-parallel rank `rank` has up to date after step `step` (its
     /// sub-strips of every patch after a patch step, its shard after a whole-image one): what
     /// it contributes to a checkpoint, and at the end to the final latent.

@@ -135,7 +135,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     let options = actors::ClusterOptions {
         stall_timeout: secs(a.stall_timeout, "--stall-timeout")?,
         compute_timeout: secs(a.compute_timeout, "--compute-timeout")?,
-        fault: None,
+        ..actors::ClusterOptions::default() // one process: no node to lose
     };
     let spec = a.cluster.spec()?;
     let model_id = model_id(&spec);

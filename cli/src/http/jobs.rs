@@ -163,16 +163,28 @@ impl Jobs {
     }
 
     /// Asks the cluster whether it is broken (a node lost while idle is seen here, not only by
-    /// the next request); remembers it. `/readyz`.
-    pub(crate) async fn check_cluster(&self) -> Option<String> {
-        if let Some(why) = self.cluster.broken(Duration::from_secs(2)).await {
-            let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
-            if broken.is_none() {
+    /// the next request); remembers it. `/readyz`: its health, or why it takes no requests.
+    pub(crate) async fn check_cluster(&self) -> Result<actors::ClusterHealth, String> {
+        let health = self.cluster.health(Duration::from_secs(2)).await;
+        let now = health.broken.clone();
+        let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        match now {
+            Some(why) if broken.is_none() => {
                 tracing::error!("the cluster is broken: {why}");
                 *broken = Some(why);
             }
+            // A multi-node cluster mends when a lost node comes back.
+            None if broken.is_some() && self.cluster.spec().nodes.len() > 1 => {
+                tracing::info!("the cluster runs again");
+                *broken = None;
+            }
+            _ => {}
         }
-        self.unavailable()
+        drop(broken);
+        match self.unavailable() {
+            Some(why) => Err(why),
+            None => Ok(health),
+        }
     }
 
     /// Why new requests are refused with 503 (a broken cluster, a stopping server), if they are.
@@ -553,7 +565,9 @@ impl Jobs {
             ClusterError::NodeLost { .. } | ClusterError::NotRunning(_)
         );
         let message = e.to_string();
-        if broken {
+        // One process cannot mend; a multi-node cluster can (a lost node that comes back), so
+        // there every request asks the cluster again.
+        if broken && self.cluster.spec().nodes.len() == 1 {
             tracing::error!("the cluster is broken: {message}");
             *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
         }

@@ -36,8 +36,18 @@ pub(crate) async fn healthz() -> &'static str {
 
 pub(crate) async fn readyz(State(s): State<Arc<Server>>) -> Response {
     match s.jobs.check_cluster().await {
-        None => (StatusCode::OK, "ready\n").into_response(),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+        Ok(h) if h.missing.is_empty() => (StatusCode::OK, "ready\n").into_response(),
+        // Ready on fewer nodes: requests run (slower) while a node is away.
+        Ok(h) => (
+            StatusCode::OK,
+            format!(
+                "ready on nodes {}; waiting for {} to return\n",
+                h.nodes.join(", "),
+                h.missing.join(", ")
+            ),
+        )
+            .into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }
 

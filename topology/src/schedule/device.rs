@@ -198,6 +198,14 @@ impl<T: Clone> DeviceCore<T> {
         }
     }
 
+    /// A core that treats every request up to `floor` as already begun: a device restarted in a
+    /// new role (after a node was lost or came back) drops whatever still arrives for the runs
+    /// of its predecessor instead of keeping it for later.
+    pub fn with_floor(mut self, floor: u64) -> Self {
+        self.newest = self.newest.max(floor);
+        self
+    }
+
     /// The active request's id.
     pub fn request(&self) -> Option<u64> {
         self.active.as_ref().map(|a| a.id)

@@ -45,6 +45,7 @@ pub(crate) fn samples() -> Vec<ControlMessage> {
             device: 3,
             step: Some(4),
             message: "stalled: no input within 5s".into(),
+            lost_peer: Some(1),
         },
         ControlMessage::NodeReady {
             node: "node-b".into(),
@@ -56,6 +57,15 @@ pub(crate) fn samples() -> Vec<ControlMessage> {
             step: 7,
             latent: payload(512, 3),
             history: Some(payload(512, 4)),
+        },
+        ControlMessage::Reconfigure {
+            epoch: 2,
+            members: vec!["n0".into(), "n2".into()],
+            floor: 17,
+        },
+        ControlMessage::Reconfigured {
+            epoch: 2,
+            error: Some("node n2: cannot load layers 2..4".into()),
         },
     ]
 }

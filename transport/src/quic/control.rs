@@ -161,7 +161,10 @@ pub(crate) fn check_route(
             }
             devices.iter().try_for_each(|&d| on(d, sender))
         }
-        ControlMessage::Abort { .. } | ControlMessage::StepDone { .. } => Ok(()),
+        ControlMessage::Abort { .. }
+        | ControlMessage::StepDone { .. }
+        | ControlMessage::Reconfigure { .. }
+        | ControlMessage::Reconfigured { .. } => Ok(()),
     }
 }
 

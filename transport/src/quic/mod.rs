@@ -44,7 +44,8 @@ pub(crate) use wire::{encode_header, read_frame, ReadFail};
 /// Version 2: every unidirectional stream starts with a kind byte (frames or control).
 /// Version 5: frame headers name their purpose (`FrameLabel`: item input or collective call with
 /// its group, operation and sequence number).
-/// Version 6: `ControlMessage::Checkpoint` (the state after each step, for resuming a request).
+/// Version 6: `ControlMessage::Checkpoint` (the state after each step, for resuming a request),
+/// `Reconfigure` / `Reconfigured` (devices restarted in new roles after a node is lost or rejoins).
 pub const WIRE_VERSION: u32 = 6;
 
 /// What the control inbox yields: the sending node's name and its message.

@@ -63,6 +63,7 @@ fn to_a(round: u64) -> Vec<ControlMessage> {
             device: 1,
             step: Some(3),
             message: format!("round {round}"),
+            lost_peer: None,
         },
     ]
 }

@@ -1,0 +1,84 @@
+//! Three-node clusters of `pipefuse launch` processes on loopback: the topology (the example
+//! `three-nodes-local.toml` on free ports, with certificates) and how to start a node.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::common::{self, bin};
+use crate::http_common;
+
+/// A three-node topology on free loopback ports, with certificates, in a fresh dir.
+pub fn cluster(tag: &str) -> (PathBuf, PathBuf) {
+    cluster_with(tag, 1)
+}
+
+/// [`cluster`] with `first` CPU devices on the first node (one on each other node).
+pub fn cluster_with(tag: &str, first: usize) -> (PathBuf, PathBuf) {
+    let [p0, p1, p2] = free_ports();
+    let dir = common::scratch_dir(&format!("launch-{tag}"));
+    let text =
+        common::example_topology_with_demo("three-nodes-local.toml", "../../assets/digits-dit")
+            .replace("7100", &p0.to_string())
+            .replace("7101", &p1.to_string())
+            .replace("7102", &p2.to_string())
+            .replace(
+                "pipefusion_degree = 3",
+                &format!("pipefusion_degree = {}", 2 + first),
+            )
+            .replacen(
+                r#"devices = [{ kind = "cpu", threads = 1 }]"#,
+                &format!(
+                    "devices = [{}]",
+                    vec![r#"{ kind = "cpu", threads = 1 }"#; first].join(", ")
+                ),
+                1,
+            );
+    let topo = dir.join("three.toml");
+    std::fs::write(&topo, text).unwrap();
+    let o = Command::new(bin())
+        .args(["keygen", "--topology", topo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (dir, topo)
+}
+
+/// Three UDP ports the OS reports free right now (held together, so they are distinct).
+pub fn free_ports() -> [u16; 3] {
+    let s: Vec<std::net::UdpSocket> = (0..3)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| s[i].local_addr().unwrap().port())
+}
+
+/// Reads `child`'s stderr until the line naming its HTTP address; the address (`http://...`) and
+/// everything read so far. The rest of stderr is drained into the returned thread's string.
+pub fn http_base(child: &mut std::process::Child) -> (String, std::thread::JoinHandle<String>) {
+    let (base, seen, mut err) = http_common::read_address(child);
+    let rest = std::thread::spawn(move || {
+        let mut rest = seen;
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        rest
+    });
+    (base, rest)
+}
+
+/// `launch --topology T --node NODE --join-timeout 15 <extra>`, stderr piped.
+pub fn spawn_node(topo: &Path, node: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args([
+            "launch",
+            "--topology",
+            topo.to_str().unwrap(),
+            "--node",
+            node,
+        ])
+        .args(["--join-timeout", "15"])
+        .args(extra)
+        .env_remove("PIPEFUSE_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
