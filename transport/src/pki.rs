@@ -38,6 +38,8 @@ pub struct ClusterPki {
     pub ca_key_pem: String,
     /// One certificate per node, in the order given.
     pub nodes: Vec<NodeCert>,
+    /// The cluster's name (in the CA's common name).
+    cluster: String,
 }
 
 impl std::fmt::Debug for ClusterPki {
@@ -121,6 +123,27 @@ pub fn generate_cluster_pki(cluster: &str, nodes: &[&str]) -> Result<ClusterPki,
         }
     }
     let ca_key = KeyPair::generate().map_err(tls_err("cluster CA key"))?;
+    let ca_params = ca_params(cluster);
+    let ca_cert = ca_params
+        .self_signed(&ca_key)
+        .map_err(tls_err("cluster CA certificate"))?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let certs = nodes
+        .iter()
+        .map(|name| node_cert(name, &issuer, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ClusterPki {
+        ca_cert_pem: ca_cert.pem(),
+        ca_key_pem,
+        nodes: certs,
+        cluster: cluster.to_string(),
+    })
+}
+
+/// The CA certificate's parameters of cluster `cluster` (the same every time: a certificate
+/// issued later chains to the CA made first).
+fn ca_params(cluster: &str) -> CertificateParams {
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = rcgen::DistinguishedName::new();
     ca_params
@@ -132,38 +155,63 @@ pub fn generate_cluster_pki(cluster: &str, nodes: &[&str]) -> Result<ClusterPki,
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::CrlSign,
     ];
-    let ca_cert = ca_params
-        .self_signed(&ca_key)
-        .map_err(tls_err("cluster CA certificate"))?;
-    let ca_key_pem = ca_key.serialize_pem();
-    let issuer = Issuer::new(ca_params, ca_key);
+    ca_params
+}
 
-    let mut certs = Vec::with_capacity(nodes.len());
-    for &name in nodes {
-        let what = format!("certificate of node {name}");
-        let key = KeyPair::generate().map_err(tls_err(what.clone()))?;
-        let mut params =
-            CertificateParams::new(vec![name.to_string()]).map_err(tls_err(what.clone()))?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &issuer).map_err(tls_err(what))?;
-        certs.push(NodeCert {
-            name: name.to_string(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        });
+/// A new key and certificate for node `name` signed by `issuer`, valid until `not_after`
+/// (rcgen's far-future default when `None`).
+fn node_cert(
+    name: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    not_after: Option<(i32, u8, u8)>,
+) -> Result<NodeCert, TransportError> {
+    let what = format!("certificate of node {name}");
+    let key = KeyPair::generate().map_err(tls_err(what.clone()))?;
+    let mut params =
+        CertificateParams::new(vec![name.to_string()]).map_err(tls_err(what.clone()))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    if let Some((y, m, d)) = not_after {
+        params.not_before = rcgen::date_time_ymd(y - 1, m, d);
+        params.not_after = rcgen::date_time_ymd(y, m, d);
     }
-    Ok(ClusterPki {
-        ca_cert_pem: ca_cert.pem(),
-        ca_key_pem,
-        nodes: certs,
+    let cert = params.signed_by(&key, issuer).map_err(tls_err(what))?;
+    Ok(NodeCert {
+        name: name.to_string(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
     })
+}
+
+impl ClusterPki {
+    /// A new key and certificate for node `name` from this cluster's CA (a node's certificate
+    /// issued again, e.g. after its key leaked; the old one stays valid until the CA changes).
+    pub fn issue(&self, name: &str) -> Result<NodeCert, TransportError> {
+        self.issue_until(name, None)
+    }
+
+    /// Test hook: a certificate for `name` from this cluster's CA that expired in 2020.
+    #[cfg(feature = "test-hooks")]
+    pub fn issue_expired(&self, name: &str) -> Result<NodeCert, TransportError> {
+        self.issue_until(name, Some((2020, 1, 1)))
+    }
+
+    fn issue_until(
+        &self,
+        name: &str,
+        not_after: Option<(i32, u8, u8)>,
+    ) -> Result<NodeCert, TransportError> {
+        check_node_name(name)?;
+        let key = KeyPair::from_pem(&self.ca_key_pem).map_err(tls_err("cluster CA key"))?;
+        let issuer = Issuer::new(ca_params(&self.cluster), key);
+        node_cert(name, &issuer, not_after)
+    }
 }
 
 #[cfg(test)]

@@ -9,3 +9,4 @@ mod exchange;
 mod failure;
 mod rejoin;
 mod security;
+mod strangers;
