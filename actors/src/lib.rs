@@ -41,3 +41,55 @@ pub use request::{
     RequestHandle, Resume, RunSummary,
 };
 pub use stage::Checkpoint;
+
+/// Decoders of bytes from other nodes, on plain bytes, for the fuzzer (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use std::sync::Arc;
+
+    /// Decodes a request payload (`ControlMessage::Begin::spec`) as a node does for model `cfg`.
+    pub fn decode_request(cfg: &model::ModelConfig, bytes: &[u8]) -> Result<(), String> {
+        crate::remote::spec::decode_request(cfg, 1, bytes)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Decodes one tensor blob (a final latent or a checkpoint's) as a coordinator does.
+    pub fn decode_tensor(bytes: &[u8]) -> Result<(), String> {
+        crate::remote::spec::decode_tensor(bytes, "tensor")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// A valid request payload for `cfg` (a seed for the fuzzer): `labels`, `steps` DDIM steps.
+    pub fn sample_request(cfg: &model::ModelConfig, labels: Vec<usize>, steps: usize) -> Vec<u8> {
+        let s = cfg.sample_size;
+        let request = model::Request {
+            class_labels: labels.clone(),
+            caption: None,
+            guidance_scale: 4.0,
+            latent_size: [s, s],
+            embedded_guidance: None,
+        };
+        let noise = model::gaussian(&[labels.len(), cfg.in_channels, s, s], 1);
+        let rows = s / cfg.patch_size;
+        let patches = topology::patch_rows(rows, 2.min(rows)).expect("patches");
+        let scheduler = model::sampler::Scheduler::named("ddim").expect("built in");
+        let setup = crate::stage::RequestSetup::new(
+            1, cfg, &request, &scheduler, steps, &noise, patches, 1,
+        )
+        .expect("a valid request");
+        let schedule = topology::schedule::ScheduleConfig {
+            stages: 2,
+            patches: setup.patches.len(),
+            warmup: 1,
+            steps,
+        };
+        crate::remote::spec::encode_request(&Arc::new(setup), &schedule).expect("encodes")
+    }
+
+    /// A valid tensor blob (a seed for the fuzzer).
+    pub fn sample_tensor(shape: &[usize]) -> Vec<u8> {
+        crate::remote::spec::encode_latent(&model::gaussian(shape, 2)).expect("encodes")
+    }
+}

@@ -16,7 +16,7 @@ use crate::error::{ClusterError, Result};
 use crate::handles::RemoteDevice;
 use crate::messages::{CoordinatorMessage, DeviceMessage};
 use crate::model_source::ModelSource;
-use crate::remote::members::{LocalDevices, NodeReconfigurer, ReconfigAcks};
+use crate::remote::members::{fail_reconfig, LocalDevices, NodeReconfigurer, ReconfigAcks};
 use crate::remote::{fail_pending, ControlContext, PendingAcks, Readiness, RemoteProxy};
 use crate::request::ClusterOptions;
 
@@ -291,10 +291,13 @@ impl Node {
         }));
         if let Some(coord) = cluster.as_ref().map(|c| c.coordinator_ref().clone()) {
             let (q, nodes) = (quic_node.clone(), map.nodes.clone());
+            let reconfig = ctx.reconfig_acks.clone();
             tasks.push(tokio::spawn(async move {
                 let lost = |node: String, reason: String| {
-                    fail_pending(&pending, &format!("node {node} was lost: {reason}"));
                     let devices = devices_of(&nodes, &node);
+                    let why = format!("node {node} was lost: {reason}");
+                    fail_pending(&pending, &devices, &why);
+                    fail_reconfig(&reconfig, &node, &why);
                     let _ = coord.cast(CoordinatorMessage::NodeLost {
                         node,
                         reason,
@@ -398,7 +401,7 @@ impl Node {
         for t in &self.tasks {
             t.abort();
         }
-        self.devices.stop_all();
+        self.devices.stop_all().await;
         self.quic
             .close_and_wait(std::time::Duration::from_secs(2))
             .await;

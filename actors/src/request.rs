@@ -97,7 +97,8 @@ pub struct Resume {
     pub steps_done: usize,
     /// Why it was interrupted.
     pub reason: String,
-    /// Pipeline stages of the run that continued it.
+    /// Pipeline stages of the run that continued it (0: none ran; every step was done and the
+    /// last checkpoint is the result).
     pub stages: usize,
 }
 
@@ -176,11 +177,18 @@ impl fmt::Display for RunSummary {
             100.0 * self.exchange_fraction
         )?;
         for r in &self.resumes {
-            writeln!(
-                f,
-                "  resumed after step {} of the request on {} stage(s): {}",
-                r.steps_done, r.stages, r.reason
-            )?;
+            match r.stages {
+                0 => writeln!(
+                    f,
+                    "  resumed after step {}, the last: the result is its checkpoint ({})",
+                    r.steps_done, r.reason
+                )?,
+                n => writeln!(
+                    f,
+                    "  resumed after step {} of the request on {n} stage(s): {}",
+                    r.steps_done, r.reason
+                )?,
+            }
         }
         let pct = |d: Duration| 100.0 * d.as_secs_f64() / self.wall.as_secs_f64().max(1e-9);
         for d in &self.devices {

@@ -163,3 +163,18 @@ async fn a_stale_pipefusion_run_resumes_with_one_more_synchronous_step() {
         "the resume drift {drift:.3e} exceeds PipeFusion's own staleness {stale:.3e}"
     );
 }
+
+/// Interrupted after its last step (the loss comes before the stages' final reports): the last
+/// checkpoint is the result, nothing runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interruption_after_the_last_step_answers_from_the_checkpoint() {
+    let steps = 5;
+    for sched in ["ddim", "dpm"] {
+        let r = resumed_and_uninterrupted(spec(2, 1, 1, 2, 1), steps, sched, steps - 1).await;
+        assert_eq!(
+            r.steps_done, steps,
+            "{sched}: the checkpoint after the last step"
+        );
+        assert_eq!(rel_l2(&r.latent, &r.uninterrupted), 0.0, "{sched}");
+    }
+}

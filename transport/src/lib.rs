@@ -70,7 +70,8 @@
 //!
 //! - `test-hooks`: exposes `QuicNode::send_raw_stream` and `QuicNode::send_raw_control`, which
 //!   write arbitrary bytes to a peer (on a new stream, or on the control stream), for the
-//!   malformed-data tests only.
+//!   malformed-data tests only; `ClusterPki::issue_expired`; and the decoders of activation
+//!   streams and hellos on plain bytes (`fuzz_frame_stream`, `fuzz_hello`) for the fuzzer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -94,6 +95,8 @@ pub use frame::{
 };
 pub use memory::{Endpoint, MemoryNetwork};
 pub use pki::{generate_cluster_pki, ClusterPki, NodeCert, NodeIdentity};
+#[cfg(feature = "test-hooks")]
+pub use quic::{fuzz_encode_frames, fuzz_encode_hello, fuzz_frame_stream, fuzz_hello};
 pub use quic::{
     ClusterMap, ControlEnvelope, ControlSender, LostReason, NodeAddr, PeerEvent, PeerStats,
     QuicNode, QuicOptions, ETHERNET_MAX_UDP_PAYLOAD, GSO_MAX_UDP_PAYLOAD, LOOPBACK_MAX_UDP_PAYLOAD,

@@ -58,6 +58,16 @@ impl Checkpoints {
             tracing::warn!(device, step, "a checkpoint from a device that sends none");
             return;
         };
+        let shape = setup.prepared.latent_shape();
+        let fits = |t: &Tensor| t.shape() == shape;
+        if step >= setup.steps() || !fits(&latent) || history.as_ref().is_some_and(|h| !fits(h)) {
+            tracing::warn!(
+                device,
+                step,
+                "a checkpoint that does not fit the run; ignored"
+            );
+            return;
+        }
         let done = setup.resumed_from + step + 1;
         if self.latest.as_ref().is_some_and(|c| c.steps_done >= done) {
             return;

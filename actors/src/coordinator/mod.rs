@@ -307,7 +307,7 @@ impl Actor for CoordinatorActor {
             } => {
                 // A device that failed because a node it depends on is gone: the node is lost
                 // (its devices' node saw it first); the request resumes around it.
-                if let Some(node) = lost_peer.and_then(|d| st.node_of(d)) {
+                if let Some(node) = st.believable_loss(device, lost_peer) {
                     let running = st.running.as_ref().is_some_and(|r| r.run.id == request);
                     if running && st.reconfigurer.is_some() && st.members.contains(&node) {
                         let devices = st.devices_of(&node);
@@ -368,10 +368,13 @@ impl CoordinatorState {
             && self.reconfigurer.is_some()
             && self.layout.members != self.members
         {
-            match self.replan().await {
-                Ok(()) => self.broken = None,
-                Err(e) => tracing::error!(%e, "the cluster could not change its layout"),
+            let _ = self.replan().await; // a failure sets `broken`
+        }
+        if let Some(why) = self.broken.clone() {
+            for q in self.queue.drain(..) {
+                let _ = q.reply.send(Err(ClusterError::NotRunning(why.clone())));
             }
+            return;
         }
         while self.running.is_none() {
             let Some(mut q) = self.queue.pop_front() else {
@@ -451,8 +454,13 @@ impl CoordinatorState {
         schedule: ScheduleConfig,
         request: u64,
     ) -> Result<(), (usize, String)> {
+        if self.devices.is_empty() || self.begin_order.len() != self.devices.len() {
+            return Err((0, "the cluster runs no devices now".into()));
+        }
         for &i in &self.begin_order {
-            let d = &self.devices[i];
+            let Some(d) = self.devices.get(i) else {
+                return Err((i, "no such device in the layout".into()));
+            };
             if let Some(crate::fault::Fault::SlowBegin { device, millis }) = self.fault {
                 if device == i && request == 1 {
                     tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
@@ -517,10 +525,13 @@ async fn spawn_slots(
         };
         let dargs = make(me.clone());
         let failed = start_error(&dargs);
-        let (d, _) = Actor::spawn_linked(None, DeviceActor, dargs, me.get_cell())
-            .await
-            .map_err(failed)?;
-        devices.push(DeviceHandle::Local(d));
+        match Actor::spawn_linked(None, DeviceActor, dargs, me.get_cell()).await {
+            Ok((d, _)) => devices.push(DeviceHandle::Local(d)),
+            Err(e) => {
+                recovery::stop_local(devices).await; // those started already
+                return Err(failed(e));
+            }
+        }
     }
     Ok(devices)
 }

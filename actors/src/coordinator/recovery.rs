@@ -37,6 +37,9 @@ impl CoordinatorState {
         }
         tracing::error!(%node, %reason, "node lost");
         self.members.retain(|m| *m != node);
+        if self.reconfigurer.is_some() && !self.layout.members.contains(&node) {
+            return; // back but not yet running anything (it rejoined during a request)
+        }
         if self.reconfigurer.is_none() {
             self.break_for_lost(node, reason);
             return;
@@ -92,6 +95,19 @@ impl CoordinatorState {
         self.start_next().await; // re-plans now, or when the running request ends
     }
 
+    /// The node of `lost` if `reporter`'s report of losing it can be believed: `lost` is one of
+    /// the devices `reporter` exchanges with in the current layout (pipeline, sequence-parallel
+    /// group, CFG partner), on a node of the layout other than the coordinator's.
+    pub(super) fn believable_loss(&self, reporter: usize, lost: Option<usize>) -> Option<String> {
+        let lost = lost?;
+        let role = self.roles.iter().find(|r| r.rank == reporter)?;
+        let neighbour = role.pipeline.contains(&lost)
+            || role.sp.members.contains(&lost)
+            || role.cfg.partner == Some(lost);
+        let node = self.node_of(lost)?;
+        (neighbour && lost != reporter && node != self.spec.coordinator).then_some(node)
+    }
+
     /// The node of device `device` (a global index).
     pub(super) fn node_of(&self, device: usize) -> Option<String> {
         let mut first = 0;
@@ -122,12 +138,34 @@ impl CoordinatorState {
     }
 
     /// Moves the devices to the layout over the current members, unless they run it already:
-    /// the members restart their devices in their new roles, the old local devices stop and the
-    /// new ones start here.
+    /// the old local devices stop (and are waited for: their memory), the members restart
+    /// theirs in their new roles, the new ones start here. On success the cluster takes requests
+    /// again; on a failure it takes none (`broken` says why), runs no devices, and the next
+    /// change of members (a node back) tries again.
     pub(super) async fn replan(&mut self) -> Result<(), String> {
         if self.layout.members == self.members {
             return Ok(());
         }
+        let r = self.try_replan().await;
+        match &r {
+            Ok(()) => self.broken = None,
+            Err(e) => {
+                tracing::error!(%e, "the cluster could not change its layout");
+                self.broken = Some(format!(
+                    "the nodes {} cannot run the model: {e}",
+                    self.members.join(", ")
+                ));
+                // No layout: the next replan starts from nothing.
+                self.layout.members.clear();
+                self.begin_order.clear();
+                self.roles.clear();
+                stop_local(std::mem::take(&mut self.devices)).await;
+            }
+        }
+        r
+    }
+
+    async fn try_replan(&mut self) -> Result<(), String> {
         let Some(reconfigurer) = self.reconfigurer.clone() else {
             return Err("this cluster cannot change its layout".into());
         };
@@ -135,12 +173,9 @@ impl CoordinatorState {
             Layout::over(&self.spec, &self.model, &self.members).map_err(|e| e.to_string())?;
         tracing::warn!(members = ?layout.members, stages = layout.plan.pipeline_len(), "new layout");
         // The old devices here go first (their memory), then every member restarts its own.
-        for d in self.devices.drain(..) {
-            if let DeviceHandle::Local(a) = d {
-                a.stop(Some("replaced in a new layout".into()));
-            }
-        }
         self.roles.clear();
+        self.begin_order.clear();
+        stop_local(std::mem::take(&mut self.devices)).await;
         let floor = self.next_run.saturating_sub(1);
         let slots = reconfigurer.reconfigure(layout.clone(), floor).await?;
         self.devices = spawn_slots(&self.me, slots)
@@ -176,6 +211,28 @@ impl CoordinatorState {
             },
         };
         let done = checkpoint.steps_done;
+        if done >= origin.steps() {
+            // Every step was done before the loss: the checkpoint is the result.
+            tracing::warn!(request = r.id, %reason, "all steps were done: the last checkpoint is the result");
+            if let Some(p) = &r.progress {
+                let _ = p.send(Progress::Resumed {
+                    steps_done: done,
+                    reason: reason.clone(),
+                });
+            }
+            r.resumes.push(Resume {
+                steps_done: done,
+                reason: format!("{reason} (after the last step: its checkpoint is the result)"),
+                stages: 0,
+            });
+            let mut summary = crate::request::RunSummary::new(r.started.elapsed(), Vec::new());
+            summary.resumes = r.resumes;
+            let _ = r.reply.send(Ok(crate::request::GenerateOutput {
+                latent: checkpoint.latent,
+                summary,
+            }));
+            return;
+        }
         let id = self.take_run_id();
         // The request's plan on the devices there are now (the layout may have changed).
         let plan = crate::cluster::plan_of(&self.layout.spec, &self.model, &origin.request);
@@ -235,5 +292,21 @@ impl CoordinatorState {
         r.reports = vec![None; self.devices.len()];
         r.run = next;
         self.running = Some(r);
+    }
+}
+
+/// How long a replaced device may take to stop (its current item finishes first).
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Stops the local device actors among `devices` and waits for them (remote ones are their
+/// nodes' to stop).
+pub(super) async fn stop_local(devices: Vec<DeviceHandle>) {
+    for d in devices {
+        if let DeviceHandle::Local(a) = d {
+            let why = Some("replaced in a new layout".to_string());
+            if let Err(e) = a.stop_and_wait(why, Some(STOP_WAIT)).await {
+                tracing::warn!(%e, "a replaced device did not stop in time");
+            }
+        }
     }
 }

@@ -28,6 +28,17 @@ use crate::request::ClusterOptions;
 pub(crate) type ReconfigAcks =
     Arc<Mutex<HashMap<(u64, String), oneshot::Sender<Result<(), String>>>>>;
 
+/// A node was lost: the reconfiguration answers awaited from it fail at once with `why`.
+pub(crate) fn fail_reconfig(acks: &ReconfigAcks, node: &str, why: &str) {
+    let mut a = acks.lock().unwrap_or_else(|e| e.into_inner());
+    let lost: Vec<_> = a.keys().filter(|(_, n)| n == node).cloned().collect();
+    for key in lost {
+        if let Some(tx) = a.remove(&key) {
+            let _ = tx.send(Err(why.to_string()));
+        }
+    }
+}
+
 /// The device actors of a node that is not the coordinator's.
 pub(crate) struct LocalDevices {
     quic: Arc<QuicNode>,
@@ -114,8 +125,8 @@ impl LocalDevices {
         Ok(())
     }
 
-    /// Stops every device actor (on purpose: the watchers go first).
-    pub(crate) fn stop_all(&self) {
+    /// Stops every device actor and waits for them (on purpose: the watchers go first).
+    pub(crate) async fn stop_all(&self) {
         for w in self
             .watchers
             .lock()
@@ -124,20 +135,24 @@ impl LocalDevices {
         {
             w.abort();
         }
-        for (_, d) in self
+        let actors: Vec<_> = self
             .actors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain()
-        {
-            d.stop(Some("replaced in a new layout".into()));
+            .collect();
+        for (rank, d) in actors {
+            let why = Some("replaced in a new layout".to_string());
+            if let Err(e) = d.stop_and_wait(why, Some(Duration::from_secs(30))).await {
+                tracing::warn!(device = rank, %e, "a replaced device did not stop in time");
+            }
         }
     }
 
     /// Restarts this node's devices in the roles of the layout over `members`.
     pub(crate) async fn restart(&self, members: &[String], floor: u64) -> crate::Result<()> {
         let layout = Layout::over(&self.spec, &self.model.config, members)?;
-        self.stop_all();
+        self.stop_all().await;
         let endpoints = self.quic.endpoints()?;
         let by_device = endpoints.into_iter().map(|e| (e.me, e)).collect();
         self.start(&layout.roles, by_device, floor).await
@@ -169,6 +184,25 @@ impl Reconfigurer for NodeReconfigurer {
     ) -> BoxFuture<'_, Result<Vec<StageSlot>, String>> {
         Box::pin(async move {
             let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            let r = self.reconfigure_epoch(epoch, layout, floor).await;
+            // Whatever ended it, nothing waits for this epoch's answers any more.
+            self.acks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(e, _), _| *e != epoch);
+            r
+        })
+    }
+}
+
+impl NodeReconfigurer {
+    async fn reconfigure_epoch(
+        &self,
+        epoch: u64,
+        layout: Layout,
+        floor: u64,
+    ) -> Result<Vec<StageSlot>, String> {
+        {
             let mut waits = Vec::new();
             for m in layout.members.iter().filter(|m| **m != self.node) {
                 let (tx, rx) = oneshot::channel();
@@ -186,8 +220,10 @@ impl Reconfigurer for NodeReconfigurer {
                     .map_err(|e| format!("node {m}: {e}"))?;
                 waits.push((m.clone(), rx));
             }
+            // One deadline for all: a member that answers late does not extend the others'.
+            let deadline = tokio::time::Instant::now() + self.timeout;
             for (m, rx) in waits {
-                match tokio::time::timeout(self.timeout, rx).await {
+                match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(Ok(()))) => {}
                     Ok(Ok(Err(e))) => return Err(format!("node {m}: {e}")),
                     Ok(Err(_)) => return Err(format!("node {m} went away while restarting")),
@@ -227,6 +263,6 @@ impl Reconfigurer for NodeReconfigurer {
                 }
             }
             Ok(slots)
-        })
+        }
     }
 }

@@ -422,11 +422,19 @@ impl ControlContext {
     }
 }
 
-/// A node was lost: every awaited Begin acknowledgement fails at once with `why` (the cluster
-/// cannot run the request any more), instead of waiting out its timeout.
-pub(crate) fn fail_pending(pending: &PendingAcks, why: &str) {
-    for (_, tx) in pending.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-        let _ = tx.send(Err(why.to_string()));
+/// A node was lost: the Begin acknowledgements awaited from its `devices` fail at once with
+/// `why`, instead of waiting out their timeout (those of other nodes wait on).
+pub(crate) fn fail_pending(pending: &PendingAcks, devices: &[usize], why: &str) {
+    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+    let lost: Vec<_> = p
+        .keys()
+        .filter(|(_, d)| devices.contains(d))
+        .copied()
+        .collect();
+    for key in lost {
+        if let Some(tx) = p.remove(&key) {
+            let _ = tx.send(Err(why.to_string()));
+        }
     }
 }
 

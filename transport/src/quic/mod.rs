@@ -31,6 +31,8 @@ use quinn::VarInt;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::pki::check_node_name;
+#[cfg(feature = "test-hooks")]
+use crate::Frame;
 use crate::{ControlMessage, Endpoint, NodeIdentity, TransportError};
 pub use control::ControlSender;
 pub use events::{LostReason, PeerEvent, PeerStats};
@@ -285,6 +287,67 @@ impl QuicNode {
     pub fn send_raw_control(&self, node: &str, bytes: &[u8]) -> Result<(), TransportError> {
         self.peer(node)?.send_raw_control(bytes)
     }
+}
+
+/// Fuzzing hook: reads `bytes` as an activation stream (frames until the end) as a node's stream
+/// reader does; `Ok(frames)` or the reason the stream is malformed.
+#[cfg(feature = "test-hooks")]
+pub fn fuzz_frame_stream(bytes: &[u8], max_frame_bytes: usize) -> Result<usize, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut r = bytes;
+        let mut hdr = rkyv::util::AlignedVec::<16>::new();
+        let mut frames = 0;
+        loop {
+            match read_frame(&mut r, &mut hdr, max_frame_bytes).await {
+                Ok(Some(_)) => frames += 1,
+                Ok(None) => return Ok(frames),
+                Err(ReadFail::Malformed(m)) => return Err(m),
+                Err(ReadFail::Closed(m)) => return Err(m),
+            }
+        }
+    })
+}
+
+/// Fuzzing hook: `frames` (each with its destination device) as an activation stream carries
+/// them (a seed for [`fuzz_frame_stream`]).
+#[cfg(feature = "test-hooks")]
+pub fn fuzz_encode_frames(frames: &[(Frame, usize)]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    for (f, to) in frames {
+        out.extend_from_slice(&encode_header(f, *to)?);
+        out.extend_from_slice(&f.payload);
+    }
+    Ok(out)
+}
+
+/// Fuzzing hook: the hello of node `name` (a seed for [`fuzz_hello`]).
+#[cfg(feature = "test-hooks")]
+pub fn fuzz_encode_hello(name: &str, fingerprint: [u8; 32]) -> Vec<u8> {
+    hello::Hello {
+        version: WIRE_VERSION,
+        fingerprint,
+        name: name.to_string(),
+    }
+    .encode()
+}
+
+/// Fuzzing hook: reads `bytes` as a handshake hello; `Ok` with the name, or why it is refused.
+#[cfg(feature = "test-hooks")]
+pub fn fuzz_hello(bytes: &[u8]) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut r = bytes;
+        match hello::Hello::read(&mut r).await {
+            Ok(h) => Ok(h.name),
+            Err(Ok(m)) => Err(m),
+            Err(Err(e)) => Err(e.to_string()),
+        }
+    })
 }
 
 impl Drop for QuicNode {
