@@ -85,3 +85,54 @@ pub(crate) fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<
         .with_context(|| format!("cannot encode {}", path.display()))?;
     crate::output_file::write_output(path, &data, "--save-latent")
 }
+
+#[cfg(test)]
+mod fuzz {
+    use pipefuse_fuzz::{Budget, Campaign, GuardedAlloc, Target};
+
+    #[global_allocator]
+    static ALLOC: GuardedAlloc = GuardedAlloc;
+
+    /// Latent, noise and prompt files (and `prompt_embeds` in HTTP requests) under a repeatable
+    /// fuzz campaign: no panic, no allocation beyond the harness's bound (issue 15).
+    #[test]
+    fn the_tensor_file_reader_survives_fuzzing() {
+        let root = pipefuse_fuzz::targets::root();
+        let seeds = ["sd3_prompt", "flux_noise", "pixart_sigma_prompt"]
+            .iter()
+            .map(|f| {
+                std::fs::read(root.join(format!("model/tests/fixtures/{f}.safetensors"))).unwrap()
+            })
+            .collect::<Vec<_>>();
+        let focus = seeds
+            .iter()
+            .map(|s| 8 + u64::from_le_bytes(s[..8].try_into().unwrap()) as usize)
+            .max()
+            .unwrap();
+        let t = Target {
+            name: "tensor_file",
+            seeds,
+            text: false,
+            focus,
+            run: Box::new(|b| {
+                super::tensors_from_bytes(b, std::path::Path::new("fuzz.safetensors"))
+                    .map(|_| ())
+                    .map_err(|e| format!("{e:#}"))
+            }),
+        };
+        let r = Campaign::new(11).run(&t, Budget::Inputs(3000));
+        eprintln!(
+            "{} inputs, {} accepted, {} refusal kinds, {:.0}/s",
+            r.inputs,
+            r.accepted,
+            r.reasons,
+            r.rate()
+        );
+        assert!(
+            r.reasons > 1,
+            "mutations never reached a second kind of refusal"
+        );
+        let found: Vec<String> = r.findings.iter().map(|f| f.what.clone()).collect();
+        assert!(found.is_empty(), "{found:?}");
+    }
+}
