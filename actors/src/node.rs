@@ -30,6 +30,10 @@ pub struct Node {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// This node's device actors (not the coordinator's node's: the coordinator runs those).
     devices: Arc<LocalDevices>,
+    /// This node's devices (global indices), as its `NodeReady` names them.
+    my_devices: Vec<usize>,
+    /// How long a node waits for a lost coordinator to come back ([`QuicOptions::join_timeout`]).
+    rejoin_grace: std::time::Duration,
 }
 
 fn read(spec: &ClusterSpec, field: &str, path: &std::path::Path) -> Result<String> {
@@ -127,6 +131,7 @@ impl Node {
         crate::cluster::warn_if_oversubscribed(&spec.nodes[ni].devices);
         let mine = &map.nodes[ni].devices;
         crate::cluster::check_weights_fit(&model, &plan, |rank| mine.contains(&rank))?;
+        let rejoin_grace = quic.join_timeout;
         let quic_node = Arc::new(QuicNode::bind(identity, my_addr, quic)?);
         let events = quic_node.subscribe();
         let lost_events = quic_node.subscribe();
@@ -141,7 +146,11 @@ impl Node {
             events,
             lost_events,
         )
-        .await;
+        .await
+        .map(|mut node| {
+            node.rejoin_grace = rejoin_grace;
+            node
+        });
         if let Err(e) = &started {
             // Tell the peers why, instead of letting them time out.
             quic_node.close_with(&e.to_string());
@@ -339,6 +348,8 @@ impl Node {
             events,
             tasks,
             devices: local_devices,
+            my_devices,
+            rejoin_grace: std::time::Duration::from_secs(30),
         })
     }
 
@@ -360,35 +371,72 @@ impl Node {
     }
 
     /// A non-coordinator node: serves until the coordinator's node goes away. Returns `Ok` when
-    /// it closed the connection, an error naming it when it was lost otherwise.
+    /// it closed the connection. A coordinator lost otherwise (silent, crashed, a network cut)
+    /// may come back: the node waits up to its join timeout for the coordinator to connect
+    /// again (it dials lost nodes), tells it its devices are ready and serves on; only then is
+    /// the loss an error naming it. (A pause of this process, `SIGSTOP`, ends the same way.)
     pub async fn serve(mut self) -> Result<()> {
+        use tokio::sync::broadcast::error::RecvError;
+        let coordinator = self.coordinator.clone();
+        // Since when, and why, the coordinator is away.
+        let mut away: Option<(tokio::time::Instant, String)> = None;
         loop {
-            match self.events.recv().await {
-                Ok(PeerEvent::Lost { node, reason }) if node == self.coordinator => {
-                    self.shutdown().await;
-                    return match reason {
-                        transport::LostReason::ClosedByPeer { .. }
-                        | transport::LostReason::Closed => Ok(()),
-                        other => Err(ClusterError::NodeLost {
-                            node,
-                            reason: other.to_string(),
-                        }),
-                    };
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    if let Some(reason) =
-                        self.quic.peer_stats(&self.coordinator).and_then(|s| s.lost)
+            let event = match &away {
+                Some((since, _)) => {
+                    match tokio::time::timeout_at(*since + self.rejoin_grace, self.events.recv())
+                        .await
                     {
-                        let node = self.coordinator.clone();
-                        self.shutdown().await;
-                        return Err(ClusterError::NodeLost {
-                            node,
-                            reason: reason.to_string(),
-                        });
+                        Ok(e) => e,
+                        Err(_) => {
+                            let (_, reason) = away.take().expect("away");
+                            let waited = self.rejoin_grace.as_secs_f64();
+                            self.shutdown().await;
+                            return Err(ClusterError::NodeLost {
+                                node: coordinator,
+                                reason: format!(
+                                    "{reason}; it did not come back within {waited:.0} s"
+                                ),
+                            });
+                        }
                     }
                 }
-                Err(_) => return Ok(()),
+                None => self.events.recv().await,
+            };
+            let lost = match event {
+                Ok(PeerEvent::Lost { node, reason }) if node == coordinator => Some(reason),
+                Ok(PeerEvent::Rejoined { node, .. }) if node == coordinator => {
+                    tracing::info!(%node, "the coordinator's node is back");
+                    away = None;
+                    // Its layout has no devices of this node any more: say they are ready.
+                    let ready = transport::ControlMessage::NodeReady {
+                        node: self.name.clone(),
+                        devices: self.my_devices.iter().map(|&d| d as u32).collect(),
+                    };
+                    if let Err(e) = self.quic.send_control(&coordinator, &ready) {
+                        tracing::warn!(%e, "could not tell the coordinator this node is ready");
+                    }
+                    None
+                }
+                Ok(_) => None,
+                Err(RecvError::Lagged(_)) => {
+                    self.quic.peer_stats(&coordinator).and_then(|s| s.lost)
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            };
+            match lost {
+                Some(
+                    transport::LostReason::ClosedByPeer { .. } | transport::LostReason::Closed,
+                ) => {
+                    self.shutdown().await;
+                    return Ok(());
+                }
+                // A new connection replaced the old one: `Rejoined` follows.
+                Some(transport::LostReason::Superseded) | None => {}
+                Some(other) if away.is_none() => {
+                    tracing::warn!(node = %coordinator, reason = %other, "the coordinator's node is lost; waiting for it to come back");
+                    away = Some((tokio::time::Instant::now(), other.to_string()));
+                }
+                Some(_) => {}
             }
         }
     }

@@ -255,13 +255,21 @@ fn nodes_in_namespaces_overlap_a_slow_link_with_compute() {
         relayed >= mb.iter().sum::<f64>(),
         "only {relayed} MB went through the delay line: {err}"
     );
-    assert!(
-        link > 0.3 * wall,
-        "the link must be a real cost here: {err}"
-    );
+    // Both statements compare times of this run with each other, so they hold on a fast or a
+    // slow or a loaded machine alike (a fixed share of the wall time for the link did not: under
+    // load the compute grows and the link stays). The pipeline runs the stages side by side:
     assert!(
         wall < 0.8 * (compute + link),
         "no overlap: wall {wall:.3} s vs compute {compute:.3} s + link {link:.3} s\n{err}"
+    );
+    // ... and the receiving stage computes while its inputs cross the link: without that its
+    // wall time would be at least its compute plus the time its inputs take on the link.
+    let into_last = mb[0] * 8.0 / RATE_MBIT;
+    assert!(
+        wall < busy[1] + into_last,
+        "the link is not overlapped with compute: wall {wall:.3} s vs device 1's compute \
+         {:.3} s + its inputs on the link {into_last:.3} s\n{err}",
+        busy[1]
     );
     drop(ns);
     std::fs::remove_dir_all(&dir).ok();

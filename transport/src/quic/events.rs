@@ -22,6 +22,9 @@ pub enum LostReason {
     },
     /// This node closed the connection (shutdown).
     Closed,
+    /// The node connected again (a restarted process, or the same one after a pause) and the new
+    /// connection replaced this one: a [`PeerEvent::Rejoined`] for the node follows.
+    Superseded,
     /// Any other failure (transport error, reset, a stream that failed).
     Failed {
         /// The error.
@@ -36,6 +39,9 @@ impl std::fmt::Display for LostReason {
             LostReason::Malformed { message } => write!(f, "malformed data: {message}"),
             LostReason::ClosedByPeer { reason } => write!(f, "closed by the peer: {reason}"),
             LostReason::Closed => write!(f, "closed by this node"),
+            LostReason::Superseded => {
+                write!(f, "superseded by a new connection from the same node")
+            }
             LostReason::Failed { message } => write!(f, "{message}"),
         }
     }

@@ -112,18 +112,10 @@ pub(crate) fn admit(inner: &Arc<NodeInner>, name: String, conn: quinn::Connectio
         }
     };
     if let Some(old) = old {
-        let why = "superseded by a new connection from the same node";
         if !old.is_lost() {
-            old.fail(
-                LostReason::Failed {
-                    message: why.into(),
-                },
-                close_code::UNEXPECTED,
-            );
+            old.fail(LostReason::Superseded, close_code::UNEXPECTED);
         }
-        let reason = old.stats().lost.unwrap_or(LostReason::Failed {
-            message: why.into(),
-        });
+        let reason = old.stats().lost.unwrap_or(LostReason::Superseded);
         old.publish_lost(inner, reason);
     }
     peer.start(inner.clone());
