@@ -128,7 +128,10 @@ fn a_hung_node_is_resumed_around_and_rejoins_when_continued() {
         if err.contains("device 1: busy") {
             break; // n1's device ran in this request
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "n1 never came back: {err}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "n1 never came back: {err}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let status = common::terminate(&mut n0, Duration::from_secs(30));
@@ -210,6 +213,80 @@ fn a_straggler_slows_a_request_without_changing_its_result() {
         &local,
     );
     assert_eq!(common::latent_bytes(&out), common::latent_bytes(&local));
+    let status = common::terminate(&mut n0, Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    exits(&mut n1, "n1");
+    exits(&mut n2, "n2");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The disk fills while a served request saves its outputs: the coordinator's node runs in its
+/// own mount namespace where the output folder is a 4 KiB tmpfs. The request's client is told
+/// which output failed and why (nothing half-written is left, the output that fit is kept), and
+/// the cluster serves the next request.
+#[test]
+fn a_full_disk_fails_the_output_not_the_cluster() {
+    let (dir, topo) = cluster("full-disk");
+    let full = dir.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let socket = dir.join("s.sock");
+    let mut n1 = spawn_node(&topo, "n1", &[]);
+    let mut n2 = spawn_node(&topo, "n2", &[]);
+    let script = format!(
+        "mount -t tmpfs -o size=4k tmpfs '{}' && exec '{}' launch --topology '{}' --node n0 \
+         --join-timeout 15 --serve --socket '{}'",
+        full.display(),
+        bin(),
+        topo.display(),
+        socket.display()
+    );
+    let mut n0 = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("n0.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !socket.exists() {
+        let log = std::fs::read_to_string(dir.join("n0.log")).unwrap_or_default();
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never listened: {log}"
+        );
+        assert!(n0.try_wait().unwrap().is_none(), "n0 exited: {log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let attach = |args: &[&str]| {
+        Command::new(bin())
+            .args(["generate", "--attach", socket.to_str().unwrap()])
+            .args(["--class-label", "1", "--steps", "2"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let (png, lat) = (full.join("big.png"), full.join("l.safetensors"));
+    let o = attach(&[
+        "--png-scale",
+        "32",
+        "--out",
+        png.to_str().unwrap(),
+        "--save-latent",
+        lat.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("--out") && err.contains("No space left on device"),
+        "{err}"
+    );
+    assert!(
+        err.contains("final latent written"),
+        "the output that fit is kept: {err}"
+    );
+    let elsewhere = dir.join("elsewhere.safetensors");
+    let o = attach(&["--save-latent", elsewhere.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(elsewhere.exists());
     let status = common::terminate(&mut n0, Duration::from_secs(30));
     assert!(status.success(), "{status}");
     exits(&mut n1, "n1");

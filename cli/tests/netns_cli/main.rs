@@ -11,6 +11,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod faults;
 mod relay;
 
 use common::{bin, in_process_demo, latent_bytes as latent, root};
@@ -40,8 +41,8 @@ fn run(cmd: &[&str]) -> Result<(), String> {
 }
 
 /// Two namespaces, deleted on drop (which also removes their TUN devices).
-struct Namespaces {
-    names: [String; 2],
+pub(crate) struct Namespaces {
+    pub(crate) names: [String; 2],
 }
 
 impl Drop for Namespaces {
@@ -54,7 +55,7 @@ impl Drop for Namespaces {
 
 /// Namespace `names[i]` gets TUN device `tun_i` with address `10.213.0.{i+1}`, point to point to
 /// the other, shaped to RATE_MBIT on egress; the delay line joins the two devices.
-fn slow_link(tag: &str) -> Result<(Namespaces, relay::DelayLink), String> {
+pub(crate) fn slow_link(tag: &str) -> Result<(Namespaces, relay::DelayLink), String> {
     let ns = Namespaces {
         names: [format!("pf{tag}a"), format!("pf{tag}b")],
     };
@@ -85,7 +86,7 @@ fn slow_link(tag: &str) -> Result<(Namespaces, relay::DelayLink), String> {
     Ok((ns, link))
 }
 
-fn topology(dir: &Path) -> PathBuf {
+pub(crate) fn topology(dir: &Path) -> PathBuf {
     let text = format!(
         r#"coordinator = "n0"
 
@@ -161,7 +162,7 @@ fn summary(err: &str) -> (f64, Vec<f64>, Vec<f64>) {
     (wall, busy, mb)
 }
 
-fn prerequisites() -> Result<(), String> {
+pub(crate) fn prerequisites() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("needs root (network namespaces, TUN devices, tc)".into());

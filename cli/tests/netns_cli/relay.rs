@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -64,6 +64,8 @@ fn readable(file: &File, ms: i32) -> bool {
 pub(crate) struct DelayLink {
     stop: Arc<AtomicBool>,
     bytes: Arc<AtomicU64>,
+    /// Packets dropped per thousand (1000: the link is cut), both directions.
+    drop_per_mille: Arc<AtomicU32>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -72,20 +74,31 @@ impl DelayLink {
     pub(crate) fn start(a: File, b: File, delay: Duration) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let bytes = Arc::new(AtomicU64::new(0));
+        let drop_per_mille = Arc::new(AtomicU32::new(0));
         let (a2, b2) = (a.try_clone()?, b.try_clone()?);
         let mut threads = Vec::new();
         for (from, to) in [(a, b2), (b, a2)] {
             let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
-            let s = stop.clone();
-            threads.push(std::thread::spawn(move || read_side(from, tx, delay, &s)));
+            let (s, d) = (stop.clone(), drop_per_mille.clone());
+            threads.push(std::thread::spawn(move || {
+                read_side(from, tx, delay, &s, &d)
+            }));
             let (s, n) = (stop.clone(), bytes.clone());
             threads.push(std::thread::spawn(move || write_side(to, rx, &s, &n)));
         }
         Ok(Self {
             stop,
             bytes,
+            drop_per_mille,
             threads,
         })
+    }
+
+    /// From now on, drops `per_mille` of every thousand packets in each direction (1000 cuts
+    /// the link, 0 restores it).
+    pub(crate) fn set_drop(&self, per_mille: u32) {
+        self.drop_per_mille
+            .store(per_mille.min(1000), Ordering::Relaxed);
     }
 
     /// IP bytes delivered so far, both directions.
@@ -108,14 +121,23 @@ fn read_side(
     tx: mpsc::Sender<(Instant, Vec<u8>)>,
     delay: Duration,
     stop: &AtomicBool,
+    drop_per_mille: &AtomicU32,
 ) {
     let mut buf = vec![0u8; 65536];
+    // A fixed sequence of pseudo-random drops (xorshift): the same pattern every run.
+    let mut x = 0x9E37_79B9u32;
     while !stop.load(Ordering::Relaxed) {
         if !readable(&from, 50) {
             continue;
         }
         match from.read(&mut buf) {
             Ok(n) if n > 0 => {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                if x % 1000 < drop_per_mille.load(Ordering::Relaxed) {
+                    continue; // lost on the way
+                }
                 if tx
                     .send((Instant::now() + delay, buf[..n].to_vec()))
                     .is_err()
