@@ -82,7 +82,14 @@ impl DeviceState {
         for (item, t) in self.parts_to_send(to, item, out)? {
             let label = item_label(to == 0, item.step, item.part);
             let frame = encode(request, self.role.rank, label, &t).map_err(|e| e.to_string())?;
-            link.send_async(frame).await.map_err(|e| e.to_string())?;
+            if let Err(e) = link.send_async(frame).await {
+                // The next stage's node is gone (its connection lost): the failure names it, so
+                // the coordinator resumes around that node even before it hears of the loss.
+                if matches!(e, transport::TransportError::PeerGone { .. }) {
+                    self.lost_peer.get_or_insert(to_device);
+                }
+                return Err(e.to_string());
+            }
         }
         Ok(())
     }
