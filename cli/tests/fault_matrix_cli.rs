@@ -12,31 +12,33 @@ mod cluster_common;
 mod common;
 mod http_common;
 
-use cluster_common::{cluster, spawn_node};
+use cluster_common::{cluster, spawn_node, Proc};
 use common::bin;
 
 /// `launch --node n0 --serve --socket S` on `topo` with `PIPEFUSE_FAULT=fault`, once listening.
-fn serve_n0(topo: &Path, socket: &Path, fault: &str, log: &Path) -> Child {
-    let mut n0 = Command::new(bin())
-        .args([
-            "launch",
-            "--topology",
-            topo.to_str().unwrap(),
-            "--node",
-            "n0",
-        ])
-        .args([
-            "--join-timeout",
-            "15",
-            "--serve",
-            "--socket",
-            socket.to_str().unwrap(),
-        ])
-        .env("PIPEFUSE_FAULT", fault)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
+fn serve_n0(topo: &Path, socket: &Path, fault: &str, log: &Path) -> Proc {
+    let mut n0 = Proc(
+        Command::new(bin())
+            .args([
+                "launch",
+                "--topology",
+                topo.to_str().unwrap(),
+                "--node",
+                "n0",
+            ])
+            .args([
+                "--join-timeout",
+                "15",
+                "--serve",
+                "--socket",
+                socket.to_str().unwrap(),
+            ])
+            .env("PIPEFUSE_FAULT", fault)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let t0 = Instant::now();
     while !socket.exists() {
         assert!(

@@ -64,21 +64,49 @@ pub fn http_base(child: &mut std::process::Child) -> (String, std::thread::JoinH
     (base, rest)
 }
 
-/// `launch --topology T --node NODE --join-timeout 15 <extra>`, stderr piped.
-pub fn spawn_node(topo: &Path, node: &str, extra: &[&str]) -> std::process::Child {
-    Command::new(bin())
-        .args([
-            "launch",
-            "--topology",
-            topo.to_str().unwrap(),
-            "--node",
-            node,
-        ])
-        .args(["--join-timeout", "15"])
-        .args(extra)
-        .env_remove("PIPEFUSE_API_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// A node process that is killed when dropped (a failing test leaves nothing running).
+pub struct Proc(pub std::process::Child);
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `launch --topology T --node NODE --join-timeout 15 <extra>`, stderr piped; killed if the test
+/// ends with it still running.
+pub fn spawn_node(topo: &Path, node: &str, extra: &[&str]) -> Proc {
+    Proc(
+        Command::new(bin())
+            .args([
+                "launch",
+                "--topology",
+                topo.to_str().unwrap(),
+                "--node",
+                node,
+            ])
+            .args(["--join-timeout", "15"])
+            .args(extra)
+            .env_remove("PIPEFUSE_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
 }
