@@ -12,7 +12,7 @@ mod cluster_common;
 mod common;
 mod http_common;
 
-use cluster_common::{cluster, spawn_node, Proc};
+use cluster_common::{cluster, spawn_node, until_device_runs, wait_for_socket, Proc};
 use common::bin;
 
 /// `launch --node n0 --serve --socket S` on `topo` with `PIPEFUSE_FAULT=fault`, once listening.
@@ -39,15 +39,7 @@ fn serve_n0(topo: &Path, socket: &Path, fault: &str, log: &Path) -> Proc {
             .spawn()
             .unwrap(),
     );
-    let t0 = Instant::now();
-    while !socket.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the server never listened"
-        );
-        assert!(n0.try_wait().unwrap().is_none(), "the server exited early");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_socket(socket, &mut n0);
     n0
 }
 
@@ -118,24 +110,7 @@ fn a_hung_node_is_resumed_around_and_rejoins_when_continued() {
         .status()
         .unwrap()
         .success());
-    let t0 = Instant::now();
-    loop {
-        let o = Command::new(bin())
-            .args(["generate", "--attach", socket.to_str().unwrap()])
-            .args(["--class-label", "1", "--steps", "2"])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{err}");
-        if err.contains("device 1: busy") {
-            break; // n1's device ran in this request
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "n1 never came back: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until_device_runs(&socket, 1);
     let status = common::terminate(&mut n0, Duration::from_secs(30));
     assert!(status.success(), "{status}");
     exits(&mut n1, "n1");

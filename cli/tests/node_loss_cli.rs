@@ -8,14 +8,14 @@
 
 use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod cluster_common;
 mod common;
 mod http_common;
 
-use cluster_common::{cluster, http_base, spawn_node};
+use cluster_common::{cluster, http_base, spawn_node, until_device_runs, wait_for_socket};
 use common::{bin, read_f32, rel_l2};
 
 /// `generate --attach SOCKET args`, run to the end: (success, stderr).
@@ -29,22 +29,6 @@ fn attach(socket: &Path, args: &[&str]) -> (bool, String) {
         o.status.success(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
-}
-
-/// Waits for `path` to exist (a served socket), while `child` runs.
-fn wait_for(path: &Path, child: &mut Child) {
-    let t0 = Instant::now();
-    while !path.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the server never listened"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the server exited early"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The done-when of issue 15: `launch --serve` over the example three-node topology with every
@@ -84,7 +68,7 @@ fn a_request_survives_kill_9_of_a_node_and_the_node_rejoins() {
         .stderr(std::fs::File::create(dir.join("n0.log")).unwrap())
         .spawn()
         .unwrap();
-    wait_for(&socket, &mut n0);
+    wait_for_socket(&socket, &mut n0);
     let request = [
         "--class-label",
         "3",
@@ -135,19 +119,7 @@ fn a_request_survives_kill_9_of_a_node_and_the_node_rejoins() {
 
     // n1 comes back (same certificate): requests run on three stages again.
     let mut n1 = spawn_node(&topo, "n1", &["--node-timeout", "1"]);
-    let t0 = Instant::now();
-    loop {
-        let (ok, err) = attach(&socket, &["--class-label", "1", "--steps", "2"]);
-        assert!(ok, "{err}");
-        if err.contains("device 1: busy") {
-            break; // n1's device ran in this request
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "n1 was never taken back: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until_device_runs(&socket, 1);
     let uninterrupted = dir.join("uninterrupted.safetensors");
     let (ok, err) = attach(
         &socket,

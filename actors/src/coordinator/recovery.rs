@@ -214,17 +214,8 @@ impl CoordinatorState {
         if done >= origin.steps() {
             // Every step was done before the loss: the checkpoint is the result.
             tracing::warn!(request = r.id, %reason, "all steps were done: the last checkpoint is the result");
-            if let Some(p) = &r.progress {
-                let _ = p.send(Progress::Resumed {
-                    steps_done: done,
-                    reason: reason.clone(),
-                });
-            }
-            r.resumes.push(Resume {
-                steps_done: done,
-                reason: format!("{reason} (after the last step: its checkpoint is the result)"),
-                stages: 0,
-            });
+            let why = format!("{reason} (after the last step: its checkpoint is the result)");
+            r.note_resume(done, reason, why, 0);
             let mut summary = crate::request::RunSummary::new(r.started.elapsed(), Vec::new());
             summary.resumes = r.resumes;
             let _ = r.reply.send(Ok(crate::request::GenerateOutput {
@@ -236,24 +227,17 @@ impl CoordinatorState {
         let id = self.take_run_id();
         // The request's plan on the devices there are now (the layout may have changed).
         let plan = crate::cluster::plan_of(&self.layout.spec, &self.model, &origin.request);
-        let next = plan
-            .and_then(|plan| {
-                r.stages = plan.pipeline_len();
-                origin.continued(
-                    id,
-                    &self.model,
-                    &checkpoint,
-                    plan.patches.clone(),
-                    plan.cfg_degree,
-                    plan.sp.degree(),
-                )
-            })
-            .map(|mut s| {
-                if done == 0 {
-                    s.warmup = origin.warmup; // nothing was run: the request as asked
-                }
-                s
-            });
+        let next = plan.and_then(|plan| {
+            r.stages = plan.pipeline_len();
+            origin.continued(
+                id,
+                &self.model,
+                &checkpoint,
+                plan.patches.clone(),
+                plan.cfg_degree,
+                plan.sp.degree(),
+            )
+        });
         let fail = |r: Running, e: ClusterError| {
             tracing::error!(request = r.id, %e, "request could not be resumed");
             let _ = r.reply.send(Err(e));
@@ -277,17 +261,8 @@ impl CoordinatorState {
             return fail(r, e);
         }
         tracing::warn!(request = r.id, run = id, steps_done = done, %reason, "request resumed");
-        if let Some(p) = &r.progress {
-            let _ = p.send(Progress::Resumed {
-                steps_done: done,
-                reason: reason.clone(),
-            });
-        }
-        r.resumes.push(Resume {
-            steps_done: done,
-            reason,
-            stages: r.stages,
-        });
+        let stages = r.stages;
+        r.note_resume(done, reason.clone(), reason, stages);
         r.checkpoints = Checkpoints::new(&self.roles, r.checkpoints.latest.take());
         r.reports = vec![None; self.devices.len()];
         r.run = next;
@@ -308,5 +283,21 @@ pub(super) async fn stop_local(devices: Vec<DeviceHandle>) {
                 tracing::warn!(%e, "a replaced device did not stop in time");
             }
         }
+    }
+}
+
+impl Running {
+    /// Tells the client (`Progress::Resumed` with `reason`) and the summary (`Resume` with
+    /// `note`) that the request continues after `steps_done` steps on `stages` stages (0: none
+    /// ran again).
+    fn note_resume(&mut self, steps_done: usize, reason: String, note: String, stages: usize) {
+        if let Some(p) = &self.progress {
+            let _ = p.send(Progress::Resumed { steps_done, reason });
+        }
+        self.resumes.push(Resume {
+            steps_done,
+            reason: note,
+            stages,
+        });
     }
 }

@@ -180,7 +180,11 @@ impl RequestSetup {
                 )));
             }
         }
-        let warmup = self.warmup.saturating_sub(done).max(1);
+        // Nothing run yet (no checkpoint): the request as asked.
+        let warmup = match done {
+            0 => self.warmup,
+            _ => self.warmup.saturating_sub(done).max(1),
+        };
         let mut next = Self::from_plan(
             id,
             cfg,

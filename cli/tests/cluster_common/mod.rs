@@ -110,3 +110,43 @@ pub fn spawn_node(topo: &Path, node: &str, extra: &[&str]) -> Proc {
             .unwrap(),
     )
 }
+
+/// Waits (at most 60 s) for a served cluster's socket at `path` while `child` (the coordinator's
+/// node) runs.
+pub fn wait_for_socket(path: &Path, child: &mut std::process::Child) {
+    let t0 = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "the server never listened"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the server exited early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Sends 2-step requests to the served cluster at `socket` until device `device` runs in one
+/// (a node taken back), at most 60 s; every request must succeed.
+pub fn until_device_runs(socket: &Path, device: usize) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let o = Command::new(bin())
+            .args(["generate", "--attach", socket.to_str().unwrap()])
+            .args(["--class-label", "1", "--steps", "2"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        if err.contains(&format!("device {device}: busy")) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "device {device} never ran again: {err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
