@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 11), for a session that is lent a GPU machine (the `device`
-# tool's `run`): every CUDA kernel against the CPU backend on random inputs, one JSON line per
+# tool's `run`): every `Device` op of the CUDA backend (cuBLASLt GEMMs, NVRTC kernels) on GPU
+# tensors of f32, bf16 and f16 against the CPU backend on the same inputs, one JSON line per
 # check (exit 1 if any is off), plus nvidia-smi, written under $OUT. The machine has no Rust
 # toolchain, so the check binary is built here and carried:
 #
@@ -31,7 +32,14 @@ fi
 echo "CUDA tools: $nv" | tee "$out/cuda_tools.txt"
 include="$nv/include"
 [ -e "$include/cuda_bf16.h" ] || include=$(dirname "$(find / -name cuda_bf16.h -not -path '*/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH="$nv/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+libs="$nv/lib"
+# cuBLASLt: in the same folder with CUDA 13 wheels, else wherever the nvidia-cublas wheel put it.
+if [ ! -e "$nv/lib/libcublasLt.so.13" ]; then
+    lt=$(find / -name 'libcublasLt.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)
+    [ -n "$lt" ] && libs="$libs:$(dirname "$lt")"
+fi
+echo "libraries: $libs" | tee -a "$out/cuda_tools.txt"
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PIPEFUSE_CUDA_INCLUDE="$include"
 target/gpu/gpu_check | tee "$out/gpu_check.jsonl"
 exit "${PIPESTATUS[0]}"

@@ -178,10 +178,13 @@ mod tests {
         assert_eq!(back.shape(), t.shape());
         assert_eq!(back.as_f32().unwrap(), t.as_f32().unwrap());
         // Other dtypes keep theirs.
-        let half = t.to_dtype(DType::BF16);
+        let half = t.to_dtype(DType::BF16).unwrap();
         let f = encode(9, 1, item_label(true, 0, Part::Whole), &half).unwrap();
         assert_eq!((f.header.dtype, f.payload.len()), (WireDType::BF16, 48));
-        assert_eq!(decode(&f).unwrap().to_vec_f32(), half.to_vec_f32());
+        assert_eq!(
+            decode(&f).unwrap().to_vec_f32().unwrap(),
+            half.to_vec_f32().unwrap()
+        );
     }
 
     #[test]
@@ -189,7 +192,8 @@ mod tests {
         let a = Tensor::from_vec(vec![1.5, -2.0, 3.25], &[3]).unwrap();
         let b = Tensor::from_vec(vec![0.5; 4], &[1, 2, 2])
             .unwrap()
-            .to_dtype(DType::F16);
+            .to_dtype(DType::F16)
+            .unwrap();
         let mut out = Vec::new();
         put_tensor(&mut out, &a).unwrap();
         put_tensor(&mut out, &b).unwrap();

@@ -1,17 +1,18 @@
-//! The prepared GPU check (issue 11): on a lent GPU, every CUDA kernel against the CPU backend
-//! on the same random inputs, one JSON line per check, exit 1 if any is off. Built here (no GPU
-//! needed) and carried to the GPU machine by `tools/gpu_check.sh`:
+//! The prepared GPU check (issue 11): on a lent GPU, every `Device` op the CUDA backend has, on
+//! CUDA tensors of each dtype, against the CPU backend on the same inputs (rounded to that dtype
+//! first), one JSON line per check, exit 1 if any is off. Built here (no GPU needed) and carried
+//! to the GPU machine by `tools/gpu_check.sh`:
 //!
 //!     cargo build --release -p kernels --features cuda --example gpu_check
 //!
 //! Needs `PIPEFUSE_CUDA_INCLUDE` (the CUDA headers) and NVRTC / the driver on the library path.
-//! Tolerances: f32 kernels relative L2 <= 1e-5 (GELU's tanh vs the CPU's exp form: 2e-6).
+//! Tolerances (relative L2 to the CPU's f32 result): f32 1e-5 (GELU's tanh vs the CPU's exp
+//! form: 2e-6; GEMMs in f32 compute, no TF32), bf16 1e-2, f16 2e-3 (the output's own rounding
+//! and f32 accumulation in another order).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use kernels::cuda::gpu::GpuKernels;
-use kernels::{AttnView, Device, Tensor};
+use kernels::{AttnView, DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -28,16 +29,53 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn report(check: &str, e: f64, tol: f64, failed: &mut bool) {
-    let ok = e <= tol;
-    *failed |= !ok;
-    println!("{{\"check\":\"{check}\",\"rel_l2\":{e:.3e},\"tolerance\":{tol:e},\"ok\":{ok}}}");
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+    }
+}
+
+/// Compares a GPU result with the CPU's, one JSON line.
+struct Checks {
+    failed: bool,
+}
+
+impl Checks {
+    fn compare(
+        &mut self,
+        check: &str,
+        dtype: DType,
+        got: &Tensor,
+        want: &Tensor,
+    ) -> Result<(), String> {
+        let got = got.to_vec_f32().map_err(|e| e.to_string())?;
+        let want = want.to_vec_f32().map_err(|e| e.to_string())?;
+        if got.len() != want.len() {
+            return Err(format!("{check}: {} vs {} elements", got.len(), want.len()));
+        }
+        let e = rel_l2(&got, &want);
+        let (tol, ok) = (
+            tolerance(dtype),
+            got.iter().all(|v| v.is_finite() || v.is_nan()),
+        );
+        let ok = ok && e <= tol;
+        self.failed |= !ok;
+        println!("{{\"check\":\"{check}\",\"dtype\":\"{dtype}\",\"rel_l2\":{e:.3e},\"tolerance\":{tol:e},\"ok\":{ok}}}");
+        Ok(())
+    }
+}
+
+/// `t` rounded to `dtype` (the CPU reference's input) and its copy on the GPU.
+fn pair(t: &Tensor, dtype: DType, gpu: &Device) -> Result<(Tensor, Tensor), String> {
+    let rounded = t.to_dtype(dtype).map_err(|e| e.to_string())?;
+    let host = rounded.to_dtype(DType::F32).map_err(|e| e.to_string())?;
+    let dev = rounded.to_device(gpu).map_err(|e| e.to_string())?;
+    Ok((host, dev))
 }
 
 fn run() -> Result<bool, String> {
-    let include = std::env::var_os("PIPEFUSE_CUDA_INCLUDE")
-        .map(PathBuf::from)
-        .ok_or("PIPEFUSE_CUDA_INCLUDE is not set (the CUDA headers' folder)")?;
     for d in kernels::cuda_devices()? {
         println!(
             "{{\"device\":{},\"name\":\"{}\",\"memory_gib\":{:.1},\"cc\":\"{}.{}\"}}",
@@ -48,112 +86,91 @@ fn run() -> Result<bool, String> {
             d.compute_capability.1
         );
     }
-    let gpu = GpuKernels::new(0, &include).map_err(|e| e.to_string())?;
+    let gpu = Device::cuda(0).map_err(|e| e.to_string())?;
     let cpu = Device::cpu(4).map_err(|e| e.to_string())?;
-    let mut failed = false;
-    let t = |shape: &[usize], seed| random(shape, seed);
-    let e = |x: kernels::Result<()>| x.map_err(|e| e.to_string());
+    let mut checks = Checks { failed: false };
+    let s = |e: kernels::KernelError| e.to_string();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // Element-wise ops.
+        let (x, dx) = pair(&random(&[1 << 20], 1), dtype, &gpu)?;
+        let mut want = x.clone();
+        cpu.gelu_tanh_(&mut want).map_err(s)?;
+        let mut got = dx.clone();
+        gpu.gelu_tanh_(&mut got).map_err(s)?;
+        checks.compare("gelu_tanh", dtype, &got, &want)?;
+        let want = cpu.silu(&x).map_err(s)?;
+        checks.compare("silu", dtype, &gpu.silu(&dx).map_err(s)?, &want)?;
+        // The input must be unchanged (copy on write of a shared buffer).
+        checks.compare("copy on write", dtype, &dx, &x)?;
 
-    // Element-wise ops.
-    let x = t(&[1 << 20], 1);
-    for (name, reference) in [("gelu_tanh_f32", 0), ("silu_f32", 1)] {
-        let mut got = x.as_f32().unwrap().to_vec();
-        e(gpu.activation_f32(name, &mut got))?;
-        let want = match reference {
-            0 => {
-                let mut w = x.clone();
-                e(cpu.gelu_tanh_(&mut w))?;
-                w
-            }
-            _ => cpu.silu(&x).map_err(|e| e.to_string())?,
+        let (b, n, c) = (2, 300, 1152);
+        let (x, dx) = pair(&random(&[b, n, c], 2), dtype, &gpu)?;
+        let (y, dy) = pair(&random(&[b, n, c], 3), dtype, &gpu)?;
+        let (g, dg) = pair(&random(&[b, c], 4), dtype, &gpu)?;
+        let (mut want, mut got) = (x.clone(), dx.clone());
+        cpu.add_gated_(&mut want, &y, Some(&g)).map_err(s)?;
+        gpu.add_gated_(&mut got, &dy, Some(&dg)).map_err(s)?;
+        checks.compare("add_gated", dtype, &got, &want)?;
+
+        // LayerNorm + adaLN modulation.
+        let (sh, dsh) = pair(&random(&[b, c], 6), dtype, &gpu)?;
+        let want = cpu.layer_norm_modulate(&x, &sh, &g, 1e-6).map_err(s)?;
+        let got = gpu.layer_norm_modulate(&dx, &dsh, &dg, 1e-6).map_err(s)?;
+        checks.compare("layer_norm_modulate", dtype, &got, &want)?;
+
+        // Per-head RMS norm of the keys of a fused QKV (columns c..2c, heads of 64).
+        let (qkv, dqkv) = pair(&random(&[b, n, 3 * 256], 11), dtype, &gpu)?;
+        let (w, dw) = pair(&random(&[64], 12), dtype, &gpu)?;
+        let (mut want, mut got) = (qkv.clone(), dqkv.clone());
+        cpu.rms_norm_groups_(&mut want, 256, 256, &w, 1e-6)
+            .map_err(s)?;
+        gpu.rms_norm_groups_(&mut got, 256, 256, &dw, 1e-6)
+            .map_err(s)?;
+        checks.compare("rms_norm_groups", dtype, &got, &want)?;
+
+        // Linear layers of DiT-XL/2's shapes (fc1 with bias; qkv without).
+        for (name, (m, k, nn), bias) in [
+            ("linear fc1", (512, 1152, 4608), true),
+            ("linear qkv", (300, 1152, 3456), false),
+        ] {
+            let (x, dx) = pair(&random(&[1, m, k], 13), dtype, &gpu)?;
+            let (w, dw) = pair(&random(&[nn, k], 14), dtype, &gpu)?;
+            let (bb, dbb) = pair(&random(&[nn], 15), dtype, &gpu)?;
+            let want = cpu.linear(&x, &w, bias.then_some(&bb)).map_err(s)?;
+            let got = gpu.linear(&dx, &dw, bias.then_some(&dbb)).map_err(s)?;
+            checks.compare(name, dtype, &got, &want)?;
+        }
+
+        // Attention: queries, keys and values as column views of one fused QKV (head dim 72,
+        // PixArt's), a key bias masking some keys, and the log-sum-exp.
+        let (heads, hd, seq) = (4, 72, 300);
+        let (qkv, dqkv) = pair(&random(&[b, seq, 3 * heads * hd], 8), dtype, &gpu)?;
+        let bias: Vec<f32> = (0..b * seq)
+            .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let bias = Tensor::from_vec(bias, &[b, seq]).map_err(s)?;
+        let dbias = bias.to_device(&gpu).map_err(s)?;
+        let views = |t| -> Result<_, String> {
+            Ok((
+                AttnView::of(t, 0).map_err(s)?,
+                AttnView::of(t, heads * hd).map_err(s)?,
+                AttnView::of(t, 2 * heads * hd).map_err(s)?,
+            ))
         };
-        report(
-            name,
-            rel_l2(&got, want.as_f32().unwrap()),
-            1e-5,
-            &mut failed,
-        );
+        let (q, k, v) = views(&qkv)?;
+        let (want, want_lse) = cpu
+            .attention_with_lse(q, k, v, Some(&bias), b, heads, hd)
+            .map_err(s)?;
+        let (q, k, v) = views(&dqkv)?;
+        let (got, got_lse) = gpu
+            .attention_with_lse(q, k, v, Some(&dbias), b, heads, hd)
+            .map_err(s)?;
+        checks.compare("attention", dtype, &got, &want)?;
+        // The log-sum-exp is f32 whatever the inputs' dtype.
+        let name = format!("attention lse, {dtype} inputs");
+        checks.compare(&name, DType::F32, &got_lse, &want_lse)?;
     }
-    let (b, n, c) = (2, 300, 1152);
-    let (mut x, y, g) = (t(&[b, n, c], 2), t(&[b, n, c], 3), t(&[b, c], 4));
-    let mut got = x.as_f32().unwrap().to_vec();
-    e(gpu.add_gated_f32(
-        &mut got,
-        y.as_f32().unwrap(),
-        g.as_f32().unwrap(),
-        (b, n, c),
-    ))?;
-    e(cpu.add_gated_(&mut x, &y, Some(&g)))?;
-    report(
-        "add_gated_f32",
-        rel_l2(&got, x.as_f32().unwrap()),
-        1e-6,
-        &mut failed,
-    );
-
-    // LayerNorm + adaLN modulation.
-    let (x, sh, sc) = (t(&[b, n, c], 5), t(&[b, c], 6), t(&[b, c], 7));
-    let got = gpu
-        .layer_norm_modulate_f32(
-            x.as_f32().unwrap(),
-            sh.as_f32().unwrap(),
-            sc.as_f32().unwrap(),
-            n,
-            c,
-            1e-6,
-        )
-        .map_err(|e| e.to_string())?;
-    let want = cpu
-        .layer_norm_modulate(&x, &sh, &sc, 1e-6)
-        .map_err(|e| e.to_string())?;
-    report(
-        "layer_norm_modulate_f32",
-        rel_l2(&got, want.as_f32().unwrap()),
-        1e-5,
-        &mut failed,
-    );
-
-    // Attention with a key bias (some keys masked), and its log-sum-exp.
-    let (heads, hd, sq, sk) = (4, 72, 77, 300);
-    let (q, k, v) = (
-        t(&[b, sq, heads * hd], 8),
-        t(&[b, sk, heads * hd], 9),
-        t(&[b, sk, heads * hd], 10),
-    );
-    let bias: Vec<f32> = (0..b * sk)
-        .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
-        .collect();
-    let (got, got_lse) = gpu
-        .attention_f32(
-            q.as_f32().unwrap(),
-            k.as_f32().unwrap(),
-            v.as_f32().unwrap(),
-            Some(&bias),
-            b,
-            heads,
-            hd,
-            (sq, sk),
-        )
-        .map_err(|e| e.to_string())?;
-    let bias_t = Tensor::from_vec(bias, &[b, sk]).map_err(|e| e.to_string())?;
-    let view = |t| AttnView::of(t, 0).unwrap();
-    let (want, want_lse) = cpu
-        .attention_with_lse(view(&q), view(&k), view(&v), Some(&bias_t), b, heads, hd)
-        .map_err(|e| e.to_string())?;
-    report(
-        "attention_f32",
-        rel_l2(&got, want.as_f32().unwrap()),
-        1e-5,
-        &mut failed,
-    );
-    report(
-        "attention_f32 lse",
-        rel_l2(&got_lse, want_lse.as_f32().unwrap()),
-        1e-5,
-        &mut failed,
-    );
-    e(gpu.synchronize())?;
-    Ok(!failed)
+    Ok(!checks.failed)
 }
 
 fn main() -> ExitCode {

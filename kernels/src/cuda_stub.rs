@@ -1,10 +1,9 @@
-//! The CUDA backend's types until its ops exist: `CudaStorage` is uninhabited, so every `match`
-//! arm on it is statically dead, and `CudaDevice::new` reports why no CUDA device can be used:
-//! no `cuda` feature, no driver, no such device, or (with a GPU) that the ops are not built yet.
-//! The real backend (cudarc, runtime-loaded; NVRTC kernels) replaces this module with the same
-//! names (issue 11).
+//! The CUDA backend's types in a build without the `cuda` feature: `CudaStorage` and
+//! `CudaDevice` are uninhabited, so every `match` arm on them is statically dead and their methods
+//! (the same names as the real backend's in `cuda/`) can never run; `CudaDevice::new` reports
+//! why no CUDA device can be used (this build has no CUDA backend, or the probe's reason).
 
-use crate::{KernelError, Result};
+use crate::{AttnView, CpuStorage, DType, KernelError, Result, Tensor};
 
 /// Device memory of a CUDA tensor (cannot exist in this build).
 #[derive(Debug, Clone)]
@@ -14,24 +13,95 @@ pub enum CudaStorage {}
 #[derive(Debug, Clone)]
 pub enum CudaDevice {}
 
+/// See the `cuda` build's `on_gpu`.
+pub(crate) fn on_gpu(_op: &'static str, s: &CudaStorage) -> KernelError {
+    match *s {}
+}
+
+#[allow(clippy::unused_self, dead_code)]
+impl CudaStorage {
+    pub(crate) fn dtype(&self) -> DType {
+        match *self {}
+    }
+    pub(crate) fn len(&self) -> usize {
+        match *self {}
+    }
+    pub(crate) fn ordinal(&self) -> usize {
+        match *self {}
+    }
+    pub(crate) fn download(&self) -> Result<CpuStorage> {
+        match *self {}
+    }
+    pub(crate) fn upload_beside(&self, _host: &CpuStorage) -> Result<CudaStorage> {
+        match *self {}
+    }
+}
+
+#[allow(clippy::unused_self)]
 impl CudaDevice {
-    /// Always fails, saying why (see the module documentation); never panics.
+    /// Always fails, saying why; never panics.
     pub(crate) fn new(ordinal: usize) -> Result<CudaDevice> {
-        let reason = match crate::cuda_probe::cuda_devices() {
-            Err(why) => why,
-            Ok(devices) => match devices.get(ordinal) {
-                None => format!(
-                    "{} CUDA device(s) are visible (ordinals 0..{})",
-                    devices.len(),
-                    devices.len()
-                ),
-                Some(d) => format!(
-                    "{} is visible, but this build's CUDA ops are not implemented yet (issue 11); \
-                     use a cpu device",
-                    d.name
-                ),
-            },
-        };
+        let reason = crate::cuda_probe::cuda_devices()
+            .err()
+            .unwrap_or_else(|| "this build has no CUDA backend".into());
         Err(KernelError::CudaNotAvailable { ordinal, reason })
+    }
+    pub(crate) fn upload(&self, _t: &Tensor) -> Result<Tensor> {
+        match *self {}
+    }
+    pub(crate) fn unsupported(&self, _op: &'static str) -> KernelError {
+        match *self {}
+    }
+    pub(crate) fn linear(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _b: Option<&Tensor>,
+        _mkn: (usize, usize, usize),
+        _shape: &[usize],
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+    pub(crate) fn activation_(&self, _base: &'static str, _x: &mut Tensor) -> Result<()> {
+        match *self {}
+    }
+    pub(crate) fn layer_norm_modulate(
+        &self,
+        _x: &Tensor,
+        _shift: &Tensor,
+        _scale: &Tensor,
+        _td: (usize, usize),
+        _eps: f32,
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+    pub(crate) fn rms_norm_groups_(
+        &self,
+        _x: &mut Tensor,
+        _woc: (usize, usize, usize),
+        _weight: &Tensor,
+        _eps: f32,
+    ) -> Result<()> {
+        match *self {}
+    }
+    pub(crate) fn add_gated_(
+        &self,
+        _x: &mut Tensor,
+        _y: &Tensor,
+        _gate: Option<&Tensor>,
+        _bd: (usize, usize),
+    ) -> Result<()> {
+        match *self {}
+    }
+    pub(crate) fn attention(
+        &self,
+        _q: AttnView<'_>,
+        _k: AttnView<'_>,
+        _v: AttnView<'_>,
+        _key_bias: Option<&Tensor>,
+        _bhd: (usize, usize, usize),
+        _with_lse: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        match *self {}
     }
 }

@@ -9,7 +9,7 @@ use std::ops::Range;
 use crate::cpu::attention::{AttnDims, AttnInput};
 use crate::cpu::layout::PatchGeom;
 use crate::cpu::{self, CpuDevice};
-use crate::cuda_stub::CudaDevice;
+use crate::CudaDevice;
 use crate::{KernelError, Result, Tensor};
 
 /// Where ops run.
@@ -17,7 +17,7 @@ use crate::{KernelError, Result, Tensor};
 pub enum Device {
     /// The CPU backend with its own thread pool.
     Cpu(CpuDevice),
-    /// A CUDA GPU (not constructible until the CUDA backend lands).
+    /// A CUDA GPU (feature `cuda`; uninhabited without it).
     Cuda(CudaDevice),
 }
 
@@ -93,8 +93,9 @@ impl Device {
         Ok(Device::Cpu(CpuDevice::new(threads)?))
     }
 
-    /// CUDA device `ordinal`: fails, saying why (no `cuda` feature, no driver, no such device,
-    /// or the backend's ops not built yet: issue 11).
+    /// CUDA device `ordinal` with the kernels compiled for it: fails, saying why (no `cuda`
+    /// feature, no driver, no such device, no CUDA headers or NVRTC), never panics. Tensors
+    /// reach it with [`Tensor::to_device`]; ops it does not have yet return an error naming them.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         CudaDevice::new(ordinal).map(Device::Cuda)
     }
@@ -103,7 +104,7 @@ impl Device {
     pub fn name(&self) -> String {
         match self {
             Device::Cpu(c) => format!("{c:?}"),
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => format!("{c:?}"),
         }
     }
 
@@ -111,7 +112,7 @@ impl Device {
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match self {
             Device::Cpu(c) => c.install(f),
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(_) => f(),
         }
     }
 
@@ -144,7 +145,7 @@ impl Device {
                 c.install(|| cpu::matmul::linear(&mut y, xs, ws, bs, m, k, n, c.threads()));
                 Tensor::from_vec(y, &shape)
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => c.linear(x, w, b, (m, k, n), &shape),
         }
     }
 
@@ -202,7 +203,7 @@ impl Device {
                 });
                 Tensor::from_vec(y, &shape)
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => Err(c.unsupported("linear_bf16 (use a bf16 weight with linear)")),
         }
     }
 
@@ -214,7 +215,7 @@ impl Device {
                 c.install(|| cpu::activation::gelu_tanh(xs));
                 Ok(())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => c.activation_("gelu_tanh", x),
         }
     }
 
@@ -227,7 +228,11 @@ impl Device {
                 c.install(|| cpu::activation::silu(ys));
                 Ok(y)
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => {
+                let mut y = x.clone();
+                c.activation_("silu", &mut y)?;
+                Ok(y)
+            }
         }
     }
 
@@ -255,7 +260,7 @@ impl Device {
                 c.install(|| cpu::norm::layer_norm_modulate(&mut y, xs, sh, sc, batch, d, eps));
                 Tensor::from_vec(y, x.shape())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => c.layer_norm_modulate(x, shift, scale, (x.dim(1), d), eps),
         }
     }
 
@@ -282,7 +287,7 @@ impl Device {
                 c.install(|| cpu::norm::layer_norm(&mut y, xs, g, b, d, eps));
                 Tensor::from_vec(y, x.shape())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => Err(c.unsupported("layer_norm")),
         }
     }
 
@@ -316,7 +321,7 @@ impl Device {
                 c.install(|| cpu::norm::rms_norm_groups_(xs, width, offset, cols, &w, eps));
                 Ok(())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => c.rms_norm_groups_(x, (width, offset, cols), weight, eps),
         }
     }
 
@@ -367,7 +372,7 @@ impl Device {
                 c.install(|| cpu::rotary::rope_(xs, width, s, offset, cols, &co, &si));
                 Ok(())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => Err(c.unsupported("rope")),
         }
     }
 
@@ -445,7 +450,7 @@ impl Device {
                 c.install(|| cpu::attention::merge_partial(a, al, p, pl, width / heads));
                 Ok(())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => Err(c.unsupported("merge_attention")),
         }
     }
 
@@ -512,7 +517,7 @@ impl Device {
                     .transpose()?;
                 Ok((Tensor::from_vec(out, &[batch, q.seq, width])?, lse))
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => c.attention(q, k, v, key_bias, (batch, heads, head_dim), with_lse),
         }
     }
 
@@ -538,7 +543,7 @@ impl Device {
                 c.install(|| cpu::layout::add_gated(xs, ys, g, batch, d));
                 Ok(())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => c.add_gated_(x, y, gate, (batch, d)),
         }
     }
 
@@ -592,12 +597,13 @@ impl Device {
             patch,
         };
         let n = rows.len() * (width / patch);
+        let c = match self {
+            Device::Cpu(c) => c,
+            Device::Cuda(c) => return Err(c.unsupported("patchify")),
+        };
         let mut out = vec![0f32; batch * n * channels * patch * patch];
         let xs = latent.as_f32()?;
-        match self {
-            Device::Cpu(c) => c.install(|| cpu::layout::patchify(&mut out, xs, g, rows)),
-            Device::Cuda(c) => match *c {},
-        }
+        c.install(|| cpu::layout::patchify(&mut out, xs, g, rows));
         Tensor::from_vec(out, &[batch, n, channels * patch * patch])
     }
 
@@ -631,12 +637,11 @@ impl Device {
             width,
             patch,
         };
-        let mut out = vec![0f32; tokens.elem_count()];
-        let ts = tokens.as_f32()?;
-        match self {
-            Device::Cpu(_) => cpu::layout::unpatchify(&mut out, ts, g, token_rows),
-            Device::Cuda(c) => match *c {},
+        if let Device::Cuda(c) = self {
+            return Err(c.unsupported("unpatchify"));
         }
+        let mut out = vec![0f32; tokens.elem_count()];
+        cpu::layout::unpatchify(&mut out, tokens.as_f32()?, g, token_rows);
         Tensor::from_vec(out, &[batch, channels, token_rows * patch, width])
     }
 

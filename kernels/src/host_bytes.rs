@@ -13,11 +13,18 @@ impl Tensor {
     /// The elements, row-major, little endian, in the tensor's dtype
     /// (`elem_count * dtype.size_in_bytes()` bytes).
     pub fn to_le_bytes(&self) -> Result<Vec<u8>> {
-        Ok(match self.storage() {
-            Storage::Cpu(CpuStorage::F32(v)) => bytemuck::cast_slice(v).to_vec(),
-            Storage::Cpu(CpuStorage::F16(v)) => bytemuck::cast_slice(v).to_vec(),
-            Storage::Cpu(CpuStorage::BF16(v)) => bytemuck::cast_slice(v).to_vec(),
-            Storage::Cuda(s) => match *s {},
+        let downloaded;
+        let host = match self.storage() {
+            Storage::Cpu(c) => c,
+            Storage::Cuda(s) => {
+                downloaded = s.download()?;
+                &downloaded
+            }
+        };
+        Ok(match host {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v).to_vec(),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v).to_vec(),
         })
     }
 
@@ -55,11 +62,14 @@ mod tests {
         let t =
             Tensor::from_vec((0..12).map(|i| i as f32 * 0.75 - 4.0).collect(), &[3, 4]).unwrap();
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let t = t.to_dtype(dtype);
+            let t = t.to_dtype(dtype).unwrap();
             let bytes = t.to_le_bytes().unwrap();
             assert_eq!(bytes.len(), 12 * dtype.size_in_bytes());
             let back = Tensor::from_le_bytes(dtype, &[3, 4], &bytes).unwrap();
-            assert_eq!((back.dtype(), back.to_vec_f32()), (dtype, t.to_vec_f32()));
+            assert_eq!(
+                (back.dtype(), back.to_vec_f32().unwrap()),
+                (dtype, t.to_vec_f32().unwrap())
+            );
         }
         // Little endian: 1.0f32 is 00 00 80 3f.
         let one = Tensor::from_vec(vec![1.0], &[1]).unwrap();

@@ -27,7 +27,12 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod cuda_probe;
+#[cfg(not(feature = "cuda"))]
 mod cuda_stub;
+#[cfg(feature = "cuda")]
+use cuda::{on_gpu, CudaDevice, CudaStorage};
+#[cfg(not(feature = "cuda"))]
+use cuda_stub::{on_gpu, CudaDevice, CudaStorage};
 mod device;
 mod dtype;
 mod error;

@@ -2,8 +2,7 @@
 
 use half::{bf16, f16};
 
-use crate::cuda_stub::CudaStorage;
-use crate::{DType, KernelError, Result};
+use crate::{on_gpu, CudaStorage, DType, Device, KernelError, Result};
 
 /// Host memory of a tensor, one variant per dtype.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,7 +20,7 @@ pub enum CpuStorage {
 pub enum Storage {
     /// Host memory.
     Cpu(CpuStorage),
-    /// Device memory of a CUDA GPU (uninhabited until the CUDA backend lands).
+    /// Device memory of a CUDA GPU (uninhabited in a build without the `cuda` feature).
     Cuda(CudaStorage),
 }
 
@@ -104,13 +103,60 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match &self.storage {
             Storage::Cpu(s) => s.dtype(),
-            Storage::Cuda(s) => match *s {},
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 
     /// The storage (for backends).
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// A tensor of `shape` over a backend's storage; errors when the element counts differ.
+    pub(crate) fn from_storage(storage: Storage, shape: &[usize]) -> Result<Tensor> {
+        let (n, len) = (shape.iter().product::<usize>(), storage_len(&storage));
+        if n != len {
+            return Err(KernelError::shape(
+                "from_storage",
+                format!("{len} elements cannot have shape {shape:?}"),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage,
+        })
+    }
+
+    /// Whether the elements are in host memory (else on a GPU: [`Tensor::to_host`]).
+    pub fn is_host(&self) -> bool {
+        matches!(self.storage, Storage::Cpu(_))
+    }
+
+    /// The tensor in host memory: itself when it is there, else a copy from its GPU (which waits
+    /// for the GPU's queued work on it).
+    pub fn to_host(&self) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Cpu(_) => Ok(self.clone()),
+            Storage::Cuda(s) => Ok(Tensor {
+                shape: self.shape.clone(),
+                storage: Storage::Cpu(s.download()?),
+            }),
+        }
+    }
+
+    /// The tensor where `device` computes: host memory for a CPU device, that GPU's memory for
+    /// a CUDA device (a copy unless it is there already; same dtype).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu(_) => self.to_host(),
+            Device::Cuda(c) => c.upload(self),
+        }
     }
 
     /// Same elements, new shape with the same element count.
@@ -134,7 +180,7 @@ impl Tensor {
                 expected: DType::F32,
                 got: s.dtype(),
             }),
-            Storage::Cuda(s) => match *s {},
+            Storage::Cuda(s) => Err(on_gpu("as_f32", s)),
         }
     }
 
@@ -147,31 +193,50 @@ impl Tensor {
                 expected: DType::F32,
                 got: s.dtype(),
             }),
-            Storage::Cuda(s) => match *s {},
+            Storage::Cuda(s) => Err(on_gpu("as_f32_mut", s)),
         }
     }
 
-    /// Copies the elements to a host `Vec<f32>`, converting from f16 / bf16.
-    pub fn to_vec_f32(&self) -> Vec<f32> {
-        match &self.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => v.clone(),
-            Storage::Cpu(CpuStorage::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
-            Storage::Cpu(CpuStorage::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
-            Storage::Cuda(s) => match *s {},
-        }
+    /// Copies the elements to a host `Vec<f32>`, converting from f16 / bf16 (from a GPU tensor:
+    /// a download, which can fail).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        let downloaded;
+        let host = match &self.storage {
+            Storage::Cpu(c) => c,
+            Storage::Cuda(s) => {
+                downloaded = s.download()?;
+                &downloaded
+            }
+        };
+        Ok(match host {
+            CpuStorage::F32(v) => v.clone(),
+            CpuStorage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        })
     }
 
-    /// Converts a host tensor to another dtype (rounding to nearest even).
-    pub fn to_dtype(&self, dtype: DType) -> Tensor {
-        let v = self.to_vec_f32();
+    /// Converts to another dtype (rounding to nearest even), in host memory; a GPU tensor is
+    /// converted on the way back to its GPU (through host memory: a load-time operation).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        let v = self.to_vec_f32()?;
         let storage = match dtype {
             DType::F32 => CpuStorage::F32(v),
             DType::F16 => CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
         };
-        Tensor {
+        let host = Tensor {
             shape: self.shape.clone(),
             storage: Storage::Cpu(storage),
+        };
+        match (&self.storage, host.storage) {
+            (Storage::Cuda(s), Storage::Cpu(c)) => Ok(Tensor {
+                shape: host.shape,
+                storage: Storage::Cuda(s.upload_beside(&c)?),
+            }),
+            (_, storage) => Ok(Tensor {
+                shape: host.shape,
+                storage,
+            }),
         }
     }
 
@@ -232,5 +297,13 @@ impl Tensor {
         let mut shape = first.shape.clone();
         shape[dim] = total;
         Tensor::from_vec(out, &shape)
+    }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn storage_len(s: &Storage) -> usize {
+    match s {
+        Storage::Cpu(c) => c.len(),
+        Storage::Cuda(c) => c.len(),
     }
 }

@@ -11,7 +11,7 @@ fn cuda_requests_end_in_errors_that_say_why() {
         Device::cuda(ordinal)
             .err()
             .unwrap_or_else(|| {
-                panic!("cuda:{ordinal} cannot run: the backend's ops do not exist yet")
+                panic!("cuda:{ordinal} was opened, but this ordinal does not exist here")
             })
             .to_string()
     };

@@ -114,3 +114,45 @@ fn nvrtc_ptx_for_compute_90_has_every_entry_point() {
     let ptx = compile_ptx("norm.cu", "compute_80", &include).unwrap();
     assert!(ptx.contains(".target sm_80"), "target");
 }
+
+/// Every kernel the CUDA ops launch is declared (`kernels::cuda::launch::ENTRIES`) with the
+/// parameters NVRTC's PTX gives its f32, bf16 and f16 entry points, in order and width: a launch
+/// whose parameters disagree with its kernel would corrupt memory silently on a GPU, and each
+/// launch checks its values against these declarations.
+#[test]
+fn nvrtc_entry_points_match_the_launch_declarations() {
+    use kernels::cuda::launch::{ptx_params, Entry, ParamKind, ENTRIES};
+    if std::env::var_os("PIPEFUSE_SKIP_NVRTC").is_some() {
+        eprintln!("skipped: PIPEFUSE_SKIP_NVRTC is set");
+        return;
+    }
+    let include = include().expect("PIPEFUSE_CUDA_INCLUDE (see the first test)");
+    let declared = |e: &Entry| {
+        e.params
+            .iter()
+            .map(|p| p.ptx().to_string())
+            .collect::<Vec<_>>()
+    };
+    for entry in ENTRIES {
+        let ptx = compile_ptx(entry.file, "compute_90", &include).unwrap_or_else(|e| panic!("{e}"));
+        for dtype in ["f32", "bf16", "f16"] {
+            let name = format!("{}_{dtype}", entry.base);
+            let found =
+                ptx_params(&ptx, &name).unwrap_or_else(|| panic!("{name} not in {}", entry.file));
+            assert_eq!(found, declared(entry), "{name}: PTX vs launch declaration");
+        }
+    }
+    // The comparison can fail: a declaration with two parameters swapped is told apart.
+    let ptx = compile_ptx("norm.cu", "compute_90", &include).unwrap();
+    let mut swapped = kernels::cuda::launch::LAYER_NORM_MODULATE.params.to_vec();
+    swapped.swap(5, 6);
+    let swapped: Vec<String> = swapped
+        .iter()
+        .map(|p: &ParamKind| p.ptx().to_string())
+        .collect();
+    assert_ne!(
+        ptx_params(&ptx, "layer_norm_modulate_f32").unwrap(),
+        swapped
+    );
+    assert!(ptx_params(&ptx, "no_such_kernel_f32").is_none());
+}

@@ -325,7 +325,9 @@ fn vae_bad_latents_are_errors_not_panics() {
         let err = vae.decode(&Tensor::zeros(shape)).unwrap_err().to_string();
         assert!(err.contains("latent"), "{shape:?}: {err}");
     }
-    let half = Tensor::zeros(&[1, 4, 2, 2]).to_dtype(kernels::DType::F16);
+    let half = Tensor::zeros(&[1, 4, 2, 2])
+        .to_dtype(kernels::DType::F16)
+        .unwrap();
     assert!(vae.decode(&half).is_err());
     // The smallest latent works: 1x1 -> 2x2.
     assert_eq!(

@@ -5,13 +5,24 @@
 //! ptxas found: `tests/nvrtc_kernels.rs` compiles every source for sm_80 and sm_90 and fails on a
 //! compile error or a spill, with no GPU (NVRTC and the headers: `tools/fetch_cuda_tools.sh`).
 //! Launching them (cudarc's driver API) needs a GPU: `tools/gpu_check.sh` (issue 11).
+//!
+//! The backend itself: [`CudaDevice`] (context, stream, kernels, cuBLASLt), [`CudaStorage`]
+//! (device memory of a tensor), the ops in `ops.rs` and the GEMM mapping in [`blas`].
 
 use std::ffi::CString;
 use std::path::Path;
 
 use crate::{KernelError, Result};
 
-pub mod gpu;
+pub mod blas;
+mod device;
+pub mod launch;
+mod ops;
+mod storage;
+
+pub use device::{cuda_include_dir, CudaDevice};
+pub(crate) use ops::on_gpu;
+pub use storage::CudaStorage;
 
 /// The shared device code every source includes as `"common.cuh"` (it includes `"math.cuh"`).
 pub const COMMON: &str = include_str!("kernels/common.cuh");

@@ -67,7 +67,7 @@ impl Device {
                 c.install(|| cpu::conv::conv2d(&mut y, xs, ws, bs, g, c.threads()));
                 Tensor::from_vec(y, &shape)
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => Err(c.unsupported("conv2d")),
         }
     }
 
@@ -111,7 +111,7 @@ impl Device {
                 });
                 Tensor::from_vec(y, x.shape())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => Err(c.unsupported("group_norm")),
         }
     }
 
@@ -133,7 +133,7 @@ impl Device {
                 cd.install(|| cpu::conv::upsample_nearest2x(&mut y, xs, w));
                 Tensor::from_vec(y, &shape)
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => Err(c.unsupported("upsample_nearest2x")),
         }
     }
 
@@ -156,7 +156,7 @@ impl Device {
                 cd.install(|| cpu::conv::transpose_last2(&mut y, xs, r, c));
                 Tensor::from_vec(y, &[b, c, r])
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => Err(c.unsupported("transpose_last2")),
         }
     }
 
@@ -168,7 +168,7 @@ impl Device {
                 c.install(|| cpu::activation::silu(xs));
                 Ok(())
             }
-            Device::Cuda(c) => match *c {},
+            Device::Cuda(c) => c.activation_("silu", x),
         }
     }
 }

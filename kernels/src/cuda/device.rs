@@ -1,0 +1,167 @@
+//! A CUDA GPU as a [`crate::Device`]: its context, one stream on which every op of this device
+//! runs in order, the kernels compiled for its architecture by NVRTC when it is opened, and a
+//! cuBLASLt handle. Device memory comes from the driver's stream-ordered pool (cudarc allocates
+//! with `cuMemAllocAsync` where the GPU has it), so freeing a tensor returns its memory to the
+//! pool without a device-wide synchronisation. Opening never panics: libraries are checked for
+//! before use and every first driver call runs under `catch_unwind` (DEPENDENCIES.md section 4).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use super::blas::Blas;
+use super::storage::driver_error;
+use crate::{DType, KernelError, Result};
+
+/// A CUDA GPU with pipefuse's kernels loaded. Cloning shares the context, stream and kernels.
+#[derive(Clone)]
+pub struct CudaDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ordinal: usize,
+    name: String,
+    arch: String,
+    // Declared before the context so that they are dropped first.
+    blas: Blas,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    stream: Arc<CudaStream>,
+    _ctx: Arc<CudaContext>,
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cuda:{} ({}, {})",
+            self.inner.ordinal, self.inner.name, self.inner.arch
+        )
+    }
+}
+
+/// The folder holding the CUDA headers NVRTC needs (`cuda_bf16.h`, `cuda_fp16.h`,
+/// `math_constants.h`): `PIPEFUSE_CUDA_INCLUDE`, else `$CUDA_HOME/include`, `$CUDA_PATH/include`
+/// or `/usr/local/cuda/include`, whichever has them.
+pub fn cuda_include_dir() -> std::result::Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("PIPEFUSE_CUDA_INCLUDE") {
+        let dir = PathBuf::from(dir);
+        return if dir.join("cuda_bf16.h").is_file() {
+            Ok(dir)
+        } else {
+            Err(format!(
+                "PIPEFUSE_CUDA_INCLUDE={} has no cuda_bf16.h",
+                dir.display()
+            ))
+        };
+    }
+    let candidates = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v).map(|d| PathBuf::from(d).join("include")))
+        .chain([PathBuf::from("/usr/local/cuda/include")]);
+    for dir in candidates {
+        if dir.join("cuda_bf16.h").is_file() {
+            return Ok(dir);
+        }
+    }
+    Err(
+        "the CUDA headers (cuda_bf16.h) were not found: set PIPEFUSE_CUDA_INCLUDE to their \
+         folder (a CUDA toolkit's include/, or site-packages/nvidia/cu13/include of the \
+         nvidia-cuda-runtime wheel)"
+            .into(),
+    )
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`: context, stream, cuBLASLt, and every kernel compiled for it. Fails
+    /// with [`KernelError::CudaNotAvailable`] saying why (no driver, no such GPU, no headers or
+    /// NVRTC), never a panic.
+    pub(crate) fn new(ordinal: usize) -> Result<CudaDevice> {
+        let unavailable = |reason: String| KernelError::CudaNotAvailable { ordinal, reason };
+        let devices = crate::cuda_devices().map_err(unavailable)?;
+        let info = devices.get(ordinal).ok_or_else(|| {
+            unavailable(format!(
+                "{} CUDA device(s) are visible (ordinals 0..{})",
+                devices.len(),
+                devices.len()
+            ))
+        })?;
+        let include = cuda_include_dir().map_err(unavailable)?;
+        let ctx = match catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal))) {
+            Ok(Ok(ctx)) => ctx,
+            Ok(Err(e)) => return Err(unavailable(format!("{e:?}"))),
+            Err(_) => return Err(unavailable("the CUDA driver could not be used".into())),
+        };
+        let stream = ctx.new_stream().map_err(|e| driver_error("stream", e))?;
+        let (major, minor) = info.compute_capability;
+        let arch = format!("compute_{major}{minor}");
+        let mut modules = HashMap::new();
+        for (file, _) in super::SOURCES {
+            let ptx = super::compile_ptx(file, &arch, &include)?;
+            let module = ctx
+                .load_module(Ptx::from_src(ptx))
+                .map_err(|e| driver_error(&format!("load {file}"), e))?;
+            modules.insert(*file, module);
+        }
+        let blas = Blas::new(&stream)?;
+        tracing::info!(ordinal, name = %info.name, %arch, "CUDA device opened");
+        Ok(CudaDevice {
+            inner: Arc::new(Inner {
+                ordinal,
+                name: info.name.clone(),
+                arch,
+                blas,
+                modules,
+                stream,
+                _ctx: ctx,
+            }),
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.inner.ordinal
+    }
+
+    /// The driver's name for the GPU.
+    pub fn gpu_name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The virtual architecture the kernels were compiled for (`compute_90`).
+    pub fn arch(&self) -> &str {
+        &self.inner.arch
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    pub(crate) fn blas(&self) -> &Blas {
+        &self.inner.blas
+    }
+
+    /// Entry point `{base}_{dtype}` of kernel source `file`.
+    pub(crate) fn kernel(&self, file: &str, base: &str, dtype: DType) -> Result<CudaFunction> {
+        let name = format!("{base}_{dtype}");
+        self.inner
+            .modules
+            .get(file)
+            .ok_or_else(|| driver_error(&name, format!("{file} is not loaded")))?
+            .load_function(&name)
+            .map_err(|e| driver_error(&name, e))
+    }
+
+    /// Waits until every op queued on this device has finished (and reports a failed one).
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(|e| driver_error("synchronize", e))
+    }
+}

@@ -1,0 +1,217 @@
+//! Kernel launches with their parameter lists checked. A kernel launch is an untyped call: a
+//! parameter pushed in the wrong order or with the wrong width corrupts memory silently. So each
+//! entry point the ops launch is an [`Entry`] naming its parameters' kinds, every launch checks
+//! its [`Param`]s against it, and `tests/nvrtc_kernels.rs` checks every entry against the PTX
+//! NVRTC produces (`.param .u64`, `.u32`, `.f32`, `.b8[24]` for a view), without a GPU.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::device::CudaDevice;
+use super::storage::driver_error;
+use crate::{DType, KernelError, Result};
+
+/// What one kernel parameter is, as the CUDA source declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A device pointer (`T*`, `const float*`; null allowed where the kernel says so).
+    Ptr,
+    /// `long`.
+    I64,
+    /// `int`.
+    I32,
+    /// `float`.
+    F32,
+    /// `struct View { long batch_stride, row_stride, col_offset; }` by value.
+    View,
+}
+
+impl ParamKind {
+    /// How the PTX declares such a parameter (`.u64`, `.u32`, `.f32`, `.b8[24]`).
+    pub fn ptx(self) -> &'static str {
+        match self {
+            ParamKind::Ptr | ParamKind::I64 => ".u64",
+            ParamKind::I32 => ".u32",
+            ParamKind::F32 => ".f32",
+            ParamKind::View => ".b8[24]",
+        }
+    }
+}
+
+/// One kernel (entry points `{base}_f32`, `{base}_bf16`, `{base}_f16` of `file`).
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    /// The kernel source (one of [`super::SOURCES`]).
+    pub file: &'static str,
+    /// The name without its dtype suffix.
+    pub base: &'static str,
+    /// The parameters in order.
+    pub params: &'static [ParamKind],
+}
+
+use ParamKind::{Ptr, View, F32, I32, I64};
+
+/// `gelu_tanh(T* x, long n)`, in place.
+pub const GELU_TANH: Entry = Entry {
+    file: "elementwise.cu",
+    base: "gelu_tanh",
+    params: &[Ptr, I64],
+};
+/// `silu(T* x, long n)`, in place.
+pub const SILU: Entry = Entry {
+    file: "elementwise.cu",
+    base: "silu",
+    params: &[Ptr, I64],
+};
+/// `add_gated(T* x, const T* y, const T* gate, long batch, long tokens, long channels)`.
+pub const ADD_GATED: Entry = Entry {
+    file: "elementwise.cu",
+    base: "add_gated",
+    params: &[Ptr, Ptr, Ptr, I64, I64, I64],
+};
+/// `layer_norm_modulate(T* y, const T* x, const T* shift, const T* scale, long tokens,
+/// int channels, float eps)`.
+pub const LAYER_NORM_MODULATE: Entry = Entry {
+    file: "norm.cu",
+    base: "layer_norm_modulate",
+    params: &[Ptr, Ptr, Ptr, Ptr, I64, I32, F32],
+};
+/// `rms_norm_groups(T* x, long rows, int width, int offset, int channels, int group,
+/// const T* weight, float eps)`.
+pub const RMS_NORM_GROUPS: Entry = Entry {
+    file: "norm.cu",
+    base: "rms_norm_groups",
+    params: &[Ptr, I64, I32, I32, I32, I32, Ptr, F32],
+};
+/// `attention(float* lse, T* out, const T* q, View qv, const T* k, View kv, const T* v, View vv,
+/// const float* bias, int batch, int heads, int head_dim, long sq, long sk, float scale)`.
+pub const ATTENTION: Entry = Entry {
+    file: "attention.cu",
+    base: "attention",
+    params: &[
+        Ptr, Ptr, Ptr, View, Ptr, View, Ptr, View, Ptr, I32, I32, I32, I64, I64, F32,
+    ],
+};
+
+/// Every kernel the ops launch.
+pub const ENTRIES: &[Entry] = &[
+    GELU_TANH,
+    SILU,
+    ADD_GATED,
+    LAYER_NORM_MODULATE,
+    RMS_NORM_GROUPS,
+    ATTENTION,
+];
+
+/// A strided view's layout as the attention kernel takes it (`struct View` in attention.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KernelView {
+    pub batch_stride: i64,
+    pub row_stride: i64,
+    pub col_offset: i64,
+}
+
+// SAFETY: a plain #[repr(C)] struct of three i64, passed by value like the kernel's `View`.
+unsafe impl cudarc::driver::DeviceRepr for KernelView {}
+
+/// One parameter value of a launch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Param {
+    Ptr(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+    View(KernelView),
+}
+
+impl Param {
+    fn kind(&self) -> ParamKind {
+        match self {
+            Param::Ptr(_) => ParamKind::Ptr,
+            Param::I64(_) => ParamKind::I64,
+            Param::I32(_) => ParamKind::I32,
+            Param::F32(_) => ParamKind::F32,
+            Param::View(_) => ParamKind::View,
+        }
+    }
+}
+
+/// The parameter types of entry point `name` in `ptx`, as [`ParamKind::ptx`] spells them, or
+/// `None` when the PTX has no such entry.
+pub fn ptx_params(ptx: &str, name: &str) -> Option<Vec<String>> {
+    let start = ptx.find(&format!(".entry {name}("))?;
+    let body = &ptx[start..];
+    let end = body.find(')')?;
+    let params = body[..end]
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let line = line.trim().trim_end_matches(',');
+            let rest = line.strip_prefix(".param")?;
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let ty = words
+                .iter()
+                .find(|w| matches!(**w, ".u64" | ".u32" | ".s64" | ".s32" | ".f32" | ".b8"))?;
+            Some(match *ty {
+                ".b8" => {
+                    let n = words.last()?.split('[').nth(1)?.trim_end_matches(']');
+                    format!(".b8[{n}]")
+                }
+                ".s64" => ".u64".to_string(),
+                ".s32" => ".u32".to_string(),
+                t => t.to_string(),
+            })
+        })
+        .collect();
+    Some(params)
+}
+
+/// Grid-stride launch shape for `n` elements.
+pub(crate) fn elementwise_config(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaDevice {
+    /// Launches `entry`'s `dtype` entry point on this device's stream with `params`, after
+    /// checking them against the entry's declaration.
+    ///
+    /// # Safety
+    /// The pointers must be live device memory of this GPU that covers what the kernel reads
+    /// and writes for these sizes and `cfg`; the caller keeps their guards until this returns.
+    pub(crate) unsafe fn launch(
+        &self,
+        entry: &Entry,
+        dtype: DType,
+        params: &[Param],
+        cfg: LaunchConfig,
+    ) -> Result<()> {
+        let kinds: Vec<ParamKind> = params.iter().map(Param::kind).collect();
+        if kinds != entry.params {
+            return Err(KernelError::Cuda {
+                op: entry.base.to_string(),
+                message: format!(
+                    "launch with parameters {kinds:?}, the kernel takes {:?}",
+                    entry.params
+                ),
+            });
+        }
+        let f = self.kernel(entry.file, entry.base, dtype)?;
+        let mut launch = self.stream().launch_builder(&f);
+        for p in params {
+            match p {
+                Param::Ptr(v) => launch.arg(v),
+                Param::I64(v) => launch.arg(v),
+                Param::I32(v) => launch.arg(v),
+                Param::F32(v) => launch.arg(v),
+                Param::View(v) => launch.arg(v),
+            };
+        }
+        // SAFETY: the caller's contract; the parameters match the kernel's declaration.
+        unsafe { launch.launch(cfg) }.map_err(|e| driver_error(entry.base, e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,397 @@
+//! The [`crate::Device`] ops on CUDA tensors: the same contracts as the CPU backend's (shapes are
+//! checked by `Device` before these run), every operand on this GPU and of one dtype (f32, bf16
+//! or f16; f32 arithmetic inside every kernel, f32 accumulation in every GEMM), results on the
+//! GPU in that dtype. Attention's key bias and log-sum-exp are f32 whatever the dtype. Ops queue
+//! on the device's stream and return at once; a download (`Tensor::to_host`) waits for them.
+
+use cudarc::driver::LaunchConfig;
+
+use super::blas::linear_plan;
+use super::device::CudaDevice;
+use super::launch::{self as k, elementwise_config, KernelView, Param};
+use super::storage::CudaStorage;
+use crate::tensor::Storage;
+use crate::{AttnView, DType, KernelError, Result, Tensor};
+
+/// The error for a tensor that is in host memory, or on another GPU, when an op runs on a GPU.
+pub(crate) fn not_here(op: &'static str, device: &CudaDevice, t: &Tensor) -> KernelError {
+    KernelError::DeviceMismatch {
+        op,
+        expected: format!("cuda:{}", device.ordinal()),
+        got: match t.storage() {
+            Storage::Cpu(_) => "host memory".into(),
+            Storage::Cuda(s) => format!("cuda:{}", s.ordinal()),
+        },
+    }
+}
+
+/// The error for a GPU tensor where host memory is needed.
+pub(crate) fn on_gpu(op: &'static str, s: &CudaStorage) -> KernelError {
+    KernelError::DeviceMismatch {
+        op,
+        expected: "host memory (Tensor::to_host)".into(),
+        got: format!("cuda:{}", s.ordinal()),
+    }
+}
+
+impl CudaDevice {
+    fn operand<'t>(&self, op: &'static str, t: &'t Tensor) -> Result<&'t CudaStorage> {
+        match t.storage() {
+            Storage::Cuda(s) if s.ordinal() == self.ordinal() => Ok(s),
+            _ => Err(not_here(op, self, t)),
+        }
+    }
+
+    fn operand_mut<'t>(&self, op: &'static str, t: &'t mut Tensor) -> Result<&'t mut CudaStorage> {
+        self.operand(op, t)?;
+        match t.storage_mut() {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(_) => unreachable!("checked above"),
+        }
+    }
+
+    /// The dtype every operand shares, or an error naming the op.
+    fn common_dtype(op: &'static str, first: &CudaStorage, rest: &[&CudaStorage]) -> Result<DType> {
+        let dtype = first.dtype();
+        match rest.iter().find(|s| s.dtype() != dtype) {
+            Some(other) => Err(KernelError::DType {
+                op,
+                expected: dtype,
+                got: other.dtype(),
+            }),
+            None => Ok(dtype),
+        }
+    }
+
+    fn f32_operand<'t>(&self, op: &'static str, t: &'t Tensor) -> Result<&'t CudaStorage> {
+        let s = self.operand(op, t)?;
+        if s.dtype() != DType::F32 {
+            return Err(KernelError::DType {
+                op,
+                expected: DType::F32,
+                got: s.dtype(),
+            });
+        }
+        Ok(s)
+    }
+
+    /// A copy of `t` in this GPU's memory (host tensors are uploaded; a tensor of another GPU
+    /// goes through host memory).
+    pub(crate) fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        let host = match t.storage() {
+            Storage::Cuda(s) if s.ordinal() == self.ordinal() => return Ok(t.clone()),
+            Storage::Cuda(s) => s.download()?,
+            Storage::Cpu(c) => c.clone(),
+        };
+        let storage = CudaStorage::upload(self.stream(), &host)?;
+        Tensor::from_storage(Storage::Cuda(storage), t.shape())
+    }
+
+    /// `x[m, k] . w[n, k]^T + b[n]` through cuBLASLt, `shape` the output's.
+    pub(crate) fn linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        (m, k, n): (usize, usize, usize),
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let op = "linear";
+        let (xs, ws) = (self.operand(op, x)?, self.operand(op, w)?);
+        let bs = b.map(|b| self.operand(op, b)).transpose()?;
+        let mut rest = vec![ws];
+        rest.extend(bs);
+        let dtype = Self::common_dtype(op, xs, &rest)?;
+        let mut y = CudaStorage::zeros(self.stream(), dtype, m * n)?;
+        if m * n > 0 && k > 0 {
+            let s = self.stream();
+            let (xp, _gx) = xs.ptr(s);
+            let (wp, _gw) = ws.ptr(s);
+            let bias = bs.map(|b| b.ptr(s));
+            let (yp, _gy) = y.ptr_mut(s)?;
+            // SAFETY: W is [n, k], X [m, k], Y [m, n] and the bias n elements, all of `dtype`
+            // on this device (checked above and by `Device::linear`).
+            unsafe {
+                self.blas().gemm(
+                    s,
+                    linear_plan(m, k, n),
+                    dtype,
+                    wp,
+                    xp,
+                    yp,
+                    bias.as_ref().map(|b| b.0),
+                )?
+            };
+        }
+        Tensor::from_storage(Storage::Cuda(y), shape)
+    }
+
+    /// Element-wise activation `base` (`gelu_tanh`, `silu`) in place.
+    pub(crate) fn activation_(&self, base: &'static str, x: &mut Tensor) -> Result<()> {
+        let n = x.elem_count();
+        let xs = self.operand_mut(base, x)?;
+        let (dtype, s) = (xs.dtype(), self.stream());
+        let entry = if base == "silu" {
+            k::SILU
+        } else {
+            k::GELU_TANH
+        };
+        let (xp, _g) = xs.ptr_mut(s)?;
+        // SAFETY: the kernel reads and writes the n elements of x.
+        unsafe {
+            self.launch(
+                &entry,
+                dtype,
+                &[Param::Ptr(xp), Param::I64(n as i64)],
+                elementwise_config(n),
+            )
+        }?;
+        Ok(())
+    }
+
+    /// `LN(x) (1 + scale[b]) + shift[b]` for `x: [B, tokens, d]`.
+    pub(crate) fn layer_norm_modulate(
+        &self,
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+        (tokens, d): (usize, usize),
+        eps: f32,
+    ) -> Result<Tensor> {
+        let op = "layer_norm_modulate";
+        let (xs, sh, sc) = (
+            self.operand(op, x)?,
+            self.operand(op, shift)?,
+            self.operand(op, scale)?,
+        );
+        let dtype = Self::common_dtype(op, xs, &[sh, sc])?;
+        let mut y = CudaStorage::zeros(self.stream(), dtype, x.elem_count())?;
+        let rows = x.elem_count() / d;
+        if rows > 0 {
+            let s = self.stream();
+            let ((xp, _gx), (shp, _gs), (scp, _gc)) = (xs.ptr(s), sh.ptr(s), sc.ptr(s));
+            let (yp, _gy) = y.ptr_mut(s)?;
+            let params = [
+                Param::Ptr(yp),
+                Param::Ptr(xp),
+                Param::Ptr(shp),
+                Param::Ptr(scp),
+                Param::I64(tokens as i64),
+                Param::I32(d as i32),
+                Param::F32(eps),
+            ];
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: one block per row of d elements; shift / scale are [B, d].
+            unsafe { self.launch(&k::LAYER_NORM_MODULATE, dtype, &params, cfg) }?;
+        }
+        Tensor::from_storage(Storage::Cuda(y), x.shape())
+    }
+
+    /// Per-group RMSNorm of columns `offset..offset + cols` of rows of `width`, in place.
+    pub(crate) fn rms_norm_groups_(
+        &self,
+        x: &mut Tensor,
+        (width, offset, cols): (usize, usize, usize),
+        weight: &Tensor,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "rms_norm_groups";
+        let group = weight.elem_count();
+        let rows = x.elem_count() / width;
+        let ws = self.operand(op, weight)?.clone();
+        let xs = self.operand_mut(op, x)?;
+        let dtype = Self::common_dtype(op, xs, &[&ws])?;
+        let warps = rows * (cols / group);
+        if warps == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (wp, _gw) = ws.ptr(s);
+        let (xp, _gx) = xs.ptr_mut(s)?;
+        let params = [
+            Param::Ptr(xp),
+            Param::I64(rows as i64),
+            Param::I32(width as i32),
+            Param::I32(offset as i32),
+            Param::I32(cols as i32),
+            Param::I32(group as i32),
+            Param::Ptr(wp),
+            Param::F32(eps),
+        ];
+        let cfg = LaunchConfig {
+            grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one warp per (row, group) inside the checked columns; weight has `group`.
+        unsafe { self.launch(&k::RMS_NORM_GROUPS, dtype, &params, cfg) }?;
+        Ok(())
+    }
+
+    /// `x += gate[b] * y` over `x, y: [B, .., d]`, `gate: [B, d]`.
+    pub(crate) fn add_gated_(
+        &self,
+        x: &mut Tensor,
+        y: &Tensor,
+        gate: Option<&Tensor>,
+        (batch, d): (usize, usize),
+    ) -> Result<()> {
+        let op = "add_gated";
+        let n = x.elem_count();
+        let ys = self.operand(op, y)?.clone();
+        let gs = gate.map(|g| self.operand(op, g)).transpose()?;
+        let xs = self.operand_mut(op, x)?;
+        let mut rest = vec![&ys];
+        rest.extend(gs);
+        let dtype = Self::common_dtype(op, xs, &rest)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (yp, _gy) = ys.ptr(s);
+        let g = gs.map(|g| g.ptr(s));
+        let gp = g.as_ref().map_or(0u64, |g| g.0);
+        let (xp, _gx) = xs.ptr_mut(s)?;
+        let params = [
+            Param::Ptr(xp),
+            Param::Ptr(yp),
+            Param::Ptr(gp),
+            Param::I64(batch as i64),
+            Param::I64((n / (batch * d)) as i64),
+            Param::I64(d as i64),
+        ];
+        // SAFETY: x and y hold n elements, the gate (or null) B x d.
+        unsafe { self.launch(&k::ADD_GATED, dtype, &params, elementwise_config(n)) }?;
+        Ok(())
+    }
+
+    /// Attention of strided views (see [`AttnView`]) with an optional f32 key bias `[B, Sk]`:
+    /// `[B, Sq, heads * head_dim]` in the views' dtype, and the f32 log-sum-exp `[B, Sq, heads]`
+    /// when asked for. One warp per (batch, head, query row); never an S x S matrix.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention(
+        &self,
+        q: AttnView<'_>,
+        k: AttnView<'_>,
+        v: AttnView<'_>,
+        key_bias: Option<&Tensor>,
+        (batch, heads, head_dim): (usize, usize, usize),
+        with_lse: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let op = "attention";
+        if head_dim > 128 {
+            return Err(KernelError::shape(
+                op,
+                format!("head_dim {head_dim} above the CUDA kernel's 128"),
+            ));
+        }
+        let width = heads * head_dim;
+        let (qs, ks, vs) = (
+            self.operand(op, q.tensor)?,
+            self.operand(op, k.tensor)?,
+            self.operand(op, v.tensor)?,
+        );
+        for (name, view, s) in [("q", &q, qs), ("k", &k, ks), ("v", &v, vs)] {
+            if !view_fits(view, batch, width, s.len()) {
+                return Err(KernelError::shape(
+                    op,
+                    format!("{name} view exceeds its tensor of {} elements", s.len()),
+                ));
+            }
+        }
+        let dtype = Self::common_dtype(op, qs, &[ks, vs])?;
+        let bias = key_bias.map(|b| self.f32_operand(op, b)).transpose()?;
+        let stream = self.stream();
+        let mut out = CudaStorage::zeros(stream, dtype, batch * q.seq * width)?;
+        let mut lse = if with_lse {
+            Some(CudaStorage::zeros(
+                stream,
+                DType::F32,
+                batch * q.seq * heads,
+            )?)
+        } else {
+            None
+        };
+        let rows = batch * heads * q.seq;
+        if rows > 0 {
+            let ((qp, _gq), (kp, _gk), (vp, _gv)) =
+                (qs.ptr(stream), ks.ptr(stream), vs.ptr(stream));
+            let b = bias.map(|b| b.ptr(stream));
+            let bp = b.as_ref().map_or(0u64, |b| b.0);
+            let l = lse.as_mut().map(|l| l.ptr_mut(stream)).transpose()?;
+            let lp = l.as_ref().map_or(0u64, |l| l.0);
+            let (outp, _go) = out.ptr_mut(stream)?;
+            let view = |v: &AttnView<'_>| {
+                Param::View(KernelView {
+                    batch_stride: v.batch_stride as i64,
+                    row_stride: v.row_stride as i64,
+                    col_offset: v.col_offset as i64,
+                })
+            };
+            let params = [
+                Param::Ptr(lp),
+                Param::Ptr(outp),
+                Param::Ptr(qp),
+                view(&q),
+                Param::Ptr(kp),
+                view(&k),
+                Param::Ptr(vp),
+                view(&v),
+                Param::Ptr(bp),
+                Param::I32(batch as i32),
+                Param::I32(heads as i32),
+                Param::I32(head_dim as i32),
+                Param::I64(q.seq as i64),
+                Param::I64(k.seq as i64),
+                Param::F32(1.0 / (head_dim as f32).sqrt()),
+            ];
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: (4 * head_dim * 4) as u32,
+            };
+            // SAFETY: one warp per (batch, head, query row), 4 warps per block, head_dim floats
+            // of shared memory per warp; every view was checked to lie inside its tensor.
+            unsafe { self.launch(&k::ATTENTION, dtype, &params, cfg) }?;
+        }
+        let out = Tensor::from_storage(Storage::Cuda(out), &[batch, q.seq, width])?;
+        let lse = lse
+            .map(|l| Tensor::from_storage(Storage::Cuda(l), &[batch, q.seq, heads]))
+            .transpose()?;
+        Ok((out, lse))
+    }
+
+    /// The error for an op this backend does not have yet (issue 11), naming it and the GPU.
+    pub(crate) fn unsupported(&self, op: &'static str) -> KernelError {
+        KernelError::Cuda {
+            op: op.to_string(),
+            message: format!(
+                "not implemented on CUDA yet (cuda:{}); run this stage on a cpu device",
+                self.ordinal()
+            ),
+        }
+    }
+}
+
+/// Whether a view's last element lies inside a tensor of `len` elements (checked arithmetic).
+fn view_fits(view: &AttnView<'_>, batch: usize, width: usize, len: usize) -> bool {
+    if batch == 0 || view.seq == 0 {
+        return true;
+    }
+    let extent = (batch - 1)
+        .checked_mul(view.batch_stride)
+        .and_then(|a| {
+            (view.seq - 1)
+                .checked_mul(view.row_stride)
+                .and_then(|b| a.checked_add(b))
+        })
+        .and_then(|e| e.checked_add(view.col_offset))
+        .and_then(|e| e.checked_add(width));
+    extent.is_some_and(|e| {
+        e <= len && view.row_stride <= i64::MAX as usize && view.batch_stride <= i64::MAX as usize
+    })
+}

@@ -1,0 +1,120 @@
+//! Device memory of a CUDA tensor: one byte buffer per tensor, tagged with its dtype. Kernels and
+//! cuBLASLt take raw device pointers, so the buffer is untyped; the dtype picks the kernel's entry
+//! point (`_f32`, `_bf16`, `_f16`). Cloning a tensor shares its buffer (an `Arc`); an in-place op
+//! on a shared buffer copies it first (copy on write), so no clone ever sees another's writes and
+//! no clone allocates (or can fail) until it is written.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+
+use crate::tensor::CpuStorage;
+use crate::{DType, KernelError, Result};
+
+/// A CUDA tensor's elements: `len` elements of `dtype` in device memory of GPU `ordinal`.
+#[derive(Debug, Clone)]
+pub struct CudaStorage {
+    bytes: Arc<CudaSlice<u8>>,
+    dtype: DType,
+    len: usize,
+}
+
+pub(crate) fn driver_error(op: &str, e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Cuda {
+        op: op.to_string(),
+        message: format!("{e:?}"),
+    }
+}
+
+impl CudaStorage {
+    /// Copies host elements to the GPU of `stream` (one copy of their bytes).
+    pub(crate) fn upload(stream: &Arc<CudaStream>, host: &CpuStorage) -> Result<CudaStorage> {
+        let (bytes, dtype, len): (&[u8], DType, usize) = match host {
+            CpuStorage::F32(v) => (bytemuck::cast_slice(v), DType::F32, v.len()),
+            CpuStorage::F16(v) => (bytemuck::cast_slice(v), DType::F16, v.len()),
+            CpuStorage::BF16(v) => (bytemuck::cast_slice(v), DType::BF16, v.len()),
+        };
+        // A zero-length device allocation is refused by the driver: keep one byte.
+        let slice = if bytes.is_empty() {
+            stream.alloc_zeros::<u8>(1)
+        } else {
+            stream.clone_htod(bytes)
+        }
+        .map_err(|e| driver_error("upload", e))?;
+        Ok(CudaStorage {
+            bytes: Arc::new(slice),
+            dtype,
+            len,
+        })
+    }
+
+    /// Host elements copied to the GPU (and stream) that holds `self`.
+    pub(crate) fn upload_beside(&self, host: &CpuStorage) -> Result<CudaStorage> {
+        Self::upload(self.bytes.stream(), host)
+    }
+
+    /// `len` elements of `dtype`, zeroed, on the GPU of `stream`.
+    pub(crate) fn zeros(stream: &Arc<CudaStream>, dtype: DType, len: usize) -> Result<CudaStorage> {
+        let n = (len * dtype.size_in_bytes()).max(1);
+        let slice = stream
+            .alloc_zeros::<u8>(n)
+            .map_err(|e| driver_error("alloc", e))?;
+        Ok(CudaStorage {
+            bytes: Arc::new(slice),
+            dtype,
+            len,
+        })
+    }
+
+    /// Copies the elements back to host memory (waits for the GPU's work on them).
+    pub(crate) fn download(&self) -> Result<CpuStorage> {
+        let n = self.len * self.dtype.size_in_bytes();
+        let stream = self.bytes.stream();
+        let bytes = stream
+            .clone_dtoh(&self.bytes.slice(..n.max(1)))
+            .map_err(|e| driver_error("download", e))?;
+        let bytes = &bytes[..n];
+        Ok(match self.dtype {
+            DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(bytes)),
+        })
+    }
+
+    /// Element type.
+    pub(crate) fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The GPU holding the elements.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.bytes.ordinal()
+    }
+
+    /// The device pointer for reading on `stream`; keep the guard until the read is scheduled.
+    pub(crate) fn ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        self.bytes.device_ptr(stream)
+    }
+
+    /// The device pointer for writing on `stream`, after copying a shared buffer (copy on
+    /// write); keep the guard until the write is scheduled.
+    pub(crate) fn ptr_mut<'a>(
+        &'a mut self,
+        stream: &'a CudaStream,
+    ) -> Result<(u64, SyncOnDrop<'a>)> {
+        if Arc::get_mut(&mut self.bytes).is_none() {
+            let copy = self
+                .bytes
+                .try_clone()
+                .map_err(|e| driver_error("copy on write", e))?;
+            self.bytes = Arc::new(copy);
+        }
+        let bytes = Arc::get_mut(&mut self.bytes).expect("unshared after the copy above");
+        Ok(bytes.device_ptr_mut(stream))
+    }
+}
