@@ -35,6 +35,16 @@ impl CudaStorage {
     pub(crate) fn upload_beside(&self, _host: &CpuStorage) -> Result<CudaStorage> {
         match *self {}
     }
+    pub(crate) fn zeros_beside(&self, _dtype: DType, _len: usize) -> Result<CudaStorage> {
+        match *self {}
+    }
+    pub(crate) fn copy_block_from(
+        &mut self,
+        _src: &CudaStorage,
+        _copy: &crate::BlockCopy,
+    ) -> Result<()> {
+        match *self {}
+    }
 }
 
 #[allow(clippy::unused_self)]

@@ -23,6 +23,7 @@
 //! Tensors are always contiguous and row-major; ops never panic on bad shapes but return
 //! [`KernelError::Shape`] naming the op and the shapes.
 
+mod copy;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -41,6 +42,7 @@ mod host_memory;
 mod tensor;
 pub mod ulysses;
 
+pub use copy::{BlockCopy, Strides};
 pub use cpu::bf16_gemm::{bf16_bits, bf16_gemm_path, bf16_to_f32, PackedBf16};
 pub use cpu::math::{exp_fast, gelu_tanh_scalar};
 pub use cpu::CpuDevice;

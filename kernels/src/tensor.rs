@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use crate::{on_gpu, CudaStorage, DType, Device, KernelError, Result};
+use crate::{on_gpu, BlockCopy, CudaStorage, DType, Device, KernelError, Result};
 
 /// Host memory of a tensor, one variant per dtype.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,7 +112,6 @@ impl Tensor {
         &self.storage
     }
 
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn storage_mut(&mut self) -> &mut Storage {
         &mut self.storage
     }
@@ -240,32 +239,45 @@ impl Tensor {
         }
     }
 
-    /// Copies rows `start..start + len` of dimension `dim` into a new tensor.
+    /// Zeros of `shape` with this tensor's dtype, where this tensor is (host or its GPU).
+    pub fn zeros_beside(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let storage = match &self.storage {
+            Storage::Cpu(CpuStorage::F32(_)) => Storage::Cpu(CpuStorage::F32(vec![0.0; n])),
+            Storage::Cpu(CpuStorage::F16(_)) => Storage::Cpu(CpuStorage::F16(vec![f16::ZERO; n])),
+            Storage::Cpu(CpuStorage::BF16(_)) => {
+                Storage::Cpu(CpuStorage::BF16(vec![bf16::ZERO; n]))
+            }
+            Storage::Cuda(s) => Storage::Cuda(s.zeros_beside(s.dtype(), n)?),
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage,
+        })
+    }
+
+    /// Copies rows `start..start + len` of dimension `dim` into a new tensor (any dtype, on the
+    /// tensor's device).
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
-        if dim >= self.shape.len() || start + len > self.shape[dim] {
+        if dim >= self.shape.len() || start.checked_add(len).is_none_or(|e| e > self.shape[dim]) {
             return Err(KernelError::shape(
                 "narrow",
                 format!(
                     "rows {start}..{} of dim {dim} out of range for {:?}",
-                    start + len,
+                    start.saturating_add(len),
                     self.shape
                 ),
             ));
         }
-        let src = self.as_f32()?;
-        let outer: usize = self.shape[..dim].iter().product();
-        let inner: usize = self.shape[dim + 1..].iter().product();
-        let mut out = Vec::with_capacity(outer * len * inner);
-        for o in 0..outer {
-            let base = (o * self.shape[dim] + start) * inner;
-            out.extend_from_slice(&src[base..base + len * inner]);
-        }
         let mut shape = self.shape.clone();
         shape[dim] = len;
-        Tensor::from_vec(out, &shape)
+        let mut out = self.zeros_beside(&shape)?;
+        out.copy_block(self, &BlockCopy::narrow(&self.shape, dim, start, len))?;
+        Ok(out)
     }
 
-    /// Concatenates tensors along `dim`; all other dimensions must agree.
+    /// Concatenates tensors along `dim`; all other dimensions, the dtype and the device must
+    /// agree.
     pub fn cat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
         let first = parts
             .first()
@@ -284,19 +296,15 @@ impl Tensor {
                 ));
             }
         }
-        let outer: usize = first.shape[..dim].iter().product();
-        let inner: usize = first.shape[dim + 1..].iter().product();
-        let total: usize = parts.iter().map(|p| p.shape[dim]).sum();
-        let mut out = Vec::with_capacity(outer * total * inner);
-        for o in 0..outer {
-            for p in parts {
-                let rows = p.shape[dim] * inner;
-                out.extend_from_slice(&p.as_f32()?[o * rows..(o + 1) * rows]);
-            }
-        }
         let mut shape = first.shape.clone();
-        shape[dim] = total;
-        Tensor::from_vec(out, &shape)
+        shape[dim] = parts.iter().map(|p| p.shape[dim]).sum();
+        let mut out = first.zeros_beside(&shape)?;
+        let mut at = 0;
+        for p in parts {
+            out.copy_block(p, &BlockCopy::into_rows(&p.shape, &shape, dim, at))?;
+            at += p.shape[dim];
+        }
+        Ok(out)
     }
 }
 

@@ -6,8 +6,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
+use crate::copy::BlockCopy;
 use crate::tensor::CpuStorage;
 use crate::{DType, KernelError, Result};
 
@@ -51,6 +52,50 @@ impl CudaStorage {
     /// Host elements copied to the GPU (and stream) that holds `self`.
     pub(crate) fn upload_beside(&self, host: &CpuStorage) -> Result<CudaStorage> {
         Self::upload(self.bytes.stream(), host)
+    }
+
+    /// `len` zeroed elements of `dtype` on the GPU (and stream) that holds `self`.
+    pub(crate) fn zeros_beside(&self, dtype: DType, len: usize) -> Result<CudaStorage> {
+        Self::zeros(self.bytes.stream(), dtype, len)
+    }
+
+    /// The block copy `copy` (elements, checked by the caller to fit both sides) from `src` on
+    /// this GPU into `self`, one 2-D copy per batch on `self`'s stream.
+    pub(crate) fn copy_block_from(&mut self, src: &CudaStorage, copy: &BlockCopy) -> Result<()> {
+        let size = self.dtype.size_in_bytes();
+        if copy.batches == 0 || copy.rows == 0 || copy.width == 0 {
+            return Ok(());
+        }
+        let stream = self.bytes.stream().clone();
+        let (s, _gs) = src.ptr(&stream);
+        let (d, _gd) = self.ptr_mut(&stream)?;
+        let width = copy.width * size;
+        for b in 0..copy.batches {
+            let params = sys::CUDA_MEMCPY2D {
+                srcXInBytes: 0,
+                srcY: 0,
+                srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                srcHost: std::ptr::null(),
+                srcDevice: s + ((copy.src.offset + b * copy.src.batch) * size) as u64,
+                srcArray: std::ptr::null_mut(),
+                srcPitch: (copy.src.row * size).max(width),
+                dstXInBytes: 0,
+                dstY: 0,
+                dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                dstHost: std::ptr::null_mut(),
+                dstDevice: d + ((copy.dst.offset + b * copy.dst.batch) * size) as u64,
+                dstArray: std::ptr::null_mut(),
+                dstPitch: (copy.dst.row * size).max(width),
+                WidthInBytes: width,
+                Height: copy.rows,
+            };
+            // SAFETY: both regions were checked to lie inside their buffers (`BlockCopy::fits`);
+            // the guards keep both buffers alive and ordered on this stream.
+            unsafe { sys::cuMemcpy2DAsync_v2(&params, stream.cu_stream()) }
+                .result()
+                .map_err(|e| driver_error("copy_block", e))?;
+        }
+        Ok(())
     }
 
     /// `len` elements of `dtype`, zeroed, on the GPU of `stream`.
