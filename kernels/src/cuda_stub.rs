@@ -103,6 +103,15 @@ impl CudaDevice {
     ) -> Result<()> {
         match *self {}
     }
+    pub(crate) fn add_cyclic_(&self, _x: &mut Tensor, _rows: &Tensor) -> Result<()> {
+        match *self {}
+    }
+    pub(crate) fn compute_dtype(&self) -> DType {
+        match *self {}
+    }
+    pub(crate) fn with_dtype(&self, _dtype: DType) -> CudaDevice {
+        match *self {}
+    }
     pub(crate) fn attention(
         &self,
         _q: AttnView<'_>,

@@ -10,7 +10,7 @@ use crate::cpu::attention::{AttnDims, AttnInput};
 use crate::cpu::layout::PatchGeom;
 use crate::cpu::{self, CpuDevice};
 use crate::CudaDevice;
-use crate::{KernelError, Result, Tensor};
+use crate::{DType, KernelError, Result, Tensor};
 
 /// Where ops run.
 #[derive(Debug, Clone)]
@@ -77,6 +77,15 @@ fn last_dim(op: &'static str, t: &Tensor) -> Result<usize> {
     }
 }
 
+/// `t` as a host f32 tensor: itself when it is one, else a converted copy.
+fn host_f32(t: &Tensor) -> Result<std::borrow::Cow<'_, Tensor>> {
+    if t.is_host() && t.dtype() == DType::F32 {
+        Ok(std::borrow::Cow::Borrowed(t))
+    } else {
+        Ok(std::borrow::Cow::Owned(t.to_host()?.to_dtype(DType::F32)?))
+    }
+}
+
 fn check_len(op: &'static str, what: &str, t: &Tensor, want: usize) -> Result<()> {
     if t.elem_count() != want {
         return Err(KernelError::shape(
@@ -98,6 +107,55 @@ impl Device {
     /// reach it with [`Tensor::to_device`]; ops it does not have yet return an error naming them.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         CudaDevice::new(ordinal).map(Device::Cuda)
+    }
+
+    /// The same device computing in `dtype`: a CUDA device converts weights and activations to
+    /// it as they arrive ([`import`](Self::import)); a CPU device always computes in f32 (its
+    /// bf16 path is per linear layer: [`Device::linear_bf16`]) and is returned unchanged.
+    #[cfg_attr(not(feature = "cuda"), allow(unreachable_code))]
+    pub fn with_compute_dtype(self, dtype: DType) -> Device {
+        match self {
+            Device::Cpu(c) => Device::Cpu(c),
+            Device::Cuda(c) => Device::Cuda(c.with_dtype(dtype)),
+        }
+    }
+
+    /// The dtype activations have on this device (f32 on a CPU).
+    pub fn compute_dtype(&self) -> DType {
+        match self {
+            Device::Cpu(_) => DType::F32,
+            Device::Cuda(c) => c.compute_dtype(),
+        }
+    }
+
+    /// `t` where and as this device computes: in its memory and its compute dtype (a CPU
+    /// device: host f32). A tensor already there is returned as it is, not copied.
+    pub fn import(&self, t: Tensor) -> Result<Tensor> {
+        let want = self.compute_dtype();
+        let t = if t.dtype() == want {
+            t
+        } else {
+            t.to_dtype(want)?
+        };
+        t.into_device(self)
+    }
+
+    /// `t` in this device's memory as f32 whatever the compute dtype (attention key biases).
+    pub fn import_f32(&self, t: Tensor) -> Result<Tensor> {
+        let t = if t.dtype() == DType::F32 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        };
+        t.into_device(self)
+    }
+
+    /// Zeros of `shape` in this device's memory and compute dtype.
+    pub fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            Device::Cpu(_) => Ok(Tensor::zeros(shape)),
+            Device::Cuda(_) => self.import(Tensor::zeros(&[0]))?.zeros_beside(shape),
+        }
     }
 
     /// Human-readable name, e.g. `cpu(2 threads)`.
@@ -556,6 +614,9 @@ impl Device {
             ));
         };
         check_len("add_broadcast", "rows", rows, n * d)?;
+        if let Device::Cuda(c) = self {
+            return c.add_cyclic_(x, rows);
+        }
         let r = rows.as_f32()?;
         let xs = x.as_f32_mut()?;
         for i in 0..b {
@@ -567,7 +628,8 @@ impl Device {
         Ok(())
     }
 
-    /// Patch vectors `[B, rows.len() * W/p, C*p*p]` of token rows `rows` of `latent: [B, C, H, W]`.
+    /// Patch vectors `[B, rows.len() * W/p, C*p*p]` of token rows `rows` of `latent: [B, C, H, W]`,
+    /// as a host f32 tensor on every device.
     pub fn patchify(&self, latent: &Tensor, patch: usize, rows: Range<usize>) -> Result<Tensor> {
         let &[batch, channels, height, width] = latent.shape() else {
             return Err(KernelError::shape(
@@ -597,18 +659,17 @@ impl Device {
             patch,
         };
         let n = rows.len() * (width / patch);
-        let c = match self {
-            Device::Cpu(c) => c,
-            Device::Cuda(c) => return Err(c.unsupported("patchify")),
-        };
+        // A layout op on the latent, which lives in host memory as f32: it runs on the host
+        // whatever the device (a GPU stage imports the result).
+        let host = host_f32(latent)?;
         let mut out = vec![0f32; batch * n * channels * patch * patch];
-        let xs = latent.as_f32()?;
-        c.install(|| cpu::layout::patchify(&mut out, xs, g, rows));
+        let xs = host.as_f32()?;
+        self.install(|| cpu::layout::patchify(&mut out, xs, g, rows));
         Tensor::from_vec(out, &[batch, n, channels * patch * patch])
     }
 
     /// Inverse of the final projection layout: `tokens: [B, token_rows * W/p, p*p*C]` to
-    /// `[B, C, token_rows * p, W]`.
+    /// `[B, C, token_rows * p, W]`, as a host f32 tensor on every device.
     pub fn unpatchify(
         &self,
         tokens: &Tensor,
@@ -637,11 +698,10 @@ impl Device {
             width,
             patch,
         };
-        if let Device::Cuda(c) = self {
-            return Err(c.unsupported("unpatchify"));
-        }
+        // Like patchify, on the host (the result is the sampler's f32 latent rows).
+        let host = host_f32(tokens)?;
         let mut out = vec![0f32; tokens.elem_count()];
-        cpu::layout::unpatchify(&mut out, tokens.as_f32()?, g, token_rows);
+        cpu::layout::unpatchify(&mut out, host.as_f32()?, g, token_rows);
         Tensor::from_vec(out, &[batch, channels, token_rows * patch, width])
     }
 
@@ -653,17 +713,20 @@ impl Device {
                 format!("table must be [N, d], got {:?}", table.shape()),
             ));
         };
-        let t = table.as_f32()?;
-        let mut out = Vec::with_capacity(ids.len() * d);
-        for &i in ids {
-            if i >= rows {
-                return Err(KernelError::shape(
-                    "embedding",
-                    format!("id {i} out of range for a table of {rows} rows"),
-                ));
-            }
-            out.extend_from_slice(&t[i * d..(i + 1) * d]);
+        if let Some(&i) = ids.iter().find(|&&i| i >= rows) {
+            return Err(KernelError::shape(
+                "embedding",
+                format!("id {i} out of range for a table of {rows} rows"),
+            ));
         }
-        Tensor::from_vec(out, &[ids.len(), d])
+        if ids.is_empty() {
+            return table.zeros_beside(&[0, d]);
+        }
+        // One row copy per id (a block copy on any device; ids are a batch's labels).
+        let rows: Vec<Tensor> = ids
+            .iter()
+            .map(|&i| table.narrow(0, i, 1))
+            .collect::<Result<_>>()?;
+        Tensor::cat(&rows.iter().collect::<Vec<_>>(), 0)
     }
 }

@@ -149,6 +149,14 @@ impl Tensor {
         }
     }
 
+    /// [`to_device`](Self::to_device) without a copy when the tensor is there already.
+    pub fn into_device(self, device: &Device) -> Result<Tensor> {
+        match (&self.storage, device) {
+            (Storage::Cpu(_), Device::Cpu(_)) => Ok(self),
+            _ => self.to_device(device),
+        }
+    }
+
     /// The tensor where `device` computes: host memory for a CPU device, that GPU's memory for
     /// a CUDA device (a copy unless it is there already; same dtype).
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {

@@ -169,9 +169,7 @@ impl DitEmbedder {
         let y = dev.embedding(&self.classes, labels).map_err(|_| {
             ModelError::Input(format!("class labels {labels:?} out of range: the model has {} classes plus the null class {}", self.classes.dim(0) - 1, self.classes.dim(0) - 1))
         })?;
-        for (a, b) in c.as_f32_mut()?.iter_mut().zip(y.as_f32()?) {
-            *a += b;
-        }
+        dev.add_gated_(&mut c, &y, None)?;
         Ok(c)
     }
 }
@@ -193,16 +191,9 @@ pub(crate) struct Block {
     ff: FeedForward,
 }
 
-/// Chunk `j` of a `[B, 6d]` modulation as `[B, d]`.
-fn chunk(m: &[f32], batch: usize, d: usize, j: usize) -> Result<Tensor> {
-    let v = (0..batch)
-        .flat_map(|b| {
-            m[b * 6 * d + j * d..b * 6 * d + (j + 1) * d]
-                .iter()
-                .copied()
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, &[batch, d])?)
+/// Chunk `j` of a `[B, 6d]` modulation as `[B, d]` (on the modulation's device).
+fn chunk(m: &Tensor, d: usize, j: usize) -> Result<Tensor> {
+    Ok(m.narrow(1, j * d, d)?)
 }
 
 impl Block {
@@ -242,15 +233,17 @@ impl Block {
         cond: &Conditioning,
         batch: usize,
         d: usize,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Tensor> {
         match (&self.modulation, cond) {
             (Modulation::Dit { emb, linear }, Conditioning::Dit { t_features, labels }) => {
                 let c = emb.forward(dev, t_features, labels)?;
-                Ok(linear.forward(dev, &dev.silu(&c)?)?.as_f32()?.to_vec())
+                linear.forward(dev, &dev.silu(&c)?)
             }
             (Modulation::PixArt { table }, Conditioning::PixArt { timestep_mod, .. }) => {
-                let (t, tm) = (table.as_f32()?, timestep_mod.as_f32()?);
-                Ok((0..batch * 6 * d).map(|i| tm[i] + t[i % (6 * d)]).collect())
+                // timestep_mod [B, 6d] plus the block's table [6, d] in every batch row.
+                let mut m = timestep_mod.clone().reshape(&[batch, 1, 6 * d])?;
+                dev.add_broadcast_(&mut m, &table.clone().reshape(&[1, 6 * d])?)?;
+                Ok(m.reshape(&[batch, 6 * d])?)
             }
             _ => Err(ModelError::Input(
                 "conditioning of the wrong model family".into(),
@@ -269,7 +262,7 @@ impl Block {
     ) -> Result<()> {
         let (batch, d) = (x.dim(0), cfg.hidden());
         let m = self.modulation(dev, cond, batch, d)?;
-        let c = |j| chunk(&m, batch, d, j);
+        let c = |j| chunk(&m, d, j);
         let eps1 = match cfg.arch {
             Arch::Dit | Arch::Sd3 | Arch::Flux => 1e-6,
             Arch::PixArt => cfg.norm_eps,

@@ -159,9 +159,9 @@ impl PixArtEmbedders {
         cfg: &ModelConfig,
     ) -> Result<Conditioning> {
         let b = inputs.batch();
-        let mut emb = self
-            .timestep
-            .forward(dev, &timestep_features(&inputs.timesteps, 0.0)?)?; // [B, d]
+        let features =
+            |t: &[f32]| -> Result<Tensor> { Ok(dev.import(timestep_features(t, 0.0)?)?) };
+        let mut emb = self.timestep.forward(dev, &features(&inputs.timesteps)?)?; // [B, d]
         if let Some((res_emb, ar_emb)) = &self.extra {
             let (Some(res), Some(ar)) = (&inputs.resolution, &inputs.aspect_ratio) else {
                 return Err(ModelError::Input("this PixArt model uses resolution and aspect-ratio conditioning; both must be given".into()));
@@ -175,20 +175,13 @@ impl PixArtEmbedders {
             }
             let r = res_emb.forward(
                 dev,
-                &timestep_features(&res.iter().flatten().copied().collect::<Vec<_>>(), 0.0)?,
-            )?; // [2B, d/3]
-            let a = ar_emb.forward(dev, &timestep_features(ar, 0.0)?)?; // [B, d/3]
-            let (r, a, e) = (r.as_f32()?, a.as_f32()?, emb.as_f32_mut()?);
-            let (d, third) = (cfg.hidden(), cfg.hidden() / 3);
-            for i in 0..b {
-                let extra = r[2 * i * third..(2 * i + 2) * third]
-                    .iter()
-                    .chain(&a[i * third..(i + 1) * third]);
-                e[i * d..(i + 1) * d]
-                    .iter_mut()
-                    .zip(extra)
-                    .for_each(|(e, x)| *e += x);
-            }
+                &features(&res.iter().flatten().copied().collect::<Vec<_>>())?,
+            )?; // [2B, d/3]: height and width rows of each batch entry
+            let a = ar_emb.forward(dev, &features(ar)?)?; // [B, d/3]
+                                                          // emb[i] += [r[2i] | r[2i + 1] | a[i]] (diffusers' concatenation), as one add.
+            let third = cfg.hidden() / 3;
+            let extra = Tensor::cat(&[&r.reshape(&[b, 2 * third])?, &a], 1)?; // [B, d]
+            dev.add_gated_(&mut emb, &extra, None)?;
         }
         let timestep_mod = self.adaln.forward(dev, &dev.silu(&emb)?)?; // [B, 6d]
         let caption = inputs
@@ -205,14 +198,21 @@ impl PixArtEmbedders {
                 cfg.caption_channels
             )));
         }
-        let h = self.caption_in.forward_gelu(dev, caption)?;
+        let h = self
+            .caption_in
+            .forward_gelu(dev, &dev.import(caption.clone())?)?;
         let caption = self.caption_out.forward(dev, &h)?; // [B, T, d]
         let caption_bias = match &inputs.caption_mask {
             None => None,
-            Some(m) if m.elem_count() == b * caption.dim(1) => Some(Tensor::from_vec(
-                m.as_f32()?.iter().map(|k| (1.0 - k) * -10000.0).collect(),
-                &[b, caption.dim(1)],
-            )?),
+            Some(m) if m.elem_count() == b * caption.dim(1) => Some(
+                dev.import_f32(Tensor::from_vec(
+                    m.to_vec_f32()?
+                        .iter()
+                        .map(|k| (1.0 - k) * -10000.0)
+                        .collect(),
+                    &[b, caption.dim(1)],
+                )?)?,
+            ),
             Some(m) => {
                 return Err(ModelError::Input(format!(
                     "caption mask {:?} must be [{b}, {}]",
@@ -250,7 +250,7 @@ pub(crate) fn conditioning(
                 )));
             }
             Ok(Conditioning::Dit {
-                t_features: timestep_features(&inputs.timesteps, 1.0)?,
+                t_features: dev.import(timestep_features(&inputs.timesteps, 1.0)?)?,
                 labels: inputs.class_labels.clone(),
             })
         }

@@ -194,7 +194,8 @@ impl PatchEmbed {
     /// Tokens `[B, rows*w, d]` of a latent strip `[B, C, rows*p, W]` (without position embedding).
     pub(crate) fn forward(&self, dev: &Device, strip: &Tensor) -> Result<Tensor> {
         let rows = strip.dim(2) / self.patch;
+        // The latent lives in host memory: gather the patches there, then bring them over.
         let patches = dev.patchify(strip, self.patch, 0..rows)?; // [B, n, C*p*p]
-        self.proj.forward(dev, &patches)
+        self.proj.forward(dev, &dev.import(patches)?)
     }
 }

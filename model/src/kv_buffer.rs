@@ -6,7 +6,7 @@
 //! and attends to the whole buffer: rows written earlier this step are fresh, the rest are from
 //! the previous step. Tokens never written in this request are masked out (warmup W = 0).
 
-use kernels::{AttnView, Device, Tensor};
+use kernels::{AttnView, BlockCopy, Device, Strides, Tensor};
 
 use crate::error::{ModelError, Result};
 
@@ -46,27 +46,38 @@ pub struct KvBuffer {
     batch: usize,
     tokens: usize,
     hidden: usize,
+    /// Where the buffers live (the stage's device: on a GPU, they never leave it).
+    device: Device,
 }
 
 impl KvBuffer {
-    /// Empty buffers for `layers` layers, batch `batch` (B', CFG-doubled), `tokens` (S) and
-    /// hidden size `hidden` (d): `2 * batch * tokens * hidden * layers` floats.
-    pub fn new(layers: usize, batch: usize, tokens: usize, hidden: usize) -> KvBuffer {
-        KvBuffer {
+    /// Empty buffers on `device` (its memory and compute dtype) for `layers` layers, batch
+    /// `batch` (B', CFG-doubled), `tokens` (S) and hidden size `hidden` (d):
+    /// `2 * batch * tokens * hidden * layers` elements.
+    pub fn new(
+        device: &Device,
+        layers: usize,
+        batch: usize,
+        tokens: usize,
+        hidden: usize,
+    ) -> Result<KvBuffer> {
+        Ok(KvBuffer {
             layers: (0..layers)
-                .map(|_| Tensor::zeros(&[batch, tokens, 2 * hidden]))
-                .collect(),
+                .map(|_| device.zeros(&[batch, tokens, 2 * hidden]))
+                .collect::<kernels::Result<_>>()?,
             written: vec![false; tokens],
             bias: None,
             batch,
             tokens,
             hidden,
-        }
+            device: device.clone(),
+        })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.layers.len() * self.batch * self.tokens * 2 * self.hidden * 4
+        let elem = self.layers.first().map_or(4, |t| t.dtype().size_in_bytes());
+        self.layers.len() * self.batch * self.tokens * 2 * self.hidden * elem
     }
 
     /// Number of layers.
@@ -98,7 +109,7 @@ impl KvBuffer {
         self.written[first..first + n]
             .iter_mut()
             .for_each(|w| *w = true);
-        self.bias = key_mask(&self.written, self.batch)?;
+        self.bias = key_mask(&self.device, &self.written, self.batch)?;
         Ok(())
     }
 
@@ -110,7 +121,7 @@ impl KvBuffer {
                 self.tokens
             )));
         }
-        key_mask(&self.written[..n], self.batch)
+        key_mask(&self.device, &self.written[..n], self.batch)
     }
 
     /// Copies K and V of `qkv: [B', n, 3d]` (columns `d..3d`) into rows `first..first + n` of
@@ -140,14 +151,23 @@ impl KvBuffer {
             .layers
             .get_mut(layer)
             .ok_or_else(|| ModelError::Input(format!("the K/V buffer has no layer {layer}")))?;
-        let (src, dst) = (src.as_f32()?, buf.as_f32_mut()?);
-        for bi in 0..b {
-            for j in 0..n {
-                let from = (bi * n + j) * parts * d + (parts - 2) * d;
-                let to = (bi * s + first + j) * 2 * d;
-                dst[to..to + 2 * d].copy_from_slice(&src[from..from + 2 * d]);
-            }
-        }
+        // Row j of batch bi: the last 2d columns of src row (bi, j) -> buffer row first + j.
+        let copy = BlockCopy {
+            batches: b,
+            rows: n,
+            width: 2 * d,
+            src: Strides {
+                offset: (parts - 2) * d,
+                row: parts * d,
+                batch: n * parts * d,
+            },
+            dst: Strides {
+                offset: first * 2 * d,
+                row: 2 * d,
+                batch: s * 2 * d,
+            },
+        };
+        buf.copy_block(src, &copy)?;
         Ok(())
     }
 
@@ -186,8 +206,8 @@ impl KvBuffer {
 }
 
 /// The additive key bias `[batch, written.len()]` masking unwritten tokens (`-inf`), `None` when
-/// every token is written.
-fn key_mask(written: &[bool], batch: usize) -> Result<Option<Tensor>> {
+/// every token is written; f32 on `device` (what attention takes whatever the compute dtype).
+fn key_mask(device: &Device, written: &[bool], batch: usize) -> Result<Option<Tensor>> {
     if written.iter().all(|&w| w) {
         return Ok(None);
     }
@@ -195,8 +215,6 @@ fn key_mask(written: &[bool], batch: usize) -> Result<Option<Tensor>> {
         .iter()
         .map(|&w| if w { 0.0 } else { f32::NEG_INFINITY })
         .collect();
-    Ok(Some(Tensor::from_vec(
-        row.repeat(batch),
-        &[batch, written.len()],
-    )?))
+    let mask = Tensor::from_vec(row.repeat(batch), &[batch, written.len()])?;
+    Ok(Some(device.import_f32(mask)?))
 }

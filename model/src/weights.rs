@@ -50,6 +50,29 @@ impl WeightSource for WithLinearDtype<'_> {
     }
 }
 
+/// A weight source whose tensors are moved to `device` as they are read, converted once to its
+/// compute dtype (a GPU stage's weights live on the GPU from load on). Linear layers then take
+/// those tensors as they are ([`DType::F32`] here means "no CPU bf16 packing"; the tensors'
+/// own dtype is the device's).
+pub(crate) struct OnDevice<'a> {
+    /// The weights.
+    pub(crate) inner: &'a dyn WeightSource,
+    /// Where they go.
+    pub(crate) device: kernels::Device,
+}
+
+impl WeightSource for OnDevice<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.device.import(self.inner.tensor(name, shape)?)?)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+    fn linear_dtype(&self) -> DType {
+        DType::F32
+    }
+}
+
 struct MappedFile {
     map: memmap2::Mmap,
     data_start: usize,

@@ -168,7 +168,7 @@ fn pipefusion_parts_read_the_buffer_and_equal_the_whole_forward_when_it_is_fresh
         let batch = latent.dim(0);
         let mut kv: Vec<_> = stages
             .iter()
-            .map(|s| s.kv_buffer(batch, rows * cols + t))
+            .map(|s| s.kv_buffer(batch, rows * cols + t).unwrap())
             .collect();
         // Warmup: the whole image as one part fills the buffers; it is the serial forward.
         let full = step(

@@ -162,7 +162,7 @@ fn ranks_with_kv_buffers_equal_one_device_running_patches() {
         };
         // One device.
         let model = Transformer::random(cfg.clone(), 7, None, Device::cpu(1).unwrap()).unwrap();
-        let mut kv = model.kv_buffer(2, grid * cols);
+        let mut kv = model.kv_buffer(2, grid * cols).unwrap();
         let mut want = Vec::new();
         for (t, parts) in &steps {
             let cond = model.conditioning(&inputs_at(*t)).unwrap();
@@ -191,7 +191,7 @@ fn ranks_with_kv_buffers_equal_one_device_running_patches() {
                     s.spawn(move || {
                         let model =
                             Transformer::random(cfg, 7, None, Device::cpu(1).unwrap()).unwrap();
-                        let mut kv = model.kv_buffer_for_heads(2, grid * cols, u);
+                        let mut kv = model.kv_buffer_for_heads(2, grid * cols, u).unwrap();
                         let mut attn: Box<dyn SequenceAttention> = match kind {
                             Kind::Ulysses => Box::new(Ulysses::new(comm)),
                             Kind::Ring => Box::new(Ring::new(comm)),

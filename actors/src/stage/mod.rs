@@ -149,7 +149,7 @@ impl StageExecutor {
             }
             old => {
                 drop(old); // free the old buffers before allocating new ones
-                self.model.kv_buffer_for_heads(b, tokens, groups)
+                self.model.kv_buffer_for_heads(b, tokens, groups)?
             }
         };
         let sampler = match self.last {

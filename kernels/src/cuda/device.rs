@@ -18,10 +18,13 @@ use super::blas::Blas;
 use super::storage::driver_error;
 use crate::{DType, KernelError, Result};
 
-/// A CUDA GPU with pipefuse's kernels loaded. Cloning shares the context, stream and kernels.
+/// A CUDA GPU with pipefuse's kernels loaded, computing in one dtype (f32, bf16 or f16: weights
+/// and activations are converted to it as they reach the GPU). Cloning shares the context,
+/// stream and kernels.
 #[derive(Clone)]
 pub struct CudaDevice {
     inner: Arc<Inner>,
+    dtype: DType,
 }
 
 struct Inner {
@@ -39,8 +42,8 @@ impl fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "cuda:{} ({}, {})",
-            self.inner.ordinal, self.inner.name, self.inner.arch
+            "cuda:{} ({}, {}, {})",
+            self.inner.ordinal, self.inner.name, self.inner.arch, self.dtype
         )
     }
 }
@@ -120,7 +123,21 @@ impl CudaDevice {
                 stream,
                 _ctx: ctx,
             }),
+            dtype: DType::F32,
         })
+    }
+
+    /// The same GPU computing in `dtype`.
+    pub(crate) fn with_dtype(&self, dtype: DType) -> CudaDevice {
+        CudaDevice {
+            inner: self.inner.clone(),
+            dtype,
+        }
+    }
+
+    /// The dtype this device computes in.
+    pub(crate) fn compute_dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device ordinal.

@@ -68,6 +68,12 @@ pub const ADD_GATED: Entry = Entry {
     base: "add_gated",
     params: &[Ptr, Ptr, Ptr, I64, I64, I64],
 };
+/// `add_cyclic(T* x, const T* y, long n, long period)`: `x[i] += y[i % period]`.
+pub const ADD_CYCLIC: Entry = Entry {
+    file: "elementwise.cu",
+    base: "add_cyclic",
+    params: &[Ptr, Ptr, I64, I64],
+};
 /// `layer_norm_modulate(T* y, const T* x, const T* shift, const T* scale, long tokens,
 /// int channels, float eps)`.
 pub const LAYER_NORM_MODULATE: Entry = Entry {
@@ -97,6 +103,7 @@ pub const ENTRIES: &[Entry] = &[
     GELU_TANH,
     SILU,
     ADD_GATED,
+    ADD_CYCLIC,
     LAYER_NORM_MODULATE,
     RMS_NORM_GROUPS,
     ATTENTION,

@@ -269,6 +269,30 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// `x[i] += rows[i % rows.len()]` (`Device::add_broadcast_`).
+    pub(crate) fn add_cyclic_(&self, x: &mut Tensor, rows: &Tensor) -> Result<()> {
+        let op = "add_broadcast";
+        let (n, period) = (x.elem_count(), rows.elem_count());
+        let ys = self.operand(op, rows)?.clone();
+        let xs = self.operand_mut(op, x)?;
+        let dtype = Self::common_dtype(op, xs, &[&ys])?;
+        if n == 0 || period == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (yp, _gy) = ys.ptr(s);
+        let (xp, _gx) = xs.ptr_mut(s)?;
+        let params = [
+            Param::Ptr(xp),
+            Param::Ptr(yp),
+            Param::I64(n as i64),
+            Param::I64(period as i64),
+        ];
+        // SAFETY: x holds n elements, rows `period`.
+        unsafe { self.launch(&k::ADD_CYCLIC, dtype, &params, elementwise_config(n)) }?;
+        Ok(())
+    }
+
     /// Attention of strided views (see [`AttnView`]) with an optional f32 key bias `[B, Sk]`:
     /// `[B, Sq, heads * head_dim]` in the views' dtype, and the f32 log-sum-exp `[B, Sq, heads]`
     /// when asked for. One warp per (batch, head, query row); never an S x S matrix.

@@ -111,6 +111,18 @@ impl Transformer {
         }
         let d = cfg.hidden();
         let _span = tracing::info_span!("load", blocks = ?range, arch = ?cfg.arch).entered();
+        // A GPU stage's weights go to the GPU as they are read, in its compute dtype.
+        let on_device;
+        let src: &dyn WeightSource = match &device {
+            Device::Cpu(_) => src,
+            Device::Cuda(_) => {
+                on_device = crate::weights::OnDevice {
+                    inner: src,
+                    device: device.clone(),
+                };
+                &on_device
+            }
+        };
         if let Some(m) = &cfg.mmdit {
             let slice = MmditSlice::load(m, src, range.clone())?;
             tracing::debug!(blocks = range.len(), "model slice loaded");
@@ -261,7 +273,9 @@ impl Transformer {
             let table = self.pos_table(grid_rows, w / p);
             let d = self.cfg.hidden();
             let rows = &table[first_row * (w / p) * d..(first_row + h / p) * (w / p) * d];
-            let pos = Tensor::from_vec(rows.to_vec(), &[x.dim(1), d])?;
+            let pos = self
+                .device
+                .import(Tensor::from_vec(rows.to_vec(), &[x.dim(1), d])?)?;
             self.device.add_broadcast_(&mut x, &pos)?;
             Ok(x)
         })
@@ -273,6 +287,7 @@ impl Transformer {
             return m.run(&self.device, x, cond, crate::mmdit::PartMode::Whole);
         }
         cond.check_tokens(x, self.cfg.hidden())?;
+        bring(&self.device, x)?;
         self.device.install(|| {
             for (i, block) in self.range.clone().zip(&self.blocks) {
                 let _span = tracing::trace_span!("block", i).entered();
@@ -284,7 +299,7 @@ impl Transformer {
 
     /// A K/V buffer for this instance's blocks: batch `batch` (B'), `tokens` rows: the image
     /// tokens S, plus for MMDiT the prompt tokens T.
-    pub fn kv_buffer(&self, batch: usize, tokens: usize) -> KvBuffer {
+    pub fn kv_buffer(&self, batch: usize, tokens: usize) -> Result<KvBuffer> {
         self.kv_buffer_for_heads(batch, tokens, 1)
     }
 
@@ -325,6 +340,7 @@ impl Transformer {
         let dev = &self.device;
         cond.check_tokens(x, self.cfg.hidden())?;
         let (b, d) = (x.dim(0), self.cfg.hidden());
+        let x = &*on_device(dev, x)?;
         dev.install(|| {
             let (shift, scale, proj) = match (head, cond) {
                 (
@@ -341,14 +357,13 @@ impl Transformer {
                         embedded_timestep, ..
                     },
                 ) => {
-                    let (t, e) = (table.as_f32()?, embedded_timestep.as_f32()?);
-                    let sh = (0..b * d).map(|i| t[i % d] + e[i]).collect();
-                    let sc = (0..b * d).map(|i| t[d + i % d] + e[i]).collect();
-                    (
-                        Tensor::from_vec(sh, &[b, d])?,
-                        Tensor::from_vec(sc, &[b, d])?,
-                        proj,
-                    )
+                    // shift = table[0] + e, scale = table[1] + e, per batch row.
+                    let plus_row = |j: usize| -> Result<Tensor> {
+                        let mut m = embedded_timestep.clone().reshape(&[b, 1, d])?;
+                        dev.add_broadcast_(&mut m, &table.narrow(0, j, 1)?)?;
+                        Ok(m.reshape(&[b, d])?)
+                    };
+                    (plus_row(0)?, plus_row(1)?, proj)
                 }
                 _ => {
                     return Err(ModelError::Input(
@@ -357,7 +372,11 @@ impl Transformer {
                 }
             };
             let h = dev.layer_norm_modulate(x, &shift, &scale, 1e-6)?;
-            let tok = proj.forward(dev, &h)?; // [B, n, p*p*Cout]
+            // The latent lives in host memory as f32 (the sampler's): unpatchify there.
+            let tok = proj
+                .forward(dev, &h)?
+                .to_host()?
+                .to_dtype(kernels::DType::F32)?;
             Ok(dev.unpatchify(
                 &tok,
                 self.cfg.out_channels,
@@ -388,4 +407,32 @@ impl Transformer {
         self.run_blocks(&mut x, cond)?;
         self.head(&x, cond, rows, latent.dim(3))
     }
+}
+
+/// Moves `x` to `dev` (its memory and compute dtype) if it is not there: a stage's input may
+/// arrive from the wire or another device in host memory.
+pub(crate) fn bring(dev: &Device, x: &mut Tensor) -> Result<()> {
+    if !is_on(dev, x) {
+        let taken = std::mem::replace(x, Tensor::zeros(&[0]));
+        *x = dev.import(taken)?;
+    }
+    Ok(())
+}
+
+/// Whether `x` is in `dev`'s memory and compute dtype.
+fn is_on(dev: &Device, x: &Tensor) -> bool {
+    x.dtype() == dev.compute_dtype()
+        && match dev {
+            Device::Cpu(_) => x.is_host(),
+            Device::Cuda(_) => !x.is_host(),
+        }
+}
+
+/// `x` on `dev` (see [`bring`]), borrowed when it is there already.
+pub(crate) fn on_device<'a>(dev: &Device, x: &'a Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
+    Ok(if is_on(dev, x) {
+        std::borrow::Cow::Borrowed(x)
+    } else {
+        std::borrow::Cow::Owned(dev.import(x.clone())?)
+    })
 }

@@ -98,8 +98,14 @@ impl Transformer {
 
     /// A K/V buffer holding `1 / head_groups` of the heads (a Ulysses rank's share); `tokens`
     /// as for [`Transformer::kv_buffer`].
-    pub fn kv_buffer_for_heads(&self, batch: usize, tokens: usize, head_groups: usize) -> KvBuffer {
+    pub fn kv_buffer_for_heads(
+        &self,
+        batch: usize,
+        tokens: usize,
+        head_groups: usize,
+    ) -> Result<KvBuffer> {
         KvBuffer::new(
+            &self.device,
             self.mmdit
                 .as_ref()
                 .map_or(self.blocks.len(), |m| m.kv_layers()),
@@ -147,6 +153,7 @@ impl Transformer {
             )));
         }
         kv.mark_written(first, patch_tokens)?;
+        super::bring(&self.device, x)?;
         self.device.install(|| {
             for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
                 let _span = tracing::trace_span!("block", i).entered();
