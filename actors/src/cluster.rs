@@ -485,7 +485,16 @@ mod tests {
         };
         assert_eq!(super::oversubscription(&[cpu(1), cpu(1)], 2), None);
         assert_eq!(
-            super::oversubscription(&[cpu(8), DeviceSpec::Cuda { ordinal: 0 }], 8),
+            super::oversubscription(
+                &[
+                    cpu(8),
+                    DeviceSpec::Cuda {
+                        ordinal: 0,
+                        precision: topology::Precision::F32,
+                    }
+                ],
+                8
+            ),
             None
         );
         let said = super::oversubscription(&[cpu(1000), cpu(1)], 2).expect("warned");

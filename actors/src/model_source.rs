@@ -148,12 +148,13 @@ impl ModelSource {
     pub fn load_slice(&self, device: DeviceSpec, layers: Range<usize>) -> Result<Transformer> {
         let (dev, precision) = match device {
             DeviceSpec::Cpu { threads, precision } => (Device::cpu(threads)?, precision),
-            DeviceSpec::Cuda { ordinal } => (Device::cuda(ordinal)?, topology::Precision::F32),
+            // A GPU stage computes entirely in its dtype (weights converted once at load).
+            DeviceSpec::Cuda { ordinal, precision } => (
+                Device::cuda(ordinal)?.with_compute_dtype(dtype_of(precision)),
+                topology::Precision::F32,
+            ),
         };
-        let dtype = match precision {
-            topology::Precision::F32 => kernels::DType::F32,
-            topology::Precision::Bf16 => kernels::DType::BF16,
-        };
+        let dtype = dtype_of(precision);
         Ok(match &self.transformer_dir {
             Some(dir) => Transformer::load_with(dir, Some(layers), dev, dtype)?,
             None => {
@@ -168,5 +169,14 @@ impl ModelSource {
                 Transformer::from_source(self.config.clone(), &source, Some(layers), dev)?
             }
         })
+    }
+}
+
+/// The kernels' dtype of a topology precision.
+fn dtype_of(p: topology::Precision) -> kernels::DType {
+    match p {
+        topology::Precision::F32 => kernels::DType::F32,
+        topology::Precision::Bf16 => kernels::DType::BF16,
+        topology::Precision::F16 => kernels::DType::F16,
     }
 }

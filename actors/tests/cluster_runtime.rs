@@ -329,7 +329,10 @@ async fn a_stage_left_waiting_is_detected_by_the_stall_timer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_cannot_open_fails_the_start_naming_it() {
     let mut s = spec(2, 2, 1);
-    s.nodes[0].devices[1] = DeviceSpec::Cuda { ordinal: 0 };
+    s.nodes[0].devices[1] = DeviceSpec::Cuda {
+        ordinal: 0,
+        precision: topology::Precision::F32,
+    };
     let e = Cluster::start(s, ClusterOptions::default())
         .await
         .err()

@@ -56,15 +56,16 @@ pub(crate) struct ClusterArgs {
     /// cores / N].
     #[arg(long, value_name = "T", value_parser = thread_count)]
     threads: Option<usize>,
-    /// Where a local cluster's devices run: `cpu`, or `cuda` (GPU i for device i; the CUDA
-    /// backend's ops are not built yet, so today this ends with an error saying why: no `cuda`
-    /// feature, no driver, or not implemented). Not with --topology (its devices say it).
+    /// Where a local cluster's devices run: `cpu`, or `cuda` (GPU i for device i; DiT and
+    /// PixArt stages; a machine without a driver or GPU, or a build without the `cuda`
+    /// feature, ends with an error saying which). Not with --topology (its devices say it).
     #[arg(long, value_name = "KIND", default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
-    /// Precision of every CPU device's linear layers: `f32`, or `bf16` (weights packed once at
+    /// Precision of every device. CPU: `f32`, or `bf16` linear layers (weights packed once at
     /// load, inputs rounded to bf16, f32 accumulation; AMX tiles where the CPU has them, about
-    /// 2.7x faster on DiT-XL/2; output within ~5e-3 of f32). Overrides the topology's
-    /// `dtype` [default: the topology's, else f32].
+    /// 2.7x faster on DiT-XL/2; output within ~5e-3 of f32). CUDA: the whole stage in `f32`,
+    /// `bf16` or `f16` (f32 accumulation). Overrides the topology's `dtype` [default: the
+    /// topology's, else f32].
     #[arg(long, value_name = "DTYPE")]
     dtype: Option<topology::Precision>,
 }
@@ -223,7 +224,10 @@ impl ClusterArgs {
                     ClusterSpec::local_cpu(devices, threads, ModelSpec::Path(model.clone()));
                 if self.device == "cuda" {
                     for (i, d) in s.nodes[0].devices.iter_mut().enumerate() {
-                        *d = topology::DeviceSpec::Cuda { ordinal: i };
+                        *d = topology::DeviceSpec::Cuda {
+                            ordinal: i,
+                            precision: topology::Precision::F32,
+                        };
                     }
                 }
                 s.parallel.pipefusion_degree = n;
@@ -237,8 +241,10 @@ impl ClusterArgs {
         };
         if let Some(p) = self.dtype {
             for d in spec.nodes.iter_mut().flat_map(|n| n.devices.iter_mut()) {
-                if let DeviceSpec::Cpu { precision, .. } = d {
-                    *precision = p;
+                match d {
+                    DeviceSpec::Cpu { precision, .. } | DeviceSpec::Cuda { precision, .. } => {
+                        *precision = p
+                    }
                 }
             }
         }

@@ -96,8 +96,11 @@ pub enum Precision {
     /// f32 weights and products.
     #[default]
     F32,
-    /// bf16 weights (packed once at load) and inputs, f32 accumulation; everything else f32.
+    /// CPU: bf16 linear weights (packed once at load) and inputs, f32 accumulation; everything
+    /// else f32. CUDA: the whole stage in bf16 (weights and activations), f32 accumulation.
     Bf16,
+    /// CUDA only: the whole stage in f16, f32 accumulation.
+    F16,
 }
 
 impl Precision {
@@ -106,6 +109,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
 }
@@ -122,8 +126,9 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
             other => Err(format!(
-                "`{other}` is not a CPU precision; values that work: f32, bf16"
+                "`{other}` is not a precision; values that work: f32, bf16, f16 (cuda devices)"
             )),
         }
     }
@@ -143,6 +148,8 @@ pub enum DeviceSpec {
     Cuda {
         /// The CUDA device ordinal on its node.
         ordinal: usize,
+        /// The dtype the whole stage computes in (`dtype = "bf16"`; default f32).
+        precision: Precision,
     },
 }
 
@@ -162,7 +169,11 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cpu { threads, precision } => {
                 write!(f, "cpu(threads={threads}, {precision})")
             }
-            DeviceSpec::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
+            DeviceSpec::Cuda {
+                ordinal,
+                precision: Precision::F32,
+            } => write!(f, "cuda:{ordinal}"),
+            DeviceSpec::Cuda { ordinal, precision } => write!(f, "cuda:{ordinal}({precision})"),
         }
     }
 }

@@ -240,7 +240,14 @@ fn device_spec_display() {
         .to_string(),
         "cpu(threads=2, bf16)"
     );
-    assert_eq!(DeviceSpec::Cuda { ordinal: 0 }.to_string(), "cuda:0");
+    assert_eq!(
+        DeviceSpec::Cuda {
+            ordinal: 0,
+            precision: topology::Precision::F32,
+        }
+        .to_string(),
+        "cuda:0"
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Semantic checks of a [`ClusterSpec`], run after parsing and again by
 //! [`ClusterSpec::validate`]; each error points at the field's line when it came from a file.
 
-use super::{ClusterSpec, DeviceSpec, ModelSpec};
+use super::{ClusterSpec, DeviceSpec, ModelSpec, Precision};
 use crate::error::Result;
 
 pub(super) fn validate(s: &ClusterSpec) -> Result<()> {
@@ -88,8 +88,20 @@ fn nodes(s: &ClusterSpec) -> Result<()> {
                         Some("set `threads = 1` or more (or leave it out for 1)".into()),
                     ))
                 }
-                DeviceSpec::Cuda { ordinal } => {
-                    let earlier = node.devices[..k].contains(device);
+                DeviceSpec::Cpu {
+                    precision: Precision::F16,
+                    ..
+                } => {
+                    return Err(s.error(
+                        &format!("{path}.devices[{k}].dtype"),
+                        "f16 is for cuda devices: a cpu device computes in f32 or bf16",
+                        Some("use bf16 (or f32) for cpu devices".into()),
+                    ))
+                }
+                DeviceSpec::Cuda { ordinal, .. } => {
+                    let earlier = node.devices[..k]
+                        .iter()
+                        .any(|d| matches!(d, DeviceSpec::Cuda { ordinal: o, .. } if *o == ordinal));
                     if earlier {
                         return Err(s.error(
                             &format!("{path}.devices[{k}].ordinal"),

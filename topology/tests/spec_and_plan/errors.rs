@@ -235,6 +235,14 @@ fn cpu_device_dtype_is_f32_or_bf16() {
         Some(13),
         "values that work: f32, bf16",
     );
+    // f16 is a GPU dtype: a cpu device refuses it, naming the key and the line.
+    let text = edit(&[(13, r#"devices = [ { kind = "cpu", dtype = "f16" } ]"#)]);
+    rejects(
+        &text,
+        "nodes[0].devices[0].dtype",
+        Some(13),
+        "f16 is for cuda devices",
+    );
     let text = edit(&[(
         13,
         r#"devices = [ { kind = "cpu", dtype = "bf16" }, { kind = "cpu" } ]"#,
@@ -255,6 +263,54 @@ fn cpu_device_dtype_is_f32_or_bf16() {
     // Nodes started with another precision are another cluster.
     let f32_text = edit(&[(13, r#"devices = [ { kind = "cpu" }, { kind = "cpu" } ]"#)]);
     assert_ne!(spec.fingerprint(), parse(&f32_text).unwrap().fingerprint());
+}
+
+#[test]
+fn cuda_device_dtype_is_f32_bf16_or_f16() {
+    let text = edit(&[(
+        13,
+        r#"devices = [ { kind = "cuda", ordinal = 0, dtype = "bf16" }, { kind = "cuda", ordinal = 1, dtype = "f16" } ]"#,
+    )]);
+    let spec = parse(&text).unwrap();
+    let shown: Vec<String> = spec.nodes[0]
+        .devices
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    assert_eq!(shown, ["cuda:0(bf16)", "cuda:1(f16)"]);
+    let text = edit(&[(
+        13,
+        r#"devices = [ { kind = "cuda", ordinal = 0 }, { kind = "cuda", ordinal = 1 } ]"#,
+    )]);
+    let shown: Vec<String> = parse(&text).unwrap().nodes[0]
+        .devices
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    assert_eq!(shown, ["cuda:0", "cuda:1"]);
+    // Another dtype is another cluster (the fingerprint covers it).
+    assert_ne!(spec.fingerprint(), parse(&text).unwrap().fingerprint());
+    let text = edit(&[(
+        13,
+        r#"devices = [ { kind = "cuda", ordinal = 0, dtype = "half" } ]"#,
+    )]);
+    rejects(
+        &text,
+        "nodes[0].devices[0].dtype",
+        Some(13),
+        "values that work",
+    );
+    // The same GPU twice on a node is refused whatever the dtypes.
+    let text = edit(&[(
+        13,
+        r#"devices = [ { kind = "cuda", ordinal = 0, dtype = "bf16" }, { kind = "cuda", ordinal = 0 } ]"#,
+    )]);
+    rejects(
+        &text,
+        "nodes[0].devices[1].ordinal",
+        Some(13),
+        "listed twice",
+    );
 }
 
 /// `threads = 100000` used to start 100,000 threads (issue 16 group 6).

@@ -22,7 +22,7 @@ const PARALLEL_KEYS: &[&str] = &[
 ];
 const NODE_KEYS: &[&str] = &["name", "address", "devices", "cert", "key"];
 const CPU_KEYS: &[&str] = &["kind", "threads", "dtype"];
-const CUDA_KEYS: &[&str] = &["kind", "ordinal"];
+const CUDA_KEYS: &[&str] = &["kind", "ordinal", "dtype"];
 
 impl Reader<'_> {
     pub(super) fn model(&mut self, v: &Value<'_>, base_dir: Option<&Path>) -> Result<ModelSpec> {
@@ -196,6 +196,17 @@ impl Reader<'_> {
         })
     }
 
+    /// A device's `dtype` key (f32 when absent), errors naming its line.
+    fn precision(&mut self, t: &DeTable<'_>, path: &str, help: &str) -> Result<Precision> {
+        let Some(d) = t.get("dtype") else {
+            return Ok(Precision::F32);
+        };
+        let dtype_path = join(path, "dtype");
+        let text = self.string(d, &dtype_path)?;
+        text.parse()
+            .map_err(|why: String| self.err(Some(self.line(d.span())), &dtype_path, why, help))
+    }
+
     fn device(&mut self, v: &Value<'_>, path: &str) -> Result<DeviceSpec> {
         let t = self.table(v, path)?;
         let kind_path = join(path, "kind");
@@ -213,27 +224,31 @@ impl Reader<'_> {
             "cpu" => {
                 self.keys(t, path, CPU_KEYS)?;
                 let threads = self.opt_usize(t, path, "threads")?.unwrap_or(1);
-                let precision = match t.get("dtype") {
-                    None => Precision::F32,
-                    Some(d) => {
-                        let dtype_path = join(path, "dtype");
-                        let text = self.string(d, &dtype_path)?;
-                        text.parse().map_err(|why: String| {
-                            self.err(
-                                Some(self.line(d.span())),
-                                &dtype_path,
-                                why,
-                                "bf16 keeps the linear layers in bf16 (AMX tiles where the CPU has them)",
-                            )
-                        })?
-                    }
-                };
+                let precision = self.precision(
+                    t,
+                    path,
+                    "bf16 keeps the linear layers in bf16 (AMX tiles where the CPU has them)",
+                )?;
+                if precision == Precision::F16 {
+                    let d = t.get("dtype").expect("f16 was read from it");
+                    return Err(self.err(
+                        Some(self.line(d.span())),
+                        &join(path, "dtype"),
+                        "f16 is for cuda devices: a cpu device computes in f32 or bf16",
+                        "write dtype = \"bf16\" or leave it out for f32",
+                    ));
+                }
                 Ok(DeviceSpec::Cpu { threads, precision })
             }
             "cuda" => {
                 self.keys(t, path, CUDA_KEYS)?;
+                let precision = self.precision(
+                    t,
+                    path,
+                    "bf16 or f16 run the whole stage in that dtype with f32 accumulation",
+                )?;
                 match self.opt_usize(t, path, "ordinal")? {
-                    Some(ordinal) => Ok(DeviceSpec::Cuda { ordinal }),
+                    Some(ordinal) => Ok(DeviceSpec::Cuda { ordinal, precision }),
                     None => Err(self.err(
                         Some(self.line(v.span())),
                         &join(path, "ordinal"),
