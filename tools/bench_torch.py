@@ -61,8 +61,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
                     help="model and inputs in this dtype (bf16: PyTorch's CPU bf16 path, oneDNN/AMX where present)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: GPU 0 (attention through SDPA; each forward timed to torch.cuda.synchronize())")
     ap.add_argument("--json", action="store_true", help="print a final JSON line")
     a = ap.parse_args()
     if a.resolution % (8 * PATCH):
@@ -84,24 +86,29 @@ def main():
                                   out_channels=C_OUT, num_layers=layers, sample_size=lat, patch_size=PATCH,
                                   num_embeds_ada_norm=CLASSES).eval()
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    model = model.to(dtype)
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
+    if a.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # f32 means f32, as pipefuse's cuBLASLt path
+    model = model.to(a.device, dtype)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{a.preset}: d={d} layers={layers} heads={heads} params={n_params / 1e6:.1f}M, latent {lat}x{lat}, "
           f"tokens={tokens}, batch={a.batch}, threads={torch.get_num_threads()} "
           f"(built in {time.perf_counter() - t0:.1f} s)", flush=True)
 
     g = torch.Generator().manual_seed(a.seed + 1)
-    x = torch.randn(a.batch, C_IN, lat, lat, generator=g).to(dtype)
-    t = torch.randint(0, 1000, (a.batch,), generator=g)
-    y = torch.randint(0, CLASSES, (a.batch,), generator=g)
+    x = torch.randn(a.batch, C_IN, lat, lat, generator=g).to(a.device, dtype)
+    t = torch.randint(0, 1000, (a.batch,), generator=g).to(a.device)
+    y = torch.randint(0, CLASSES, (a.batch,), generator=g).to(a.device)
     flops = dit_flops(d, layers, PATCH, a.batch, tokens)
 
     times = []
     with torch.inference_mode():
         for i in range(a.warmup + a.iters):
+            sync()
             s = time.perf_counter()
             out = model(x, timestep=t, class_labels=y).sample
+            sync()
             ms = (time.perf_counter() - s) * 1e3
             tag = "warmup" if i < a.warmup else "iter"
             if i >= a.warmup:
@@ -113,7 +120,7 @@ def main():
     print(f"median {med:.1f} ms, min {min(times):.1f}, max {max(times):.1f}; "
           f"{flops / 1e9:.1f} GFLOP per forward, {flops / 1e9 / (med / 1e3):.1f} GFLOP/s")
     if a.json:
-        print(json.dumps({"impl": "pytorch", "dtype": a.dtype, "preset": a.preset, "resolution": a.resolution, "batch": a.batch,
+        print(json.dumps({"impl": "pytorch", "device": a.device, "dtype": a.dtype, "preset": a.preset, "resolution": a.resolution, "batch": a.batch,
                           "threads": a.threads, "ms_per_forward": round(med, 3), "ms_min": round(min(times), 3),
                           "ms_max": round(max(times), 3), "gflops": round(flops / 1e9 / (med / 1e3), 3),
                           "gflop_per_forward": round(flops / 1e9, 3), "torch_version": torch.__version__}))

@@ -1,35 +1,42 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 11), for a session that is lent a GPU machine (the `device`
-# tool's `run`): every `Device` op of the CUDA backend (cuBLASLt GEMMs, NVRTC kernels) on GPU
-# tensors of f32, bf16 and f16 against the CPU backend on the same inputs, one JSON line per
-# check (exit 1 if any is off), plus nvidia-smi, written under $OUT. The machine has no Rust
-# toolchain, so the check binary is built here and carried:
+# tool's `run`). Sized to finish in well under 8 minutes. Writes under $OUT:
+#   nvidia-smi.txt, cuda_tools.txt      what the machine has
+#   ops.jsonl                           every Device op of the CUDA backend (cuBLASLt GEMMs, NVRTC
+#                                       kernels) on f32 / bf16 / f16 GPU tensors vs the CPU backend
+#   golden.jsonl                        the DiT and PixArt golden fixtures through CUDA (f32 <= 1e-4,
+#                                       bf16 <= 1e-2 to diffusers) and a two-stage PipeFusion on the
+#                                       one GPU vs the same on the CPU
+#   generate.txt                        `pipefuse generate --device cuda` on the bundled demo model
+#                                       vs `--device cpu` (relative L2 of the final latents)
+#   bench_*.json                        DiT-XL/2 256 px batch 2 and PixArt-alpha 1024 px batch 1
+#                                       forwards in bf16, pipefuse vs PyTorch (SDPA) on this GPU
+# Exit status: non-zero if a correctness check failed (benchmarks only report).
 #
-#   RUSTFLAGS="-C target-cpu=x86-64-v3" cargo build --release -p kernels --features cuda \
-#       --example gpu_check --target-dir target/portable
-#   mkdir -p target/gpu && cp target/portable/release/examples/gpu_check target/gpu/ && strip target/gpu/gpu_check
-#
-# (x86-64-v3, not the workspace's target-cpu=native: the GPU host's CPU is another one.)
-#   run(command="tools/gpu_check.sh", carry=["target/gpu"], timeout_s=300)
-#
-# The CUDA 13 driver comes with the machine; NVRTC and the CUDA headers from its Python's NVIDIA
-# wheels (PyTorch cu13 installs them), found below. Sized to finish in well under a minute.
+# The machine has no Rust toolchain and no network: build here first with tools/gpu_build.sh
+# (binaries and Python wheels into target/gpu), then
+#   run(command="tools/gpu_check.sh", carry=["target/gpu"], timeout_s=480)
+# The CUDA 13 driver comes with the machine; NVRTC, cuBLASLt and the CUDA headers from its
+# Python's NVIDIA wheels (PyTorch cu13 installs them), found below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-target/gpu/out}
+bin=target/gpu
 mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >&2
+py=python3
 nv=""
-for py in python3 python; do
-    site=$("$py" -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null) || continue
-    for cand in "$site/nvidia/cu13" "$site/nvidia/cuda_nvrtc"; do
-        if [ -e "$cand/lib/libnvrtc.so.13" ]; then nv="$cand"; break 2; fi
+for cand in python3 python; do
+    site=$("$cand" -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null) || continue
+    py=$cand
+    for dir in "$site/nvidia/cu13" "$site/nvidia/cuda_nvrtc"; do
+        if [ -e "$dir/lib/libnvrtc.so.13" ]; then nv="$dir"; break 2; fi
     done
 done
 if [ -z "$nv" ]; then
     nv=$(dirname "$(dirname "$(find / -name 'libnvrtc.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)")")
 fi
-echo "CUDA tools: $nv" | tee "$out/cuda_tools.txt"
+{ echo "CUDA tools: $nv"; "$py" --version; } 2>&1 | tee "$out/cuda_tools.txt"
 include="$nv/include"
 [ -e "$include/cuda_bf16.h" ] || include=$(dirname "$(find / -name cuda_bf16.h -not -path '*/proc/*' 2>/dev/null | head -1)")
 libs="$nv/lib"
@@ -38,8 +45,54 @@ if [ ! -e "$nv/lib/libcublasLt.so.13" ]; then
     lt=$(find / -name 'libcublasLt.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)
     [ -n "$lt" ] && libs="$libs:$(dirname "$lt")"
 fi
-echo "libraries: $libs" | tee -a "$out/cuda_tools.txt"
+echo "libraries: $libs; headers: $include" | tee -a "$out/cuda_tools.txt"
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PIPEFUSE_CUDA_INCLUDE="$include"
-target/gpu/gpu_check | tee "$out/gpu_check.jsonl"
-exit "${PIPESTATUS[0]}"
+status=0
+
+echo "== ops"
+timeout 120 "$bin/gpu_check" | tee "$out/ops.jsonl"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== golden fixtures and two stages"
+PIPEFUSE_FIXTURES=model/tests/fixtures timeout 120 "$bin/gpu_golden" | tee "$out/golden.jsonl"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== generate on the demo model, cuda vs cpu"
+for d in cuda cpu; do
+    timeout 120 "$bin/pipefuse" generate --device "$d" --steps 8 --save-latent "$out/latent_$d.safetensors" \
+        > "$out/generate_$d.log" 2>&1 || { echo "generate --device $d failed" | tee -a "$out/generate.txt"; status=1; }
+done
+"$py" - "$out/latent_cuda.safetensors" "$out/latent_cpu.safetensors" <<'PY' | tee -a "$out/generate.txt" || status=1
+import json, struct, sys
+import numpy as np
+def load(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    meta = json.loads(raw[8:8 + n])
+    name, t = next((k, v) for k, v in meta.items() if k != "__metadata__")
+    a, b = t["data_offsets"]
+    return np.frombuffer(raw[8 + n + a:8 + n + b], dtype=np.float32)
+g, w = load(sys.argv[1]), load(sys.argv[2])
+e = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
+print(json.dumps({"check": "generate demo cuda vs cpu (f32)", "rel_l2": e, "tolerance": 1e-3, "ok": e <= 1e-3}))
+sys.exit(0 if e <= 1e-3 else 1)
+PY
+
+echo "== benchmarks (bf16)"
+pylib=$(mktemp -d)
+"$py" -m pip install --quiet --no-index --find-links "$bin/wheels" --target "$pylib" diffusers \
+    > "$out/pip.log" 2>&1 || echo "diffusers wheels did not install (see pip.log): no PyTorch baseline"
+for case in "DiT-XL/2 256 2" "PixArt-alpha-1024 1024 1"; do
+    set -- $case
+    tag=$(echo "$1" | tr -c 'A-Za-z0-9\n' '_')
+    timeout 150 "$bin/pipefuse" bench forward --device cuda --dtype bf16 --preset "$1" --resolution "$2" \
+        --batch "$3" --iters 5 --json 2> "$out/bench_${tag}_pipefuse.log" | tail -1 > "$out/bench_${tag}_pipefuse.json"
+    if [ "$1" = "DiT-XL/2" ]; then
+        PYTHONPATH="$pylib" timeout 150 "$py" tools/bench_torch.py --device cuda --dtype bf16 --preset "$1" \
+            --resolution "$2" --batch "$3" --warmup 2 --iters 5 --json 2> "$out/bench_${tag}_torch.log" \
+            | tail -1 > "$out/bench_${tag}_torch.json"
+    fi
+    cat "$out"/bench_"${tag}"_*.json
+done
+exit $status

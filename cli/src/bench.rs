@@ -52,21 +52,38 @@ pub(crate) struct ForwardArgs {
     /// tokens in the joint sequence [default 333 for SD3 (77 CLIP + 256 T5), 512 for Flux].
     #[arg(long, value_name = "T")]
     caption_tokens: Option<usize>,
-    /// Weight format of the linear layers: `f32`, or `bf16` (packed once at load; activations
-    /// rounded to bf16 per product, f32 accumulation; AMX tiles where the CPU has them). The
-    /// plain GEMM baseline runs in the same format.
-    #[arg(long, default_value = "f32", value_parser = linear_dtype)]
+    /// CPU: weight format of the linear layers, `f32` or `bf16` (packed once at load;
+    /// activations rounded to bf16 per product, f32 accumulation; AMX tiles where the CPU has
+    /// them). CUDA: the whole model in `f32`, `bf16` or `f16` (f32 accumulation). The plain GEMM
+    /// baseline runs in the same format.
+    #[arg(long, default_value = "f32")]
     dtype: kernels::DType,
+    /// Where the forward runs: `cpu`, or `cuda:N` (GPU N; `cuda` is GPU 0).
+    #[arg(long, default_value = "cpu", value_parser = bench_device)]
+    device: BenchDevice,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
 }
 
-/// `--dtype`: f32 or bf16 (f16 has no CPU GEMM).
-fn linear_dtype(s: &str) -> Result<kernels::DType, String> {
-    match s.parse::<kernels::DType>()? {
-        kernels::DType::F16 => Err("f16 has no CPU path; use f32 or bf16".into()),
-        d => Ok(d),
+/// Where `bench forward` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BenchDevice {
+    /// The CPU (`--threads`).
+    Cpu,
+    /// CUDA GPU N.
+    Cuda(usize),
+}
+
+/// `--device`: `cpu`, `cuda` or `cuda:N`.
+fn bench_device(s: &str) -> Result<BenchDevice, String> {
+    match s {
+        "cpu" => Ok(BenchDevice::Cpu),
+        "cuda" => Ok(BenchDevice::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(n)) => Ok(BenchDevice::Cuda(n)),
+            _ => Err(format!("`{s}`: a device is cpu, cuda or cuda:N")),
+        },
     }
 }
 
@@ -83,13 +100,14 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// GFLOP/s of `y = x W^T` with m = k = n = 2048 on `dev` (median of 5), the weight in `dtype`.
+/// GFLOP/s of `y = x W^T` with m = k = n = 2048 on `dev` (median of 5), the weight in `dtype`
+/// (on a GPU: the device's compute dtype, timed to the end of the product).
 fn gemm_gflops(dev: &Device, dtype: kernels::DType) -> Result<f64> {
     let n = 2048;
     let values: Vec<f32> = (0..n * n).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
-    let packed =
-        (dtype == kernels::DType::BF16).then(|| kernels::PackedBf16::from_f32(&values, n, n));
-    let x = Tensor::from_vec(values, &[n, n])?;
+    let packed = (dtype == kernels::DType::BF16 && matches!(dev, Device::Cpu(_)))
+        .then(|| kernels::PackedBf16::from_f32(&values, n, n));
+    let x = dev.import(Tensor::from_vec(values, &[n, n])?)?;
     let mut times: Vec<f64> = (0..6)
         .map(|_| {
             let t = Instant::now();
@@ -97,6 +115,7 @@ fn gemm_gflops(dev: &Device, dtype: kernels::DType) -> Result<f64> {
                 Some(w) => dev.linear_bf16(&x, w, None),
                 None => dev.linear(&x, &x, None),
             }
+            .and_then(|_| dev.synchronize())
             .map(|_| t.elapsed().as_secs_f64())
         })
         .collect::<Result<_, _>>()?;
@@ -120,11 +139,20 @@ fn forward(a: ForwardArgs) -> Result<()> {
     if a.resolution % p8 != 0 || a.resolution == 0 || a.batch == 0 || a.iters == 0 {
         bail!("--resolution must be a positive multiple of {p8}; --batch and --iters at least 1");
     }
-    check_forward_memory(&a, &cfg)?;
-    let dev = Device::cpu(a.threads)?;
+    let dev = match a.device {
+        BenchDevice::Cpu => {
+            if a.dtype == kernels::DType::F16 {
+                bail!("--dtype f16 has no CPU path; use f32 or bf16 (or --device cuda)");
+            }
+            check_forward_memory(&a, &cfg)?;
+            Device::cpu(a.threads)?
+        }
+        BenchDevice::Cuda(n) => Device::cuda(n)?.with_compute_dtype(a.dtype),
+    };
     eprintln!("{}", crate::devices::bench_header());
-    let path = match a.dtype {
-        kernels::DType::BF16 => kernels::bf16_gemm_path(),
+    let path = match (&dev, a.dtype) {
+        (Device::Cuda(_), _) => "cuBLASLt, f32 accumulation",
+        (_, kernels::DType::BF16) => kernels::bf16_gemm_path(),
         _ => "f32 (gemm crate, AVX-512 where present)",
     };
     eprintln!(
@@ -134,7 +162,11 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let weights = model::RandomWeights { seed: 0, std: 0.02 };
     let source = model::WithLinearDtype {
         inner: &weights,
-        dtype: a.dtype,
+        // A GPU model is entirely in the device's dtype (no CPU packing).
+        dtype: match a.device {
+            BenchDevice::Cpu => a.dtype,
+            BenchDevice::Cuda(_) => kernels::DType::F32,
+        },
     };
     let model = Transformer::from_source(cfg.clone(), &source, None, dev.clone())?;
     let side = a.resolution / 8;
@@ -194,7 +226,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     );
     if a.json {
         let j = serde_json::json!({
-            "impl": "pipefuse", "dtype": a.dtype.as_str(), "gemm_path": path, "preset": a.preset, "layers": cfg.num_layers, "resolution": a.resolution, "batch": a.batch, "threads": a.threads,
+            "impl": "pipefuse", "device": dev.name(), "dtype": a.dtype.as_str(), "gemm_path": path, "preset": a.preset, "layers": cfg.num_layers, "resolution": a.resolution, "batch": a.batch, "threads": a.threads,
             "ms_per_forward": med * 1e3, "ms_min": min * 1e3, "ms_max": max * 1e3, "gflop_per_forward": flops / 1e9,
             "gflops": gflops, "gemm_gflops": gemm, "forward_vs_gemm": gflops / gemm,
         });

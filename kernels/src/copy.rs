@@ -50,9 +50,29 @@ impl Strides {
 }
 
 impl BlockCopy {
+    /// A copy no tensor can hold (what a constructor gives for a dimension past the shape).
+    const NOTHING_FITS: BlockCopy = BlockCopy {
+        batches: 1,
+        rows: 1,
+        width: usize::MAX,
+        src: Strides {
+            offset: 0,
+            row: 0,
+            batch: 0,
+        },
+        dst: Strides {
+            offset: 0,
+            row: 0,
+            batch: 0,
+        },
+    };
+
     /// Rows `start..start + len` of dimension `dim` of a tensor of `shape`, into a new
-    /// contiguous tensor (`narrow`).
+    /// contiguous tensor (`narrow`). A `dim` past the shape gives a copy that fits nothing.
     pub fn narrow(shape: &[usize], dim: usize, start: usize, len: usize) -> BlockCopy {
+        if dim >= shape.len() {
+            return BlockCopy::NOTHING_FITS;
+        }
         let outer: usize = shape[..dim].iter().product();
         let inner: usize = shape[dim + 1..].iter().product();
         BlockCopy {
@@ -80,6 +100,9 @@ impl BlockCopy {
         dim: usize,
         start: usize,
     ) -> BlockCopy {
+        if dim >= dst_shape.len() || dim >= src_shape.len() {
+            return BlockCopy::NOTHING_FITS;
+        }
         let outer: usize = dst_shape[..dim].iter().product();
         let inner: usize = dst_shape[dim + 1..].iter().product();
         let len = src_shape[dim];
@@ -105,10 +128,14 @@ impl BlockCopy {
     pub fn fits(&self, src_len: usize, dst_len: usize) -> bool {
         let (b, r, w) = (self.batches, self.rows, self.width);
         let empty = b == 0 || r == 0 || w == 0;
+        // Runs are whole rows of both sides (no broadcasting of a row into several): the GPU's
+        // 2-D copies read and write rows `row` apart, at least `width` apart.
+        let rows_apart = empty || r == 1 || (self.dst.row >= w && self.src.row >= w);
         let disjoint = empty
-            || ((r == 1 || self.dst.row >= w)
-                && (b == 1 || self.dst.batch >= self.dst.row.saturating_mul(r - 1) + w));
-        disjoint
+            || b == 1
+            || self.dst.batch >= self.dst.row.saturating_mul(r - 1).saturating_add(w);
+        rows_apart
+            && disjoint
             && self.src.end(b, r, w).is_some_and(|e| e <= src_len)
             && self.dst.end(b, r, w).is_some_and(|e| e <= dst_len)
     }

@@ -158,6 +158,25 @@ impl Device {
         }
     }
 
+    /// Whether `t` is in this device's memory (host memory for a CPU device, this GPU's for a
+    /// CUDA device).
+    pub fn holds(&self, t: &Tensor) -> bool {
+        match (self, t.storage()) {
+            (Device::Cpu(_), crate::Storage::Cpu(_)) => true,
+            (Device::Cuda(c), crate::Storage::Cuda(s)) => c.ordinal() == s.ordinal(),
+            _ => false,
+        }
+    }
+
+    /// Waits until every op queued on this device has finished (a GPU's ops are asynchronous;
+    /// a CPU's have finished when they return). Timing a GPU needs it.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu(_) => Ok(()),
+            Device::Cuda(c) => c.synchronize(),
+        }
+    }
+
     /// Human-readable name, e.g. `cpu(2 threads)`.
     pub fn name(&self) -> String {
         match self {

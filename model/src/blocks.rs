@@ -166,8 +166,9 @@ impl DitEmbedder {
         labels: &[usize],
     ) -> Result<Tensor> {
         let mut c = self.timestep.forward(dev, t_features)?; // [B, d]
-        let y = dev.embedding(&self.classes, labels).map_err(|_| {
-            ModelError::Input(format!("class labels {labels:?} out of range: the model has {} classes plus the null class {}", self.classes.dim(0) - 1, self.classes.dim(0) - 1))
+        let y = dev.embedding(&self.classes, labels).map_err(|e| match e {
+            kernels::KernelError::Shape { .. } => ModelError::Input(format!("class labels {labels:?} out of range: the model has {} classes plus the null class {}", self.classes.dim(0) - 1, self.classes.dim(0) - 1)),
+            other => other.into(),
         })?;
         dev.add_gated_(&mut c, &y, None)?;
         Ok(c)

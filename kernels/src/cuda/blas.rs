@@ -144,6 +144,11 @@ impl Blas {
         d: u64,
         bias: Option<u64>,
     ) -> Result<()> {
+        // The raw cuBLASLt call needs this GPU's context current on this thread.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_error("cuBLASLt context", e))?;
         let ty = data_type(dtype);
         let desc = Desc::new(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F)?;
         let op = |t: bool| t as i32;

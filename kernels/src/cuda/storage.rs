@@ -67,25 +67,47 @@ impl CudaStorage {
             return Ok(());
         }
         let stream = self.bytes.stream().clone();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_error("copy_block", e))?;
         let (s, _gs) = src.ptr(&stream);
         let (d, _gd) = self.ptr_mut(&stream)?;
         let width = copy.width * size;
         for b in 0..copy.batches {
+            let (src_at, dst_at) = (
+                s + ((copy.src.offset + b * copy.src.batch) * size) as u64,
+                d + ((copy.dst.offset + b * copy.dst.batch) * size) as u64,
+            );
+            if copy.rows == 1 {
+                // One run: a plain copy (a 2-D copy's pitch is limited to ~2 GiB).
+                // SAFETY: both runs lie inside their buffers (`BlockCopy::fits`).
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst_at,
+                        src_at,
+                        width,
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| driver_error("copy_block", e))?;
+                continue;
+            }
             let params = sys::CUDA_MEMCPY2D {
                 srcXInBytes: 0,
                 srcY: 0,
                 srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
                 srcHost: std::ptr::null(),
-                srcDevice: s + ((copy.src.offset + b * copy.src.batch) * size) as u64,
+                srcDevice: src_at,
                 srcArray: std::ptr::null_mut(),
-                srcPitch: (copy.src.row * size).max(width),
+                srcPitch: copy.src.row * size,
                 dstXInBytes: 0,
                 dstY: 0,
                 dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
                 dstHost: std::ptr::null_mut(),
-                dstDevice: d + ((copy.dst.offset + b * copy.dst.batch) * size) as u64,
+                dstDevice: dst_at,
                 dstArray: std::ptr::null_mut(),
-                dstPitch: (copy.dst.row * size).max(width),
+                dstPitch: copy.dst.row * size,
                 WidthInBytes: width,
                 Height: copy.rows,
             };

@@ -421,11 +421,7 @@ pub(crate) fn bring(dev: &Device, x: &mut Tensor) -> Result<()> {
 
 /// Whether `x` is in `dev`'s memory and compute dtype.
 fn is_on(dev: &Device, x: &Tensor) -> bool {
-    x.dtype() == dev.compute_dtype()
-        && match dev {
-            Device::Cpu(_) => x.is_host(),
-            Device::Cuda(_) => !x.is_host(),
-        }
+    x.dtype() == dev.compute_dtype() && dev.holds(x)
 }
 
 /// `x` on `dev` (see [`bring`]), borrowed when it is there already.

@@ -34,6 +34,7 @@ impl Transformer {
             );
         }
         cond.check_tokens(x, self.cfg.hidden())?;
+        super::bring(&self.device, x)?;
         self.device.install(|| {
             for (layer, (i, block)) in self.range.clone().zip(&self.blocks).enumerate() {
                 let _span = tracing::trace_span!("block", i).entered();

@@ -7,8 +7,13 @@ use std::path::PathBuf;
 
 use kernels::Tensor;
 
+/// The fixtures folder (`PIPEFUSE_FIXTURES` overrides it: the prepared GPU check runs its
+/// binary from another checkout).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("PIPEFUSE_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 /// All tensors of a safetensors file, floats as f32 tensors, integers as i64 vectors.

@@ -1,0 +1,161 @@
+//! The model on a GPU (issue 11, run on a lent GPU by `tools/gpu_check.sh`): the golden DiT and
+//! PixArt fixtures through CUDA in f32 (relative L2 <= 1e-4 to diffusers, as on the CPU) and in
+//! bf16 (<= 1e-2 to diffusers' f32), and a two-stage PipeFusion (two device actors' model
+//! slices on the one GPU, each with its own stream and K/V buffers, patches through both for
+//! two steps so the second reads stale K/V) equal to the same on the CPU (<= 1e-4). One JSON
+//! line per check; exit 1 if any is off. Fixtures: `PIPEFUSE_FIXTURES` (default: this crate's
+//! tests/fixtures).
+//!
+//!     cargo build --release -p model --features cuda --example gpu_golden
+//!
+//! `--on-cpu` runs the same checks with a CPU device standing in for the GPU (what a machine
+//! without one can run: the harness, the fixtures and the two-stage schedule; a CPU computes
+//! in f32, so its "bf16" rows are f32 results).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::ExitCode;
+
+use common::{fixtures, rel_l2, Fixture};
+use kernels::{DType, Device, Tensor};
+use model::{CondInputs, Transformer};
+
+struct Checks {
+    failed: bool,
+}
+
+impl Checks {
+    fn compare(
+        &mut self,
+        check: &str,
+        got: &Tensor,
+        want: &Tensor,
+        tol: f64,
+    ) -> Result<(), String> {
+        let (g, w) = (
+            got.to_vec_f32().map_err(|e| e.to_string())?,
+            want.to_vec_f32().map_err(|e| e.to_string())?,
+        );
+        if g.len() != w.len() {
+            return Err(format!("{check}: {} vs {} elements", g.len(), w.len()));
+        }
+        let e = rel_l2(&g, &w);
+        let ok = e <= tol;
+        self.failed |= !ok;
+        println!("{{\"check\":\"{check}\",\"rel_l2\":{e:.3e},\"tolerance\":{tol:e},\"ok\":{ok}}}");
+        Ok(())
+    }
+}
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn gpu(dtype: DType) -> Result<Device, String> {
+    if std::env::args().any(|a| a == "--on-cpu") {
+        return Device::cpu(2).map_err(text);
+    }
+    Ok(Device::cuda(0).map_err(text)?.with_compute_dtype(dtype))
+}
+
+fn load(
+    name: &str,
+    dev: Device,
+    range: Option<std::ops::Range<usize>>,
+) -> Result<Transformer, String> {
+    Transformer::load(&fixtures().join(name), range, dev).map_err(text)
+}
+
+/// PipeFusion by hand: stage A (block 0) and stage B (the rest) on `devs`, two row strips as
+/// patches, two steps over the same latent; the second step's patches read the K/V the first
+/// left. Returns the head's output of every patch.
+fn two_stages(
+    name: &str,
+    [da, db]: [Device; 2],
+    inputs: &CondInputs,
+    latent: &Tensor,
+) -> Result<Vec<Tensor>, String> {
+    let n = model::ModelConfig::from_dir(&fixtures().join(name))
+        .map_err(text)?
+        .num_layers;
+    let (a, b) = (load(name, da, Some(0..1))?, load(name, db, Some(1..n))?);
+    let p = a.config().patch_size;
+    let (rows, cols) = (latent.dim(2) / p, latent.dim(3) / p);
+    let (ca, cb) = (
+        a.conditioning(inputs).map_err(text)?,
+        b.conditioning(inputs).map_err(text)?,
+    );
+    let batch = latent.dim(0);
+    let mut ka = a.kv_buffer(batch, rows * cols).map_err(text)?;
+    let mut kb = b.kv_buffer(batch, rows * cols).map_err(text)?;
+    let half = rows / 2;
+    let mut outs = Vec::new();
+    for _step in 0..2 {
+        for r0 in [0, half] {
+            let strip = latent.narrow(2, r0 * p, half * p).map_err(text)?;
+            let mut x = a.embed(&strip, r0, rows).map_err(text)?;
+            a.run_blocks_with_kv(&mut x, &ca, &mut ka, r0 * cols)
+                .map_err(text)?;
+            // Between the stages the patch crosses as bytes, as on the wire.
+            let bytes = x.to_le_bytes().map_err(text)?;
+            let mut x = Tensor::from_le_bytes(x.dtype(), x.shape(), &bytes).map_err(text)?;
+            b.run_blocks_with_kv(&mut x, &cb, &mut kb, r0 * cols)
+                .map_err(text)?;
+            outs.push(b.head(&x, &cb, half, latent.dim(3)).map_err(text)?);
+        }
+    }
+    Ok(outs)
+}
+
+fn run() -> Result<bool, String> {
+    let mut checks = Checks { failed: false };
+    // DiT, f32 and bf16.
+    let io = Fixture::load("dit_tiny_io.safetensors");
+    let inputs = CondInputs {
+        timesteps: io.i("timestep").iter().map(|&t| t as f32).collect(),
+        class_labels: io.i("class_labels").iter().map(|&c| c as usize).collect(),
+        ..Default::default()
+    };
+    let latent = io.f("latent");
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
+        let model = load("dit_tiny", gpu(dtype)?, None)?;
+        let got = model.forward(latent, &inputs).map_err(text)?;
+        checks.compare(&format!("dit forward {dtype}"), &got, io.f("output"), tol)?;
+    }
+    // PixArt, square and non-square, masked and not, f32 and bf16.
+    let pixart = Fixture::load("pixart_tiny_io.safetensors");
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
+        let model = load("pixart_tiny", gpu(dtype)?, None)?;
+        for p in ["sq.", "nonsq."] {
+            for masked in [true, false] {
+                let (pin, out) = common::pixart_case(&pixart, p, masked);
+                let got = model
+                    .forward(pixart.f(&format!("{p}latent")), &pin)
+                    .map_err(text)?;
+                let want = pixart.f(&format!("{p}{out}"));
+                checks.compare(&format!("pixart {p}{out} {dtype}"), &got, want, tol)?;
+            }
+        }
+    }
+    // Two stages on the one GPU vs the same on the CPU.
+    let cpu = || Device::cpu(2).map_err(text);
+    let want = two_stages("dit_tiny", [cpu()?, cpu()?], &inputs, latent)?;
+    let on_gpu = [gpu(DType::F32)?, gpu(DType::F32)?];
+    let got = two_stages("dit_tiny", on_gpu, &inputs, latent)?;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        checks.compare(&format!("two-stage pipefusion patch {i}"), g, w, 1e-4)?;
+    }
+    Ok(!checks.failed)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds what the prepared GPU check (tools/gpu_check.sh) carries to a lent GPU machine, which
+# has no Rust toolchain and no network (issue 11): the kernels' op check, the model's golden and
+# two-stage check, and the pipefuse binary (bench forward --device cuda, generate --device cuda),
+# all release, `--features cuda`, for x86-64-v3 (not this machine's target-cpu=native: the GPU
+# host's CPU is another one), stripped; and the wheels diffusers needs for the PyTorch baseline
+# (diffusers is not installed there; numpy and torch are). Everything goes to target/gpu/,
+# which must stay under the 64 MiB a device call carries:
+#
+#   tools/gpu_build.sh && run(command="tools/gpu_check.sh", carry=["target/gpu"], timeout_s=480)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=target/gpu
+rm -rf "$out" && mkdir -p "$out/wheels"
+export RUSTFLAGS="-C target-cpu=x86-64-v3"
+build=(cargo build --release --locked --target-dir target/portable --features cuda)
+"${build[@]}" -p kernels --example gpu_check
+"${build[@]}" -p model --example gpu_golden
+"${build[@]}" -p pipefuse
+for b in examples/gpu_check examples/gpu_golden pipefuse; do
+    cp "target/portable/release/$b" "$out/"
+done
+strip "$out"/gpu_check "$out"/gpu_golden "$out"/pipefuse
+# diffusers 0.42.1 and what it imports, for the Pythons a PyTorch 2.11 image may have; numpy
+# (and torch) are on the machine already.
+py=${PYTHON:-.venv-tools/bin/python}
+[ -x "$py" ] || py=python3
+for v in 3.11 3.12 3.13; do
+    "$py" -m pip download --quiet --only-binary=:all: --python-version "$v" \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux_2_28_x86_64 --dest "$out/wheels" diffusers==0.42.1
+done
+rm -f "$out"/wheels/numpy-*.whl
+size=$(du -sm "$out" | cut -f1)
+echo "target/gpu: ${size} MiB"
+du -sh "$out"/* | sort -h
+if [ "$size" -gt 60 ]; then
+    echo "error: target/gpu is ${size} MiB; a device call carries at most 64 MiB with the tree" >&2
+    exit 1
+fi
