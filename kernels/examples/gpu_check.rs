@@ -76,7 +76,7 @@ fn pair(t: &Tensor, dtype: DType, gpu: &Device) -> Result<(Tensor, Tensor), Stri
 }
 
 fn run() -> Result<bool, String> {
-    for d in kernels::cuda_devices()? {
+    for d in kernels::cuda_devices().unwrap_or_default() {
         println!(
             "{{\"device\":{},\"name\":\"{}\",\"memory_gib\":{:.1},\"cc\":\"{}.{}\"}}",
             d.ordinal,
@@ -86,11 +86,21 @@ fn run() -> Result<bool, String> {
             d.compute_capability.1
         );
     }
-    let gpu = Device::cuda(0).map_err(|e| e.to_string())?;
+    // `--on-cpu`: a CPU device stands in for the GPU (f32 only): the harness itself, here.
+    let on_cpu = std::env::args().any(|a| a == "--on-cpu");
+    let gpu = match on_cpu {
+        true => Device::cpu(2),
+        false => Device::cuda(0),
+    }
+    .map_err(|e| e.to_string())?;
+    let dtypes: &[DType] = match on_cpu {
+        true => &[DType::F32],
+        false => &[DType::F32, DType::BF16, DType::F16],
+    };
     let cpu = Device::cpu(4).map_err(|e| e.to_string())?;
     let mut checks = Checks { failed: false };
     let s = |e: kernels::KernelError| e.to_string();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
+    for &dtype in dtypes {
         // Element-wise ops.
         let (x, dx) = pair(&random(&[1 << 20], 1), dtype, &gpu)?;
         let mut want = x.clone();
@@ -117,6 +127,39 @@ fn run() -> Result<bool, String> {
         let want = cpu.layer_norm_modulate(&x, &sh, &g, 1e-6).map_err(s)?;
         let got = gpu.layer_norm_modulate(&dx, &dsh, &dg, 1e-6).map_err(s)?;
         checks.compare("layer_norm_modulate", dtype, &got, &want)?;
+
+        // LayerNorm with affine weights, and a [n, d] block added to every batch row.
+        let (gm, dgm) = pair(&random(&[c], 16), dtype, &gpu)?;
+        let (bt, dbt) = pair(&random(&[c], 17), dtype, &gpu)?;
+        let want = cpu.layer_norm(&x, Some(&gm), Some(&bt), 1e-6).map_err(s)?;
+        let got = gpu
+            .layer_norm(&dx, Some(&dgm), Some(&dbt), 1e-6)
+            .map_err(s)?;
+        checks.compare("layer_norm affine", dtype, &got, &want)?;
+        let (rows, drows) = (
+            y.narrow(0, 0, 1).map_err(s)?,
+            dy.narrow(0, 0, 1).map_err(s)?,
+        );
+        let rows = rows.reshape(&[n, c]).map_err(s)?;
+        let drows = drows.reshape(&[n, c]).map_err(s)?;
+        let (mut want, mut got) = (x.clone(), dx.clone());
+        cpu.add_broadcast_(&mut want, &rows).map_err(s)?;
+        gpu.add_broadcast_(&mut got, &drows).map_err(s)?;
+        checks.compare("add_broadcast (and narrow on the GPU)", dtype, &got, &want)?;
+        // Rows of a table by id, and a concatenation.
+        let want = cpu
+            .embedding(&x.clone().reshape(&[b * n, c]).map_err(s)?, &[5, 0, 599, 5])
+            .map_err(s)?;
+        let got = gpu
+            .embedding(
+                &dx.clone().reshape(&[b * n, c]).map_err(s)?,
+                &[5, 0, 599, 5],
+            )
+            .map_err(s)?;
+        checks.compare("embedding (row copies)", dtype, &got, &want)?;
+        let want = Tensor::cat(&[&x, &y], 2).map_err(s)?;
+        let got = Tensor::cat(&[&dx, &dy], 2).map_err(s)?;
+        checks.compare("cat on the GPU", dtype, &got, &want)?;
 
         // Per-head RMS norm of the keys of a fused QKV (columns c..2c, heads of 64).
         let (qkv, dqkv) = pair(&random(&[b, n, 3 * 256], 11), dtype, &gpu)?;
@@ -166,6 +209,29 @@ fn run() -> Result<bool, String> {
             .attention_with_lse(q, k, v, Some(&dbias), b, heads, hd)
             .map_err(s)?;
         checks.compare("attention", dtype, &got, &want)?;
+        // Ring attention: two key blocks attended separately and merged equal the whole.
+        let split = |t: &Tensor, r: std::ops::Range<usize>| t.narrow(1, r.start, r.len());
+        let (kv1, kv2) = (
+            split(&dqkv, 0..120).map_err(s)?,
+            split(&dqkv, 120..seq).map_err(s)?,
+        );
+        let (b1, b2) = (
+            dbias.narrow(1, 0, 120).map_err(s)?,
+            dbias.narrow(1, 120, seq - 120).map_err(s)?,
+        );
+        let (q, _, _) = views(&dqkv)?;
+        let (_, k1, v1) = views(&kv1)?;
+        let (_, k2, v2) = views(&kv2)?;
+        let (mut acc, mut acc_lse) = gpu
+            .attention_with_lse(q, k1, v1, Some(&b1), b, heads, hd)
+            .map_err(s)?;
+        let (part, part_lse) = gpu
+            .attention_with_lse(q, k2, v2, Some(&b2), b, heads, hd)
+            .map_err(s)?;
+        gpu.merge_attention_(&mut acc, &mut acc_lse, &part, &part_lse, heads)
+            .map_err(s)?;
+        checks.compare("ring merge (narrow on the GPU)", dtype, &acc, &want)?;
+
         // The log-sum-exp is f32 whatever the inputs' dtype.
         let name = format!("attention lse, {dtype} inputs");
         checks.compare(&name, DType::F32, &got_lse, &want_lse)?;

@@ -109,6 +109,26 @@ impl CudaDevice {
     ) -> Result<()> {
         match *self {}
     }
+    pub(crate) fn layer_norm(
+        &self,
+        _x: &Tensor,
+        _gamma: Option<&Tensor>,
+        _beta: Option<&Tensor>,
+        _d: usize,
+        _eps: f32,
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+    pub(crate) fn merge_attention_(
+        &self,
+        _acc: &mut Tensor,
+        _acc_lse: &mut Tensor,
+        _part: &Tensor,
+        _part_lse: &Tensor,
+        _head_dim: usize,
+    ) -> Result<()> {
+        match *self {}
+    }
     pub(crate) fn add_cyclic_(&self, _x: &mut Tensor, _rows: &Tensor) -> Result<()> {
         match *self {}
     }

@@ -364,7 +364,7 @@ impl Device {
                 c.install(|| cpu::norm::layer_norm(&mut y, xs, g, b, d, eps));
                 Tensor::from_vec(y, x.shape())
             }
-            Device::Cuda(c) => Err(c.unsupported("layer_norm")),
+            Device::Cuda(c) => c.layer_norm(x, gamma, beta, d, eps),
         }
     }
 
@@ -527,7 +527,7 @@ impl Device {
                 c.install(|| cpu::attention::merge_partial(a, al, p, pl, width / heads));
                 Ok(())
             }
-            Device::Cuda(c) => Err(c.unsupported("merge_attention")),
+            Device::Cuda(c) => c.merge_attention_(acc, acc_lse, part, part_lse, width / heads),
         }
     }
 

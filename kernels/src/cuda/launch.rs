@@ -81,6 +81,19 @@ pub const LAYER_NORM_MODULATE: Entry = Entry {
     base: "layer_norm_modulate",
     params: &[Ptr, Ptr, Ptr, Ptr, I64, I32, F32],
 };
+/// `layer_norm(T* y, const T* x, const T* gamma, const T* beta, int channels, float eps)`.
+pub const LAYER_NORM: Entry = Entry {
+    file: "norm.cu",
+    base: "layer_norm",
+    params: &[Ptr, Ptr, Ptr, Ptr, I32, F32],
+};
+/// `merge_attention(T* acc, float* acc_lse, const T* part, const float* part_lse, long rows,
+/// int head_dim)`.
+pub const MERGE_ATTENTION: Entry = Entry {
+    file: "attention.cu",
+    base: "merge_attention",
+    params: &[Ptr, Ptr, Ptr, Ptr, I64, I32],
+};
 /// `rms_norm_groups(T* x, long rows, int width, int offset, int channels, int group,
 /// const T* weight, float eps)`.
 pub const RMS_NORM_GROUPS: Entry = Entry {
@@ -105,8 +118,10 @@ pub const ENTRIES: &[Entry] = &[
     ADD_GATED,
     ADD_CYCLIC,
     LAYER_NORM_MODULATE,
+    LAYER_NORM,
     RMS_NORM_GROUPS,
     ATTENTION,
+    MERGE_ATTENTION,
 ];
 
 /// A strided view's layout as the attention kernel takes it (`struct View` in attention.cu).

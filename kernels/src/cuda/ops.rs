@@ -191,6 +191,96 @@ impl CudaDevice {
         Tensor::from_storage(Storage::Cuda(y), x.shape())
     }
 
+    /// LayerNorm over the last dimension `d` with optional affine `gamma`, `beta` (`[d]`).
+    pub(crate) fn layer_norm(
+        &self,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        beta: Option<&Tensor>,
+        d: usize,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let op = "layer_norm";
+        let xs = self.operand(op, x)?;
+        let (g, b) = (
+            gamma.map(|t| self.operand(op, t)).transpose()?,
+            beta.map(|t| self.operand(op, t)).transpose()?,
+        );
+        let rest: Vec<&CudaStorage> = g.into_iter().chain(b).collect();
+        let dtype = Self::common_dtype(op, xs, &rest)?;
+        let mut y = CudaStorage::zeros(self.stream(), dtype, x.elem_count())?;
+        let rows = x.elem_count() / d;
+        if rows > 0 {
+            let s = self.stream();
+            let (xp, _gx) = xs.ptr(s);
+            let (gg, bg) = (g.map(|t| t.ptr(s)), b.map(|t| t.ptr(s)));
+            let ptr = |p: &Option<(u64, _)>| p.as_ref().map_or(0u64, |p| p.0);
+            let (gp, bp) = (ptr(&gg), ptr(&bg));
+            let (yp, _gy) = y.ptr_mut(s)?;
+            let params = [
+                Param::Ptr(yp),
+                Param::Ptr(xp),
+                Param::Ptr(gp),
+                Param::Ptr(bp),
+                Param::I32(d as i32),
+                Param::F32(eps),
+            ];
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: one block per row of d elements; gamma / beta (or null) hold d.
+            unsafe { self.launch(&k::LAYER_NORM, dtype, &params, cfg) }?;
+        }
+        Tensor::from_storage(Storage::Cuda(y), x.shape())
+    }
+
+    /// Ring attention's merge: `acc`, `acc_lse` become the attention over both key blocks.
+    pub(crate) fn merge_attention_(
+        &self,
+        acc: &mut Tensor,
+        acc_lse: &mut Tensor,
+        part: &Tensor,
+        part_lse: &Tensor,
+        head_dim: usize,
+    ) -> Result<()> {
+        let op = "merge_attention";
+        let rows = acc_lse.elem_count();
+        let ps = self.operand(op, part)?.clone();
+        let pls = self.f32_operand(op, part_lse)?.clone();
+        self.f32_operand(op, acc_lse)?;
+        let ls = self.operand_mut(op, acc_lse)?;
+        let s = self.stream();
+        let (lp, _gl) = ls.ptr_mut(s)?;
+        let acs = self.operand_mut(op, acc)?;
+        let dtype = Self::common_dtype(op, acs, &[&ps])?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (pp, _gp) = ps.ptr(s);
+        let (plp, _gpl) = pls.ptr(s);
+        let (ap, _ga) = acs.ptr_mut(s)?;
+        let params = [
+            Param::Ptr(ap),
+            Param::Ptr(lp),
+            Param::Ptr(pp),
+            Param::Ptr(plp),
+            Param::I64(rows as i64),
+            Param::I32(head_dim as i32),
+        ];
+        // SAFETY: acc / part hold rows x head_dim elements, the log-sum-exps `rows` f32.
+        unsafe {
+            self.launch(
+                &k::MERGE_ATTENTION,
+                dtype,
+                &params,
+                elementwise_config(rows),
+            )
+        }?;
+        Ok(())
+    }
+
     /// Per-group RMSNorm of columns `offset..offset + cols` of rows of `width`, in place.
     pub(crate) fn rms_norm_groups_(
         &self,

@@ -61,12 +61,32 @@ __device__ void attention_impl(float* lse, T* out, const T* q, View qv, const T*
     if (lse && lane == 0) lse[((long)b * sq + row) * heads + h] = l > 0.0f ? m + logf(l) : NEG_INF;
 }
 
+// Ring attention's merge: acc = wa acc + wp part per (batch, query row, head), one thread per
+// row of head_dim values; acc_lse becomes the merged log-sum-exp (f32).
+template <typename T>
+__device__ void merge_attention_impl(T* acc, float* acc_lse, const T* part, const float* part_lse,
+                                     long rows, int head_dim) {
+    for (long r = blockIdx.x * (long)blockDim.x + threadIdx.x; r < rows; r += (long)gridDim.x * blockDim.x) {
+        float wa, wp;
+        const float lse = merge_lse_weights(acc_lse[r], part_lse[r], &wa, &wp);
+        T* a = acc + r * head_dim;
+        const T* p = part + r * head_dim;
+        for (int j = 0; j < head_dim; ++j) a[j] = from_f32<T>(wa * to_f32(a[j]) + wp * to_f32(p[j]));
+        acc_lse[r] = lse;
+    }
+}
+
 #define ATTENTION(SUFFIX, T)                                                                    \
     extern "C" __global__ void attention_##SUFFIX(                                              \
         float* lse, T* out, const T* q, View qv, const T* k, View kv, const T* v, View vv,      \
         const float* bias, int batch, int heads, int head_dim, long sq, long sk, float scale) { \
         attention_impl(lse, out, q, qv, k, kv, v, vv, bias, batch, heads, head_dim, sq, sk,     \
                        scale);                                                                  \
+    }                                                                                           \
+    extern "C" __global__ void merge_attention_##SUFFIX(T* acc, float* acc_lse, const T* part,  \
+                                                         const float* part_lse, long rows,      \
+                                                         int head_dim) {                        \
+        merge_attention_impl(acc, acc_lse, part, part_lse, rows, head_dim);                    \
     }
 
 ATTENTION(f32, float)

@@ -35,3 +35,19 @@ PF_FN float online_softmax_rescale(float* m, float* l, float block_max) {
     *m = m_new;
     return factor;
 }
+
+// Ring attention's merge of an accumulated partial attention (log-sum-exp `la`) with another key
+// block's (`lp`): the weights of each (summing to 1) and the merged log-sum-exp. Both empty
+// (-inf) keeps the accumulator as it is (weights 1 and 0, log-sum-exp -inf).
+PF_FN float merge_lse_weights(float la, float lp, float* wa, float* wp) {
+    const float m = fmaxf(la, lp);
+    if (m == PF_NEG_INF) {
+        *wa = 1.0f;
+        *wp = 0.0f;
+        return PF_NEG_INF;
+    }
+    const float ea = expf(la - m), ep = expf(lp - m), z = ea + ep;
+    *wa = ea / z;
+    *wp = ep / z;
+    return m + logf(z);
+}

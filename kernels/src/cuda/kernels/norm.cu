@@ -29,6 +29,31 @@ __device__ void layer_norm_modulate_impl(T* y, const T* x, const T* shift, const
     }
 }
 
+// LayerNorm over rows of `channels` with optional affine gamma / beta ([channels]; null: none).
+template <typename T>
+__device__ void layer_norm_impl(T* y, const T* x, const T* gamma, const T* beta, int channels,
+                                float eps) {
+    __shared__ float scratch[32];
+    const long row = blockIdx.x;
+    const T* xr = x + row * channels;
+    T* yr = y + row * channels;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < channels; c += blockDim.x) s += to_f32(xr[c]);
+    const float mean = block_sum(s, scratch) / channels;
+    float v = 0.0f;
+    for (int c = threadIdx.x; c < channels; c += blockDim.x) {
+        const float d = to_f32(xr[c]) - mean;
+        v += d * d;
+    }
+    const float inv = rsqrtf(block_sum(v, scratch) / channels + eps);
+    for (int c = threadIdx.x; c < channels; c += blockDim.x) {
+        float n = (to_f32(xr[c]) - mean) * inv;
+        if (gamma) n *= to_f32(gamma[c]);
+        if (beta) n += to_f32(beta[c]);
+        yr[c] = from_f32<T>(n);
+    }
+}
+
 // One warp per (row, group): rows of `width` columns, groups of `group` channels from `offset`.
 template <typename T>
 __device__ void rms_norm_groups_impl(T* x, long rows, int width, int offset, int channels,
@@ -51,6 +76,10 @@ __device__ void rms_norm_groups_impl(T* x, long rows, int width, int offset, int
                                                              const T* scale, long tokens,        \
                                                              int channels, float eps) {          \
         layer_norm_modulate_impl(y, x, shift, scale, tokens, channels, eps);                    \
+    }                                                                                           \
+    extern "C" __global__ void layer_norm_##SUFFIX(T* y, const T* x, const T* gamma,             \
+                                                    const T* beta, int channels, float eps) {    \
+        layer_norm_impl(y, x, gamma, beta, channels, eps);                                      \
     }                                                                                           \
     extern "C" __global__ void rms_norm_groups_##SUFFIX(T* x, long rows, int width, int offset,  \
                                                          int channels, int group,                \
