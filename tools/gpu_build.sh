@@ -21,20 +21,23 @@ for b in examples/gpu_check examples/gpu_golden pipefuse; do
     cp "target/portable/release/$b" "$out/"
 done
 strip "$out"/gpu_check "$out"/gpu_golden "$out"/pipefuse
-# diffusers 0.42.1 and what it imports, for the Pythons a PyTorch 2.11 image may have; numpy
+# diffusers 0.42.1 and what it imports, for Python 3.11 and 3.12 (what a PyTorch 2.11 image is
+# likely to have: gpu_check.sh records the version; a third would not fit the 64 MiB); numpy
 # (and torch) are on the machine already.
 py=${PYTHON:-.venv-tools/bin/python}
 [ -x "$py" ] || py=python3
-for v in 3.11 3.12 3.13; do
+for v in 3.11 3.12; do
     "$py" -m pip download --quiet --only-binary=:all: --python-version "$v" \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux_2_28_x86_64 --dest "$out/wheels" diffusers==0.42.1
 done
 rm -f "$out"/wheels/numpy-*.whl
-size=$(du -sm "$out" | cut -f1)
-echo "target/gpu: ${size} MiB"
+# The working tree travels too: both together must stay under 64 MiB.
+size=$(( $(du -sb "$out" | cut -f1) + $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) ))
+size=$(( size / 1048576 ))
+echo "target/gpu + the working tree: ${size} MiB"
 du -sh "$out"/* | sort -h
-if [ "$size" -gt 60 ]; then
-    echo "error: target/gpu is ${size} MiB; a device call carries at most 64 MiB with the tree" >&2
+if [ "$size" -gt 62 ]; then
+    echo "error: ${size} MiB would travel; a device call carries at most 64 MiB" >&2
     exit 1
 fi

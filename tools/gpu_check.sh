@@ -60,7 +60,8 @@ PIPEFUSE_FIXTURES=model/tests/fixtures timeout 120 "$bin/gpu_golden" | tee "$out
 
 echo "== generate on the demo model, cuda vs cpu"
 for d in cuda cpu; do
-    timeout 120 "$bin/pipefuse" generate --device "$d" --steps 8 --save-latent "$out/latent_$d.safetensors" \
+    timeout 120 "$bin/pipefuse" generate --device "$d" --model assets/digits-dit --pipefusion-degree 1 \
+        --class-label 3 --steps 8 --save-latent "$out/latent_$d.safetensors" \
         > "$out/generate_$d.log" 2>&1 || { echo "generate --device $d failed" | tee -a "$out/generate.txt"; status=1; }
 done
 "$py" - "$out/latent_cuda.safetensors" "$out/latent_cpu.safetensors" <<'PY' | tee -a "$out/generate.txt" || status=1
