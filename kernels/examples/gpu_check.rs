@@ -161,6 +161,33 @@ fn run() -> Result<bool, String> {
         let got = Tensor::cat(&[&dx, &dy], 2).map_err(s)?;
         checks.compare("cat on the GPU", dtype, &got, &want)?;
 
+        // The VAE's image ops: GroupNorm, upsampling, transpose, a padded 3x3 conv (im2col).
+        let (img, dimg) = pair(&random(&[2, 32, 12, 10], 18), dtype, &gpu)?;
+        let (gw, dgw) = pair(&random(&[32], 19), dtype, &gpu)?;
+        let want = cpu
+            .group_norm(&img, 8, Some(&gw), Some(&gw), 1e-6)
+            .map_err(s)?;
+        let got = gpu
+            .group_norm(&dimg, 8, Some(&dgw), Some(&dgw), 1e-6)
+            .map_err(s)?;
+        checks.compare("group_norm", dtype, &got, &want)?;
+        let want = cpu.upsample_nearest2x(&img).map_err(s)?;
+        checks.compare(
+            "upsample_nearest2x",
+            dtype,
+            &gpu.upsample_nearest2x(&dimg).map_err(s)?,
+            &want,
+        )?;
+        let flat = |t: &Tensor| t.clone().reshape(&[2, 32, 120]);
+        let want = cpu.transpose_last2(&flat(&img).map_err(s)?).map_err(s)?;
+        let got = gpu.transpose_last2(&flat(&dimg).map_err(s)?).map_err(s)?;
+        checks.compare("transpose_last2", dtype, &got, &want)?;
+        let (cw, dcw) = pair(&random(&[16, 32, 3, 3], 20), dtype, &gpu)?;
+        let (cb, dcb) = pair(&random(&[16], 21), dtype, &gpu)?;
+        let want = cpu.conv2d(&img, &cw, Some(&cb), 1).map_err(s)?;
+        let got = gpu.conv2d(&dimg, &dcw, Some(&dcb), 1).map_err(s)?;
+        checks.compare("conv2d 3x3 pad 1", dtype, &got, &want)?;
+
         // Per-head RMS norm of the keys of a fused QKV (columns c..2c, heads of 64).
         let (qkv, dqkv) = pair(&random(&[b, n, 3 * 256], 11), dtype, &gpu)?;
         let (w, dw) = pair(&random(&[64], 12), dtype, &gpu)?;

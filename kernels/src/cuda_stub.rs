@@ -109,6 +109,36 @@ impl CudaDevice {
     ) -> Result<()> {
         match *self {}
     }
+    pub(crate) fn group_norm(
+        &self,
+        _x: &Tensor,
+        _groups: usize,
+        _gamma: Option<&Tensor>,
+        _beta: Option<&Tensor>,
+        _cs: (usize, usize),
+        _eps: f32,
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+    pub(crate) fn upsample_nearest2x(&self, _x: &Tensor, _shape: &[usize; 4]) -> Result<Tensor> {
+        match *self {}
+    }
+    pub(crate) fn transpose_last2(
+        &self,
+        _x: &Tensor,
+        _brc: (usize, usize, usize),
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+    pub(crate) fn conv2d(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _bias: Option<&Tensor>,
+        _g: crate::reference::ConvGeom,
+    ) -> Result<Tensor> {
+        match *self {}
+    }
     pub(crate) fn layer_norm(
         &self,
         _x: &Tensor,

@@ -132,3 +132,54 @@ fn merge_weights_match_the_cpu_merge() {
         close(r[4], lse[0] as f64, "merged log-sum-exp");
     }
 }
+
+/// The GPU convolution's layout (`im2col_source` in math.cuh, then the column matrix times the
+/// weight `[O, C_in kh kw]^T`, then a transpose to `[O, P]`, as `cuda/image_ops.rs` does) gives
+/// the CPU reference convolution, padding included.
+#[test]
+fn im2col_layout_gives_the_reference_convolution() {
+    use kernels::reference::{conv2d_slow, ConvGeom};
+    let g = ConvGeom {
+        batch: 1,
+        c_in: 3,
+        h: 5,
+        w: 4,
+        c_out: 2,
+        kh: 3,
+        kw: 3,
+        pad: 1,
+    };
+    let (p, k) = (g.h_out() * g.w_out(), g.c_in * g.kh * g.kw);
+    let rows = run_harness(
+        "im2col",
+        &format!(
+            "for (long i = 0; i < {n}; ++i) printf(\"%ld\\n\", im2col_source(i, {}, {}, {}, {}, {}, {}, {}));",
+            g.c_in, g.h, g.w, g.kh, g.kw, g.pad, g.w_out(), n = p * k
+        ),
+    );
+    assert_eq!(rows.len(), p * k);
+    let x: Vec<f32> = (0..g.c_in * g.h * g.w)
+        .map(|i| (i as f32 * 0.37).sin())
+        .collect();
+    let w: Vec<f32> = (0..g.c_out * k).map(|i| (i as f32 * 0.11).cos()).collect();
+    let bias = [0.5f32, -0.25];
+    let cols: Vec<f32> = rows
+        .iter()
+        .map(|r| if r[0] < 0.0 { 0.0 } else { x[r[0] as usize] })
+        .collect();
+    // [P, K] . [O, K]^T + b -> [P, O], then [O, P].
+    let mut y = vec![0f32; g.c_out * p];
+    for pi in 0..p {
+        for o in 0..g.c_out {
+            let dot: f32 = (0..k).map(|q| cols[pi * k + q] * w[o * k + q]).sum();
+            y[o * p + pi] = dot + bias[o];
+        }
+    }
+    let want = conv2d_slow(&x, &w, Some(&bias), g);
+    for (a, b) in y.iter().zip(&want) {
+        assert!(
+            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "{y:?}\nvs\n{want:?}"
+        );
+    }
+}

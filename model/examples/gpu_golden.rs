@@ -1,6 +1,6 @@
-//! The model on a GPU (issue 11, run on a lent GPU by `tools/gpu_check.sh`): the golden DiT and
-//! PixArt fixtures through CUDA in f32 (relative L2 <= 1e-4 to diffusers, as on the CPU) and in
-//! bf16 (<= 1e-2 to diffusers' f32), and a two-stage PipeFusion (two device actors' model
+//! The model on a GPU (issue 11, run on a lent GPU by `tools/gpu_check.sh`): the golden DiT,
+//! PixArt and VAE fixtures through CUDA in f32 (relative L2 <= 1e-4 to diffusers, as on the
+//! CPU) and in bf16 (<= 1e-2 to diffusers' f32; the VAE's deeper conv stack 2e-2), and a two-stage PipeFusion (two device actors' model
 //! slices on the one GPU, each with its own stream and K/V buffers, patches through both for
 //! two steps so the second reads stale K/V) equal to the same on the CPU (<= 1e-4). One JSON
 //! line per check; exit 1 if any is off. Fixtures: `PIPEFUSE_FIXTURES` (default: this crate's
@@ -137,6 +137,19 @@ fn run() -> Result<bool, String> {
                 checks.compare(&format!("pixart {p}{out} {dtype}"), &got, want, tol)?;
             }
         }
+    }
+    // The VAE decoder (conv as im2col + GEMM, GroupNorm, upsampling, mid-block attention).
+    let vae_io = Fixture::load("vae_tiny_io.safetensors");
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        let vae =
+            model::VaeDecoder::load(&fixtures().join("vae_tiny"), gpu(dtype)?).map_err(text)?;
+        let got = vae.decode(vae_io.f("latent")).map_err(text)?;
+        checks.compare(
+            &format!("vae decode {dtype}"),
+            &got,
+            vae_io.f("output"),
+            tol,
+        )?;
     }
     // Two stages on the one GPU vs the same on the CPU.
     let cpu = || Device::cpu(2).map_err(text);

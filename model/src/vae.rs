@@ -75,6 +75,9 @@ impl VaeDecoder {
         cfg.validate()
             .map_err(|(field, msg)| ModelError::Input(format!("VaeConfig `{field}`: {msg}")))?;
         let _span = tracing::info_span!("load_vae", channels = ?cfg.block_out_channels).entered();
+        // On a GPU the weights go to it as they are read, in its compute dtype.
+        let placed = crate::weights::placed(src, &device);
+        let src = placed.source();
         let (groups, lc) = (cfg.norm_num_groups, cfg.latent_channels);
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let post_quant_conv = cfg
@@ -162,7 +165,8 @@ impl VaeDecoder {
             )));
         }
         let _span = tracing::debug_span!("vae_decode", b, h, w).entered();
-        let mut z = self.unscale(latents)?; // [B, lc, h, w]
+        // The latents come from the host (the sampler's): un-scaled there, then brought over.
+        let mut z = dev.import(self.unscale(latents)?)?; // [B, lc, h, w]
         inspect("decode_input", &z);
         if let Some(pq) = &self.post_quant_conv {
             z = pq.forward(dev, &z)?; // [B, lc, h, w]
@@ -177,7 +181,14 @@ impl VaeDecoder {
             inspect(&format!("up_blocks.{i}"), &x);
         }
         let x = self.norm_out.forward_silu(dev, &x)?; // [B, C_0, f*h, f*w]
-        self.conv_out.forward(dev, &x) // [B, out_channels, f*h, f*w]
+        let image = self.conv_out.forward(dev, &x)?; // [B, out_channels, f*h, f*w]
+                                                     // The image goes back to the host as f32 (PNG writing, the API's encoders).
+        Ok(
+            match image.is_host() && image.dtype() == kernels::DType::F32 {
+                true => image,
+                false => image.to_host()?.to_dtype(kernels::DType::F32)?,
+            },
+        )
     }
 
     /// `latents / scaling_factor (+ shift_factor)`, element-wise in f32 like torch.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use half::{bf16, f16};
-use kernels::{DType, Tensor};
+use kernels::{DType, Device, Tensor};
 use safetensors::tensor::{Metadata, SafeTensors};
 use safetensors::Dtype;
 
@@ -58,7 +58,7 @@ pub(crate) struct OnDevice<'a> {
     /// The weights.
     pub(crate) inner: &'a dyn WeightSource,
     /// Where they go.
-    pub(crate) device: kernels::Device,
+    pub(crate) device: Device,
 }
 
 impl WeightSource for OnDevice<'_> {
@@ -70,6 +70,32 @@ impl WeightSource for OnDevice<'_> {
     }
     fn linear_dtype(&self) -> DType {
         DType::F32
+    }
+}
+
+/// `src` as a model on `device` reads it: itself on a CPU, [`OnDevice`] on a GPU.
+pub(crate) fn placed<'a>(src: &'a dyn WeightSource, device: &Device) -> Placed<'a> {
+    match device {
+        Device::Cpu(_) => Placed::Host(src),
+        Device::Cuda(_) => Placed::Device(OnDevice {
+            inner: src,
+            device: device.clone(),
+        }),
+    }
+}
+
+/// See [`placed`].
+pub(crate) enum Placed<'a> {
+    Host(&'a dyn WeightSource),
+    Device(OnDevice<'a>),
+}
+
+impl Placed<'_> {
+    pub(crate) fn source(&self) -> &dyn WeightSource {
+        match self {
+            Placed::Host(s) => *s,
+            Placed::Device(d) => d,
+        }
     }
 }
 

@@ -111,6 +111,33 @@ pub const ATTENTION: Entry = Entry {
     ],
 };
 
+/// `group_norm(T* y, const T* x, const T* gamma, const T* beta, int channels, int groups,
+/// long spatial, float eps)`.
+pub const GROUP_NORM: Entry = Entry {
+    file: "image.cu",
+    base: "group_norm",
+    params: &[Ptr, Ptr, Ptr, Ptr, I32, I32, I64, F32],
+};
+/// `upsample_nearest2x(T* y, const T* x, long planes, int h, int w)`.
+pub const UPSAMPLE_NEAREST2X: Entry = Entry {
+    file: "image.cu",
+    base: "upsample_nearest2x",
+    params: &[Ptr, Ptr, I64, I32, I32],
+};
+/// `transpose_last2(T* y, const T* x, long batch, int r, int c)`.
+pub const TRANSPOSE_LAST2: Entry = Entry {
+    file: "image.cu",
+    base: "transpose_last2",
+    params: &[Ptr, Ptr, I64, I32, I32],
+};
+/// `im2col(T* cols, const T* x, int c_in, int h, int w, int kh, int kw, int pad, int h_out,
+/// int w_out)`.
+pub const IM2COL: Entry = Entry {
+    file: "image.cu",
+    base: "im2col",
+    params: &[Ptr, Ptr, I32, I32, I32, I32, I32, I32, I32, I32],
+};
+
 /// Every kernel the ops launch.
 pub const ENTRIES: &[Entry] = &[
     GELU_TANH,
@@ -122,6 +149,10 @@ pub const ENTRIES: &[Entry] = &[
     RMS_NORM_GROUPS,
     ATTENTION,
     MERGE_ATTENTION,
+    GROUP_NORM,
+    UPSAMPLE_NEAREST2X,
+    TRANSPOSE_LAST2,
+    IM2COL,
 ];
 
 /// A strided view's layout as the attention kernel takes it (`struct View` in attention.cu).

@@ -16,6 +16,7 @@ use crate::{KernelError, Result};
 
 pub mod blas;
 mod device;
+mod image_ops;
 pub mod launch;
 mod ops;
 mod storage;
@@ -35,6 +36,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("norm.cu", include_str!("kernels/norm.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
+    ("image.cu", include_str!("kernels/image.cu")),
 ];
 
 /// What ptxas reported for one entry point.

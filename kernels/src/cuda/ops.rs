@@ -35,7 +35,7 @@ pub(crate) fn on_gpu(op: &'static str, s: &CudaStorage) -> KernelError {
 }
 
 impl CudaDevice {
-    fn operand<'t>(&self, op: &'static str, t: &'t Tensor) -> Result<&'t CudaStorage> {
+    pub(super) fn operand<'t>(&self, op: &'static str, t: &'t Tensor) -> Result<&'t CudaStorage> {
         match t.storage() {
             Storage::Cuda(s) if s.ordinal() == self.ordinal() => Ok(s),
             _ => Err(not_here(op, self, t)),
@@ -50,8 +50,27 @@ impl CudaDevice {
         }
     }
 
+    /// `x` and its optional affine `gamma`, `beta` on this GPU, and the dtype they share.
+    pub(super) fn affine_operands<'t>(
+        &self,
+        op: &'static str,
+        x: &'t Tensor,
+        gamma: Option<&'t Tensor>,
+        beta: Option<&'t Tensor>,
+    ) -> Result<(&'t CudaStorage, [Option<&'t CudaStorage>; 2], DType)> {
+        let xs = self.operand(op, x)?;
+        let g = gamma.map(|t| self.operand(op, t)).transpose()?;
+        let b = beta.map(|t| self.operand(op, t)).transpose()?;
+        let rest: Vec<&CudaStorage> = g.into_iter().chain(b).collect();
+        Ok((xs, [g, b], Self::common_dtype(op, xs, &rest)?))
+    }
+
     /// The dtype every operand shares, or an error naming the op.
-    fn common_dtype(op: &'static str, first: &CudaStorage, rest: &[&CudaStorage]) -> Result<DType> {
+    pub(super) fn common_dtype(
+        op: &'static str,
+        first: &CudaStorage,
+        rest: &[&CudaStorage],
+    ) -> Result<DType> {
         let dtype = first.dtype();
         match rest.iter().find(|s| s.dtype() != dtype) {
             Some(other) => Err(KernelError::DType {
@@ -200,14 +219,7 @@ impl CudaDevice {
         d: usize,
         eps: f32,
     ) -> Result<Tensor> {
-        let op = "layer_norm";
-        let xs = self.operand(op, x)?;
-        let (g, b) = (
-            gamma.map(|t| self.operand(op, t)).transpose()?,
-            beta.map(|t| self.operand(op, t)).transpose()?,
-        );
-        let rest: Vec<&CudaStorage> = g.into_iter().chain(b).collect();
-        let dtype = Self::common_dtype(op, xs, &rest)?;
+        let (xs, [g, b], dtype) = self.affine_operands("layer_norm", x, gamma, beta)?;
         let mut y = CudaStorage::zeros(self.stream(), dtype, x.elem_count())?;
         let rows = x.elem_count() / d;
         if rows > 0 {

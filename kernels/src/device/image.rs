@@ -67,7 +67,7 @@ impl Device {
                 c.install(|| cpu::conv::conv2d(&mut y, xs, ws, bs, g, c.threads()));
                 Tensor::from_vec(y, &shape)
             }
-            Device::Cuda(c) => Err(c.unsupported("conv2d")),
+            Device::Cuda(c) => c.conv2d(x, w, bias, g),
         }
     }
 
@@ -111,7 +111,7 @@ impl Device {
                 });
                 Tensor::from_vec(y, x.shape())
             }
-            Device::Cuda(c) => Err(c.unsupported("group_norm")),
+            Device::Cuda(c) => c.group_norm(x, groups, gamma, beta, (channels, spatial), eps),
         }
     }
 
@@ -133,7 +133,7 @@ impl Device {
                 cd.install(|| cpu::conv::upsample_nearest2x(&mut y, xs, w));
                 Tensor::from_vec(y, &shape)
             }
-            Device::Cuda(c) => Err(c.unsupported("upsample_nearest2x")),
+            Device::Cuda(c) => c.upsample_nearest2x(x, &shape),
         }
     }
 
@@ -156,7 +156,7 @@ impl Device {
                 cd.install(|| cpu::conv::transpose_last2(&mut y, xs, r, c));
                 Tensor::from_vec(y, &[b, c, r])
             }
-            Device::Cuda(c) => Err(c.unsupported("transpose_last2")),
+            Device::Cuda(cd) => cd.transpose_last2(x, (b, r, c)),
         }
     }
 

@@ -112,17 +112,8 @@ impl Transformer {
         let d = cfg.hidden();
         let _span = tracing::info_span!("load", blocks = ?range, arch = ?cfg.arch).entered();
         // A GPU stage's weights go to the GPU as they are read, in its compute dtype.
-        let on_device;
-        let src: &dyn WeightSource = match &device {
-            Device::Cpu(_) => src,
-            Device::Cuda(_) => {
-                on_device = crate::weights::OnDevice {
-                    inner: src,
-                    device: device.clone(),
-                };
-                &on_device
-            }
-        };
+        let placed = crate::weights::placed(src, &device);
+        let src = placed.source();
         if let Some(m) = &cfg.mmdit {
             let slice = MmditSlice::load(m, src, range.clone())?;
             tracing::debug!(blocks = range.len(), "model slice loaded");

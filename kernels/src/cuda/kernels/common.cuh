@@ -46,3 +46,21 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     v = lane < warps ? scratch[lane] : 0.0f;
     return warp_sum(v);
 }
+
+// Mean and 1 / sqrt(variance + eps) of a run of `n` values (biased variance, two passes), by
+// the whole block; every thread gets both (LayerNorm rows, GroupNorm groups).
+template <typename T>
+__device__ __forceinline__ void row_stats(const T* xr, long n, float eps, float* mean,
+                                          float* inv) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (long c = threadIdx.x; c < n; c += blockDim.x) s += to_f32(xr[c]);
+    const float m = block_sum(s, scratch) / n;
+    float v = 0.0f;
+    for (long c = threadIdx.x; c < n; c += blockDim.x) {
+        const float d = to_f32(xr[c]) - m;
+        v += d * d;
+    }
+    *mean = m;
+    *inv = rsqrtf(block_sum(v, scratch) / n + eps);
+}

@@ -51,3 +51,15 @@ PF_FN float merge_lse_weights(float la, float lp, float* wa, float* wp) {
     *wp = ep / z;
     return m + logf(z);
 }
+
+// im2col for a stride-1 convolution: element i of the [h_out * w_out, c_in * kh * kw] column
+// matrix of one image [c_in, h, w] reads input element `return` (-1: zero padding). Row p is the
+// output position (oy, ox); column q the weight's (ci, ky, kx) in [O, c_in, kh, kw] order.
+PF_FN long im2col_source(long i, int c_in, int h, int w, int kh, int kw, int pad, int w_out) {
+    const long k = (long)c_in * kh * kw;
+    const long p = i / k, q = i % k;
+    const int oy = (int)(p / w_out), ox = (int)(p % w_out);
+    const int ci = (int)(q / (kh * kw)), ky = (int)((q / kw) % kh), kx = (int)(q % kw);
+    const int iy = oy + ky - pad, ix = ox + kx - pad;
+    return (iy >= 0 && iy < h && ix >= 0 && ix < w) ? ((long)ci * h + iy) * w + ix : -1;
+}

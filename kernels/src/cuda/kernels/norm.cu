@@ -5,24 +5,6 @@
 //   column `offset` of each row (MMDiT's q/k norm), in place.
 #include "common.cuh"
 
-// Mean and 1 / sqrt(variance + eps) of a row of `channels` (biased variance, two passes), by
-// the whole block; every thread gets both.
-template <typename T>
-__device__ __forceinline__ void row_stats(const T* xr, int channels, float eps, float* mean,
-                                          float* inv) {
-    __shared__ float scratch[32];
-    float s = 0.0f;
-    for (int c = threadIdx.x; c < channels; c += blockDim.x) s += to_f32(xr[c]);
-    const float m = block_sum(s, scratch) / channels;
-    float v = 0.0f;
-    for (int c = threadIdx.x; c < channels; c += blockDim.x) {
-        const float d = to_f32(xr[c]) - m;
-        v += d * d;
-    }
-    *mean = m;
-    *inv = rsqrtf(block_sum(v, scratch) / channels + eps);
-}
-
 template <typename T>
 __device__ void layer_norm_modulate_impl(T* y, const T* x, const T* shift, const T* scale,
                                          long tokens, int channels, float eps) {
