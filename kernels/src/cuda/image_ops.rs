@@ -2,10 +2,8 @@
 //! the last-two-dimensions transpose, and stride-1 convolution as im2col + a cuBLASLt GEMM + a
 //! transpose (shapes are checked by `Device` before these run).
 
-use cudarc::driver::LaunchConfig;
-
 use super::device::CudaDevice;
-use super::launch::{self as k, elementwise_config, Param};
+use super::launch::{self as k, elementwise_config, per_row_config, ptr_or_null, Param};
 use super::storage::CudaStorage;
 use crate::reference::ConvGeom;
 use crate::tensor::Storage;
@@ -29,8 +27,7 @@ impl CudaDevice {
             let s = self.stream();
             let (xp, _gx) = xs.ptr(s);
             let (gg, bg) = (g.map(|t| t.ptr(s)), b.map(|t| t.ptr(s)));
-            let ptr = |p: &Option<(u64, _)>| p.as_ref().map_or(0u64, |p| p.0);
-            let (gp, bp) = (ptr(&gg), ptr(&bg));
+            let (gp, bp) = (ptr_or_null(&gg), ptr_or_null(&bg));
             let (yp, _gy) = y.ptr_mut(s)?;
             let params = [
                 Param::Ptr(yp),
@@ -42,11 +39,7 @@ impl CudaDevice {
                 Param::I64(spatial as i64),
                 Param::F32(eps),
             ];
-            let cfg = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = per_row_config(blocks);
             // SAFETY: one block per (batch, group) run of C / groups x spatial elements.
             unsafe { self.launch(&k::GROUP_NORM, dtype, &params, cfg) }?;
         }

@@ -219,6 +219,20 @@ pub fn ptx_params(ptx: &str, name: &str) -> Option<Vec<String>> {
     Some(params)
 }
 
+/// One block of 256 threads per row (norms: the block reduces its row together).
+pub(crate) fn per_row_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The device pointer of an optional operand, or null.
+pub(crate) fn ptr_or_null(p: &Option<(u64, cudarc::driver::SyncOnDrop<'_>)>) -> u64 {
+    p.as_ref().map_or(0, |p| p.0)
+}
+
 /// Grid-stride launch shape for `n` elements.
 pub(crate) fn elementwise_config(n: usize) -> LaunchConfig {
     LaunchConfig {

@@ -8,7 +8,9 @@ use cudarc::driver::LaunchConfig;
 
 use super::blas::linear_plan;
 use super::device::CudaDevice;
-use super::launch::{self as k, elementwise_config, KernelView, Param};
+use super::launch::{
+    self as k, elementwise_config, per_row_config, ptr_or_null, KernelView, Param,
+};
 use super::storage::CudaStorage;
 use crate::tensor::Storage;
 use crate::{AttnView, DType, KernelError, Result, Tensor};
@@ -199,11 +201,7 @@ impl CudaDevice {
                 Param::I32(d as i32),
                 Param::F32(eps),
             ];
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = per_row_config(rows);
             // SAFETY: one block per row of d elements; shift / scale are [B, d].
             unsafe { self.launch(&k::LAYER_NORM_MODULATE, dtype, &params, cfg) }?;
         }
@@ -226,8 +224,7 @@ impl CudaDevice {
             let s = self.stream();
             let (xp, _gx) = xs.ptr(s);
             let (gg, bg) = (g.map(|t| t.ptr(s)), b.map(|t| t.ptr(s)));
-            let ptr = |p: &Option<(u64, _)>| p.as_ref().map_or(0u64, |p| p.0);
-            let (gp, bp) = (ptr(&gg), ptr(&bg));
+            let (gp, bp) = (ptr_or_null(&gg), ptr_or_null(&bg));
             let (yp, _gy) = y.ptr_mut(s)?;
             let params = [
                 Param::Ptr(yp),
@@ -237,11 +234,7 @@ impl CudaDevice {
                 Param::I32(d as i32),
                 Param::F32(eps),
             ];
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = per_row_config(rows);
             // SAFETY: one block per row of d elements; gamma / beta (or null) hold d.
             unsafe { self.launch(&k::LAYER_NORM, dtype, &params, cfg) }?;
         }
@@ -356,7 +349,7 @@ impl CudaDevice {
         let s = self.stream();
         let (yp, _gy) = ys.ptr(s);
         let g = gs.map(|g| g.ptr(s));
-        let gp = g.as_ref().map_or(0u64, |g| g.0);
+        let gp = ptr_or_null(&g);
         let (xp, _gx) = xs.ptr_mut(s)?;
         let params = [
             Param::Ptr(xp),
@@ -447,9 +440,9 @@ impl CudaDevice {
             let ((qp, _gq), (kp, _gk), (vp, _gv)) =
                 (qs.ptr(stream), ks.ptr(stream), vs.ptr(stream));
             let b = bias.map(|b| b.ptr(stream));
-            let bp = b.as_ref().map_or(0u64, |b| b.0);
+            let bp = ptr_or_null(&b);
             let l = lse.as_mut().map(|l| l.ptr_mut(stream)).transpose()?;
-            let lp = l.as_ref().map_or(0u64, |l| l.0);
+            let lp = ptr_or_null(&l);
             let (outp, _go) = out.ptr_mut(stream)?;
             let view = |v: &AttnView<'_>| {
                 Param::View(KernelView {
