@@ -198,6 +198,13 @@ fn run() -> Result<bool, String> {
             .map_err(s)?;
         checks.compare("rms_norm_groups", dtype, &got, &want)?;
 
+        // Rotary embedding of the keys of the same QKV (heads of 64, f32 tables, 300 positions).
+        let (cos, sin) = (random(&[n, 64], 13), random(&[n, 64], 14));
+        let (mut want, mut got) = (qkv.clone(), dqkv.clone());
+        cpu.rope_(&mut want, 256, 256, &cos, &sin).map_err(s)?;
+        gpu.rope_(&mut got, 256, 256, &cos, &sin).map_err(s)?;
+        checks.compare("rope", dtype, &got, &want)?;
+
         // Linear layers of DiT-XL/2's shapes (fc1 with bias; qkv without).
         for (name, (m, k, nn), bias) in [
             ("linear fc1", (512, 1152, 4608), true),

@@ -162,6 +162,15 @@ impl CudaDevice {
     pub(crate) fn add_cyclic_(&self, _x: &mut Tensor, _rows: &Tensor) -> Result<()> {
         match *self {}
     }
+    pub(crate) fn rope_(
+        &self,
+        _x: &mut Tensor,
+        _geometry: (usize, usize, usize, usize),
+        _cos: &Tensor,
+        _sin: &Tensor,
+    ) -> Result<()> {
+        match *self {}
+    }
     pub(crate) fn compute_dtype(&self) -> DType {
         match *self {}
     }

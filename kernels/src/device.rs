@@ -449,7 +449,11 @@ impl Device {
                 c.install(|| cpu::rotary::rope_(xs, width, s, offset, cols, &co, &si));
                 Ok(())
             }
-            Device::Cuda(c) => Err(c.unsupported("rope")),
+            Device::Cuda(c) => {
+                // The tables stay f32 (as diffusers rotates in f32); host ones are uploaded.
+                let (cos, sin) = (self.import_f32(cos.clone())?, self.import_f32(sin.clone())?);
+                c.rope_(x, (width, s, offset, cols), &cos, &sin)
+            }
         }
     }
 

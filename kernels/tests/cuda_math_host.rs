@@ -183,3 +183,60 @@ fn im2col_layout_gives_the_reference_convolution() {
         );
     }
 }
+
+/// The GPU rotary embedding (`rope_pair_index` and `rope_pair_f` in math.cuh, one thread per
+/// channel pair as `rope` in elementwise.cu runs them) gives the CPU reference's rotation, on
+/// the key columns of a fused QKV (an offset inside the row, two batch elements).
+#[test]
+fn rope_pairs_give_the_reference_rotation() {
+    use kernels::reference::rope_slow;
+    let (batch, positions, heads, hd) = (2usize, 5usize, 3usize, 8usize);
+    let width = 3 * heads * hd;
+    let (offset, cols) = (heads * hd, heads * hd);
+    let x: Vec<f32> = (0..batch * positions * width)
+        .map(|i| (i as f32 * 0.173).sin())
+        .collect();
+    let cos: Vec<f32> = (0..positions * hd)
+        .map(|i| (i as f32 * 0.31).cos())
+        .collect();
+    let sin: Vec<f32> = (0..positions * hd)
+        .map(|i| (i as f32 * 0.29).sin())
+        .collect();
+    let list = |v: &[f32]| {
+        v.iter()
+            .map(|f| format!("{f:.9e}f"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let pairs = batch * positions * cols / 2;
+    let rows = run_harness(
+        "rope",
+        &format!(
+            "float x[] = {{{}}}; const float c[] = {{{}}}; const float s[] = {{{}}};\n\
+             for (long i = 0; i < {pairs}; ++i) {{ long t; long e = rope_pair_index(i, {width}, \
+             {positions}, {offset}, {cols}, {hd}, &t); float a, b; rope_pair_f(x[e], x[e + 1], \
+             c[t], s[t], c[t + 1], s[t + 1], &a, &b); x[e] = a; x[e + 1] = b; }}\n\
+             for (long i = 0; i < {n}; ++i) printf(\"%.9g\\n\", x[i]);",
+            list(&x),
+            list(&cos),
+            list(&sin),
+            n = x.len()
+        ),
+    );
+    let want = rope_slow(&x, width, positions, offset, cols, &cos, &sin);
+    assert_eq!(rows.len(), want.len());
+    for (i, (r, w)) in rows.iter().zip(&want).enumerate() {
+        assert!(
+            (r[0] - *w as f64).abs() <= 1e-6 * (1.0 + w.abs() as f64),
+            "element {i}: device math {}, CPU reference {w}",
+            r[0]
+        );
+    }
+    // The queries' columns (before the offset) and the values' (after) are untouched.
+    let touched = |i: usize| (offset..offset + cols).contains(&(i % width));
+    assert!(want
+        .iter()
+        .zip(&x)
+        .enumerate()
+        .all(|(i, (w, x))| touched(i) || w == x));
+}

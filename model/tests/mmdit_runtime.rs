@@ -6,69 +6,9 @@
 
 mod common;
 
-use common::{fixtures, Fixture};
+use common::{fixtures, mmdit_inputs as inputs, Fixture, MMDIT_CASES as CASES};
 use kernels::{Device, Tensor};
 use model::{CondInputs, ModelConfig, Transformer};
-
-struct Case {
-    dir: &'static str,
-    prefix: &'static str,
-    flux: bool,
-}
-
-const CASES: [Case; 4] = [
-    Case {
-        dir: "sd3_tiny",
-        prefix: "x.",
-        flux: false,
-    },
-    Case {
-        dir: "sd3_tiny_plain",
-        prefix: "plain.",
-        flux: false,
-    },
-    Case {
-        dir: "flux_tiny",
-        prefix: "dev.",
-        flux: true,
-    },
-    Case {
-        dir: "flux_tiny_schnell",
-        prefix: "schnell.",
-        flux: true,
-    },
-];
-
-/// The fixture's latent (unpacked), conditioning inputs and expected output (unpacked).
-fn inputs(case: &Case) -> (Tensor, CondInputs, Tensor) {
-    let file = if case.flux {
-        "flux_tiny_io.safetensors"
-    } else {
-        "sd3_tiny_io.safetensors"
-    };
-    let io = Fixture::load(file);
-    let f = |k: &str| io.f(&format!("{}{k}", case.prefix)).clone();
-    let latent = f("latent");
-    let (h, w) = (latent.dim(2), latent.dim(3));
-    let t = f("timestep").as_f32().unwrap().to_vec();
-    let (timesteps, guidance, out) = if case.flux {
-        // The fixture holds the model's input sigma; the runtime takes scheduler units.
-        let g = (case.prefix == "dev.").then(|| f("guidance").as_f32().unwrap().to_vec());
-        let out = model::mmdit::unpack_latents(&f("output"), h, w).unwrap();
-        (t.iter().map(|s| s * 1000.0).collect(), g, out)
-    } else {
-        (t, None, f("output"))
-    };
-    let inputs = CondInputs {
-        timesteps,
-        caption: Some(f("prompt_embeds")),
-        pooled: Some(f("pooled")),
-        guidance,
-        latent_size: [h, w],
-        ..Default::default()
-    };
-    (latent, inputs, out)
-}
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.shape(), b.shape());
@@ -351,7 +291,7 @@ enum Sp {
 /// Ulysses / Ring / USP over the joint sequence: rank r owns image token rows `rows[r]`; the
 /// rank at the prompt's end of the sequence (SD3: the last, Flux: the first) also holds the
 /// prompt tokens, the others run `without_prompt`. Returns the outputs concatenated by rows.
-fn sequence_parallel(case: &Case, rows: &[usize], kind: Sp) -> Tensor {
+fn sequence_parallel(case: &common::MmditCase, rows: &[usize], kind: Sp) -> Tensor {
     use model::sp::{local_group, Ring, SequenceAttention, Ulysses, Usp};
     let dir = fixtures().join(case.dir);
     let (latent, inputs, _) = inputs(case);

@@ -74,6 +74,13 @@ pub const ADD_CYCLIC: Entry = Entry {
     base: "add_cyclic",
     params: &[Ptr, Ptr, I64, I64],
 };
+/// `rope(T* x, const float* cos, const float* sin, long pairs, int width, int rows, int offset,
+/// int cols, int head_dim)`: rotary embedding in place, f32 tables.
+pub const ROPE: Entry = Entry {
+    file: "elementwise.cu",
+    base: "rope",
+    params: &[Ptr, Ptr, Ptr, I64, I32, I32, I32, I32, I32],
+};
 /// `layer_norm_modulate(T* y, const T* x, const T* shift, const T* scale, long tokens,
 /// int channels, float eps)`.
 pub const LAYER_NORM_MODULATE: Entry = Entry {
@@ -144,6 +151,7 @@ pub const ENTRIES: &[Entry] = &[
     SILU,
     ADD_GATED,
     ADD_CYCLIC,
+    ROPE,
     LAYER_NORM_MODULATE,
     LAYER_NORM,
     RMS_NORM_GROUPS,

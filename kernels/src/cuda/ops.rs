@@ -388,6 +388,54 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Rotary embedding, in place, of the `head_dim`-wide heads in columns `offset..offset +
+    /// cols` of `x` (rows `width` wide, `positions` per batch element) with f32 `cos, sin:
+    /// [positions, head_dim]` on this GPU (`Device::rope_`).
+    pub(crate) fn rope_(
+        &self,
+        x: &mut Tensor,
+        (width, positions, offset, cols): (usize, usize, usize, usize),
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<()> {
+        let op = "rope";
+        let head_dim = cos.elem_count() / positions.max(1);
+        let tables = [
+            self.operand(op, cos)?.clone(),
+            self.operand(op, sin)?.clone(),
+        ];
+        if let Some(t) = tables.iter().find(|t| t.dtype() != DType::F32) {
+            return Err(KernelError::DType {
+                op,
+                expected: DType::F32,
+                got: t.dtype(),
+            });
+        }
+        let pairs = x.elem_count() / width.max(1) * (cols / 2);
+        let xs = self.operand_mut(op, x)?;
+        let dtype = xs.dtype();
+        if pairs == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let ((cp, _gc), (sp, _gs)) = (tables[0].ptr(s), tables[1].ptr(s));
+        let (xp, _gx) = xs.ptr_mut(s)?;
+        let params = [
+            Param::Ptr(xp),
+            Param::Ptr(cp),
+            Param::Ptr(sp),
+            Param::I64(pairs as i64),
+            Param::I32(width as i32),
+            Param::I32(positions as i32),
+            Param::I32(offset as i32),
+            Param::I32(cols as i32),
+            Param::I32(head_dim as i32),
+        ];
+        // SAFETY: `Device::rope_` checked that the columns fit the rows and the heads the tables.
+        unsafe { self.launch(&k::ROPE, dtype, &params, elementwise_config(pairs)) }?;
+        Ok(())
+    }
+
     /// Attention of strided views (see [`AttnView`]) with an optional f32 key bias `[B, Sk]`:
     /// `[B, Sq, heads * head_dim]` in the views' dtype, and the f32 log-sum-exp `[B, Sq, heads]`
     /// when asked for. One warp per (batch, head, query row); never an S x S matrix.

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use kernels::{Device, Tensor};
 
+use crate::dit::on_device;
 use crate::embedding::Linear;
 use crate::error::{ModelError, Result};
 use crate::weights::{RandomWeights, SafetensorsDir, WeightSource};
@@ -87,6 +88,9 @@ impl FluxTransformer {
     /// Builds the model from any weight source.
     pub fn from_source(cfg: FluxConfig, src: &dyn WeightSource, device: Device) -> Result<Self> {
         let d = cfg.hidden();
+        // On a GPU the weights go there as they are read, in its compute dtype.
+        let placed = crate::weights::placed(src, &device);
+        let src = placed.source();
         let lin = |name: &str, out, inp| Linear::load(src, name, out, inp);
         Ok(FluxTransformer {
             x_embedder: lin("x_embedder", d, cfg.in_channels)?,
@@ -131,11 +135,12 @@ impl FluxTransformer {
             .chain(&inputs.img_ids)
             .copied()
             .collect();
-        let rope = rope_tables(&ids, &cfg.axes_dims_rope, 10_000.0)?; // [T + S, head_dim]
+        let (cos, sin) = rope_tables(&ids, &cfg.axes_dims_rope, 10_000.0)?; // [T + S, head_dim]
+        let rope = (dev.import_f32(cos)?, dev.import_f32(sin)?);
         let scaled = |v: &[f32]| v.iter().map(|x| x * 1000.0).collect::<Vec<f32>>();
         dev.install(|| {
-            let x = self.x_embedder.forward(dev, tokens)?; // [B, S, d]
-                                                           // The timesteps (and guidance scales) enter times 1000, as in diffusers.
+            let x = self.x_embedder.forward(dev, &*on_device(dev, tokens)?)?; // [B, S, d]
+                                                                              // The timesteps (and guidance scales) enter times 1000, as in diffusers.
             let guidance = inputs.guidance.as_deref().map(scaled);
             let temb = self.time_text.forward(
                 dev,
@@ -144,7 +149,8 @@ impl FluxTransformer {
                 &inputs.pooled,
             )?; // [B, d]
             let temb_silu = dev.silu(&temb)?;
-            let mut ctx = self.context_embedder.forward(dev, &inputs.prompt_embeds)?; // [B, T, d]
+            let pe = on_device(dev, &inputs.prompt_embeds)?;
+            let mut ctx = self.context_embedder.forward(dev, &pe)?; // [B, T, d]
             let mut x = x;
             for (i, block) in self.double.iter().enumerate() {
                 let _span = tracing::trace_span!("double block", i).entered();
@@ -245,7 +251,8 @@ pub fn unpack_latents(tokens: &Tensor, height: usize, width: usize) -> Result<Te
         )));
     }
     let c = c4 / 4;
-    let src = tokens.as_f32()?;
+    // A layout op on the host, like unpatchify (the sampler's latent is host f32).
+    let src = &tokens.to_vec_f32()?;
     let mut out = vec![0f32; b * c * height * width];
     for bi in 0..b {
         for (tok, chunk) in src[bi * s * c4..(bi + 1) * s * c4].chunks(c4).enumerate() {

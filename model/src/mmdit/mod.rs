@@ -93,6 +93,9 @@ impl Sd3Transformer {
         device: Device,
     ) -> Result<Sd3Transformer> {
         let d = cfg.hidden();
+        // On a GPU the weights go there as they are read, in its compute dtype.
+        let placed = crate::weights::placed(src, &device);
+        let src = placed.source();
         let lin = |name: &str, out, inp| Linear::load(src, name, out, inp);
         let blocks = (0..cfg.num_layers)
             .map(|i| JointBlock::load(src, i, &cfg))
@@ -127,7 +130,9 @@ impl Sd3Transformer {
         let (d, base) = (self.cfg.hidden(), self.cfg.sample_size / p);
         let (top, left) = ((max - rows) / 2, (max - cols) / 2);
         let out = pos_embed_2d_window(d, (max, max), base, 1.0, top..top + rows, left..left + cols);
-        Ok(Tensor::from_vec(out, &[rows * cols, d])?)
+        Ok(self
+            .device
+            .import(Tensor::from_vec(out, &[rows * cols, d])?)?)
     }
 
     /// `latent [B, C, H, W]` -> the predicted velocity `[B, out_channels, H, W]`.
@@ -184,7 +189,8 @@ impl Sd3Transformer {
                 .time_text
                 .forward(dev, &inputs.timesteps, None, &inputs.pooled)?; // [B, d]
             let temb_silu = dev.silu(&temb)?;
-            let mut ctx = self.context_embedder.forward(dev, pe)?; // [B, T, d]
+            let pe = crate::dit::on_device(dev, pe)?;
+            let mut ctx = self.context_embedder.forward(dev, &pe)?; // [B, T, d]
             for (i, block) in self.blocks.iter().enumerate() {
                 let _span = tracing::trace_span!("joint block", i).entered();
                 block.forward(dev, &mut x, &mut ctx, &temb_silu, cfg, None)?;

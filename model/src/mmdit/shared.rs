@@ -6,6 +6,7 @@
 
 use kernels::{Device, Tensor};
 
+use crate::dit::on_device;
 use crate::embedding::{timestep_features, Linear, TimestepEmbedding};
 use crate::error::Result;
 use crate::weights::WeightSource;
@@ -53,15 +54,17 @@ impl TimeTextEmbed {
         guidance: Option<&[f32]>,
         pooled: &Tensor,
     ) -> Result<Tensor> {
-        let mut temb = self
-            .timestep
-            .forward(dev, &timestep_features(timesteps, 0.0)?)?;
+        // The sinusoidal features are made on the host; a GPU takes them (and the pooled text).
+        let features =
+            |t: &[f32]| -> Result<Tensor> { Ok(dev.import(timestep_features(t, 0.0)?)?) };
+        let mut temb = self.timestep.forward(dev, &features(timesteps)?)?;
         if let (Some(g), Some(scales)) = (&self.guidance, guidance) {
-            let ge = g.forward(dev, &timestep_features(scales, 0.0)?)?;
+            let ge = g.forward(dev, &features(scales)?)?;
             dev.add_gated_(&mut temb, &ge, None)?;
         }
         let (l1, l2) = &self.text;
-        let text = l2.forward(dev, &dev.silu(&l1.forward(dev, pooled)?)?)?;
+        let pooled = on_device(dev, pooled)?;
+        let text = l2.forward(dev, &dev.silu(&l1.forward(dev, &pooled)?)?)?;
         dev.add_gated_(&mut temb, &text, None)?;
         Ok(temb)
     }
@@ -85,6 +88,7 @@ impl OutputHead {
 
     /// Image tokens `x: [B, n, d]` -> `[B, n, out]`.
     pub(super) fn forward(&self, dev: &Device, x: &Tensor, temb_silu: &Tensor) -> Result<Tensor> {
+        let x = &*on_device(dev, x)?;
         let m = self.norm.forward(dev, temb_silu)?; // [B, 2d]
         let d = x.dim(2);
         let (scale, shift) = (m.narrow(1, 0, d)?, m.narrow(1, d, d)?);

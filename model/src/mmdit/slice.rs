@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use kernels::{Device, Tensor};
 
 use crate::cond::{CondInputs, Conditioning};
+use crate::dit::{bring, on_device};
 use crate::embedding::{pos_embed_2d_window, Linear, PatchEmbed};
 use crate::error::{ModelError, Result};
 use crate::kv_buffer::KvBuffer;
@@ -215,7 +216,7 @@ impl MmditSlice {
             let context = self
                 .context_embedder
                 .as_ref()
-                .map(|e| e.forward(dev, prompt))
+                .map(|e| e.forward(dev, &*on_device(dev, prompt)?))
                 .transpose()?;
             Ok(Conditioning::Mmdit {
                 temb_silu: dev.silu(&temb)?,
@@ -279,7 +280,7 @@ impl MmditSlice {
                     r0..r0 + rows,
                     left..left + cols,
                 );
-                let pos = Tensor::from_vec(pos, &[rows * cols, cfg.hidden()])?;
+                let pos = dev.import(Tensor::from_vec(pos, &[rows * cols, cfg.hidden()])?)?;
                 let mut x = pe.forward(dev, strip)?;
                 dev.add_broadcast_(&mut x, &pos)?;
                 x
@@ -287,7 +288,7 @@ impl MmditSlice {
             Body::Flux {
                 x_embedder: Some(e),
                 ..
-            } => e.forward(dev, &super::pack_latents(dev, strip)?)?,
+            } => e.forward(dev, &dev.import(super::pack_latents(dev, strip)?)?)?,
             _ => {
                 return Err(ModelError::Input(format!(
                     "blocks {:?} do not include the patch embedding (stage 0)",
@@ -334,6 +335,8 @@ impl MmditSlice {
             )));
         }
         let n = x.dim(1) - t;
+        // A frame from the wire or another device arrives in host memory.
+        bring(dev, x)?;
         // This frame's first image token; the image tokens whose buffer rows it writes (the
         // whole part's under sequence parallelism: the ranks gather them).
         let (mut kv, mut sp, first, written) = match mode {
@@ -390,7 +393,7 @@ impl MmditSlice {
                 single,
                 ..
             } => {
-                let rope = self.rope_for(first, n, *cols, t, &cfg.axes_dims_rope)?;
+                let rope = self.rope_for(dev, first, n, *cols, t, &cfg.axes_dims_rope)?;
                 if !double.is_empty() {
                     let mut ctx = x.narrow(1, 0, t)?;
                     let mut img = x.narrow(1, t, n)?;
@@ -413,9 +416,11 @@ impl MmditSlice {
     }
 
     /// Rotary tables of a frame: `t` prompt tokens at position 0, then image tokens
-    /// `first..first + n` of a grid `cols` wide (cached: a request has few distinct parts).
+    /// `first..first + n` of a grid `cols` wide, f32 in `dev`'s memory (cached: a request has
+    /// few distinct parts).
     fn rope_for(
         &self,
+        dev: &Device,
         first: usize,
         n: usize,
         cols: usize,
@@ -435,7 +440,8 @@ impl MmditSlice {
         let mut ids = vec![[0.0f32; 3]; t];
         let rows = (first + n).div_ceil(cols);
         ids.extend(image_ids(rows, cols).into_iter().skip(first).take(n));
-        let r = Arc::new(rope_tables(&ids, axes, 10_000.0)?);
+        let (cos, sin) = rope_tables(&ids, axes, 10_000.0)?;
+        let r = Arc::new((dev.import_f32(cos)?, dev.import_f32(sin)?));
         if cache.len() >= 64 {
             cache.clear();
         }

@@ -154,3 +154,66 @@ pub fn pixart_case(io: &Fixture, p: &str, masked: bool) -> (model::CondInputs, &
         },
     )
 }
+
+/// One SD3 / Flux fixture model: its folder, its key prefix in the io file, its family.
+pub struct MmditCase {
+    pub dir: &'static str,
+    pub prefix: &'static str,
+    pub flux: bool,
+}
+
+/// The SD3 (with and without the SD3.5 features) and Flux (dev, schnell) fixture models.
+pub const MMDIT_CASES: [MmditCase; 4] = [
+    MmditCase {
+        dir: "sd3_tiny",
+        prefix: "x.",
+        flux: false,
+    },
+    MmditCase {
+        dir: "sd3_tiny_plain",
+        prefix: "plain.",
+        flux: false,
+    },
+    MmditCase {
+        dir: "flux_tiny",
+        prefix: "dev.",
+        flux: true,
+    },
+    MmditCase {
+        dir: "flux_tiny_schnell",
+        prefix: "schnell.",
+        flux: true,
+    },
+];
+
+/// A case's latent (unpacked), the runtime's conditioning inputs and diffusers' output
+/// (unpacked).
+pub fn mmdit_inputs(case: &MmditCase) -> (Tensor, model::CondInputs, Tensor) {
+    let file = if case.flux {
+        "flux_tiny_io.safetensors"
+    } else {
+        "sd3_tiny_io.safetensors"
+    };
+    let io = Fixture::load(file);
+    let f = |k: &str| io.f(&format!("{}{k}", case.prefix)).clone();
+    let latent = f("latent");
+    let (h, w) = (latent.dim(2), latent.dim(3));
+    let t = f("timestep").as_f32().unwrap().to_vec();
+    let (timesteps, guidance, out) = if case.flux {
+        // The fixture holds the model's input sigma; the runtime takes scheduler units.
+        let g = (case.prefix == "dev.").then(|| f("guidance").as_f32().unwrap().to_vec());
+        let out = model::mmdit::unpack_latents(&f("output"), h, w).unwrap();
+        (t.iter().map(|s| s * 1000.0).collect(), g, out)
+    } else {
+        (t, None, f("output"))
+    };
+    let inputs = model::CondInputs {
+        timesteps,
+        caption: Some(f("prompt_embeds")),
+        pooled: Some(f("pooled")),
+        guidance,
+        latent_size: [h, w],
+        ..Default::default()
+    };
+    (latent, inputs, out)
+}

@@ -63,3 +63,20 @@ PF_FN long im2col_source(long i, int c_in, int h, int w, int kh, int kw, int pad
     const int iy = oy + ky - pad, ix = ox + kx - pad;
     return (iy >= 0 && iy < h && ix >= 0 && ix < w) ? ((long)ci * h + iy) * w + ix : -1;
 }
+
+// Rotary position embedding (Flux's interleaved channel pairs): pair `i` of a tensor of rows
+// `width` wide whose columns offset..offset+cols hold heads of `hd` channels, `rows` positions
+// per batch element (row r at position r % rows). Returns the element index of the pair's first
+// channel and sets `table` to that channel's index in the [rows, hd] cos / sin tables.
+PF_FN long rope_pair_index(long i, int width, int rows, int offset, int cols, int hd, long* table) {
+    const long per_row = cols / 2;
+    const long r = i / per_row, ch = 2 * (i % per_row);
+    *table = (r % rows) * hd + ch % hd;
+    return r * width + offset + ch;
+}
+
+// The rotation of one channel pair (a, b) with its channels' cos / sin: (a c0 - b s0, b c1 + a s1).
+PF_FN void rope_pair_f(float a, float b, float c0, float s0, float c1, float s1, float* ra, float* rb) {
+    *ra = a * c0 - b * s0;
+    *rb = b * c1 + a * s1;
+}
