@@ -266,6 +266,21 @@ fn run() -> Result<bool, String> {
             .map_err(s)?;
         checks.compare("ring merge (narrow on the GPU)", dtype, &acc, &want)?;
 
+        // SD3's and Flux's head dims (64, 128) over several query and key tiles, no bias (bf16 /
+        // f16: the tensor-core kernel's d64 and d128 instantiations).
+        for hd in [64, 128] {
+            let (qkv, dqkv) = pair(&random(&[1, 1000, 3 * 2 * hd], 16), dtype, &gpu)?;
+            let at = |c: usize| AttnView::of(&qkv, c * 2 * hd).map_err(s);
+            let want = cpu
+                .attention(at(0)?, at(1)?, at(2)?, None, 1, 2, hd)
+                .map_err(s)?;
+            let at = |c: usize| AttnView::of(&dqkv, c * 2 * hd).map_err(s);
+            let got = gpu
+                .attention(at(0)?, at(1)?, at(2)?, None, 1, 2, hd)
+                .map_err(s)?;
+            checks.compare(&format!("attention head_dim {hd}"), dtype, &got, &want)?;
+        }
+
         // The log-sum-exp is f32 whatever the inputs' dtype.
         let name = format!("attention lse, {dtype} inputs");
         checks.compare(&name, DType::F32, &got_lse, &want_lse)?;

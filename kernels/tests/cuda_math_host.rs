@@ -4,6 +4,8 @@
 //! kernels include the same file. Needs a C++ compiler (`c++`, or `CXX`; the Rust toolchain's
 //! linker setup has one); without it the test fails saying so.
 
+mod common;
+
 use std::process::Command;
 
 use kernels::reference::{gelu_tanh_slow, silu_slow};
@@ -14,25 +16,12 @@ const MATH: &str = include_str!("../src/cuda/kernels/math.cuh");
 fn run_harness(tag: &str, body: &str) -> Vec<Vec<f64>> {
     let dir = std::env::temp_dir().join(format!("pipefuse-cuda-math-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (src, bin) = (dir.join("math.cpp"), dir.join("math"));
     let program = format!(
         "#include <math.h>\n#include <stdio.h>\n#define PF_FN inline\n#define PF_NEG_INF (-INFINITY)\n\
          {}\nint main() {{\n{body}\nreturn 0;\n}}\n",
         MATH.replace("#pragma once", "")
     );
-    std::fs::write(&src, program).unwrap();
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let out = Command::new(&cxx)
-        .args(["-O1", "-std=c++17", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .unwrap_or_else(|e| panic!("no C++ compiler `{cxx}` ({e}): set CXX to one"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let bin = common::build_cpp(&dir, &program, &["-O1", "-std=c++17"]);
     let run = Command::new(&bin).output().unwrap();
     assert!(run.status.success());
     std::fs::remove_dir_all(&dir).ok();
@@ -239,4 +228,74 @@ fn rope_pairs_give_the_reference_rotation() {
         .zip(&x)
         .enumerate()
         .all(|(i, (w, x))| touched(i) || w == x));
+}
+
+/// The tensor-core attention's fragment layouts (`mma_frag_a/b/c` in math.cuh, the PTX ISA's
+/// tables for mma.m16n8k16 with 16-bit inputs and f32 accumulators): each covers its matrix
+/// exactly once over the warp, agrees with the ISA's formulas at spot lanes, and the score
+/// accumulators of two n-tiles are the next product's A operand as `mma_p_source` says
+/// (FlashAttention-2's register reuse of P).
+#[test]
+fn mma_fragment_layouts_cover_their_tiles_and_p_reuses_the_scores() {
+    let rows = run_harness(
+        "mma",
+        "int r, c, tile, ci;\n\
+         for (int lane = 0; lane < 32; ++lane) {\n\
+           for (int i = 0; i < 8; ++i) { mma_frag_a(lane, i, &r, &c); printf(\"0 %d %d %d %d\\n\", lane, i, r, c); }\n\
+           for (int i = 0; i < 4; ++i) { mma_frag_b(lane, i, &r, &c); printf(\"1 %d %d %d %d\\n\", lane, i, r, c); }\n\
+           for (int i = 0; i < 4; ++i) { mma_frag_c(lane, i, &r, &c); printf(\"2 %d %d %d %d\\n\", lane, i, r, c); }\n\
+           for (int i = 0; i < 8; ++i) { mma_p_source(i, &tile, &ci); mma_frag_c(lane, ci, &r, &c);\n\
+             printf(\"3 %d %d %d %d\\n\", lane, i, r, c + 8 * tile); }\n\
+         }",
+    );
+    let at = |kind: usize, lane: usize, i: usize| -> (usize, usize) {
+        let r = rows
+            .iter()
+            .find(|r| r[0] as usize == kind && r[1] as usize == lane && r[2] as usize == i)
+            .unwrap();
+        (r[3] as usize, r[4] as usize)
+    };
+    // Coverage: A 16 x 16 (8 per lane), B 16 x 8 and C 16 x 8 (4 per lane), each element once.
+    for (kind, per_lane, (h, w)) in [(0, 8, (16, 16)), (1, 4, (16, 8)), (2, 4, (16, 8))] {
+        let mut seen = vec![0; h * w];
+        for lane in 0..32 {
+            for i in 0..per_lane {
+                let (r, c) = at(kind, lane, i);
+                assert!(
+                    r < h && c < w,
+                    "kind {kind} lane {lane} element {i}: ({r}, {c})"
+                );
+                seen[r * w + c] += 1;
+            }
+        }
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "kind {kind} does not cover its tile once"
+        );
+    }
+    // The ISA's formulas at lane 5 (groupID 1, threadID_in_group 1).
+    let a: Vec<_> = (0..8).map(|i| at(0, 5, i)).collect();
+    assert_eq!(
+        a,
+        [
+            (1, 2),
+            (1, 3),
+            (9, 2),
+            (9, 3),
+            (1, 10),
+            (1, 11),
+            (9, 10),
+            (9, 11)
+        ]
+    );
+    let b: Vec<_> = (0..4).map(|i| at(1, 5, i)).collect();
+    assert_eq!(b, [(2, 1), (3, 1), (10, 1), (11, 1)]);
+    let c: Vec<_> = (0..4).map(|i| at(2, 5, i)).collect();
+    assert_eq!(c, [(1, 2), (1, 3), (9, 2), (9, 3)]);
+    // P: A element i of every lane is the score accumulator mma_p_source names.
+    for lane in 0..32 {
+        for i in 0..8 {
+            assert_eq!(at(3, lane, i), at(0, lane, i), "lane {lane} element {i}");
+        }
+    }
 }

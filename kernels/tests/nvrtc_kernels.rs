@@ -28,7 +28,7 @@ fn nvrtc_compiles_every_kernel_for_sm80_and_sm90_without_spills() {
             .lines()
             .filter_map(|l| l.split("void ").nth(1))
             .filter_map(|l| l.split('(').next())
-            .filter(|n| n.contains("##SUFFIX"))
+            .filter(|n| n.contains("##SUFFIX") && !n.contains("##DP"))
             .collect();
         for arch in ["sm_80", "sm_90"] {
             let c = compile(file, arch, &include).unwrap_or_else(|e| panic!("{e}"));
@@ -38,10 +38,18 @@ fn nvrtc_compiles_every_kernel_for_sm80_and_sm90_without_spills() {
                 c.log
             );
             for e in &c.entries {
-                eprintln!("{file} {arch} {}: {} registers", e.name, e.registers);
+                eprintln!(
+                    "{file} {arch} {}: {} registers, {} bytes stack",
+                    e.name, e.registers, e.stack_bytes
+                );
                 assert_eq!(
                     e.spill_bytes, 0,
                     "{file} {arch} {}: spills\n{}",
+                    e.name, c.log
+                );
+                assert_eq!(
+                    e.stack_bytes, 0,
+                    "{file} {arch} {}: a stack frame (registers demoted to local memory)\n{}",
                     e.name, c.log
                 );
                 assert!(
@@ -50,7 +58,21 @@ fn nvrtc_compiles_every_kernel_for_sm80_and_sm90_without_spills() {
                     e.name
                 );
             }
-            // Every templated entry point exists in f32, bf16 and f16.
+            // Every declared entry point exists in each of its element types (the tensor-core
+            // kernels, one per padded head dimension DP, in bf16 and f16).
+            for entry in kernels::cuda::launch::ENTRIES
+                .iter()
+                .filter(|e| e.file == *file)
+            {
+                for dtype in entry.dtypes {
+                    let name = format!("{}_{dtype}", entry.base);
+                    assert!(
+                        c.entries.iter().any(|e| e.name == name),
+                        "{file} {arch}: declared entry {name} missing"
+                    );
+                }
+            }
+            // Every other templated entry point exists in f32, bf16 and f16.
             for stem in &wanted {
                 let stem = stem.trim_end_matches("##SUFFIX");
                 for t in ["f32", "bf16", "f16"] {
@@ -75,8 +97,13 @@ fn nvrtc_reports_compile_errors_and_spills() {
     let e = parse_ptxas_report(report);
     assert_eq!(e.len(), 1);
     assert_eq!(
-        (e[0].name.as_str(), e[0].registers, e[0].spill_bytes),
-        ("k_f32", 255, 12)
+        (
+            e[0].name.as_str(),
+            e[0].registers,
+            e[0].spill_bytes,
+            e[0].stack_bytes
+        ),
+        ("k_f32", 255, 12, 8)
     );
     if std::env::var_os("PIPEFUSE_SKIP_NVRTC").is_some() {
         return;
@@ -135,7 +162,7 @@ fn nvrtc_entry_points_match_the_launch_declarations() {
     };
     for entry in ENTRIES {
         let ptx = compile_ptx(entry.file, "compute_90", &include).unwrap_or_else(|e| panic!("{e}"));
-        for dtype in ["f32", "bf16", "f16"] {
+        for dtype in entry.dtypes {
             let name = format!("{}_{dtype}", entry.base);
             let found =
                 ptx_params(&ptx, &name).unwrap_or_else(|| panic!("{name} not in {}", entry.file));

@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -34,6 +34,8 @@ struct Inner {
     // Declared before the context so that they are dropped first.
     blas: Blas,
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// Attention in bf16 / f16 runs on the tensor-core kernel (sm_80 on, not turned off).
+    tensor_cores: bool,
     stream: Arc<CudaStream>,
     _ctx: Arc<CudaContext>,
 }
@@ -103,16 +105,23 @@ impl CudaDevice {
         let stream = ctx.new_stream().map_err(|e| driver_error("stream", e))?;
         let (major, minor) = info.compute_capability;
         let arch = format!("compute_{major}{minor}");
+        // The tensor-core kernels need mma.sync with bf16 (sm_80 on); `PIPEFUSE_CUDA_ATTENTION=
+        // rows` keeps attention on the row kernel (a comparison on a GPU).
+        let rows_only = std::env::var("PIPEFUSE_CUDA_ATTENTION").is_ok_and(|v| v == "rows");
+        let tensor_cores = major >= 8 && !rows_only;
         let mut modules = HashMap::new();
         for (file, _) in super::SOURCES {
-            let ptx = super::compile_ptx(file, &arch, &include)?;
+            if *file == super::FLASH_SOURCE && !tensor_cores {
+                continue;
+            }
+            let ptx = cached_ptx(file, &arch, &include)?;
             let module = ctx
                 .load_module(Ptx::from_src(ptx))
                 .map_err(|e| driver_error(&format!("load {file}"), e))?;
             modules.insert(*file, module);
         }
         let blas = Blas::new(&stream)?;
-        tracing::info!(ordinal, name = %info.name, %arch, "CUDA device opened");
+        tracing::info!(ordinal, name = %info.name, %arch, tensor_cores, "CUDA device opened");
         Ok(CudaDevice {
             inner: Arc::new(Inner {
                 ordinal,
@@ -120,11 +129,17 @@ impl CudaDevice {
                 arch,
                 blas,
                 modules,
+                tensor_cores,
                 stream,
                 _ctx: ctx,
             }),
             dtype: DType::F32,
         })
+    }
+
+    /// Whether bf16 / f16 attention runs on the tensor-core kernel (flash_attention.cu).
+    pub(crate) fn tensor_core_attention(&self) -> bool {
+        self.inner.tensor_cores
     }
 
     /// The same GPU computing in `dtype`.
@@ -181,4 +196,21 @@ impl CudaDevice {
             .synchronize()
             .map_err(|e| driver_error("synchronize", e))
     }
+}
+
+/// The PTX of `file` for `arch`, compiled once per process (every stage on a GPU opens its own
+/// device, and NVRTC takes seconds for all the sources).
+fn cached_ptx(file: &str, arch: &str, include: &Path) -> Result<String> {
+    static CACHE: OnceLock<Mutex<HashMap<(String, String), String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (file.to_string(), arch.to_string());
+    if let Some(ptx) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(ptx.clone());
+    }
+    let ptx = super::compile_ptx(file, arch, include)?;
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, ptx.clone());
+    Ok(ptx)
 }

@@ -46,7 +46,14 @@ pub struct Entry {
     pub base: &'static str,
     /// The parameters in order.
     pub params: &'static [ParamKind],
+    /// The element types it has entry points for.
+    pub dtypes: &'static [DType],
 }
+
+/// Entry points in every element type.
+const ALL: &[DType] = &[DType::F32, DType::BF16, DType::F16];
+/// Entry points for the 16-bit types only (tensor-core kernels).
+const HALF: &[DType] = &[DType::BF16, DType::F16];
 
 use ParamKind::{Ptr, View, F32, I32, I64};
 
@@ -55,24 +62,28 @@ pub const GELU_TANH: Entry = Entry {
     file: "elementwise.cu",
     base: "gelu_tanh",
     params: &[Ptr, I64],
+    dtypes: ALL,
 };
 /// `silu(T* x, long n)`, in place.
 pub const SILU: Entry = Entry {
     file: "elementwise.cu",
     base: "silu",
     params: &[Ptr, I64],
+    dtypes: ALL,
 };
 /// `add_gated(T* x, const T* y, const T* gate, long batch, long tokens, long channels)`.
 pub const ADD_GATED: Entry = Entry {
     file: "elementwise.cu",
     base: "add_gated",
     params: &[Ptr, Ptr, Ptr, I64, I64, I64],
+    dtypes: ALL,
 };
 /// `add_cyclic(T* x, const T* y, long n, long period)`: `x[i] += y[i % period]`.
 pub const ADD_CYCLIC: Entry = Entry {
     file: "elementwise.cu",
     base: "add_cyclic",
     params: &[Ptr, Ptr, I64, I64],
+    dtypes: ALL,
 };
 /// `rope(T* x, const float* cos, const float* sin, long pairs, int width, int rows, int offset,
 /// int cols, int head_dim)`: rotary embedding in place, f32 tables.
@@ -80,6 +91,7 @@ pub const ROPE: Entry = Entry {
     file: "elementwise.cu",
     base: "rope",
     params: &[Ptr, Ptr, Ptr, I64, I32, I32, I32, I32, I32],
+    dtypes: ALL,
 };
 /// `layer_norm_modulate(T* y, const T* x, const T* shift, const T* scale, long tokens,
 /// int channels, float eps)`.
@@ -87,12 +99,14 @@ pub const LAYER_NORM_MODULATE: Entry = Entry {
     file: "norm.cu",
     base: "layer_norm_modulate",
     params: &[Ptr, Ptr, Ptr, Ptr, I64, I32, F32],
+    dtypes: ALL,
 };
 /// `layer_norm(T* y, const T* x, const T* gamma, const T* beta, int channels, float eps)`.
 pub const LAYER_NORM: Entry = Entry {
     file: "norm.cu",
     base: "layer_norm",
     params: &[Ptr, Ptr, Ptr, Ptr, I32, F32],
+    dtypes: ALL,
 };
 /// `merge_attention(T* acc, float* acc_lse, const T* part, const float* part_lse, long rows,
 /// int head_dim)`.
@@ -100,6 +114,7 @@ pub const MERGE_ATTENTION: Entry = Entry {
     file: "attention.cu",
     base: "merge_attention",
     params: &[Ptr, Ptr, Ptr, Ptr, I64, I32],
+    dtypes: ALL,
 };
 /// `rms_norm_groups(T* x, long rows, int width, int offset, int channels, int group,
 /// const T* weight, float eps)`.
@@ -107,6 +122,7 @@ pub const RMS_NORM_GROUPS: Entry = Entry {
     file: "norm.cu",
     base: "rms_norm_groups",
     params: &[Ptr, I64, I32, I32, I32, I32, Ptr, F32],
+    dtypes: ALL,
 };
 /// `attention(float* lse, T* out, const T* q, View qv, const T* k, View kv, const T* v, View vv,
 /// const float* bias, int batch, int heads, int head_dim, long sq, long sk, float scale)`.
@@ -116,7 +132,31 @@ pub const ATTENTION: Entry = Entry {
     params: &[
         Ptr, Ptr, Ptr, View, Ptr, View, Ptr, View, Ptr, I32, I32, I32, I64, I64, F32,
     ],
+    dtypes: ALL,
 };
+
+/// `flash_attention_d{DP}(float* lse, T* out, const T* q, View qv, const T* k, View kv,
+/// const T* v, View vv, const float* bias, int heads, int head_dim, long sq, long sk,
+/// float scale)`: tensor-core attention, bf16 / f16, head_dim padded to DP.
+const fn flash(base: &'static str) -> Entry {
+    Entry {
+        file: "flash_attention.cu",
+        base,
+        params: &[
+            Ptr, Ptr, Ptr, View, Ptr, View, Ptr, View, Ptr, I32, I32, I64, I64, F32,
+        ],
+        dtypes: HALF,
+    }
+}
+/// The tensor-core attention kernels by padded head dimension (the smallest DP >= head_dim is
+/// launched).
+pub const FLASH_ATTENTION: [(usize, Entry); 5] = [
+    (16, flash("flash_attention_d16")),
+    (32, flash("flash_attention_d32")),
+    (64, flash("flash_attention_d64")),
+    (80, flash("flash_attention_d80")),
+    (128, flash("flash_attention_d128")),
+];
 
 /// `group_norm(T* y, const T* x, const T* gamma, const T* beta, int channels, int groups,
 /// long spatial, float eps)`.
@@ -124,18 +164,21 @@ pub const GROUP_NORM: Entry = Entry {
     file: "image.cu",
     base: "group_norm",
     params: &[Ptr, Ptr, Ptr, Ptr, I32, I32, I64, F32],
+    dtypes: ALL,
 };
 /// `upsample_nearest2x(T* y, const T* x, long planes, int h, int w)`.
 pub const UPSAMPLE_NEAREST2X: Entry = Entry {
     file: "image.cu",
     base: "upsample_nearest2x",
     params: &[Ptr, Ptr, I64, I32, I32],
+    dtypes: ALL,
 };
 /// `transpose_last2(T* y, const T* x, long batch, int r, int c)`.
 pub const TRANSPOSE_LAST2: Entry = Entry {
     file: "image.cu",
     base: "transpose_last2",
     params: &[Ptr, Ptr, I64, I32, I32],
+    dtypes: ALL,
 };
 /// `im2col(T* cols, const T* x, int c_in, int h, int w, int kh, int kw, int pad, int h_out,
 /// int w_out)`.
@@ -143,6 +186,7 @@ pub const IM2COL: Entry = Entry {
     file: "image.cu",
     base: "im2col",
     params: &[Ptr, Ptr, I32, I32, I32, I32, I32, I32, I32, I32],
+    dtypes: ALL,
 };
 
 /// Every kernel the ops launch.
@@ -161,6 +205,11 @@ pub const ENTRIES: &[Entry] = &[
     UPSAMPLE_NEAREST2X,
     TRANSPOSE_LAST2,
     IM2COL,
+    FLASH_ATTENTION[0].1,
+    FLASH_ATTENTION[1].1,
+    FLASH_ATTENTION[2].1,
+    FLASH_ATTENTION[3].1,
+    FLASH_ATTENTION[4].1,
 ];
 
 /// A strided view's layout as the attention kernel takes it (`struct View` in attention.cu).

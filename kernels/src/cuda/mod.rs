@@ -36,8 +36,15 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("norm.cu", include_str!("kernels/norm.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
+    (
+        "flash_attention.cu",
+        include_str!("kernels/flash_attention.cu"),
+    ),
     ("image.cu", include_str!("kernels/image.cu")),
 ];
+
+/// The tensor-core kernels' source (needs sm_80: not loaded on older GPUs).
+pub const FLASH_SOURCE: &str = "flash_attention.cu";
 
 /// What ptxas reported for one entry point.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +55,9 @@ pub struct EntryReport {
     pub registers: u32,
     /// Bytes spilled to local memory (stores + loads); 0 for a healthy kernel.
     pub spill_bytes: u32,
+    /// Bytes of stack frame: local arrays the compiler could not keep in registers (a
+    /// tensor-core kernel's fragments indexed at run time would land there).
+    pub stack_bytes: u32,
 }
 
 /// One source compiled for one architecture.
@@ -170,6 +180,7 @@ pub fn parse_ptxas_report(log: &str) -> Vec<EntryReport> {
                 name,
                 registers: 0,
                 spill_bytes: 0,
+                stack_bytes: 0,
             });
         } else if let Some(e) = entries.last_mut() {
             if let (Some(st), Some(ld)) = (
@@ -177,6 +188,9 @@ pub fn parse_ptxas_report(log: &str) -> Vec<EntryReport> {
                 number_before(line, "bytes spill loads"),
             ) {
                 e.spill_bytes = st + ld;
+            }
+            if let Some(f) = number_before(line, "bytes stack frame") {
+                e.stack_bytes = f;
             }
             if let Some(r) = number_before(line, "registers") {
                 e.registers = r;

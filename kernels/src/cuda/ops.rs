@@ -438,7 +438,9 @@ impl CudaDevice {
 
     /// Attention of strided views (see [`AttnView`]) with an optional f32 key bias `[B, Sk]`:
     /// `[B, Sq, heads * head_dim]` in the views' dtype, and the f32 log-sum-exp `[B, Sq, heads]`
-    /// when asked for. One warp per (batch, head, query row); never an S x S matrix.
+    /// when asked for. bf16 / f16 on sm_80 and later: the tensor-core kernel
+    /// (flash_attention.cu); otherwise one warp per (batch, head, query row). Never an S x S
+    /// matrix.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &self,
@@ -499,31 +501,51 @@ impl CudaDevice {
                     col_offset: v.col_offset as i64,
                 })
             };
-            let params = [
-                Param::Ptr(lp),
-                Param::Ptr(outp),
-                Param::Ptr(qp),
-                view(&q),
+            let mut params = vec![Param::Ptr(lp), Param::Ptr(outp), Param::Ptr(qp), view(&q)];
+            params.extend([
                 Param::Ptr(kp),
                 view(&k),
                 Param::Ptr(vp),
                 view(&v),
                 Param::Ptr(bp),
-                Param::I32(batch as i32),
+            ]);
+            let flash = k::FLASH_ATTENTION
+                .iter()
+                .find(|(dp, _)| head_dim <= *dp)
+                .filter(|_| dtype != DType::F32 && self.tensor_core_attention());
+            let (entry, cfg) = match flash {
+                // One block of 4 warps per (batch, head, 64 query rows); static shared memory.
+                Some((_, entry)) => (
+                    entry,
+                    LaunchConfig {
+                        grid_dim: ((batch * heads * q.seq.div_ceil(64)) as u32, 1, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                ),
+                // One warp per (batch, head, query row), 4 warps per block, head_dim floats of
+                // shared memory per warp (the row kernel also takes the batch).
+                None => {
+                    params.push(Param::I32(batch as i32));
+                    let cfg = LaunchConfig {
+                        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: (4 * head_dim * 4) as u32,
+                    };
+                    (&k::ATTENTION, cfg)
+                }
+            };
+            params.extend([
                 Param::I32(heads as i32),
                 Param::I32(head_dim as i32),
                 Param::I64(q.seq as i64),
                 Param::I64(k.seq as i64),
                 Param::F32(1.0 / (head_dim as f32).sqrt()),
-            ];
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: (4 * head_dim * 4) as u32,
-            };
-            // SAFETY: one warp per (batch, head, query row), 4 warps per block, head_dim floats
-            // of shared memory per warp; every view was checked to lie inside its tensor.
-            unsafe { self.launch(&k::ATTENTION, dtype, &params, cfg) }?;
+            ]);
+            // SAFETY: every view was checked to lie inside its tensor, and either kernel reads
+            // only rows < sq / sk and columns < head_dim of each head; the launch shapes are the
+            // kernels' own (above).
+            unsafe { self.launch(entry, dtype, &params, cfg) }?;
         }
         let out = Tensor::from_storage(Storage::Cuda(out), &[batch, q.seq, width])?;
         let lse = lse

@@ -80,3 +80,29 @@ PF_FN void rope_pair_f(float a, float b, float c0, float s0, float c1, float s1,
     *ra = a * c0 - b * s0;
     *rb = b * c1 + a * s1;
 }
+
+// Fragment layouts of mma.sync.m16n8k16 with 16-bit A / B and f32 C (PTX ISA, "Matrix Fragments
+// for mma.m16n8k16 with floating point type"): which element of the matrix lane `lane` holds as
+// its element `i`. groupID = lane >> 2, threadID_in_group = lane % 4. Registers pair elements
+// (2r, 2r + 1), the first in the low half.
+// A (16 x 16, row-major), i in 0..8.
+PF_FN void mma_frag_a(int lane, int i, int* row, int* col) {
+    *row = (lane >> 2) + (((i >> 1) & 1) ? 8 : 0);
+    *col = (lane % 4) * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+}
+// B (16 x 8, "col": element (k, n)), i in 0..4.
+PF_FN void mma_frag_b(int lane, int i, int* k, int* n) {
+    *k = (lane % 4) * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+    *n = lane >> 2;
+}
+// C / D (16 x 8, f32), i in 0..4.
+PF_FN void mma_frag_c(int lane, int i, int* row, int* col) {
+    *row = (lane >> 2) + (i >= 2 ? 8 : 0);
+    *col = (lane % 4) * 2 + (i & 1);
+}
+// FlashAttention-2's reuse of the score accumulators as the next product's A operand: A element
+// i of a 16-key step is element `c` of the step's n-tile `tile` (0: keys 0..8, 1: keys 8..16).
+PF_FN void mma_p_source(int i, int* tile, int* c) {
+    *tile = i >> 2;
+    *c = ((i >> 1) & 1) * 2 + (i & 1);
+}
