@@ -4,13 +4,15 @@
 #   nvidia-smi.txt, cuda_tools.txt      what the machine has
 #   ops.jsonl                           every Device op of the CUDA backend (cuBLASLt GEMMs, NVRTC
 #                                       kernels) on f32 / bf16 / f16 GPU tensors vs the CPU backend
-#   golden.jsonl                        the DiT and PixArt golden fixtures through CUDA (f32 <= 1e-4,
-#                                       bf16 <= 1e-2 to diffusers) and a two-stage PipeFusion on the
-#                                       one GPU vs the same on the CPU
+#   golden.jsonl                        the DiT, PixArt, SD3, Flux and VAE golden fixtures through
+#                                       CUDA (f32 <= 1e-4, bf16 <= 1e-2 / 2e-2 to diffusers) and a
+#                                       two-stage PipeFusion (DiT, Flux) on the one GPU vs the CPU
 #   generate.txt                        `pipefuse generate --device cuda` on the bundled demo model
 #                                       vs `--device cpu` (relative L2 of the final latents)
 #   bench_*.json                        DiT-XL/2 256 px batch 2 and PixArt-alpha 1024 px batch 1
 #                                       forwards in bf16, pipefuse vs PyTorch (SDPA) on this GPU
+#                                       (tools/bench_torch.py), and PixArt with the row attention
+#                                       kernel instead of the tensor-core one
 # Exit status: non-zero if a correctness check failed (benchmarks only report).
 #
 # The machine has no Rust toolchain and no network: build here first with tools/gpu_build.sh
@@ -89,11 +91,13 @@ for case in "DiT-XL/2 256 2" "PixArt-alpha-1024 1024 1"; do
     tag=$(echo "$1" | tr -c 'A-Za-z0-9\n' '_')
     timeout 150 "$bin/pipefuse" bench forward --device cuda --dtype bf16 --preset "$1" --resolution "$2" \
         --batch "$3" --iters 5 --json 2> "$out/bench_${tag}_pipefuse.log" | tail -1 > "$out/bench_${tag}_pipefuse.json"
-    if [ "$1" = "DiT-XL/2" ]; then
-        PYTHONPATH="$pylib" timeout 150 "$py" tools/bench_torch.py --device cuda --dtype bf16 --preset "$1" \
-            --resolution "$2" --batch "$3" --warmup 2 --iters 5 --json 2> "$out/bench_${tag}_torch.log" \
-            | tail -1 > "$out/bench_${tag}_torch.json"
-    fi
+    PYTHONPATH="$pylib" timeout 150 "$py" tools/bench_torch.py --device cuda --dtype bf16 --preset "$1" \
+        --resolution "$2" --batch "$3" --warmup 2 --iters 5 --json 2> "$out/bench_${tag}_torch.log" \
+        | tail -1 > "$out/bench_${tag}_torch.json"
     cat "$out"/bench_"${tag}"_*.json
 done
+# The row attention kernel instead of the tensor-core one, on the attention-bound model.
+PIPEFUSE_CUDA_ATTENTION=rows timeout 150 "$bin/pipefuse" bench forward --device cuda --dtype bf16 \
+    --preset PixArt-alpha-1024 --resolution 1024 --batch 1 --iters 3 --json \
+    2> "$out/bench_pixart_rows.log" | tail -1 | tee "$out/bench_PixArt_alpha_1024_pipefuse_rows_attention.json"
 exit $status
