@@ -1,6 +1,8 @@
 //! Helpers shared by the kernels' tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cuda_emu;
+
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -42,4 +44,36 @@ pub fn build_cpp(dir: &std::path::Path, program: &str, flags: &[&str]) -> std::p
         String::from_utf8_lossy(&out.stderr)
     );
     bin
+}
+
+/// The CPU attention of queries `q: [B, sq, d]` over a K/V buffer `kv: [B, sk, 2d]` (keys in
+/// columns `0..d`, values in `d..2d`) with an optional key bias `[B, sk]`: (output, log-sum-exp)
+/// as f32 vectors (the reference of the emulated GPU kernels).
+pub fn cpu_buffer_attention(
+    q: &[f32],
+    kv: &[f32],
+    bias: Option<&[f32]>,
+    (batch, sq, sk, heads, head_dim): (usize, usize, usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    use kernels::{AttnView, Device, Tensor};
+    let d = heads * head_dim;
+    let qt = Tensor::from_vec(q.to_vec(), &[batch, sq, d]).unwrap();
+    let kvt = Tensor::from_vec(kv.to_vec(), &[batch, sk, 2 * d]).unwrap();
+    let bt = bias.map(|b| Tensor::from_vec(b.to_vec(), &[batch, sk]).unwrap());
+    let (out, lse) = Device::cpu(1)
+        .unwrap()
+        .attention_with_lse(
+            AttnView::of(&qt, 0).unwrap(),
+            AttnView::of(&kvt, 0).unwrap(),
+            AttnView::of(&kvt, d).unwrap(),
+            bt.as_ref(),
+            batch,
+            heads,
+            head_dim,
+        )
+        .unwrap();
+    (
+        out.as_f32().unwrap().to_vec(),
+        lse.as_f32().unwrap().to_vec(),
+    )
 }
