@@ -10,16 +10,20 @@
 //! before P V, as on the GPU; a rescale applied to the wrong row gives 1e-2). The emulator is
 //! `common/cuda_emu.rs`; it needs a C++20 compiler (`c++` or `CXX`).
 
+#![cfg(feature = "cuda")]
+
 mod common;
 
 use common::cuda_emu::Emu;
 use common::rel_l2;
-use kernels::{AttnView, Device, Tensor};
+use kernels::cuda::launch::KernelView;
+use kernels::cuda::plan;
+use kernels::{AttnView, DType, Device, Tensor};
 
 const FLASH: &str = include_str!("../src/cuda/kernels/flash_attention.cu");
 
-/// One launch of the bf16 entry `flash_attention_d{dp}_bf16`: views as `[batch_stride,
-/// row_stride, col_offset]` of the q / k / v buffers.
+/// One bf16 attention, which the plan gives to `flash_attention_d{dp}_bf16`: views as
+/// `[batch_stride, row_stride, col_offset]` of the q / k / v buffers.
 struct Case<'a> {
     dp: usize,
     q: (&'a [f32], [usize; 3]),
@@ -43,23 +47,32 @@ fn run_emulated(tag: &str, c: &Case) -> (Vec<f32>, Vec<f32>) {
         .input("bias", "float", c.bias.unwrap_or(&[0.0]))
         .output("out", bf16, c.batch * c.sq * c.heads * c.head_dim)
         .output("lse", "float", c.batch * c.sq * c.heads);
-    let view = |v: [usize; 3]| format!("View{{{}, {}, {}}}", v[0], v[1], v[2]);
-    let call = format!(
-        "flash_attention_d{}_bf16(lse.data(), out.data(), q.data(), {}, k.data(), {}, v.data(), {}, \
-         {}, {}, {}, {}, {}, {:e}f)",
-        c.dp,
-        view(c.q.1),
-        view(c.k.1),
-        view(c.v.1),
-        if c.bias.is_some() { "bias.data()" } else { "nullptr" },
-        c.heads,
-        c.head_dim,
-        c.sq,
-        c.sk,
-        1.0 / (c.head_dim as f32).sqrt()
-    );
-    // The launch shape of `CudaDevice::attention`: 128 threads per 64 query rows of a head.
-    emu.launch(c.batch * c.heads * c.sq.div_ceil(64), 128, &call);
+    let layout = |v: [usize; 3]| KernelView {
+        batch_stride: v[0] as i64,
+        row_stride: v[1] as i64,
+        col_offset: v[2] as i64,
+    };
+    let args = plan::AttentionArgs {
+        lse: emu.address("lse"),
+        out: emu.address("out"),
+        q: (emu.address("q"), layout(c.q.1)),
+        k: (emu.address("k"), layout(c.k.1)),
+        v: (emu.address("v"), layout(c.v.1)),
+        bias: if c.bias.is_some() {
+            emu.address("bias")
+        } else {
+            0
+        },
+        batch: c.batch,
+        heads: c.heads,
+        head_dim: c.head_dim,
+        sq: c.sq,
+        sk: c.sk,
+    };
+    // The launch `CudaDevice::attention` makes for bf16 on a GPU with tensor cores.
+    let l = plan::attention(&args, DType::BF16, true);
+    assert_eq!(l.entry.base, format!("flash_attention_d{}", c.dp));
+    emu.launch_plan(&l, "bf16");
     let mut out = emu.run(tag);
     (out.remove("out").unwrap(), out.remove("lse").unwrap())
 }

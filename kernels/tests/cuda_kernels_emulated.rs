@@ -1,15 +1,20 @@
 //! Every NVRTC kernel but the tensor-core one (`cuda_flash_emulated.rs`) run from its own source
 //! under the CUDA emulator (`common/cuda_emu.rs`: host threads per CUDA thread, real barriers
-//! and shuffles), with the launch shapes and parameters `src/cuda/ops.rs` / `image_ops.rs`
-//! give, against the CPU backend's ops: grid-stride loops, one block per row with block
-//! reductions, one warp per row with warp reductions and dynamic shared memory. f32 results
-//! agree to 1e-5 (relative L2); the bf16 entries to 1e-2 (their inputs and outputs rounded).
-//! Without a GPU this is what checks the kernels' indexing before a GPU session runs them.
+//! and shuffles), with the launches the CUDA ops make (`kernels::cuda::plan`: the entry, the
+//! parameter values in order, the grid), against the CPU backend's ops: grid-stride loops, one
+//! block per row with block reductions, one warp per row with warp reductions and dynamic
+//! shared memory. f32 results agree to 1e-5 (relative L2); the bf16 entries to 1e-2 (their
+//! inputs and outputs rounded). Without a GPU this is what checks the kernels and the values the
+//! ops pass them before a GPU session runs them.
+#![cfg(feature = "cuda")]
 
 mod common;
 
 use common::cuda_emu::Emu;
 use common::rel_l2;
+use kernels::cuda::launch::KernelView;
+use kernels::cuda::plan;
+use kernels::reference::ConvGeom;
 use kernels::{AttnView, Device, Tensor};
 
 const ELEMENTWISE: &str = include_str!("../src/cuda/kernels/elementwise.cu");
@@ -33,11 +38,6 @@ fn close(what: &str, got: &[f32], want: &Tensor, tol: f64) {
     assert!(e <= tol, "{what}: relative L2 {e:.3e} > {tol:e}");
 }
 
-/// `elementwise_config(n)` of launch.rs: blocks of 256, at most 65,535.
-fn grid(n: usize) -> usize {
-    n.div_ceil(256).clamp(1, 65_535)
-}
-
 #[test]
 fn emulated_elementwise_kernels_match_the_cpu_ops() {
     let cpu = Device::cpu(1).unwrap();
@@ -54,6 +54,7 @@ fn emulated_elementwise_kernels_match_the_cpu_ops() {
         let mut emu = Emu::new(ELEMENTWISE);
         emu.input("gelu", ty, &x)
             .input("silu", ty, &x)
+            .input("silu1", ty, &x)
             .input("gated", ty, &x)
             .input("y", ty, &y)
             .input("gate", ty, &g)
@@ -62,45 +63,35 @@ fn emulated_elementwise_kernels_match_the_cpu_ops() {
             .input("qkv", ty, &qkv)
             .input("cos", "float", &cos)
             .input("sin", "float", &sin);
-        emu.launch(
-            grid(len),
-            256,
-            &format!("gelu_tanh_{sfx}(gelu.data(), {len})"),
-        )
-        // A grid smaller than the elements: the grid-stride loop covers the rest.
-        .launch(1, 256, &format!("silu_{sfx}(silu.data(), {len})"))
-        .launch(
-            grid(len),
-            256,
-            &format!("add_gated_{sfx}(gated.data(), y.data(), gate.data(), {b}, {n}, {c})"),
-        )
-        .launch(
-            grid(len),
-            256,
-            &format!(
-                "add_cyclic_{sfx}(cyclic.data(), rows.data(), {len}, {})",
-                rows.len()
+        let a = |n: &str| emu.address(n);
+        // One grid smaller than its elements: the grid-stride loop covers the rest.
+        let mut one_block = plan::activation(true, a("silu1"), len);
+        one_block.cfg.grid_dim.0 = 1;
+        let launches = [
+            plan::activation(false, a("gelu"), len),
+            plan::activation(true, a("silu"), len),
+            one_block,
+            plan::add_gated(a("gated"), a("y"), a("gate"), len, (b, c)),
+            plan::add_cyclic(a("cyclic"), a("rows"), len, rows.len()),
+            plan::rope(
+                a("qkv"),
+                (a("cos"), a("sin")),
+                b * pos,
+                (48, pos, 16, 16),
+                hd,
             ),
-        );
-        let pairs = b * pos * 16 / 2;
-        emu.launch(
-            grid(pairs),
-            256,
-            &format!(
-                "rope_{sfx}(qkv.data(), cos.data(), sin.data(), {pairs}, 48, {pos}, 16, 16, {hd})"
-            ),
-        );
+        ];
+        for l in &launches {
+            emu.launch_plan(l, sfx);
+        }
         let got = emu.run(&format!("elementwise-{sfx}"));
         let shape = [b, n, c];
         let mut want = t(&x, &shape);
         cpu.gelu_tanh_(&mut want).unwrap();
         close("gelu_tanh", &got["gelu"], &want, tol);
-        close(
-            "silu",
-            &got["silu"],
-            &cpu.silu(&t(&x, &shape)).unwrap(),
-            tol,
-        );
+        let want = cpu.silu(&t(&x, &shape)).unwrap();
+        close("silu", &got["silu"], &want, tol);
+        close("silu on one block", &got["silu1"], &want, tol);
         let mut want = t(&x, &shape);
         cpu.add_gated_(&mut want, &t(&y, &shape), Some(&t(&g, &[b, c])))
             .unwrap();
@@ -142,29 +133,22 @@ fn emulated_norm_kernels_match_the_cpu_ops() {
         .input("weight", "float", &weight)
         .output("mod", "float", x.len())
         .output("ln", "float", x.len());
-    // per_row_config(rows): one block of 256 per row.
-    emu.launch(
-        b * n,
-        256,
-        &format!(
-            "layer_norm_modulate_f32(mod.data(), x.data(), shift.data(), scale.data(), {n}, {c}, 1e-6f)"
+    let a = |n: &str| emu.address(n);
+    let (rows, eps) = (b * n, 1e-6);
+    let launches = [
+        plan::layer_norm_modulate(
+            (a("mod"), a("x")),
+            (a("shift"), a("scale")),
+            rows,
+            (n, c),
+            eps,
         ),
-    )
-    .launch(
-        b * n,
-        256,
-        &format!("layer_norm_f32(ln.data(), x.data(), gamma.data(), beta.data(), {c}, 1e-6f)"),
-    );
-    // One warp per (row, head): warps = rows * groups, 256-thread blocks.
-    let warps = b * n * 4;
-    emu.launch(
-        (warps * 32).div_ceil(256),
-        256,
-        &format!(
-            "rms_norm_groups_f32(qkv.data(), {}, 480, 160, 160, 40, weight.data(), 1e-6f)",
-            b * n
-        ),
-    );
+        plan::layer_norm((a("ln"), a("x")), (a("gamma"), a("beta")), rows, c, eps),
+        plan::rms_norm_groups(a("qkv"), a("weight"), rows, (480, 160, 160), 40, eps),
+    ];
+    for l in &launches {
+        emu.launch_plan(l, "f32");
+    }
     let got = emu.run("norm");
     let xt = t(&x, &[b, n, c]);
     let want = cpu
@@ -201,18 +185,28 @@ fn emulated_row_attention_matches_the_cpu_attention() {
         .input("bias", "float", &bias)
         .output("out", "float", batch * sq * d)
         .output("lse", "float", batch * sq * heads);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let qv = format!("View{{{}, {d}, 0}}", sq * d);
-    let view = |col: usize| format!("View{{{}, {}, {col}}}", sk * 2 * d, 2 * d);
-    // One warp per (batch, head, query row), 4 per block, head_dim floats of shared memory each.
-    let rows = batch * heads * sq;
-    let call = format!(
-        "attention_f32(lse.data(), out.data(), q.data(), {qv}, kv.data(), {}, kv.data(), {}, \
-         bias.data(), {batch}, {heads}, {hd}, {sq}, {sk}, {scale:e}f)",
-        view(0),
-        view(d)
-    );
-    emu.launch(rows.div_ceil(4), 128, &call);
+    let layout = |batch_stride: usize, row_stride: usize, col_offset: usize| KernelView {
+        batch_stride: batch_stride as i64,
+        row_stride: row_stride as i64,
+        col_offset: col_offset as i64,
+    };
+    let args = plan::AttentionArgs {
+        lse: emu.address("lse"),
+        out: emu.address("out"),
+        q: (emu.address("q"), layout(sq * d, d, 0)),
+        k: (emu.address("kv"), layout(sk * 2 * d, 2 * d, 0)),
+        v: (emu.address("kv"), layout(sk * 2 * d, 2 * d, d)),
+        bias: emu.address("bias"),
+        batch,
+        heads,
+        head_dim: hd,
+        sq,
+        sk,
+    };
+    // f32: the row kernel whatever the GPU.
+    let l = plan::attention(&args, kernels::DType::F32, true);
+    assert_eq!(l.entry.base, "attention");
+    emu.launch_plan(&l, "f32");
     let got = emu.run("attention");
     let (want, wl) = common::cpu_buffer_attention(&q, &kv, Some(&bias), (batch, sq, sk, heads, hd));
     let want = t(&want, &[batch, sq, d]);
@@ -269,14 +263,15 @@ fn emulated_merge_kernel_matches_the_whole_attention() {
     emu.input("acc", "float", &f(&acc))
         .input("acc_lse", "float", &f(&acc_lse))
         .input("part", "float", &f(&part))
-        .input("part_lse", "float", &f(&part_lse))
-        .launch(
-            grid(rows),
-            256,
-            &format!(
-                "merge_attention_f32(acc.data(), acc_lse.data(), part.data(), part_lse.data(), {rows}, {hd})"
-            ),
-        );
+        .input("part_lse", "float", &f(&part_lse));
+    let a = |n: &str| emu.address(n);
+    let l = plan::merge_attention(
+        (a("acc"), a("acc_lse")),
+        (a("part"), a("part_lse")),
+        rows,
+        hd,
+    );
+    emu.launch_plan(&l, "f32");
     let got = emu.run("merge");
     close("merged attention", &got["acc"], &whole, 1e-5);
 }
@@ -299,33 +294,34 @@ fn emulated_image_kernels_match_the_cpu_ops() {
         .output("up", "float", x.len() * 4)
         .output("tr", "float", x.len())
         .output("cols", "float", p * k);
-    // One block of 256 per (batch, group); grid-stride elsewhere.
-    emu.launch(
-        b * groups,
-        256,
-        &format!(
-            "group_norm_f32(gn.data(), x.data(), gamma.data(), beta.data(), {c}, {groups}, {}, 1e-6f)",
-            h * w
+    let a = |n: &str| emu.address(n);
+    let geom = ConvGeom {
+        batch: b,
+        c_in: c,
+        h,
+        w,
+        c_out: o,
+        kh: kk,
+        kw: kk,
+        pad: 1,
+    };
+    // Image 1 of the batch: its byte offset, as conv2d adds it.
+    let image1 = a("x") + (c * h * w * 4) as u64;
+    let launches = [
+        plan::group_norm(
+            (a("gn"), a("x")),
+            (a("gamma"), a("beta")),
+            (b, groups),
+            (c, h * w),
+            1e-6,
         ),
-    )
-    .launch(
-        grid(x.len() * 4),
-        256,
-        &format!("upsample_nearest2x_f32(up.data(), x.data(), {}, {h}, {w})", b * c),
-    )
-    .launch(
-        grid(x.len()),
-        256,
-        &format!("transpose_last2_f32(tr.data(), x.data(), {}, {h}, {w})", b * c),
-    )
-    .launch(
-        grid(p * k),
-        256,
-        &format!(
-            "im2col_f32(cols.data(), x.data() + {}, {c}, {h}, {w}, {kk}, {kk}, 1, {h}, {w})",
-            c * h * w
-        ),
-    );
+        plan::upsample_nearest2x((a("up"), a("x")), b * c, (h, w)),
+        plan::transpose_last2((a("tr"), a("x")), (b * c, h, w)),
+        plan::im2col(a("cols"), image1, &geom),
+    ];
+    for l in &launches {
+        emu.launch_plan(l, "f32");
+    }
     let got = emu.run("image");
     let xt = t(&x, &[b, c, h, w]);
     let want = cpu

@@ -3,7 +3,8 @@
 //! transpose (shapes are checked by `Device` before these run).
 
 use super::device::CudaDevice;
-use super::launch::{self as k, elementwise_config, per_row_config, ptr_or_null, Param};
+use super::launch::ptr_or_null;
+use super::plan;
 use super::storage::CudaStorage;
 use crate::reference::ConvGeom;
 use crate::tensor::Storage;
@@ -29,19 +30,10 @@ impl CudaDevice {
             let (gg, bg) = (g.map(|t| t.ptr(s)), b.map(|t| t.ptr(s)));
             let (gp, bp) = (ptr_or_null(&gg), ptr_or_null(&bg));
             let (yp, _gy) = y.ptr_mut(s)?;
-            let params = [
-                Param::Ptr(yp),
-                Param::Ptr(xp),
-                Param::Ptr(gp),
-                Param::Ptr(bp),
-                Param::I32(channels as i32),
-                Param::I32(groups as i32),
-                Param::I64(spatial as i64),
-                Param::F32(eps),
-            ];
-            let cfg = per_row_config(blocks);
+            let shape = (channels, spatial);
+            let l = plan::group_norm((yp, xp), (gp, bp), (x.dim(0), groups), shape, eps);
             // SAFETY: one block per (batch, group) run of C / groups x spatial elements.
-            unsafe { self.launch(&k::GROUP_NORM, dtype, &params, cfg) }?;
+            unsafe { self.run(&l, dtype) }?;
         }
         Tensor::from_storage(Storage::Cuda(y), x.shape())
     }
@@ -58,22 +50,9 @@ impl CudaDevice {
             let s = self.stream();
             let (xp, _gx) = xs.ptr(s);
             let (yp, _gy) = y.ptr_mut(s)?;
-            let params = [
-                Param::Ptr(yp),
-                Param::Ptr(xp),
-                Param::I64((b * c) as i64),
-                Param::I32((h2 / 2) as i32),
-                Param::I32((w2 / 2) as i32),
-            ];
+            let l = plan::upsample_nearest2x((yp, xp), b * c, (h2 / 2, w2 / 2));
             // SAFETY: y holds planes x 2h x 2w, x planes x h x w.
-            unsafe {
-                self.launch(
-                    &k::UPSAMPLE_NEAREST2X,
-                    dtype,
-                    &params,
-                    elementwise_config(n),
-                )
-            }?;
+            unsafe { self.run(&l, dtype) }?;
         }
         Tensor::from_storage(Storage::Cuda(y), shape)
     }
@@ -93,15 +72,8 @@ impl CudaDevice {
             let s = self.stream();
             let (xp, _gx) = xs.ptr(s);
             let (yp, _gy) = y.ptr_mut(s)?;
-            let params = [
-                Param::Ptr(yp),
-                Param::Ptr(xp),
-                Param::I64(b as i64),
-                Param::I32(r as i32),
-                Param::I32(c as i32),
-            ];
             // SAFETY: both hold b x r x c elements.
-            unsafe { self.launch(&k::TRANSPOSE_LAST2, dtype, &params, elementwise_config(n)) }?;
+            unsafe { self.run(&plan::transpose_last2((yp, xp), (b, r, c)), dtype) }?;
         }
         Tensor::from_storage(Storage::Cuda(y), &[b, c, r])
     }
@@ -129,20 +101,9 @@ impl CudaDevice {
                 let (xp, _gx) = xs.ptr(s);
                 let (cp, _gc) = cols.ptr_mut(s)?;
                 let size = dtype.size_in_bytes() as u64;
-                let params = [
-                    Param::Ptr(cp),
-                    Param::Ptr(xp + (bi * image) as u64 * size),
-                    Param::I32(g.c_in as i32),
-                    Param::I32(g.h as i32),
-                    Param::I32(g.w as i32),
-                    Param::I32(g.kh as i32),
-                    Param::I32(g.kw as i32),
-                    Param::I32(g.pad as i32),
-                    Param::I32(g.h_out() as i32),
-                    Param::I32(g.w_out() as i32),
-                ];
+                let l = plan::im2col(cp, xp + (bi * image) as u64 * size, &g);
                 // SAFETY: x holds `batch` images of c_in x h x w; cols P x K.
-                unsafe { self.launch(&k::IM2COL, dtype, &params, elementwise_config(p * kk)) }?;
+                unsafe { self.run(&l, dtype) }?;
             }
             let cols = Tensor::from_storage(Storage::Cuda(cols), &[p, kk])?;
             let y = self.linear(&cols, &weight, bias, (p, kk, g.c_out), &[1, p, g.c_out])?;

@@ -215,9 +215,12 @@ pub const ENTRIES: &[Entry] = &[
 /// A strided view's layout as the attention kernel takes it (`struct View` in attention.cu).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct KernelView {
+pub struct KernelView {
+    /// Elements between batches.
     pub batch_stride: i64,
+    /// Elements between rows.
     pub row_stride: i64,
+    /// Offset of head 0 in a row.
     pub col_offset: i64,
 }
 
@@ -225,17 +228,23 @@ pub(crate) struct KernelView {
 unsafe impl cudarc::driver::DeviceRepr for KernelView {}
 
 /// One parameter value of a launch.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Param {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Param {
+    /// A device address (0: null).
     Ptr(u64),
+    /// `long`.
     I64(i64),
+    /// `int`.
     I32(i32),
+    /// `float`.
     F32(f32),
+    /// A strided view's layout.
     View(KernelView),
 }
 
 impl Param {
-    fn kind(&self) -> ParamKind {
+    /// Its kind, as a kernel declares it.
+    pub fn kind(&self) -> ParamKind {
         match self {
             Param::Ptr(_) => ParamKind::Ptr,
             Param::I64(_) => ParamKind::I64,
@@ -277,7 +286,7 @@ pub fn ptx_params(ptx: &str, name: &str) -> Option<Vec<String>> {
 }
 
 /// One block of 256 threads per row (norms: the block reduces its row together).
-pub(crate) fn per_row_config(rows: usize) -> LaunchConfig {
+pub fn per_row_config(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -291,7 +300,7 @@ pub(crate) fn ptr_or_null(p: &Option<(u64, cudarc::driver::SyncOnDrop<'_>)>) -> 
 }
 
 /// Grid-stride launch shape for `n` elements.
-pub(crate) fn elementwise_config(n: usize) -> LaunchConfig {
+pub fn elementwise_config(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -300,6 +309,16 @@ pub(crate) fn elementwise_config(n: usize) -> LaunchConfig {
 }
 
 impl CudaDevice {
+    /// Runs one planned launch (see [`super::plan`]) in `dtype`.
+    ///
+    /// # Safety
+    /// As [`CudaDevice::launch`]: the plan's addresses must be live device memory of this GPU
+    /// covering what the kernel touches, their guards kept until this returns.
+    pub(crate) unsafe fn run(&self, l: &super::plan::Launch, dtype: DType) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self.launch(&l.entry, dtype, &l.params, l.cfg) }
+    }
+
     /// Launches `entry`'s `dtype` entry point on this device's stream with `params`, after
     /// checking them against the entry's declaration.
     ///

@@ -19,6 +19,7 @@ mod device;
 mod image_ops;
 pub mod launch;
 mod ops;
+pub mod plan;
 mod storage;
 
 pub use device::{cuda_include_dir, CudaDevice};

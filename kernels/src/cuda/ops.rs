@@ -4,13 +4,10 @@
 //! GPU in that dtype. Attention's key bias and log-sum-exp are f32 whatever the dtype. Ops queue
 //! on the device's stream and return at once; a download (`Tensor::to_host`) waits for them.
 
-use cudarc::driver::LaunchConfig;
-
 use super::blas::linear_plan;
 use super::device::CudaDevice;
-use super::launch::{
-    self as k, elementwise_config, per_row_config, ptr_or_null, KernelView, Param,
-};
+use super::launch::{ptr_or_null, KernelView};
+use super::plan;
 use super::storage::CudaStorage;
 use crate::tensor::Storage;
 use crate::{AttnView, DType, KernelError, Result, Tensor};
@@ -152,21 +149,9 @@ impl CudaDevice {
         let n = x.elem_count();
         let xs = self.operand_mut(base, x)?;
         let (dtype, s) = (xs.dtype(), self.stream());
-        let entry = if base == "silu" {
-            k::SILU
-        } else {
-            k::GELU_TANH
-        };
         let (xp, _g) = xs.ptr_mut(s)?;
         // SAFETY: the kernel reads and writes the n elements of x.
-        unsafe {
-            self.launch(
-                &entry,
-                dtype,
-                &[Param::Ptr(xp), Param::I64(n as i64)],
-                elementwise_config(n),
-            )
-        }?;
+        unsafe { self.run(&plan::activation(base == "silu", xp, n), dtype) }?;
         Ok(())
     }
 
@@ -192,18 +177,9 @@ impl CudaDevice {
             let s = self.stream();
             let ((xp, _gx), (shp, _gs), (scp, _gc)) = (xs.ptr(s), sh.ptr(s), sc.ptr(s));
             let (yp, _gy) = y.ptr_mut(s)?;
-            let params = [
-                Param::Ptr(yp),
-                Param::Ptr(xp),
-                Param::Ptr(shp),
-                Param::Ptr(scp),
-                Param::I64(tokens as i64),
-                Param::I32(d as i32),
-                Param::F32(eps),
-            ];
-            let cfg = per_row_config(rows);
+            let l = plan::layer_norm_modulate((yp, xp), (shp, scp), rows, (tokens, d), eps);
             // SAFETY: one block per row of d elements; shift / scale are [B, d].
-            unsafe { self.launch(&k::LAYER_NORM_MODULATE, dtype, &params, cfg) }?;
+            unsafe { self.run(&l, dtype) }?;
         }
         Tensor::from_storage(Storage::Cuda(y), x.shape())
     }
@@ -226,17 +202,9 @@ impl CudaDevice {
             let (gg, bg) = (g.map(|t| t.ptr(s)), b.map(|t| t.ptr(s)));
             let (gp, bp) = (ptr_or_null(&gg), ptr_or_null(&bg));
             let (yp, _gy) = y.ptr_mut(s)?;
-            let params = [
-                Param::Ptr(yp),
-                Param::Ptr(xp),
-                Param::Ptr(gp),
-                Param::Ptr(bp),
-                Param::I32(d as i32),
-                Param::F32(eps),
-            ];
-            let cfg = per_row_config(rows);
+            let l = plan::layer_norm((yp, xp), (gp, bp), rows, d, eps);
             // SAFETY: one block per row of d elements; gamma / beta (or null) hold d.
-            unsafe { self.launch(&k::LAYER_NORM, dtype, &params, cfg) }?;
+            unsafe { self.run(&l, dtype) }?;
         }
         Tensor::from_storage(Storage::Cuda(y), x.shape())
     }
@@ -266,23 +234,9 @@ impl CudaDevice {
         let (pp, _gp) = ps.ptr(s);
         let (plp, _gpl) = pls.ptr(s);
         let (ap, _ga) = acs.ptr_mut(s)?;
-        let params = [
-            Param::Ptr(ap),
-            Param::Ptr(lp),
-            Param::Ptr(pp),
-            Param::Ptr(plp),
-            Param::I64(rows as i64),
-            Param::I32(head_dim as i32),
-        ];
+        let l = plan::merge_attention((ap, lp), (pp, plp), rows, head_dim);
         // SAFETY: acc / part hold rows x head_dim elements, the log-sum-exps `rows` f32.
-        unsafe {
-            self.launch(
-                &k::MERGE_ATTENTION,
-                dtype,
-                &params,
-                elementwise_config(rows),
-            )
-        }?;
+        unsafe { self.run(&l, dtype) }?;
         Ok(())
     }
 
@@ -307,23 +261,9 @@ impl CudaDevice {
         let s = self.stream();
         let (wp, _gw) = ws.ptr(s);
         let (xp, _gx) = xs.ptr_mut(s)?;
-        let params = [
-            Param::Ptr(xp),
-            Param::I64(rows as i64),
-            Param::I32(width as i32),
-            Param::I32(offset as i32),
-            Param::I32(cols as i32),
-            Param::I32(group as i32),
-            Param::Ptr(wp),
-            Param::F32(eps),
-        ];
-        let cfg = LaunchConfig {
-            grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let l = plan::rms_norm_groups(xp, wp, rows, (width, offset, cols), group, eps);
         // SAFETY: one warp per (row, group) inside the checked columns; weight has `group`.
-        unsafe { self.launch(&k::RMS_NORM_GROUPS, dtype, &params, cfg) }?;
+        unsafe { self.run(&l, dtype) }?;
         Ok(())
     }
 
@@ -351,16 +291,9 @@ impl CudaDevice {
         let g = gs.map(|g| g.ptr(s));
         let gp = ptr_or_null(&g);
         let (xp, _gx) = xs.ptr_mut(s)?;
-        let params = [
-            Param::Ptr(xp),
-            Param::Ptr(yp),
-            Param::Ptr(gp),
-            Param::I64(batch as i64),
-            Param::I64((n / (batch * d)) as i64),
-            Param::I64(d as i64),
-        ];
+        let l = plan::add_gated(xp, yp, gp, n, (batch, d));
         // SAFETY: x and y hold n elements, the gate (or null) B x d.
-        unsafe { self.launch(&k::ADD_GATED, dtype, &params, elementwise_config(n)) }?;
+        unsafe { self.run(&l, dtype) }?;
         Ok(())
     }
 
@@ -377,14 +310,8 @@ impl CudaDevice {
         let s = self.stream();
         let (yp, _gy) = ys.ptr(s);
         let (xp, _gx) = xs.ptr_mut(s)?;
-        let params = [
-            Param::Ptr(xp),
-            Param::Ptr(yp),
-            Param::I64(n as i64),
-            Param::I64(period as i64),
-        ];
         // SAFETY: x holds n elements, rows `period`.
-        unsafe { self.launch(&k::ADD_CYCLIC, dtype, &params, elementwise_config(n)) }?;
+        unsafe { self.run(&plan::add_cyclic(xp, yp, n, period), dtype) }?;
         Ok(())
     }
 
@@ -411,28 +338,19 @@ impl CudaDevice {
                 got: t.dtype(),
             });
         }
-        let pairs = x.elem_count() / width.max(1) * (cols / 2);
+        let rows = x.elem_count() / width.max(1);
         let xs = self.operand_mut(op, x)?;
         let dtype = xs.dtype();
-        if pairs == 0 {
+        if rows * (cols / 2) == 0 {
             return Ok(());
         }
         let s = self.stream();
         let ((cp, _gc), (sp, _gs)) = (tables[0].ptr(s), tables[1].ptr(s));
         let (xp, _gx) = xs.ptr_mut(s)?;
-        let params = [
-            Param::Ptr(xp),
-            Param::Ptr(cp),
-            Param::Ptr(sp),
-            Param::I64(pairs as i64),
-            Param::I32(width as i32),
-            Param::I32(positions as i32),
-            Param::I32(offset as i32),
-            Param::I32(cols as i32),
-            Param::I32(head_dim as i32),
-        ];
+        let geometry = (width, positions, offset, cols);
+        let l = plan::rope(xp, (cp, sp), rows, geometry, head_dim);
         // SAFETY: `Device::rope_` checked that the columns fit the rows and the heads the tables.
-        unsafe { self.launch(&k::ROPE, dtype, &params, elementwise_config(pairs)) }?;
+        unsafe { self.run(&l, dtype) }?;
         Ok(())
     }
 
@@ -494,58 +412,31 @@ impl CudaDevice {
             let l = lse.as_mut().map(|l| l.ptr_mut(stream)).transpose()?;
             let lp = ptr_or_null(&l);
             let (outp, _go) = out.ptr_mut(stream)?;
-            let view = |v: &AttnView<'_>| {
-                Param::View(KernelView {
+            let view = |p: u64, v: &AttnView<'_>| {
+                let layout = KernelView {
                     batch_stride: v.batch_stride as i64,
                     row_stride: v.row_stride as i64,
                     col_offset: v.col_offset as i64,
-                })
+                };
+                (p, layout)
             };
-            let mut params = vec![Param::Ptr(lp), Param::Ptr(outp), Param::Ptr(qp), view(&q)];
-            params.extend([
-                Param::Ptr(kp),
-                view(&k),
-                Param::Ptr(vp),
-                view(&v),
-                Param::Ptr(bp),
-            ]);
-            let flash = k::FLASH_ATTENTION
-                .iter()
-                .find(|(dp, _)| head_dim <= *dp)
-                .filter(|_| dtype != DType::F32 && self.tensor_core_attention());
-            let (entry, cfg) = match flash {
-                // One block of 4 warps per (batch, head, 64 query rows); static shared memory.
-                Some((_, entry)) => (
-                    entry,
-                    LaunchConfig {
-                        grid_dim: ((batch * heads * q.seq.div_ceil(64)) as u32, 1, 1),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: 0,
-                    },
-                ),
-                // One warp per (batch, head, query row), 4 warps per block, head_dim floats of
-                // shared memory per warp (the row kernel also takes the batch).
-                None => {
-                    params.push(Param::I32(batch as i32));
-                    let cfg = LaunchConfig {
-                        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: (4 * head_dim * 4) as u32,
-                    };
-                    (&k::ATTENTION, cfg)
-                }
+            let args = plan::AttentionArgs {
+                lse: lp,
+                out: outp,
+                q: view(qp, &q),
+                k: view(kp, &k),
+                v: view(vp, &v),
+                bias: bp,
+                batch,
+                heads,
+                head_dim,
+                sq: q.seq,
+                sk: k.seq,
             };
-            params.extend([
-                Param::I32(heads as i32),
-                Param::I32(head_dim as i32),
-                Param::I64(q.seq as i64),
-                Param::I64(k.seq as i64),
-                Param::F32(1.0 / (head_dim as f32).sqrt()),
-            ]);
+            let l = plan::attention(&args, dtype, self.tensor_core_attention());
             // SAFETY: every view was checked to lie inside its tensor, and either kernel reads
-            // only rows < sq / sk and columns < head_dim of each head; the launch shapes are the
-            // kernels' own (above).
-            unsafe { self.launch(entry, dtype, &params, cfg) }?;
+            // only rows < sq / sk and columns < head_dim of each head.
+            unsafe { self.run(&l, dtype) }?;
         }
         let out = Tensor::from_storage(Storage::Cuda(out), &[batch, q.seq, width])?;
         let lse = lse

@@ -179,6 +179,61 @@ impl Emu {
         self
     }
 
+    /// The device address a plan gives for buffer `name` (plus a byte offset added by the
+    /// caller): the buffer's number in the high 32 bits.
+    pub fn address(&self, name: &str) -> u64 {
+        let i = self.inputs.iter().position(|b| b.0 == name);
+        let o = self.outputs.iter().position(|b| b.0 == name);
+        match (i, o) {
+            (Some(i), _) => (i as u64 + 1) << 32,
+            (None, Some(o)) => (o as u64 + 1001) << 32,
+            _ => panic!("no buffer {name}"),
+        }
+    }
+
+    /// The buffer an address points into, as a C++ pointer expression.
+    fn pointer(&self, address: u64) -> String {
+        if address == 0 {
+            return "nullptr".into();
+        }
+        let (id, bytes) = ((address >> 32) as usize, (address & 0xffff_ffff) as usize);
+        let (name, ty) = match id {
+            1..=1000 => (&self.inputs[id - 1].0, &self.inputs[id - 1].1),
+            _ => (&self.outputs[id - 1001].0, &self.outputs[id - 1001].1),
+        };
+        let size = if ty == "float" { 4 } else { 2 };
+        assert_eq!(bytes % size, 0, "misaligned address into {name}");
+        format!("({name}.data() + {})", bytes / size)
+    }
+
+    /// Runs a launch as the CUDA ops plan it (`kernels::cuda::plan`), in `dtype` (`f32`, `bf16`,
+    /// `f16`), its addresses from [`Emu::address`].
+    #[cfg(feature = "cuda")]
+    pub fn launch_plan(&mut self, l: &kernels::cuda::plan::Launch, dtype: &str) -> &mut Self {
+        use kernels::cuda::launch::Param;
+        let args: Vec<String> = l
+            .params
+            .iter()
+            .map(|p| match p {
+                Param::Ptr(a) => self.pointer(*a),
+                Param::I64(v) => format!("{v}L"),
+                Param::I32(v) => format!("{v}"),
+                Param::F32(v) => format!("{v:e}f"),
+                Param::View(v) => format!(
+                    "View{{{}, {}, {}}}",
+                    v.batch_stride, v.row_stride, v.col_offset
+                ),
+            })
+            .collect();
+        let call = format!("{}_{dtype}({})", l.entry.base, args.join(", "));
+        let (grid, block) = (l.cfg.grid_dim.0 as usize, l.cfg.block_dim.0 as usize);
+        assert!(
+            l.cfg.shared_mem_bytes as usize <= 4 << 16,
+            "more dynamic shared memory than the emulator has"
+        );
+        self.launch(grid, block, &call)
+    }
+
     /// Compiles and runs the program; the inputs and outputs by name, as f32 (inputs as the
     /// kernels left them: in-place ops write them).
     pub fn run(&self, tag: &str) -> HashMap<String, Vec<f32>> {
