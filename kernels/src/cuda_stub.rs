@@ -38,6 +38,9 @@ impl CudaStorage {
     pub(crate) fn zeros_beside(&self, _dtype: DType, _len: usize) -> Result<CudaStorage> {
         match *self {}
     }
+    pub(crate) fn uninit_beside(&self, _dtype: DType, _len: usize) -> Result<CudaStorage> {
+        match *self {}
+    }
     pub(crate) fn copy_block_from(
         &mut self,
         _src: &CudaStorage,

@@ -247,6 +247,18 @@ impl Tensor {
         }
     }
 
+    /// A tensor of `shape` beside this one that the caller overwrites entirely (narrow, cat):
+    /// zeros on the host, uninitialised memory on a GPU (no memset).
+    fn overwritten_beside(&self, shape: &[usize]) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Cuda(s) => Ok(Tensor {
+                shape: shape.to_vec(),
+                storage: Storage::Cuda(s.uninit_beside(s.dtype(), shape.iter().product())?),
+            }),
+            Storage::Cpu(_) => self.zeros_beside(shape),
+        }
+    }
+
     /// Zeros of `shape` with this tensor's dtype, where this tensor is (host or its GPU).
     pub fn zeros_beside(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
@@ -279,7 +291,7 @@ impl Tensor {
         }
         let mut shape = self.shape.clone();
         shape[dim] = len;
-        let mut out = self.zeros_beside(&shape)?;
+        let mut out = self.overwritten_beside(&shape)?;
         out.copy_block(self, &BlockCopy::narrow(&self.shape, dim, start, len))?;
         Ok(out)
     }
@@ -306,7 +318,8 @@ impl Tensor {
         }
         let mut shape = first.shape.clone();
         shape[dim] = parts.iter().map(|p| p.shape[dim]).sum();
-        let mut out = first.zeros_beside(&shape)?;
+        // The parts cover every row of the result.
+        let mut out = first.overwritten_beside(&shape)?;
         let mut at = 0;
         for p in parts {
             out.copy_block(p, &BlockCopy::into_rows(&p.shape, &shape, dim, at))?;

@@ -1,6 +1,7 @@
 //! The VAE decoder's image ops on CUDA tensors (`image.cu`): GroupNorm, 2x nearest upsampling,
 //! the last-two-dimensions transpose, and stride-1 convolution as im2col + a cuBLASLt GEMM + a
-//! transpose (shapes are checked by `Device` before these run).
+//! transpose (shapes are checked by `Device` before these run). Every kernel here writes all of
+//! its output, which is therefore allocated uninitialised.
 
 use super::device::CudaDevice;
 use super::launch::ptr_or_null;
@@ -22,7 +23,7 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<Tensor> {
         let (xs, [g, b], dtype) = self.affine_operands("group_norm", x, gamma, beta)?;
-        let mut y = CudaStorage::zeros(self.stream(), dtype, x.elem_count())?;
+        let mut y = CudaStorage::uninit(self.stream(), dtype, x.elem_count())?;
         let blocks = x.dim(0) * groups;
         if blocks > 0 {
             let s = self.stream();
@@ -44,7 +45,7 @@ impl CudaDevice {
         let xs = self.operand(op, x)?;
         let [b, c, h2, w2] = *shape;
         let dtype = xs.dtype();
-        let mut y = CudaStorage::zeros(self.stream(), dtype, b * c * h2 * w2)?;
+        let mut y = CudaStorage::uninit(self.stream(), dtype, b * c * h2 * w2)?;
         let n = b * c * h2 * w2;
         if n > 0 {
             let s = self.stream();
@@ -67,7 +68,7 @@ impl CudaDevice {
         let xs = self.operand(op, x)?;
         let dtype = xs.dtype();
         let n = b * r * c;
-        let mut y = CudaStorage::zeros(self.stream(), dtype, n)?;
+        let mut y = CudaStorage::uninit(self.stream(), dtype, n)?;
         if n > 0 {
             let s = self.stream();
             let (xp, _gx) = xs.ptr(s);
@@ -95,7 +96,7 @@ impl CudaDevice {
         let image = g.c_in * g.h * g.w;
         let mut outs = Vec::with_capacity(g.batch);
         for bi in 0..g.batch {
-            let mut cols = CudaStorage::zeros(self.stream(), dtype, p * kk)?;
+            let mut cols = CudaStorage::uninit(self.stream(), dtype, p * kk)?;
             {
                 let s = self.stream();
                 let (xp, _gx) = xs.ptr(s);

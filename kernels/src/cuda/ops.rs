@@ -120,7 +120,11 @@ impl CudaDevice {
         let mut rest = vec![ws];
         rest.extend(bs);
         let dtype = Self::common_dtype(op, xs, &rest)?;
-        let mut y = CudaStorage::zeros(self.stream(), dtype, m * n)?;
+        // The GEMM (beta 0) writes all of Y; with no inputs (k = 0) Y is zeros.
+        let mut y = match k {
+            0 => CudaStorage::zeros(self.stream(), dtype, m * n)?,
+            _ => CudaStorage::uninit(self.stream(), dtype, m * n)?,
+        };
         if m * n > 0 && k > 0 {
             let s = self.stream();
             let (xp, _gx) = xs.ptr(s);
@@ -171,7 +175,8 @@ impl CudaDevice {
             self.operand(op, scale)?,
         );
         let dtype = Self::common_dtype(op, xs, &[sh, sc])?;
-        let mut y = CudaStorage::zeros(self.stream(), dtype, x.elem_count())?;
+        // The kernel writes every row (one block each).
+        let mut y = CudaStorage::uninit(self.stream(), dtype, x.elem_count())?;
         let rows = x.elem_count() / d;
         if rows > 0 {
             let s = self.stream();
@@ -194,7 +199,8 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<Tensor> {
         let (xs, [g, b], dtype) = self.affine_operands("layer_norm", x, gamma, beta)?;
-        let mut y = CudaStorage::zeros(self.stream(), dtype, x.elem_count())?;
+        // The kernel writes every row (one block each).
+        let mut y = CudaStorage::uninit(self.stream(), dtype, x.elem_count())?;
         let rows = x.elem_count() / d;
         if rows > 0 {
             let s = self.stream();
@@ -393,9 +399,10 @@ impl CudaDevice {
         let dtype = Self::common_dtype(op, qs, &[ks, vs])?;
         let bias = key_bias.map(|b| self.f32_operand(op, b)).transpose()?;
         let stream = self.stream();
-        let mut out = CudaStorage::zeros(stream, dtype, batch * q.seq * width)?;
+        // Either kernel writes every output row and log-sum-exp.
+        let mut out = CudaStorage::uninit(stream, dtype, batch * q.seq * width)?;
         let mut lse = if with_lse {
-            Some(CudaStorage::zeros(
+            Some(CudaStorage::uninit(
                 stream,
                 DType::F32,
                 batch * q.seq * heads,

@@ -59,6 +59,12 @@ impl CudaStorage {
         Self::zeros(self.bytes.stream(), dtype, len)
     }
 
+    /// `len` elements of `dtype` beside `self`, not initialised: for an output the caller
+    /// overwrites entirely before anything reads it (see [`CudaStorage::uninit`]).
+    pub(crate) fn uninit_beside(&self, dtype: DType, len: usize) -> Result<CudaStorage> {
+        Self::uninit(self.bytes.stream(), dtype, len)
+    }
+
     /// The block copy `copy` (elements, checked by the caller to fit both sides) from `src` on
     /// this GPU into `self`, one 2-D copy per batch on `self`'s stream.
     pub(crate) fn copy_block_from(&mut self, src: &CudaStorage, copy: &BlockCopy) -> Result<()> {
@@ -118,6 +124,26 @@ impl CudaStorage {
                 .map_err(|e| driver_error("copy_block", e))?;
         }
         Ok(())
+    }
+
+    /// `len` elements of `dtype` on the GPU of `stream`, not initialised (no memset): only for
+    /// an output that a kernel, GEMM (beta 0) or block copy writes entirely before anything reads
+    /// it. The emulated kernel tests poison such outputs with NaN, so a kernel that leaves an
+    /// element unwritten fails them.
+    pub(crate) fn uninit(
+        stream: &Arc<CudaStream>,
+        dtype: DType,
+        len: usize,
+    ) -> Result<CudaStorage> {
+        let n = (len * dtype.size_in_bytes()).max(1);
+        // SAFETY: the bytes are plain data (any bit pattern is a valid u8), and the callers write
+        // every element before reading (above).
+        let slice = unsafe { stream.alloc::<u8>(n) }.map_err(|e| driver_error("alloc", e))?;
+        Ok(CudaStorage {
+            bytes: Arc::new(slice),
+            dtype,
+            len,
+        })
     }
 
     /// `len` elements of `dtype`, zeroed, on the GPU of `stream`.

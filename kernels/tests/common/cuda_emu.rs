@@ -164,7 +164,8 @@ impl Emu {
         self
     }
 
-    /// A zeroed buffer `name` of `len` elements of `ty`, read back after the launches.
+    /// A buffer `name` of `len` elements of `ty`, read back after the launches: NaN until a
+    /// kernel writes it (an element a kernel leaves unwritten shows).
     pub fn output(&mut self, name: &str, ty: &str, len: usize) -> &mut Self {
         self.outputs.push((name.into(), ty.into(), len));
         self
@@ -247,7 +248,7 @@ impl Emu {
         }
         for (name, ty, len) in &self.outputs {
             main.push_str(&format!(
-                "    std::vector<{ty}> {name}({len}, from_f32<{ty}>(0.0f));\n"
+                "    std::vector<{ty}> {name}({len}, from_f32<{ty}>(NAN));\n"
             ));
         }
         main.push_str(&self.body);
