@@ -56,8 +56,8 @@ pub(crate) struct ClusterArgs {
     /// cores / N].
     #[arg(long, value_name = "T", value_parser = thread_count)]
     threads: Option<usize>,
-    /// Where a local cluster's devices run: `cpu`, or `cuda` (GPU i for device i; DiT and
-    /// PixArt stages; a machine without a driver or GPU, or a build without the `cuda`
+    /// Where a local cluster's devices run: `cpu`, or `cuda` (GPU i for device i; DiT, PixArt,
+    /// SD3 and Flux stages; a machine without a driver or GPU, or a build without the `cuda`
     /// feature, ends with an error saying which). Not with --topology (its devices say it).
     #[arg(long, value_name = "KIND", default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
