@@ -10,7 +10,12 @@
 //! form: 2e-6; GEMMs in f32 compute, no TF32), bf16 1e-2, f16 2e-3 (the output's own rounding
 //! and f32 accumulation in another order).
 
+#[path = "shared/guarded.rs"]
+mod guarded;
+
 use std::process::ExitCode;
+
+use guarded::guarded;
 
 use kernels::{AttnView, DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -75,6 +80,246 @@ fn pair(t: &Tensor, dtype: DType, gpu: &Device) -> Result<(Tensor, Tensor), Stri
     Ok((host, dev))
 }
 
+/// Token rows of the element-wise and norm checks: batch, tokens, channels (DiT-XL/2's width).
+const TOKENS: (usize, usize, usize) = (2, 300, 1152);
+
+/// What every section works with: the GPU (or the stand-in CPU), the CPU reference, the dtype.
+struct Ctx {
+    gpu: Device,
+    cpu: Device,
+    dtype: DType,
+}
+
+fn s(e: kernels::KernelError) -> String {
+    e.to_string()
+}
+
+/// GELU, SiLU (and copy on write), the gated residual.
+fn elementwise(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
+    let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
+    // Element-wise ops.
+    let (x, dx) = pair(&random(&[1 << 20], 1), dtype, gpu)?;
+    let mut want = x.clone();
+    cpu.gelu_tanh_(&mut want).map_err(s)?;
+    let mut got = dx.clone();
+    gpu.gelu_tanh_(&mut got).map_err(s)?;
+    checks.compare("gelu_tanh", dtype, &got, &want)?;
+    let want = cpu.silu(&x).map_err(s)?;
+    checks.compare("silu", dtype, &gpu.silu(&dx).map_err(s)?, &want)?;
+    // The input must be unchanged (copy on write of a shared buffer).
+    checks.compare("copy on write", dtype, &dx, &x)?;
+
+    let (b, n, c) = TOKENS;
+    let (x, dx) = pair(&random(&[b, n, c], 2), dtype, gpu)?;
+    let (y, dy) = pair(&random(&[b, n, c], 3), dtype, gpu)?;
+    let (g, dg) = pair(&random(&[b, c], 4), dtype, gpu)?;
+    let (mut want, mut got) = (x.clone(), dx.clone());
+    cpu.add_gated_(&mut want, &y, Some(&g)).map_err(s)?;
+    gpu.add_gated_(&mut got, &dy, Some(&dg)).map_err(s)?;
+    checks.compare("add_gated", dtype, &got, &want)?;
+    Ok(())
+}
+/// LayerNorm (modulated, affine), periodic adds, narrow, embedding rows, cat.
+fn norms_and_copies(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
+    let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
+    let (b, n, c) = TOKENS;
+    let (x, dx) = pair(&random(&[b, n, c], 2), dtype, gpu)?;
+    let (y, dy) = pair(&random(&[b, n, c], 3), dtype, gpu)?;
+    let (g, dg) = pair(&random(&[b, c], 4), dtype, gpu)?;
+    // LayerNorm + adaLN modulation.
+    let (sh, dsh) = pair(&random(&[b, c], 6), dtype, gpu)?;
+    let want = cpu.layer_norm_modulate(&x, &sh, &g, 1e-6).map_err(s)?;
+    let got = gpu.layer_norm_modulate(&dx, &dsh, &dg, 1e-6).map_err(s)?;
+    checks.compare("layer_norm_modulate", dtype, &got, &want)?;
+
+    // LayerNorm with affine weights, and a [n, d] block added to every batch row.
+    let (gm, dgm) = pair(&random(&[c], 16), dtype, gpu)?;
+    let (bt, dbt) = pair(&random(&[c], 17), dtype, gpu)?;
+    let want = cpu.layer_norm(&x, Some(&gm), Some(&bt), 1e-6).map_err(s)?;
+    let got = gpu
+        .layer_norm(&dx, Some(&dgm), Some(&dbt), 1e-6)
+        .map_err(s)?;
+    checks.compare("layer_norm affine", dtype, &got, &want)?;
+    let (rows, drows) = (
+        y.narrow(0, 0, 1).map_err(s)?,
+        dy.narrow(0, 0, 1).map_err(s)?,
+    );
+    let rows = rows.reshape(&[n, c]).map_err(s)?;
+    let drows = drows.reshape(&[n, c]).map_err(s)?;
+    let (mut want, mut got) = (x.clone(), dx.clone());
+    cpu.add_broadcast_(&mut want, &rows).map_err(s)?;
+    gpu.add_broadcast_(&mut got, &drows).map_err(s)?;
+    checks.compare("add_broadcast (and narrow on the GPU)", dtype, &got, &want)?;
+    // Rows of a table by id, and a concatenation.
+    let want = cpu
+        .embedding(&x.clone().reshape(&[b * n, c]).map_err(s)?, &[5, 0, 599, 5])
+        .map_err(s)?;
+    let got = gpu
+        .embedding(
+            &dx.clone().reshape(&[b * n, c]).map_err(s)?,
+            &[5, 0, 599, 5],
+        )
+        .map_err(s)?;
+    checks.compare("embedding (row copies)", dtype, &got, &want)?;
+    let want = Tensor::cat(&[&x, &y], 2).map_err(s)?;
+    let got = Tensor::cat(&[&dx, &dy], 2).map_err(s)?;
+    checks.compare("cat on the GPU", dtype, &got, &want)?;
+    Ok(())
+}
+/// The VAE decoder's ops.
+fn image_ops(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
+    let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
+    // The VAE's image ops: GroupNorm, upsampling, transpose, a padded 3x3 conv (im2col).
+    let (img, dimg) = pair(&random(&[2, 32, 12, 10], 18), dtype, gpu)?;
+    let (gw, dgw) = pair(&random(&[32], 19), dtype, gpu)?;
+    let want = cpu
+        .group_norm(&img, 8, Some(&gw), Some(&gw), 1e-6)
+        .map_err(s)?;
+    let got = gpu
+        .group_norm(&dimg, 8, Some(&dgw), Some(&dgw), 1e-6)
+        .map_err(s)?;
+    checks.compare("group_norm", dtype, &got, &want)?;
+    let want = cpu.upsample_nearest2x(&img).map_err(s)?;
+    checks.compare(
+        "upsample_nearest2x",
+        dtype,
+        &gpu.upsample_nearest2x(&dimg).map_err(s)?,
+        &want,
+    )?;
+    let flat = |t: &Tensor| t.clone().reshape(&[2, 32, 120]);
+    let want = cpu.transpose_last2(&flat(&img).map_err(s)?).map_err(s)?;
+    let got = gpu.transpose_last2(&flat(&dimg).map_err(s)?).map_err(s)?;
+    checks.compare("transpose_last2", dtype, &got, &want)?;
+    let (cw, dcw) = pair(&random(&[16, 32, 3, 3], 20), dtype, gpu)?;
+    let (cb, dcb) = pair(&random(&[16], 21), dtype, gpu)?;
+    let want = cpu.conv2d(&img, &cw, Some(&cb), 1).map_err(s)?;
+    let got = gpu.conv2d(&dimg, &dcw, Some(&dcb), 1).map_err(s)?;
+    checks.compare("conv2d 3x3 pad 1", dtype, &got, &want)?;
+    Ok(())
+}
+/// Per-head RMS norm and the rotary embedding on a fused QKV.
+fn qkv_ops(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
+    let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
+    let (b, n, _) = TOKENS;
+    // Per-head RMS norm of the keys of a fused QKV (columns c..2c, heads of 64).
+    let (qkv, dqkv) = pair(&random(&[b, n, 3 * 256], 11), dtype, gpu)?;
+    let (w, dw) = pair(&random(&[64], 12), dtype, gpu)?;
+    let (mut want, mut got) = (qkv.clone(), dqkv.clone());
+    cpu.rms_norm_groups_(&mut want, 256, 256, &w, 1e-6)
+        .map_err(s)?;
+    gpu.rms_norm_groups_(&mut got, 256, 256, &dw, 1e-6)
+        .map_err(s)?;
+    checks.compare("rms_norm_groups", dtype, &got, &want)?;
+
+    // Rotary embedding of the keys of the same QKV (heads of 64, f32 tables, 300 positions).
+    let (cos, sin) = (random(&[n, 64], 13), random(&[n, 64], 14));
+    let (mut want, mut got) = (qkv.clone(), dqkv.clone());
+    cpu.rope_(&mut want, 256, 256, &cos, &sin).map_err(s)?;
+    gpu.rope_(&mut got, 256, 256, &cos, &sin).map_err(s)?;
+    checks.compare("rope", dtype, &got, &want)?;
+    Ok(())
+}
+/// cuBLASLt GEMMs.
+fn linear(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
+    let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
+    // Linear layers of DiT-XL/2's shapes (fc1 with bias; qkv without).
+    for (name, (m, k, nn), bias) in [
+        ("linear fc1", (512, 1152, 4608), true),
+        ("linear qkv", (300, 1152, 3456), false),
+    ] {
+        let (x, dx) = pair(&random(&[1, m, k], 13), dtype, gpu)?;
+        let (w, dw) = pair(&random(&[nn, k], 14), dtype, gpu)?;
+        let (bb, dbb) = pair(&random(&[nn], 15), dtype, gpu)?;
+        let want = cpu.linear(&x, &w, bias.then_some(&bb)).map_err(s)?;
+        let got = gpu.linear(&dx, &dw, bias.then_some(&dbb)).map_err(s)?;
+        checks.compare(name, dtype, &got, &want)?;
+    }
+    Ok(())
+}
+/// Attention (row and tensor-core kernels), the log-sum-exp, Ring's merge.
+fn attention(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
+    let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
+    let (b, _, _) = TOKENS;
+    // Attention: queries, keys and values as column views of one fused QKV (head dim 72,
+    // PixArt's), a key bias masking some keys, and the log-sum-exp.
+    let (heads, hd, seq) = (4, 72, 300);
+    let (qkv, dqkv) = pair(&random(&[b, seq, 3 * heads * hd], 8), dtype, gpu)?;
+    let bias: Vec<f32> = (0..b * seq)
+        .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
+        .collect();
+    let bias = Tensor::from_vec(bias, &[b, seq]).map_err(s)?;
+    let dbias = bias.to_device(gpu).map_err(s)?;
+    let views = |t| -> Result<_, String> {
+        Ok((
+            AttnView::of(t, 0).map_err(s)?,
+            AttnView::of(t, heads * hd).map_err(s)?,
+            AttnView::of(t, 2 * heads * hd).map_err(s)?,
+        ))
+    };
+    let (q, k, v) = views(&qkv)?;
+    let (want, want_lse) = cpu
+        .attention_with_lse(q, k, v, Some(&bias), b, heads, hd)
+        .map_err(s)?;
+    let (q, k, v) = views(&dqkv)?;
+    let (got, got_lse) = gpu
+        .attention_with_lse(q, k, v, Some(&dbias), b, heads, hd)
+        .map_err(s)?;
+    checks.compare("attention", dtype, &got, &want)?;
+    // Ring attention: two key blocks attended separately and merged equal the whole.
+    let split = |t: &Tensor, r: std::ops::Range<usize>| t.narrow(1, r.start, r.len());
+    let (kv1, kv2) = (
+        split(&dqkv, 0..120).map_err(s)?,
+        split(&dqkv, 120..seq).map_err(s)?,
+    );
+    let (b1, b2) = (
+        dbias.narrow(1, 0, 120).map_err(s)?,
+        dbias.narrow(1, 120, seq - 120).map_err(s)?,
+    );
+    let (q, _, _) = views(&dqkv)?;
+    let (_, k1, v1) = views(&kv1)?;
+    let (_, k2, v2) = views(&kv2)?;
+    let (mut acc, mut acc_lse) = gpu
+        .attention_with_lse(q, k1, v1, Some(&b1), b, heads, hd)
+        .map_err(s)?;
+    let (part, part_lse) = gpu
+        .attention_with_lse(q, k2, v2, Some(&b2), b, heads, hd)
+        .map_err(s)?;
+    gpu.merge_attention_(&mut acc, &mut acc_lse, &part, &part_lse, heads)
+        .map_err(s)?;
+    checks.compare("ring merge (narrow on the GPU)", dtype, &acc, &want)?;
+
+    // SD3's and Flux's head dims (64, 128) over several query and key tiles, no bias (bf16 /
+    // f16: the tensor-core kernel's d64 and d128 instantiations).
+    for hd in [64, 128] {
+        let (qkv, dqkv) = pair(&random(&[1, 1000, 3 * 2 * hd], 16), dtype, gpu)?;
+        let at = |c: usize| AttnView::of(&qkv, c * 2 * hd).map_err(s);
+        let want = cpu
+            .attention(at(0)?, at(1)?, at(2)?, None, 1, 2, hd)
+            .map_err(s)?;
+        let at = |c: usize| AttnView::of(&dqkv, c * 2 * hd).map_err(s);
+        let got = gpu
+            .attention(at(0)?, at(1)?, at(2)?, None, 1, 2, hd)
+            .map_err(s)?;
+        checks.compare(&format!("attention head_dim {hd}"), dtype, &got, &want)?;
+    }
+
+    // The log-sum-exp is f32 whatever the inputs' dtype.
+    let name = format!("attention lse, {dtype} inputs");
+    checks.compare(&name, DType::F32, &got_lse, &want_lse)?;
+    Ok(())
+}
+/// The sections, run for each dtype; one that fails (an error, or a panic) is reported and the
+/// rest still run, so one GPU session learns as much as it can.
+type Section = fn(&Ctx, &mut Checks) -> Result<(), String>;
+const SECTIONS: &[(&str, Section)] = &[
+    ("elementwise", elementwise),
+    ("norms and copies", norms_and_copies),
+    ("image ops", image_ops),
+    ("qkv ops", qkv_ops),
+    ("linear", linear),
+    ("attention", attention),
+];
+
 fn run() -> Result<bool, String> {
     for d in kernels::cuda_devices().unwrap_or_default() {
         println!(
@@ -92,198 +337,24 @@ fn run() -> Result<bool, String> {
         true => Device::cpu(2),
         false => Device::cuda(0),
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(s)?;
     let dtypes: &[DType] = match on_cpu {
         true => &[DType::F32],
         false => &[DType::F32, DType::BF16, DType::F16],
     };
-    let cpu = Device::cpu(4).map_err(|e| e.to_string())?;
     let mut checks = Checks { failed: false };
-    let s = |e: kernels::KernelError| e.to_string();
     for &dtype in dtypes {
-        // Element-wise ops.
-        let (x, dx) = pair(&random(&[1 << 20], 1), dtype, &gpu)?;
-        let mut want = x.clone();
-        cpu.gelu_tanh_(&mut want).map_err(s)?;
-        let mut got = dx.clone();
-        gpu.gelu_tanh_(&mut got).map_err(s)?;
-        checks.compare("gelu_tanh", dtype, &got, &want)?;
-        let want = cpu.silu(&x).map_err(s)?;
-        checks.compare("silu", dtype, &gpu.silu(&dx).map_err(s)?, &want)?;
-        // The input must be unchanged (copy on write of a shared buffer).
-        checks.compare("copy on write", dtype, &dx, &x)?;
-
-        let (b, n, c) = (2, 300, 1152);
-        let (x, dx) = pair(&random(&[b, n, c], 2), dtype, &gpu)?;
-        let (y, dy) = pair(&random(&[b, n, c], 3), dtype, &gpu)?;
-        let (g, dg) = pair(&random(&[b, c], 4), dtype, &gpu)?;
-        let (mut want, mut got) = (x.clone(), dx.clone());
-        cpu.add_gated_(&mut want, &y, Some(&g)).map_err(s)?;
-        gpu.add_gated_(&mut got, &dy, Some(&dg)).map_err(s)?;
-        checks.compare("add_gated", dtype, &got, &want)?;
-
-        // LayerNorm + adaLN modulation.
-        let (sh, dsh) = pair(&random(&[b, c], 6), dtype, &gpu)?;
-        let want = cpu.layer_norm_modulate(&x, &sh, &g, 1e-6).map_err(s)?;
-        let got = gpu.layer_norm_modulate(&dx, &dsh, &dg, 1e-6).map_err(s)?;
-        checks.compare("layer_norm_modulate", dtype, &got, &want)?;
-
-        // LayerNorm with affine weights, and a [n, d] block added to every batch row.
-        let (gm, dgm) = pair(&random(&[c], 16), dtype, &gpu)?;
-        let (bt, dbt) = pair(&random(&[c], 17), dtype, &gpu)?;
-        let want = cpu.layer_norm(&x, Some(&gm), Some(&bt), 1e-6).map_err(s)?;
-        let got = gpu
-            .layer_norm(&dx, Some(&dgm), Some(&dbt), 1e-6)
-            .map_err(s)?;
-        checks.compare("layer_norm affine", dtype, &got, &want)?;
-        let (rows, drows) = (
-            y.narrow(0, 0, 1).map_err(s)?,
-            dy.narrow(0, 0, 1).map_err(s)?,
-        );
-        let rows = rows.reshape(&[n, c]).map_err(s)?;
-        let drows = drows.reshape(&[n, c]).map_err(s)?;
-        let (mut want, mut got) = (x.clone(), dx.clone());
-        cpu.add_broadcast_(&mut want, &rows).map_err(s)?;
-        gpu.add_broadcast_(&mut got, &drows).map_err(s)?;
-        checks.compare("add_broadcast (and narrow on the GPU)", dtype, &got, &want)?;
-        // Rows of a table by id, and a concatenation.
-        let want = cpu
-            .embedding(&x.clone().reshape(&[b * n, c]).map_err(s)?, &[5, 0, 599, 5])
-            .map_err(s)?;
-        let got = gpu
-            .embedding(
-                &dx.clone().reshape(&[b * n, c]).map_err(s)?,
-                &[5, 0, 599, 5],
-            )
-            .map_err(s)?;
-        checks.compare("embedding (row copies)", dtype, &got, &want)?;
-        let want = Tensor::cat(&[&x, &y], 2).map_err(s)?;
-        let got = Tensor::cat(&[&dx, &dy], 2).map_err(s)?;
-        checks.compare("cat on the GPU", dtype, &got, &want)?;
-
-        // The VAE's image ops: GroupNorm, upsampling, transpose, a padded 3x3 conv (im2col).
-        let (img, dimg) = pair(&random(&[2, 32, 12, 10], 18), dtype, &gpu)?;
-        let (gw, dgw) = pair(&random(&[32], 19), dtype, &gpu)?;
-        let want = cpu
-            .group_norm(&img, 8, Some(&gw), Some(&gw), 1e-6)
-            .map_err(s)?;
-        let got = gpu
-            .group_norm(&dimg, 8, Some(&dgw), Some(&dgw), 1e-6)
-            .map_err(s)?;
-        checks.compare("group_norm", dtype, &got, &want)?;
-        let want = cpu.upsample_nearest2x(&img).map_err(s)?;
-        checks.compare(
-            "upsample_nearest2x",
+        let ctx = Ctx {
+            gpu: gpu.clone().with_compute_dtype(dtype),
+            cpu: Device::cpu(4).map_err(s)?,
             dtype,
-            &gpu.upsample_nearest2x(&dimg).map_err(s)?,
-            &want,
-        )?;
-        let flat = |t: &Tensor| t.clone().reshape(&[2, 32, 120]);
-        let want = cpu.transpose_last2(&flat(&img).map_err(s)?).map_err(s)?;
-        let got = gpu.transpose_last2(&flat(&dimg).map_err(s)?).map_err(s)?;
-        checks.compare("transpose_last2", dtype, &got, &want)?;
-        let (cw, dcw) = pair(&random(&[16, 32, 3, 3], 20), dtype, &gpu)?;
-        let (cb, dcb) = pair(&random(&[16], 21), dtype, &gpu)?;
-        let want = cpu.conv2d(&img, &cw, Some(&cb), 1).map_err(s)?;
-        let got = gpu.conv2d(&dimg, &dcw, Some(&dcb), 1).map_err(s)?;
-        checks.compare("conv2d 3x3 pad 1", dtype, &got, &want)?;
-
-        // Per-head RMS norm of the keys of a fused QKV (columns c..2c, heads of 64).
-        let (qkv, dqkv) = pair(&random(&[b, n, 3 * 256], 11), dtype, &gpu)?;
-        let (w, dw) = pair(&random(&[64], 12), dtype, &gpu)?;
-        let (mut want, mut got) = (qkv.clone(), dqkv.clone());
-        cpu.rms_norm_groups_(&mut want, 256, 256, &w, 1e-6)
-            .map_err(s)?;
-        gpu.rms_norm_groups_(&mut got, 256, 256, &dw, 1e-6)
-            .map_err(s)?;
-        checks.compare("rms_norm_groups", dtype, &got, &want)?;
-
-        // Rotary embedding of the keys of the same QKV (heads of 64, f32 tables, 300 positions).
-        let (cos, sin) = (random(&[n, 64], 13), random(&[n, 64], 14));
-        let (mut want, mut got) = (qkv.clone(), dqkv.clone());
-        cpu.rope_(&mut want, 256, 256, &cos, &sin).map_err(s)?;
-        gpu.rope_(&mut got, 256, 256, &cos, &sin).map_err(s)?;
-        checks.compare("rope", dtype, &got, &want)?;
-
-        // Linear layers of DiT-XL/2's shapes (fc1 with bias; qkv without).
-        for (name, (m, k, nn), bias) in [
-            ("linear fc1", (512, 1152, 4608), true),
-            ("linear qkv", (300, 1152, 3456), false),
-        ] {
-            let (x, dx) = pair(&random(&[1, m, k], 13), dtype, &gpu)?;
-            let (w, dw) = pair(&random(&[nn, k], 14), dtype, &gpu)?;
-            let (bb, dbb) = pair(&random(&[nn], 15), dtype, &gpu)?;
-            let want = cpu.linear(&x, &w, bias.then_some(&bb)).map_err(s)?;
-            let got = gpu.linear(&dx, &dw, bias.then_some(&dbb)).map_err(s)?;
-            checks.compare(name, dtype, &got, &want)?;
-        }
-
-        // Attention: queries, keys and values as column views of one fused QKV (head dim 72,
-        // PixArt's), a key bias masking some keys, and the log-sum-exp.
-        let (heads, hd, seq) = (4, 72, 300);
-        let (qkv, dqkv) = pair(&random(&[b, seq, 3 * heads * hd], 8), dtype, &gpu)?;
-        let bias: Vec<f32> = (0..b * seq)
-            .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
-            .collect();
-        let bias = Tensor::from_vec(bias, &[b, seq]).map_err(s)?;
-        let dbias = bias.to_device(&gpu).map_err(s)?;
-        let views = |t| -> Result<_, String> {
-            Ok((
-                AttnView::of(t, 0).map_err(s)?,
-                AttnView::of(t, heads * hd).map_err(s)?,
-                AttnView::of(t, 2 * heads * hd).map_err(s)?,
-            ))
         };
-        let (q, k, v) = views(&qkv)?;
-        let (want, want_lse) = cpu
-            .attention_with_lse(q, k, v, Some(&bias), b, heads, hd)
-            .map_err(s)?;
-        let (q, k, v) = views(&dqkv)?;
-        let (got, got_lse) = gpu
-            .attention_with_lse(q, k, v, Some(&dbias), b, heads, hd)
-            .map_err(s)?;
-        checks.compare("attention", dtype, &got, &want)?;
-        // Ring attention: two key blocks attended separately and merged equal the whole.
-        let split = |t: &Tensor, r: std::ops::Range<usize>| t.narrow(1, r.start, r.len());
-        let (kv1, kv2) = (
-            split(&dqkv, 0..120).map_err(s)?,
-            split(&dqkv, 120..seq).map_err(s)?,
-        );
-        let (b1, b2) = (
-            dbias.narrow(1, 0, 120).map_err(s)?,
-            dbias.narrow(1, 120, seq - 120).map_err(s)?,
-        );
-        let (q, _, _) = views(&dqkv)?;
-        let (_, k1, v1) = views(&kv1)?;
-        let (_, k2, v2) = views(&kv2)?;
-        let (mut acc, mut acc_lse) = gpu
-            .attention_with_lse(q, k1, v1, Some(&b1), b, heads, hd)
-            .map_err(s)?;
-        let (part, part_lse) = gpu
-            .attention_with_lse(q, k2, v2, Some(&b2), b, heads, hd)
-            .map_err(s)?;
-        gpu.merge_attention_(&mut acc, &mut acc_lse, &part, &part_lse, heads)
-            .map_err(s)?;
-        checks.compare("ring merge (narrow on the GPU)", dtype, &acc, &want)?;
-
-        // SD3's and Flux's head dims (64, 128) over several query and key tiles, no bias (bf16 /
-        // f16: the tensor-core kernel's d64 and d128 instantiations).
-        for hd in [64, 128] {
-            let (qkv, dqkv) = pair(&random(&[1, 1000, 3 * 2 * hd], 16), dtype, &gpu)?;
-            let at = |c: usize| AttnView::of(&qkv, c * 2 * hd).map_err(s);
-            let want = cpu
-                .attention(at(0)?, at(1)?, at(2)?, None, 1, 2, hd)
-                .map_err(s)?;
-            let at = |c: usize| AttnView::of(&dqkv, c * 2 * hd).map_err(s);
-            let got = gpu
-                .attention(at(0)?, at(1)?, at(2)?, None, 1, 2, hd)
-                .map_err(s)?;
-            checks.compare(&format!("attention head_dim {hd}"), dtype, &got, &want)?;
+        for (name, section) in SECTIONS {
+            let label = format!("\"check\":\"{name}\",\"dtype\":\"{dtype}\"");
+            if !guarded(&label, || section(&ctx, &mut checks)) {
+                checks.failed = true;
+            }
         }
-
-        // The log-sum-exp is f32 whatever the inputs' dtype.
-        let name = format!("attention lse, {dtype} inputs");
-        checks.compare(&name, DType::F32, &got_lse, &want_lse)?;
     }
     Ok(!checks.failed)
 }
