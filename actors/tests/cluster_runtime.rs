@@ -284,17 +284,19 @@ async fn a_device_actor_that_dies_fails_the_request_and_the_cluster_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wedged_device_is_named_by_its_compute_watchdog() {
+    // Timeouts far above a tiny model's step (milliseconds) even on a loaded machine, and a
+    // hang far above the timeouts: only the injected hang can trip them.
     let opts = ClusterOptions {
-        stall_timeout: Duration::from_millis(800),
-        compute_timeout: Duration::from_millis(300),
+        stall_timeout: Duration::from_millis(2500),
+        compute_timeout: Duration::from_millis(1500),
         ..ClusterOptions::default()
     };
     let hang = Fault::HangAt {
         device: 1,
         step: 2,
-        secs: 1,
+        secs: 4,
     };
-    let e = failing_run(hang, opts, Duration::from_millis(1200)).await;
+    let e = failing_run(hang, opts, Duration::from_millis(4500)).await;
     let msg = e.to_string();
     eprintln!("{msg}");
     assert!(
@@ -306,13 +308,14 @@ async fn a_wedged_device_is_named_by_its_compute_watchdog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_left_waiting_is_detected_by_the_stall_timer() {
     // The stall timer alone (a huge compute timeout): a wedged device 0 leaves device 1 waiting.
+    // A stall timeout far above a tiny model's step even on a loaded machine, a hang above it.
     let opts = ClusterOptions {
-        stall_timeout: Duration::from_millis(300),
+        stall_timeout: Duration::from_millis(1500),
         compute_timeout: Duration::from_secs(30),
         fault: Some(Fault::HangAt {
             device: 0,
             step: 2,
-            secs: 1,
+            secs: 4,
         }),
         ..ClusterOptions::default()
     };
