@@ -12,36 +12,8 @@ mod cluster_common;
 mod common;
 mod http_common;
 
-use cluster_common::{cluster, spawn_node, until_device_runs, wait_for_socket, Proc};
+use cluster_common::{cluster, serve_n0, spawn_node, until_device_runs};
 use common::bin;
-
-/// `launch --node n0 --serve --socket S` on `topo` with `PIPEFUSE_FAULT=fault`, once listening.
-fn serve_n0(topo: &Path, socket: &Path, fault: &str, log: &Path) -> Proc {
-    let mut n0 = Proc(
-        Command::new(bin())
-            .args([
-                "launch",
-                "--topology",
-                topo.to_str().unwrap(),
-                "--node",
-                "n0",
-            ])
-            .args([
-                "--join-timeout",
-                "15",
-                "--serve",
-                "--socket",
-                socket.to_str().unwrap(),
-            ])
-            .env("PIPEFUSE_FAULT", fault)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_socket(socket, &mut n0);
-    n0
-}
 
 /// Runs an attached request; calls `at_step_10` once its 10th step is reported. Returns
 /// (success, everything the client printed).

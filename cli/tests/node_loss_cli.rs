@@ -15,7 +15,7 @@ mod cluster_common;
 mod common;
 mod http_common;
 
-use cluster_common::{cluster, http_base, spawn_node, until_device_runs, wait_for_socket};
+use cluster_common::{cluster, http_base, serve_n0, spawn_node, until_device_runs};
 use common::{bin, read_f32, rel_l2};
 
 /// `generate --attach SOCKET args`, run to the end: (success, stderr).
@@ -48,27 +48,8 @@ fn a_request_survives_kill_9_of_a_node_and_the_node_rejoins() {
     let socket = dir.join("s.sock");
     let mut n1 = spawn_node(&topo, "n1", &["--node-timeout", "1"]);
     let mut n2 = spawn_node(&topo, "n2", &[]);
-    let mut n0 = Command::new(bin())
-        .args([
-            "launch",
-            "--topology",
-            topo.to_str().unwrap(),
-            "--node",
-            "n0",
-        ])
-        .args([
-            "--join-timeout",
-            "15",
-            "--serve",
-            "--socket",
-            socket.to_str().unwrap(),
-        ])
-        .env("PIPEFUSE_FAULT", "straggler:0:10") // 10 ms per item on n0's device: >= 2 s
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("n0.log")).unwrap())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&socket, &mut n0);
+    // 10 ms per item on n0's device: the request takes >= 2 s, so n1 dies while it runs.
+    let mut n0 = serve_n0(&topo, &socket, "straggler:0:10", &dir.join("n0.log"));
     let request = [
         "--class-label",
         "3",

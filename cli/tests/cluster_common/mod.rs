@@ -111,6 +111,34 @@ pub fn spawn_node(topo: &Path, node: &str, extra: &[&str]) -> Proc {
     )
 }
 
+/// The coordinator's node `n0` of `topo` serving on the Unix socket `socket` (`launch --node n0
+/// --join-timeout 15 --serve --socket S`) with `PIPEFUSE_FAULT=fault` (a straggler keeps a
+/// request running long enough to meet a fault), its stderr in `log`; returned once listening,
+/// killed if the test ends with it still running.
+pub fn serve_n0(topo: &Path, socket: &Path, fault: &str, log: &Path) -> Proc {
+    let mut n0 = Proc(
+        Command::new(bin())
+            .args(["launch", "--topology", topo.to_str().unwrap()])
+            .args([
+                "--node",
+                "n0",
+                "--join-timeout",
+                "15",
+                "--serve",
+                "--socket",
+            ])
+            .arg(socket)
+            .env("PIPEFUSE_FAULT", fault)
+            .env_remove("PIPEFUSE_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(socket, &mut n0);
+    n0
+}
+
 /// Waits (at most 60 s) for a served cluster's socket at `path` while `child` (the coordinator's
 /// node) runs.
 pub fn wait_for_socket(path: &Path, child: &mut std::process::Child) {
