@@ -211,7 +211,13 @@ impl Device {
         if let Some(b) = b {
             check_len("linear", "bias", b, n)?;
         }
-        let m = x.elem_count() / k.max(1);
+        if k == 0 {
+            return Err(KernelError::shape(
+                "linear",
+                format!("input {:?} has no features", x.shape()),
+            ));
+        }
+        let m = x.elem_count() / k;
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("checked non-scalar") = n;
         match self {

@@ -42,9 +42,13 @@ struct Inner {
 
 impl fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let attention = match self.inner.tensor_cores {
+            true => "tensor-core attention",
+            false => "row attention",
+        };
         write!(
             f,
-            "cuda:{} ({}, {}, {})",
+            "cuda:{} ({}, {}, {}, {attention})",
             self.inner.ordinal, self.inner.name, self.inner.arch, self.dtype
         )
     }
@@ -108,17 +112,29 @@ impl CudaDevice {
         // The tensor-core kernels need mma.sync with bf16 (sm_80 on); `PIPEFUSE_CUDA_ATTENTION=
         // rows` keeps attention on the row kernel (a comparison on a GPU).
         let rows_only = std::env::var("PIPEFUSE_CUDA_ATTENTION").is_ok_and(|v| v == "rows");
-        let tensor_cores = major >= 8 && !rows_only;
+        let mut tensor_cores = major >= 8 && !rows_only;
         let mut modules = HashMap::new();
         for (file, _) in super::SOURCES {
-            if *file == super::FLASH_SOURCE && !tensor_cores {
+            let flash = *file == super::FLASH_SOURCE;
+            if flash && !tensor_cores {
                 continue;
             }
-            let ptx = cached_ptx(file, &arch, &include)?;
-            let module = ctx
-                .load_module(Ptx::from_src(ptx))
-                .map_err(|e| driver_error(&format!("load {file}"), e))?;
-            modules.insert(*file, module);
+            let module = cached_ptx(file, &arch, &include).and_then(|ptx| {
+                ctx.load_module(Ptx::from_src(ptx))
+                    .map_err(|e| driver_error(&format!("load {file}"), e))
+            });
+            match module {
+                Ok(m) => {
+                    modules.insert(*file, m);
+                }
+                // The tensor-core kernel is an optimisation: without it attention runs on the
+                // row kernel (every other source is needed).
+                Err(e) if flash => {
+                    tracing::warn!(ordinal, error = %e, "tensor-core attention unavailable; attention runs on the row kernel");
+                    tensor_cores = false;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let blas = Blas::new(&stream)?;
         tracing::info!(ordinal, name = %info.name, %arch, tensor_cores, "CUDA device opened");

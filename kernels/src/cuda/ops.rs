@@ -120,11 +120,8 @@ impl CudaDevice {
         let mut rest = vec![ws];
         rest.extend(bs);
         let dtype = Self::common_dtype(op, xs, &rest)?;
-        // The GEMM (beta 0) writes all of Y; with no inputs (k = 0) Y is zeros.
-        let mut y = match k {
-            0 => CudaStorage::zeros(self.stream(), dtype, m * n)?,
-            _ => CudaStorage::uninit(self.stream(), dtype, m * n)?,
-        };
+        // The GEMM (beta 0) writes all of Y (`Device::linear` refuses k = 0).
+        let mut y = CudaStorage::uninit(self.stream(), dtype, m * n)?;
         if m * n > 0 && k > 0 {
             let s = self.stream();
             let (xp, _gx) = xs.ptr(s);
