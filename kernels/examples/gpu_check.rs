@@ -231,6 +231,24 @@ fn linear(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
         let got = gpu.linear(&dx, &dw, bias.then_some(&dbb)).map_err(s)?;
         checks.compare(name, dtype, &got, &want)?;
     }
+    // fc1 with GELU in cuBLASLt's epilogue, weights scaled so that the outputs are of order 1
+    // where GELU bends (its tanh form; the erf form would be ~2e-4 off in f32).
+    let (x, dx) = pair(&random(&[2, 256, 1152], 16), dtype, gpu)?;
+    let w = random(&[4608, 1152], 17).to_vec_f32().map_err(s)?;
+    let w = Tensor::from_vec(w.iter().map(|v| v / 40.0).collect(), &[4608, 1152]).map_err(s)?;
+    let (w, dw) = pair(&w, dtype, gpu)?;
+    let (bb, dbb) = pair(&random(&[4608], 18), dtype, gpu)?;
+    let want = cpu.linear_gelu(&x, &w, Some(&bb)).map_err(s)?;
+    let got = gpu.linear_gelu(&dx, &dw, Some(&dbb)).map_err(s)?;
+    checks.compare("linear gelu (epilogue)", dtype, &got, &want)?;
+    // The same shape again (its prepared plan, another bias pointer) and without a bias.
+    let (bb, dbb) = pair(&random(&[4608], 19), dtype, gpu)?;
+    let want = cpu.linear_gelu(&x, &w, Some(&bb)).map_err(s)?;
+    let got = gpu.linear_gelu(&dx, &dw, Some(&dbb)).map_err(s)?;
+    checks.compare("linear gelu (cached plan, new bias)", dtype, &got, &want)?;
+    let want = cpu.linear_gelu(&x, &w, None).map_err(s)?;
+    let got = gpu.linear_gelu(&dx, &dw, None).map_err(s)?;
+    checks.compare("linear gelu (no bias)", dtype, &got, &want)?;
     Ok(())
 }
 /// Attention (row and tensor-core kernels), the log-sum-exp, Ring's merge.

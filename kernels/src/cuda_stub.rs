@@ -78,6 +78,7 @@ impl CudaDevice {
         _b: Option<&Tensor>,
         _mkn: (usize, usize, usize),
         _shape: &[usize],
+        _gelu: bool,
     ) -> Result<Tensor> {
         match *self {}
     }

@@ -195,6 +195,23 @@ impl Device {
 
     /// `x[.., k] · w[n, k]^T + b[n]` (torch `Linear` layout) -> `[.., n]`.
     pub fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        self.linear_with(x, w, b, false)
+    }
+
+    /// `gelu_tanh(x[.., k] · w[n, k]^T + b[n])`: [`Device::linear`] then
+    /// [`Device::gelu_tanh_`], fused on a GPU (cuBLASLt's GELU epilogue, no second pass over
+    /// the output).
+    pub fn linear_gelu(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        self.linear_with(x, w, b, true)
+    }
+
+    fn linear_with(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        gelu: bool,
+    ) -> Result<Tensor> {
         let k = last_dim("linear", x)?;
         let &[n, wk] = w.shape() else {
             return Err(KernelError::shape(
@@ -225,10 +242,15 @@ impl Device {
                 let mut y = vec![0f32; m * n];
                 let (xs, ws) = (x.as_f32()?, w.as_f32()?);
                 let bs = b.map(|b| b.as_f32()).transpose()?;
-                c.install(|| cpu::matmul::linear(&mut y, xs, ws, bs, m, k, n, c.threads()));
+                c.install(|| {
+                    cpu::matmul::linear(&mut y, xs, ws, bs, m, k, n, c.threads());
+                    if gelu {
+                        cpu::activation::gelu_tanh(&mut y);
+                    }
+                });
                 Tensor::from_vec(y, &shape)
             }
-            Device::Cuda(c) => c.linear(x, w, b, (m, k, n), &shape),
+            Device::Cuda(c) => c.linear(x, w, b, (m, k, n), &shape, gelu),
         }
     }
 

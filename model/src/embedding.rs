@@ -80,14 +80,11 @@ impl Linear {
         })
     }
 
-    /// `gelu_tanh(x W^T + b)`: fused into the GEMM's write-out for bf16 weights.
+    /// `gelu_tanh(x W^T + b)`: fused into the GEMM's write-out for bf16 weights on a CPU and for
+    /// every weight on a GPU (cuBLASLt's epilogue).
     pub(crate) fn forward_gelu(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.w {
-            LinearWeight::F32(w) => {
-                let mut h = dev.linear(x, w, Some(&self.b))?;
-                dev.gelu_tanh_(&mut h)?;
-                h
-            }
+            LinearWeight::F32(w) => dev.linear_gelu(x, w, Some(&self.b))?,
             LinearWeight::Bf16(w) => dev.linear_bf16_gelu(x, w, Some(&self.b))?,
         })
     }

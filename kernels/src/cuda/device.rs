@@ -1,20 +1,20 @@
-//! A CUDA GPU as a [`crate::Device`]: its context, one stream on which every op of this device
-//! runs in order, the kernels compiled for its architecture by NVRTC when it is opened, and a
-//! cuBLASLt handle. Device memory comes from the driver's stream-ordered pool (cudarc allocates
-//! with `cuMemAllocAsync` where the GPU has it), so freeing a tensor returns its memory to the
-//! pool without a device-wide synchronisation. Opening never panics: libraries are checked for
+//! A CUDA GPU as a [`crate::Device`]: its context, the GPU's one stream on which every op runs
+//! in order (`gpu_stream.rs`), the kernels compiled for its architecture by NVRTC when it is
+//! opened, and a cuBLASLt handle. Device memory comes from the driver's stream-ordered pool
+//! (cudarc allocates with `cuMemAllocAsync` where the GPU has it), so freeing a tensor returns
+//! its memory to the pool without a device-wide synchronisation, and the pool keeps it. Opening never panics: libraries are checked for
 //! before use and every first driver call runs under `catch_unwind` (DEPENDENCIES.md section 4).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use super::blas::Blas;
+use super::gpu_stream::gpu_stream;
 use super::storage::driver_error;
 use crate::{DType, KernelError, Result};
 
@@ -36,8 +36,12 @@ struct Inner {
     modules: HashMap<&'static str, Arc<CudaModule>>,
     /// Attention in bf16 / f16 runs on the tensor-core kernel (sm_80 on, not turned off).
     tensor_cores: bool,
+    /// Entry points looked up so far, by (source, base name, dtype): a launch does not ask the
+    /// driver for its function again.
+    functions: Mutex<HashMap<(&'static str, &'static str, DType), CudaFunction>>,
+    /// The GPU's one stream (shared with every device on this GPU: `gpu_stream.rs`); it holds
+    /// the context.
     stream: Arc<CudaStream>,
-    _ctx: Arc<CudaContext>,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -101,12 +105,8 @@ impl CudaDevice {
             ))
         })?;
         let include = cuda_include_dir().map_err(unavailable)?;
-        let ctx = match catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal))) {
-            Ok(Ok(ctx)) => ctx,
-            Ok(Err(e)) => return Err(unavailable(format!("{e:?}"))),
-            Err(_) => return Err(unavailable("the CUDA driver could not be used".into())),
-        };
-        let stream = ctx.new_stream().map_err(|e| driver_error("stream", e))?;
+        let stream = gpu_stream(ordinal)?;
+        let ctx = stream.context().clone();
         let (major, minor) = info.compute_capability;
         let arch = format!("compute_{major}{minor}");
         // The tensor-core kernels need mma.sync with bf16 (sm_80 on); `PIPEFUSE_CUDA_ATTENTION=
@@ -146,8 +146,8 @@ impl CudaDevice {
                 blas,
                 modules,
                 tensor_cores,
+                functions: Mutex::new(HashMap::new()),
                 stream,
-                _ctx: ctx,
             }),
             dtype: DType::F32,
         })
@@ -194,15 +194,32 @@ impl CudaDevice {
         &self.inner.blas
     }
 
-    /// Entry point `{base}_{dtype}` of kernel source `file`.
-    pub(crate) fn kernel(&self, file: &str, base: &str, dtype: DType) -> Result<CudaFunction> {
+    /// Entry point `{base}_{dtype}` of kernel source `file` (looked up once per device).
+    pub(crate) fn kernel(
+        &self,
+        file: &'static str,
+        base: &'static str,
+        dtype: DType,
+    ) -> Result<CudaFunction> {
+        let key = (file, base, dtype);
+        let mut functions = self
+            .inner
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = functions.get(&key) {
+            return Ok(f.clone());
+        }
         let name = format!("{base}_{dtype}");
-        self.inner
+        let f = self
+            .inner
             .modules
             .get(file)
             .ok_or_else(|| driver_error(&name, format!("{file} is not loaded")))?
             .load_function(&name)
-            .map_err(|e| driver_error(&name, e))
+            .map_err(|e| driver_error(&name, e))?;
+        functions.insert(key, f.clone());
+        Ok(f)
     }
 
     /// Waits until every op queued on this device has finished (and reports a failed one).

@@ -107,7 +107,14 @@ impl CudaDevice {
                 unsafe { self.run(&l, dtype) }?;
             }
             let cols = Tensor::from_storage(Storage::Cuda(cols), &[p, kk])?;
-            let y = self.linear(&cols, &weight, bias, (p, kk, g.c_out), &[1, p, g.c_out])?;
+            let y = self.linear(
+                &cols,
+                &weight,
+                bias,
+                (p, kk, g.c_out),
+                &[1, p, g.c_out],
+                false,
+            )?;
             outs.push(self.transpose_last2(&y, (1, p, g.c_out))?);
         }
         let refs: Vec<&Tensor> = outs.iter().collect();

@@ -16,10 +16,13 @@ use crate::{KernelError, Result};
 
 pub mod blas;
 mod device;
+mod gpu_stream;
 mod image_ops;
 pub mod launch;
+mod lt_handles;
 mod ops;
 pub mod plan;
+mod staging;
 mod storage;
 
 pub use device::{cuda_include_dir, CudaDevice};

@@ -4,7 +4,7 @@
 //! GPU in that dtype. Attention's key bias and log-sum-exp are f32 whatever the dtype. Ops queue
 //! on the device's stream and return at once; a download (`Tensor::to_host`) waits for them.
 
-use super::blas::linear_plan;
+use super::blas::{linear_plan, Activation};
 use super::device::CudaDevice;
 use super::launch::{ptr_or_null, KernelView};
 use super::plan;
@@ -105,7 +105,8 @@ impl CudaDevice {
         Tensor::from_storage(Storage::Cuda(storage), t.shape())
     }
 
-    /// `x[m, k] . w[n, k]^T + b[n]` through cuBLASLt, `shape` the output's.
+    /// `x[m, k] . w[n, k]^T + b[n]` through cuBLASLt, then GELU (tanh) if `gelu` (in cuBLASLt's
+    /// epilogue), `shape` the output's.
     pub(crate) fn linear(
         &self,
         x: &Tensor,
@@ -113,6 +114,7 @@ impl CudaDevice {
         b: Option<&Tensor>,
         (m, k, n): (usize, usize, usize),
         shape: &[usize],
+        gelu: bool,
     ) -> Result<Tensor> {
         let op = "linear";
         let (xs, ws) = (self.operand(op, x)?, self.operand(op, w)?);
@@ -135,10 +137,12 @@ impl CudaDevice {
                     s,
                     linear_plan(m, k, n),
                     dtype,
-                    wp,
-                    xp,
-                    yp,
+                    (wp, xp, yp),
                     bias.as_ref().map(|b| b.0),
+                    match gelu {
+                        true => Activation::GeluTanh,
+                        false => Activation::Identity,
+                    },
                 )?
             };
         }

@@ -28,20 +28,16 @@ pub(crate) fn driver_error(op: &str, e: impl std::fmt::Debug) -> KernelError {
 }
 
 impl CudaStorage {
-    /// Copies host elements to the GPU of `stream` (one copy of their bytes).
+    /// Copies host elements to the GPU of `stream` (one copy of their bytes, queued: the host
+    /// does not wait for it).
     pub(crate) fn upload(stream: &Arc<CudaStream>, host: &CpuStorage) -> Result<CudaStorage> {
         let (bytes, dtype, len): (&[u8], DType, usize) = match host {
             CpuStorage::F32(v) => (bytemuck::cast_slice(v), DType::F32, v.len()),
             CpuStorage::F16(v) => (bytemuck::cast_slice(v), DType::F16, v.len()),
             CpuStorage::BF16(v) => (bytemuck::cast_slice(v), DType::BF16, v.len()),
         };
-        // A zero-length device allocation is refused by the driver: keep one byte.
-        let slice = if bytes.is_empty() {
-            stream.alloc_zeros::<u8>(1)
-        } else {
-            stream.clone_htod(bytes)
-        }
-        .map_err(|e| driver_error("upload", e))?;
+        // Through page-locked staging (`staging.rs`); an empty tensor keeps one byte.
+        let slice = super::staging::upload(stream, bytes)?;
         Ok(CudaStorage {
             bytes: Arc::new(slice),
             dtype,
@@ -162,11 +158,8 @@ impl CudaStorage {
     /// Copies the elements back to host memory (waits for the GPU's work on them).
     pub(crate) fn download(&self) -> Result<CpuStorage> {
         let n = self.len * self.dtype.size_in_bytes();
-        let stream = self.bytes.stream();
-        let bytes = stream
-            .clone_dtoh(&self.bytes.slice(..n.max(1)))
-            .map_err(|e| driver_error("download", e))?;
-        let bytes = &bytes[..n];
+        let bytes = super::staging::download(&self.bytes, n)?;
+        let bytes = &bytes[..];
         Ok(match self.dtype {
             DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
             DType::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(bytes)),
