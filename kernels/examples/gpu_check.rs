@@ -6,6 +6,8 @@
 //!     cargo build --release -p kernels --features cuda --example gpu_check
 //!
 //! Needs `PIPEFUSE_CUDA_INCLUDE` (the CUDA headers) and NVRTC / the driver on the library path.
+//! `--on-cpu`: a CPU device stands in for the GPU (the harness itself); `--small`: smaller
+//! problems (what `tests/cuda_fake_gpu.rs` runs on the fake GPU, whose emulator is slow).
 //! Tolerances (relative L2 to the CPU's f32 result): f32 1e-5 (GELU's tanh vs the CPU's exp
 //! form: 2e-6; GEMMs in f32 compute, no TF32), bf16 1e-2, f16 2e-3 (the output's own rounding
 //! and f32 accumulation in another order).
@@ -77,14 +79,51 @@ fn pair(t: &Tensor, dtype: DType, gpu: &Device) -> Result<(Tensor, Tensor), Stri
     Ok((host, dev))
 }
 
-/// Token rows of the element-wise and norm checks: batch, tokens, channels (DiT-XL/2's width).
-const TOKENS: (usize, usize, usize) = (2, 300, 1152);
+/// The problem sizes of the checks: DiT-XL/2's on a GPU, smaller ones on the fake GPU (`--small`:
+/// the same ops and launches, tiled the same way, but the emulator runs every CUDA thread on the
+/// host).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shapes {
+    /// Token rows of the element-wise and norm checks: batch, tokens, channels.
+    tokens: (usize, usize, usize),
+    /// Elements of the element-wise activations.
+    elements: usize,
+    /// (rows, in, out) of the two linear checks and the GELU one (which has 2 x rows).
+    fc1: (usize, usize, usize),
+    qkv: (usize, usize, usize),
+    /// Sequence of the attention checks (head dim 72), where Ring's split cuts it, and of the
+    /// head-dim-64 / 128 checks.
+    seq: usize,
+    split: usize,
+    long_seq: usize,
+}
+
+const FULL: Shapes = Shapes {
+    tokens: (2, 300, 1152),
+    elements: 1 << 20,
+    fc1: (512, 1152, 4608),
+    qkv: (300, 1152, 3456),
+    seq: 300,
+    split: 120,
+    long_seq: 1000,
+};
+
+pub(crate) const SMALL: Shapes = Shapes {
+    tokens: (2, 40, 160),
+    elements: 1 << 14,
+    fc1: (72, 160, 320),
+    qkv: (40, 160, 480),
+    seq: 90,
+    split: 40,
+    long_seq: 150,
+};
 
 /// What every section works with: the GPU (or the stand-in CPU), the CPU reference, the dtype.
 struct Ctx {
     gpu: Device,
     cpu: Device,
     dtype: DType,
+    shapes: Shapes,
 }
 
 fn s(e: kernels::KernelError) -> String {
@@ -95,7 +134,7 @@ fn s(e: kernels::KernelError) -> String {
 fn elementwise(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
     // Element-wise ops.
-    let (x, dx) = pair(&random(&[1 << 20], 1), dtype, gpu)?;
+    let (x, dx) = pair(&random(&[ctx.shapes.elements], 1), dtype, gpu)?;
     let mut want = x.clone();
     cpu.gelu_tanh_(&mut want).map_err(s)?;
     let mut got = dx.clone();
@@ -106,7 +145,7 @@ fn elementwise(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     // The input must be unchanged (copy on write of a shared buffer).
     checks.compare("copy on write", dtype, &dx, &x)?;
 
-    let (b, n, c) = TOKENS;
+    let (b, n, c) = ctx.shapes.tokens;
     let (x, dx) = pair(&random(&[b, n, c], 2), dtype, gpu)?;
     let (y, dy) = pair(&random(&[b, n, c], 3), dtype, gpu)?;
     let (g, dg) = pair(&random(&[b, c], 4), dtype, gpu)?;
@@ -119,7 +158,7 @@ fn elementwise(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
 /// LayerNorm (modulated, affine), periodic adds, narrow, embedding rows, cat.
 fn norms_and_copies(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
-    let (b, n, c) = TOKENS;
+    let (b, n, c) = ctx.shapes.tokens;
     let (x, dx) = pair(&random(&[b, n, c], 2), dtype, gpu)?;
     let (y, dy) = pair(&random(&[b, n, c], 3), dtype, gpu)?;
     let (g, dg) = pair(&random(&[b, c], 4), dtype, gpu)?;
@@ -149,12 +188,15 @@ fn norms_and_copies(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     checks.compare("add_broadcast (and narrow on the GPU)", dtype, &got, &want)?;
     // Rows of a table by id, and a concatenation.
     let want = cpu
-        .embedding(&x.clone().reshape(&[b * n, c]).map_err(s)?, &[5, 0, 599, 5])
+        .embedding(
+            &x.clone().reshape(&[b * n, c]).map_err(s)?,
+            &[5, 0, b * n - 1, 5],
+        )
         .map_err(s)?;
     let got = gpu
         .embedding(
             &dx.clone().reshape(&[b * n, c]).map_err(s)?,
-            &[5, 0, 599, 5],
+            &[5, 0, b * n - 1, 5],
         )
         .map_err(s)?;
     checks.compare("embedding (row copies)", dtype, &got, &want)?;
@@ -197,7 +239,7 @@ fn image_ops(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
 /// Per-head RMS norm and the rotary embedding on a fused QKV.
 fn qkv_ops(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
-    let (b, n, _) = TOKENS;
+    let (b, n, _) = ctx.shapes.tokens;
     // Per-head RMS norm of the keys of a fused QKV (columns c..2c, heads of 64).
     let (qkv, dqkv) = pair(&random(&[b, n, 3 * 256], 11), dtype, gpu)?;
     let (w, dw) = pair(&random(&[64], 12), dtype, gpu)?;
@@ -221,8 +263,8 @@ fn linear(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
     // Linear layers of DiT-XL/2's shapes (fc1 with bias; qkv without).
     for (name, (m, k, nn), bias) in [
-        ("linear fc1", (512, 1152, 4608), true),
-        ("linear qkv", (300, 1152, 3456), false),
+        ("linear fc1", ctx.shapes.fc1, true),
+        ("linear qkv", ctx.shapes.qkv, false),
     ] {
         let (x, dx) = pair(&random(&[1, m, k], 13), dtype, gpu)?;
         let (w, dw) = pair(&random(&[nn, k], 14), dtype, gpu)?;
@@ -233,16 +275,18 @@ fn linear(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     }
     // fc1 with GELU in cuBLASLt's epilogue, weights scaled so that the outputs are of order 1
     // where GELU bends (its tanh form; the erf form would be ~2e-4 off in f32).
-    let (x, dx) = pair(&random(&[2, 256, 1152], 16), dtype, gpu)?;
-    let w = random(&[4608, 1152], 17).to_vec_f32().map_err(s)?;
-    let w = Tensor::from_vec(w.iter().map(|v| v / 40.0).collect(), &[4608, 1152]).map_err(s)?;
+    let (m, k, nn) = ctx.shapes.fc1;
+    let (x, dx) = pair(&random(&[2, m / 2, k], 16), dtype, gpu)?;
+    let w = random(&[nn, k], 17).to_vec_f32().map_err(s)?;
+    let scale = 1.18 * (k as f32).sqrt();
+    let w = Tensor::from_vec(w.iter().map(|v| v / scale).collect(), &[nn, k]).map_err(s)?;
     let (w, dw) = pair(&w, dtype, gpu)?;
-    let (bb, dbb) = pair(&random(&[4608], 18), dtype, gpu)?;
+    let (bb, dbb) = pair(&random(&[nn], 18), dtype, gpu)?;
     let want = cpu.linear_gelu(&x, &w, Some(&bb)).map_err(s)?;
     let got = gpu.linear_gelu(&dx, &dw, Some(&dbb)).map_err(s)?;
     checks.compare("linear gelu (epilogue)", dtype, &got, &want)?;
     // The same shape again (its prepared plan, another bias pointer) and without a bias.
-    let (bb, dbb) = pair(&random(&[4608], 19), dtype, gpu)?;
+    let (bb, dbb) = pair(&random(&[nn], 19), dtype, gpu)?;
     let want = cpu.linear_gelu(&x, &w, Some(&bb)).map_err(s)?;
     let got = gpu.linear_gelu(&dx, &dw, Some(&dbb)).map_err(s)?;
     checks.compare("linear gelu (cached plan, new bias)", dtype, &got, &want)?;
@@ -254,10 +298,10 @@ fn linear(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
 /// Attention (row and tensor-core kernels), the log-sum-exp, Ring's merge.
 fn attention(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
-    let (b, _, _) = TOKENS;
+    let (b, _, _) = ctx.shapes.tokens;
     // Attention: queries, keys and values as column views of one fused QKV (head dim 72,
     // PixArt's), a key bias masking some keys, and the log-sum-exp.
-    let (heads, hd, seq) = (4, 72, 300);
+    let (heads, hd, seq, cut) = (4, 72, ctx.shapes.seq, ctx.shapes.split);
     let (qkv, dqkv) = pair(&random(&[b, seq, 3 * heads * hd], 8), dtype, gpu)?;
     let bias: Vec<f32> = (0..b * seq)
         .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
@@ -283,12 +327,12 @@ fn attention(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     // Ring attention: two key blocks attended separately and merged equal the whole.
     let split = |t: &Tensor, r: std::ops::Range<usize>| t.narrow(1, r.start, r.len());
     let (kv1, kv2) = (
-        split(&dqkv, 0..120).map_err(s)?,
-        split(&dqkv, 120..seq).map_err(s)?,
+        split(&dqkv, 0..cut).map_err(s)?,
+        split(&dqkv, cut..seq).map_err(s)?,
     );
     let (b1, b2) = (
-        dbias.narrow(1, 0, 120).map_err(s)?,
-        dbias.narrow(1, 120, seq - 120).map_err(s)?,
+        dbias.narrow(1, 0, cut).map_err(s)?,
+        dbias.narrow(1, cut, seq - cut).map_err(s)?,
     );
     let (q, _, _) = views(&dqkv)?;
     let (_, k1, v1) = views(&kv1)?;
@@ -306,7 +350,11 @@ fn attention(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     // SD3's and Flux's head dims (64, 128) over several query and key tiles, no bias (bf16 /
     // f16: the tensor-core kernel's d64 and d128 instantiations).
     for hd in [64, 128] {
-        let (qkv, dqkv) = pair(&random(&[1, 1000, 3 * 2 * hd], 16), dtype, gpu)?;
+        let (qkv, dqkv) = pair(
+            &random(&[1, ctx.shapes.long_seq, 3 * 2 * hd], 16),
+            dtype,
+            gpu,
+        )?;
         let at = |c: usize| AttnView::of(&qkv, c * 2 * hd).map_err(s);
         let want = cpu
             .attention(at(0)?, at(1)?, at(2)?, None, 1, 2, hd)
@@ -335,7 +383,16 @@ const SECTIONS: &[(&str, Section)] = &[
     ("attention", attention),
 ];
 
+/// The check with the command line's options: `--on-cpu`, `--small`.
 fn run() -> Result<bool, String> {
+    let on_cpu = std::env::args().any(|a| a == "--on-cpu");
+    let small = std::env::args().any(|a| a == "--small");
+    run_with(on_cpu, if small { SMALL } else { FULL })
+}
+
+/// Every section in every dtype on GPU 0 (a CPU device if `on_cpu`, f32 only): whether all
+/// checks passed.
+pub(crate) fn run_with(on_cpu: bool, shapes: Shapes) -> Result<bool, String> {
     for d in kernels::cuda_devices().unwrap_or_default() {
         println!(
             "{{\"device\":{},\"name\":\"{}\",\"memory_gib\":{:.1},\"cc\":\"{}.{}\"}}",
@@ -346,8 +403,6 @@ fn run() -> Result<bool, String> {
             d.compute_capability.1
         );
     }
-    // `--on-cpu`: a CPU device stands in for the GPU (f32 only): the harness itself, here.
-    let on_cpu = std::env::args().any(|a| a == "--on-cpu");
     let gpu = match on_cpu {
         true => Device::cpu(2),
         false => Device::cuda(0),
@@ -365,6 +420,7 @@ fn run() -> Result<bool, String> {
             gpu: gpu.clone().with_compute_dtype(dtype),
             cpu: Device::cpu(4).map_err(s)?,
             dtype,
+            shapes,
         };
         for (name, section) in SECTIONS {
             let label = format!("\"check\":\"{name}\",\"dtype\":\"{dtype}\"");

@@ -221,7 +221,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("two-stage pipefusion", two_stage),
 ];
 
-fn run() -> bool {
+pub(crate) fn run() -> bool {
     let mut checks = Checks { failed: false };
     for (name, section) in SECTIONS {
         if !guarded(&format!("\"check\":\"{name}\""), || section(&mut checks)) {

@@ -1,10 +1,11 @@
 //! A CUDA emulator for the kernels' own sources, so that their indexing, reductions, shuffles and
 //! shared memory are checked without a GPU: a kernel source (with `common.cuh` and `math.cuh`) is
 //! compiled as host C++20 after a shim that defines the CUDA built-ins. A launch runs the grid's
-//! blocks one after another, each block as one host thread per CUDA thread; `__syncthreads` is a
-//! block barrier, `__syncwarp` and the shuffles a warp barrier (a thread that returns drops out of
-//! both, as an exited CUDA thread does), `__shared__` variables are statics (one block runs at a
-//! time), dynamic shared memory is one static buffer, and `mma.sync.m16n8k16` is computed from
+//! blocks one after another, each block's CUDA threads as fibers on one host thread (ucontext),
+//! each run until it reaches a barrier or returns; `__syncthreads` is a block barrier,
+//! `__syncwarp` and the shuffles a warp barrier (a thread that returns drops out of both, as an
+//! exited CUDA thread does; threads waiting at barriers that can never be released abort the
+//! run), `__shared__` variables are statics (one block runs at a time), dynamic shared memory is one static buffer, and `mma.sync.m16n8k16` is computed from
 //! the fragments as `math.cuh`'s `mma_frag_*` lay them out (checked against the PTX ISA in
 //! `cuda_math_host.rs`). bf16 / f16 round to nearest even like the GPU's conversions.
 //!
@@ -17,16 +18,22 @@ use std::process::Command;
 const COMMON: &str = include_str!("../../src/cuda/kernels/common.cuh");
 const MATH: &str = include_str!("../../src/cuda/kernels/math.cuh");
 
-/// The CUDA built-ins the kernels use, on the host.
-const SHIM: &str = r#"
+/// The host headers the shim and the harnesses need (before any namespace).
+const INCLUDES: &str = r#"
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <barrier>
-#include <memory>
-#include <thread>
+#include <stdlib.h>
+#include <ucontext.h>
+#include <algorithm>
+#include <type_traits>
+#include <utility>
 #include <vector>
+"#;
+
+/// The CUDA built-ins the kernels use, on the host.
+const SHIM: &str = r#"
 #define PF_HOST_WARP 1
 #define __global__
 #define __device__
@@ -36,7 +43,7 @@ const SHIM: &str = r#"
 #define __shared__ static
 #define CUDART_INF_F INFINITY
 struct Dim { unsigned x, y, z; };
-static thread_local Dim threadIdx, blockIdx;
+static Dim threadIdx, blockIdx;
 static Dim blockDim, gridDim;
 
 struct __nv_bfloat16 { uint16_t bits; };
@@ -53,43 +60,100 @@ static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {_
 static inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 
-struct Warp { std::unique_ptr<std::barrier<>> bar; float v[32]; float a[32][8], b[32][4]; };
-static std::unique_ptr<std::barrier<>> block_barrier;
+struct Warp { float v[32]; float a[32][8], b[32][4]; };
 static std::vector<Warp> warps;
 static float emu_smem[1 << 16];
 static inline int lane_id() { return threadIdx.x & 31; }
 static inline Warp& my_warp() { return warps[threadIdx.x >> 5]; }
-static inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-static inline void __syncwarp() { my_warp().bar->arrive_and_wait(); }
+
+// The CUDA threads of a block are fibers (ucontext) on one host thread, run until they reach a
+// barrier or return; a barrier is released when every thread of its warp (__syncwarp) or block
+// (__syncthreads) that has not returned waits at it.
+enum { RUNNABLE, AT_WARP_BARRIER, AT_BLOCK_BARRIER, RETURNED };
+struct Fiber { ucontext_t ctx; int state; };
+static std::vector<Fiber> fibers;
+static std::vector<char*> stacks;
+static const size_t STACK_BYTES = 256 << 10;
+static ucontext_t scheduler;
+static unsigned current;
+static void (*fiber_body)(void*);
+static void* fiber_arg;
+static void fiber_main() {
+    fiber_body(fiber_arg);
+    fibers[current].state = RETURNED;
+    swapcontext(&fibers[current].ctx, &scheduler);
+}
+static inline void wait_at(int barrier) {
+    fibers[current].state = barrier;
+    swapcontext(&fibers[current].ctx, &scheduler);
+}
+static inline void __syncthreads() { wait_at(AT_BLOCK_BARRIER); }
+static inline void __syncwarp() { wait_at(AT_WARP_BARRIER); }
 static inline float warp_exchange(float v, int from) {
     Warp& w = my_warp();
     w.v[lane_id()] = v;
-    w.bar->arrive_and_wait();
+    __syncwarp();
     const float r = w.v[from];
-    w.bar->arrive_and_wait();
+    __syncwarp();
     return r;
 }
 static inline float __shfl_xor_sync(unsigned, float v, int mask) { return warp_exchange(v, lane_id() ^ mask); }
 static inline float __shfl_sync(unsigned, float v, int src) { return warp_exchange(v, src & 31); }
 
+// Releases the threads of `fibers[lo..hi)` waiting at `barrier` if every one that has not
+// returned waits there.
+static bool release(unsigned lo, unsigned hi, int barrier) {
+    bool any = false;
+    for (unsigned t = lo; t < hi; ++t) {
+        if (fibers[t].state == RETURNED) continue;
+        if (fibers[t].state != barrier) return false;
+        any = true;
+    }
+    for (unsigned t = lo; t < hi; ++t)
+        if (fibers[t].state == barrier) fibers[t].state = RUNNABLE;
+    return any;
+}
+
 // Runs `grid` blocks of `block` threads of `body` (the kernel call), one block at a time.
 template <typename F> static void emu_launch(unsigned grid, unsigned block, F body) {
     blockDim = Dim{block, 1, 1};
     gridDim = Dim{grid, 1, 1};
+    warps = std::vector<Warp>((block + 31) / 32);
+    fibers.resize(block);
+    while (stacks.size() < block) stacks.push_back((char*)malloc(STACK_BYTES));
+    fiber_body = [](void* b) { (*(F*)b)(); };
+    fiber_arg = &body;
     for (unsigned bi = 0; bi < grid; ++bi) {
-        block_barrier = std::make_unique<std::barrier<>>(block);
-        warps = std::vector<Warp>((block + 31) / 32);
-        for (unsigned w = 0; w < warps.size(); ++w) warps[w].bar = std::make_unique<std::barrier<>>(32);
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([&, t, bi] {
+        blockIdx = Dim{bi, 0, 0};
+        for (unsigned t = 0; t < block; ++t) {
+            getcontext(&fibers[t].ctx);
+            fibers[t].ctx.uc_stack.ss_sp = stacks[t];
+            fibers[t].ctx.uc_stack.ss_size = STACK_BYTES;
+            fibers[t].ctx.uc_link = nullptr;
+            makecontext(&fibers[t].ctx, fiber_main, 0);
+            fibers[t].state = RUNNABLE;
+        }
+        for (;;) {
+            bool ran = false;
+            for (unsigned t = 0; t < block; ++t) {
+                if (fibers[t].state != RUNNABLE) continue;
+                current = t;
                 threadIdx = Dim{t, 0, 0};
-                blockIdx = Dim{bi, 0, 0};
-                body();
-                my_warp().bar->arrive_and_drop();
-                block_barrier->arrive_and_drop();
-            });
-        for (auto& t : threads) t.join();
+                swapcontext(&scheduler, &fibers[t].ctx);
+                ran = true;
+            }
+            bool released = false;
+            for (unsigned w = 0; w * 32 < block; ++w)
+                released |= release(w * 32, std::min(block, w * 32 + 32), AT_WARP_BARRIER);
+            released |= release(0, block, AT_BLOCK_BARRIER);
+            bool done = true;
+            for (unsigned t = 0; t < block; ++t) done &= fibers[t].state == RETURNED;
+            if (done) break;
+            if (!ran && !released) {
+                fprintf(stderr, "emulator: block %u deadlocked at mismatched barriers\n", bi);
+                abort();
+            }
+        }
     }
 }
 
@@ -118,7 +182,7 @@ template <typename T> static void mma16816(float* c, const unsigned* a, const un
     const int lane = lane_id();
     for (int i = 0; i < 8; ++i) w.a[lane][i] = half_of<T>(a[i / 2], i & 1);
     for (int i = 0; i < 4; ++i) w.b[lane][i] = half_of<T>(b[i / 2], i & 1);
-    w.bar->arrive_and_wait();
+    __syncwarp();
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; ++l) {
         int r, q;
@@ -133,10 +197,30 @@ template <typename T> static void mma16816(float* c, const unsigned* a, const un
         for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][q];
         d[i] = acc;
     }
-    w.bar->arrive_and_wait();
+    __syncwarp();
     for (int i = 0; i < 4; ++i) c[i] = d[i];
 }
 "#;
+
+/// A kernel source (the text of a `.cu` file) as host C++ under the emulator: the shim, the
+/// shared device code, the host tensor-core product and the kernels (`extern "C"` host functions
+/// of the same names), then `inside` (code that launches them with `emu_launch`), all in
+/// namespace `ns` but the headers: units linked together keep their own emulator state (an
+/// inline function of `common.cuh` would otherwise be merged across units, with one unit's
+/// barriers).
+pub fn translation_unit(source: &str, ns: &str, inside: &str) -> String {
+    let common = COMMON
+        .lines()
+        .filter(|l| !l.starts_with("#include <"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("#pragma once", "")
+        .replace("#include \"math.cuh\"", &MATH.replace("#pragma once", ""));
+    let kernel = source
+        .replace("#include \"common.cuh\"", "")
+        .replace("extern __shared__ float smem[];", "float* smem = emu_smem;");
+    format!("{INCLUDES}\nnamespace {ns} {{\n{SHIM}\n{common}\n{TAIL}\n{kernel}\n{inside}\n}}\n")
+}
 
 /// One emulated program: a kernel source, its buffers and launches.
 pub struct Emu {
@@ -263,19 +347,11 @@ impl Emu {
             main.push_str(&format!("    save(f, {name});\n"));
         }
         main.push_str("    fclose(f);\n    return 0;\n}\n");
-        let common = COMMON
-            .lines()
-            .filter(|l| !l.starts_with("#include <"))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace("#pragma once", "")
-            .replace("#include \"math.cuh\"", &MATH.replace("#pragma once", ""));
-        let kernel = self
-            .source
-            .replace("#include \"common.cuh\"", "")
-            .replace("extern __shared__ float smem[];", "float* smem = emu_smem;");
-        let program = format!("{SHIM}\n{common}\n{TAIL}\n{kernel}\n{main}");
-        let bin = super::build_cpp(
+        let program = format!(
+            "{}\nusing namespace emu;\n{main}",
+            translation_unit(self.source, "emu", "")
+        );
+        let bin = build_cpp(
             &dir,
             &program,
             &[
@@ -312,4 +388,25 @@ impl Emu {
         assert_eq!(at, all.len(), "emulator output size");
         out
     }
+}
+
+/// Compiles the C++ `program` into `dir` with this machine's C++ compiler (`CXX`, default `c++`)
+/// and `flags`; the binary's path. Fails the test with the compiler's message.
+pub fn build_cpp(dir: &std::path::Path, program: &str, flags: &[&str]) -> std::path::PathBuf {
+    let (src, bin) = (dir.join("harness.cpp"), dir.join("harness"));
+    std::fs::write(&src, program).unwrap();
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = std::process::Command::new(&cxx)
+        .args(flags)
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("no C++ compiler `{cxx}` ({e}): set CXX to one"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
 }

@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cuda_emu;
+#[cfg(feature = "cuda")]
+pub mod fake_gpu;
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -25,26 +27,8 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// Compiles the C++ `program` into `dir` with this machine's C++ compiler (`CXX`, default `c++`)
-/// and `flags`; the binary's path. Fails the test with the compiler's message.
-pub fn build_cpp(dir: &std::path::Path, program: &str, flags: &[&str]) -> std::path::PathBuf {
-    let (src, bin) = (dir.join("harness.cpp"), dir.join("harness"));
-    std::fs::write(&src, program).unwrap();
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let out = std::process::Command::new(&cxx)
-        .args(flags)
-        .arg("-o")
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .unwrap_or_else(|e| panic!("no C++ compiler `{cxx}` ({e}): set CXX to one"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
-}
+#[allow(unused_imports)]
+pub use cuda_emu::build_cpp;
 
 /// The CPU attention of queries `q: [B, sq, d]` over a K/V buffer `kv: [B, sk, 2d]` (keys in
 /// columns `0..d`, values in `d..2d`) with an optional key bias `[B, sk]`: (output, log-sum-exp)
