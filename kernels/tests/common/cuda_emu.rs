@@ -27,6 +27,8 @@ const INCLUDES: &str = r#"
 #include <stdlib.h>
 #include <ucontext.h>
 #include <algorithm>
+#include <functional>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>

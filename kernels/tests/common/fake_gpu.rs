@@ -16,8 +16,8 @@ const DRIVER: &str = include_str!("../fake_gpu/driver.cpp");
 const CUBLASLT: &str = include_str!("../fake_gpu/cublaslt.cpp");
 
 /// Launchers of a source's entry points: `fake_kernels_<stem>()` returns a table of
-/// (entry name, launcher); a launcher checks the pointer arguments with the driver, then runs
-/// the kernel on the emulator.
+/// (entry name, launcher); a launcher checks the pointer arguments with the driver, then queues
+/// the kernel (on the emulator, with the parameters' values taken now) on the driver's queue.
 fn launch_table(file: &str) -> String {
     let stem = file.trim_end_matches(".cu");
     let mut rows = String::new();
@@ -32,6 +32,7 @@ fn launch_table(file: &str) -> String {
     format!(
         r#"
 extern "C" int fake_gpu_check_argument(const char*, int, const void*);
+extern "C" void fake_gpu_enqueue(void (*run)(void*), void* arg);
 template <typename A> static bool fake_arg_ok(const char* name, int i, void* slot) {{
     if constexpr (std::is_pointer_v<A>) return fake_gpu_check_argument(name, i, *(void**)slot);
     else return true;
@@ -42,7 +43,16 @@ static int fake_call(const char* name, void (*k)(A...), unsigned grid, unsigned 
     bool ok = true;
     ((ok = fake_arg_ok<A>(name, (int)I, p[I]) && ok), ...);
     if (!ok) return 1;
-    emu_launch(grid, block, [&] {{ k(*(std::remove_cv_t<A>*)p[I]...); }});
+    // The parameters' values now (the caller's may be gone when the queue runs the kernel).
+    auto* job = new std::function<void()>(
+        [k, grid, block, args = std::make_tuple(*(std::remove_cv_t<A>*)p[I]...)] {{
+            emu_launch(grid, block, [&] {{ std::apply(k, args); }});
+        }});
+    fake_gpu_enqueue([](void* j) {{
+        auto* f = (std::function<void()>*)j;
+        (*f)();
+        delete f;
+    }}, job);
     return 0;
 }}
 template <typename... A>

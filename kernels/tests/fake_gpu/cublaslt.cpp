@@ -1,7 +1,8 @@
 // A stand-in for cuBLASLt (libcublasLt.so.13) beside the fake driver (driver.cpp): the matmul
 // from cuBLASLt's documented definition, D = epilogue(alpha op(A) op(B) + beta C), on
 // column-major layouts with their leading dimensions, in f32 / f16 / bf16 storage with the sum
-// in double, the bias (one per row of D, D's type) and tanh GELU epilogues.
+// in double, the bias (one per row of D, D's type) and tanh GELU epilogues. A matmul joins the
+// fake driver's queue with its descriptors' values as they are when it is called.
 //
 // What it checks, failing the call with CUBLAS_STATUS_INVALID_VALUE (7) and a `fake cuBLASLt:`
 // line on stderr: f32 compute and scale; the layouts agree (op(A) m x k, op(B) k x n, D m x n,
@@ -22,6 +23,7 @@ enum { COMPUTE_32F = 68 };
 enum { EPI_DEFAULT = 1, EPI_BIAS = 4, EPI_GELU = 32, EPI_GELU_BIAS = 36 };
 
 extern "C" int fake_gpu_is_device_range(uint64_t p, size_t n);
+extern "C" void fake_gpu_enqueue(void (*run)(void*), void* arg);
 
 struct Desc {
     int compute, scale;
@@ -86,6 +88,28 @@ static void store(void* p, int type, size_t i, float v) {
 // Bytes a column-major matrix of `l` spans in memory.
 static size_t span(const Layout* l) {
     return ((l->cols - 1) * (size_t)l->ld + l->rows) * type_size(l->type);
+}
+
+// D = epilogue(alpha op(A) op(B) + beta C) of job `j` (the fields of cublasLtMatmul's call).
+template <typename Job> static void run(const Job& j) {
+    const uint64_t m = j.m, n = j.n, k = j.k;
+    std::vector<float> out(m * n);
+    for (uint64_t col = 0; col < n; ++col)
+        for (uint64_t i = 0; i < m; ++i) {
+            double acc = 0;
+            for (uint64_t p = 0; p < k; ++p) {
+                size_t ai = j.d.transa ? p + i * j.la.ld : i + p * j.la.ld;
+                size_t bi = j.d.transb ? col + p * j.lb.ld : p + col * j.lb.ld;
+                acc += (double)load(j.A, j.la.type, ai) * load(j.B, j.lb.type, bi);
+            }
+            double v = j.alpha * acc;
+            if (j.beta != 0) v += j.beta * load(j.C, j.lc.type, i + col * j.lc.ld);
+            if (j.has_bias) v += load(j.d.bias, j.ld.type, i);
+            if (j.gelu) v = 0.5 * v * (1 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+            out[i + col * m] = (float)v;
+        }
+    for (uint64_t col = 0; col < n; ++col)
+        for (uint64_t i = 0; i < m; ++i) store(j.D, j.ld.type, i + col * j.ld.ld, out[i + col * m]);
 }
 
 extern "C" {
@@ -168,23 +192,23 @@ Status cublasLtMatmul(void*, const Desc* d, const float* alpha, const void* A, c
     if (d->epilogue != EPI_DEFAULT && !has_bias && !gelu) return fail("epilogue not modelled");
     if (has_bias && (!d->bias || !fake_gpu_is_device_range((uint64_t)d->bias, m * type_size(ld->type))))
         return fail("bias epilogue without a device bias of D's rows");
-    std::vector<float> out(m * n);
-    for (uint64_t j = 0; j < n; ++j)
-        for (uint64_t i = 0; i < m; ++i) {
-            double acc = 0;
-            for (uint64_t p = 0; p < k; ++p) {
-                size_t ai = d->transa ? p + i * la->ld : i + p * la->ld;
-                size_t bi = d->transb ? j + p * lb->ld : p + j * lb->ld;
-                acc += (double)load(A, la->type, ai) * load(B, lb->type, bi);
-            }
-            double v = *alpha * acc;
-            if (*beta != 0) v += *beta * load(C, lc->type, i + j * lc->ld);
-            if (has_bias) v += load(d->bias, ld->type, i);
-            if (gelu) v = 0.5 * v * (1 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
-            out[i + j * m] = (float)v;
-        }
-    for (uint64_t j = 0; j < n; ++j)
-        for (uint64_t i = 0; i < m; ++i) store(D, ld->type, i + j * ld->ld, out[i + j * m]);
+    struct Job {
+        Desc d;
+        Layout la, lb, lc, ld;
+        float alpha, beta;
+        const void *A, *B, *C;
+        void* D;
+        uint64_t m, n, k;
+        bool has_bias, gelu;
+    };
+    auto* job = new Job{*d, *la, *lb, *lc, *ld, *alpha, *beta, A, B, C, D, m, n, k, has_bias, gelu};
+    fake_gpu_enqueue(
+        [](void* arg) {
+            Job* j = (Job*)arg;
+            run(*j);
+            delete j;
+        },
+        job);
     return SUCCESS;
 }
 

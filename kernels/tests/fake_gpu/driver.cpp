@@ -6,9 +6,13 @@
 //
 // What it models: one device (compute capability 9.0, so the tensor-core attention runs under
 // the emulator's mma), device memory as host memory handed out at 256-byte alignment and filled
-// with NaN bytes (an element nothing wrote reads as NaN), every operation executed at once in
-// issue order under one lock (one in-order stream; streams and events are tokens). What it
-// checks: every copy, memset and kernel pointer argument lies inside a live allocation (device
+// with NaN bytes (an element nothing wrote reads as NaN), one in-order queue of work (streams and
+// events are tokens) that runs as late as CUDA allows: only when the host synchronises (a stream,
+// an event, the context, a synchronous copy, a copy to pageable memory, a free of page-locked
+// memory). So a host that reads a page-locked buffer before waiting for the copy into it, or
+// rewrites one before the copy out of it has run, sees the wrong bytes, as it could on a GPU.
+// Arguments are taken when the work is issued (kernel parameters, pageable sources, cuBLASLt
+// descriptors), as the driver takes them. What it checks: every copy, memset and kernel pointer argument lies inside a live allocation (device
 // or page-locked host), frees are of live allocations, launches are one-dimensional with the
 // dynamic shared memory the emulator has. A violation prints `fake GPU: ...` to stderr and fails
 // the call with CUDA_ERROR_INVALID_VALUE (1).
@@ -17,9 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 typedef int CUresult;
 typedef uint64_t CUdeviceptr;
@@ -28,8 +34,8 @@ enum { OK = 0, INVALID_VALUE = 1, NOT_FOUND = 500, NOT_SUPPORTED = 801 };
 // The emulated kernels of every source (fake_gpu.rs generates the tables).
 struct FakeKernel {
     const char* name;
-    // Runs the kernel on `grid` blocks of `block` threads; 1 (without running it) if a pointer
-    // argument is not device memory.
+    // Queues the kernel on `grid` blocks of `block` threads with the parameters' values as they
+    // are now; 1 (queueing nothing) if a pointer argument is not device memory.
     int (*launch)(unsigned grid, unsigned block, void** params);
 };
 extern "C" const FakeKernel* fake_kernels_elementwise(int* n);
@@ -43,6 +49,27 @@ static std::recursive_mutex& lock() {
     return m;
 }
 #define LOCKED std::lock_guard<std::recursive_mutex> guard_(lock())
+
+// Work issued and not yet run, in issue order.
+static std::vector<std::function<void()>> pending;
+
+static void flush() {
+    LOCKED;
+    // A job never issues more work, but take the queue first all the same.
+    std::vector<std::function<void()>> jobs;
+    jobs.swap(pending);
+    for (auto& job : jobs) job();
+}
+
+static void enqueue(std::function<void()> job) {
+    LOCKED;
+    pending.push_back(std::move(job));
+}
+
+// For the kernel launchers and the cuBLASLt stand-in: `run(arg)` joins the queue.
+extern "C" void fake_gpu_enqueue(void (*run)(void*), void* arg) {
+    enqueue([run, arg] { run(arg); });
+}
 
 // Live allocations: start -> bytes (device and page-locked host kept apart).
 static std::map<uint64_t, size_t> device_allocs, host_allocs;
@@ -131,20 +158,28 @@ CUresult cuCtxGetCurrent(void** ctx) { *ctx = &the_context; return OK; }
 CUresult cuCtxPushCurrent_v2(void*) { return OK; }
 CUresult cuCtxPopCurrent_v2(void** ctx) { if (ctx) *ctx = &the_context; return OK; }
 CUresult cuCtxGetDevice(int* d) { *d = 0; return OK; }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() { flush(); return OK; }
 
-// Streams and events: work runs when issued, so there is never anything to wait for.
+// Streams and events: one queue; waiting for anything runs it.
 CUresult cuStreamCreate(void** s, unsigned) { *s = new int(1); return OK; }
 CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = new int(1); return OK; }
 CUresult cuStreamDestroy_v2(void* s) { delete (int*)s; return OK; }
-CUresult cuStreamSynchronize(void*) { return OK; }
-CUresult cuStreamQuery(void*) { return OK; }
+CUresult cuStreamSynchronize(void*) { flush(); return OK; }
+CUresult cuStreamQuery(void*) { LOCKED; return pending.empty() ? OK : 600; }
 CUresult cuStreamWaitEvent(void*, void* e, unsigned) { return e ? OK : INVALID_VALUE; }
 CUresult cuEventCreate(void** e, unsigned) { *e = new int(2); return OK; }
 CUresult cuEventRecord(void* e, void*) { return e ? OK : INVALID_VALUE; }
 CUresult cuEventRecordWithFlags(void* e, void*, unsigned) { return e ? OK : INVALID_VALUE; }
-CUresult cuEventSynchronize(void* e) { return e ? OK : INVALID_VALUE; }
-CUresult cuEventQuery(void* e) { return e ? OK : INVALID_VALUE; }
+CUresult cuEventSynchronize(void* e) {
+    if (!e) return INVALID_VALUE;
+    flush();
+    return OK;
+}
+CUresult cuEventQuery(void* e) {
+    LOCKED;
+    if (!e) return INVALID_VALUE;
+    return pending.empty() ? OK : 600;  // not ready
+}
 CUresult cuEventDestroy_v2(void* e) { delete (int*)e; return OK; }
 CUresult cuEventElapsedTime(float* ms, void*, void*) { *ms = 0; return OK; }
 CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 0; return OK; }
@@ -161,16 +196,22 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     return OK;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return cuMemAlloc_v2(p, n); }
-CUresult cuMemFree_v2(CUdeviceptr p) {
+// A free ends the allocation for work issued after it; its memory goes when the queue reaches it.
+CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
     LOCKED;
     auto it = device_allocs.find(p);
     if (it == device_allocs.end()) return fail("free of a pointer that is not a live allocation");
     device_bytes -= it->second;
     device_allocs.erase(it);
-    free((void*)p);
+    enqueue([p] { free((void*)p); });
     return OK;
 }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    LOCKED;
+    if (CUresult r = cuMemFreeAsync(p, nullptr)) return r;
+    flush();
+    return OK;
+}
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     LOCKED;
     *total = (size_t)16 << 30;
@@ -186,54 +227,78 @@ CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
 }
 CUresult cuMemFreeHost(void* p) {
     LOCKED;
+    flush();
     if (!host_allocs.erase((uint64_t)p)) return fail("cuMemFreeHost of an unknown pointer");
     free(p);
     return OK;
 }
+
+static bool is_pinned(const void* p, size_t n) { return n && inside(host_allocs, (uint64_t)p, n); }
 static int the_pool;
 CUresult cuDeviceGetDefaultMemPool(void** pool, int) { *pool = &the_pool; return OK; }
 CUresult cuMemPoolSetAttribute(void* pool, int, void* value) {
     return pool == &the_pool && value ? OK : INVALID_VALUE;
 }
 
-CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) {
     LOCKED;
     if (CUresult r = check_device(p, n, "memset")) return r;
-    memset((void*)p, v, n);
+    enqueue([p, v, n] { memset((void*)p, v, n); });
     return OK;
 }
-CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) {
-    return cuMemsetD8_v2(p, v, n);
+CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    LOCKED;
+    if (CUresult r = cuMemsetD8Async(p, v, n, nullptr)) return r;
+    flush();
+    return OK;
 }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+// From page-locked memory the copy reads the source when it runs; from pageable memory the
+// driver stages the bytes before returning.
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
     LOCKED;
     if (CUresult r = check_device(dst, n, "host-to-device copy")) return r;
     if (CUresult r = check_host(src, n, "host-to-device copy")) return r;
-    memcpy((void*)dst, src, n);
+    if (is_pinned(src, n)) {
+        enqueue([dst, src, n] { memcpy((void*)dst, src, n); });
+    } else {
+        std::vector<char> staged((const char*)src, (const char*)src + n);
+        enqueue([dst, staged = std::move(staged)] { memcpy((void*)dst, staged.data(), staged.size()); });
+    }
     return OK;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
-    return cuMemcpyHtoD_v2(dst, src, n);
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    LOCKED;
+    if (CUresult r = cuMemcpyHtoDAsync_v2(dst, src, n, nullptr)) return r;
+    flush();
+    return OK;
 }
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+// Into page-locked memory the copy runs with the queue; into pageable memory it returns done.
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
     LOCKED;
     if (CUresult r = check_device(src, n, "device-to-host copy")) return r;
     if (CUresult r = check_host(dst, n, "device-to-host copy")) return r;
-    memcpy(dst, (const void*)src, n);
+    enqueue([dst, src, n] { memcpy(dst, (const void*)src, n); });
+    if (!is_pinned(dst, n)) flush();
     return OK;
 }
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
-    return cuMemcpyDtoH_v2(dst, src, n);
-}
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     LOCKED;
-    if (CUresult r = check_device(src, n, "device-to-device copy (source)")) return r;
-    if (CUresult r = check_device(dst, n, "device-to-device copy (destination)")) return r;
-    memmove((void*)dst, (const void*)src, n);
+    if (CUresult r = cuMemcpyDtoHAsync_v2(dst, src, n, nullptr)) return r;
+    flush();
     return OK;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
-    return cuMemcpyDtoD_v2(dst, src, n);
+    LOCKED;
+    if (CUresult r = check_device(src, n, "device-to-device copy (source)")) return r;
+    if (CUresult r = check_device(dst, n, "device-to-device copy (destination)")) return r;
+    enqueue([dst, src, n] { memmove((void*)dst, (const void*)src, n); });
+    return OK;
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    LOCKED;
+    if (CUresult r = cuMemcpyDtoDAsync_v2(dst, src, n, nullptr)) return r;
+    flush();
+    return OK;
 }
 
 // CUDA_MEMCPY2D as cuda.h lays it out (memory types: 1 host, 2 device).
@@ -263,9 +328,12 @@ CUresult cuMemcpy2DAsync_v2(const Memcpy2D* c, void*) {
     size_t dst_span = c->dstPitch * (c->Height - 1) + c->WidthInBytes;
     if (CUresult r = check_device(c->srcDevice, src_span, "2-D copy (source)")) return r;
     if (CUresult r = check_device(c->dstDevice, dst_span, "2-D copy (destination)")) return r;
-    for (size_t row = 0; row < c->Height; ++row)
-        memmove((char*)c->dstDevice + row * c->dstPitch,
-                (const char*)c->srcDevice + row * c->srcPitch, c->WidthInBytes);
+    const Memcpy2D copy = *c;
+    enqueue([copy] {
+        for (size_t row = 0; row < copy.Height; ++row)
+            memmove((char*)copy.dstDevice + row * copy.dstPitch,
+                    (const char*)copy.srcDevice + row * copy.srcPitch, copy.WidthInBytes);
+    });
     return OK;
 }
 
