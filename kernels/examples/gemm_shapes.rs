@@ -1,7 +1,8 @@
 //! The bf16 linear (`Device::linear_bf16`: AMX tiles where present) against the f32 linear at
 //! DiT-XL/2's shapes (256 px, batch 2: 512 token rows) and a square 2048^3, same process, same
 //! inputs; prints GFLOP/s of both and their ratio per shape. Run:
-//! `cargo run --release -p kernels --example gemm_shapes [THREADS]`.
+//! `cargo run --release -p kernels --example gemm_shapes [THREADS] [bf16]` (`bf16`: skip the
+//! f32 products, e.g. to profile the bf16 kernel alone).
 
 use std::time::Instant;
 
@@ -12,6 +13,7 @@ fn main() -> kernels::Result<()> {
         .nth(1)
         .and_then(|t| t.parse().ok())
         .unwrap_or(2);
+    let bf16_only = std::env::args().nth(2).as_deref() == Some("bf16");
     let dev = Device::cpu(threads)?;
     println!("{threads} threads; bf16 path: {}", bf16_gemm_path());
     let shapes = [
@@ -35,7 +37,9 @@ fn main() -> kernels::Result<()> {
             dev.linear_bf16(&x, &packed, None)?;
             let b = t.elapsed().as_secs_f64();
             let t = Instant::now();
-            dev.linear(&x, &w, None)?;
+            if !bf16_only {
+                dev.linear(&x, &w, None)?;
+            }
             let f = t.elapsed().as_secs_f64();
             if i > 0 {
                 tb.push(b);

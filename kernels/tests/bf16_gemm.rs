@@ -2,7 +2,7 @@
 //! reference (`bf16(x) · W^T + b` in f64 over the same bf16-rounded operands): the products of
 //! bf16 values are exact in f32, so only the summation order differs; tolerance relative L2
 //! 1e-5 of the whole output. Shapes cover every edge: rows, columns and inputs that are not
-//! whole tiles (1, 15, 17, 33 ...), one row, inputs in several K blocks, row blocks in several
+//! whole tiles (1, 15, 17, 33 ...), one row, long inputs, row blocks in several
 //! cache groups, and the DiT-XL/2 shapes.
 
 mod common;
@@ -61,11 +61,13 @@ fn linear_bf16_matches_the_reference_on_every_edge() {
         (64, 64, 64),
         (70, 130, 200),
         (512, 1152, 96),
-        // Long rows: row blocks in several L2 groups, inputs in several K blocks.
+        // Long rows: row blocks in several L2 groups.
         (256, 4608, 40),
     ];
     for dev in [Device::cpu(1).unwrap(), Device::cpu(2).unwrap()] {
-        for &(m, k, n) in &shapes {
+        // Up and down again: a small product after a large one reuses the kernel's scratch
+        // buffer, whose padding must not keep the larger product's values.
+        for &(m, k, n) in shapes.iter().chain(shapes.iter().rev()) {
             let x = randn(&mut rng, m * k, 1.0);
             let w = randn(&mut rng, n * k, 1.0);
             let b = randn(&mut rng, n, 1.0);
@@ -123,4 +125,31 @@ fn linear_bf16_refuses_mismatched_shapes() {
     let b = Tensor::from_vec(vec![0.0; 3], &[3]).unwrap();
     let e = dev.linear_bf16(&x, &w, Some(&b)).unwrap_err().to_string();
     assert!(e.contains("bias"), "{e}");
+}
+
+/// A product after one whose inputs were not finite: the kernel's reused bf16 copy of `x` must
+/// be zero in its padding (a stale infinity times a zero-padded weight would be NaN).
+#[test]
+fn linear_bf16_after_non_finite_inputs_is_unaffected() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let dev = Device::cpu(1).unwrap();
+    let (m, k, n) = (64, 128, 32);
+    let w = PackedBf16::from_f32(&randn(&mut rng, n * k, 1.0), n, k);
+    let inf = Tensor::from_vec(vec![f32::INFINITY; m * k], &[m, k]).unwrap();
+    dev.linear_bf16(&inf, &w, None).unwrap();
+    let (m, k, n) = (17, 95, 31);
+    let x = randn(&mut rng, m * k, 1.0);
+    let packed = PackedBf16::from_f32(&randn(&mut rng, n * k, 1.0), n, k);
+    let got = dev
+        .linear_bf16(
+            &Tensor::from_vec(x.clone(), &[m, k]).unwrap(),
+            &packed,
+            None,
+        )
+        .unwrap();
+    let e = rel_l2(
+        got.as_f32().unwrap(),
+        &linear_bf16_slow(&x, &packed, None, m),
+    );
+    assert!(e <= 1e-5, "after a product of infinities: rel L2 {e}");
 }

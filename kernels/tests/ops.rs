@@ -30,7 +30,18 @@ fn exp_fast_matches_std_exp() {
 fn linear_matches_reference() {
     let mut rng = StdRng::seed_from_u64(1);
     for dev in devices() {
-        for &(m, k, n) in &[(1, 3, 5), (7, 33, 17), (130, 96, 200), (512, 64, 3 * 64)] {
+        // Up to 4 rows take the few-rows path (feature blocks of 64, dots in lanes of 16).
+        let shapes = [
+            (1, 3, 5),
+            (2, 100, 130),
+            (4, 37, 70),
+            (3, 1152, 65),
+            (5, 33, 17),
+        ];
+        for &(m, k, n) in shapes
+            .iter()
+            .chain(&[(7, 33, 17), (130, 96, 200), (512, 64, 3 * 64)])
+        {
             let (x, w, b) = (
                 randn(&mut rng, m * k, 1.0),
                 randn(&mut rng, n * k, 1.0),

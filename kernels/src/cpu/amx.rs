@@ -11,12 +11,11 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::aligned::AlignedVec;
 use super::bf16_gemm::{bf16_bits, Epilogue, PackedBf16, CHUNK_K};
 
 /// Output rows and columns of one kernel call.
 const BLOCK: usize = 32;
-/// Chunks of 32 inputs per K block (12: the two weight tiles' 24 KiB fit L1 with room for A).
-const K_BLOCK: usize = 12;
 /// u16 elements of one packed weight tile.
 const TILE: usize = 512;
 
@@ -115,9 +114,9 @@ impl Drop for Tiles {
     }
 }
 
-/// `c[32][32] (+)= a · b` for one block over `chunks` chunks of 32 inputs: `a0` / `a1` point at
-/// 16 rows each (row stride `sa` bytes), `b0` / `b1` at `chunks` consecutive 1 KiB weight tiles;
-/// `c` (row stride 128 bytes) is overwritten, or accumulated into when `accumulate`.
+/// `c[32][32] = a · b` for one block over `chunks` chunks of 32 inputs: `a0` / `a1` point at
+/// 16-row strips of `x` and `b0` / `b1` at weight panels, each `chunks` consecutive 1 KiB tiles;
+/// `c` (row stride 128 bytes, 64-byte aligned) is overwritten.
 ///
 /// # Safety
 /// Tiles loaded on this thread ([`Tiles::load`]); every pointer covers what it addresses;
@@ -126,43 +125,31 @@ impl Drop for Tiles {
 unsafe fn block(
     a0: *const u16,
     a1: *const u16,
-    sa: usize,
     b0: *const u16,
     b1: *const u16,
     chunks: usize,
     c: *mut f32,
-    accumulate: bool,
 ) {
     // SAFETY: the caller's contract. One asm block from the accumulators' start to their store,
     // so no tile register has to survive between blocks; tmm0-7 are declared clobbered.
     unsafe {
         std::arch::asm!(
-            "mov {bs}, 128",
-            "test {accumulate}, {accumulate}",
-            "jz 3f",
-            "tileloadd tmm0, [{c} + {bs}*1]",
-            "tileloadd tmm1, [{c} + {bs}*1 + 64]",
-            "tileloadd tmm2, [{c} + {bs}*1 + 2048]",
-            "tileloadd tmm3, [{c} + {bs}*1 + 2112]",
-            "jmp 4f",
-            "3:",
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
             "tilezero tmm3",
-            "4:",
             "mov {bs}, 64",
             "2:",
-            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm4, [{a0} + {bs}*1]",
             "tileloadd tmm6, [{b0} + {bs}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tileloadd tmm7, [{b1} + {bs}*1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {bs}*1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
+            "add {a0}, 1024",
+            "add {a1}, 1024",
             "add {b0}, 1024",
             "add {b1}, 1024",
             "dec {kc}",
@@ -174,12 +161,10 @@ unsafe fn block(
             "tilestored [{c} + {bs}*1 + 2112], tmm3",
             a0 = inout(reg) a0 => _,
             a1 = inout(reg) a1 => _,
-            sa = in(reg) sa,
             b0 = inout(reg) b0 => _,
             b1 = inout(reg) b1 => _,
             kc = inout(reg) chunks => _,
             c = in(reg) c,
-            accumulate = in(reg) accumulate as usize,
             bs = out(reg) _,
             out("tmm0") _,
             out("tmm1") _,
@@ -217,13 +202,28 @@ pub(crate) fn linear(
     let kp = chunks * CHUNK_K;
     let mblocks = m.div_ceil(BLOCK);
     let npairs = n.div_ceil(BLOCK);
-    // x in bf16, zero-padded to whole blocks and chunks.
-    let mut a = vec![0u16; mblocks * BLOCK * kp];
-    a.par_chunks_mut(kp)
-        .zip(x.par_chunks(k))
-        .for_each(|(dst, src)| {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = bf16_bits(s);
+    // x in bf16, zero-padded to whole blocks and chunks, tile-major: each 16-row x 32-input
+    // tile is 1 KiB of contiguous memory (tile t of 16-row strip s at (s * chunks + t) * TILE),
+    // so a tile load reads 16 consecutive cache lines (rows of x a power-of-two apart would
+    // all fall in one L1 set). The buffer is this thread's, reused across calls (a call that
+    // runs nested in this one, stolen by rayon, finds it taken and allocates its own).
+    let mut a = A_SCRATCH.take();
+    a.reuse_for(mblocks * 2 * chunks * TILE);
+    a.par_chunks_mut(chunks * TILE)
+        .enumerate()
+        .for_each(|(strip, dst)| {
+            for r in 0..16 {
+                let src = (strip * 16 + r < m).then(|| &x[(strip * 16 + r) * k..][..k]);
+                for kc in 0..chunks {
+                    let row = &mut dst[kc * TILE + r * CHUNK_K..][..CHUNK_K];
+                    let part = src.map_or(&[][..], |s| {
+                        &s[(kc * CHUNK_K).min(k)..((kc + 1) * CHUNK_K).min(k)]
+                    });
+                    for (d, &v) in row.iter_mut().zip(part) {
+                        *d = bf16_bits(v);
+                    }
+                    row[part.len()..].fill(0);
+                }
             }
         });
     // Tasks: column ranges, several per thread, so that rayon's work stealing evens out a thread
@@ -248,75 +248,56 @@ pub(crate) fn linear(
         };
         // SAFETY: AMX is available (asserted above).
         let _tiles = unsafe { Tiles::load() };
-        // Row blocks in groups whose bf16 rows (about 1 MiB) stay in L2 while every column pair
-        // passes them.
-        let group = ((1usize << 20) / (BLOCK * kp * 2)).max(1);
-        // The accumulators of one column pair for every row block of a group, 32 x 32 each.
-        let mut acc = vec![0f32; group.min(mbs.len()) * BLOCK * BLOCK];
+        // Row blocks in groups whose bf16 rows (about 1.5 MiB) stay in L2 while every column
+        // pair passes them.
+        let group = ((3usize << 19) / (BLOCK * kp * 2)).max(1);
         let mut g0 = mbs.start;
         while g0 < mbs.end {
             let g = g0..(g0 + group).min(mbs.end);
             g0 = g.end;
-            group_pairs(&a, kp, w, b, m, g, nps.clone(), &mut acc, out, epilogue);
+            group_pairs(&a, w, b, m, g, nps.clone(), out, epilogue);
         }
     });
+    A_SCRATCH.set(a);
 }
 
-/// Row blocks `mbs` against column pairs `nps`: per pair, K blocks outermost, then the row
-/// blocks, accumulating in `acc`; then the pair's columns of those rows are written to `out`.
+thread_local! {
+    /// [`linear`]'s bf16 copy of `x`, kept between calls.
+    static A_SCRATCH: std::cell::Cell<AlignedVec<u16>> = std::cell::Cell::new(AlignedVec::default());
+}
+
+/// Row blocks `mbs` against column pairs `nps`: per pair, each row block's 32 x 32 block over
+/// the whole K (accumulators in tiles throughout; both operands stream from L2, the pair's
+/// weight panels stay there while the row blocks pass), written out through the epilogue.
 #[allow(clippy::too_many_arguments)]
 fn group_pairs(
     a: &[u16],
-    kp: usize,
     w: &PackedBf16,
     b: Option<&[f32]>,
     m: usize,
     mbs: std::ops::Range<usize>,
     nps: std::ops::Range<usize>,
-    acc: &mut [f32],
     out: Shared,
     epilogue: Epilogue,
 ) {
     let (n, chunks) = (w.n(), w.chunks());
-    {
-        for np in nps {
-            let (p0, p1) = (w.panel(2 * np), w.panel(2 * np + 1));
-            // K blocks of K_BLOCK chunks: the pair's weight tiles of one K block (24 KiB) stay
-            // in L1 while every row block of the task passes them.
-            for kc0 in (0..chunks).step_by(K_BLOCK) {
-                let kcs = K_BLOCK.min(chunks - kc0);
-                let (b0, b1) = (p0[kc0 * TILE..].as_ptr(), p1[kc0 * TILE..].as_ptr());
-                for (i, mb) in mbs.clone().enumerate() {
-                    let a0 = a[mb * BLOCK * kp + kc0 * CHUNK_K..].as_ptr();
-                    // SAFETY: `a` holds 32 rows of kp from row mb * 32 on; each panel holds
-                    // `chunks` tiles; `acc` holds this block's 32 x 32.
-                    unsafe {
-                        block(
-                            a0,
-                            a0.add(16 * kp),
-                            kp * 2,
-                            b0,
-                            b1,
-                            kcs,
-                            acc[i * BLOCK * BLOCK..].as_mut_ptr(),
-                            kc0 > 0,
-                        );
-                    }
-                }
-            }
-            let n0 = np * BLOCK;
-            let cols = BLOCK.min(n - n0);
-            for (i, mb) in mbs.clone().enumerate() {
-                let m0 = mb * BLOCK;
-                for r in 0..BLOCK.min(m - m0) {
-                    // SAFETY: row m0 + r < m and columns n0..n0 + cols <= n: inside y; no other
-                    // task writes this region.
-                    let row = unsafe {
-                        std::slice::from_raw_parts_mut(out.0.add((m0 + r) * n + n0), cols)
-                    };
-                    let c = &acc[(i * BLOCK + r) * BLOCK..][..cols];
-                    epilogue.write(row, c, b.map(|b| &b[n0..n0 + cols]));
-                }
+    let mut acc = AlignedVec::<f32>::zeroed(BLOCK * BLOCK);
+    for np in nps {
+        let (b0, b1) = (w.panel(2 * np).as_ptr(), w.panel(2 * np + 1).as_ptr());
+        let n0 = np * BLOCK;
+        let cols = BLOCK.min(n - n0);
+        for mb in mbs.clone() {
+            let a0 = a[2 * mb * chunks * TILE..].as_ptr();
+            // SAFETY: `a` holds strips 2 mb and 2 mb + 1 of `chunks` tiles; each panel holds
+            // `chunks` tiles; `acc` holds 32 x 32.
+            unsafe { block(a0, a0.add(chunks * TILE), b0, b1, chunks, acc.as_mut_ptr()) };
+            let m0 = mb * BLOCK;
+            for r in 0..BLOCK.min(m - m0) {
+                // SAFETY: row m0 + r < m and columns n0..n0 + cols <= n: inside y; no other
+                // task writes this region.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + r) * n + n0), cols) };
+                epilogue.write(row, &acc[r * BLOCK..][..cols], b.map(|b| &b[n0..n0 + cols]));
             }
         }
     }

@@ -60,6 +60,25 @@ pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// Dot product with 16 independent accumulators (vectorisable, like [`sum_lanes`]).
+#[inline]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
 /// Maximum with 16 independent lanes (vectorisable); `-inf` for an empty slice.
 #[inline]
 pub(crate) fn max_lanes(x: &[f32]) -> f32 {

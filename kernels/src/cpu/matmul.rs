@@ -22,6 +22,9 @@ pub(crate) fn linear(
     if m == 0 || n == 0 {
         return;
     }
+    if m <= FEW_ROWS {
+        return linear_few_rows(y, x, w, b, m, k, n);
+    }
     if let Some(b) = b {
         y.par_chunks_mut(n.max(4096 / n.max(1) * n))
             .for_each(|rows| {
@@ -59,6 +62,44 @@ pub(crate) fn linear(
             false,
             par,
         );
+    }
+}
+
+/// Up to this many rows, [`linear`] reads each weight row once for all rows of `x` instead of
+/// calling the GEMM (which packs the whole weight first): conditioning vectors (`m` = batch) of
+/// DiT's modulation linears, where the product is bound by reading `w` (DiT-XL/2's
+/// `[6912, 1152]`: 6.1 -> 1.0 ms on Emerald Rapids, 2 threads).
+const FEW_ROWS: usize = 4;
+
+/// [`linear`] for `m <= FEW_ROWS`: tasks over blocks of output features, each computing its
+/// features for every row; `y` is overwritten.
+fn linear_few_rows(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    const FEATURES: usize = 64;
+    // Transposed result [n, m], then copied into y [m, n] (m is at most FEW_ROWS).
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(FEATURES * m)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            for (jj, o) in out.chunks_mut(m).enumerate() {
+                let j = blk * FEATURES + jj;
+                let wr = &w[j * k..][..k];
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = super::math::dot_lanes(&x[i * k..][..k], wr) + b.map_or(0.0, |b| b[j]);
+                }
+            }
+        });
+    for (i, row) in y.chunks_mut(n).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = yt[j * m + i];
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The CPU backend: a rayon pool per device and the f32 kernels it runs.
 
 pub(crate) mod activation;
+pub(crate) mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 pub(crate) mod attention;
