@@ -20,7 +20,11 @@ pub fn exp_fast(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from n's bits: n + 127 + 2^23 is an integer in [2^23, 2^24) (n is in [-126, 127]
+    // after the clamp), so its low 23 mantissa bits are n + 127, the biased exponent. No
+    // float -> int conversion: a saturating `as i32` made LLVM convert lane by lane.
+    let biased = (n + (127.0 + 8_388_608.0)).to_bits() & 0x7f_ffff;
+    let scale = f32::from_bits(biased << 23);
     if x < -87.3 {
         0.0
     } else {
