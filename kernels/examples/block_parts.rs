@@ -1,5 +1,6 @@
 //! Where a DiT-XL/2 block's time goes on the CPU: each op of one block (256 px, batch 2: 512
-//! token rows, d = 1152, 16 heads of 72) timed on its own, in f32 and with bf16 linear layers,
+//! token rows, d = 1152, 16 heads of 72) timed on its own, in f32 and in bf16 (linear layers and
+//! attention's products on AMX where the CPU has it),
 //! same process, medians of 7. Prints ms per op, the share of the block, and the ops' GFLOP/s.
 //! Run: `cargo run --release -p kernels --example block_parts [THREADS]`.
 
@@ -72,15 +73,23 @@ fn main() -> kernels::Result<()> {
     let f = same(&mut || dev.linear(&x, &w_qkv, None).map(drop))?;
     let b = same(&mut || dev.linear_bf16(&x, &p_qkv, None).map(drop))?;
     both("qkv linear", gemm(rows, 3 * D, D), f, b);
-    let att = same(&mut || {
+    let bf16_dev = dev.clone().with_compute_dtype(kernels::DType::BF16);
+    let attention = |dev: &Device| {
         let (q, k, v) = (
             AttnView::of(&qkv, 0)?,
             AttnView::of(&qkv, D)?,
             AttnView::of(&qkv, 2 * D)?,
         );
         dev.attention(q, k, v, None, B, HEADS, D / HEADS).map(drop)
-    })?;
-    both("attention", 4.0 * (B * N * N * D) as f64 / 1e9, att, att);
+    };
+    let att = same(&mut || attention(&dev))?;
+    let att_bf16 = same(&mut || attention(&bf16_dev))?;
+    both(
+        "attention",
+        4.0 * (B * N * N * D) as f64 / 1e9,
+        att,
+        att_bf16,
+    );
     let f = same(&mut || dev.linear(&x, &w_proj, None).map(drop))?;
     let b = same(&mut || dev.linear_bf16(&x, &p_proj, None).map(drop))?;
     both("out proj linear", gemm(rows, D, D), f, b);

@@ -110,12 +110,14 @@ impl Device {
     }
 
     /// The same device computing in `dtype`: a CUDA device converts weights and activations to
-    /// it as they arrive ([`import`](Self::import)); a CPU device always computes in f32 (its
-    /// bf16 path is per linear layer: [`Device::linear_bf16`]) and is returned unchanged.
+    /// it as they arrive ([`import`](Self::import)). A CPU device keeps its activations in f32
+    /// (its bf16 linear layers are per layer: [`Device::linear_bf16`]); with `bf16` its
+    /// attention's products round to bf16 on AMX tiles where the CPU has them
+    /// ([`CpuDevice::with_bf16_attention`]).
     #[cfg_attr(not(feature = "cuda"), allow(unreachable_code))]
     pub fn with_compute_dtype(self, dtype: DType) -> Device {
         match self {
-            Device::Cpu(c) => Device::Cpu(c),
+            Device::Cpu(c) => Device::Cpu(c.with_bf16_attention(dtype == DType::BF16)),
             Device::Cuda(c) => Device::Cuda(c.with_dtype(dtype)),
         }
     }
@@ -619,6 +621,13 @@ impl Device {
                     head_dim,
                 };
                 c.install(|| {
+                    #[cfg(target_arch = "x86_64")]
+                    if c.bf16_attention() {
+                        let l = lse.as_deref_mut();
+                        return cpu::attention_bf16::attention_bf16(
+                            &mut out, l, qc, kc, vc, kb, dims,
+                        );
+                    }
                     cpu::attention::attention(&mut out, lse.as_deref_mut(), qc, kc, vc, kb, dims)
                 });
                 let lse = lse

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::aligned::AlignedVec;
-use super::bf16_gemm::{bf16_bits, Epilogue, PackedBf16, CHUNK_K};
+use super::bf16_gemm::{bf16_bits_into, Epilogue, PackedBf16, CHUNK_K};
 
 /// Output rows and columns of one kernel call.
 const BLOCK: usize = 32;
@@ -209,29 +209,35 @@ pub(crate) fn linear(
     // runs nested in this one, stolen by rayon, finds it taken and allocates its own).
     let mut a = A_SCRATCH.take();
     a.reuse_for(mblocks * 2 * chunks * TILE);
-    a.par_chunks_mut(chunks * TILE)
-        .enumerate()
-        .for_each(|(strip, dst)| {
-            for r in 0..16 {
-                let src = (strip * 16 + r < m).then(|| &x[(strip * 16 + r) * k..][..k]);
-                for kc in 0..chunks {
-                    let row = &mut dst[kc * TILE + r * CHUNK_K..][..CHUNK_K];
-                    let part = src.map_or(&[][..], |s| {
-                        &s[(kc * CHUNK_K).min(k)..((kc + 1) * CHUNK_K).min(k)]
-                    });
-                    for (d, &v) in row.iter_mut().zip(part) {
-                        *d = bf16_bits(v);
-                    }
-                    row[part.len()..].fill(0);
-                }
+    let convert = |(strip, dst): (usize, &mut [u16])| {
+        for r in 0..16 {
+            let src = (strip * 16 + r < m).then(|| &x[(strip * 16 + r) * k..][..k]);
+            for kc in 0..chunks {
+                let row = &mut dst[kc * TILE + r * CHUNK_K..][..CHUNK_K];
+                let part = src.map_or(&[][..], |s| {
+                    &s[(kc * CHUNK_K).min(k)..((kc + 1) * CHUNK_K).min(k)]
+                });
+                bf16_bits_into(row, part);
+                row[part.len()..].fill(0);
             }
-        });
+        }
+    };
+    // One thread (attention's products, run inside its own parallel tasks): no rayon at all.
+    if threads == 1 {
+        a.chunks_mut(chunks * TILE).enumerate().for_each(convert);
+    } else {
+        a.par_chunks_mut(chunks * TILE)
+            .enumerate()
+            .for_each(convert);
+    }
     // Tasks: column ranges, several per thread, so that rayon's work stealing evens out a thread
     // that runs slower (a vCPU the host shares: with one static half each, the whole product
     // waited for the slow one); every task reads the same bf16 rows from its own L2. Rows are
     // split only when there are too few column pairs to go round.
     let by_rows = npairs < 2 * threads && mblocks >= threads;
-    let tasks = if by_rows {
+    let tasks = if threads == 1 {
+        1
+    } else if by_rows {
         threads.min(mblocks)
     } else {
         npairs.min(4 * threads)
@@ -239,7 +245,7 @@ pub(crate) fn linear(
     .max(1);
     let span = |units: usize, t: usize| units * t / tasks..units * (t + 1) / tasks;
     let out = Shared(y.as_mut_ptr());
-    (0..tasks).into_par_iter().for_each(|t| {
+    let task = |t: usize| {
         let out = out;
         let (mbs, nps) = if by_rows {
             (span(mblocks, t), 0..npairs)
@@ -257,7 +263,12 @@ pub(crate) fn linear(
             g0 = g.end;
             group_pairs(&a, w, b, m, g, nps.clone(), out, epilogue);
         }
-    });
+    };
+    if tasks == 1 {
+        task(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
     A_SCRATCH.set(a);
 }
 

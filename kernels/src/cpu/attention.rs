@@ -41,7 +41,7 @@ impl AttnInput<'_> {
             .checked_add(self.col_offset)?
             .checked_add(width)
     }
-    fn at(&self, b: usize, s: usize, col: usize) -> usize {
+    pub(crate) fn at(&self, b: usize, s: usize, col: usize) -> usize {
         b * self.batch_stride + s * self.row_stride + self.col_offset + col
     }
 }

@@ -18,7 +18,7 @@ pub(crate) const BLOCK_N: usize = 16;
 /// Inputs per packed chunk (one tile's bf16 pairs x 2).
 pub(crate) const CHUNK_K: usize = 32;
 /// u16 elements per packed tile.
-const TILE: usize = BLOCK_N * CHUNK_K;
+pub(crate) const TILE: usize = BLOCK_N * CHUNK_K;
 
 /// `f32 -> bf16` bits, round to nearest even (NaN stays NaN): what `half::bf16::from_f32` and
 /// PyTorch's conversion do, written so that it vectorises.
@@ -29,6 +29,55 @@ pub fn bf16_bits(x: f32) -> u16 {
         return ((b >> 16) | 0x40) as u16;
     }
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `dst[i] = bf16_bits(src[i])` for `i < src.len()` (`dst` at least as long): 32 at a time with
+/// AVX512-BF16's `vcvtne2ps2bf16` (round to nearest even, as [`bf16_bits`]; NaN stays NaN)
+/// where the CPU has it, one by one elsewhere.
+pub(crate) fn bf16_bits_into(dst: &mut [u16], src: &[f32]) {
+    assert!(
+        dst.len() >= src.len(),
+        "bf16_bits_into: destination too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512_bf16() {
+        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked); lengths checked above.
+        return unsafe { bf16_bits_avx512(dst, src) };
+    }
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = bf16_bits(x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_bf16() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    })
+}
+
+/// # Safety
+/// The CPU has AVX-512F and AVX512-BF16; `dst.len() >= src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_bits_avx512(dst: &mut [u16], src: &[f32]) {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 32 * 32;
+    for i in (0..whole).step_by(32) {
+        // SAFETY: i + 32 <= src.len() <= dst.len(); unaligned loads and stores.
+        unsafe {
+            let lo = _mm512_loadu_ps(src.as_ptr().add(i));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(i + 16));
+            // Result lanes 0..16 from the second operand, 16..32 from the first.
+            let packed = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(dst.as_mut_ptr().add(i).cast(), std::mem::transmute(packed));
+        }
+    }
+    for (d, &x) in dst[whole..].iter_mut().zip(&src[whole..]) {
+        *d = bf16_bits(x);
+    }
 }
 
 /// The f32 value of bf16 bits.
@@ -87,6 +136,20 @@ impl PackedBf16 {
             packed.data = AlignedVec::zeroed(0); // only the AMX kernel reads the tiles
         }
         packed
+    }
+
+    /// A weight `[n, k]` from tiles already in the packed layout (see the module docs; `data`
+    /// holds `n.div_ceil(32) * 2` blocks of `k.div_ceil(32)` tiles). The AMX kernel's own
+    /// operands (attention's K and V^T); only where [`amx`] holds.
+    pub(crate) fn from_tiles(n: usize, k: usize, data: AlignedVec<u16>) -> PackedBf16 {
+        let want = n.div_ceil(2 * BLOCK_N) * 2 * k.div_ceil(CHUNK_K) * TILE;
+        assert_eq!(data.len(), want, "PackedBf16::from_tiles: tile count");
+        PackedBf16 {
+            n,
+            k,
+            data,
+            unpacked: None,
+        }
     }
 
     /// Packs an f32 weight `[n, k]`, rounding each element to bf16.
@@ -238,4 +301,43 @@ pub(crate) fn linear_bf16(
 pub fn linear_bf16_slow(x: &[f32], w: &PackedBf16, b: Option<&[f32]>, m: usize) -> Vec<f32> {
     let xr: Vec<f32> = x.iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect();
     super::matmul::linear_slow(&xr, &w.unpack_f32(), b, m, w.k, w.n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{bf16_bits, bf16_bits_into};
+
+    /// The vector conversion equals the scalar one bit for bit (ties to even, NaN, infinities,
+    /// every length's tail), except f32 subnormals, which AVX512-BF16 flushes to zero (AMX's
+    /// `tdpbf16ps` treats bf16 subnormals as zero either way).
+    #[test]
+    fn vector_conversion_equals_the_scalar_one() {
+        let mut src: Vec<f32> = (0..1000u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+            .collect();
+        src.extend([
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            f32::MAX,
+            f32::from_bits(0x3f80_8000), // a tie: rounds to even (down)
+            f32::from_bits(0x3f81_8000), // a tie: rounds to even (up)
+            f32::from_bits(0x7f7f_ffff), // rounds up to infinity
+        ]);
+        for len in [0, 1, 31, 32, 33, 64, 100, src.len()] {
+            let mut got = vec![0u16; len];
+            bf16_bits_into(&mut got, &src[..len]);
+            for (i, (&g, &x)) in got.iter().zip(&src).enumerate() {
+                let want = bf16_bits(x);
+                let flushed = x.is_subnormal() && g & 0x7fff == 0;
+                assert!(
+                    g == want || flushed,
+                    "len {len} [{i}] {x:e}: {g:#x} vs {want:#x}"
+                );
+            }
+        }
+    }
 }

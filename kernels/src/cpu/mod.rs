@@ -5,6 +5,8 @@ pub(crate) mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 pub(crate) mod attention;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod attention_bf16;
 pub(crate) mod bf16_gemm;
 pub(crate) mod conv;
 pub(crate) mod layout;
@@ -22,11 +24,17 @@ use crate::{KernelError, Result};
 pub struct CpuDevice {
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
+    /// Attention's products in bf16 on AMX tiles ([`CpuDevice::with_bf16_attention`]).
+    bf16_attention: bool,
 }
 
 impl std::fmt::Debug for CpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cpu({} threads)", self.threads)
+        write!(f, "cpu({} threads)", self.threads)?;
+        if self.bf16_attention {
+            write!(f, " bf16")?;
+        }
+        Ok(())
     }
 }
 
@@ -61,7 +69,22 @@ impl CpuDevice {
         Ok(CpuDevice {
             pool: Arc::new(pool),
             threads,
+            bf16_attention: false,
         })
+    }
+
+    /// The same device (same pool) with attention's two products (`Q K^T`, `P V`) rounding
+    /// their operands to bf16 and accumulating in f32 on AMX tiles, as a bf16 model's attention
+    /// does: only where the CPU has AMX-BF16 ([`crate::bf16_gemm_path`]); elsewhere attention
+    /// stays f32 (the same numbers as the f32 device).
+    pub fn with_bf16_attention(mut self, on: bool) -> CpuDevice {
+        self.bf16_attention = on && bf16_gemm::bf16_gemm_path() == "amx-bf16";
+        self
+    }
+
+    /// Whether attention runs in bf16 here (see [`CpuDevice::with_bf16_attention`]).
+    pub fn bf16_attention(&self) -> bool {
+        self.bf16_attention
     }
 
     /// Number of threads of this device.

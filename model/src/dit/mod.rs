@@ -111,6 +111,14 @@ impl Transformer {
         }
         let d = cfg.hidden();
         let _span = tracing::info_span!("load", blocks = ?range, arch = ?cfg.arch).entered();
+        // A CPU model with bf16 linear layers runs its attention's products in bf16 too (AMX),
+        // as the bf16 model it stands for does.
+        let device = match device {
+            Device::Cpu(_) if src.linear_dtype() == kernels::DType::BF16 => {
+                device.with_compute_dtype(kernels::DType::BF16)
+            }
+            other => other,
+        };
         // A GPU stage's weights go to the GPU as they are read, in its compute dtype.
         let placed = crate::weights::placed(src, &device);
         let src = placed.source();
