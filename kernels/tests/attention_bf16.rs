@@ -119,6 +119,7 @@ fn bf16_attention_matches_the_reference_over_bf16_inputs() {
 }
 
 #[test]
+#[allow(irrefutable_let_patterns)] // irrefutable without the `cuda` feature
 fn a_bf16_device_says_so_only_where_it_computes_in_bf16() {
     let Device::Cpu(c) = Device::cpu(1).unwrap().with_compute_dtype(DType::BF16) else {
         panic!("a CPU device stays a CPU device");

@@ -2,14 +2,14 @@
 
 use rayon::prelude::*;
 
-use super::math::{gelu_tanh_scalar, silu_scalar};
+use super::math::silu_scalar;
 
 const CHUNK: usize = 16 * 1024;
 
 /// GELU (tanh approximation) in place.
 pub(crate) fn gelu_tanh(x: &mut [f32]) {
     x.par_chunks_mut(CHUNK)
-        .for_each(|c| c.iter_mut().for_each(|v| *v = gelu_tanh_scalar(*v)));
+        .for_each(super::vector_math::gelu_tanh_in_place);
 }
 
 /// SiLU in place.

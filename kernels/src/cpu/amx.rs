@@ -246,7 +246,6 @@ pub(crate) fn linear(
     let span = |units: usize, t: usize| units * t / tasks..units * (t + 1) / tasks;
     let out = Shared(y.as_mut_ptr());
     let task = |t: usize| {
-        let out = out;
         let (mbs, nps) = if by_rows {
             (span(mblocks, t), 0..npairs)
         } else {

@@ -7,8 +7,9 @@
 
 use rayon::prelude::*;
 
-use super::math::{exp_fast, max_lanes, sum_lanes};
+use super::math::{exp_fast, max_lanes};
 use super::matmul::{matmul_strided, MatRef};
+use super::vector_math::exp_sub_sum;
 
 const Q_TILE: usize = 64;
 const K_TILE: usize = 256;
@@ -133,9 +134,9 @@ pub(crate) fn attention(
                         s.iter_mut().for_each(|x| *x = 0.0);
                         continue;
                     }
-                    s.iter_mut().for_each(|x| *x = exp_fast(*x - new_max));
+                    let tile_sum = exp_sub_sum(s, new_max);
                     let correction = exp_fast(row_max[r] - new_max);
-                    row_sum[r] = row_sum[r] * correction + sum_lanes(s);
+                    row_sum[r] = row_sum[r] * correction + tile_sum;
                     row_max[r] = new_max;
                     if correction != 1.0 {
                         acc[r * dh..(r + 1) * dh]

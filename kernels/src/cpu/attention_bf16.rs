@@ -13,7 +13,8 @@ use rayon::prelude::*;
 use super::aligned::AlignedVec;
 use super::attention::{AttnDims, AttnInput};
 use super::bf16_gemm::{bf16_bits, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE};
-use super::math::{exp_fast, max_lanes, sum_lanes};
+use super::math::max_lanes;
+use super::vector_math::exp_sub_sum;
 
 /// Query rows per tile (scores: `Q_TILE x S_k` f32).
 const Q_TILE: usize = 64;
@@ -78,8 +79,7 @@ pub(crate) fn attention_bf16(
                     sums[r] = 0.0;
                     continue;
                 }
-                row.iter_mut().for_each(|x| *x = exp_fast(*x - m));
-                sums[r] = sum_lanes(row);
+                sums[r] = exp_sub_sum(row, m);
                 maxes[r] = m;
             }
             let o = &mut o[..rows * dh];

@@ -248,16 +248,7 @@ impl Epilogue {
                 }
             }
             (Epilogue::Bias, None) => out.copy_from_slice(acc),
-            (Epilogue::BiasGeluTanh, Some(b)) => {
-                for ((o, &v), &bb) in out.iter_mut().zip(acc).zip(b) {
-                    *o = super::math::gelu_tanh_scalar(v + bb);
-                }
-            }
-            (Epilogue::BiasGeluTanh, None) => {
-                for (o, &v) in out.iter_mut().zip(acc) {
-                    *o = super::math::gelu_tanh_scalar(v);
-                }
-            }
+            (Epilogue::BiasGeluTanh, b) => super::vector_math::gelu_tanh_bias(out, acc, b),
         }
     }
 }

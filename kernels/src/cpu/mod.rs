@@ -14,6 +14,7 @@ pub(crate) mod math;
 pub(crate) mod matmul;
 pub(crate) mod norm;
 pub(crate) mod rotary;
+pub(crate) mod vector_math;
 
 use std::sync::Arc;
 
