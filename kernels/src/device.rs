@@ -302,11 +302,10 @@ impl Device {
         *shape.last_mut().expect("checked non-scalar") = n;
         match self {
             Device::Cpu(c) => {
-                let mut y = vec![0f32; m * n];
                 let xs = x.as_f32()?;
                 let bs = b.map(|b| b.as_f32()).transpose()?;
-                c.install(|| {
-                    cpu::bf16_gemm::linear_bf16(&mut y, xs, w, bs, m, c.threads(), epilogue)
+                let y = c.install(|| {
+                    cpu::bf16_gemm::linear_bf16_alloc(xs, w, bs, m, c.threads(), epilogue)
                 });
                 Tensor::from_vec(y, &shape)
             }

@@ -73,6 +73,14 @@ impl<T: Pod> DerefMut for AlignedVec<T> {
     }
 }
 
+/// `s` as memory to be written (every `f32` is valid, so writing through this view keeps `s`
+/// initialised): for kernels that also fill uninitialised outputs.
+pub(crate) fn as_uninit(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: same layout; the view only allows writes of valid f32s and reads of what was
+    // written (MaybeUninit never de-initialises what it points at).
+    unsafe { &mut *(s as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::AlignedVec;

@@ -189,7 +189,7 @@ unsafe impl Sync for Shared {}
 /// `y = epilogue(bf16(x) · W^T + b)` on AMX tiles, the epilogue applied as each 32 x 32 block
 /// is written out (still in L1). Requires [`available`].
 pub(crate) fn linear(
-    y: &mut [f32],
+    y: &mut [std::mem::MaybeUninit<f32>],
     x: &[f32],
     w: &PackedBf16,
     b: Option<&[f32]>,
@@ -244,7 +244,7 @@ pub(crate) fn linear(
     }
     .max(1);
     let span = |units: usize, t: usize| units * t / tasks..units * (t + 1) / tasks;
-    let out = Shared(y.as_mut_ptr());
+    let out = Shared(y.as_mut_ptr().cast::<f32>());
     let task = |t: usize| {
         let (mbs, nps) = if by_rows {
             (span(mblocks, t), 0..npairs)
@@ -305,8 +305,9 @@ fn group_pairs(
             for r in 0..BLOCK.min(m - m0) {
                 // SAFETY: row m0 + r < m and columns n0..n0 + cols <= n: inside y; no other
                 // task writes this region.
-                let row =
-                    unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + r) * n + n0), cols) };
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(out.0.add((m0 + r) * n + n0).cast(), cols)
+                };
                 epilogue.write(row, &acc[r * BLOCK..][..cols], b.map(|b| &b[n0..n0 + cols]));
             }
         }

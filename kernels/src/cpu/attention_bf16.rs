@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::aligned::AlignedVec;
+use super::aligned::{as_uninit, AlignedVec};
 use super::attention::{AttnDims, AttnInput};
 use super::bf16_gemm::{bf16_bits, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE};
 use super::math::max_lanes;
@@ -63,7 +63,7 @@ pub(crate) fn attention_bf16(
             let rows = Q_TILE.min(sq - q0);
             let qr = gather(&q, q0..q0 + rows);
             let s = &mut scores[..rows * sk];
-            super::amx::linear(s, &qr, &kp, None, rows, 1, Epilogue::Bias);
+            super::amx::linear(as_uninit(s), &qr, &kp, None, rows, 1, Epilogue::Bias);
             let mut maxes = [f32::NEG_INFINITY; Q_TILE];
             for (r, row) in s.chunks_mut(sk).enumerate() {
                 match bias {
@@ -83,7 +83,7 @@ pub(crate) fn attention_bf16(
                 maxes[r] = m;
             }
             let o = &mut o[..rows * dh];
-            super::amx::linear(o, s, &vp, None, rows, 1, Epilogue::Bias);
+            super::amx::linear(as_uninit(o), s, &vp, None, rows, 1, Epilogue::Bias);
             for r in 0..rows {
                 let inv = if sums[r] > 0.0 { 1.0 / sums[r] } else { 0.0 };
                 let dst = (b * sq + q0 + r) * width + col;

@@ -23,17 +23,23 @@ pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     sum
 }
 
-/// `out[i] = gelu_tanh(acc[i] + bias[i])` (no bias: `acc[i]`); the slices have one length.
-pub(crate) fn gelu_tanh_bias(out: &mut [f32], acc: &[f32], bias: Option<&[f32]>) {
+/// `out[i] = gelu_tanh(acc[i] + bias[i])` (no bias: `acc[i]`); the slices have one length;
+/// `out` may be uninitialised.
+pub(crate) fn gelu_tanh_bias(
+    out: &mut [std::mem::MaybeUninit<f32>],
+    acc: &[f32],
+    bias: Option<&[f32]>,
+) {
     assert!(acc.len() == out.len() && bias.is_none_or(|b| b.len() == out.len()));
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         let b = bias.map(|b| b.as_ptr());
         // SAFETY: the CPU has AVX-512F (checked); every pointer covers out.len() elements.
-        return unsafe { avx512::gelu_tanh_bias(out.as_mut_ptr(), acc.as_ptr(), b, out.len()) };
+        let o = out.as_mut_ptr().cast::<f32>();
+        return unsafe { avx512::gelu_tanh_bias(o, acc.as_ptr(), b, out.len()) };
     }
     for (i, o) in out.iter_mut().enumerate() {
-        *o = gelu_tanh_scalar(acc[i] + bias.map_or(0.0, |b| b[i]));
+        o.write(gelu_tanh_scalar(acc[i] + bias.map_or(0.0, |b| b[i])));
     }
 }
 
@@ -212,7 +218,7 @@ mod tests {
             let bias: Vec<f32> = (0..len).map(|i| i as f32 * 0.01 - 0.3).collect();
             for b in [None, Some(&bias[..])] {
                 let mut got = vec![f32::NAN; len];
-                gelu_tanh_bias(&mut got, &acc, b);
+                gelu_tanh_bias(crate::cpu::aligned::as_uninit(&mut got), &acc, b);
                 if b.is_none() {
                     let mut in_place = acc.clone();
                     gelu_tanh_in_place(&mut in_place);
