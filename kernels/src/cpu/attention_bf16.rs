@@ -12,9 +12,9 @@ use rayon::prelude::*;
 
 use super::aligned::{as_uninit, AlignedVec};
 use super::attention::{AttnDims, AttnInput};
-use super::bf16_gemm::{bf16_bits, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE};
+use super::bf16_gemm::{bf16_bits_into, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE};
 use super::math::max_lanes;
-use super::vector_math::exp_sub_sum;
+use super::vector_math::exp_scaled_sub_sum;
 
 /// Query rows per tile (scores: `Q_TILE x S_k` f32).
 const Q_TILE: usize = 64;
@@ -66,20 +66,24 @@ pub(crate) fn attention_bf16(
             super::amx::linear(as_uninit(s), &qr, &kp, None, rows, 1, Epilogue::Bias);
             let mut maxes = [f32::NEG_INFINITY; Q_TILE];
             for (r, row) in s.chunks_mut(sk).enumerate() {
-                match bias {
-                    Some(bb) => row
-                        .iter_mut()
-                        .zip(bb)
-                        .for_each(|(x, b)| *x = *x * scale + b),
-                    None => row.iter_mut().for_each(|x| *x *= scale),
-                }
-                let m = max_lanes(row);
+                // Without a bias the scale goes into the exponent (the max of the scaled
+                // scores is the scaled max: scale > 0), saving a pass over the row.
+                let row_scale = match bias {
+                    Some(bb) => {
+                        row.iter_mut()
+                            .zip(bb)
+                            .for_each(|(x, b)| *x = *x * scale + b);
+                        1.0
+                    }
+                    None => scale,
+                };
+                let m = max_lanes(row) * row_scale;
                 if m == f32::NEG_INFINITY {
                     row.fill(0.0); // every key removed: zeros out, -inf log-sum-exp
                     sums[r] = 0.0;
                     continue;
                 }
-                sums[r] = exp_sub_sum(row, m);
+                sums[r] = exp_scaled_sub_sum(row, row_scale, m);
                 maxes[r] = m;
             }
             let o = &mut o[..rows * dh];
@@ -87,9 +91,11 @@ pub(crate) fn attention_bf16(
             for r in 0..rows {
                 let inv = if sums[r] > 0.0 { 1.0 / sums[r] } else { 0.0 };
                 let dst = (b * sq + q0 + r) * width + col;
-                for j in 0..dh {
-                    // SAFETY: each (b, query row, head) block is written by exactly one task.
-                    unsafe { *out_ptr.get().add(dst + j) = o[r * dh + j] * inv };
+                // SAFETY: each (b, query row, head) block of `out` is written by exactly one
+                // task, and lies inside `out` (batch * sq rows of width).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(dst), dh) };
+                for (d, &x) in dst.iter_mut().zip(&o[r * dh..(r + 1) * dh]) {
+                    *d = x * inv;
                 }
                 if let Some(l) = lse_ptr {
                     let v = if sums[r] > 0.0 {
@@ -108,24 +114,20 @@ pub(crate) fn attention_bf16(
 /// Words (bf16 pairs) per packed tile: 16 rows of 16 columns.
 const TILE_WORDS: usize = TILE / 2;
 
-/// Two bf16 values as one little-endian word: `lo` at the lower address (a tile's element
-/// pair `(r, c, 0..2)`).
-fn pair(lo: f32, hi: f32) -> u32 {
-    bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
-}
-
 /// Keys `[sk, dh]` (row `s` from `key`) as the packed weight of `Q K^T`: tile `(nb, kc)` holds
 /// keys `16 nb..` as columns and dims `32 kc..` as 16 rows of pairs.
 fn pack_keys<'a>(sk: usize, dh: usize, key: impl Fn(usize) -> &'a [f32]) -> PackedBf16 {
     let chunks = dh.div_ceil(CHUNK_K);
     let mut data = AlignedVec::<u16>::zeroed(sk.div_ceil(2 * BLOCK_N) * 2 * chunks * TILE);
     let words: &mut [u32] = bytemuck::cast_slice_mut(&mut data);
+    let mut bits = vec![0u16; 2 * dh.div_ceil(2)]; // one key's dims in bf16, an even count
     for s in 0..sk {
-        let (nb, c, kr) = (s / BLOCK_N, s % BLOCK_N, key(s));
-        for (p, two) in kr.chunks(2).enumerate() {
+        let (nb, c) = (s / BLOCK_N, s % BLOCK_N);
+        bf16_bits_into(&mut bits, key(s));
+        for (p, two) in bits.chunks_exact(2).enumerate() {
             let (kc, r) = (p / (CHUNK_K / 2), p % (CHUNK_K / 2));
-            let hi = two.get(1).copied().unwrap_or(0.0);
-            words[(nb * chunks + kc) * TILE_WORDS + r * BLOCK_N + c] = pair(two[0], hi);
+            words[(nb * chunks + kc) * TILE_WORDS + r * BLOCK_N + c] =
+                two[0] as u32 | (two[1] as u32) << 16;
         }
     }
     PackedBf16::from_tiles(sk, dh, data)
@@ -137,21 +139,19 @@ fn pack_values_t<'a>(sk: usize, dh: usize, value: impl Fn(usize) -> &'a [f32]) -
     let chunks = sk.div_ceil(CHUNK_K);
     let mut data = AlignedVec::<u16>::zeroed(dh.div_ceil(2 * BLOCK_N) * 2 * chunks * TILE);
     let words: &mut [u32] = bytemuck::cast_slice_mut(&mut data);
-    let zeros = vec![0f32; dh];
+    let (mut lo, mut hi) = (vec![0u16; dh], vec![0u16; dh]);
     for s0 in (0..sk).step_by(2) {
         let (kc, r) = (s0 / CHUNK_K, (s0 % CHUNK_K) / 2);
-        let (v0, v1) = (
-            value(s0),
-            if s0 + 1 < sk {
-                value(s0 + 1)
-            } else {
-                &zeros[..]
-            },
-        );
-        for (nb, (c0, c1)) in v0.chunks(BLOCK_N).zip(v1.chunks(BLOCK_N)).enumerate() {
+        bf16_bits_into(&mut lo, value(s0));
+        if s0 + 1 < sk {
+            bf16_bits_into(&mut hi, value(s0 + 1));
+        } else {
+            hi.fill(0);
+        }
+        for (nb, (c0, c1)) in lo.chunks(BLOCK_N).zip(hi.chunks(BLOCK_N)).enumerate() {
             let dst = &mut words[(nb * chunks + kc) * TILE_WORDS + r * BLOCK_N..][..c0.len()];
-            for ((w, &lo), &hi) in dst.iter_mut().zip(c0).zip(c1) {
-                *w = pair(lo, hi);
+            for ((w, &l), &h) in dst.iter_mut().zip(c0).zip(c1) {
+                *w = l as u32 | (h as u32) << 16;
             }
         }
     }

@@ -10,14 +10,20 @@ use super::math::{exp_fast, gelu_tanh_scalar};
 
 /// `x[i] = e^(x[i] - m)` in place; returns the sum of the new values. `-inf` gives 0.
 pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    exp_scaled_sub_sum(x, 1.0, m)
+}
+
+/// `x[i] = e^(x[i] * scale - m)` in place (one rounding for `x * scale - m`); returns the sum
+/// of the new values. `-inf` gives 0.
+pub(crate) fn exp_scaled_sub_sum(x: &mut [f32], scale: f32, m: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: the CPU has AVX-512F (checked).
-        return unsafe { avx512::exp_sub_sum(x, m) };
+        return unsafe { avx512::exp_scaled_sub_sum(x, scale, m) };
     }
     let mut sum = 0.0;
     for v in x.iter_mut() {
-        *v = exp_fast(*v - m);
+        *v = exp_fast(v.mul_add(scale, -m));
         sum += *v;
     }
     sum
@@ -104,8 +110,8 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
-        let mv = _mm512_set1_ps(m);
+    pub(super) unsafe fn exp_scaled_sub_sum(x: &mut [f32], scale: f32, m: f32) -> f32 {
+        let (mv, sv) = (_mm512_set1_ps(m), _mm512_set1_ps(scale));
         let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let p = x.as_mut_ptr();
         let whole = x.len() / 32 * 32;
@@ -113,8 +119,8 @@ mod avx512 {
         while i < whole {
             // SAFETY: i + 32 <= x.len().
             unsafe {
-                let a = exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
-                let b = exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(i + 16)), mv));
+                let a = exp(_mm512_fmsub_ps(_mm512_loadu_ps(p.add(i)), sv, mv));
+                let b = exp(_mm512_fmsub_ps(_mm512_loadu_ps(p.add(i + 16)), sv, mv));
                 _mm512_storeu_ps(p.add(i), a);
                 _mm512_storeu_ps(p.add(i + 16), b);
                 s0 = _mm512_add_ps(s0, a);
@@ -127,7 +133,7 @@ mod avx512 {
             // SAFETY: the mask covers only elements below x.len().
             unsafe {
                 let v = _mm512_maskz_loadu_ps(k, p.add(i));
-                let e = _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(v, mv)));
+                let e = _mm512_maskz_mov_ps(k, exp(_mm512_fmsub_ps(v, sv, mv)));
                 _mm512_mask_storeu_ps(p.add(i), k, e);
                 s0 = _mm512_add_ps(s0, e);
             }
@@ -177,7 +183,7 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp_sub_sum, gelu_tanh_bias, gelu_tanh_in_place};
+    use super::{exp_scaled_sub_sum, exp_sub_sum, gelu_tanh_bias, gelu_tanh_in_place};
     use crate::cpu::math::{exp_fast, gelu_tanh_scalar};
 
     fn close(a: f32, b: f32, tol: f32) -> bool {
@@ -207,6 +213,22 @@ mod tests {
             assert!(
                 close(sum, want_sum as f32, 1e-5),
                 "len {len}: sum {sum} vs {want_sum}"
+            );
+            // Scaled: e^(x * 0.125 - m), against the scalar with the same fused rounding.
+            let mut got = x.clone();
+            let sum = exp_scaled_sub_sum(&mut got, 0.125, m);
+            let want: Vec<f32> = x.iter().map(|&v| exp_fast(v.mul_add(0.125, -m))).collect();
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    close(g, w, 4e-7),
+                    "scaled, len {len} [{i}] x {}: {g} vs {w}",
+                    x[i]
+                );
+            }
+            let want_sum: f64 = want.iter().map(|&v| v as f64).sum();
+            assert!(
+                close(sum, want_sum as f32, 1e-5),
+                "scaled, len {len}: sum {sum}"
             );
         }
     }
