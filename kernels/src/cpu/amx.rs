@@ -298,9 +298,13 @@ fn group_pairs(
         let cols = BLOCK.min(n - n0);
         for mb in mbs.clone() {
             let a0 = a[2 * mb * chunks * TILE..].as_ptr();
-            // SAFETY: `a` holds strips 2 mb and 2 mb + 1 of `chunks` tiles; each panel holds
-            // `chunks` tiles; `acc` holds 32 x 32.
-            unsafe { block(a0, a0.add(chunks * TILE), b0, b1, chunks, acc.as_mut_ptr()) };
+            if chunks == 0 {
+                acc.fill(0.0); // no inputs: the product is zero (the kernel needs one chunk)
+            } else {
+                // SAFETY: `a` holds strips 2 mb and 2 mb + 1 of `chunks` tiles; each panel
+                // holds `chunks` tiles; `acc` holds 32 x 32.
+                unsafe { block(a0, a0.add(chunks * TILE), b0, b1, chunks, acc.as_mut_ptr()) };
+            }
             let m0 = mb * BLOCK;
             for r in 0..BLOCK.min(m - m0) {
                 // SAFETY: row m0 + r < m and columns n0..n0 + cols <= n: inside y; no other

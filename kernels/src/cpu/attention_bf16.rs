@@ -37,6 +37,12 @@ pub(crate) fn attention_bf16(
     } = dims;
     let width = heads * dh;
     let (sq, sk) = (q.seq, k.seq);
+    if sk == 0 {
+        // No keys: every row attends nothing (zeros, log-sum-exp -inf), as the f32 kernel.
+        out.fill(0.0);
+        lse.into_iter().for_each(|l| l.fill(f32::NEG_INFINITY));
+        return;
+    }
     let scale = 1.0 / (dh as f32).sqrt();
     let out_ptr = SendPtr(out.as_mut_ptr());
     let lse_ptr = lse.map(|l| SendPtr(l.as_mut_ptr()));
