@@ -130,7 +130,7 @@ fn s(e: kernels::KernelError) -> String {
     e.to_string()
 }
 
-/// GELU, SiLU (and copy on write), the gated residual.
+/// GELU, SiLU (and copy on write), the gated residual, uploads past the staging ring.
 fn elementwise(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     let (gpu, cpu, dtype) = (&ctx.gpu, &ctx.cpu, ctx.dtype);
     // Element-wise ops.
@@ -153,6 +153,16 @@ fn elementwise(ctx: &Ctx, checks: &mut Checks) -> Result<(), String> {
     cpu.add_gated_(&mut want, &y, Some(&g)).map_err(s)?;
     gpu.add_gated_(&mut got, &dy, Some(&dg)).map_err(s)?;
     checks.compare("add_gated", dtype, &got, &want)?;
+
+    // More uploads than the page-locked staging ring has slots, with no synchronisation in
+    // between: a slot must not be refilled before the GPU has copied what it held. One size,
+    // smaller than the uploads above, so no slot grows (freeing page-locked memory syncs).
+    let uploads = (0..9)
+        .map(|i| pair(&random(&[ctx.shapes.elements / 8], 20 + i), dtype, gpu))
+        .collect::<Result<Vec<_>, String>>()?;
+    for (i, (host, dev)) in uploads.iter().enumerate() {
+        checks.compare(&format!("upload {i} of 9 before a sync"), dtype, dev, host)?;
+    }
     Ok(())
 }
 /// LayerNorm (modulated, affine), periodic adds, narrow, embedding rows, cat.

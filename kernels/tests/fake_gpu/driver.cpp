@@ -6,10 +6,10 @@
 //
 // What it models: one device (compute capability 9.0, so the tensor-core attention runs under
 // the emulator's mma), device memory as host memory handed out at 256-byte alignment and filled
-// with NaN bytes (an element nothing wrote reads as NaN), one in-order queue of work (streams and
-// events are tokens) that runs as late as CUDA allows: only when the host synchronises (a stream,
-// an event, the context, a synchronous copy, a copy to pageable memory, a free of page-locked
-// memory). So a host that reads a page-locked buffer before waiting for the copy into it, or
+// with NaN bytes (an element nothing wrote reads as NaN), one in-order queue of work (streams are
+// tokens; an event is the queue position it was recorded at) that runs as late as CUDA allows:
+// only when the host synchronises (a stream, the context, a synchronous copy, a copy to pageable
+// memory, a free of page-locked memory: all of it; an event: the work issued before its record). So a host that reads a page-locked buffer before waiting for the copy into it, or
 // rewrites one before the copy out of it has run, sees the wrong bytes, as it could on a GPU.
 // Arguments are taken when the work is issued (kernel parameters, pageable sources, cuBLASLt
 // descriptors), as the driver takes them. What it checks: every copy, memset and kernel pointer argument lies inside a live allocation (device
@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -50,21 +51,37 @@ static std::recursive_mutex& lock() {
 }
 #define LOCKED std::lock_guard<std::recursive_mutex> guard_(lock())
 
-// Work issued and not yet run, in issue order.
-static std::vector<std::function<void()>> pending;
+// Work issued and not yet run, in issue order; how many jobs were issued and run so far.
+static std::deque<std::function<void()>> pending;
+static uint64_t issued = 0, ran = 0;
+
+// Runs the queue up to (not past) the job numbered `seq`: what waiting on an event recorded
+// after `seq` jobs lets through. A job never issues more work.
+static void flush_to(uint64_t seq) {
+    LOCKED;
+    while (ran < seq && !pending.empty()) {
+        std::function<void()> job = std::move(pending.front());
+        pending.pop_front();
+        ++ran;
+        job();
+    }
+}
 
 static void flush() {
     LOCKED;
-    // A job never issues more work, but take the queue first all the same.
-    std::vector<std::function<void()>> jobs;
-    jobs.swap(pending);
-    for (auto& job : jobs) job();
+    flush_to(issued);
 }
 
 static void enqueue(std::function<void()> job) {
     LOCKED;
     pending.push_back(std::move(job));
+    ++issued;
 }
+
+// An event: the queue position it was recorded at (0: never recorded, complete).
+struct FakeEvent {
+    uint64_t seq;
+};
 
 // For the kernel launchers and the cuBLASLt stand-in: `run(arg)` joins the queue.
 extern "C" void fake_gpu_enqueue(void (*run)(void*), void* arg) {
@@ -167,20 +184,27 @@ CUresult cuStreamDestroy_v2(void* s) { delete (int*)s; return OK; }
 CUresult cuStreamSynchronize(void*) { flush(); return OK; }
 CUresult cuStreamQuery(void*) { LOCKED; return pending.empty() ? OK : 600; }
 CUresult cuStreamWaitEvent(void*, void* e, unsigned) { return e ? OK : INVALID_VALUE; }
-CUresult cuEventCreate(void** e, unsigned) { *e = new int(2); return OK; }
-CUresult cuEventRecord(void* e, void*) { return e ? OK : INVALID_VALUE; }
-CUresult cuEventRecordWithFlags(void* e, void*, unsigned) { return e ? OK : INVALID_VALUE; }
+CUresult cuEventCreate(void** e, unsigned) { *e = new FakeEvent{0}; return OK; }
+CUresult cuEventRecord(void* e, void*) {
+    LOCKED;
+    if (!e) return INVALID_VALUE;
+    ((FakeEvent*)e)->seq = issued;
+    return OK;
+}
+CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
+// Waits for the work issued before the event's record only, as a GPU does: a host that
+// waits on an older event than it should sees the later work not done.
 CUresult cuEventSynchronize(void* e) {
     if (!e) return INVALID_VALUE;
-    flush();
+    flush_to(((FakeEvent*)e)->seq);
     return OK;
 }
 CUresult cuEventQuery(void* e) {
     LOCKED;
     if (!e) return INVALID_VALUE;
-    return pending.empty() ? OK : 600;  // not ready
+    return ran >= ((FakeEvent*)e)->seq ? OK : 600;  // 600: not ready
 }
-CUresult cuEventDestroy_v2(void* e) { delete (int*)e; return OK; }
+CUresult cuEventDestroy_v2(void* e) { delete (FakeEvent*)e; return OK; }
 CUresult cuEventElapsedTime(float* ms, void*, void*) { *ms = 0; return OK; }
 CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 0; return OK; }
 
