@@ -74,7 +74,10 @@ unsafe fn bf16_bits_avx512(dst: &mut [u16], src: &[f32]) {
             let hi = _mm512_loadu_ps(src.as_ptr().add(i + 16));
             // Result lanes 0..16 from the second operand, 16..32 from the first.
             let packed = _mm512_cvtne2ps_pbh(hi, lo);
-            _mm512_storeu_si512(dst.as_mut_ptr().add(i).cast(), std::mem::transmute(packed));
+            _mm512_storeu_si512(
+                dst.as_mut_ptr().add(i).cast(),
+                std::mem::transmute::<__m512bh, __m512i>(packed),
+            );
         }
     }
     for (d, &x) in dst[whole..].iter_mut().zip(&src[whole..]) {

@@ -24,7 +24,11 @@ pub(crate) fn exp_scaled_sub_sum(x: &mut [f32], scale: f32, m: f32) -> f32 {
     let mut sum = 0.0;
     for v in x.iter_mut() {
         // `mul_add(1, -m)` is `v - m` exactly; without FMA in the build, `mul_add` is a libm call.
-        *v = exp_fast(if scale == 1.0 { *v - m } else { v.mul_add(scale, -m) });
+        *v = exp_fast(if scale == 1.0 {
+            *v - m
+        } else {
+            v.mul_add(scale, -m)
+        });
         sum += *v;
     }
     sum
