@@ -183,14 +183,15 @@ pub(crate) fn attention(
         });
 }
 
+/// An output pointer shared by attention tasks that write disjoint rows x heads of it.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions (see `attention`).
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: tasks write disjoint regions (see `attention` and `attention_bf16::attention_bf16`).
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use super::aligned::{as_uninit, AlignedVec};
-use super::attention::{AttnDims, AttnInput};
+use super::attention::{AttnDims, AttnInput, SendPtr};
 use super::bf16_gemm::{bf16_bits_into, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE};
 use super::math::max_lanes;
 use super::vector_math::exp_scaled_sub_sum;
@@ -162,16 +162,4 @@ fn pack_values_t<'a>(sk: usize, dh: usize, value: impl Fn(usize) -> &'a [f32]) -
         }
     }
     PackedBf16::from_tiles(dh, sk, data)
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions (see `attention_bf16`).
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }

@@ -53,11 +53,9 @@ pub(crate) fn bf16_bits_into(dst: &mut [u16], src: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_bf16() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    })
+    // std caches the detection: one relaxed load per call.
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
 }
 
 /// # Safety
