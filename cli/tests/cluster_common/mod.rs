@@ -19,9 +19,11 @@ pub fn cluster_with(tag: &str, first: usize) -> (PathBuf, PathBuf) {
     let dir = common::scratch_dir(&format!("launch-{tag}"));
     let text =
         common::example_topology_with_demo("three-nodes-local.toml", "../../assets/digits-dit")
-            .replace("7100", &p0.to_string())
-            .replace("7101", &p1.to_string())
-            .replace("7102", &p2.to_string())
+            // Whole quoted addresses, so a new port that contains "7101" or "7102" (say 57102)
+            // is not rewritten by the next replacement.
+            .replace("\"127.0.0.1:7100\"", &format!("\"127.0.0.1:{p0}\""))
+            .replace("\"127.0.0.1:7101\"", &format!("\"127.0.0.1:{p1}\""))
+            .replace("\"127.0.0.1:7102\"", &format!("\"127.0.0.1:{p2}\""))
             .replace(
                 "pipefusion_degree = 3",
                 &format!("pipefusion_degree = {}", 2 + first),
@@ -34,6 +36,10 @@ pub fn cluster_with(tag: &str, first: usize) -> (PathBuf, PathBuf) {
                 ),
                 1,
             );
+    for p in [p0, p1, p2] {
+        let addr = format!("\"127.0.0.1:{p}\"");
+        assert!(text.contains(&addr), "the example topology lost {addr}");
+    }
     let topo = dir.join("three.toml");
     std::fs::write(&topo, text).unwrap();
     let o = Command::new(bin())
