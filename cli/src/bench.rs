@@ -153,7 +153,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let path = match (&dev, a.dtype) {
         (Device::Cuda(_), _) => "cuBLASLt, f32 accumulation",
         (_, kernels::DType::BF16) => kernels::bf16_gemm_path(),
-        _ => "f32 (gemm crate, AVX-512 where present)",
+        _ => kernels::f32_gemm_path(),
     };
     eprintln!(
         "building {} with random weights, linear layers in {} ({path}) ...",

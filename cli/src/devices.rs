@@ -48,8 +48,9 @@ pub(crate) fn bench_header() -> String {
     #[cfg(not(target_arch = "x86_64"))]
     let f32_kernels = "portable";
     format!(
-        "{}; f32 GEMM: gemm crate, {f32_kernels} kernels; bf16 GEMM: {}",
+        "{}; f32 linears: {}; other f32 products: gemm crate, {f32_kernels} kernels; bf16 GEMM: {}",
         cpu_summary(),
+        kernels::f32_gemm_path(),
         kernels::bf16_gemm_path()
     )
 }

@@ -160,7 +160,8 @@ fn bench_pipeline_ends_with_the_speedup_line() {
     // Every benchmark names the CPU and the kernels it dispatched to.
     assert!(
         err.contains("cpu: ")
-            && err.contains("f32 GEMM: gemm crate")
+            && err.contains("f32 linears: ")
+            && err.contains("other f32 products: gemm crate")
             && err.contains("bf16 GEMM: "),
         "{err}"
     );

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use kernels::{bf16_gemm_path, AttnView, Device, PackedBf16, Tensor};
+use kernels::{bf16_gemm_path, AttnView, Device, PackedBf16, PackedF32, Tensor};
 
 const B: usize = 2;
 const N: usize = 256;
@@ -38,7 +38,11 @@ fn main() -> kernels::Result<()> {
         .and_then(|t| t.parse().ok())
         .unwrap_or(2);
     let dev = Device::cpu(threads)?;
-    println!("{threads} threads; bf16 path: {}", bf16_gemm_path());
+    println!(
+        "{threads} threads; bf16 path: {}; f32 path: {}",
+        bf16_gemm_path(),
+        PackedF32::pack(&[0.0], 1, 1).path()
+    );
     let x = tensor(B * N * D, &[B, N, D], 1)?;
     let shift = tensor(B * D, &[B, D], 2)?;
     let scale = tensor(B * D, &[B, D], 3)?;
@@ -56,21 +60,32 @@ fn main() -> kernels::Result<()> {
     };
     let (p_qkv, p_proj, p_fc1, p_fc2) =
         (pack(&w_qkv)?, pack(&w_proj)?, pack(&w_fc1)?, pack(&w_fc2)?);
+    // f32 weights as a model keeps them (the AVX-512 kernel's panels where the CPU has it).
+    let pack_f32 = |w: &Tensor| -> kernels::Result<PackedF32> {
+        Ok(PackedF32::pack(w.as_f32()?, w.dim(0), w.dim(1)))
+    };
+    let (w_qkv, w_proj, w_fc1, w_fc2) = (
+        pack_f32(&w_qkv)?,
+        pack_f32(&w_proj)?,
+        pack_f32(&w_fc1)?,
+        pack_f32(&w_fc2)?,
+    );
     let c = tensor(B * D, &[B, D], 10)?;
     let w_mod = weights(6 * D, D, 11)?;
     let p_mod = pack(&w_mod)?;
+    let w_mod = pack_f32(&w_mod)?;
     let gemm = |m: usize, n: usize, k: usize| 2.0 * (m * n * k) as f64 / 1e9;
     let rows = B * N;
     let mut parts: Vec<(&str, f64, f64, f64)> = Vec::new(); // name, GFLOP, f32 ms, bf16 ms
     let mut both = |name, gflop, f32_ms, bf16_ms| parts.push((name, gflop, f32_ms, bf16_ms));
 
     let same = |f: &mut dyn FnMut() -> kernels::Result<()>| median_ms(f);
-    let f = same(&mut || dev.linear(&c, &w_mod, None).map(drop))?;
+    let f = same(&mut || dev.linear_packed(&c, &w_mod, None).map(drop))?;
     let b = same(&mut || dev.linear_bf16(&c, &p_mod, None).map(drop))?;
     both("modulation linear", gemm(B, 6 * D, D), f, b);
     let ln = same(&mut || dev.layer_norm_modulate(&x, &shift, &scale, 1e-6).map(drop))?;
     both("layer_norm_modulate x2", 0.0, 2.0 * ln, 2.0 * ln);
-    let f = same(&mut || dev.linear(&x, &w_qkv, None).map(drop))?;
+    let f = same(&mut || dev.linear_packed(&x, &w_qkv, None).map(drop))?;
     let b = same(&mut || dev.linear_bf16(&x, &p_qkv, None).map(drop))?;
     both("qkv linear", gemm(rows, 3 * D, D), f, b);
     let bf16_dev = dev.clone().with_compute_dtype(kernels::DType::BF16);
@@ -90,16 +105,16 @@ fn main() -> kernels::Result<()> {
         att,
         att_bf16,
     );
-    let f = same(&mut || dev.linear(&x, &w_proj, None).map(drop))?;
+    let f = same(&mut || dev.linear_packed(&x, &w_proj, None).map(drop))?;
     let b = same(&mut || dev.linear_bf16(&x, &p_proj, None).map(drop))?;
     both("out proj linear", gemm(rows, D, D), f, b);
     let mut acc = x.clone();
     let add = same(&mut || dev.add_gated_(&mut acc, &x, Some(&shift)))?;
     both("add_gated x2", 0.0, 2.0 * add, 2.0 * add);
-    let f = same(&mut || dev.linear_gelu(&x, &w_fc1, None).map(drop))?;
+    let f = same(&mut || dev.linear_packed_gelu(&x, &w_fc1, None).map(drop))?;
     let b = same(&mut || dev.linear_bf16_gelu(&x, &p_fc1, None).map(drop))?;
     both("fc1 linear + gelu", gemm(rows, 4 * D, D), f, b);
-    let f = same(&mut || dev.linear(&h4, &w_fc2, None).map(drop))?;
+    let f = same(&mut || dev.linear_packed(&h4, &w_fc2, None).map(drop))?;
     let b = same(&mut || dev.linear_bf16(&h4, &p_fc2, None).map(drop))?;
     both("fc2 linear", gemm(rows, D, 4 * D), f, b);
 

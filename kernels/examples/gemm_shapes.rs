@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use kernels::{bf16_gemm_path, Device, PackedBf16, Tensor};
+use kernels::{bf16_gemm_path, Device, PackedBf16, PackedF32, Tensor};
 
 fn main() -> kernels::Result<()> {
     let threads = std::env::args()
@@ -28,10 +28,11 @@ fn main() -> kernels::Result<()> {
         let x = Tensor::from_vec(x, &[m, k])?;
         let w: Vec<f32> = (0..n * k).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
         let packed = PackedBf16::from_f32(&w, n, k);
+        let packed_f32 = PackedF32::pack(&w, n, k);
         let w = Tensor::from_vec(w, &[n, k])?;
         let flops = 2.0 * (m * n * k) as f64;
         // Median of 7 after one warm-up, the two formats interleaved.
-        let (mut tb, mut tf) = (Vec::new(), Vec::new());
+        let (mut tb, mut tf, mut tp) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..8 {
             let t = Instant::now();
             dev.linear_bf16(&x, &packed, None)?;
@@ -41,19 +42,30 @@ fn main() -> kernels::Result<()> {
                 dev.linear(&x, &w, None)?;
             }
             let f = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            if !bf16_only {
+                dev.linear_packed(&x, &packed_f32, None)?;
+            }
+            let p = t.elapsed().as_secs_f64();
             if i > 0 {
                 tb.push(b);
                 tf.push(f);
+                tp.push(p);
             }
         }
         tb.sort_by(f64::total_cmp);
         tf.sort_by(f64::total_cmp);
-        let (b, f) = (tb[tb.len() / 2], tf[tf.len() / 2]);
+        tp.sort_by(f64::total_cmp);
+        let (b, f, p) = (tb[tb.len() / 2], tf[tf.len() / 2], tp[tp.len() / 2]);
         println!(
-            "{name} [{m}, {k}] x [{n}, {k}]^T: bf16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, bf16/f32 speed {:.2}",
+            "{name} [{m}, {k}] x [{n}, {k}]^T: bf16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, \
+             f32 packed ({}) {:.0} GFLOP/s, bf16/f32 speed {:.2}, packed/f32 speed {:.2}",
             flops / b / 1e9,
             flops / f / 1e9,
-            f / b
+            packed_f32.path(),
+            flops / p / 1e9,
+            f / b,
+            f / p
         );
     }
     Ok(())

@@ -86,6 +86,36 @@ fn host_f32(t: &Tensor) -> Result<std::borrow::Cow<'_, Tensor>> {
     }
 }
 
+/// Checks `x[.., k]` against a packed weight of `(n, k)` (named by `w` in errors) and the
+/// bias; the rows `m` and the output shape `[.., n]`.
+fn packed_linear_shape(
+    op: &'static str,
+    x: &Tensor,
+    (n, wk): (usize, usize),
+    w: &dyn std::fmt::Debug,
+    b: Option<&Tensor>,
+) -> Result<(usize, Vec<usize>)> {
+    let k = last_dim(op, x)?;
+    if wk != k {
+        return Err(KernelError::shape(
+            op,
+            format!("input {:?} vs weight {w:?}", x.shape()),
+        ));
+    }
+    if let Some(b) = b {
+        check_len(op, "bias", b, n)?;
+    }
+    if k == 0 {
+        return Err(KernelError::shape(
+            op,
+            format!("input {:?} has no features", x.shape()),
+        ));
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("checked non-scalar") = n;
+    Ok((x.elem_count() / k, shape))
+}
+
 fn check_len(op: &'static str, what: &str, t: &Tensor, want: usize) -> Result<()> {
     if t.elem_count() != want {
         return Err(KernelError::shape(
@@ -256,6 +286,49 @@ impl Device {
         }
     }
 
+    /// `x[.., k] · w[n, k]^T + b[n]` in f32 with a weight packed once at load
+    /// ([`crate::PackedF32`]: the AVX-512 kernel's panels where the CPU has AVX-512F).
+    pub fn linear_packed(
+        &self,
+        x: &Tensor,
+        w: &crate::PackedF32,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.linear_packed_with(x, w, b, false)
+    }
+
+    /// [`Device::linear_packed`] followed by GELU (tanh), applied as each output tile is
+    /// finished (while it is in L1), not in a second pass.
+    pub fn linear_packed_gelu(
+        &self,
+        x: &Tensor,
+        w: &crate::PackedF32,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.linear_packed_with(x, w, b, true)
+    }
+
+    fn linear_packed_with(
+        &self,
+        x: &Tensor,
+        w: &crate::PackedF32,
+        b: Option<&Tensor>,
+        gelu: bool,
+    ) -> Result<Tensor> {
+        let (m, shape) = packed_linear_shape("linear_packed", x, (w.n(), w.k()), &w, b)?;
+        match self {
+            Device::Cpu(c) => {
+                let xs = x.as_f32()?;
+                let bs = b.map(|b| b.as_f32()).transpose()?;
+                let y = c.install(|| cpu::f32_gemm::linear_packed(xs, w, bs, m, c.threads(), gelu));
+                Tensor::from_vec(y, &shape)
+            }
+            Device::Cuda(c) => {
+                Err(c.unsupported("linear_packed (use an f32 weight tensor with linear)"))
+            }
+        }
+    }
+
     /// `bf16(x[.., k]) · w[n, k]^T + b[n]` with a bf16 weight packed once
     /// ([`crate::PackedBf16`]) and f32 accumulation -> `[.., n]` f32 (AMX tiles where the CPU
     /// has them: [`crate::bf16_gemm_path`]).
@@ -286,20 +359,7 @@ impl Device {
         b: Option<&Tensor>,
         epilogue: cpu::bf16_gemm::Epilogue,
     ) -> Result<Tensor> {
-        let k = last_dim("linear_bf16", x)?;
-        if w.k() != k {
-            return Err(KernelError::shape(
-                "linear_bf16",
-                format!("input {:?} vs weight {w:?}", x.shape()),
-            ));
-        }
-        let n = w.n();
-        if let Some(b) = b {
-            check_len("linear_bf16", "bias", b, n)?;
-        }
-        let m = x.elem_count() / k;
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("checked non-scalar") = n;
+        let (m, shape) = packed_linear_shape("linear_bf16", x, (w.n(), w.k()), &w, b)?;
         match self {
             Device::Cpu(c) => {
                 let xs = x.as_f32()?;

@@ -3,7 +3,7 @@
 //! Reference: diffusers 0.42.1 `embeddings.py` (`Timesteps`, `TimestepEmbedding`,
 //! `get_2d_sincos_pos_embed`, `PatchEmbed`), restated in shared/reference/LAYOUT.md §3.
 
-use kernels::{DType, Device, PackedBf16, Tensor};
+use kernels::{DType, Device, PackedBf16, PackedF32, Tensor};
 
 use crate::error::Result;
 use crate::weights::WeightSource;
@@ -19,7 +19,10 @@ pub(crate) struct Linear {
 
 #[derive(Debug, Clone)]
 enum LinearWeight {
-    F32(Tensor), // [out, in]
+    /// `[out, in]`: on a GPU, and on CPUs without AVX-512 (the `gemm` crate packs per call).
+    F32(Tensor),
+    /// f32, packed once for the AVX-512 kernel.
+    F32Packed(PackedF32),
     Bf16(PackedBf16),
 }
 
@@ -32,6 +35,14 @@ impl Linear {
                     unreachable!("linear weights are loaded as [out, in]")
                 };
                 LinearWeight::Bf16(PackedBf16::from_f32(w.as_f32()?, out, inp))
+            }
+            DType::F32 | DType::F16
+                if w.is_host() && w.dtype() == DType::F32 && kernels::f32_gemm_avx512() =>
+            {
+                let &[out, inp] = w.shape() else {
+                    unreachable!("linear weights are loaded as [out, in]")
+                };
+                LinearWeight::F32Packed(PackedF32::pack(w.as_f32()?, out, inp))
             }
             DType::F32 | DType::F16 => LinearWeight::F32(w),
         };
@@ -76,6 +87,7 @@ impl Linear {
     pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.w {
             LinearWeight::F32(w) => dev.linear(x, w, Some(&self.b))?,
+            LinearWeight::F32Packed(w) => dev.linear_packed(x, w, Some(&self.b))?,
             LinearWeight::Bf16(w) => dev.linear_bf16(x, w, Some(&self.b))?,
         })
     }
@@ -85,6 +97,7 @@ impl Linear {
     pub(crate) fn forward_gelu(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.w {
             LinearWeight::F32(w) => dev.linear_gelu(x, w, Some(&self.b))?,
+            LinearWeight::F32Packed(w) => dev.linear_packed_gelu(x, w, Some(&self.b))?,
             LinearWeight::Bf16(w) => dev.linear_bf16_gelu(x, w, Some(&self.b))?,
         })
     }

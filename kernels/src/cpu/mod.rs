@@ -9,6 +9,7 @@ pub(crate) mod attention;
 pub(crate) mod attention_bf16;
 pub(crate) mod bf16_gemm;
 pub(crate) mod conv;
+pub(crate) mod f32_gemm;
 pub(crate) mod layout;
 pub(crate) mod math;
 pub(crate) mod matmul;
