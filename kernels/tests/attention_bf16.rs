@@ -140,3 +140,38 @@ fn a_bf16_device_says_so_only_where_it_computes_in_bf16() {
     };
     assert!(!c.bf16_attention());
 }
+
+/// The threads keep their packing buffers between calls: a small problem after a large one
+/// whose keys and values were infinite (stale tiles where the small one has padding, and
+/// 0 x inf is NaN) gives bitwise what it gives on fresh threads.
+#[test]
+fn reused_buffers_give_what_fresh_ones_give() {
+    let attend =
+        |dev: &Device, (b, sq, sk, heads, dh): (usize, usize, usize, usize, usize), inf: bool| {
+            let mut rng = StdRng::seed_from_u64(5);
+            let d = heads * dh;
+            let q = Tensor::from_vec(randn(&mut rng, b * sq * d, 2.0), &[b, sq, d]).unwrap();
+            let mut kv = randn(&mut rng, b * sk * 2 * d, 2.0);
+            if inf {
+                kv.fill(f32::INFINITY);
+            }
+            let kv = Tensor::from_vec(kv, &[b, sk, 2 * d]).unwrap();
+            let (q, k, v) = (
+                AttnView::of(&q, 0).unwrap(),
+                AttnView::of(&kv, 0).unwrap(),
+                AttnView::of(&kv, d).unwrap(),
+            );
+            dev.attention(q, k, v, None, b, heads, dh)
+                .unwrap()
+                .as_f32()
+                .unwrap()
+                .to_vec()
+        };
+    let (large, small) = ((2, 90, 300, 2, 96), (1, 33, 37, 2, 40));
+    let used = Device::cpu(1).unwrap().with_compute_dtype(DType::BF16);
+    attend(&used, large, true);
+    let after = attend(&used, small, false);
+    assert!(after.iter().all(|x| x.is_finite()));
+    let fresh = Device::cpu(1).unwrap().with_compute_dtype(DType::BF16);
+    assert_eq!(after, attend(&fresh, small, false));
+}

@@ -52,24 +52,27 @@ pub(crate) fn attention_bf16(
         fn row<'a>(t: &AttnInput<'a>, b: usize, s: usize, col: usize, dh: usize) -> &'a [f32] {
             &t.data[t.at(b, s, col)..][..dh]
         }
-        let gather = |t: &AttnInput<'_>, seq: std::ops::Range<usize>| {
-            let mut m = Vec::with_capacity(seq.len() * dh);
-            seq.for_each(|s| m.extend_from_slice(row(t, b, s, col, dh)));
-            m
-        };
+        // This thread's buffers, kept across tasks and calls (a fresh zeroed allocation per
+        // (batch, head) cost more than the packing itself).
+        let mut scratch = SCRATCH.take();
         // K [sk, dh] is the weight of S = Q K^T; V^T [dh, sk] that of O = P V: both packed
         // straight from their strided rows into AMX's B-tile layout.
-        let kp = pack_keys(sk, dh, |s| row(&k, b, s, col, dh));
-        let vp = pack_values_t(sk, dh, |s| row(&v, b, s, col, dh));
+        let kp = pack_keys(sk, dh, |s| row(&k, b, s, col, dh), scratch.keys);
+        let vp = pack_values_t(sk, dh, |s| row(&v, b, s, col, dh), scratch.values);
         let bias = key_bias.map(|kb| &kb[b * sk..(b + 1) * sk]);
-        let mut scores = vec![0f32; Q_TILE * sk];
-        let mut o = vec![0f32; Q_TILE * dh];
+        scratch.scores.resize(Q_TILE * sk, 0.0);
+        scratch.o.resize(Q_TILE * dh, 0.0);
         let mut sums = [0f32; Q_TILE];
         for q0 in (0..sq).step_by(Q_TILE) {
             let rows = Q_TILE.min(sq - q0);
-            let qr = gather(&q, q0..q0 + rows);
-            let s = &mut scores[..rows * sk];
-            super::amx::linear(as_uninit(s), &qr, &kp, None, rows, 1, Epilogue::Bias);
+            let qr = &mut scratch.q;
+            qr.clear();
+            for s in q0..q0 + rows {
+                prefetch(row(&q, b, (s + PREFETCH_ROWS).min(sq - 1), col, dh));
+                qr.extend_from_slice(row(&q, b, s, col, dh));
+            }
+            let s = &mut scratch.scores[..rows * sk];
+            super::amx::linear(as_uninit(s), qr, &kp, None, rows, 1, Epilogue::Bias);
             let mut maxes = [f32::NEG_INFINITY; Q_TILE];
             for (r, row) in s.chunks_mut(sk).enumerate() {
                 // Without a bias the scale goes into the exponent (the max of the scaled
@@ -92,7 +95,7 @@ pub(crate) fn attention_bf16(
                 sums[r] = exp_scaled_sub_sum(row, row_scale, m);
                 maxes[r] = m;
             }
-            let o = &mut o[..rows * dh];
+            let o = &mut scratch.o[..rows * dh];
             super::amx::linear(as_uninit(o), s, &vp, None, rows, 1, Epilogue::Bias);
             for r in 0..rows {
                 let inv = if sums[r] > 0.0 { 1.0 / sums[r] } else { 0.0 };
@@ -114,7 +117,44 @@ pub(crate) fn attention_bf16(
                 }
             }
         }
+        scratch.keys = kp.into_tiles();
+        scratch.values = vp.into_tiles();
+        SCRATCH.set(scratch);
     });
+}
+
+/// One thread's buffers for [`attention_bf16`] (taken for a task, put back after it; a task
+/// that rayon runs nested inside another finds the slot empty and allocates its own).
+#[derive(Default)]
+struct Scratch {
+    keys: AlignedVec<u16>,
+    values: AlignedVec<u16>,
+    q: Vec<f32>,
+    scores: Vec<f32>,
+    o: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
+/// Rows ahead that the packing loops prefetch: rows of one head are a token's width apart in
+/// Q, K and V, too far for the hardware prefetcher, and each is only a few cache lines.
+const PREFETCH_ROWS: usize = 6;
+
+/// Prefetches the cache lines of `row` into L1.
+#[inline]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = row.as_ptr();
+        // Every line the row touches: one per 16 floats from the first, and the last element's.
+        for i in (0..row.len()).step_by(16).chain(row.len().checked_sub(1)) {
+            // SAFETY: prefetching never faults; the address is inside `row` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i).cast()) };
+        }
+    }
 }
 
 /// Words (bf16 pairs) per packed tile: 16 rows of 16 columns.
@@ -122,13 +162,20 @@ const TILE_WORDS: usize = TILE / 2;
 
 /// Keys `[sk, dh]` (row `s` from `key`) as the packed weight of `Q K^T`: tile `(nb, kc)` holds
 /// keys `16 nb..` as columns and dims `32 kc..` as 16 rows of pairs.
-fn pack_keys<'a>(sk: usize, dh: usize, key: impl Fn(usize) -> &'a [f32]) -> PackedBf16 {
+fn pack_keys<'a>(
+    sk: usize,
+    dh: usize,
+    key: impl Fn(usize) -> &'a [f32],
+    mut data: AlignedVec<u16>,
+) -> PackedBf16 {
     let chunks = dh.div_ceil(CHUNK_K);
-    let mut data = AlignedVec::<u16>::zeroed(sk.div_ceil(2 * BLOCK_N) * 2 * chunks * TILE);
+    data.reuse_for(sk.div_ceil(2 * BLOCK_N) * 2 * chunks * TILE);
+    data.fill(0); // the padding (keys past sk, dims past dh) must be zero
     let words: &mut [u32] = bytemuck::cast_slice_mut(&mut data);
     let mut bits = vec![0u16; 2 * dh.div_ceil(2)]; // one key's dims in bf16, an even count
     for s in 0..sk {
         let (nb, c) = (s / BLOCK_N, s % BLOCK_N);
+        prefetch(key((s + PREFETCH_ROWS).min(sk - 1)));
         bf16_bits_into(&mut bits, key(s));
         for (p, two) in bits.chunks_exact(2).enumerate() {
             let (kc, r) = (p / (CHUNK_K / 2), p % (CHUNK_K / 2));
@@ -141,13 +188,21 @@ fn pack_keys<'a>(sk: usize, dh: usize, key: impl Fn(usize) -> &'a [f32]) -> Pack
 
 /// Values `[sk, dh]` (row `s` from `value`) as the packed weight `V^T [dh, sk]` of `P V`: tile
 /// `(nb, kc)` holds dims `16 nb..` as columns and keys `32 kc..` as 16 rows of key pairs.
-fn pack_values_t<'a>(sk: usize, dh: usize, value: impl Fn(usize) -> &'a [f32]) -> PackedBf16 {
+fn pack_values_t<'a>(
+    sk: usize,
+    dh: usize,
+    value: impl Fn(usize) -> &'a [f32],
+    mut data: AlignedVec<u16>,
+) -> PackedBf16 {
     let chunks = sk.div_ceil(CHUNK_K);
-    let mut data = AlignedVec::<u16>::zeroed(dh.div_ceil(2 * BLOCK_N) * 2 * chunks * TILE);
+    data.reuse_for(dh.div_ceil(2 * BLOCK_N) * 2 * chunks * TILE);
+    data.fill(0); // the padding (dims past dh, keys past sk) must be zero
     let words: &mut [u32] = bytemuck::cast_slice_mut(&mut data);
     let (mut lo, mut hi) = (vec![0u16; dh], vec![0u16; dh]);
     for s0 in (0..sk).step_by(2) {
         let (kc, r) = (s0 / CHUNK_K, (s0 % CHUNK_K) / 2);
+        prefetch(value((s0 + PREFETCH_ROWS).min(sk - 1)));
+        prefetch(value((s0 + PREFETCH_ROWS + 1).min(sk - 1)));
         bf16_bits_into(&mut lo, value(s0));
         if s0 + 1 < sk {
             bf16_bits_into(&mut hi, value(s0 + 1));

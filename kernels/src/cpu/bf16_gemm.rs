@@ -155,6 +155,11 @@ impl PackedBf16 {
         }
     }
 
+    /// The tiles back (to reuse the buffer); the inverse of [`PackedBf16::from_tiles`].
+    pub(crate) fn into_tiles(self) -> AlignedVec<u16> {
+        self.data
+    }
+
     /// Packs an f32 weight `[n, k]`, rounding each element to bf16.
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> PackedBf16 {
         let bits: Vec<u16> = w.par_iter().map(|&x| bf16_bits(x)).collect();

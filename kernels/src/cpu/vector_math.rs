@@ -276,7 +276,16 @@ mod tests {
     /// relative), hence 2e-5 there.
     #[test]
     fn gelu_tanh_keeps_the_edges_of_the_division() {
-        let x = [-9.9f32, -10.5, -20.0, -1e6, f32::NEG_INFINITY, f32::INFINITY, 1e6, 0.0];
+        let x = [
+            -9.9f32,
+            -10.5,
+            -20.0,
+            -1e6,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            1e6,
+            0.0,
+        ];
         let mut got = x.to_vec();
         gelu_tanh_in_place(&mut got);
         for (&v, &g) in x.iter().zip(&got) {
