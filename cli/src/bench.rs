@@ -105,15 +105,20 @@ fn median(v: &mut [f64]) -> f64 {
 fn gemm_gflops(dev: &Device, dtype: kernels::DType) -> Result<f64> {
     let n = 2048;
     let values: Vec<f32> = (0..n * n).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
-    let packed = (dtype == kernels::DType::BF16 && matches!(dev, Device::Cpu(_)))
+    // The weight in the form a model's linear layers keep it on this device.
+    let cpu = matches!(dev, Device::Cpu(_));
+    let bf16 = (cpu && dtype == kernels::DType::BF16)
         .then(|| kernels::PackedBf16::from_f32(&values, n, n));
+    let f32_packed =
+        (cpu && dtype == kernels::DType::F32).then(|| kernels::PackedF32::pack(&values, n, n));
     let x = dev.import(Tensor::from_vec(values, &[n, n])?)?;
     let mut times: Vec<f64> = (0..6)
         .map(|_| {
             let t = Instant::now();
-            match &packed {
-                Some(w) => dev.linear_bf16(&x, w, None),
-                None => dev.linear(&x, &x, None),
+            match (&bf16, &f32_packed) {
+                (Some(w), _) => dev.linear_bf16(&x, w, None),
+                (_, Some(w)) => dev.linear_packed(&x, w, None),
+                _ => dev.linear(&x, &x, None),
             }
             .and_then(|_| dev.synchronize())
             .map(|_| t.elapsed().as_secs_f64())

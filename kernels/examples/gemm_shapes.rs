@@ -1,6 +1,8 @@
-//! The bf16 linear (`Device::linear_bf16`: AMX tiles where present) against the f32 linear at
-//! DiT-XL/2's shapes (256 px, batch 2: 512 token rows) and a square 2048^3, same process, same
-//! inputs; prints GFLOP/s of both and their ratio per shape. Run:
+//! The bf16 linear (`Device::linear_bf16`: AMX tiles where present), the f32 linear on a plain
+//! weight (`Device::linear`: the gemm crate) and on a weight packed at load
+//! (`Device::linear_packed`: the AVX-512 kernel where present) at DiT-XL/2's shapes (256 px,
+//! batch 2: 512 token rows) and a square 2048^3, same process, same inputs, interleaved;
+//! prints GFLOP/s of each and the ratios per shape. Run:
 //! `cargo run --release -p kernels --example gemm_shapes [THREADS] [bf16]` (`bf16`: skip the
 //! f32 products, e.g. to profile the bf16 kernel alone).
 
@@ -57,6 +59,13 @@ fn main() -> kernels::Result<()> {
         tf.sort_by(f64::total_cmp);
         tp.sort_by(f64::total_cmp);
         let (b, f, p) = (tb[tb.len() / 2], tf[tf.len() / 2], tp[tp.len() / 2]);
+        if bf16_only {
+            println!(
+                "{name} [{m}, {k}] x [{n}, {k}]^T: bf16 {:.0} GFLOP/s",
+                flops / b / 1e9
+            );
+            continue;
+        }
         println!(
             "{name} [{m}, {k}] x [{n}, {k}]^T: bf16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, \
              f32 packed ({}) {:.0} GFLOP/s, bf16/f32 speed {:.2}, packed/f32 speed {:.2}",
