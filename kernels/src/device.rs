@@ -421,9 +421,13 @@ impl Device {
         check_len("layer_norm_modulate", "scale", scale, batch * d)?;
         match self {
             Device::Cpu(c) => {
-                let mut y = vec![0f32; x.elem_count()];
                 let (xs, sh, sc) = (x.as_f32()?, shift.as_f32()?, scale.as_f32()?);
-                c.install(|| cpu::norm::layer_norm_modulate(&mut y, xs, sh, sc, batch, d, eps));
+                let len = xs.len();
+                let mut y = Vec::with_capacity(len);
+                let out = &mut y.spare_capacity_mut()[..len];
+                c.install(|| cpu::norm::layer_norm_modulate(out, xs, sh, sc, batch, d, eps));
+                // SAFETY: layer_norm_modulate writes every element of its output.
+                unsafe { y.set_len(len) };
                 Tensor::from_vec(y, x.shape())
             }
             Device::Cuda(c) => c.layer_norm_modulate(x, shift, scale, (x.dim(1), d), eps),
@@ -446,11 +450,14 @@ impl Device {
         }
         match self {
             Device::Cpu(c) => {
-                let mut y = vec![0f32; x.elem_count()];
                 let xs = x.as_f32()?;
                 let g = gamma.map(|t| t.as_f32()).transpose()?;
                 let b = beta.map(|t| t.as_f32()).transpose()?;
-                c.install(|| cpu::norm::layer_norm(&mut y, xs, g, b, d, eps));
+                let mut y = Vec::with_capacity(xs.len());
+                let out = &mut y.spare_capacity_mut()[..xs.len()];
+                c.install(|| cpu::norm::layer_norm(out, xs, g, b, d, eps));
+                // SAFETY: layer_norm writes every element of its output.
+                unsafe { y.set_len(xs.len()) };
                 Tensor::from_vec(y, x.shape())
             }
             Device::Cuda(c) => c.layer_norm(x, gamma, beta, d, eps),

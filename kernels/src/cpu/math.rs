@@ -64,6 +64,21 @@ pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// `sum((x - mean)^2)` with 16 independent accumulators (vectorisable, like [`sum_lanes`]; the
+/// same value as [`sum_lanes`] over the stored squares).
+#[inline]
+pub(crate) fn sum_sq_dev_lanes(x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += (c[i] - mean) * (c[i] - mean);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
+}
+
 /// Dot product with 16 independent accumulators (vectorisable, like [`sum_lanes`]).
 #[inline]
 pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {

@@ -5,26 +5,22 @@
 
 use rayon::prelude::*;
 
-use super::math::sum_lanes;
+use std::mem::MaybeUninit;
 
-/// Normalises one row into `out`: `(x - mean) / sqrt(var + eps)`, biased variance.
+use super::math::{sum_lanes, sum_sq_dev_lanes};
+
+/// A row's mean and `1 / sqrt(var + eps)` (biased variance).
 #[inline]
-fn normalize_row(x: &[f32], eps: f32, out: &mut [f32]) -> (f32, f32) {
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
     let mean = sum_lanes(x) / d;
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = (v - mean) * (v - mean);
-    }
-    let inv = 1.0 / (sum_lanes(out) / d + eps).sqrt();
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = (v - mean) * inv;
-    }
-    (mean, inv)
+    (mean, 1.0 / (sum_sq_dev_lanes(x, mean) / d + eps).sqrt())
 }
 
-/// `y = LN(x) * (1 + scale[b]) + shift[b]` for `x: [B, n, d]`, `shift, scale: [B, d]`.
+/// `y = LN(x) * (1 + scale[b]) + shift[b]` for `x: [B, n, d]`, `shift, scale: [B, d]`; every
+/// element of `y` is written (it may start uninitialised: no zeroing pass before).
 pub(crate) fn layer_norm_modulate(
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
     x: &[f32],
     shift: &[f32],
     scale: &[f32],
@@ -38,17 +34,18 @@ pub(crate) fn layer_norm_modulate(
         .enumerate()
         .for_each(|(row, (yr, xr))| {
             let b = row * d / per_batch;
-            normalize_row(xr, eps, yr);
+            let (mean, inv) = row_stats(xr, eps);
             let (sh, sc) = (&shift[b * d..(b + 1) * d], &scale[b * d..(b + 1) * d]);
-            for ((o, s), c) in yr.iter_mut().zip(sh).zip(sc) {
-                *o = *o * (1.0 + c) + s;
+            for (((o, v), s), c) in yr.iter_mut().zip(xr).zip(sh).zip(sc) {
+                o.write((v - mean) * inv * (1.0 + c) + s);
             }
         });
 }
 
-/// `y = LN(x) * gamma + beta` (affine LayerNorm; `gamma`, `beta` optional) over rows of length `d`.
+/// `y = LN(x) * gamma + beta` (affine LayerNorm; `gamma`, `beta` optional) over rows of length
+/// `d`; every element of `y` is written.
 pub(crate) fn layer_norm(
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
     x: &[f32],
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
@@ -58,12 +55,16 @@ pub(crate) fn layer_norm(
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(yr, xr)| {
-            normalize_row(xr, eps, yr);
-            if let Some(g) = gamma {
-                yr.iter_mut().zip(g).for_each(|(o, g)| *o *= g);
-            }
-            if let Some(b) = beta {
-                yr.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            let (mean, inv) = row_stats(xr, eps);
+            for (j, (o, v)) in yr.iter_mut().zip(xr).enumerate() {
+                let mut n = (v - mean) * inv;
+                if let Some(g) = gamma {
+                    n *= g[j];
+                }
+                if let Some(b) = beta {
+                    n += b[j];
+                }
+                o.write(n);
             }
         });
 }
