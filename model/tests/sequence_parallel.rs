@@ -119,13 +119,16 @@ fn a_rank_that_leaves_is_named_by_the_others() {
     drop(ranks.remove(1)); // rank 2 leaves
     let r1 = ranks.remove(0);
     let t = || Tensor::from_vec(vec![1.0], &[1, 1, 1]).unwrap();
+    // Rank 1 is handed back, not dropped, when its call fails: rank 0 must find rank 2 gone,
+    // not rank 1 (which, dropped early, would have left too).
     let h = std::thread::spawn(move || {
         let mut r1 = r1;
-        r1.all_to_all(vec![t(), t(), t()])
+        let res = r1.all_to_all(vec![t(), t(), t()]);
+        (res, r1)
     });
     let e = r0.all_to_all(vec![t(), t(), t()]).unwrap_err().to_string();
     assert!(e.contains("rank 2 left"), "{e}");
-    let e1 = h.join().unwrap().unwrap_err().to_string();
+    let e1 = h.join().unwrap().0.unwrap_err().to_string();
     assert!(e1.contains("left the group"), "{e1}");
 }
 
