@@ -306,13 +306,12 @@ fn group_pairs(
                 unsafe { block(a0, a0.add(chunks * TILE), b0, b1, chunks, acc.as_mut_ptr()) };
             }
             let m0 = mb * BLOCK;
-            for r in 0..BLOCK.min(m - m0) {
-                // SAFETY: row m0 + r < m and columns n0..n0 + cols <= n: inside y; no other
-                // task writes this region.
-                let row = unsafe {
-                    std::slice::from_raw_parts_mut(out.0.add((m0 + r) * n + n0).cast(), cols)
-                };
-                epilogue.write(row, &acc[r * BLOCK..][..cols], b.map(|b| &b[n0..n0 + cols]));
+            // SAFETY: rows m0.. < m and columns n0..n0 + cols <= n: inside y; no other task
+            // writes this region.
+            unsafe {
+                let o = out.0.add(m0 * n + n0);
+                let bias = b.map(|b| &b[n0..n0 + cols]);
+                epilogue.write_block(o, n, &acc, BLOCK, bias, (BLOCK.min(m - m0), cols));
             }
         }
     }

@@ -263,6 +263,38 @@ impl Epilogue {
             (Epilogue::BiasGeluTanh, b) => super::vector_math::gelu_tanh_bias(out, acc, b),
         }
     }
+
+    /// [`Epilogue::write`] for a block: `rows` x `cols`, row `r` from `acc[r * lda..]` to
+    /// `out + r * ldo` (GELU over the whole block in one call).
+    ///
+    /// # Safety
+    /// `out` addresses `rows` rows of `cols` at stride `ldo` that nothing else accesses during
+    /// the call; `acc` and `bias` hold what they are read for.
+    #[inline]
+    pub(crate) unsafe fn write_block(
+        self,
+        out: *mut f32,
+        ldo: usize,
+        acc: &[f32],
+        lda: usize,
+        bias: Option<&[f32]>,
+        (rows, cols): (usize, usize),
+    ) {
+        match self {
+            // SAFETY: forwarded to the caller's contract.
+            Epilogue::BiasGeluTanh => unsafe {
+                super::vector_math::gelu_tanh_bias_rows(out, ldo, acc, lda, bias, (rows, cols))
+            },
+            Epilogue::Bias => {
+                for r in 0..rows {
+                    // SAFETY: row r of `out` is `cols` values the caller lets us write.
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(out.add(r * ldo).cast(), cols) };
+                    self.write(row, &acc[r * lda..][..cols], bias);
+                }
+            }
+        }
+    }
 }
 
 /// `y[m, n] = epilogue(bf16(x)[m, k] · W^T + b)`, f32 accumulation; `y` is overwritten.

@@ -267,6 +267,7 @@ unsafe fn task(
                             ldc: n,
                             cols,
                             next,
+                            gelu: last && gelu,
                             next_slab: w
                                 .panels
                                 .as_ptr()
@@ -282,12 +283,6 @@ unsafe fn task(
                             3 => tile::<3>(t, slab, start),
                             2 => tile::<2>(t, slab, start),
                             _ => tile::<1>(t, slab, start),
-                        }
-                        if last && gelu {
-                            for r in 0..rows {
-                                let row = std::slice::from_raw_parts_mut(c.add(r * n), cols);
-                                super::vector_math::gelu_tanh_in_place(row);
-                            }
                         }
                     }
                 }
@@ -309,6 +304,9 @@ struct Tile {
     cols: usize,
     /// The next call's `x` and `c` (prefetched into L1 during this one; any address).
     next: (*const f32, *const f32),
+    /// Apply GELU-tanh to the sums before they are stored (the last `k` block of a
+    /// `linear_packed_gelu`).
+    gelu: bool,
     /// This call's share of the next panel's slab: `slab_lines` lines from here are
     /// prefetched into L2 (any address).
     next_slab: *const f32,
@@ -341,6 +339,7 @@ unsafe fn tile<const R: usize>(t: Tile, slab: &[f32], start: Start<'_>) {
         ldc,
         cols,
         next,
+        gelu,
         next_slab,
         slab_lines,
     } = t;
@@ -401,7 +400,12 @@ unsafe fn tile<const R: usize>(t: Tile, slab: &[f32], start: Start<'_>) {
         }
         for (r, row) in acc.iter().enumerate() {
             for v in 0..3 {
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], row[v]);
+                let out = if gelu {
+                    super::vector_math::avx512::gelu(row[v])
+                } else {
+                    row[v]
+                };
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], out);
             }
         }
     }

@@ -54,6 +54,44 @@ pub(crate) fn gelu_tanh_bias(
     }
 }
 
+/// [`gelu_tanh_bias`] over a block: row `r` of the result (`cols` values) goes to
+/// `out + r * ldo`, from `acc[r * lda..][..cols]` plus `bias[..cols]`. One call per GEMM block:
+/// called row by row (two vectors each), every call waited out its vectors' long dependency
+/// chain; over a block, the core overlaps independent rows.
+///
+/// # Safety
+/// `out` addresses `rows` rows of `cols` at stride `ldo` (may be uninitialised) that nothing
+/// else accesses during the call; `acc` holds `rows` rows of `cols` at stride `lda`; `bias`
+/// holds `cols` values.
+pub(crate) unsafe fn gelu_tanh_bias_rows(
+    out: *mut f32,
+    ldo: usize,
+    acc: &[f32],
+    lda: usize,
+    bias: Option<&[f32]>,
+    (rows, cols): (usize, usize),
+) {
+    assert!(
+        (rows == 0 || acc.len() >= (rows - 1) * lda + cols) && bias.is_none_or(|b| b.len() >= cols)
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (checked); the extents are the caller's contract and the
+        // assertion above.
+        return unsafe { avx512::gelu_tanh_bias_rows(out, ldo, acc, lda, bias, rows, cols) };
+    }
+    for r in 0..rows {
+        // SAFETY: row r of out is cols values the caller lets us write.
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(
+                out.add(r * ldo).cast::<std::mem::MaybeUninit<f32>>(),
+                cols,
+            )
+        };
+        gelu_tanh_bias(o, &acc[r * lda..][..cols], bias.map(|b| &b[..cols]));
+    }
+}
+
 /// `x[i] = gelu_tanh(x[i])` in place.
 pub(crate) fn gelu_tanh_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -72,7 +110,7 @@ fn avx512() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     /// `e^x` per lane: [`super::exp_fast`]'s range reduction and polynomial, 0 below -87.3.
@@ -150,7 +188,7 @@ mod avx512 {
     /// `x / (1 + e^(-2u))`, `u = sqrt(2/pi) (x + 0.044715 x^3)`: GELU-tanh per lane.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn gelu(x: __m512) -> __m512 {
+    pub(crate) fn gelu(x: __m512) -> __m512 {
         let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
         let u = _mm512_mul_ps(
             _mm512_set1_ps(0.797_884_6),
@@ -191,11 +229,43 @@ mod avx512 {
             i += 16;
         }
     }
+
+    /// # Safety
+    /// As [`super::gelu_tanh_bias_rows`], and the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gelu_tanh_bias_rows(
+        out: *mut f32,
+        ldo: usize,
+        acc: &[f32],
+        lda: usize,
+        bias: Option<&[f32]>,
+        rows: usize,
+        cols: usize,
+    ) {
+        let mut i = 0;
+        while i < cols {
+            let k: __mmask16 = (((1u32 << (cols - i).min(16)) - 1) & 0xffff) as u16;
+            // SAFETY: the mask covers only columns below cols; rows and strides per the caller.
+            unsafe {
+                let b = bias.map(|b| _mm512_maskz_loadu_ps(k, b.as_ptr().add(i)));
+                for r in 0..rows {
+                    let mut v = _mm512_maskz_loadu_ps(k, acc.as_ptr().add(r * lda + i));
+                    if let Some(b) = b {
+                        v = _mm512_add_ps(v, b);
+                    }
+                    _mm512_mask_storeu_ps(out.add(r * ldo + i), k, gelu(v));
+                }
+            }
+            i += 16;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{exp_scaled_sub_sum, exp_sub_sum, gelu_tanh_bias, gelu_tanh_in_place};
+    use super::{
+        exp_scaled_sub_sum, exp_sub_sum, gelu_tanh_bias, gelu_tanh_bias_rows, gelu_tanh_in_place,
+    };
     use crate::cpu::math::{exp_fast, gelu_tanh_scalar};
 
     fn close(a: f32, b: f32, tol: f32) -> bool {
@@ -266,6 +336,34 @@ mod tests {
                         got[i]
                     );
                 }
+            }
+        }
+    }
+
+    /// The block form gives bitwise what the row form gives, into strided rows, touching
+    /// nothing past each row's columns.
+    #[test]
+    fn gelu_tanh_bias_rows_equals_the_row_form() {
+        let (rows, cols, lda, ldo) = (5, 21, 32, 40);
+        let acc: Vec<f32> = (0..rows * lda)
+            .map(|i| (i as f32 * 0.37).sin() * 5.0)
+            .collect();
+        let bias: Vec<f32> = (0..cols).map(|j| j as f32 * 0.1 - 1.0).collect();
+        for b in [None, Some(&bias[..])] {
+            let mut out = vec![f32::NAN; rows * ldo];
+            // SAFETY: out holds rows x ldo >= cols; acc rows x lda; bias cols.
+            unsafe { gelu_tanh_bias_rows(out.as_mut_ptr(), ldo, &acc, lda, b, (rows, cols)) };
+            for r in 0..rows {
+                let mut want = vec![0f32; cols];
+                gelu_tanh_bias(
+                    crate::cpu::aligned::as_uninit(&mut want),
+                    &acc[r * lda..][..cols],
+                    b,
+                );
+                assert_eq!(&out[r * ldo..][..cols], &want[..], "row {r}");
+                assert!(out[r * ldo + cols..(r + 1) * ldo]
+                    .iter()
+                    .all(|v| v.is_nan()));
             }
         }
     }
