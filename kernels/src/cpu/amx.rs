@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::aligned::AlignedVec;
-use super::bf16_gemm::{bf16_bits_into, Epilogue, PackedBf16, CHUNK_K};
+use super::bf16_gemm::{bf16_bits_chunked, Epilogue, PackedBf16, CHUNK_K};
 
 /// Output rows and columns of one kernel call.
 const BLOCK: usize = 32;
@@ -212,14 +212,7 @@ pub(crate) fn linear(
     let convert = |(strip, dst): (usize, &mut [u16])| {
         for r in 0..16 {
             let src = (strip * 16 + r < m).then(|| &x[(strip * 16 + r) * k..][..k]);
-            for kc in 0..chunks {
-                let row = &mut dst[kc * TILE + r * CHUNK_K..][..CHUNK_K];
-                let part = src.map_or(&[][..], |s| {
-                    &s[(kc * CHUNK_K).min(k)..((kc + 1) * CHUNK_K).min(k)]
-                });
-                bf16_bits_into(row, part);
-                row[part.len()..].fill(0);
-            }
+            bf16_bits_chunked(&mut dst[r * CHUNK_K..], src, chunks, TILE);
         }
     };
     // One thread (attention's products, run inside its own parallel tasks): no rayon at all.

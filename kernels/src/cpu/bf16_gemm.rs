@@ -51,6 +51,67 @@ pub(crate) fn bf16_bits_into(dst: &mut [u16], src: &[f32]) {
     }
 }
 
+/// `src` in bf16 as `CHUNK_K`-wide pieces `stride` elements apart: piece `c` (inputs
+/// `32 c..32 c + 32`) goes to `dst[c * stride..][..32]`, the last one zero-padded; `src = None`
+/// writes zeros. For one row of AMX's A tiles (x tile-major): one call per row (per 32 inputs,
+/// the call and detection overhead cost more than the conversion).
+pub(crate) fn bf16_bits_chunked(
+    dst: &mut [u16],
+    src: Option<&[f32]>,
+    chunks: usize,
+    stride: usize,
+) {
+    assert!(
+        chunks == 0 || dst.len() >= (chunks - 1) * stride + CHUNK_K,
+        "bf16_bits_chunked: destination too short"
+    );
+    let src = src.unwrap_or(&[]);
+    assert!(
+        src.len() <= chunks * CHUNK_K,
+        "bf16_bits_chunked: source too long"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512_bf16() {
+        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked); extents checked above.
+        return unsafe { bf16_bits_chunked_avx512(dst, src, chunks, stride) };
+    }
+    for c in 0..chunks {
+        let piece = &src[(c * CHUNK_K).min(src.len())..((c + 1) * CHUNK_K).min(src.len())];
+        let row = &mut dst[c * stride..][..CHUNK_K];
+        for (d, &x) in row.iter_mut().zip(piece) {
+            *d = bf16_bits(x);
+        }
+        row[piece.len()..].fill(0);
+    }
+}
+
+/// # Safety
+/// The CPU has AVX-512F and AVX512-BF16; the extents of [`bf16_bits_chunked`] hold.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_bits_chunked_avx512(dst: &mut [u16], src: &[f32], chunks: usize, stride: usize) {
+    use std::arch::x86_64::*;
+    let mask = |from: usize| -> __mmask16 {
+        let have = src.len().saturating_sub(from).min(16);
+        ((1u32 << have) - 1) as __mmask16
+    };
+    for c in 0..chunks {
+        let i = c * CHUNK_K;
+        // SAFETY: masked loads read only below src.len(); the store writes dst[c * stride..]
+        // [..32], inside dst (checked by the caller).
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(mask(i), src.as_ptr().add(i.min(src.len())));
+            let hi = _mm512_maskz_loadu_ps(mask(i + 16), src.as_ptr().add((i + 16).min(src.len())));
+            // Result lanes 0..16 from the second operand, 16..32 from the first.
+            let packed = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(
+                dst.as_mut_ptr().add(c * stride).cast(),
+                std::mem::transmute::<__m512bh, __m512i>(packed),
+            );
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn avx512_bf16() -> bool {
     // std caches the detection: one relaxed load per call.
@@ -377,7 +438,36 @@ pub fn linear_bf16_slow(x: &[f32], w: &PackedBf16, b: Option<&[f32]>, m: usize) 
 
 #[cfg(test)]
 mod tests {
-    use super::{bf16_bits, bf16_bits_into};
+    use super::{bf16_bits, bf16_bits_chunked, bf16_bits_into, CHUNK_K};
+
+    /// The chunked conversion puts each 32-input piece at its stride, zero-pads the last one,
+    /// writes zeros for a missing row, and leaves what lies between the pieces alone.
+    #[test]
+    fn chunked_conversion_lays_out_pieces_at_their_stride() {
+        let stride = 48;
+        for len in [0usize, 1, 15, 16, 17, 31, 32, 33, 64, 70, 96] {
+            let chunks = len.div_ceil(CHUNK_K).max(1);
+            let src: Vec<f32> = (0..len).map(|i| i as f32 * 0.75 - 3.0).collect();
+            for row in [Some(&src[..]), None] {
+                let mut dst = vec![0xabcdu16; (chunks - 1) * stride + CHUNK_K];
+                bf16_bits_chunked(&mut dst, row, chunks, stride);
+                for c in 0..chunks {
+                    for e in 0..CHUNK_K {
+                        let i = c * CHUNK_K + e;
+                        let want = match row {
+                            Some(r) if i < r.len() => bf16_bits(r[i]),
+                            _ => 0,
+                        };
+                        assert_eq!(dst[c * stride + e], want, "len {len} chunk {c} [{e}]");
+                    }
+                    if c + 1 < chunks {
+                        let gap = &dst[c * stride + CHUNK_K..(c + 1) * stride];
+                        assert!(gap.iter().all(|&g| g == 0xabcd), "len {len}: gap written");
+                    }
+                }
+            }
+        }
+    }
 
     /// The vector conversion equals the scalar one bit for bit (ties to even, NaN, infinities,
     /// every length's tail), except f32 subnormals, which AVX512-BF16 flushes to zero (AMX's
