@@ -46,16 +46,25 @@ impl std::fmt::Debug for PackedF32 {
     }
 }
 
-/// Whether this CPU runs the AVX-512 kernel (else [`PackedF32`] keeps the plain layout).
+/// Whether this CPU runs the AVX-512 kernel (else [`PackedF32`] keeps the plain layout and the
+/// gemm crate runs): AVX-512F present and `PIPEFUSE_NO_AVX512_GEMM` unset or `0` (to compare
+/// the paths, or on a host where the gemm crate's kernels are faster; measured only on Intel).
 pub fn f32_gemm_avx512() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let off = std::env::var_os("PIPEFUSE_NO_AVX512_GEMM").is_some_and(|v| v != "0");
+        let has = has_avx512f();
+        tracing::debug!(avx512_gemm = has && !off, "f32 linear kernel");
+        has && !off
+    })
+}
+
+/// Whether the CPU has AVX-512F (the kernel's requirement, whatever the switch says).
+fn has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
+    return std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    false
 }
 
 /// Which kernel runs f32 linear layers on this CPU, for benchmark headers.
@@ -76,7 +85,8 @@ impl PackedF32 {
     /// Packs `w` in the AVX-512 panel layout (`panels`) or keeps it plain.
     pub(crate) fn pack_for(w: &[f32], n: usize, k: usize, panels: bool) -> PackedF32 {
         assert_eq!(w.len(), n * k, "PackedF32::pack: weight length");
-        let panels = panels && cfg!(target_arch = "x86_64");
+        // The panels exist only where the kernel can run (`linear_packed` relies on it).
+        let panels = panels && has_avx512f();
         if !panels {
             return PackedF32 {
                 n,
