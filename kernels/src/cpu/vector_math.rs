@@ -110,7 +110,7 @@ fn avx512() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx512 {
+mod avx512 {
     use std::arch::x86_64::*;
 
     /// `e^x` per lane: [`super::exp_fast`]'s range reduction and polynomial, 0 below -87.3.
@@ -188,7 +188,7 @@ pub(crate) mod avx512 {
     /// `x / (1 + e^(-2u))`, `u = sqrt(2/pi) (x + 0.044715 x^3)`: GELU-tanh per lane.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(crate) fn gelu(x: __m512) -> __m512 {
+    fn gelu(x: __m512) -> __m512 {
         let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
         let u = _mm512_mul_ps(
             _mm512_set1_ps(0.797_884_6),
