@@ -196,7 +196,8 @@ mod avx512 {
         );
         let e = exp(_mm512_mul_ps(u, _mm512_set1_ps(-2.0)));
         let d = _mm512_add_ps(e, _mm512_set1_ps(1.0));
-        // x / d as x * (1 / d): `vdivps` (one per ~10-16 cycles per zmm) was most of the cost.
+        // x / d as x * (1 / d): `vdivps` issues one zmm per ~10-16 cycles (in the forward the
+        // share of GELU did not move with this; its calls' granularity did, see write_block).
         // The 14-bit estimate plus one Newton step is within ~2 ulp of 1 / d for d in
         // [1, e^88.3] (e is finite: exp_fast saturates); where 1 / d is subnormal (x below
         // about -10) both steps stay exact without FTZ, only slower.
