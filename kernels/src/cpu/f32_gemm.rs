@@ -18,11 +18,13 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::aligned::AlignedVec;
+#[cfg(target_arch = "x86_64")]
+use super::f32_tile::{tile, Start, Tile};
 
 /// Output features per packed panel (three zmm vectors).
 pub(crate) const NR: usize = 48;
 /// Rows of `x` per micro-kernel call.
-const MR: usize = 8;
+pub(super) const MR: usize = 8;
 /// `k` per block: a panel's slab is `KC * NR * 4` = 24 KiB.
 const KC: usize = 128;
 /// Rows per group: a group's `y` tiles (`MC` x a task's panels) stay in L2 across `k` blocks,
@@ -303,117 +305,6 @@ unsafe fn task(
                         }
                     }
                 }
-            }
-        }
-    }
-}
-
-/// Where one micro-kernel call reads `x` and writes `y`.
-#[derive(Clone, Copy)]
-struct Tile {
-    kc: usize,
-    /// `R` rows of `kc` elements at stride `ldx`.
-    x: *const f32,
-    ldx: usize,
-    /// `R` rows of `cols <= NR` elements at stride `ldc`.
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
-    /// The next call's `x` and `c` (prefetched into L1 during this one; any address).
-    next: (*const f32, *const f32),
-    /// This call's share of the next panel's slab: `slab_lines` lines from here are
-    /// prefetched into L2 (any address).
-    next_slab: *const f32,
-    slab_lines: usize,
-}
-
-/// What a tile's accumulators start from.
-#[derive(Clone, Copy)]
-enum Start<'a> {
-    Zero,
-    /// The bias of the tile's columns.
-    Bias(&'a [f32]),
-    /// The tile's current values (a later `k` block).
-    Load,
-}
-
-/// `c[R, cols] = start + x[R, kc] · slab[kc, NR][.., ..cols]` for the [`Tile`] `t`.
-///
-/// # Safety
-/// AVX-512F; `t.x` and `t.c` address what [`Tile`] says; `slab.len() == t.kc * NR`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize>(t: Tile, slab: &[f32], start: Start<'_>) {
-    use std::arch::x86_64::*;
-    let Tile {
-        kc,
-        x,
-        ldx,
-        c,
-        ldc,
-        cols,
-        next,
-        next_slab,
-        slab_lines,
-    } = t;
-    debug_assert_eq!(slab.len(), kc * NR);
-    let mask = |v: usize| -> __mmask16 {
-        let have = cols.saturating_sub(16 * v).min(16);
-        ((1u32 << have) - 1) as __mmask16
-    };
-    let masks = [mask(0), mask(1), mask(2)];
-    // SAFETY (whole body): the caller's contract; masked loads and stores touch only the tile's
-    // `cols` columns; prefetches never fault.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 3]; R];
-        match start {
-            Start::Zero => {}
-            Start::Bias(b) => {
-                for v in 0..3 {
-                    let bv = _mm512_maskz_loadu_ps(masks[v], b.as_ptr().add(16 * v));
-                    for row in acc.iter_mut() {
-                        row[v] = bv;
-                    }
-                }
-            }
-            Start::Load => {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    for v in 0..3 {
-                        row[v] = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
-                    }
-                }
-            }
-        }
-        let w = slab.as_ptr();
-        let half = kc / 2;
-        for kk in 0..kc {
-            // Spread over the loop: the next tile's x (MR rows x kc / 16 lines, first half of
-            // the steps) and its y (MR rows x 3 lines, after that).
-            if kk < half {
-                let (r, col) = (kk % MR, kk / MR * 16);
-                _mm_prefetch::<_MM_HINT_T0>(next.0.wrapping_add(r * ldx + col).cast());
-            } else if kk - half < 4 * MR {
-                if (kk - half) % 4 != 3 {
-                    let (r, v) = ((kk - half) / 4, (kk - half) % 4);
-                    _mm_prefetch::<_MM_HINT_T0>(next.1.wrapping_add(r * ldc + 16 * v).cast());
-                }
-            } else if kk - half - 4 * MR < slab_lines {
-                let line = kk - half - 4 * MR;
-                _mm_prefetch::<_MM_HINT_T1>(next_slab.wrapping_add(16 * line).cast());
-            }
-            let b0 = _mm512_load_ps(w.add(kk * NR));
-            let b1 = _mm512_load_ps(w.add(kk * NR + 16));
-            let b2 = _mm512_load_ps(w.add(kk * NR + 32));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(*x.add(r * ldx + kk));
-                row[0] = _mm512_fmadd_ps(a, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(a, b1, row[1]);
-                row[2] = _mm512_fmadd_ps(a, b2, row[2]);
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for v in 0..3 {
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], row[v]);
             }
         }
     }

@@ -10,6 +10,8 @@ pub(crate) mod attention_bf16;
 pub(crate) mod bf16_gemm;
 pub(crate) mod conv;
 pub(crate) mod f32_gemm;
+#[cfg(target_arch = "x86_64")]
+mod f32_tile;
 pub(crate) mod layout;
 pub(crate) mod math;
 pub(crate) mod matmul;
