@@ -29,19 +29,14 @@ enum LinearWeight {
 impl Linear {
     /// `w` `[out, in]` (f32) and `b` in the format `dtype` names.
     pub(crate) fn new(w: Tensor, b: Tensor, dtype: DType) -> Result<Linear> {
+        let &[out, inp] = w.shape() else {
+            unreachable!("linear weights are loaded as [out, in]")
+        };
         let w = match dtype {
-            DType::BF16 => {
-                let &[out, inp] = w.shape() else {
-                    unreachable!("linear weights are loaded as [out, in]")
-                };
-                LinearWeight::Bf16(PackedBf16::from_f32(w.as_f32()?, out, inp))
-            }
+            DType::BF16 => LinearWeight::Bf16(PackedBf16::from_f32(w.as_f32()?, out, inp)),
             DType::F32 | DType::F16
                 if w.is_host() && w.dtype() == DType::F32 && kernels::f32_gemm_avx512() =>
             {
-                let &[out, inp] = w.shape() else {
-                    unreachable!("linear weights are loaded as [out, in]")
-                };
                 LinearWeight::F32Packed(PackedF32::pack(w.as_f32()?, out, inp))
             }
             DType::F32 | DType::F16 => LinearWeight::F32(w),

@@ -186,7 +186,8 @@ pub(crate) fn attention(
 /// An output pointer shared by attention tasks that write disjoint rows x heads of it.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: tasks write disjoint regions (see `attention` and `attention_bf16::attention_bf16`).
+// SAFETY: tasks write disjoint regions (see `attention`, `attention_bf16::attention_bf16` and
+// `f32_gemm::linear_packed`).
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}

@@ -13,11 +13,11 @@
 //! 8-row blocks of `x` pass over it), row blocks. `y` tiles are re-read once per `k` block (the
 //! first starts from the bias); each call prefetches the next call's `x` rows and `y` tile.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 use super::aligned::AlignedVec;
+#[cfg(target_arch = "x86_64")]
+use super::attention::SendPtr;
 #[cfg(target_arch = "x86_64")]
 use super::f32_tile::{tile, Start, Tile};
 
@@ -178,9 +178,7 @@ pub(crate) fn linear_packed(
         }
         return y;
     }
-    let mut y: Vec<MaybeUninit<f32>> = Vec::with_capacity(m * n);
-    // SAFETY: MaybeUninit needs no initialisation.
-    unsafe { y.set_len(m * n) };
+    let mut y = Vec::with_capacity(m * n);
     #[cfg(target_arch = "x86_64")]
     {
         let panels = n.div_ceil(NR);
@@ -189,7 +187,7 @@ pub(crate) fn linear_packed(
         let row_tasks = if panels >= threads { 1 } else { threads };
         let panel_tasks = threads.min(panels).max(1);
         let rows_per = m.div_ceil(row_tasks).next_multiple_of(MR);
-        let out = SendPtr(y.as_mut_ptr().cast::<f32>());
+        let out = SendPtr(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         let tasks = panel_tasks * row_tasks;
         let run = |t: usize| {
             let (pt, rt) = (t % panel_tasks, t / panel_tasks);
@@ -205,20 +203,10 @@ pub(crate) fn linear_packed(
             (0..tasks).into_par_iter().for_each(run);
         }
     }
-    // SAFETY: the tasks wrote every element (row ranges cover 0..m, panel ranges 0..n); same
-    // layout as f32.
-    unsafe {
-        let mut y = std::mem::ManuallyDrop::new(y);
-        Vec::from_raw_parts(y.as_mut_ptr().cast::<f32>(), m * n, y.capacity())
-    }
+    // SAFETY: the tasks wrote every element (row ranges cover 0..m, panel ranges 0..n).
+    unsafe { y.set_len(m * n) };
+    y
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions (see `linear_packed`).
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 /// One task: rows `r0..r1` x panels `p0..p1` of `y`.
 ///
@@ -263,14 +251,14 @@ unsafe fn task(
                     };
                     let next = (
                         x.as_ptr().wrapping_add(ni * k + k0),
-                        y.0.wrapping_add(ni * n + np * NR).cast_const(),
+                        y.get().wrapping_add(ni * n + np * NR).cast_const(),
                     );
                     // SAFETY: rows i..i+rows of x hold k elements each; the tile (rows x cols
                     // at (i, p*NR)) lies in y; AVX-512F per the caller. `next` is only
                     // prefetched (never dereferenced).
                     unsafe {
                         let xs = x.as_ptr().add(i * k + k0);
-                        let c = y.0.add(i * n + p * NR);
+                        let c = y.get().add(i * n + p * NR);
                         let t = Tile {
                             kc,
                             x: xs,

@@ -44,10 +44,9 @@ pub(crate) fn gelu_tanh_bias(
     assert!(acc.len() == out.len() && bias.is_none_or(|b| b.len() == out.len()));
     #[cfg(target_arch = "x86_64")]
     if avx512() {
-        let b = bias.map(|b| b.as_ptr());
+        let (o, b) = (out.as_mut_ptr().cast::<f32>(), bias.map(|b| b.as_ptr()));
         // SAFETY: the CPU has AVX-512F (checked); every pointer covers out.len() elements.
-        let o = out.as_mut_ptr().cast::<f32>();
-        return unsafe { avx512::gelu_tanh_bias(o, acc.as_ptr(), b, out.len()) };
+        return unsafe { avx512::gelu_tanh_bias_rows(o, 0, acc.as_ptr(), 0, b, 1, out.len()) };
     }
     for (i, o) in out.iter_mut().enumerate() {
         o.write(gelu_tanh_scalar(acc[i] + bias.map_or(0.0, |b| b[i])));
@@ -76,9 +75,10 @@ pub(crate) unsafe fn gelu_tanh_bias_rows(
     );
     #[cfg(target_arch = "x86_64")]
     if avx512() {
+        let (a, b) = (acc.as_ptr(), bias.map(|b| b.as_ptr()));
         // SAFETY: the CPU has AVX-512F (checked); the extents are the caller's contract and the
         // assertion above.
-        return unsafe { avx512::gelu_tanh_bias_rows(out, ldo, acc, lda, bias, rows, cols) };
+        return unsafe { avx512::gelu_tanh_bias_rows(out, ldo, a, lda, b, rows, cols) };
     }
     for r in 0..rows {
         // SAFETY: row r of out is cols values the caller lets us write.
@@ -98,7 +98,7 @@ pub(crate) fn gelu_tanh_in_place(x: &mut [f32]) {
     if avx512() {
         let p = x.as_mut_ptr();
         // SAFETY: the CPU has AVX-512F (checked); in place: each lane is read before written.
-        return unsafe { avx512::gelu_tanh_bias(p, p, None, x.len()) };
+        return unsafe { avx512::gelu_tanh_bias_rows(p, 0, p, 0, None, 1, x.len()) };
     }
     x.iter_mut().for_each(|v| *v = gelu_tanh_scalar(*v));
 }
@@ -206,40 +206,20 @@ mod avx512 {
         _mm512_mul_ps(x, r)
     }
 
+    /// `rows` x `cols` of `gelu_tanh(acc + bias)`: row `r` from `acc + r * lda` to
+    /// `out + r * ldo` (with one row: [`super::gelu_tanh_bias`] and the in-place form).
+    ///
     /// # Safety
-    /// The CPU has AVX-512F; `out`, `acc` and `bias` (when given) cover `len` elements; `out`
-    /// may be `acc` (each 16 lanes are loaded before they are stored).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gelu_tanh_bias(
-        out: *mut f32,
-        acc: *const f32,
-        bias: Option<*const f32>,
-        len: usize,
-    ) {
-        let mut i = 0;
-        while i < len {
-            let k: __mmask16 = (((1u32 << (len - i).min(16)) - 1) & 0xffff) as u16;
-            // SAFETY: the mask covers only elements below len.
-            unsafe {
-                let mut v = _mm512_maskz_loadu_ps(k, acc.add(i));
-                if let Some(b) = bias {
-                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, b.add(i)));
-                }
-                _mm512_mask_storeu_ps(out.add(i), k, gelu(v));
-            }
-            i += 16;
-        }
-    }
-
-    /// # Safety
-    /// As [`super::gelu_tanh_bias_rows`], and the CPU has AVX-512F.
+    /// The CPU has AVX-512F; `out` and `acc` address `rows` rows of `cols` at their strides,
+    /// `bias` (when given) `cols` values; `out` may be `acc` (each 16 lanes are loaded before
+    /// they are stored).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gelu_tanh_bias_rows(
         out: *mut f32,
         ldo: usize,
-        acc: &[f32],
+        acc: *const f32,
         lda: usize,
-        bias: Option<&[f32]>,
+        bias: Option<*const f32>,
         rows: usize,
         cols: usize,
     ) {
@@ -248,9 +228,9 @@ mod avx512 {
             let k: __mmask16 = (((1u32 << (cols - i).min(16)) - 1) & 0xffff) as u16;
             // SAFETY: the mask covers only columns below cols; rows and strides per the caller.
             unsafe {
-                let b = bias.map(|b| _mm512_maskz_loadu_ps(k, b.as_ptr().add(i)));
+                let b = bias.map(|b| _mm512_maskz_loadu_ps(k, b.add(i)));
                 for r in 0..rows {
-                    let mut v = _mm512_maskz_loadu_ps(k, acc.as_ptr().add(r * lda + i));
+                    let mut v = _mm512_maskz_loadu_ps(k, acc.add(r * lda + i));
                     if let Some(b) = b {
                         v = _mm512_add_ps(v, b);
                     }
