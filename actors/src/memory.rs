@@ -15,7 +15,7 @@ use std::fmt;
 use kernels::HostMemory;
 use model::{ModelConfig, PreparedRequest};
 use topology::human_bytes;
-use topology::{DeviceRole, Plan, SequenceParallel};
+use topology::{DeviceRole, DeviceSpec, Plan, Precision, SequenceParallel};
 
 use crate::error::{ClusterError, Result};
 
@@ -86,21 +86,63 @@ impl fmt::Display for MemoryEstimate {
     }
 }
 
-/// Bytes of weights per parameter: every backend keeps them in f32 today.
-const WEIGHT_BYTES: f64 = 4.0;
+/// Bytes per parameter that stays f32 whatever the device's precision (biases, norms, class
+/// tables, a CPU's non-linear tensors).
+const F32_BYTES: f64 = 4.0;
 
 /// Per device, what starting it allocates besides its weights: actor state, channels, its
 /// thread pool's bookkeeping (measured: about 120 KiB).
 const LOAD_FIXED: f64 = (512 << 10) as f64;
 
+/// Bytes per linear-layer weight on `device`: a bf16 CPU device packs them to bf16 where its
+/// AMX kernel runs ([`kernels::bf16_weight_bytes`]: f32 elsewhere); f32 devices keep f32; a
+/// GPU's weights live in its own memory, and the host holds each tensor as f32 while loading it
+/// (counted in full: an upper bound).
+fn linear_weight_bytes(device: &DeviceSpec) -> f64 {
+    match device {
+        DeviceSpec::Cpu {
+            precision: Precision::Bf16,
+            ..
+        } => kernels::bf16_weight_bytes() as f64,
+        _ => F32_BYTES,
+    }
+}
+
+/// Whether a checkpoint tensor is a linear layer's weight (packed in the device's format);
+/// biases, norms and embedding tables stay f32. A tensor wrongly counted as f32 only makes the
+/// estimate higher.
+fn is_linear_weight(name: &str) -> bool {
+    name.ends_with(".weight") && !name.contains("norm") && !name.contains("embedding_table")
+}
+
+/// Parameters of a slice: linear-layer weights and the rest.
+#[derive(Debug, Clone, Copy, Default)]
+struct Params {
+    linear: f64,
+    other: f64,
+}
+
+impl Params {
+    fn add(self, o: Params) -> Params {
+        Params {
+            linear: self.linear + o.linear,
+            other: self.other + o.other,
+        }
+    }
+    fn bytes(self, device: &DeviceSpec) -> f64 {
+        self.linear * linear_weight_bytes(device) + self.other * F32_BYTES
+    }
+}
+
 /// The weights that the devices for which `local(rank)` hold load for their layer slices, in
-/// bytes (f32), 10% up for the Q/K/V fusion's transient copy, plus `LOAD_FIXED` per device. With the checkpoint's tensors
+/// bytes (linear-layer weights in each device's format, the rest f32), 10% up for the Q/K/V
+/// fusion's transient copy, plus `LOAD_FIXED` per device. With the checkpoint's tensors
 /// (`elements`: name and element count, [`crate::ModelSource::weight_elements`]) each device
 /// counts its blocks' tensors plus every tensor outside the blocks (embedders, head: an upper
-/// bound, a middle stage loads none of them). For a preset (`None`) the parameters are read off
-/// the FLOP formula at one token (two FLOPs per weight), each device's blocks plus one block's
-/// worth for the parts outside them. `tests/request_memory.rs` compares both with the bytes a
-/// cluster's start really allocates.
+/// bound, a middle stage loads none of them). For a preset (`None`) the linear weights are read
+/// off the FLOP formula at one token (two FLOPs per weight), each device's blocks plus one
+/// block's worth for the parts outside them. `tests/request_memory.rs` compares both with the
+/// bytes a cluster's start really allocates.
 pub fn estimate_weights(
     cfg: &ModelConfig,
     plan: &Plan,
@@ -108,42 +150,57 @@ pub fn estimate_weights(
     local: impl Fn(usize) -> bool,
 ) -> u64 {
     let roles = plan.roles();
-    let mine = roles.iter().filter(|r| local(r.rank));
-    let params: f64 = match elements {
+    let mine: Vec<_> = roles.iter().filter(|r| local(r.rank)).collect();
+    let bytes: f64 = match elements {
         Some(tensors) => {
             let families = cfg.block_families();
             let layers: usize = families.iter().map(|f| f.1).sum();
-            let mut per_layer = vec![0u64; layers];
-            let mut outside = 0u64;
+            let mut per_layer = vec![Params::default(); layers];
+            let mut outside = Params::default();
             for (name, n) in tensors {
+                let p = match is_linear_weight(name) {
+                    true => Params {
+                        linear: *n as f64,
+                        other: 0.0,
+                    },
+                    false => Params {
+                        linear: 0.0,
+                        other: *n as f64,
+                    },
+                };
                 match layer_of(name, &families).filter(|&l| l < layers) {
-                    Some(l) => per_layer[l] = per_layer[l].saturating_add(*n),
-                    None => outside = outside.saturating_add(*n),
+                    Some(l) => per_layer[l] = per_layer[l].add(p),
+                    None => outside = outside.add(p),
                 }
             }
-            mine.map(|r| {
-                let end = r.layers.end.min(layers);
-                let blocks = per_layer[r.layers.start.min(end)..end]
-                    .iter()
-                    .fold(0u64, |a, &x| a.saturating_add(x));
-                outside.saturating_add(blocks) as f64
-            })
-            .sum()
+            mine.iter()
+                .map(|r| {
+                    let end = r.layers.end.min(layers);
+                    per_layer[r.layers.start.min(end)..end]
+                        .iter()
+                        .fold(outside, |a, &x| a.add(x))
+                        .bytes(&r.device.spec)
+                })
+                .sum()
         }
         None => {
             // One image and one text token, so the text stream's weights (MMDiT) and the
             // caption projections (PixArt) count too.
-            let mut per_block = cfg.forward_flops(1, 1, 1) / 2.0 / cfg.num_layers.max(1) as f64;
-            if cfg.arch == model::Arch::Dit {
+            let per_block = Params {
+                linear: cfg.forward_flops(1, 1, 1) / 2.0 / cfg.num_layers.max(1) as f64,
                 // Each DiT block's conditioning embedder has its own class table (a lookup: no
                 // FLOPs).
-                per_block += ((cfg.num_classes + 1) * cfg.hidden()) as f64;
-            }
-            mine.map(|r| per_block * (r.layers.len() + 1) as f64).sum()
+                other: match cfg.arch {
+                    model::Arch::Dit => ((cfg.num_classes + 1) * cfg.hidden()) as f64,
+                    _ => 0.0,
+                },
+            };
+            mine.iter()
+                .map(|r| per_block.bytes(&r.device.spec) * (r.layers.len() + 1) as f64)
+                .sum()
         }
     };
-    let devices = roles.iter().filter(|r| local(r.rank)).count() as f64;
-    (params * 1.1 * WEIGHT_BYTES + devices * LOAD_FIXED).min(u64::MAX as f64) as u64
+    (bytes * 1.1 + mine.len() as f64 * LOAD_FIXED).min(u64::MAX as f64) as u64
 }
 
 /// The layer a tensor belongs to: `<family>.<i>.` is layer `i` after the layers of the families
@@ -172,7 +229,7 @@ pub fn check_weights(weights: u64, devices: usize, host: &HostMemory) -> Result<
         return Ok(());
     }
     Err(ClusterError::OutOfMemory(format!(
-        "loading the model on this process's {devices} device(s) needs about {} of weights (f32) \
+        "loading the model on this process's {devices} device(s) needs about {} of weights \
          but only {host}; spread its layers over more nodes (pipefusion_degree, one stage per \
          node), or use a smaller model",
         human_bytes(weights)

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actors::{Cluster, ClusterError, ClusterOptions, GenerateRequest};
 use common::*;
 use model::Request;
-use topology::{ClusterSpec, ModelSpec};
+use topology::{ClusterSpec, DeviceSpec, ModelSpec, Precision};
 
 struct Counting;
 
@@ -239,22 +239,38 @@ async fn the_weights_estimate_covers_what_start_allocates() {
                 .join(name),
         )
     };
+    let dit_s2 = || ModelSpec::Preset {
+        name: "DiT-S/2".into(),
+        seed: 1,
+    };
+    let (f32, bf16) = (Precision::F32, Precision::Bf16);
     let cases = [
-        ("DiT fixture, 2 stages", ModelSpec::Path(dit_pf()), 2),
+        ("DiT fixture, 2 stages", ModelSpec::Path(dit_pf()), 2, f32),
+        ("DiT-S/2 preset, 2 stages", dit_s2(), 2, f32),
+        ("DiT-S/2 preset, 2 bf16 stages", dit_s2(), 2, bf16),
         (
-            "DiT-S/2 preset, 2 stages",
-            ModelSpec::Preset {
-                name: "DiT-S/2".into(),
-                seed: 1,
-            },
+            "PixArt fixture, 2 stages",
+            model_fixture("pixart_tiny"),
             2,
+            f32,
         ),
-        ("PixArt fixture, 2 stages", model_fixture("pixart_tiny"), 2),
-        ("SD3 fixture, 2 stages", model_fixture("sd3_tiny"), 2),
-        ("Flux fixture, 2 stages", model_fixture("flux_tiny"), 2),
+        (
+            "PixArt fixture, 2 bf16 stages",
+            model_fixture("pixart_tiny"),
+            2,
+            bf16,
+        ),
+        ("SD3 fixture, 2 stages", model_fixture("sd3_tiny"), 2, f32),
+        ("Flux fixture, 2 stages", model_fixture("flux_tiny"), 2, f32),
     ];
-    for (name, model, n) in cases {
-        let spec = spec(model, n, n, 1);
+    for (name, model, n, precision) in cases {
+        let mut spec = spec(model, n, n, 1);
+        for d in &mut spec.nodes[0].devices {
+            *d = DeviceSpec::Cpu {
+                threads: 1,
+                precision,
+            };
+        }
         let source = actors::ModelSource::from_spec(&spec).unwrap();
         let plan = actors::startup_plan(&spec, &source.config).unwrap();
         let elements = source.weight_elements().unwrap();
@@ -274,5 +290,45 @@ async fn the_weights_estimate_covers_what_start_allocates() {
         assert_covers(&format!("{name}, weights at start"), estimate, peak, tight);
         cluster.shutdown().await;
         settle(base, name).await;
+    }
+}
+
+/// bf16 CPU devices count their linear weights at what the packing keeps: half of f32's where
+/// the AMX kernel runs (2 bytes), f32's elsewhere; the rest (biases, class tables) stays f32.
+#[tokio::test]
+async fn bf16_devices_count_their_linear_weights_as_packed() {
+    let _serial = SERIAL.lock().await;
+    let estimate = |precision| {
+        let mut spec = spec(
+            ModelSpec::Preset {
+                name: "DiT-XL/2".into(),
+                seed: 1,
+            },
+            2,
+            2,
+            1,
+        );
+        for d in &mut spec.nodes[0].devices {
+            *d = DeviceSpec::Cpu {
+                threads: 1,
+                precision,
+            };
+        }
+        let source = actors::ModelSource::from_spec(&spec).unwrap();
+        let plan = actors::startup_plan(&spec, &source.config).unwrap();
+        actors::memory::estimate_weights(&source.config, &plan, None, |_| true) as f64
+    };
+    let (f32, bf16) = (estimate(Precision::F32), estimate(Precision::Bf16));
+    // DiT-XL/2: 675M parameters, of which the 28 class tables (32M) stay f32.
+    assert!(
+        f32 > 675e6 * 4.0 && f32 < 675e6 * 4.0 * 1.5,
+        "f32 estimate {f32}"
+    );
+    match kernels::bf16_weight_bytes() {
+        2 => assert!(
+            bf16 > 675e6 * 2.0 && bf16 < 0.56 * f32,
+            "bf16 estimate {bf16} vs f32 {f32}"
+        ),
+        _ => assert_eq!(bf16, f32),
     }
 }

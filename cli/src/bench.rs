@@ -240,11 +240,11 @@ fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// `cfg` with only `n` blocks (Flux: `n / 3` double-stream, the rest single-stream).
-/// Refuses, naming the flags, a forward whose weights (f32: four bytes per parameter, the
-/// parameters read off the FLOP formula at one token: two FLOPs per weight, plus 10% for
-/// embeddings and norms), inputs and working set (16 floats per token and hidden unit, 24 for
-/// MMDiT: see `actors::memory`) cannot fit in what this host can still allocate.
+/// Refuses, naming the flags, a forward whose weights (linear weights read off the FLOP formula
+/// at one token: two FLOPs per weight, four bytes each in f32 and two in bf16 where the AMX
+/// kernel packs them; DiT's class tables in f32; plus 10% for embeddings and norms), inputs and
+/// working set (16 floats per token and hidden unit, 24 for MMDiT: see `actors::memory`) cannot
+/// fit in what this host can still allocate.
 fn check_forward_memory(a: &ForwardArgs, cfg: &ModelConfig) -> Result<()> {
     let Some(host) = kernels::host_memory() else {
         return Ok(());
@@ -256,7 +256,17 @@ fn check_forward_memory(a: &ForwardArgs, cfg: &ModelConfig) -> Result<()> {
         _ => a.caption_tokens.unwrap_or(cfg.typical_text_tokens()) as f64,
     };
     let (b, d) = (a.batch as f64, cfg.hidden() as f64);
-    let weights = cfg.forward_flops(1, 1, 0) / 2.0 * 4.0 * 1.1;
+    // Linear weights in the run's format (bf16: 2 bytes where the AMX kernel packs them), the
+    // DiT blocks' class tables in f32.
+    let linear_bytes = match a.dtype {
+        kernels::DType::BF16 => kernels::bf16_weight_bytes() as f64,
+        _ => 4.0,
+    };
+    let tables = match cfg.arch {
+        Arch::Dit => ((cfg.num_classes + 1) * cfg.hidden() * cfg.num_layers) as f64,
+        _ => 0.0,
+    };
+    let weights = (cfg.forward_flops(1, 1, 0) / 2.0 * linear_bytes + tables * 4.0) * 1.1;
     let per_token = if cfg.mmdit.is_some() { 24.0 } else { 16.0 };
     let inputs = b * (side * side * cfg.in_channels as f64 + caption * cfg.caption_channels as f64);
     let working = b * (tokens + caption) * d * per_token;
@@ -282,6 +292,7 @@ fn check_forward_memory(a: &ForwardArgs, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// `cfg` with only `n` blocks (Flux: `n / 3` double-stream, the rest single-stream).
 fn with_layers(cfg: ModelConfig, n: usize) -> Result<ModelConfig> {
     use model::mmdit::MmditConfig;
     if n == 0 || n > cfg.num_layers {

@@ -297,6 +297,16 @@ pub fn bf16_gemm_path() -> &'static str {
     }
 }
 
+/// Bytes a [`PackedBf16`] holds per weight on this CPU: 2 where the AMX kernel runs, 4 where
+/// the weight is kept unpacked as f32 (for memory estimates before loading).
+pub fn bf16_weight_bytes() -> usize {
+    if amx() {
+        2
+    } else {
+        4
+    }
+}
+
 /// What is applied to each output as it is written (fused into the GEMM's write-out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Epilogue {
