@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::f32_gemm::{MR, NR};
+use super::f32_gemm::NR;
 
 /// Where one micro-kernel call reads `x` and writes `y`.
 #[derive(Clone, Copy)]
@@ -82,20 +82,22 @@ pub(super) unsafe fn tile<const R: usize>(t: Tile, slab: &[f32], start: Start<'_
             }
         }
         let w = slab.as_ptr();
-        let half = kc / 2;
+        // The next tile's x lines: R rows x kc / 16. Products of fewer than 8 rows (DiT's
+        // modulation: 2) used to prefetch 8 rows, most of them addresses past x.
+        let half = R * kc.div_ceil(16);
         for kk in 0..kc {
-            // Spread over the loop: the next tile's x (MR rows x kc / 16 lines, first half of
-            // the steps) and its y (MR rows x 3 lines, after that).
+            // Spread over the loop: the next tile's x (first), its y (R rows x 3 lines, after
+            // that), then this call's share of the next slab.
             if kk < half {
-                let (r, col) = (kk % MR, kk / MR * 16);
+                let (r, col) = (kk % R, kk / R * 16);
                 _mm_prefetch::<_MM_HINT_T0>(next.0.wrapping_add(r * ldx + col).cast());
-            } else if kk - half < 4 * MR {
+            } else if kk - half < 4 * R {
                 if (kk - half) % 4 != 3 {
                     let (r, v) = ((kk - half) / 4, (kk - half) % 4);
                     _mm_prefetch::<_MM_HINT_T0>(next.1.wrapping_add(r * ldc + 16 * v).cast());
                 }
-            } else if kk - half - 4 * MR < slab_lines {
-                let line = kk - half - 4 * MR;
+            } else if kk - half - 4 * R < slab_lines {
+                let line = kk - half - 4 * R;
                 _mm_prefetch::<_MM_HINT_T1>(next_slab.wrapping_add(16 * line).cast());
             }
             let b0 = _mm512_load_ps(w.add(kk * NR));
