@@ -1,7 +1,8 @@
 //! `pipefuse bench`: performance measurements, reported as ratios against baselines measured in
 //! the same process.
 
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -64,6 +65,18 @@ pub(crate) struct ForwardArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// Also time each op of the blocks (modulation, norm, qkv, attend, attn_out, residual,
+    /// cross_attention, fc1_gelu, fc2; DiT and PixArt) over the timed forwards and print where
+    /// the forward's time goes (CPU devices: a GPU runs its ops asynchronously).
+    #[arg(long)]
+    op_times: bool,
+}
+
+impl ForwardArgs {
+    /// Whether `--op-times` was given (the binary installs the op timer for it).
+    pub(crate) fn op_times(&self) -> bool {
+        self.op_times
+    }
 }
 
 /// Where `bench forward` runs.
@@ -152,6 +165,9 @@ fn forward(a: ForwardArgs) -> Result<()> {
             check_forward_memory(&a, &cfg)?;
             Device::cpu(a.threads)?
         }
+        BenchDevice::Cuda(_) if a.op_times => {
+            bail!("--op-times times CPU devices only (a GPU runs its ops asynchronously)")
+        }
         BenchDevice::Cuda(n) => Device::cuda(n)?.with_compute_dtype(a.dtype),
     };
     eprintln!("{}", crate::devices::bench_header());
@@ -205,6 +221,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let flops = cfg.forward_flops(a.batch, tokens, if text { caption_tokens } else { 0 });
     let gemm_before = gemm_gflops(&dev, a.dtype)?;
     model.forward(&latent, &inputs)?; // warm-up
+    crate::op_times::take();
     let mut times = Vec::new();
     for i in 0..a.iters {
         let t = Instant::now();
@@ -229,15 +246,65 @@ fn forward(a: ForwardArgs) -> Result<()> {
         "{} {}px batch {} threads {} {}: {:.1} ms/forward (min {:.1}, max {:.1}), {:.1} GFLOP per forward, {:.1} GFLOP/s; plain 2048^3 {} GEMM {:.1} GFLOP/s (before {:.1}, after {:.1}); forward/GEMM = {:.3}",
         a.preset, a.resolution, a.batch, a.threads, a.dtype, med * 1e3, min * 1e3, max * 1e3, flops / 1e9, gflops, a.dtype, gemm, gemm_before, gemm_after, gflops / gemm
     );
+    let ops = crate::op_times::take();
+    let op_ms: serde_json::Map<String, serde_json::Value> = ops
+        .iter()
+        .map(|(name, (_, t))| {
+            let ms = t.as_secs_f64() * 1e3 / a.iters.max(1) as f64;
+            (name.to_string(), ms.into())
+        })
+        .collect();
+    if a.op_times {
+        print_op_times(
+            &ops,
+            a.iters,
+            times.iter().sum::<f64>() / times.len().max(1) as f64,
+        );
+    }
     if a.json {
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "impl": "pipefuse", "device": dev.name(), "dtype": a.dtype.as_str(), "gemm_path": path, "preset": a.preset, "layers": cfg.num_layers, "resolution": a.resolution, "batch": a.batch, "threads": a.threads,
             "ms_per_forward": med * 1e3, "ms_min": min * 1e3, "ms_max": max * 1e3, "gflop_per_forward": flops / 1e9,
             "gflops": gflops, "gemm_gflops": gemm, "forward_vs_gemm": gflops / gemm,
         });
+        if a.op_times {
+            j["op_ms_per_forward"] = op_ms.into();
+        }
         println!("{j}");
     }
     Ok(())
+}
+
+/// The per-op table of `--op-times`: calls and ms per forward, share of the mean forward
+/// (`mean` seconds), largest first, and what the listed ops leave out.
+fn print_op_times(ops: &BTreeMap<&'static str, (u64, Duration)>, iters: usize, mean: f64) {
+    let per = |t: &Duration| t.as_secs_f64() * 1e3 / iters.max(1) as f64;
+    let mut rows: Vec<_> = ops.iter().collect();
+    rows.sort_by(|a, b| per(&b.1 .1).total_cmp(&per(&a.1 .1)));
+    let mean_ms = mean * 1e3;
+    println!(
+        "ops, per forward (mean of {iters} timed forwards):\n{:<16} {:>6} {:>11} {:>7}",
+        "op", "calls", "ms", "share"
+    );
+    for (name, (calls, t)) in &rows {
+        let ms = per(t);
+        println!(
+            "{name:<16} {:>6} {ms:>11.1} {:>6.1}%",
+            *calls as usize / iters.max(1),
+            100.0 * ms / mean_ms
+        );
+    }
+    let listed: f64 = rows.iter().map(|r| per(&r.1 .1)).sum();
+    println!(
+        "{:<16} {:>6} {:>11.1} {:>6.1}%\n{:<16} {:>6} {mean_ms:>11.1} {:>6.1}%",
+        "(other)",
+        "",
+        mean_ms - listed,
+        100.0 * (mean_ms - listed) / mean_ms,
+        "forward",
+        "",
+        100.0
+    );
 }
 
 /// Refuses, naming the flags, a forward whose weights (linear weights read off the FLOP formula

@@ -16,6 +16,7 @@ mod http;
 mod images;
 mod keygen;
 mod launch;
+mod op_times;
 mod output_file;
 mod plan;
 mod png_out;
@@ -37,7 +38,7 @@ struct Cli {
 enum Command {
     /// Generate latents with a DiT or PixArt model on a cluster (a topology file, or N local
     /// CPU devices running PipeFusion).
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Print a cluster's plan: who owns which layers, the patch table, bytes per step per link.
     Plan(plan::PlanArgs),
     /// Run one node of a multi-node cluster (--node NAME), or all of them as processes on this
@@ -58,16 +59,13 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    install_subscriber(matches!(
+        &cli.command,
+        Command::Bench(bench::BenchCommand::Forward(a)) if a.op_times()
+    ));
     let res = match cli.command {
-        Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => generate::run(*a),
         Command::Plan(a) => plan::run(a),
         Command::Keygen(a) => keygen::run(a),
         Command::Launch(a) => launch::run(*a),
@@ -82,6 +80,24 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn`); with `op_times`, also the per-op
+/// span timer of `bench forward --op-times` (its spans only, whatever `RUST_LOG` says).
+fn install_subscriber(op_times: bool) {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let env =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(env);
+    let ops = op_times.then(|| {
+        op_times::OpTimes
+            .with_filter(Targets::new().with_target(model::OP_TARGET, tracing::Level::TRACE))
+    });
+    tracing_subscriber::registry().with(logs).with(ops).init();
 }
 
 /// The error and its causes joined by ": ", skipping a cause whose text the message already

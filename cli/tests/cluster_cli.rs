@@ -131,6 +131,63 @@ fn help_lists_the_cluster_flags() {
 }
 
 /// `bench pipeline` runs end to end on a small case; its last line is the speedup.
+/// `bench forward --op-times`: every op of a PixArt block (cross-attention included) is timed,
+/// and the ops add up to no more than the forward they ran in.
+#[test]
+fn bench_forward_op_times_account_for_the_forward() {
+    let o = pipefuse(&[
+        "bench",
+        "forward",
+        "--preset",
+        "PixArt-alpha-256",
+        "--layers",
+        "1",
+        "--resolution",
+        "64",
+        "--batch",
+        "1",
+        "--caption-tokens",
+        "8",
+        "--iters",
+        "1",
+        "--op-times",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("ops, per forward"), "{out}");
+    let j: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let ops = j["op_ms_per_forward"]
+        .as_object()
+        .expect("op times in the JSON");
+    let want = [
+        "modulation",
+        "norm",
+        "qkv",
+        "attend",
+        "attn_out",
+        "residual",
+        "cross_attention",
+        "fc1_gelu",
+        "fc2",
+    ];
+    for op in want {
+        let ms = ops.get(op).and_then(|v| v.as_f64());
+        assert!(ms.is_some_and(|ms| ms > 0.0), "{op}: {ms:?} in {ops:?}");
+    }
+    assert_eq!(ops.len(), want.len(), "{ops:?}");
+    let sum: f64 = ops.values().filter_map(|v| v.as_f64()).sum();
+    let forward = j["ms_per_forward"].as_f64().unwrap();
+    assert!(
+        sum <= forward * 1.0001,
+        "ops {sum} ms > forward {forward} ms"
+    );
+    // A GPU's ops are asynchronous: refused, naming the flag.
+    let o = pipefuse(&["bench", "forward", "--device", "cuda", "--op-times"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--op-times"), "{err}");
+}
+
 #[test]
 fn bench_pipeline_ends_with_the_speedup_line() {
     let o = pipefuse(&[

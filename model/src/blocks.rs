@@ -53,8 +53,12 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let d = cfg.hidden();
         let (b, heads, hd) = (x.dim(0), cfg.num_heads, cfg.head_dim);
-        let qkv = self.qkv.forward(dev, x)?; // [B, n, 3d]
+        let qkv = {
+            let _op = op_span!("qkv");
+            self.qkv.forward(dev, x)? // [B, n, 3d]
+        };
         let q = AttnView::of(&qkv, 0)?;
+        let attend = op_span!("attend");
         let o = match mode {
             AttnMode::Local => {
                 let (k, v) = (AttnView::of(&qkv, d)?, AttnView::of(&qkv, 2 * d)?);
@@ -69,6 +73,8 @@ impl SelfAttention {
                 slot.buf.attend(dev, slot.layer, q, None, (b, heads, hd))? // [B, n, d]
             }
         };
+        drop(attend);
+        let _op = op_span!("attn_out");
         self.out.forward(dev, &o)
     }
 }
@@ -128,7 +134,11 @@ impl FeedForward {
         })
     }
     pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
-        let h = self.up.forward_gelu(dev, x)?; // [B, n, 4d]
+        let h = {
+            let _op = op_span!("fc1_gelu");
+            self.up.forward_gelu(dev, x)? // [B, n, 4d]
+        };
+        let _op = op_span!("fc2");
         self.down.forward(dev, &h)
     }
 }
@@ -262,15 +272,24 @@ impl Block {
         mode: AttnMode<'_>,
     ) -> Result<()> {
         let (batch, d) = (x.dim(0), cfg.hidden());
-        let m = self.modulation(dev, cond, batch, d)?;
+        let m = {
+            let _op = op_span!("modulation");
+            self.modulation(dev, cond, batch, d)?
+        };
         let c = |j| chunk(&m, d, j);
         let eps1 = match cfg.arch {
             Arch::Dit | Arch::Sd3 | Arch::Flux => 1e-6,
             Arch::PixArt => cfg.norm_eps,
         };
-        let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, eps1)?;
+        let h = {
+            let _op = op_span!("norm");
+            dev.layer_norm_modulate(x, &c(0)?, &c(1)?, eps1)?
+        };
         let a = self.attn.forward(dev, &h, cfg, mode)?;
-        dev.add_gated_(x, &a, Some(&c(2)?))?;
+        {
+            let _op = op_span!("residual");
+            dev.add_gated_(x, &a, Some(&c(2)?))?;
+        }
         if let (
             Some(cross),
             Conditioning::PixArt {
@@ -280,11 +299,16 @@ impl Block {
             },
         ) = (&self.cross, cond)
         {
+            let _op = op_span!("cross_attention");
             let a = cross.forward(dev, x, caption, caption_bias.as_ref(), cfg)?;
             dev.add_gated_(x, &a, None)?;
         }
-        let h = dev.layer_norm_modulate(x, &c(3)?, &c(4)?, cfg.norm_eps)?;
+        let h = {
+            let _op = op_span!("norm");
+            dev.layer_norm_modulate(x, &c(3)?, &c(4)?, cfg.norm_eps)?
+        };
         let f = self.ff.forward(dev, &h)?;
+        let _op = op_span!("residual");
         dev.add_gated_(x, &f, Some(&c(5)?))?;
         Ok(())
     }

@@ -11,6 +11,18 @@
 //! token rows, never a plan. A slice reads only the weights of its blocks (the safetensors shards
 //! are memory-mapped and only the tensors it names are touched).
 
+/// The `tracing` target of the per-op spans of a block's forward (`trace` level, named by the
+/// op: `modulation`, `norm`, `qkv`, `attend`, `attn_out`, `residual`, `cross_attention`,
+/// `fc1_gelu`, `fc2`). `pipefuse bench forward --op-times` sums them.
+pub const OP_TARGET: &str = "pipefuse::op";
+
+/// Enters a `trace` span named `$name` under [`OP_TARGET`] for the rest of the scope.
+macro_rules! op_span {
+    ($name:literal) => {
+        tracing::trace_span!(target: "pipefuse::op", $name).entered()
+    };
+}
+
 mod blocks;
 mod cond;
 mod config;
