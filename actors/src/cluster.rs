@@ -331,10 +331,15 @@ pub(crate) fn check_weights_fit(
     let Some(host) = kernels::host_memory() else {
         return Ok(());
     };
-    let devices = plan.roles().iter().filter(|r| local(r.rank)).count();
+    let roles = plan.roles();
+    let devices: Vec<_> = roles
+        .iter()
+        .filter(|r| local(r.rank))
+        .map(|r| &r.device.spec)
+        .collect();
     let elements = model.weight_elements()?;
     let weights = crate::memory::estimate_weights(&model.config, plan, elements.as_deref(), local);
-    crate::memory::check_weights(weights, devices, &host)
+    crate::memory::check_weights(weights, &devices, &host)
 }
 
 fn local_device(

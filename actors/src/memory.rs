@@ -222,16 +222,27 @@ fn layer_of(name: &str, families: &[(&str, usize, &str)]) -> Option<usize> {
     None
 }
 
-/// `Err` naming both figures when `weights` bytes (from [`estimate_weights`] over `devices`
-/// devices) cannot fit in what `host` can still give.
-pub fn check_weights(weights: u64, devices: usize, host: &HostMemory) -> Result<()> {
+/// `Err` naming both figures and the weights' format when `weights` bytes (from
+/// [`estimate_weights`] over `devices`, this process's) cannot fit in what `host` can still
+/// give.
+pub fn check_weights(weights: u64, devices: &[&DeviceSpec], host: &HostMemory) -> Result<()> {
     if weights <= host.available {
         return Ok(());
     }
+    let bf16 = devices
+        .iter()
+        .filter(|d| linear_weight_bytes(d) < F32_BYTES)
+        .count();
+    let format = match bf16 {
+        0 => "f32",
+        b if b == devices.len() => "linear layers in bf16, the rest f32",
+        _ => "each device's format",
+    };
     Err(ClusterError::OutOfMemory(format!(
-        "loading the model on this process's {devices} device(s) needs about {} of weights \
+        "loading the model on this process's {} device(s) needs about {} of weights ({format}) \
          but only {host}; spread its layers over more nodes (pipefusion_degree, one stage per \
          node), or use a smaller model",
+        devices.len(),
         human_bytes(weights)
     )))
 }
