@@ -66,8 +66,9 @@ pub(crate) struct ForwardArgs {
     #[arg(long)]
     json: bool,
     /// Also time each op of the blocks (modulation, norm, qkv, attend, attn_out, residual,
-    /// cross_attention, fc1_gelu, fc2; DiT and PixArt) over the timed forwards and print where
-    /// the forward's time goes (CPU devices: a GPU runs its ops asynchronously).
+    /// fc1_gelu, fc2; PixArt's cross_attention, Flux's proj_out; every model family) over the
+    /// timed forwards and print where the forward's time goes (CPU devices: a GPU runs its ops
+    /// asynchronously).
     #[arg(long)]
     op_times: bool,
 }

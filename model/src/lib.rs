@@ -12,8 +12,10 @@
 //! are memory-mapped and only the tensors it names are touched).
 
 /// The `tracing` target of the per-op spans of a block's forward (`trace` level, named by the
-/// op: `modulation`, `norm`, `qkv`, `attend`, `attn_out`, `residual`, `cross_attention`,
-/// `fc1_gelu`, `fc2`). `pipefuse bench forward --op-times` sums them.
+/// op: `modulation`, `norm`, `qkv`, `attend`, `attn_out`, `residual`, `fc1_gelu`, `fc2`;
+/// PixArt's `cross_attention`; Flux's single-stream `proj_out`, attention's and the MLP's
+/// projections in one product). An MMDiT block's prompt side counts under the same names.
+/// `pipefuse bench forward --op-times` sums them.
 pub const OP_TARGET: &str = "pipefuse::op";
 
 /// Enters a `trace` span named `$name` under [`OP_TARGET`] for the rest of the scope.

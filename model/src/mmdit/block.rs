@@ -228,6 +228,23 @@ pub(crate) struct JointBlock {
     context: ContextSide,
 }
 
+/// `x += gate * a` (a block's gated residual), timed as the `residual` op.
+pub(super) fn residual(dev: &Device, x: &mut Tensor, a: &Tensor, gate: &Tensor) -> Result<()> {
+    let _op = op_span!("residual");
+    Ok(dev.add_gated_(x, a, Some(gate))?)
+}
+
+/// `layer_norm(x) * (1 + scale) + shift` (eps [`EPS`]), timed as the `norm` op.
+pub(super) fn norm_modulate(
+    dev: &Device,
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+) -> Result<Tensor> {
+    let _op = op_span!("norm");
+    Ok(dev.layer_norm_modulate(x, shift, scale, EPS)?)
+}
+
 /// Chunk `j` of `k` of a `[B, k d]` modulation, as `[B, d]`.
 pub(super) fn chunk(m: &Tensor, k: usize, j: usize) -> Result<Tensor> {
     let d = m.dim(1) / k;
@@ -303,29 +320,39 @@ impl JointBlock {
     ) -> Result<()> {
         let n = x.dim(1);
         let k = if self.second.is_some() { 9 } else { 6 };
-        let m = self.modulation.forward(dev, temb_silu)?; // [B, k d]
+        let m = {
+            let _op = op_span!("modulation");
+            self.modulation.forward(dev, temb_silu)? // [B, k d]
+        };
         let c = |j| chunk(&m, k, j);
         // Image side: shift, scale, gate (attention), shift, scale, gate (MLP)[, shift, scale,
         // gate (second attention)].
+        let norm = op_span!("norm");
         let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, EPS)?;
         let h2 = match self.second.is_some() {
             true => Some(dev.layer_norm_modulate(x, &c(6)?, &c(7)?, EPS)?),
             false => None,
         };
+        drop(norm);
         let (ctx_qkv, cm) = match &self.context {
             ContextSide::Full {
                 modulation, qkv, ..
             }
             | ContextSide::PreOnly { modulation, qkv } => {
+                let _op = op_span!("modulation");
                 (qkv, modulation.forward(dev, temb_silu)?)
             }
         };
         // A sequence-parallel rank without the prompt tokens runs the image side only.
         let t = ctx.dim(1);
-        let image_qkv = self.qkv.forward(dev, &h)?;
+        let image_qkv = {
+            let _op = op_span!("qkv");
+            self.qkv.forward(dev, &h)?
+        };
         let joint = if t == 0 {
             image_qkv
         } else {
+            let norm = op_span!("norm");
             let hc = match &self.context {
                 ContextSide::Full { .. } => {
                     dev.layer_norm_modulate(ctx, &chunk(&cm, 6, 0)?, &chunk(&cm, 6, 1)?, EPS)?
@@ -335,28 +362,49 @@ impl JointBlock {
                     dev.layer_norm_modulate(ctx, &chunk(&cm, 2, 1)?, &chunk(&cm, 2, 0)?, EPS)?
                 }
             };
+            drop(norm);
             // Joint attention over [image tokens; prompt tokens].
+            let _op = op_span!("qkv");
             Tensor::cat(&[&image_qkv, &ctx_qkv.forward(dev, &hc)?], 1)?
         };
-        let o = attend_joint(dev, &joint, n, slot.as_mut(), cfg.num_heads, cfg.head_dim)?; // [B, n + T, d]
-        let a = self.out.forward(dev, &o.narrow(1, 0, n)?)?;
-        dev.add_gated_(x, &a, Some(&c(2)?))?;
+        let o = {
+            let _op = op_span!("attend");
+            attend_joint(dev, &joint, n, slot.as_mut(), cfg.num_heads, cfg.head_dim)?
+            // [B, n + T, d]
+        };
+        let a = {
+            let _op = op_span!("attn_out");
+            self.out.forward(dev, &o.narrow(1, 0, n)?)?
+        };
+        residual(dev, x, &a, &c(2)?)?;
         if let (Some((qkv2, out2)), Some(h2)) = (&self.second, &h2) {
-            let qkv2 = qkv2.forward(dev, h2)?;
-            let o2 = attend_image_only(dev, &qkv2, slot.as_mut(), cfg.num_heads, cfg.head_dim)?;
-            let a2 = out2.forward(dev, &o2)?;
-            dev.add_gated_(x, &a2, Some(&c(8)?))?;
+            let qkv2 = {
+                let _op = op_span!("qkv");
+                qkv2.forward(dev, h2)?
+            };
+            let o2 = {
+                let _op = op_span!("attend");
+                attend_image_only(dev, &qkv2, slot.as_mut(), cfg.num_heads, cfg.head_dim)?
+            };
+            let a2 = {
+                let _op = op_span!("attn_out");
+                out2.forward(dev, &o2)?
+            };
+            residual(dev, x, &a2, &c(8)?)?;
         }
-        let h = dev.layer_norm_modulate(x, &c(3)?, &c(4)?, EPS)?;
+        let h = norm_modulate(dev, x, &c(3)?, &c(4)?)?;
         let f = self.ff.forward(dev, &h)?;
-        dev.add_gated_(x, &f, Some(&c(5)?))?;
+        residual(dev, x, &f, &c(5)?)?;
         if let (ContextSide::Full { out, ff, .. }, true) = (&self.context, t > 0) {
             let cc = |j| chunk(&cm, 6, j);
-            let ac = out.forward(dev, &o.narrow(1, n, t)?)?;
-            dev.add_gated_(ctx, &ac, Some(&cc(2)?))?;
-            let hc = dev.layer_norm_modulate(ctx, &cc(3)?, &cc(4)?, EPS)?;
+            let ac = {
+                let _op = op_span!("attn_out");
+                out.forward(dev, &o.narrow(1, n, t)?)?
+            };
+            residual(dev, ctx, &ac, &cc(2)?)?;
+            let hc = norm_modulate(dev, ctx, &cc(3)?, &cc(4)?)?;
             let fc = ff.forward(dev, &hc)?;
-            dev.add_gated_(ctx, &fc, Some(&cc(5)?))?;
+            residual(dev, ctx, &fc, &cc(5)?)?;
         }
         Ok(())
     }

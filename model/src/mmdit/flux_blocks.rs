@@ -18,7 +18,7 @@ use crate::embedding::Linear;
 use crate::error::Result;
 use crate::weights::WeightSource;
 
-use super::block::{attend_joint, chunk, JointAttn, Qkv, ADDED_QKV, EPS, QKV};
+use super::block::{attend_joint, chunk, norm_modulate, residual, JointAttn, Qkv, ADDED_QKV, QKV};
 use super::flux_config::FluxConfig;
 
 /// `cos, sin: [S, head_dim]` of positions `ids` (one `[index, row, column]` per token): axis `a`
@@ -108,33 +108,51 @@ impl DoubleBlock {
         mut slot: Option<JointAttn<'_>>,
     ) -> Result<()> {
         let t = ctx.dim(1);
-        let m = self.modulation.forward(dev, temb_silu)?; // [B, 6d]
-        let cm = self.context_modulation.forward(dev, temb_silu)?;
+        let (m, cm) = {
+            let _op = op_span!("modulation");
+            let m = self.modulation.forward(dev, temb_silu)?; // [B, 6d]
+            (m, self.context_modulation.forward(dev, temb_silu)?)
+        };
         let (c, cc) = (|j| chunk(&m, 6, j), |j| chunk(&cm, 6, j));
-        let h = dev.layer_norm_modulate(x, &c(0)?, &c(1)?, EPS)?;
-        let image_qkv = self.qkv.forward(dev, &h)?;
+        let h = norm_modulate(dev, x, &c(0)?, &c(1)?)?;
+        let image_qkv = {
+            let _op = op_span!("qkv");
+            self.qkv.forward(dev, &h)?
+        };
         // A sequence-parallel rank without the prompt tokens runs the image side only.
         let mut joint = match t {
             0 => image_qkv,
             _ => {
-                let hc = dev.layer_norm_modulate(ctx, &cc(0)?, &cc(1)?, EPS)?;
+                let hc = norm_modulate(dev, ctx, &cc(0)?, &cc(1)?)?;
+                let _op = op_span!("qkv");
                 Tensor::cat(&[&self.context_qkv.forward(dev, &hc)?, &image_qkv], 1)?
             }
         }; // [B, T + S, 3d]
-        rope_qk(dev, &mut joint, rope)?;
-        let o = attend_joint(dev, &joint, t, slot.as_mut(), cfg.num_heads, cfg.head_dim)?;
+        let o = {
+            let _op = op_span!("attend");
+            rope_qk(dev, &mut joint, rope)?;
+            attend_joint(dev, &joint, t, slot.as_mut(), cfg.num_heads, cfg.head_dim)?
+        };
         let s = o.dim(1) - t;
-        let a = self.out.forward(dev, &o.narrow(1, t, s)?)?;
-        dev.add_gated_(x, &a, Some(&c(2)?))?;
-        let h = dev.layer_norm_modulate(x, &c(3)?, &c(4)?, EPS)?;
-        dev.add_gated_(x, &self.ff.forward(dev, &h)?, Some(&c(5)?))?;
+        let a = {
+            let _op = op_span!("attn_out");
+            self.out.forward(dev, &o.narrow(1, t, s)?)?
+        };
+        residual(dev, x, &a, &c(2)?)?;
+        let h = norm_modulate(dev, x, &c(3)?, &c(4)?)?;
+        let f = self.ff.forward(dev, &h)?;
+        residual(dev, x, &f, &c(5)?)?;
         if t == 0 {
             return Ok(());
         }
-        let ac = self.context_out.forward(dev, &o.narrow(1, 0, t)?)?;
-        dev.add_gated_(ctx, &ac, Some(&cc(2)?))?;
-        let hc = dev.layer_norm_modulate(ctx, &cc(3)?, &cc(4)?, EPS)?;
-        dev.add_gated_(ctx, &self.context_ff.forward(dev, &hc)?, Some(&cc(5)?))?;
+        let ac = {
+            let _op = op_span!("attn_out");
+            self.context_out.forward(dev, &o.narrow(1, 0, t)?)?
+        };
+        residual(dev, ctx, &ac, &cc(2)?)?;
+        let hc = norm_modulate(dev, ctx, &cc(3)?, &cc(4)?)?;
+        let fc = self.context_ff.forward(dev, &hc)?;
+        residual(dev, ctx, &fc, &cc(5)?)?;
         Ok(())
     }
 }
@@ -178,14 +196,31 @@ impl SingleBlock {
         cfg: &FluxConfig,
         mut slot: Option<JointAttn<'_>>,
     ) -> Result<()> {
-        let m = self.modulation.forward(dev, temb_silu)?; // [B, 3d]: shift, scale, gate
-        let h = dev.layer_norm_modulate(z, &chunk(&m, 3, 0)?, &chunk(&m, 3, 1)?, EPS)?;
-        let mlp = self.mlp.forward_gelu(dev, &h)?; // [B, T + S, 4d]
-        let mut qkv = self.qkv.forward(dev, &h)?;
-        rope_qk(dev, &mut qkv, rope)?;
-        let o = attend_joint(dev, &qkv, t, slot.as_mut(), cfg.num_heads, cfg.head_dim)?; // [B, T + S, d]
-        let y = self.proj_out.forward(dev, &Tensor::cat(&[&o, &mlp], 2)?)?;
-        dev.add_gated_(z, &y, Some(&chunk(&m, 3, 2)?))?;
+        let m = {
+            let _op = op_span!("modulation");
+            self.modulation.forward(dev, temb_silu)? // [B, 3d]: shift, scale, gate
+        };
+        let h = norm_modulate(dev, z, &chunk(&m, 3, 0)?, &chunk(&m, 3, 1)?)?;
+        let mlp = {
+            let _op = op_span!("fc1_gelu");
+            self.mlp.forward_gelu(dev, &h)? // [B, T + S, 4d]
+        };
+        let mut qkv = {
+            let _op = op_span!("qkv");
+            self.qkv.forward(dev, &h)?
+        };
+        let o = {
+            let _op = op_span!("attend");
+            rope_qk(dev, &mut qkv, rope)?;
+            attend_joint(dev, &qkv, t, slot.as_mut(), cfg.num_heads, cfg.head_dim)?
+            // [B, T + S, d]
+        };
+        let y = {
+            // Attention's output projection and the MLP's down projection in one product.
+            let _op = op_span!("proj_out");
+            self.proj_out.forward(dev, &Tensor::cat(&[&o, &mlp], 2)?)?
+        };
+        residual(dev, z, &y, &chunk(&m, 3, 2)?)?;
         Ok(())
     }
 }
