@@ -1,8 +1,7 @@
 //! `pipefuse bench`: performance measurements, reported as ratios against baselines measured in
 //! the same process.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -247,17 +246,17 @@ fn forward(a: ForwardArgs) -> Result<()> {
         "{} {}px batch {} threads {} {}: {:.1} ms/forward (min {:.1}, max {:.1}), {:.1} GFLOP per forward, {:.1} GFLOP/s; plain 2048^3 {} GEMM {:.1} GFLOP/s (before {:.1}, after {:.1}); forward/GEMM = {:.3}",
         a.preset, a.resolution, a.batch, a.threads, a.dtype, med * 1e3, min * 1e3, max * 1e3, flops / 1e9, gflops, a.dtype, gemm, gemm_before, gemm_after, gflops / gemm
     );
-    let ops = crate::op_times::take();
-    let op_ms: serde_json::Map<String, serde_json::Value> = ops
-        .iter()
-        .map(|(name, (_, t))| {
-            let ms = t.as_secs_f64() * 1e3 / a.iters.max(1) as f64;
-            (name.to_string(), ms.into())
+    // Per op: calls and ms per timed forward.
+    let ops: Vec<(&str, u64, f64)> = crate::op_times::take()
+        .into_iter()
+        .map(|(name, (calls, t))| {
+            let n = a.iters.max(1);
+            (name, calls / n as u64, t.as_secs_f64() * 1e3 / n as f64)
         })
         .collect();
     if a.op_times {
         print_op_times(
-            &ops,
+            ops.clone(),
             a.iters,
             times.iter().sum::<f64>() / times.len().max(1) as f64,
         );
@@ -269,6 +268,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
             "gflops": gflops, "gemm_gflops": gemm, "forward_vs_gemm": gflops / gemm,
         });
         if a.op_times {
+            let op_ms: serde_json::Map<_, _> = ops
+                .iter()
+                .map(|&(name, _, ms)| (name.to_string(), ms.into()))
+                .collect();
             j["op_ms_per_forward"] = op_ms.into();
         }
         println!("{j}");
@@ -276,26 +279,22 @@ fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// The per-op table of `--op-times`: calls and ms per forward, share of the mean forward
-/// (`mean` seconds), largest first, and what the listed ops leave out.
-fn print_op_times(ops: &BTreeMap<&'static str, (u64, Duration)>, iters: usize, mean: f64) {
-    let per = |t: &Duration| t.as_secs_f64() * 1e3 / iters.max(1) as f64;
-    let mut rows: Vec<_> = ops.iter().collect();
-    rows.sort_by(|a, b| per(&b.1 .1).total_cmp(&per(&a.1 .1)));
+/// The per-op table of `--op-times` (name, calls and ms per forward): share of the mean
+/// forward (`mean` seconds), largest first, and what the listed ops leave out.
+fn print_op_times(mut rows: Vec<(&str, u64, f64)>, iters: usize, mean: f64) {
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
     let mean_ms = mean * 1e3;
     println!(
         "ops, per forward (mean of {iters} timed forwards):\n{:<16} {:>6} {:>11} {:>7}",
         "op", "calls", "ms", "share"
     );
-    for (name, (calls, t)) in &rows {
-        let ms = per(t);
+    for (name, calls, ms) in &rows {
         println!(
-            "{name:<16} {:>6} {ms:>11.1} {:>6.1}%",
-            *calls as usize / iters.max(1),
+            "{name:<16} {calls:>6} {ms:>11.1} {:>6.1}%",
             100.0 * ms / mean_ms
         );
     }
-    let listed: f64 = rows.iter().map(|r| per(&r.1 .1)).sum();
+    let listed: f64 = rows.iter().map(|r| r.2).sum();
     println!(
         "{:<16} {:>6} {:>11.1} {:>6.1}%\n{:<16} {:>6} {mean_ms:>11.1} {:>6.1}%",
         "(other)",

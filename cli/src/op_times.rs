@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tracing::span::{Attributes, Id};
+use tracing::span::Id;
 use tracing::Subscriber;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
@@ -23,8 +23,6 @@ pub(crate) struct OpTimes;
 struct Entered(Instant);
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for OpTimes {
-    fn on_new_span(&self, _: &Attributes<'_>, _: &Id, _: Context<'_, S>) {}
-
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().replace(Entered(Instant::now()));

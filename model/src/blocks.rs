@@ -202,6 +202,29 @@ pub(crate) struct Block {
     ff: FeedForward,
 }
 
+/// `x += gate * a` (without a gate: `x += a`), a block's residual, timed as the `residual` op.
+pub(crate) fn residual(
+    dev: &Device,
+    x: &mut Tensor,
+    a: &Tensor,
+    gate: Option<&Tensor>,
+) -> Result<()> {
+    let _op = op_span!("residual");
+    Ok(dev.add_gated_(x, a, gate)?)
+}
+
+/// `layer_norm(x) * (1 + scale) + shift`, timed as the `norm` op.
+pub(crate) fn norm_modulate(
+    dev: &Device,
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    let _op = op_span!("norm");
+    Ok(dev.layer_norm_modulate(x, shift, scale, eps)?)
+}
+
 /// Chunk `j` of a `[B, 6d]` modulation as `[B, d]` (on the modulation's device).
 fn chunk(m: &Tensor, d: usize, j: usize) -> Result<Tensor> {
     Ok(m.narrow(1, j * d, d)?)
@@ -281,15 +304,9 @@ impl Block {
             Arch::Dit | Arch::Sd3 | Arch::Flux => 1e-6,
             Arch::PixArt => cfg.norm_eps,
         };
-        let h = {
-            let _op = op_span!("norm");
-            dev.layer_norm_modulate(x, &c(0)?, &c(1)?, eps1)?
-        };
+        let h = norm_modulate(dev, x, &c(0)?, &c(1)?, eps1)?;
         let a = self.attn.forward(dev, &h, cfg, mode)?;
-        {
-            let _op = op_span!("residual");
-            dev.add_gated_(x, &a, Some(&c(2)?))?;
-        }
+        residual(dev, x, &a, Some(&c(2)?))?;
         if let (
             Some(cross),
             Conditioning::PixArt {
@@ -303,13 +320,9 @@ impl Block {
             let a = cross.forward(dev, x, caption, caption_bias.as_ref(), cfg)?;
             dev.add_gated_(x, &a, None)?;
         }
-        let h = {
-            let _op = op_span!("norm");
-            dev.layer_norm_modulate(x, &c(3)?, &c(4)?, cfg.norm_eps)?
-        };
+        let h = norm_modulate(dev, x, &c(3)?, &c(4)?, cfg.norm_eps)?;
         let f = self.ff.forward(dev, &h)?;
-        let _op = op_span!("residual");
-        dev.add_gated_(x, &f, Some(&c(5)?))?;
+        residual(dev, x, &f, Some(&c(5)?))?;
         Ok(())
     }
 }

@@ -10,7 +10,7 @@
 
 use kernels::{AttnView, Device, Tensor};
 
-use crate::blocks::FeedForward;
+use crate::blocks::{norm_modulate, residual, FeedForward};
 use crate::embedding::Linear;
 use crate::error::Result;
 use crate::kv_buffer::KvBuffer;
@@ -228,23 +228,6 @@ pub(crate) struct JointBlock {
     context: ContextSide,
 }
 
-/// `x += gate * a` (a block's gated residual), timed as the `residual` op.
-pub(super) fn residual(dev: &Device, x: &mut Tensor, a: &Tensor, gate: &Tensor) -> Result<()> {
-    let _op = op_span!("residual");
-    Ok(dev.add_gated_(x, a, Some(gate))?)
-}
-
-/// `layer_norm(x) * (1 + scale) + shift` (eps [`EPS`]), timed as the `norm` op.
-pub(super) fn norm_modulate(
-    dev: &Device,
-    x: &Tensor,
-    shift: &Tensor,
-    scale: &Tensor,
-) -> Result<Tensor> {
-    let _op = op_span!("norm");
-    Ok(dev.layer_norm_modulate(x, shift, scale, EPS)?)
-}
-
 /// Chunk `j` of `k` of a `[B, k d]` modulation, as `[B, d]`.
 pub(super) fn chunk(m: &Tensor, k: usize, j: usize) -> Result<Tensor> {
     let d = m.dim(1) / k;
@@ -376,7 +359,7 @@ impl JointBlock {
             let _op = op_span!("attn_out");
             self.out.forward(dev, &o.narrow(1, 0, n)?)?
         };
-        residual(dev, x, &a, &c(2)?)?;
+        residual(dev, x, &a, Some(&c(2)?))?;
         if let (Some((qkv2, out2)), Some(h2)) = (&self.second, &h2) {
             let qkv2 = {
                 let _op = op_span!("qkv");
@@ -390,21 +373,21 @@ impl JointBlock {
                 let _op = op_span!("attn_out");
                 out2.forward(dev, &o2)?
             };
-            residual(dev, x, &a2, &c(8)?)?;
+            residual(dev, x, &a2, Some(&c(8)?))?;
         }
-        let h = norm_modulate(dev, x, &c(3)?, &c(4)?)?;
+        let h = norm_modulate(dev, x, &c(3)?, &c(4)?, EPS)?;
         let f = self.ff.forward(dev, &h)?;
-        residual(dev, x, &f, &c(5)?)?;
+        residual(dev, x, &f, Some(&c(5)?))?;
         if let (ContextSide::Full { out, ff, .. }, true) = (&self.context, t > 0) {
             let cc = |j| chunk(&cm, 6, j);
             let ac = {
                 let _op = op_span!("attn_out");
                 out.forward(dev, &o.narrow(1, n, t)?)?
             };
-            residual(dev, ctx, &ac, &cc(2)?)?;
-            let hc = norm_modulate(dev, ctx, &cc(3)?, &cc(4)?)?;
+            residual(dev, ctx, &ac, Some(&cc(2)?))?;
+            let hc = norm_modulate(dev, ctx, &cc(3)?, &cc(4)?, EPS)?;
             let fc = ff.forward(dev, &hc)?;
-            residual(dev, ctx, &fc, &cc(5)?)?;
+            residual(dev, ctx, &fc, Some(&cc(5)?))?;
         }
         Ok(())
     }

@@ -13,12 +13,12 @@
 
 use kernels::{Device, Tensor};
 
-use crate::blocks::FeedForward;
+use crate::blocks::{norm_modulate, residual, FeedForward};
 use crate::embedding::Linear;
 use crate::error::Result;
 use crate::weights::WeightSource;
 
-use super::block::{attend_joint, chunk, norm_modulate, residual, JointAttn, Qkv, ADDED_QKV, QKV};
+use super::block::{attend_joint, chunk, JointAttn, Qkv, ADDED_QKV, EPS, QKV};
 use super::flux_config::FluxConfig;
 
 /// `cos, sin: [S, head_dim]` of positions `ids` (one `[index, row, column]` per token): axis `a`
@@ -114,7 +114,7 @@ impl DoubleBlock {
             (m, self.context_modulation.forward(dev, temb_silu)?)
         };
         let (c, cc) = (|j| chunk(&m, 6, j), |j| chunk(&cm, 6, j));
-        let h = norm_modulate(dev, x, &c(0)?, &c(1)?)?;
+        let h = norm_modulate(dev, x, &c(0)?, &c(1)?, EPS)?;
         let image_qkv = {
             let _op = op_span!("qkv");
             self.qkv.forward(dev, &h)?
@@ -123,7 +123,7 @@ impl DoubleBlock {
         let mut joint = match t {
             0 => image_qkv,
             _ => {
-                let hc = norm_modulate(dev, ctx, &cc(0)?, &cc(1)?)?;
+                let hc = norm_modulate(dev, ctx, &cc(0)?, &cc(1)?, EPS)?;
                 let _op = op_span!("qkv");
                 Tensor::cat(&[&self.context_qkv.forward(dev, &hc)?, &image_qkv], 1)?
             }
@@ -138,10 +138,10 @@ impl DoubleBlock {
             let _op = op_span!("attn_out");
             self.out.forward(dev, &o.narrow(1, t, s)?)?
         };
-        residual(dev, x, &a, &c(2)?)?;
-        let h = norm_modulate(dev, x, &c(3)?, &c(4)?)?;
+        residual(dev, x, &a, Some(&c(2)?))?;
+        let h = norm_modulate(dev, x, &c(3)?, &c(4)?, EPS)?;
         let f = self.ff.forward(dev, &h)?;
-        residual(dev, x, &f, &c(5)?)?;
+        residual(dev, x, &f, Some(&c(5)?))?;
         if t == 0 {
             return Ok(());
         }
@@ -149,10 +149,10 @@ impl DoubleBlock {
             let _op = op_span!("attn_out");
             self.context_out.forward(dev, &o.narrow(1, 0, t)?)?
         };
-        residual(dev, ctx, &ac, &cc(2)?)?;
-        let hc = norm_modulate(dev, ctx, &cc(3)?, &cc(4)?)?;
+        residual(dev, ctx, &ac, Some(&cc(2)?))?;
+        let hc = norm_modulate(dev, ctx, &cc(3)?, &cc(4)?, EPS)?;
         let fc = self.context_ff.forward(dev, &hc)?;
-        residual(dev, ctx, &fc, &cc(5)?)?;
+        residual(dev, ctx, &fc, Some(&cc(5)?))?;
         Ok(())
     }
 }
@@ -200,7 +200,7 @@ impl SingleBlock {
             let _op = op_span!("modulation");
             self.modulation.forward(dev, temb_silu)? // [B, 3d]: shift, scale, gate
         };
-        let h = norm_modulate(dev, z, &chunk(&m, 3, 0)?, &chunk(&m, 3, 1)?)?;
+        let h = norm_modulate(dev, z, &chunk(&m, 3, 0)?, &chunk(&m, 3, 1)?, EPS)?;
         let mlp = {
             let _op = op_span!("fc1_gelu");
             self.mlp.forward_gelu(dev, &h)? // [B, T + S, 4d]
@@ -220,7 +220,7 @@ impl SingleBlock {
             let _op = op_span!("proj_out");
             self.proj_out.forward(dev, &Tensor::cat(&[&o, &mlp], 2)?)?
         };
-        residual(dev, z, &y, &chunk(&m, 3, 2)?)?;
+        residual(dev, z, &y, Some(&chunk(&m, 3, 2)?))?;
         Ok(())
     }
 }
