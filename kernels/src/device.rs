@@ -142,8 +142,8 @@ impl Device {
     /// The same device computing in `dtype`: a CUDA device converts weights and activations to
     /// it as they arrive ([`import`](Self::import)). A CPU device keeps its activations in f32
     /// (its bf16 linear layers are per layer: [`Device::linear_bf16`]); with `bf16` its
-    /// attention's products round to bf16 on AMX tiles where the CPU has them
-    /// ([`CpuDevice::with_bf16_attention`]).
+    /// attention's products round to bf16 where the CPU has a bf16 kernel (AMX or AVX512-BF16:
+    /// [`CpuDevice::with_bf16_attention`]).
     #[cfg_attr(not(feature = "cuda"), allow(unreachable_code))]
     pub fn with_compute_dtype(self, dtype: DType) -> Device {
         match self {
@@ -330,8 +330,8 @@ impl Device {
     }
 
     /// `bf16(x[.., k]) · w[n, k]^T + b[n]` with a bf16 weight packed once
-    /// ([`crate::PackedBf16`]) and f32 accumulation -> `[.., n]` f32 (AMX tiles where the CPU
-    /// has them: [`crate::bf16_gemm_path`]).
+    /// ([`crate::PackedBf16`]) and f32 accumulation -> `[.., n]` f32 (AMX tiles or AVX512-BF16
+    /// where the CPU has them: [`crate::bf16_gemm_path`]).
     pub fn linear_bf16(
         &self,
         x: &Tensor,

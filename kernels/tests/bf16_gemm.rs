@@ -47,11 +47,19 @@ fn packing_keeps_every_element() {
 
 #[test]
 fn linear_bf16_matches_the_reference_on_every_edge() {
-    // This CPU's path is the one tested; on an AMX host it must be AMX (not a silent fallback).
+    // This CPU's path is the one tested; on an AMX or AVX512-BF16 host it must be that kernel
+    // (not a silent fallback).
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let amx_host = cpuinfo.contains(" amx_bf16") && std::env::var_os("PIPEFUSE_NO_AMX").is_none();
+    let on = |flag: &str, off: &str| cpuinfo.contains(flag) && std::env::var_os(off).is_none();
+    let want = if on(" amx_bf16", "PIPEFUSE_NO_AMX") {
+        "amx-bf16"
+    } else if on(" avx512_bf16", "PIPEFUSE_NO_AVX512_BF16") {
+        "avx512-bf16 8x48 kernel"
+    } else {
+        "f32 fallback (no AMX or AVX512-BF16)"
+    };
     eprintln!("bf16 GEMM path: {}", bf16_gemm_path());
-    assert_eq!(bf16_gemm_path() == "amx-bf16", amx_host);
+    assert_eq!(bf16_gemm_path(), want);
     let mut rng = StdRng::seed_from_u64(11);
     let shapes = [
         (1, 1, 1),
@@ -59,6 +67,12 @@ fn linear_bf16_matches_the_reference_on_every_edge() {
         (15, 17, 33),
         (33, 95, 31),
         (64, 64, 64),
+        // Features in 1, 2, 3, 5 and 7 blocks of 16 (partial triples); fewer triples than
+        // threads (rows split between tasks).
+        (9, 40, 16),
+        (130, 64, 40),
+        (300, 70, 80),
+        (11, 33, 100),
         (70, 130, 200),
         (512, 1152, 96),
         // Long rows: row blocks in several L2 groups.

@@ -1,7 +1,8 @@
-//! Attention with its two products in bf16 on AMX tiles (f32 accumulation), for CPU devices
+//! Attention with its two products in bf16 (f32 accumulation; AMX tiles or AVX512-BF16's
+//! `vdpbf16ps`, whichever [`super::bf16_gemm`] runs), for CPU devices
 //! that compute in bf16 ([`crate::Device::with_compute_dtype`]): what PyTorch's bf16 SDPA does
 //! with bf16 inputs. Per (batch, head): K packed once as the "weight" of `S = Q K^T` and V^T as
-//! the weight of `O = P V`; per tile of query rows: S on AMX, the scaled scores plus the key
+//! the weight of `O = P V`; per tile of query rows: S in bf16, the scaled scores plus the key
 //! bias, a row softmax in f32 (every key of the row is at hand, so no running rescale), P
 //! rounded to bf16 by the product, O divided by the row sum. Memory: one tile's scores,
 //! `Q_TILE x S_k` f32, never `S x S`. Each output row is computed the same way whatever rows
@@ -12,15 +13,17 @@ use rayon::prelude::*;
 
 use super::aligned::{as_uninit, AlignedVec};
 use super::attention::{AttnDims, AttnInput, SendPtr};
-use super::bf16_gemm::{bf16_bits_into, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE};
+use super::bf16_gemm::{
+    bf16_bits_into, linear_packed_tiles, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE,
+};
 use super::math::max_lanes;
 use super::vector_math::exp_scaled_sub_sum;
 
 /// Query rows per tile (scores: `Q_TILE x S_k` f32).
 const Q_TILE: usize = 64;
 
-/// [`super::attention::attention`] with bf16 products (see the module docs). Requires AMX
-/// ([`super::bf16_gemm::bf16_gemm_path`] is `amx-bf16`).
+/// [`super::attention::attention`] with bf16 products (see the module docs). Requires a bf16
+/// kernel ([`super::bf16_gemm::bf16_kernel`]).
 pub(crate) fn attention_bf16(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
@@ -72,7 +75,7 @@ pub(crate) fn attention_bf16(
                 qr.extend_from_slice(row(&q, b, s, col, dh));
             }
             let s = &mut scratch.scores[..rows * sk];
-            super::amx::linear(as_uninit(s), qr, &kp, None, rows, 1, Epilogue::Bias);
+            linear_packed_tiles(as_uninit(s), qr, &kp, None, rows, 1, Epilogue::Bias);
             let mut maxes = [f32::NEG_INFINITY; Q_TILE];
             for (r, row) in s.chunks_mut(sk).enumerate() {
                 // Without a bias the scale goes into the exponent (the max of the scaled
@@ -96,7 +99,7 @@ pub(crate) fn attention_bf16(
                 maxes[r] = m;
             }
             let o = &mut scratch.o[..rows * dh];
-            super::amx::linear(as_uninit(o), s, &vp, None, rows, 1, Epilogue::Bias);
+            linear_packed_tiles(as_uninit(o), s, &vp, None, rows, 1, Epilogue::Bias);
             for r in 0..rows {
                 let inv = if sums[r] > 0.0 { 1.0 / sums[r] } else { 0.0 };
                 let dst = (b * sq + q0 + r) * width + col;

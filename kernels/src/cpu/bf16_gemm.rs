@@ -1,7 +1,8 @@
 //! bf16 matrix products with f32 accumulation: `y = x · W^T (+ b)` where `x` is f32 (rounded to
 //! bf16 per call, as PyTorch's bf16 autocast rounds activations) and `W` is bf16, packed once at
-//! load into [`PackedBf16`]. Intel AMX tiles run it where the CPU has them (`amx.rs`); elsewhere
-//! the weight is unpacked to f32 once, at packing, and the f32 GEMM runs (same numbers: the bf16
+//! load into [`PackedBf16`]. Intel AMX tiles run it where the CPU has them (`amx.rs`), else
+//! AVX512-BF16's `vdpbf16ps` where the CPU has that (`avx512_bf16.rs`: AMD Zen 4); elsewhere the
+//! weight is unpacked to f32 once, at packing, and the f32 GEMM runs (same numbers: the bf16
 //! products are exact in f32, only the summation order differs; f32's speed and memory).
 //!
 //! Packing (the layout AMX's `tdpbf16ps` reads for its B operand): `W` `[n, k]` is cut into
@@ -195,16 +196,16 @@ impl PackedBf16 {
             data,
             unpacked: None,
         };
-        if !amx() {
+        if kernel() == Kernel::F32 {
             packed.unpacked = Some(packed.unpack_f32());
-            packed.data = AlignedVec::zeroed(0); // only the AMX kernel reads the tiles
+            packed.data = AlignedVec::zeroed(0); // only the bf16 kernels read the tiles
         }
         packed
     }
 
     /// A weight `[n, k]` from tiles already in the packed layout (see the module docs; `data`
     /// holds `n.div_ceil(32) * 2` blocks of `k.div_ceil(32)` tiles). The AMX kernel's own
-    /// operands (attention's K and V^T); only where [`amx`] holds.
+    /// operands (attention's K and V^T); only where [`bf16_kernel`] holds.
     pub(crate) fn from_tiles(n: usize, k: usize, data: AlignedVec<u16>) -> PackedBf16 {
         let want = n.div_ceil(2 * BLOCK_N) * 2 * k.div_ceil(CHUNK_K) * TILE;
         assert_eq!(data.len(), want, "PackedBf16::from_tiles: tile count");
@@ -288,22 +289,42 @@ fn amx() -> bool {
     false
 }
 
+/// The kernel that runs bf16 products on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Amx,
+    Avx512Bf16,
+    /// The weight unpacked to f32, the f32 GEMM.
+    F32,
+}
+
+fn kernel() -> Kernel {
+    if amx() {
+        return Kernel::Amx;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512_bf16::available() {
+        return Kernel::Avx512Bf16;
+    }
+    Kernel::F32
+}
+
 /// Which path [`linear_bf16`] takes on this CPU.
 pub fn bf16_gemm_path() -> &'static str {
-    if amx() {
-        "amx-bf16"
-    } else {
-        "f32 fallback (no AMX)"
+    match kernel() {
+        Kernel::Amx => "amx-bf16",
+        Kernel::Avx512Bf16 => "avx512-bf16 8x48 kernel",
+        Kernel::F32 => "f32 fallback (no AMX or AVX512-BF16)",
     }
 }
 
-/// Bytes a [`PackedBf16`] holds per weight on this CPU: 2 where the AMX kernel runs, 4 where
-/// the weight is kept unpacked as f32 (for memory estimates before loading).
+/// Bytes a [`PackedBf16`] holds per weight on this CPU: 2 where a bf16 kernel runs (AMX or
+/// AVX512-BF16), 4 where the weight is kept unpacked as f32 (for memory estimates before
+/// loading).
 pub fn bf16_weight_bytes() -> usize {
-    if amx() {
-        2
-    } else {
-        4
+    match kernel() {
+        Kernel::Amx | Kernel::Avx512Bf16 => 2,
+        Kernel::F32 => 4,
     }
 }
 
@@ -387,9 +408,8 @@ pub(crate) fn linear_bf16(
     if m == 0 || n == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if amx() {
-        return super::amx::linear(as_uninit(y), x, w, b, m, threads, epilogue);
+    if bf16_kernel() {
+        return linear_packed_tiles(as_uninit(y), x, w, b, m, threads, epilogue);
     }
     {
         let xr: Vec<f32> = x.par_iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect();
@@ -403,8 +423,9 @@ pub(crate) fn linear_bf16(
     }
 }
 
-/// [`linear_bf16`] into a new `[m, n]` vector: on AMX written once, never zeroed first (zeroing
-/// the outputs of a DiT-XL/2 forward's linears, ~20 MiB per block, cost ~5% of its time).
+/// [`linear_bf16`] into a new `[m, n]` vector: by the bf16 kernels written once, never zeroed
+/// first (zeroing the outputs of a DiT-XL/2 forward's linears, ~20 MiB per block, cost ~5% of
+/// its time).
 pub(crate) fn linear_bf16_alloc(
     x: &[f32],
     w: &PackedBf16,
@@ -418,10 +439,9 @@ pub(crate) fn linear_bf16_alloc(
         x.len() == m * k && b.is_none_or(|b| b.len() == n),
         "linear_bf16: operand lengths"
     );
-    #[cfg(target_arch = "x86_64")]
-    if amx() && m > 0 && n > 0 {
+    if bf16_kernel() && m > 0 && n > 0 {
         let mut y = Vec::with_capacity(m * n);
-        super::amx::linear(
+        linear_packed_tiles(
             &mut y.spare_capacity_mut()[..m * n],
             x,
             w,
@@ -430,14 +450,40 @@ pub(crate) fn linear_bf16_alloc(
             threads,
             epilogue,
         );
-        // SAFETY: amx::linear writes every element of its [m, n] output (each row < m of each
-        // column pair's columns < n).
+        // SAFETY: both kernels write every element of their [m, n] output (amx: each row < m
+        // of each column pair's columns < n; avx512_bf16: each row of each block triple).
         unsafe { y.set_len(m * n) };
         return y;
     }
     let mut y = vec![0f32; m * n];
     linear_bf16(&mut y, x, w, b, m, threads, epilogue);
     y
+}
+
+/// Whether a bf16 kernel (AMX or AVX512-BF16) runs here, reading [`PackedBf16`]'s tiles.
+pub(crate) fn bf16_kernel() -> bool {
+    kernel() != Kernel::F32
+}
+
+/// [`linear_bf16`] on this CPU's bf16 kernel, every element of `y` written. Requires
+/// [`bf16_kernel`] (attention's products call it with operands packed by
+/// [`PackedBf16::from_tiles`]).
+pub(crate) fn linear_packed_tiles(
+    y: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    w: &PackedBf16,
+    b: Option<&[f32]>,
+    m: usize,
+    threads: usize,
+    epilogue: Epilogue,
+) {
+    match kernel() {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => super::amx::linear(y, x, w, b, m, threads, epilogue),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Bf16 => super::avx512_bf16::linear(y, x, w, b, m, threads, epilogue),
+        _ => panic!("linear_packed_tiles without a bf16 kernel"),
+    }
 }
 
 /// Reference: `bf16(x) · W^T + b` with f64 accumulation.

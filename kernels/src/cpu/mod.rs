@@ -7,6 +7,10 @@ mod amx;
 pub(crate) mod attention;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention_bf16;
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16;
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16_tile;
 pub(crate) mod bf16_gemm;
 pub(crate) mod conv;
 pub(crate) mod f32_gemm;
@@ -28,7 +32,7 @@ use crate::{KernelError, Result};
 pub struct CpuDevice {
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
-    /// Attention's products in bf16 on AMX tiles ([`CpuDevice::with_bf16_attention`]).
+    /// Attention's products in bf16 ([`CpuDevice::with_bf16_attention`]).
     bf16_attention: bool,
 }
 
@@ -78,11 +82,11 @@ impl CpuDevice {
     }
 
     /// The same device (same pool) with attention's two products (`Q K^T`, `P V`) rounding
-    /// their operands to bf16 and accumulating in f32 on AMX tiles, as a bf16 model's attention
-    /// does: only where the CPU has AMX-BF16 ([`crate::bf16_gemm_path`]); elsewhere attention
-    /// stays f32 (the same numbers as the f32 device).
+    /// their operands to bf16 and accumulating in f32, as a bf16 model's attention does: only
+    /// where the CPU has a bf16 kernel (AMX-BF16 or AVX512-BF16: [`crate::bf16_gemm_path`]);
+    /// elsewhere attention stays f32 (the same numbers as the f32 device).
     pub fn with_bf16_attention(mut self, on: bool) -> CpuDevice {
-        self.bf16_attention = on && bf16_gemm::bf16_gemm_path() == "amx-bf16";
+        self.bf16_attention = on && bf16_gemm::bf16_kernel();
         self
     }
 

@@ -1,0 +1,313 @@
+//! bf16 linear layers with AVX512-BF16's `vdpbf16ps`, for CPUs that have it but no AMX (AMD
+//! Zen 4, Intel Cooper Lake): the same packed weight as AMX ([`PackedBf16`]: a block's panel is
+//! a run of input pairs, each 64 bytes = one zmm operand), so weights stay bf16 (half of f32's
+//! memory and DRAM traffic) and `vdpbf16ps` does twice the multiply-adds of an f32 FMA.
+//!
+//! Loops, as [`super::f32_gemm`]'s (per task: a contiguous range of block triples, 48
+//! features): groups of [`MC`] rows (their `y` tiles stay in L2), input pairs in blocks of
+//! [`KCP`], triples (a triple's 24 KiB slab stays in L1 while the group's 8-row blocks of `x`
+//! pass over it), row blocks. `x` is rounded to bf16 once per call, rows zero-padded to whole
+//! chunks, into a per-thread buffer.
+
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::aligned::AlignedVec;
+use super::attention::SendPtr;
+use super::avx512_bf16_tile::{tile, Tile, PAIR};
+use super::bf16_gemm::{bf16_bits_chunked, Epilogue, PackedBf16, BLOCK_N, CHUNK_K};
+use super::f32_tile::Start;
+
+/// Rows of `x` per micro-kernel call.
+const MR: usize = 8;
+/// Packed blocks (16 features each) per micro-kernel call.
+const NB: usize = 3;
+/// Input pairs per block: a triple's slab is `KCP * 3 * 64` bytes = 24 KiB.
+const KCP: usize = 128;
+/// Rows per group.
+const MC: usize = 128;
+
+/// Whether this kernel runs here: AVX-512F and AVX512-BF16 present and `PIPEFUSE_NO_AVX512_BF16`
+/// unset or `0` (to compare paths). The bf16 dispatch ([`super::bf16_gemm`]) prefers AMX.
+pub(crate) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let off = std::env::var_os("PIPEFUSE_NO_AVX512_BF16").is_some_and(|v| v != "0");
+        let ok = !off
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
+        tracing::debug!(avx512_bf16 = ok, "AVX512-BF16 detection");
+        ok
+    })
+}
+
+thread_local! {
+    /// [`linear`]'s bf16 copy of `x`, kept between calls.
+    static X_SCRATCH: std::cell::Cell<AlignedVec<u16>> = std::cell::Cell::new(AlignedVec::default());
+}
+
+/// `y = epilogue(bf16(x) · W^T + b)` with `vdpbf16ps`, every element of `y` (`[m, n]`) written
+/// once. Requires [`available`].
+pub(crate) fn linear(
+    y: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    w: &PackedBf16,
+    b: Option<&[f32]>,
+    m: usize,
+    threads: usize,
+    epilogue: Epilogue,
+) {
+    assert!(available(), "avx512_bf16::linear without AVX512-BF16");
+    let (n, k, chunks) = (w.n(), w.k(), w.chunks());
+    assert!(
+        y.len() == m * n && x.len() == m * k && b.is_none_or(|b| b.len() == n),
+        "avx512_bf16::linear: operand lengths"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kp = chunks * CHUNK_K;
+    // The buffer is this thread's; a call nested in this one (stolen by rayon) finds it taken
+    // and allocates its own.
+    let mut a = X_SCRATCH.take();
+    a.reuse_for(m * kp);
+    let convert = |(r, dst): (usize, &mut [u16])| {
+        bf16_bits_chunked(dst, Some(&x[r * k..][..k]), chunks, CHUNK_K);
+    };
+    if threads == 1 || kp == 0 {
+        a.chunks_mut(kp.max(1))
+            .take(m)
+            .enumerate()
+            .for_each(convert);
+    } else {
+        a.par_chunks_mut(kp).enumerate().for_each(convert);
+    }
+    let triples = n.div_ceil(BLOCK_N).div_ceil(NB);
+    // Tasks over triples (each reads only its part of the weight); rows split too where there
+    // are fewer triples than threads.
+    let row_tasks = if triples >= threads { 1 } else { threads };
+    let triple_tasks = threads.min(triples).max(1);
+    let rows_per = m.div_ceil(row_tasks).next_multiple_of(MR);
+    let out = SendPtr(y.as_mut_ptr().cast::<f32>());
+    let gelu = epilogue == Epilogue::BiasGeluTanh;
+    let xa: &[u16] = &a;
+    let run = |t: usize| {
+        let (tt, rt) = (t % triple_tasks, t / triple_tasks);
+        let ts = triples * tt / triple_tasks..triples * (tt + 1) / triple_tasks;
+        let rows = (rt * rows_per).min(m)..((rt + 1) * rows_per).min(m);
+        // SAFETY: the CPU has AVX512-BF16 (asserted); tasks write disjoint (rows, triples)
+        // regions of y's m x n elements, each element before reading it.
+        unsafe { task(out, xa, kp, w, b, rows, ts, gelu) };
+    };
+    let tasks = triple_tasks * row_tasks;
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+    X_SCRATCH.set(a);
+}
+
+/// One task: `rows` x block triples `ts` of `y`.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16; `y` has `m * n` elements, `x` holds `m` rows of `kp` bf16 inputs
+/// (zero-padded), and no other task writes this region.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn task(
+    y: SendPtr,
+    x: &[u16],
+    kp: usize,
+    w: &PackedBf16,
+    b: Option<&[f32]>,
+    rows: std::ops::Range<usize>,
+    ts: std::ops::Range<usize>,
+    gelu: bool,
+) {
+    let n = w.n();
+    let pairs = kp / 2;
+    let blocks = n.div_ceil(BLOCK_N);
+    // Block `nb`'s weights from pair `p` on (an empty block's address past the last: only
+    // prefetched or never read).
+    let panel = |nb: usize, p: usize| -> *const u16 {
+        if nb < blocks {
+            w.panel(nb).as_ptr().wrapping_add(p * PAIR)
+        } else {
+            w.panel(0).as_ptr()
+        }
+    };
+    for g0 in rows.clone().step_by(MC) {
+        let g1 = (g0 + MC).min(rows.end);
+        let calls = (g1 - g0).div_ceil(MR);
+        let mut p0 = 0;
+        loop {
+            let kc = KCP.min(pairs - p0);
+            let last = p0 + kc == pairs;
+            for t in ts.clone() {
+                let nb = (NB * t..NB * t + NB).filter(|&nb| nb < blocks).count();
+                let cols = (NB * BLOCK_N).min(n - t * NB * BLOCK_N);
+                let start = match (p0, b) {
+                    (0, Some(b)) => Start::Bias(&b[t * NB * BLOCK_N..][..cols]),
+                    (0, None) => Start::Zero,
+                    _ => Start::Load,
+                };
+                let wp = [
+                    panel(NB * t, p0),
+                    panel(NB * t + 1, p0),
+                    panel(NB * t + 2, p0),
+                ];
+                // Each call of the group prefetches its share of the next triple's slab.
+                let slab_lines = kc.div_ceil(calls);
+                for (share, i) in (g0..g1).step_by(MR).enumerate() {
+                    let r = MR.min(g1 - i);
+                    let (ni, nt) = if i + MR < g1 {
+                        (i + MR, t)
+                    } else {
+                        (g0, t + 1)
+                    };
+                    let next_slab = std::array::from_fn(|v| {
+                        panel(NB * (t + 1) + v, p0).wrapping_add(PAIR * share * slab_lines)
+                    });
+                    let c = y.get().wrapping_add(i * n + t * NB * BLOCK_N);
+                    let tl = Tile {
+                        pairs: kc,
+                        x: x.as_ptr().wrapping_add(i * kp + 2 * p0),
+                        ldx: kp,
+                        w: wp,
+                        c,
+                        ldc: n,
+                        cols,
+                        next: (
+                            x.as_ptr().wrapping_add(ni * kp + 2 * p0),
+                            y.get()
+                                .wrapping_add(ni * n + nt * NB * BLOCK_N)
+                                .cast_const(),
+                        ),
+                        next_slab,
+                        slab_lines,
+                    };
+                    // SAFETY: rows i..i + r of x hold kp inputs from 2 p0 on; the tile (r rows
+                    // x cols at (i, t * 48)) lies in y; each of the nb blocks holds pairs from
+                    // p0 on; `next*` are only prefetched.
+                    unsafe {
+                        dispatch(r, nb, tl, start);
+                        if last && gelu {
+                            for rr in 0..r {
+                                let row = std::slice::from_raw_parts_mut(c.add(rr * n), cols);
+                                super::vector_math::gelu_tanh_in_place(row);
+                            }
+                        }
+                    }
+                }
+            }
+            p0 += kc;
+            if last {
+                break;
+            }
+        }
+    }
+}
+
+/// [`tile`] for `rows` x `nb` (1..=8 x 1..=3).
+///
+/// # Safety
+/// [`tile`]'s.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dispatch(rows: usize, nb: usize, t: Tile, start: Start<'_>) {
+    macro_rules! by_rows {
+        ($nb:literal) => {
+            // SAFETY: the caller's contract.
+            unsafe {
+                match rows {
+                    8 => tile::<8, $nb>(t, start),
+                    7 => tile::<7, $nb>(t, start),
+                    6 => tile::<6, $nb>(t, start),
+                    5 => tile::<5, $nb>(t, start),
+                    4 => tile::<4, $nb>(t, start),
+                    3 => tile::<3, $nb>(t, start),
+                    2 => tile::<2, $nb>(t, start),
+                    _ => tile::<1, $nb>(t, start),
+                }
+            }
+        };
+    }
+    match nb {
+        3 => by_rows!(3),
+        2 => by_rows!(2),
+        _ => by_rows!(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::aligned::as_uninit;
+    use super::super::bf16_gemm::{linear_bf16_slow, Epilogue, PackedBf16};
+    use super::super::vector_math::gelu_tanh_in_place;
+
+    /// The kernel run directly (so that an AMX host, whose dispatch prefers AMX, tests it too)
+    /// against the f64 reference over the same bf16 operands: relative L2 <= 1e-5 with and
+    /// without bias, and through the GELU epilogue; 1 and 2 threads; partial triples, rows in
+    /// several groups, inputs in several pair blocks. Where the CPU lacks AVX512-BF16 the
+    /// dispatch must not name this kernel.
+    #[test]
+    fn kernel_matches_the_reference() {
+        if !super::available() {
+            assert_ne!(
+                super::super::bf16_gemm::bf16_gemm_path(),
+                "avx512-bf16 8x48 kernel"
+            );
+            return;
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut randn = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        for (m, k, n) in [
+            (1, 1, 1),
+            (2, 1152, 100),
+            (8, 0, 20),
+            (17, 33, 16),
+            (140, 300, 48),
+            (300, 70, 80),
+            (9, 600, 7),
+        ] {
+            let (x, w, b) = (randn(m * k), randn(n * k), randn(n));
+            let packed = PackedBf16::from_f32(&w, n, k);
+            for threads in [1, 2] {
+                for (bias, epilogue) in [
+                    (Some(&b[..]), Epilogue::Bias),
+                    (None, Epilogue::Bias),
+                    (Some(&b[..]), Epilogue::BiasGeluTanh),
+                ] {
+                    let mut want = linear_bf16_slow(&x, &packed, bias, m);
+                    if epilogue == Epilogue::BiasGeluTanh {
+                        gelu_tanh_in_place(&mut want);
+                    }
+                    let mut got = vec![f32::NAN; m * n];
+                    super::linear(as_uninit(&mut got), &x, &packed, bias, m, threads, epilogue);
+                    let (mut d, mut r) = (0f64, 0f64);
+                    for (&g, &e) in got.iter().zip(&want) {
+                        d += (g as f64 - e as f64).powi(2);
+                        r += (e as f64).powi(2);
+                    }
+                    let rel = (d / r.max(1e-30)).sqrt();
+                    assert!(
+                        rel <= 1e-5 || (d == 0.0),
+                        "[{m}, {k}] x [{n}, {k}], {threads} threads, {epilogue:?}, bias {}: rel L2 {rel}",
+                        bias.is_some()
+                    );
+                }
+            }
+        }
+    }
+}
