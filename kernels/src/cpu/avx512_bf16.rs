@@ -85,10 +85,19 @@ pub(crate) fn linear(
         a.par_chunks_mut(kp).enumerate().for_each(convert);
     }
     let triples = n.div_ceil(BLOCK_N).div_ceil(NB);
-    // Tasks over triples (each reads only its part of the weight); rows split too where there
-    // are fewer triples than threads.
+    // Tasks over triples (each reads only its part of the weight), several per thread where
+    // there are enough, so that rayon's work stealing evens out a thread that runs slower (a
+    // vCPU the host shares: with one static half each, the product waits for the slow one);
+    // rows split too where there are fewer triples than threads.
     let row_tasks = if triples >= threads { 1 } else { threads };
-    let triple_tasks = threads.min(triples).max(1);
+    let triple_tasks = if threads == 1 {
+        1
+    } else if triples >= 8 * threads {
+        4 * threads
+    } else {
+        threads.min(triples)
+    }
+    .max(1);
     let rows_per = m.div_ceil(row_tasks).next_multiple_of(MR);
     let out = SendPtr(y.as_mut_ptr().cast::<f32>());
     let gelu = epilogue == Epilogue::BiasGeluTanh;
@@ -250,7 +259,7 @@ mod tests {
     /// The kernel run directly (so that an AMX host, whose dispatch prefers AMX, tests it too)
     /// against the f64 reference over the same bf16 operands: relative L2 <= 1e-5 with and
     /// without bias, and through the GELU epilogue; 1 and 2 threads; partial triples, rows in
-    /// several groups, inputs in several pair blocks. Where the CPU lacks AVX512-BF16 the
+    /// several groups, inputs in several pair blocks, several tasks per thread. Where the CPU lacks AVX512-BF16 the
     /// dispatch must not name this kernel.
     #[test]
     fn kernel_matches_the_reference() {
@@ -280,6 +289,8 @@ mod tests {
             (140, 300, 48),
             (300, 70, 80),
             (9, 600, 7),
+            // 17 triples: several tasks per thread.
+            (20, 64, 800),
         ] {
             let (x, w, b) = (randn(m * k), randn(n * k), randn(n));
             let packed = PackedBf16::from_f32(&w, n, k);
