@@ -50,7 +50,8 @@ impl std::fmt::Debug for PackedF32 {
 
 /// Whether this CPU runs the AVX-512 kernel (else [`PackedF32`] keeps the plain layout and the
 /// gemm crate runs): AVX-512F present and `PIPEFUSE_NO_AVX512_GEMM` unset or `0` (to compare
-/// the paths, or on a host where the gemm crate's kernels are faster; measured only on Intel).
+/// the paths, or on a host where the gemm crate's kernels are faster: on Intel Emerald Rapids
+/// and AMD Zen 4 the AVX-512 kernel was the faster one, BENCHMARKS.md).
 pub fn f32_gemm_avx512() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
