@@ -137,7 +137,9 @@ unsafe fn task(
     gelu: bool,
 ) {
     let n = w.n();
-    let pairs = kp / 2;
+    // Input pairs that hold inputs: the chunks' zero padding past them is skipped (attention's
+    // head dim 72 is 36 pairs of 48).
+    let pairs = w.k().div_ceil(2);
     let blocks = n.div_ceil(BLOCK_N);
     // Block `nb`'s weights from pair `p` on (an empty block's address past the last: only
     // prefetched or never read).
@@ -204,10 +206,7 @@ unsafe fn task(
                     unsafe {
                         dispatch(r, nb, tl, start);
                         if last && gelu {
-                            for rr in 0..r {
-                                let row = std::slice::from_raw_parts_mut(c.add(rr * n), cols);
-                                super::vector_math::gelu_tanh_in_place(row);
-                            }
+                            super::vector_math::gelu_tanh_rows_in_place(c, n, (r, cols));
                         }
                     }
                 }

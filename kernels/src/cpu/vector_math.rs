@@ -92,6 +92,25 @@ pub(crate) unsafe fn gelu_tanh_bias_rows(
     }
 }
 
+/// `rows` x `cols` at `p` (row stride `ld`) replaced by their GELU-tanh, in one call (a GEMM's
+/// finished tile: see [`gelu_tanh_bias_rows`] on why one call per block).
+///
+/// # Safety
+/// `p` addresses `rows` rows of `cols` initialised values at stride `ld` that nothing else
+/// accesses during the call.
+pub(crate) unsafe fn gelu_tanh_rows_in_place(p: *mut f32, ld: usize, (rows, cols): (usize, usize)) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (checked); in place (each 16 lanes are loaded before
+        // they are stored); extents per the caller.
+        return unsafe { avx512::gelu_tanh_bias_rows(p, ld, p, ld, None, rows, cols) };
+    }
+    for r in 0..rows {
+        // SAFETY: row r holds cols values the caller lets us rewrite.
+        gelu_tanh_in_place(unsafe { std::slice::from_raw_parts_mut(p.add(r * ld), cols) });
+    }
+}
+
 /// `x[i] = gelu_tanh(x[i])` in place.
 pub(crate) fn gelu_tanh_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
