@@ -94,8 +94,8 @@ const F32_BYTES: f64 = 4.0;
 /// thread pool's bookkeeping (measured: about 120 KiB).
 const LOAD_FIXED: f64 = (512 << 10) as f64;
 
-/// Bytes per linear-layer weight on `device`: a bf16 CPU device packs them to bf16 where its
-/// AMX kernel runs ([`kernels::bf16_weight_bytes`]: f32 elsewhere); f32 devices keep f32; a
+/// Bytes per linear-layer weight on `device`: a bf16 CPU device packs them to bf16 where a bf16
+/// kernel runs (AMX or AVX512-BF16: [`kernels::bf16_weight_bytes`]; f32 elsewhere); f32 devices keep f32; a
 /// GPU's weights live in its own memory, and the host holds each tensor as f32 while loading it
 /// (counted in full: an upper bound).
 fn linear_weight_bytes(device: &DeviceSpec) -> f64 {

@@ -294,7 +294,7 @@ async fn the_weights_estimate_covers_what_start_allocates() {
 }
 
 /// bf16 CPU devices count their linear weights at what the packing keeps: half of f32's where
-/// the AMX kernel runs (2 bytes), f32's elsewhere; the rest (biases, class tables) stays f32.
+/// a bf16 kernel (AMX, AVX512-BF16) runs (2 bytes), f32's elsewhere; the rest (biases, class tables) stays f32.
 #[tokio::test]
 async fn bf16_devices_count_their_linear_weights_as_packed() {
     let _serial = SERIAL.lock().await;

@@ -53,8 +53,8 @@ pub(crate) struct ForwardArgs {
     #[arg(long, value_name = "T")]
     caption_tokens: Option<usize>,
     /// CPU: weight format of the linear layers, `f32` or `bf16` (packed once at load;
-    /// activations rounded to bf16 per product, f32 accumulation; AMX tiles where the CPU has
-    /// them). CUDA: the whole model in `f32`, `bf16` or `f16` (f32 accumulation). The plain GEMM
+    /// activations rounded to bf16 per product, f32 accumulation; AMX tiles or AVX512-BF16
+    /// where the CPU has them). CUDA: the whole model in `f32`, `bf16` or `f16` (f32 accumulation). The plain GEMM
     /// baseline runs in the same format.
     #[arg(long, default_value = "f32")]
     dtype: kernels::DType,
@@ -308,8 +308,8 @@ fn print_op_times(mut rows: Vec<(&str, u64, f64)>, iters: usize, mean: f64) {
 }
 
 /// Refuses, naming the flags, a forward whose weights (linear weights read off the FLOP formula
-/// at one token: two FLOPs per weight, four bytes each in f32 and two in bf16 where the AMX
-/// kernel packs them; DiT's class tables in f32; plus 10% for embeddings and norms), inputs and
+/// at one token: two FLOPs per weight, four bytes each in f32 and two in bf16 where a bf16
+/// kernel (AMX, AVX512-BF16) keeps them packed; DiT's class tables in f32; plus 10% for embeddings and norms), inputs and
 /// working set (16 floats per token and hidden unit, 24 for MMDiT: see `actors::memory`) cannot
 /// fit in what this host can still allocate.
 fn check_forward_memory(a: &ForwardArgs, cfg: &ModelConfig) -> Result<()> {
@@ -323,7 +323,7 @@ fn check_forward_memory(a: &ForwardArgs, cfg: &ModelConfig) -> Result<()> {
         _ => a.caption_tokens.unwrap_or(cfg.typical_text_tokens()) as f64,
     };
     let (b, d) = (a.batch as f64, cfg.hidden() as f64);
-    // Linear weights in the run's format (bf16: 2 bytes where the AMX kernel packs them), the
+    // Linear weights in the run's format (bf16: 2 bytes where a bf16 kernel keeps them packed), the
     // DiT blocks' class tables in f32.
     let linear_bytes = match a.dtype {
         kernels::DType::BF16 => kernels::bf16_weight_bytes() as f64,

@@ -62,8 +62,8 @@ pub(crate) struct ClusterArgs {
     #[arg(long, value_name = "KIND", default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
     /// Precision of every device. CPU: `f32`, or `bf16` linear layers (weights packed once at
-    /// load, inputs rounded to bf16, f32 accumulation; AMX tiles where the CPU has them, about
-    /// 2.7x faster on DiT-XL/2; output within ~5e-3 of f32). CUDA: the whole stage in `f32`,
+    /// load, inputs rounded to bf16, f32 accumulation; AMX tiles or AVX512-BF16 where the CPU
+    /// has them, 1.8-4.5x faster on DiT-XL/2; output within ~5e-3 of f32). CUDA: the whole stage in `f32`,
     /// `bf16` or `f16` (f32 accumulation). Overrides the topology's `dtype` [default: the
     /// topology's, else f32].
     #[arg(long, value_name = "DTYPE")]

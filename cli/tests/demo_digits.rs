@@ -96,7 +96,7 @@ fn the_readme_command_draws_recognisable_digits() {
     );
 }
 
-/// The same request on bf16 devices (linear layers in bf16: AMX tiles where the CPU has them).
+/// The same request on bf16 devices (linear layers in bf16: AMX tiles or AVX512-BF16 where the CPU has them).
 #[test]
 fn bf16_devices_draw_recognisable_digits_too() {
     let err = draws_recognisable_digits(&["--dtype", "bf16"], "bf16");

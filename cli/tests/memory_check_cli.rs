@@ -169,7 +169,7 @@ fn weights_beyond_memory_are_refused_before_loading() {
             "SD3.5-Large",
             "",
             "{ kind = \"cpu\", dtype = \"bf16\" }",
-            // Without AMX a bf16 device keeps its weights in f32.
+            // Without a bf16 kernel (AMX, AVX512-BF16) a bf16 device keeps its weights in f32.
             match kernels::bf16_weight_bytes() {
                 2 => "of weights (linear layers in bf16, the rest f32)",
                 _ => "of weights (f32)",

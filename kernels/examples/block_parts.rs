@@ -1,6 +1,6 @@
 //! Where a DiT-XL/2 block's time goes on the CPU: each op of one block (256 px, batch 2: 512
 //! token rows, d = 1152, 16 heads of 72) timed on its own, in f32 and in bf16 (linear layers and
-//! attention's products on AMX where the CPU has it),
+//! attention's products on AMX or AVX512-BF16 where the CPU has it),
 //! same process, medians of 7. Prints ms per op, the share of the block, and the ops' GFLOP/s.
 //! Run: `cargo run --release -p kernels --example block_parts [THREADS]`.
 

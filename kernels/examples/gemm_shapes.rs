@@ -1,4 +1,4 @@
-//! The bf16 linear (`Device::linear_bf16`: AMX tiles where present), the f32 linear on a plain
+//! The bf16 linear (`Device::linear_bf16`: AMX tiles or AVX512-BF16 where present), the f32 linear on a plain
 //! weight (`Device::linear`: the gemm crate) and on a weight packed at load
 //! (`Device::linear_packed`: the AVX-512 kernel where present) at DiT-XL/2's shapes (256 px,
 //! batch 2: 512 token rows) and a square 2048^3, same process, same inputs, interleaved;

@@ -1,4 +1,4 @@
-//! The bf16 linear (`Device::linear_bf16`: AMX tiles where the CPU has them) against its
+//! The bf16 linear (`Device::linear_bf16`: AMX tiles or AVX512-BF16 where the CPU has them) against its
 //! reference (`bf16(x) · W^T + b` in f64 over the same bf16-rounded operands): the products of
 //! bf16 values are exact in f32, so only the summation order differs; tolerance relative L2
 //! 1e-5 of the whole output. Shapes cover every edge: rows, columns and inputs that are not
@@ -49,11 +49,17 @@ fn packing_keeps_every_element() {
 fn linear_bf16_matches_the_reference_on_every_edge() {
     // This CPU's path is the one tested; on an AMX or AVX512-BF16 host it must be that kernel
     // (not a silent fallback).
+    // AMX is Linux-only here (the kernel asks Linux for the tile state); AVX512-BF16 by CPUID.
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let on = |flag: &str, off: &str| cpuinfo.contains(flag) && std::env::var_os(off).is_none();
-    let want = if on(" amx_bf16", "PIPEFUSE_NO_AMX") {
+    let not_off = |off: &str| std::env::var_os(off).is_none_or(|v| v == "0");
+    #[cfg(target_arch = "x86_64")]
+    let avx512_bf16 = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512_bf16 = false;
+    let want = if cpuinfo.contains(" amx_bf16") && not_off("PIPEFUSE_NO_AMX") {
         "amx-bf16"
-    } else if on(" avx512_bf16", "PIPEFUSE_NO_AVX512_BF16") {
+    } else if avx512_bf16 && not_off("PIPEFUSE_NO_AVX512_BF16") {
         "avx512-bf16 8x48 kernel"
     } else {
         "f32 fallback (no AMX or AVX512-BF16)"

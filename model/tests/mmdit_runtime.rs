@@ -373,8 +373,8 @@ fn sequence_parallel_over_the_joint_sequence_equals_one_device() {
     }
 }
 
-/// SD3 / SD3.5 / Flux with bf16 linear layers (`Transformer::load_with(.., BF16)`: AMX tiles where
-/// the CPU has them, and then attention's products too) against diffusers' f32 outputs: bf16's
+/// SD3 / SD3.5 / Flux with bf16 linear layers (`Transformer::load_with(.., BF16)`: AMX tiles or
+/// AVX512-BF16 where the CPU has them, and then attention's products too) against diffusers' f32 outputs: bf16's
 /// rounding only (measured 3.2e-3 to 5.2e-3, printed), bound 1e-2 as for DiT and PixArt
 /// (golden_bf16.rs).
 #[test]

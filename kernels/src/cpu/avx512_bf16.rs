@@ -141,8 +141,8 @@ unsafe fn task(
     // head dim 72 is 36 pairs of 48).
     let pairs = w.k().div_ceil(2);
     let blocks = n.div_ceil(BLOCK_N);
-    // Block `nb`'s weights from pair `p` on (an empty block's address past the last: only
-    // prefetched or never read).
+    // Block `nb`'s weights from pair `p` on (for a block past the last, panel 0's start: only
+    // prefetched, never read).
     let panel = |nb: usize, p: usize| -> *const u16 {
         if nb < blocks {
             w.panel(nb).as_ptr().wrapping_add(p * PAIR)
@@ -290,6 +290,8 @@ mod tests {
             (9, 600, 7),
             // 17 triples: several tasks per thread.
             (20, 64, 800),
+            // One triple, two threads: rows split, the second task's groups start at row 152.
+            (300, 64, 16),
         ] {
             let (x, w, b) = (randn(m * k), randn(n * k), randn(n));
             let packed = PackedBf16::from_f32(&w, n, k);

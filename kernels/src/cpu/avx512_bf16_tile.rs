@@ -35,6 +35,27 @@ pub(super) struct Tile {
     pub(super) slab_lines: usize,
 }
 
+/// `acc[i] += x0 w[2i] + x1 w[2i + 1]` (bf16 products, f32 sums) for the input pair `(x0, x1)`
+/// at `pair`: one `vdpbf16ps` with the pair broadcast from memory (`{1to16}`). In asm because
+/// with the intrinsics LLVM loads the eight rows' broadcasts into registers of their own ahead
+/// of the products, which with 24 accumulators and 3 weight vectors is more than the 32 zmm
+/// registers: three accumulators lived on the stack (a store and a load per step each), and
+/// the kernel ran at ~68% of the instruction's peak against ~90% this way. A macro, not a
+/// function: rustc checks an asm block's zmm operands against the features of the function it
+/// is written in, and only [`tile`] enables AVX-512 (the crate builds for AVX2-only CPUs too).
+/// Use inside `unsafe`, with AVX512-BF16 present and 4 readable bytes at `pair`.
+macro_rules! dot_broadcast {
+    ($acc:expr, $w:expr, $pair:expr) => {
+        std::arch::asm!(
+            "vdpbf16ps {acc}, {w}, dword ptr [{x}]{{1to16}}",
+            acc = inout(zmm_reg) $acc,
+            w = in(zmm_reg) $w,
+            x = in(reg) $pair,
+            options(pure, readonly, nostack, preserves_flags),
+        )
+    };
+}
+
 /// `c[R, cols] = start + bf16 x[R, 2 pairs] · W^T` for the [`Tile`] `t`, f32 accumulation.
 ///
 /// # Safety
@@ -101,7 +122,7 @@ pub(super) unsafe fn tile<const R: usize, const NB: usize>(t: Tile, start: Start
             for (r, row) in acc.iter_mut().enumerate() {
                 let pair = x.add(r * ldx + 2 * kk);
                 for v in 0..NB {
-                    dot_broadcast(&mut row[v], wv[v], pair);
+                    dot_broadcast!(row[v], wv[v], pair);
                 }
             }
         }
@@ -110,28 +131,5 @@ pub(super) unsafe fn tile<const R: usize, const NB: usize>(t: Tile, start: Start
                 _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], row[v]);
             }
         }
-    }
-}
-
-/// `acc[i] += x0 w[2i] + x1 w[2i + 1]` (bf16 products, f32 sums) for the input pair `(x0, x1)`
-/// at `pair`: one `vdpbf16ps` with the pair broadcast from memory (`{1to16}`). In asm because
-/// with the intrinsics LLVM loads the eight rows' broadcasts into registers of their own ahead
-/// of the products, which with 24 accumulators and 3 weight vectors is more than the 32 zmm
-/// registers: three accumulators lived on the stack (a store and a load per step each), and
-/// the kernel ran at ~68% of the instruction's peak against ~94% for the same loop in asm.
-///
-/// # Safety
-/// AVX512-BF16; `pair` addresses 4 readable bytes.
-#[inline(always)]
-unsafe fn dot_broadcast(acc: &mut __m512, w: __m512i, pair: *const u16) {
-    // SAFETY: the caller's contract; the instruction reads 4 bytes at `pair`, writes `acc`.
-    unsafe {
-        std::arch::asm!(
-            "vdpbf16ps {acc}, {w}, dword ptr [{x}]{{1to16}}",
-            acc = inout(zmm_reg) *acc,
-            w = in(zmm_reg) w,
-            x = in(reg) pair,
-            options(pure, readonly, nostack, preserves_flags),
-        );
     }
 }

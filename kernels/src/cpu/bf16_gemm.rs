@@ -158,7 +158,7 @@ pub struct PackedBf16 {
     k: usize,
     /// The tiles, on cache-line boundaries (AMX loads straddling lines run ~2.5x slower).
     data: AlignedVec<u16>,
-    /// Where the AMX kernel cannot run: the same bf16 values as f32 `[n, k]`, unpacked once so
+    /// Where no bf16 kernel runs: the same bf16 values as f32 `[n, k]`, unpacked once so
     /// that the f32 GEMM runs without a per-call conversion (f32's memory and speed; `data` is
     /// then empty).
     unpacked: Option<Vec<f32>>,
@@ -204,7 +204,7 @@ impl PackedBf16 {
     }
 
     /// A weight `[n, k]` from tiles already in the packed layout (see the module docs; `data`
-    /// holds `n.div_ceil(32) * 2` blocks of `k.div_ceil(32)` tiles). The AMX kernel's own
+    /// holds `n.div_ceil(32) * 2` blocks of `k.div_ceil(32)` tiles). The bf16 kernels' own
     /// operands (attention's K and V^T); only where [`bf16_kernel`] holds.
     pub(crate) fn from_tiles(n: usize, k: usize, data: AlignedVec<u16>) -> PackedBf16 {
         let want = n.div_ceil(2 * BLOCK_N) * 2 * k.div_ceil(CHUNK_K) * TILE;

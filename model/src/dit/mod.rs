@@ -111,7 +111,7 @@ impl Transformer {
         }
         let d = cfg.hidden();
         let _span = tracing::info_span!("load", blocks = ?range, arch = ?cfg.arch).entered();
-        // A CPU model with bf16 linear layers runs its attention's products in bf16 too (AMX),
+        // A CPU model with bf16 linear layers runs its attention's products in bf16 too (AMX or AVX512-BF16),
         // as the bf16 model it stands for does.
         let device = match device {
             Device::Cpu(_) if src.linear_dtype() == kernels::DType::BF16 => {
