@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::bf16_gemm::BLOCK_N;
-use super::f32_tile::Start;
+use super::f32_tile::{column_masks, start_accumulators, store_accumulators, Start};
 
 /// u16 elements per input pair of one packed block (a tile row: 16 features x 2 inputs).
 pub(super) const PAIR: usize = 2 * BLOCK_N;
@@ -74,33 +74,11 @@ pub(super) unsafe fn tile<const R: usize, const NB: usize>(t: Tile, start: Start
         next_slab,
         slab_lines,
     } = t;
-    let mask = |v: usize| -> __mmask16 {
-        let have = cols.saturating_sub(16 * v).min(16);
-        ((1u32 << have) - 1) as __mmask16
-    };
-    let masks: [__mmask16; NB] = std::array::from_fn(mask);
+    let masks = column_masks::<NB>(cols);
     // SAFETY (whole body): the caller's contract; masked loads and stores touch only the tile's
     // `cols` columns; prefetches never fault.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); NB]; R];
-        match start {
-            Start::Zero => {}
-            Start::Bias(b) => {
-                for v in 0..NB {
-                    let bv = _mm512_maskz_loadu_ps(masks[v], b.as_ptr().add(16 * v));
-                    for row in acc.iter_mut() {
-                        row[v] = bv;
-                    }
-                }
-            }
-            Start::Load => {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    for v in 0..NB {
-                        row[v] = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
-                    }
-                }
-            }
-        }
+        let mut acc = start_accumulators::<R, NB>(start, &masks, c, ldc);
         // Prefetch schedule, one line per pair: the next tile's x (R rows x pairs * 4 bytes),
         // its y (R rows x NB lines), then this call's share of the next weights.
         let x_lines = R * pairs.div_ceil(16);
@@ -126,10 +104,6 @@ pub(super) unsafe fn tile<const R: usize, const NB: usize>(t: Tile, start: Start
                 }
             }
         }
-        for (r, row) in acc.iter().enumerate() {
-            for v in 0..NB {
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], row[v]);
-            }
-        }
+        store_accumulators(&acc, &masks, c, ldc);
     }
 }

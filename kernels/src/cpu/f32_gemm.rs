@@ -287,10 +287,7 @@ unsafe fn task(
                         // GELU on the finished tile (in L1); applying it to the
                         // accumulators before the store slowed every call by ~10% (codegen).
                         if last && gelu {
-                            for r in 0..rows {
-                                let row = std::slice::from_raw_parts_mut(c.add(r * n), cols);
-                                super::vector_math::gelu_tanh_in_place(row);
-                            }
+                            super::vector_math::gelu_tanh_rows_in_place(c, n, (rows, cols));
                         }
                     }
                 }

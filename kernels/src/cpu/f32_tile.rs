@@ -54,33 +54,11 @@ pub(super) unsafe fn tile<const R: usize>(t: Tile, slab: &[f32], start: Start<'_
         slab_lines,
     } = t;
     debug_assert_eq!(slab.len(), kc * NR);
-    let mask = |v: usize| -> __mmask16 {
-        let have = cols.saturating_sub(16 * v).min(16);
-        ((1u32 << have) - 1) as __mmask16
-    };
-    let masks = [mask(0), mask(1), mask(2)];
+    let masks = column_masks::<3>(cols);
     // SAFETY (whole body): the caller's contract; masked loads and stores touch only the tile's
     // `cols` columns; prefetches never fault.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 3]; R];
-        match start {
-            Start::Zero => {}
-            Start::Bias(b) => {
-                for v in 0..3 {
-                    let bv = _mm512_maskz_loadu_ps(masks[v], b.as_ptr().add(16 * v));
-                    for row in acc.iter_mut() {
-                        row[v] = bv;
-                    }
-                }
-            }
-            Start::Load => {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    for v in 0..3 {
-                        row[v] = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
-                    }
-                }
-            }
-        }
+        let mut acc = start_accumulators::<R, 3>(start, &masks, c, ldc);
         let w = slab.as_ptr();
         // The next tile's x lines: R rows x kc / 16. Products of fewer than 8 rows (DiT's
         // modulation: 2) used to prefetch 8 rows, most of them addresses past x.
@@ -110,10 +88,73 @@ pub(super) unsafe fn tile<const R: usize>(t: Tile, slab: &[f32], start: Start<'_
                 row[2] = _mm512_fmadd_ps(a, b2, row[2]);
             }
         }
-        for (r, row) in acc.iter().enumerate() {
-            for v in 0..3 {
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], row[v]);
+        store_accumulators(&acc, &masks, c, ldc);
+    }
+}
+
+/// The masks of a tile's `NB` vectors of 16 columns when it has `cols` columns.
+#[inline]
+pub(super) fn column_masks<const NB: usize>(cols: usize) -> [__mmask16; NB] {
+    std::array::from_fn(|v| {
+        let have = cols.saturating_sub(16 * v).min(16);
+        ((1u32 << have) - 1) as __mmask16
+    })
+}
+
+/// A tile's `R` x `NB` accumulators at `start` (`Load`: from `c`, `R` rows at stride `ldc`),
+/// each vector masked to the tile's columns. Shared by the f32 and AVX512-BF16 micro-kernels.
+///
+/// # Safety
+/// AVX-512F; with `Start::Load`, `c` addresses the tile's rows within `masks`' columns.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn start_accumulators<const R: usize, const NB: usize>(
+    start: Start<'_>,
+    masks: &[__mmask16; NB],
+    c: *const f32,
+    ldc: usize,
+) -> [[__m512; NB]; R] {
+    let mut acc = [[_mm512_setzero_ps(); NB]; R];
+    // SAFETY: masked loads read only the columns `masks` allow, where the caller says.
+    unsafe {
+        match start {
+            Start::Zero => {}
+            Start::Bias(b) => {
+                for v in 0..NB {
+                    let bv = _mm512_maskz_loadu_ps(masks[v], b.as_ptr().add(16 * v));
+                    for row in acc.iter_mut() {
+                        row[v] = bv;
+                    }
+                }
             }
+            Start::Load => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for v in 0..NB {
+                        row[v] = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Stores a tile's accumulators to `c` (`R` rows at stride `ldc`), masked to its columns.
+///
+/// # Safety
+/// AVX-512F; `c` addresses the tile's rows within `masks`' columns.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_accumulators<const R: usize, const NB: usize>(
+    acc: &[[__m512; NB]; R],
+    masks: &[__mmask16; NB],
+    c: *mut f32,
+    ldc: usize,
+) {
+    for (r, row) in acc.iter().enumerate() {
+        for v in 0..NB {
+            // SAFETY: a masked store to the columns `masks` allow, where the caller says.
+            unsafe { _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], row[v]) };
         }
     }
 }
