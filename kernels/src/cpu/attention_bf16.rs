@@ -8,6 +8,9 @@
 //! `Q_TILE x S_k` f32, never `S x S`. Each output row is computed the same way whatever rows
 //! share its tile, so a PipeFusion patch attending a K/V buffer gets what the whole sequence
 //! would have.
+//!
+//! Where the bf16 kernel is AVX512-BF16's (no AMX), [`super::avx512_bf16_attention`] runs
+//! instead: the same numbers, fused per block of 8 query rows.
 
 use rayon::prelude::*;
 
@@ -45,6 +48,9 @@ pub(crate) fn attention_bf16(
         out.fill(0.0);
         lse.into_iter().for_each(|l| l.fill(f32::NEG_INFINITY));
         return;
+    }
+    if super::bf16_gemm::avx512_bf16_kernel() {
+        return super::avx512_bf16_attention::attention(out, lse, q, k, v, key_bias, dims);
     }
     let scale = 1.0 / (dh as f32).sqrt();
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -143,11 +149,11 @@ thread_local! {
 
 /// Rows ahead that the packing loops prefetch: rows of one head are a token's width apart in
 /// Q, K and V, too far for the hardware prefetcher, and each is only a few cache lines.
-const PREFETCH_ROWS: usize = 6;
+pub(super) const PREFETCH_ROWS: usize = 6;
 
 /// Prefetches the cache lines of `row` into L1.
 #[inline]
-fn prefetch(row: &[f32]) {
+pub(super) fn prefetch(row: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

@@ -224,7 +224,7 @@ unsafe fn task(
 /// # Safety
 /// [`tile`]'s.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn dispatch(rows: usize, nb: usize, t: Tile, start: Start<'_>) {
+pub(super) unsafe fn dispatch(rows: usize, nb: usize, t: Tile, start: Start<'_>) {
     macro_rules! by_rows {
         ($nb:literal) => {
             // SAFETY: the caller's contract.
@@ -270,16 +270,7 @@ mod tests {
             return;
         }
         let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut randn = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
-        };
+        let mut randn = |len: usize| super::super::test_values(&mut seed, len, 1.0);
         for (m, k, n) in [
             (1, 1, 1),
             (2, 1152, 100),

@@ -465,6 +465,12 @@ pub(crate) fn bf16_kernel() -> bool {
     kernel() != Kernel::F32
 }
 
+/// Whether the bf16 kernel is AVX512-BF16's (AMX absent or off): attention then runs
+/// [`super::avx512_bf16_attention`].
+pub(crate) fn avx512_bf16_kernel() -> bool {
+    kernel() == Kernel::Avx512Bf16
+}
+
 /// [`linear_bf16`] on this CPU's bf16 kernel, every element of `y` written. Requires
 /// [`bf16_kernel`] (attention's products call it with operands packed by
 /// [`PackedBf16::from_tiles`]).

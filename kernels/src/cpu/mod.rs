@@ -10,6 +10,8 @@ pub(crate) mod attention_bf16;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
 #[cfg(target_arch = "x86_64")]
+mod avx512_bf16_attention;
+#[cfg(target_arch = "x86_64")]
 mod avx512_bf16_tile;
 pub(crate) mod bf16_gemm;
 pub(crate) mod conv;
@@ -24,6 +26,20 @@ pub(crate) mod rotary;
 pub(crate) mod vector_math;
 
 use std::sync::Arc;
+
+/// `len` values in `[-amp, amp)` from a xorshift generator on `seed`: the CPU kernels' unit
+/// tests' inputs (no dependency, the same values on every host).
+#[cfg(test)]
+pub(crate) fn test_values(seed: &mut u64, len: usize, amp: f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            ((*seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * amp
+        })
+        .collect()
+}
 
 use crate::{KernelError, Result};
 
