@@ -10,7 +10,7 @@ use crate::cpu::attention::{AttnDims, AttnInput};
 use crate::cpu::layout::PatchGeom;
 use crate::cpu::{self, CpuDevice};
 use crate::CudaDevice;
-use crate::{DType, KernelError, Result, Tensor};
+use crate::{CpuStorage, DType, KernelError, Result, Storage, Tensor};
 
 /// Where ops run.
 #[derive(Debug, Clone)]
@@ -331,14 +331,15 @@ impl Device {
 
     /// `bf16(x[.., k]) · w[n, k]^T + b[n]` with a bf16 weight packed once
     /// ([`crate::PackedBf16`]) and f32 accumulation -> `[.., n]` f32 (AMX tiles or AVX512-BF16
-    /// where the CPU has them: [`crate::bf16_gemm_path`]).
+    /// where the CPU has them: [`crate::bf16_gemm_path`]). `x` is f32, or bf16 (read as it is,
+    /// e.g. from [`Device::linear_bf16_gelu_bf16`]).
     pub fn linear_bf16(
         &self,
         x: &Tensor,
         w: &crate::PackedBf16,
         b: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.linear_bf16_with(x, w, b, cpu::bf16_gemm::Epilogue::Bias)
+        self.linear_bf16_with(x, w, b, cpu::bf16_gemm::Epilogue::Bias, DType::F32)
     }
 
     /// [`Device::linear_bf16`] followed by GELU (tanh), fused: the activation is applied as the
@@ -349,7 +350,20 @@ impl Device {
         w: &crate::PackedBf16,
         b: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.linear_bf16_with(x, w, b, cpu::bf16_gemm::Epilogue::BiasGeluTanh)
+        self.linear_bf16_with(x, w, b, cpu::bf16_gemm::Epilogue::BiasGeluTanh, DType::F32)
+    }
+
+    /// [`Device::linear_bf16_gelu`] with a bf16 output (each value rounded to nearest even after
+    /// the GELU) for a product whose output only feeds another [`Device::linear_bf16`] (the
+    /// feed-forward's fc1 -> fc2): that product rounds its input to bf16 anyway, so the numbers
+    /// are the same, with half the bytes written and read and no conversion pass.
+    pub fn linear_bf16_gelu_bf16(
+        &self,
+        x: &Tensor,
+        w: &crate::PackedBf16,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.linear_bf16_with(x, w, b, cpu::bf16_gemm::Epilogue::BiasGeluTanh, DType::BF16)
     }
 
     fn linear_bf16_with(
@@ -358,16 +372,34 @@ impl Device {
         w: &crate::PackedBf16,
         b: Option<&Tensor>,
         epilogue: cpu::bf16_gemm::Epilogue,
+        out: DType,
     ) -> Result<Tensor> {
         let (m, shape) = packed_linear_shape("linear_bf16", x, (w.n(), w.k()), &w, b)?;
         match self {
             Device::Cpu(c) => {
-                let xs = x.as_f32()?;
+                let xs = match x.storage() {
+                    Storage::Cpu(CpuStorage::F32(v)) => cpu::bf16_io::Input::F32(v),
+                    Storage::Cpu(CpuStorage::BF16(v)) => {
+                        cpu::bf16_io::Input::Bf16(bytemuck::cast_slice(v))
+                    }
+                    _ => {
+                        return Err(KernelError::shape(
+                            "linear_bf16",
+                            format!("input must be f32 or bf16 on the host, not {}", x.dtype()),
+                        ))
+                    }
+                };
                 let bs = b.map(|b| b.as_f32()).transpose()?;
-                let y = c.install(|| {
-                    cpu::bf16_gemm::linear_bf16_alloc(xs, w, bs, m, c.threads(), epilogue)
+                let threads = c.threads();
+                let storage = c.install(|| match out {
+                    DType::BF16 => CpuStorage::BF16(cpu::bf16_gemm::linear_bf16_alloc_bf16(
+                        xs, w, bs, m, threads, epilogue,
+                    )),
+                    _ => CpuStorage::F32(cpu::bf16_gemm::linear_bf16_alloc(
+                        xs, w, bs, m, threads, epilogue,
+                    )),
                 });
-                Tensor::from_vec(y, &shape)
+                Tensor::from_cpu(storage, &shape)
             }
             Device::Cuda(c) => Err(c.unsupported("linear_bf16 (use a bf16 weight with linear)")),
         }

@@ -134,6 +134,60 @@ fn linear_bf16_gelu_fuses_the_activation() {
     }
 }
 
+/// The feed-forward's hand-over in bf16: `linear_bf16_gelu_bf16` gives bitwise the f32 output
+/// of `linear_bf16_gelu` rounded to nearest even, and `linear_bf16` of those bf16 rows gives
+/// bitwise what it gives for their f32 values (so fc1 -> fc2 in bf16 changes no number). Inputs
+/// that are whole 32-input chunks (read in place) and not (copied), one and two threads. An
+/// f16 input is refused by name.
+#[test]
+fn bf16_hand_over_changes_no_number() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for threads in [1, 2] {
+        let dev = Device::cpu(threads).unwrap();
+        for &(m, k, n, n2) in &[(33, 95, 70, 17), (512, 1152, 128, 64), (7, 64, 33, 40)] {
+            let x = Tensor::from_vec(randn(&mut rng, m * k, 1.0), &[m, k]).unwrap();
+            let w1 = PackedBf16::from_f32(&randn(&mut rng, n * k, 1.0), n, k);
+            let b1 = Tensor::from_vec(randn(&mut rng, n, 1.0), &[n]).unwrap();
+            let w2 = PackedBf16::from_f32(&randn(&mut rng, n2 * n, 1.0), n2, n);
+            let f32_out = dev.linear_bf16_gelu(&x, &w1, Some(&b1)).unwrap();
+            let bf16_out = dev.linear_bf16_gelu_bf16(&x, &w1, Some(&b1)).unwrap();
+            let shape = format!("[{m}, {k}] x [{n}, {k}] x [{n2}, {n}], {threads} threads");
+            assert_eq!(bf16_out.dtype(), kernels::DType::BF16, "{shape}");
+            assert_eq!(bf16_out.shape(), f32_out.shape(), "{shape}");
+            let kernels::Storage::Cpu(kernels::CpuStorage::BF16(bits)) = bf16_out.storage() else {
+                panic!("{shape}: a host bf16 tensor");
+            };
+            let rounded: Vec<u16> = f32_out
+                .as_f32()
+                .unwrap()
+                .iter()
+                .map(|&v| bf16_bits(v))
+                .collect();
+            let bits: Vec<u16> = bits.iter().map(|b| b.to_bits()).collect();
+            assert_eq!(bits, rounded, "{shape}: fc1's bf16 output");
+            let from_f32 = dev.linear_bf16(&f32_out, &w2, None).unwrap();
+            let from_bf16 = dev.linear_bf16(&bf16_out, &w2, None).unwrap();
+            let same = from_f32
+                .as_f32()
+                .unwrap()
+                .iter()
+                .zip(from_bf16.as_f32().unwrap());
+            assert!(
+                same.clone().all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{shape}: fc2"
+            );
+        }
+    }
+    let dev = Device::cpu(1).unwrap();
+    let w = PackedBf16::from_f32(&[0.5; 6], 2, 3);
+    let x = Tensor::from_vec(vec![1.0; 3], &[1, 3])
+        .unwrap()
+        .to_dtype(kernels::DType::F16)
+        .unwrap();
+    let e = dev.linear_bf16(&x, &w, None).unwrap_err().to_string();
+    assert!(e.contains("linear_bf16") && e.contains("f16"), "{e}");
+}
+
 #[test]
 fn linear_bf16_refuses_mismatched_shapes() {
     let dev = Device::cpu(1).unwrap();

@@ -136,7 +136,7 @@ impl FeedForward {
     pub(crate) fn forward(&self, dev: &Device, x: &Tensor) -> Result<Tensor> {
         let h = {
             let _op = op_span!("fc1_gelu");
-            self.up.forward_gelu(dev, x)? // [B, n, 4d]
+            self.up.forward_gelu_for(&self.down, dev, x)? // [B, n, 4d]
         };
         let _op = op_span!("fc2");
         self.down.forward(dev, &h)

@@ -96,6 +96,24 @@ impl Linear {
             LinearWeight::Bf16(w) => dev.linear_bf16_gelu(x, w, Some(&self.b))?,
         })
     }
+
+    /// [`Linear::forward_gelu`] for an output that only `next` reads: where both hold bf16
+    /// weights (a CPU computing in bf16), the output is bf16 (`Device::linear_bf16_gelu_bf16`):
+    /// `next` rounds its input to bf16 anyway, so the numbers are the same, with half the bytes
+    /// and no conversion pass. Elsewhere f32, as [`Linear::forward_gelu`].
+    pub(crate) fn forward_gelu_for(
+        &self,
+        next: &Linear,
+        dev: &Device,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        match (&self.w, &next.w) {
+            (LinearWeight::Bf16(w), LinearWeight::Bf16(_)) => {
+                Ok(dev.linear_bf16_gelu_bf16(x, w, Some(&self.b))?)
+            }
+            _ => self.forward_gelu(dev, x),
+        }
+    }
 }
 
 /// Sinusoidal timestep features `[B, 256]` as `[cos | sin]` (diffusers `Timesteps(256,

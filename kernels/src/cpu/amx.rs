@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::aligned::AlignedVec;
-use super::bf16_gemm::{bf16_bits_chunked, Epilogue, PackedBf16, CHUNK_K};
+use super::bf16_gemm::{Epilogue, PackedBf16, CHUNK_K};
+use super::bf16_io::{Input, OutPtr, Output};
 
 /// Output rows and columns of one kernel call.
 const BLOCK: usize = 32;
@@ -190,18 +191,11 @@ unsafe fn block(
     }
 }
 
-/// A pointer that tasks writing disjoint parts of one buffer share.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: every task writes its own rows x columns region (see `linear`).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
 /// `y = epilogue(bf16(x) · W^T + b)` on AMX tiles, the epilogue applied as each 32 x 32 block
 /// is written out (still in L1). Requires [`available`].
 pub(crate) fn linear(
-    y: &mut [std::mem::MaybeUninit<f32>],
-    x: &[f32],
+    mut y: Output<'_>,
+    x: Input<'_>,
     w: &PackedBf16,
     b: Option<&[f32]>,
     m: usize,
@@ -222,8 +216,8 @@ pub(crate) fn linear(
     a.reuse_for(mblocks * 2 * chunks * TILE);
     let convert = |(strip, dst): (usize, &mut [u16])| {
         for r in 0..16 {
-            let src = (strip * 16 + r < m).then(|| &x[(strip * 16 + r) * k..][..k]);
-            bf16_bits_chunked(&mut dst[r * CHUNK_K..], src, chunks, TILE);
+            let row = (strip * 16 + r < m).then_some(strip * 16 + r);
+            x.row_chunked(row, k, &mut dst[r * CHUNK_K..], (chunks, TILE));
         }
     };
     // One thread (attention's products, run inside its own parallel tasks): no rayon at all.
@@ -248,7 +242,7 @@ pub(crate) fn linear(
     }
     .max(1);
     let span = |units: usize, t: usize| units * t / tasks..units * (t + 1) / tasks;
-    let out = Shared(y.as_mut_ptr().cast::<f32>());
+    let out = y.ptr();
     let task = |t: usize| {
         let (mbs, nps) = if by_rows {
             (span(mblocks, t), 0..npairs)
@@ -291,11 +285,16 @@ fn group_pairs(
     m: usize,
     mbs: std::ops::Range<usize>,
     nps: std::ops::Range<usize>,
-    out: Shared,
+    out: OutPtr,
     epilogue: Epilogue,
 ) {
     let (n, chunks) = (w.n(), w.chunks());
     let mut acc = AlignedVec::<f32>::zeroed(BLOCK * BLOCK);
+    // A bf16 output's block after the epilogue, before rounding.
+    let mut done = match out {
+        OutPtr::Bf16(_) => AlignedVec::<f32>::zeroed(BLOCK * BLOCK),
+        OutPtr::F32(_) => AlignedVec::default(),
+    };
     // While a pair's row blocks run, they prefetch the next pair's weight panels into L2 (the
     // group's first pair after its last: the next group starts there), spread evenly over the
     // row blocks' steps: a weight streams from DRAM once per forward, and its first row block
@@ -325,9 +324,19 @@ fn group_pairs(
             // SAFETY: rows m0.. < m and columns n0..n0 + cols <= n: inside y; no other task
             // writes this region.
             unsafe {
-                let o = out.0.add(m0 * n + n0);
                 let bias = b.map(|b| &b[n0..n0 + cols]);
-                epilogue.write_block(o, n, &acc, BLOCK, bias, (BLOCK.min(m - m0), cols));
+                let rows = BLOCK.min(m - m0);
+                match out {
+                    OutPtr::F32(y) => {
+                        let o = y.add(m0 * n + n0);
+                        epilogue.write_block(o, n, &acc, BLOCK, bias, (rows, cols));
+                    }
+                    OutPtr::Bf16(_) => {
+                        let d = done.as_mut_ptr();
+                        epilogue.write_block(d, BLOCK, &acc, BLOCK, bias, (rows, cols));
+                        out.write_rows(n, (m0, n0), (d, BLOCK), (rows, cols));
+                    }
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ use super::attention::{AttnDims, AttnInput, SendPtr};
 use super::bf16_gemm::{
     bf16_bits_into, linear_packed_tiles, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE,
 };
+use super::bf16_io::{Input, Output};
 use super::math::max_lanes;
 use super::vector_math::exp_scaled_sub_sum;
 
@@ -81,7 +82,8 @@ pub(crate) fn attention_bf16(
                 qr.extend_from_slice(row(&q, b, s, col, dh));
             }
             let s = &mut scratch.scores[..rows * sk];
-            linear_packed_tiles(as_uninit(s), qr, &kp, None, rows, 1, Epilogue::Bias);
+            let (out, x) = (Output::F32(as_uninit(s)), Input::F32(qr));
+            linear_packed_tiles(out, x, &kp, None, rows, 1, Epilogue::Bias);
             let mut maxes = [f32::NEG_INFINITY; Q_TILE];
             for (r, row) in s.chunks_mut(sk).enumerate() {
                 // Without a bias the scale goes into the exponent (the max of the scaled
@@ -105,7 +107,8 @@ pub(crate) fn attention_bf16(
                 maxes[r] = m;
             }
             let o = &mut scratch.o[..rows * dh];
-            linear_packed_tiles(as_uninit(o), s, &vp, None, rows, 1, Epilogue::Bias);
+            let (out, x) = (Output::F32(as_uninit(o)), Input::F32(s));
+            linear_packed_tiles(out, x, &vp, None, rows, 1, Epilogue::Bias);
             for r in 0..rows {
                 let inv = if sums[r] > 0.0 { 1.0 / sums[r] } else { 0.0 };
                 let dst = (b * sq + q0 + r) * width + col;

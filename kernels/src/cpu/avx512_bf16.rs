@@ -9,15 +9,14 @@
 //! pass over it), row blocks. `x` is rounded to bf16 once per call, rows zero-padded to whole
 //! chunks, into a per-thread buffer.
 
-use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use super::aligned::AlignedVec;
-use super::attention::SendPtr;
 use super::avx512_bf16_tile::{tile, Tile, PAIR};
-use super::bf16_gemm::{bf16_bits_chunked, Epilogue, PackedBf16, BLOCK_N, CHUNK_K};
+use super::bf16_gemm::{Epilogue, PackedBf16, BLOCK_N, CHUNK_K};
+use super::bf16_io::{Input, OutPtr, Output};
 use super::f32_tile::Start;
 
 /// Rows of `x` per micro-kernel call.
@@ -48,13 +47,15 @@ pub(crate) fn available() -> bool {
 thread_local! {
     /// [`linear`]'s bf16 copy of `x`, kept between calls.
     static X_SCRATCH: std::cell::Cell<AlignedVec<u16>> = std::cell::Cell::new(AlignedVec::default());
+    /// [`task`]'s f32 staging of a bf16 output, kept between calls.
+    static Y_SCRATCH: std::cell::Cell<AlignedVec<f32>> = std::cell::Cell::new(AlignedVec::default());
 }
 
 /// `y = epilogue(bf16(x) · W^T + b)` with `vdpbf16ps`, every element of `y` (`[m, n]`) written
 /// once. Requires [`available`].
 pub(crate) fn linear(
-    y: &mut [MaybeUninit<f32>],
-    x: &[f32],
+    mut y: Output<'_>,
+    x: Input<'_>,
     w: &PackedBf16,
     b: Option<&[f32]>,
     m: usize,
@@ -74,18 +75,25 @@ pub(crate) fn linear(
     // The buffer is this thread's; a call nested in this one (stolen by rayon) finds it taken
     // and allocates its own.
     let mut a = X_SCRATCH.take();
-    a.reuse_for(m * kp);
-    let convert = |(r, dst): (usize, &mut [u16])| {
-        bf16_bits_chunked(dst, Some(&x[r * k..][..k]), chunks, CHUNK_K);
+    let xa: &[u16] = match x {
+        // Rows in bf16 that fill whole chunks are read where they are.
+        Input::Bf16(bits) if k == kp => bits,
+        _ => {
+            a.reuse_for(m * kp);
+            let convert = |(r, dst): (usize, &mut [u16])| {
+                x.row_chunked(Some(r), k, dst, (chunks, CHUNK_K));
+            };
+            if threads == 1 || kp == 0 {
+                a.chunks_mut(kp.max(1))
+                    .take(m)
+                    .enumerate()
+                    .for_each(convert);
+            } else {
+                a.par_chunks_mut(kp).enumerate().for_each(convert);
+            }
+            &a
+        }
     };
-    if threads == 1 || kp == 0 {
-        a.chunks_mut(kp.max(1))
-            .take(m)
-            .enumerate()
-            .for_each(convert);
-    } else {
-        a.par_chunks_mut(kp).enumerate().for_each(convert);
-    }
     let triples = n.div_ceil(BLOCK_N).div_ceil(NB);
     // Tasks over triples (each reads only its part of the weight), several per thread where
     // there are enough, so that rayon's work stealing evens out a thread that runs slower (a
@@ -101,9 +109,8 @@ pub(crate) fn linear(
     }
     .max(1);
     let rows_per = m.div_ceil(row_tasks).next_multiple_of(MR);
-    let out = SendPtr(y.as_mut_ptr().cast::<f32>());
+    let out = y.ptr();
     let gelu = epilogue == Epilogue::BiasGeluTanh;
-    let xa: &[u16] = &a;
     let run = |t: usize| {
         let (tt, rt) = (t % triple_tasks, t / triple_tasks);
         let ts = triples * tt / triple_tasks..triples * (tt + 1) / triple_tasks;
@@ -129,7 +136,7 @@ pub(crate) fn linear(
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn task(
-    y: SendPtr,
+    out: OutPtr,
     x: &[u16],
     kp: usize,
     w: &PackedBf16,
@@ -150,6 +157,25 @@ unsafe fn task(
             w.panel(nb).as_ptr().wrapping_add(p * PAIR)
         } else {
             w.panel(0).as_ptr()
+        }
+    };
+    // Where the tiles accumulate: y itself (f32), or, for a bf16 y, this thread's f32 staging
+    // for the group's rows x the task's columns, rounded into y once the group is done.
+    let c0 = ts.start * NB * BLOCK_N;
+    let task_cols = (ts.end * NB * BLOCK_N).min(n) - c0;
+    let mut staging = Y_SCRATCH.take();
+    let (y, ldy) = match out {
+        OutPtr::F32(y) => (y.wrapping_add(c0), n),
+        OutPtr::Bf16(_) => {
+            staging.reuse_for(MC.min(rows.len()) * task_cols);
+            (staging.as_mut_ptr(), task_cols)
+        }
+    };
+    // Element (row, column) of y from the task's first column, for the group from g0.
+    let at = |g0: usize, i: usize, col: usize| -> *mut f32 {
+        match out {
+            OutPtr::F32(_) => y.wrapping_add(i * ldy + col),
+            OutPtr::Bf16(_) => y.wrapping_add((i - g0) * ldy + col),
         }
     };
     for g0 in rows.clone().step_by(MC) {
@@ -184,20 +210,18 @@ unsafe fn task(
                     let next_slab = std::array::from_fn(|v| {
                         panel(NB * (t + 1) + v, p0).wrapping_add(PAIR * share * slab_lines)
                     });
-                    let c = y.get().wrapping_add(i * n + t * NB * BLOCK_N);
+                    let c = at(g0, i, t * NB * BLOCK_N - c0);
                     let tl = Tile {
                         pairs: kc,
                         x: x.as_ptr().wrapping_add(i * kp + 2 * p0),
                         ldx: kp,
                         w: wp,
                         c,
-                        ldc: n,
+                        ldc: ldy,
                         cols,
                         next: (
                             x.as_ptr().wrapping_add(ni * kp + 2 * p0),
-                            y.get()
-                                .wrapping_add(ni * n + nt * NB * BLOCK_N)
-                                .cast_const(),
+                            at(g0, ni, (nt * NB * BLOCK_N).wrapping_sub(c0)).cast_const(),
                         ),
                         next_slab,
                         slab_lines,
@@ -208,7 +232,7 @@ unsafe fn task(
                     unsafe {
                         dispatch(r, nb, tl, start);
                         if last && gelu {
-                            super::vector_math::gelu_tanh_rows_in_place(c, n, (r, cols));
+                            super::vector_math::gelu_tanh_rows_in_place(c, ldy, (r, cols));
                         }
                     }
                 }
@@ -218,7 +242,13 @@ unsafe fn task(
                 break;
             }
         }
+        if let OutPtr::Bf16(_) = out {
+            // SAFETY: the group's rows x the task's columns lie in y and are this task's; the
+            // staging holds them, finished.
+            unsafe { out.write_rows(n, (g0, c0), (y, ldy), (g1 - g0, task_cols)) };
+        }
     }
+    Y_SCRATCH.set(staging);
 }
 
 /// [`tile`] for `rows` x `nb` (1..=8 x 1..=3).
@@ -254,14 +284,17 @@ pub(super) unsafe fn dispatch(rows: usize, nb: usize, t: Tile, start: Start<'_>)
 #[cfg(test)]
 mod tests {
     use super::super::aligned::as_uninit;
-    use super::super::bf16_gemm::{linear_bf16_slow, Epilogue, PackedBf16};
+    use super::super::bf16_gemm::{bf16_bits, linear_bf16_slow, Epilogue, PackedBf16};
+    use super::super::bf16_io::{Input, Output};
     use super::super::vector_math::gelu_tanh_in_place;
 
     /// The kernel run directly (so that an AMX host, whose dispatch prefers AMX, tests it too)
     /// against the f64 reference over the same bf16 operands: relative L2 <= 1e-5 with and
     /// without bias, and through the GELU epilogue; 1 and 2 threads; partial triples, rows in
-    /// several groups, inputs in several pair blocks, several tasks per thread. Where the CPU lacks AVX512-BF16 the
-    /// dispatch must not name this kernel.
+    /// several groups, inputs in several pair blocks, several tasks per thread. Rows given in
+    /// bf16 give bitwise what their f32 values give, and a bf16 output is bitwise the f32
+    /// output rounded to nearest even. Where the CPU lacks AVX512-BF16 the dispatch must not
+    /// name this kernel.
     #[test]
     fn kernel_matches_the_reference() {
         if !super::available() {
@@ -300,19 +333,38 @@ mod tests {
                     if epilogue == Epilogue::BiasGeluTanh {
                         gelu_tanh_in_place(&mut want);
                     }
+                    let run = |x: Input<'_>, y: Output<'_>| {
+                        super::linear(y, x, &packed, bias, m, threads, epilogue)
+                    };
                     let mut got = vec![f32::NAN; m * n];
-                    super::linear(as_uninit(&mut got), &x, &packed, bias, m, threads, epilogue);
+                    run(Input::F32(&x), Output::F32(as_uninit(&mut got)));
+                    let case = format!(
+                        "[{m}, {k}] x [{n}, {k}], {threads} threads, {epilogue:?}, bias {}",
+                        bias.is_some()
+                    );
+                    let xb: Vec<u16> = x.iter().map(|&v| bf16_bits(v)).collect();
+                    let mut from_bits = vec![f32::NAN; m * n];
+                    run(Input::Bf16(&xb), Output::F32(as_uninit(&mut from_bits)));
+                    assert!(
+                        from_bits
+                            .iter()
+                            .zip(&got)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{case}: bf16 rows"
+                    );
+                    let mut bits = vec![std::mem::MaybeUninit::new(0xffffu16); m * n];
+                    run(Input::F32(&x), Output::Bf16(&mut bits));
+                    // SAFETY: every element was initialised above.
+                    let bits: Vec<u16> = bits.iter().map(|b| unsafe { b.assume_init() }).collect();
+                    let rounded: Vec<u16> = got.iter().map(|&v| bf16_bits(v)).collect();
+                    assert_eq!(bits, rounded, "{case}: bf16 output");
                     let (mut d, mut r) = (0f64, 0f64);
                     for (&g, &e) in got.iter().zip(&want) {
                         d += (g as f64 - e as f64).powi(2);
                         r += (e as f64).powi(2);
                     }
                     let rel = (d / r.max(1e-30)).sqrt();
-                    assert!(
-                        rel <= 1e-5 || (d == 0.0),
-                        "[{m}, {k}] x [{n}, {k}], {threads} threads, {epilogue:?}, bias {}: rel L2 {rel}",
-                        bias.is_some()
-                    );
+                    assert!(rel <= 1e-5 || (d == 0.0), "{case}: rel L2 {rel}");
                 }
             }
         }

@@ -14,7 +14,8 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::aligned::{as_uninit, AlignedVec};
+use super::aligned::AlignedVec;
+use super::bf16_io::{Input, Output};
 
 /// Output columns per packed block (one tile's columns).
 pub(crate) const BLOCK_N: usize = 16;
@@ -151,7 +152,7 @@ pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// A weight `[n, k]` in bf16, packed for [`linear_bf16`] (see the module docs).
+/// A weight `[n, k]` in bf16, packed for [`linear_bf16_alloc`] (see the module docs).
 #[derive(Clone)]
 pub struct PackedBf16 {
     n: usize,
@@ -309,7 +310,7 @@ fn kernel() -> Kernel {
     Kernel::F32
 }
 
-/// Which path [`linear_bf16`] takes on this CPU.
+/// Which path [`linear_bf16_alloc`] takes on this CPU.
 pub fn bf16_gemm_path() -> &'static str {
     match kernel() {
         Kernel::Amx => "amx-bf16",
@@ -389,11 +390,11 @@ impl Epilogue {
     }
 }
 
-/// `y[m, n] = epilogue(bf16(x)[m, k] · W^T + b)`, f32 accumulation; `y` is overwritten.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn linear_bf16(
+/// The f32 fallback of [`linear_bf16_alloc`] (no bf16 kernel): the weight unpacked to f32, `x`
+/// as the product sees it, `y` overwritten.
+fn linear_bf16_unpacked(
     y: &mut [f32],
-    x: &[f32],
+    x: Input<'_>,
     w: &PackedBf16,
     b: Option<&[f32]>,
     m: usize,
@@ -401,63 +402,81 @@ pub(crate) fn linear_bf16(
     epilogue: Epilogue,
 ) {
     let (k, n) = (w.k, w.n);
-    assert!(
-        y.len() == m * n && x.len() == m * k && b.is_none_or(|b| b.len() == n),
-        "linear_bf16: operand lengths"
-    );
-    if m == 0 || n == 0 {
-        return;
+    let xr = x.rounded_f32();
+    match &w.unpacked {
+        Some(wf) => super::matmul::linear(y, &xr, wf, b, m, k, n, threads),
+        None => super::matmul::linear(y, &xr, &w.unpack_f32(), b, m, k, n, threads),
     }
-    if bf16_kernel() {
-        return linear_packed_tiles(as_uninit(y), x, w, b, m, threads, epilogue);
-    }
-    {
-        let xr: Vec<f32> = x.par_iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect();
-        match &w.unpacked {
-            Some(wf) => super::matmul::linear(y, &xr, wf, b, m, k, n, threads),
-            None => super::matmul::linear(y, &xr, &w.unpack_f32(), b, m, k, n, threads),
-        }
-        if epilogue == Epilogue::BiasGeluTanh {
-            super::activation::gelu_tanh(y);
-        }
+    if epilogue == Epilogue::BiasGeluTanh {
+        super::activation::gelu_tanh(y);
     }
 }
 
-/// [`linear_bf16`] into a new `[m, n]` vector: by the bf16 kernels written once, never zeroed
-/// first (zeroing the outputs of a DiT-XL/2 forward's linears, ~20 MiB per block, cost ~5% of
-/// its time).
+/// Panics unless `x` holds `m` rows of the weight's inputs and `b` (if any) one value per output.
+fn assert_operands(x: &Input<'_>, w: &PackedBf16, b: Option<&[f32]>, m: usize) {
+    assert!(
+        x.len() == m * w.k && b.is_none_or(|b| b.len() == w.n),
+        "linear_bf16: operand lengths"
+    );
+}
+
+/// `y[m, n] = epilogue(bf16(x)[m, k] · W^T + b)`, f32 accumulation, into a new vector, from f32
+/// or bf16 rows. The bf16 kernels write each element once, never zeroed first (zeroing the
+/// outputs of a DiT-XL/2 forward's linears, ~20 MiB per block, cost ~5% of its time).
 pub(crate) fn linear_bf16_alloc(
-    x: &[f32],
+    x: Input<'_>,
     w: &PackedBf16,
     b: Option<&[f32]>,
     m: usize,
     threads: usize,
     epilogue: Epilogue,
 ) -> Vec<f32> {
-    let (k, n) = (w.k, w.n);
-    assert!(
-        x.len() == m * k && b.is_none_or(|b| b.len() == n),
-        "linear_bf16: operand lengths"
-    );
+    let n = w.n;
+    assert_operands(&x, w, b, m);
     if bf16_kernel() && m > 0 && n > 0 {
         let mut y = Vec::with_capacity(m * n);
-        linear_packed_tiles(
-            &mut y.spare_capacity_mut()[..m * n],
-            x,
-            w,
-            b,
-            m,
-            threads,
-            epilogue,
-        );
+        let out = Output::F32(&mut y.spare_capacity_mut()[..m * n]);
+        linear_packed_tiles(out, x, w, b, m, threads, epilogue);
         // SAFETY: both kernels write every element of their [m, n] output (amx: each row < m
         // of each column pair's columns < n; avx512_bf16: each row of each block triple).
         unsafe { y.set_len(m * n) };
         return y;
     }
     let mut y = vec![0f32; m * n];
-    linear_bf16(&mut y, x, w, b, m, threads, epilogue);
+    if m > 0 && n > 0 {
+        linear_bf16_unpacked(&mut y, x, w, b, m, threads, epilogue);
+    }
     y
+}
+
+/// [`linear_bf16_alloc`] with the outputs rounded to bf16 (nearest even) after the epilogue:
+/// for a product whose output feeds another bf16 product only.
+pub(crate) fn linear_bf16_alloc_bf16(
+    x: Input<'_>,
+    w: &PackedBf16,
+    b: Option<&[f32]>,
+    m: usize,
+    threads: usize,
+    epilogue: Epilogue,
+) -> Vec<half::bf16> {
+    let n = w.n;
+    assert_operands(&x, w, b, m);
+    if bf16_kernel() && m > 0 && n > 0 {
+        let mut y: Vec<half::bf16> = Vec::with_capacity(m * n);
+        let spare = &mut y.spare_capacity_mut()[..m * n];
+        // SAFETY: bf16 is a transparent u16 (same size, alignment and validity).
+        let bits = unsafe {
+            std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<MaybeUninit<u16>>(), m * n)
+        };
+        linear_packed_tiles(Output::Bf16(bits), x, w, b, m, threads, epilogue);
+        // SAFETY: both kernels write every element of their [m, n] output (see above).
+        unsafe { y.set_len(m * n) };
+        return y;
+    }
+    linear_bf16_alloc(x, w, b, m, threads, epilogue)
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect()
 }
 
 /// Whether a bf16 kernel (AMX or AVX512-BF16) runs here, reading [`PackedBf16`]'s tiles.
@@ -471,12 +490,12 @@ pub(crate) fn avx512_bf16_kernel() -> bool {
     kernel() == Kernel::Avx512Bf16
 }
 
-/// [`linear_bf16`] on this CPU's bf16 kernel, every element of `y` written. Requires
+/// [`linear_bf16_alloc`] on this CPU's bf16 kernel, every element of `y` written. Requires
 /// [`bf16_kernel`] (attention's products call it with operands packed by
 /// [`PackedBf16::from_tiles`]).
 pub(crate) fn linear_packed_tiles(
-    y: &mut [MaybeUninit<f32>],
-    x: &[f32],
+    y: Output<'_>,
+    x: Input<'_>,
     w: &PackedBf16,
     b: Option<&[f32]>,
     m: usize,

@@ -14,6 +14,7 @@ mod avx512_bf16_attention;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16_tile;
 pub(crate) mod bf16_gemm;
+pub(crate) mod bf16_io;
 pub(crate) mod conv;
 pub(crate) mod f32_gemm;
 #[cfg(target_arch = "x86_64")]
