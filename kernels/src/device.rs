@@ -141,7 +141,8 @@ impl Device {
 
     /// The same device computing in `dtype`: a CUDA device converts weights and activations to
     /// it as they arrive ([`import`](Self::import)). A CPU device keeps its activations in f32
-    /// (its bf16 linear layers are per layer: [`Device::linear_bf16`]); with `bf16` its
+    /// (its bf16 linear layers are per layer: [`Device::linear_bf16`]; only the feed-forward
+    /// hands its hidden layer over in bf16, [`Device::linear_bf16_gelu_bf16`]); with `bf16` its
     /// attention's products round to bf16 where the CPU has a bf16 kernel (AMX or AVX512-BF16:
     /// [`CpuDevice::with_bf16_attention`]).
     #[cfg_attr(not(feature = "cuda"), allow(unreachable_code))]
@@ -152,7 +153,8 @@ impl Device {
         }
     }
 
-    /// The dtype activations have on this device (f32 on a CPU).
+    /// The dtype activations have on this device (f32 on a CPU, but for the feed-forward's
+    /// hidden layer: [`Device::linear_bf16_gelu_bf16`]).
     pub fn compute_dtype(&self) -> DType {
         match self {
             Device::Cpu(_) => DType::F32,
@@ -378,16 +380,18 @@ impl Device {
         match self {
             Device::Cpu(c) => {
                 let xs = match x.storage() {
-                    Storage::Cpu(CpuStorage::F32(v)) => cpu::bf16_io::Input::F32(v),
                     Storage::Cpu(CpuStorage::BF16(v)) => {
                         cpu::bf16_io::Input::Bf16(bytemuck::cast_slice(v))
                     }
-                    _ => {
-                        return Err(KernelError::shape(
-                            "linear_bf16",
-                            format!("input must be f32 or bf16 on the host, not {}", x.dtype()),
-                        ))
+                    Storage::Cpu(CpuStorage::F16(_)) => {
+                        return Err(KernelError::DType {
+                            op: "linear_bf16",
+                            expected: DType::F32,
+                            got: DType::F16,
+                        })
                     }
+                    // f32 on the host; a GPU tensor gets as_f32's error naming where it is.
+                    _ => cpu::bf16_io::Input::F32(x.as_f32()?),
                 };
                 let bs = b.map(|b| b.as_f32()).transpose()?;
                 let threads = c.threads();

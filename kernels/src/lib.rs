@@ -43,7 +43,9 @@ mod tensor;
 pub mod ulysses;
 
 pub use copy::{BlockCopy, Strides};
-pub use cpu::bf16_gemm::{bf16_bits, bf16_gemm_path, bf16_to_f32, bf16_weight_bytes, PackedBf16};
+pub use cpu::bf16_gemm::{
+    bf16_bits, bf16_gemm_path, bf16_kernel, bf16_to_f32, bf16_weight_bytes, PackedBf16,
+};
 pub use cpu::f32_gemm::{f32_gemm_avx512, f32_gemm_path, PackedF32};
 pub use cpu::math::{exp_fast, gelu_tanh_scalar};
 pub use cpu::CpuDevice;

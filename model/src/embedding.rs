@@ -98,9 +98,10 @@ impl Linear {
     }
 
     /// [`Linear::forward_gelu`] for an output that only `next` reads: where both hold bf16
-    /// weights (a CPU computing in bf16), the output is bf16 (`Device::linear_bf16_gelu_bf16`):
-    /// `next` rounds its input to bf16 anyway, so the numbers are the same, with half the bytes
-    /// and no conversion pass. Elsewhere f32, as [`Linear::forward_gelu`].
+    /// weights and a bf16 kernel runs (a CPU computing in bf16 with AMX or AVX512-BF16), the
+    /// output is bf16 (`Device::linear_bf16_gelu_bf16`): `next` rounds its input to bf16 anyway,
+    /// so the numbers are the same, with half the bytes and no conversion pass. Elsewhere f32,
+    /// as [`Linear::forward_gelu`].
     pub(crate) fn forward_gelu_for(
         &self,
         next: &Linear,
@@ -108,7 +109,7 @@ impl Linear {
         x: &Tensor,
     ) -> Result<Tensor> {
         match (&self.w, &next.w) {
-            (LinearWeight::Bf16(w), LinearWeight::Bf16(_)) => {
+            (LinearWeight::Bf16(w), LinearWeight::Bf16(_)) if kernels::bf16_kernel() => {
                 Ok(dev.linear_bf16_gelu_bf16(x, w, Some(&self.b))?)
             }
             _ => self.forward_gelu(dev, x),

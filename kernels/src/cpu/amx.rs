@@ -204,6 +204,10 @@ pub(crate) fn linear(
 ) {
     assert!(available(), "amx::linear without AMX");
     let (n, k, chunks) = (w.n(), w.k(), w.chunks());
+    assert!(
+        y.len() == m * n && x.len() == m * k && b.is_none_or(|b| b.len() == n),
+        "amx::linear: operand lengths"
+    );
     let kp = chunks * CHUNK_K;
     let mblocks = m.div_ceil(BLOCK);
     let npairs = n.div_ceil(BLOCK);

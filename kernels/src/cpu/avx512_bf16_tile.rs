@@ -17,7 +17,8 @@ pub(super) const PAIR: usize = 2 * BLOCK_N;
 pub(super) struct Tile {
     /// Input pairs of this call.
     pub(super) pairs: usize,
-    /// `R` rows of `2 * pairs` bf16 inputs at stride `ldx` (u16 elements; rows 4-byte aligned).
+    /// `R` rows of `2 * pairs` bf16 inputs at stride `ldx` (u16 elements; any alignment: the
+    /// broadcasts need none, 4-byte aligned rows are a little faster).
     pub(super) x: *const u16,
     pub(super) ldx: usize,
     /// The `NB` blocks' weights from this call's first pair on, `pairs * PAIR` u16 each,

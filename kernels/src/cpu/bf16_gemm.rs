@@ -1,6 +1,6 @@
 //! bf16 matrix products with f32 accumulation: `y = x · W^T (+ b)` where `x` is f32 (rounded to
-//! bf16 per call, as PyTorch's bf16 autocast rounds activations) and `W` is bf16, packed once at
-//! load into [`PackedBf16`]. Intel AMX tiles run it where the CPU has them (`amx.rs`), else
+//! bf16 per call, as PyTorch's bf16 autocast rounds activations) or already bf16
+//! ([`super::bf16_io`]) and `W` is bf16, packed once at load into [`PackedBf16`]. Intel AMX tiles run it where the CPU has them (`amx.rs`), else
 //! AVX512-BF16's `vdpbf16ps` where the CPU has that (`avx512_bf16.rs`: AMD Zen 4); elsewhere the
 //! weight is unpacked to f32 once, at packing, and the f32 GEMM runs (same numbers: the bf16
 //! products are exact in f32, only the summation order differs; f32's speed and memory).
@@ -479,8 +479,9 @@ pub(crate) fn linear_bf16_alloc_bf16(
         .collect()
 }
 
-/// Whether a bf16 kernel (AMX or AVX512-BF16) runs here, reading [`PackedBf16`]'s tiles.
-pub(crate) fn bf16_kernel() -> bool {
+/// Whether a bf16 kernel (AMX or AVX512-BF16) runs here, reading [`PackedBf16`]'s tiles (else
+/// bf16 weights are unpacked to f32 and bf16 activations would only add conversions).
+pub fn bf16_kernel() -> bool {
     kernel() != Kernel::F32
 }
 

@@ -3,7 +3,9 @@
 //! (to nearest even) once the epilogue has run. A product whose output only feeds another bf16
 //! product (the feed-forward's fc1 + GELU -> fc2) hands it over in bf16: the second product
 //! rounds its input to bf16 anyway, so the numbers are the same, with half the bytes written and
-//! read, and no conversion pass over the input.
+//! read, and no conversion pass over the input. (Where AVX512-BF16 converts, f32 subnormals
+//! round to zero, `vcvtne2ps2bf16` treats them so, in either place; the bf16 products treat
+//! bf16 subnormals as zero anyway.)
 
 use std::mem::MaybeUninit;
 
