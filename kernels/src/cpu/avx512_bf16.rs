@@ -3,10 +3,10 @@
 //! a run of input pairs, each 64 bytes = one zmm operand), so weights stay bf16 (half of f32's
 //! memory and DRAM traffic) and `vdpbf16ps` does twice the multiply-adds of an f32 FMA.
 //!
-//! Loops, as [`super::f32_gemm`]'s (per task: a contiguous range of block triples, 48
-//! features): groups of [`MC`] rows (a task's weights pass once per group), input pairs in blocks of
-//! [`KCP`], triples (a triple's 24 KiB slab stays in L1 while the group's 8-row blocks of `x`
-//! pass over it), row blocks. `x` is rounded to bf16 once per call, rows zero-padded to whole
+//! Loops (per task: a contiguous range of block triples, 48 features): groups of [`MC`] rows (a
+//! task's weights pass once per group), input pairs in blocks of up to [`KCP`] (one block for
+//! DiT-XL/2: the accumulators stay in registers over the whole k), triples (a triple's slab
+//! stays in L2 while the group's 8-row blocks of `x` pass over it), row blocks. `x` is rounded to bf16 once per call, rows zero-padded to whole
 //! chunks, into a per-thread buffer (bf16 rows of whole chunks are read where they are). A bf16
 //! output accumulates in a per-thread f32 staging of the group's rows x the task's columns
 //! (kept between calls: with one thread and DiT-XL/2's fc1, 512 x 4608 f32 = 9 MiB) and is
@@ -26,8 +26,13 @@ use super::f32_tile::Start;
 const MR: usize = 8;
 /// Packed blocks (16 features each) per micro-kernel call.
 const NB: usize = 3;
-/// Input pairs per block: a triple's slab is `KCP * 3 * 64` bytes = 24 KiB.
-const KCP: usize = 128;
+/// Most input pairs per block (blocks of even length): DiT-XL/2's products (k = 1152 and 4608)
+/// run in one block, the accumulators in registers over the whole k; a triple's slab, up to
+/// `KCP * 3 * 64` bytes = 432 KiB, stays in L2 while the group's row blocks pass over it.
+/// Against blocks of 128 pairs (a 24 KiB slab in L1, the accumulators stored and reloaded per
+/// block): 2-7% faster on those products, 1 and 2 threads, weights cold (measured on Zen 4,
+/// one process, variants interleaved, 2026-12-07).
+const KCP: usize = 2304;
 /// Rows per group. 512 against 128: 1-3% faster on DiT-XL/2's four products (512 rows; 2-4% on
 /// fc2, whose task weights of 1.3 MiB leave L2 between groups), 1% on 4096 rows; measured on
 /// Zen 4 in one process, variants interleaved (2026-12-07).
@@ -181,12 +186,14 @@ unsafe fn task(
             OutPtr::Bf16(_) => y.wrapping_add((i - g0) * ldy + col),
         }
     };
+    // Input pairs in as few blocks as KCP allows, of even length.
+    let kcp = pairs.div_ceil(pairs.div_ceil(KCP).max(1));
     for g0 in rows.clone().step_by(MC) {
         let g1 = (g0 + MC).min(rows.end);
         let calls = (g1 - g0).div_ceil(MR);
         let mut p0 = 0;
         loop {
-            let kc = KCP.min(pairs - p0);
+            let kc = kcp.min(pairs - p0);
             let last = p0 + kc == pairs;
             for t in ts.clone() {
                 let nb = (NB * t..NB * t + NB).filter(|&nb| nb < blocks).count();
@@ -323,6 +330,8 @@ mod tests {
             (300, 64, 16),
             // Rows in two groups of MC (and, with two threads, split at row 520).
             (1030, 40, 20),
+            // Inputs in two pair blocks (2350 pairs: two of 1175).
+            (10, 4700, 50),
         ] {
             let (x, w, b) = (randn(m * k), randn(n * k), randn(n));
             let packed = PackedBf16::from_f32(&w, n, k);
