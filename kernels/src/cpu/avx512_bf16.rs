@@ -8,9 +8,9 @@
 //! DiT-XL/2: the accumulators stay in registers over the whole k), triples (a triple's slab
 //! stays in L2 while the group's 8-row blocks of `x` pass over it), row blocks. `x` is rounded to bf16 once per call, rows zero-padded to whole
 //! chunks, into a per-thread buffer (bf16 rows of whole chunks are read where they are). A bf16
-//! output accumulates in a per-thread f32 staging of the group's rows x the task's columns
-//! (kept between calls: with one thread and DiT-XL/2's fc1, 512 x 4608 f32 = 9 MiB) and is
-//! rounded into `y` once the group is done.
+//! output accumulates in a per-thread f32 staging (one tile where the whole k is one block, as
+//! for every DiT-XL/2 product; else the group's rows x the task's columns, kept between calls),
+//! each tile rounded into `y` as it is finished (in L1).
 
 use std::sync::OnceLock;
 
@@ -167,13 +167,21 @@ unsafe fn task(
             w.panel(0).as_ptr()
         }
     };
-    // Where the tiles accumulate: y itself (f32), or, for a bf16 y, this thread's f32 staging
-    // for the group's rows x the task's columns, rounded into y once the group is done.
+    // Input pairs in as few blocks as KCP allows, of even length.
+    let blocks_k = pairs.div_ceil(KCP).max(1);
+    let kcp = pairs.div_ceil(blocks_k);
+    // Where the tiles accumulate: y itself (f32), or, for a bf16 y, this thread's f32 staging,
+    // each tile rounded into y as it is finished: one tile's worth where the whole k is one
+    // block, else the group's rows x the task's columns (kept across the k blocks).
     let c0 = ts.start * NB * BLOCK_N;
     let task_cols = (ts.end * NB * BLOCK_N).min(n) - c0;
     let mut staging = Y_SCRATCH.take();
     let (y, ldy) = match out {
         OutPtr::F32(y) => (y.wrapping_add(c0), n),
+        OutPtr::Bf16(_) if blocks_k == 1 => {
+            staging.reuse_for(MR * NB * BLOCK_N);
+            (staging.as_mut_ptr(), NB * BLOCK_N)
+        }
         OutPtr::Bf16(_) => {
             staging.reuse_for(MC.min(rows.len()) * task_cols);
             (staging.as_mut_ptr(), task_cols)
@@ -183,11 +191,10 @@ unsafe fn task(
     let at = |g0: usize, i: usize, col: usize| -> *mut f32 {
         match out {
             OutPtr::F32(_) => y.wrapping_add(i * ldy + col),
+            OutPtr::Bf16(_) if blocks_k == 1 => y,
             OutPtr::Bf16(_) => y.wrapping_add((i - g0) * ldy + col),
         }
     };
-    // Input pairs in as few blocks as KCP allows, of even length.
-    let kcp = pairs.div_ceil(pairs.div_ceil(KCP).max(1));
     for g0 in rows.clone().step_by(MC) {
         let g1 = (g0 + MC).min(rows.end);
         let calls = (g1 - g0).div_ceil(MR);
@@ -244,6 +251,11 @@ unsafe fn task(
                         if last && gelu {
                             super::vector_math::gelu_tanh_rows_in_place(c, ldy, (r, cols));
                         }
+                        if let (true, OutPtr::Bf16(_)) = (last, out) {
+                            // Finished: rounded into y while the tile is in L1.
+                            let at_y = (i, t * NB * BLOCK_N);
+                            out.write_rows(n, at_y, (c.cast_const(), ldy), (r, cols));
+                        }
                     }
                 }
             }
@@ -251,11 +263,6 @@ unsafe fn task(
             if last {
                 break;
             }
-        }
-        if let OutPtr::Bf16(_) = out {
-            // SAFETY: the group's rows x the task's columns lie in y and are this task's; the
-            // staging holds them, finished.
-            unsafe { out.write_rows(n, (g0, c0), (y, ldy), (g1 - g0, task_cols)) };
         }
     }
     Y_SCRATCH.set(staging);

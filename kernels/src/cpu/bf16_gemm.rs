@@ -115,7 +115,7 @@ unsafe fn bf16_bits_chunked_avx512(dst: &mut [u16], src: &[f32], chunks: usize, 
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx512_bf16() -> bool {
+pub(super) fn avx512_bf16() -> bool {
     // std caches the detection: one relaxed load per call.
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bf16")

@@ -121,18 +121,49 @@ impl OutPtr {
                     std::ptr::copy_nonoverlapping(s.as_ptr(), y.add((row + r) * n + col), cols)
                 },
                 OutPtr::Bf16(y) => {
+                    let d = y.wrapping_add((row + r) * n + col);
+                    #[cfg(target_arch = "x86_64")]
+                    if super::bf16_gemm::avx512_bf16() {
+                        // SAFETY: the CPU has AVX512-BF16 (checked); the caller's contract.
+                        unsafe { round_row_avx512(d, s) };
+                        continue;
+                    }
                     // Rounded into a stack buffer, then copied: the output may be uninitialised.
                     let mut bits = [0u16; 64];
                     for (j, piece) in s.chunks(64).enumerate() {
                         super::bf16_gemm::bf16_bits_into(&mut bits, piece);
                         // SAFETY: the caller's contract.
                         unsafe {
-                            let d = y.add((row + r) * n + col + 64 * j);
-                            std::ptr::copy_nonoverlapping(bits.as_ptr(), d, piece.len());
+                            std::ptr::copy_nonoverlapping(
+                                bits.as_ptr(),
+                                d.add(64 * j),
+                                piece.len(),
+                            );
                         }
                     }
                 }
             }
+        }
+    }
+}
+
+/// `dst[i] = bf16(src[i])` (round to nearest even, `vcvtneps2bf16`), 16 at a time, the last 16
+/// masked: one finished tile row (48 values) in three steps.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16; `dst` addresses `src.len()` writable u16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_row_avx512(dst: *mut u16, src: &[f32]) {
+    use std::arch::x86_64::*;
+    for i in (0..src.len()).step_by(16) {
+        let k = ((1u32 << (src.len() - i).min(16)) - 1) as __mmask16;
+        // SAFETY: the mask covers only elements below src.len(); the caller's contract.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(k, src.as_ptr().add(i));
+            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            // Widened to 32-bit lanes, stored as 16-bit ones through the mask.
+            _mm512_mask_cvtepi32_storeu_epi16(dst.add(i).cast(), k, _mm512_cvtepu16_epi32(b));
         }
     }
 }
