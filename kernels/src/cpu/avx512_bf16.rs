@@ -6,8 +6,9 @@
 //! Loops (per task: a contiguous range of block triples, 48 features): groups of [`MC`] rows (a
 //! task's weights pass once per group), input pairs in blocks of up to [`KCP`] (one block for
 //! DiT-XL/2: the accumulators stay in registers over the whole k), triples (a triple's slab
-//! stays in L2 while the group's 8-row blocks of `x` pass over it), row blocks. `x` is rounded to bf16 once per call, rows zero-padded to whole
-//! chunks, into a per-thread buffer (bf16 rows of whole chunks are read where they are). A bf16
+//! stays in L2 while the group's 8-row blocks of `x` pass over it), row blocks. `x` is rounded
+//! to bf16 once per call, rows zero-padded to whole chunks, into a per-thread buffer (bf16 rows
+//! of whole chunks are read where they are). A bf16
 //! output accumulates in a per-thread f32 staging (one tile where the whole k is one block, as
 //! for every DiT-XL/2 product; else the group's rows x the task's columns, kept between calls),
 //! each tile rounded into `y` as it is finished (in L1).

@@ -199,7 +199,7 @@ unsafe fn head<'a>(
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16; `x` holds `rows` rows of `pairs` pairs at stride `ldx` (u16), each
-/// block `pairs * PAIR` u16 (64-byte aligned), `c` `rows` rows of `cols <= 16 blocks` at stride
+/// block `pairs * PAIR` u16 (64-byte aligned), `c` `rows` rows of `cols <= 16 * blocks` at stride
 /// `ldc` that nothing else accesses.
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn product(
@@ -288,10 +288,10 @@ fn pack_values<'a>(s: &mut Scratch, sk: usize, dh: usize, value: impl Fn(usize) 
     }
 }
 
-/// `e^x` per lane for `x <= 0` (the scaled scores less their max; -inf gives 0) to a relative
-/// 5e-5, enough for P's bf16 (2^-9): `2^n e^r` with `|r| <= ln2 / 2` and a degree-4 Taylor
-/// polynomial (error below `r^5 / 120`), 10 vector ops where the f32 [`super::vector_math`] exp
-/// takes 17 (the exp was ~15% of attention's time).
+/// `e^x` per lane for `x <= 0` (the scaled scores less their max; -inf gives 0, NaN stays NaN,
+/// as in the generic path) to a relative 6e-5, enough for P's bf16 (2^-9): `2^n e^r` with
+/// `|r| <= ln2 / 2` and a degree-4 Taylor polynomial (relative error at most
+/// `e^|r| r^5 / 120` = 5.6e-5), 10 vector ops where the f32 [`super::vector_math`] exp takes 17.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp_nonpositive(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
@@ -305,10 +305,11 @@ fn exp_nonpositive(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     for c in [1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
-    // 2^n underflows to 0 far below; -inf makes r NaN, so those lanes are zeroed.
+    // 2^n underflows to 0 far below; -inf makes r NaN, so lanes below -104 are zeroed (a NaN
+    // lane is not below: it stays NaN).
     let y = _mm512_scalef_ps(p, n);
     _mm512_maskz_mov_ps(
-        _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-104.0)),
+        _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-104.0)),
         y,
     )
 }
@@ -437,6 +438,17 @@ mod tests {
                 let last = (b - 1) * sq;
                 assert!(got[last * d..].iter().all(|&x| x == 0.0), "{shape}");
                 assert!(lse[last * heads..].iter().all(|&l| l == f32::NEG_INFINITY));
+            }
+            // A NaN key poisons every row that attends it, as in the generic path (a mask that
+            // dropped NaN lanes once turned it into a zero weight). With that key alone the row's
+            // max skips it and the row counts as having no keys (zeros), as there too.
+            if !masked && sk > 1 {
+                let mut bad = kv.clone();
+                bad[0] = f32::NAN; // key 0, head 0, dim 0 of batch 0
+                let mut out = vec![0f32; b * sq * d];
+                let (k, v) = (view(&bad, sk, 2 * d, 0), view(&bad, sk, 2 * d, d));
+                super::attention(&mut out, None, view(&q, sq, d, 0), k, v, None, dims);
+                assert!((0..sq).all(|i| out[i * d..i * d + dh].iter().all(|x| x.is_nan())));
             }
             // Rows 3.. of batch 0 alone (b = 1 keeps the strides: batch 0 only).
             if b == 1 {
