@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::aligned::AlignedVec;
-use super::bf16_gemm::{Epilogue, PackedBf16, CHUNK_K};
-use super::bf16_io::{Input, OutPtr, Output};
+use super::bf16_gemm::{assert_operands, Epilogue, PackedBf16, CHUNK_K};
+use super::bf16_io::{round_rows, Input, OutPtr, Output};
 
 /// Output rows and columns of one kernel call.
 const BLOCK: usize = 32;
@@ -203,11 +203,8 @@ pub(crate) fn linear(
     epilogue: Epilogue,
 ) {
     assert!(available(), "amx::linear without AMX");
+    assert_operands(Some(y.len()), &x, w, b, m);
     let (n, k, chunks) = (w.n(), w.k(), w.chunks());
-    assert!(
-        y.len() == m * n && x.len() == m * k && b.is_none_or(|b| b.len() == n),
-        "amx::linear: operand lengths"
-    );
     let kp = chunks * CHUNK_K;
     let mblocks = m.div_ceil(BLOCK);
     let npairs = n.div_ceil(BLOCK);
@@ -335,10 +332,10 @@ fn group_pairs(
                         let o = y.add(m0 * n + n0);
                         epilogue.write_block(o, n, &acc, BLOCK, bias, (rows, cols));
                     }
-                    OutPtr::Bf16(_) => {
+                    OutPtr::Bf16(y) => {
                         let d = done.as_mut_ptr();
                         epilogue.write_block(d, BLOCK, &acc, BLOCK, bias, (rows, cols));
-                        out.write_rows(n, (m0, n0), (d, BLOCK), (rows, cols));
+                        round_rows(y, n, (m0, n0), (d, BLOCK), (rows, cols));
                     }
                 }
             }

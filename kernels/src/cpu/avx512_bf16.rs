@@ -19,8 +19,8 @@ use rayon::prelude::*;
 
 use super::aligned::AlignedVec;
 use super::avx512_bf16_tile::{tile, Tile, PAIR};
-use super::bf16_gemm::{Epilogue, PackedBf16, BLOCK_N, CHUNK_K};
-use super::bf16_io::{Input, OutPtr, Output};
+use super::bf16_gemm::{assert_operands, Epilogue, PackedBf16, BLOCK_N, CHUNK_K};
+use super::bf16_io::{round_rows, Input, OutPtr, Output};
 use super::f32_tile::Start;
 
 /// Rows of `x` per micro-kernel call.
@@ -72,11 +72,8 @@ pub(crate) fn linear(
     epilogue: Epilogue,
 ) {
     assert!(available(), "avx512_bf16::linear without AVX512-BF16");
+    assert_operands(Some(y.len()), &x, w, b, m);
     let (n, k, chunks) = (w.n(), w.k(), w.chunks());
-    assert!(
-        y.len() == m * n && x.len() == m * k && b.is_none_or(|b| b.len() == n),
-        "avx512_bf16::linear: operand lengths"
-    );
     if m == 0 || n == 0 {
         return;
     }
@@ -252,10 +249,10 @@ unsafe fn task(
                         if last && gelu {
                             super::vector_math::gelu_tanh_rows_in_place(c, ldy, (r, cols));
                         }
-                        if let (true, OutPtr::Bf16(_)) = (last, out) {
+                        if let (true, OutPtr::Bf16(yb)) = (last, out) {
                             // Finished: rounded into y while the tile is in L1.
                             let at_y = (i, t * NB * BLOCK_N);
-                            out.write_rows(n, at_y, (c.cast_const(), ldy), (r, cols));
+                            round_rows(yb, n, at_y, (c.cast_const(), ldy), (r, cols));
                         }
                     }
                 }

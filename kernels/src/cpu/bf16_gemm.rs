@@ -412,12 +412,33 @@ fn linear_bf16_unpacked(
     }
 }
 
-/// Panics unless `x` holds `m` rows of the weight's inputs and `b` (if any) one value per output.
-fn assert_operands(x: &Input<'_>, w: &PackedBf16, b: Option<&[f32]>, m: usize) {
+/// Panics unless `x` holds `m` rows of the weight's inputs, `b` (if any) one value per output
+/// and the output (if given) `m` rows of outputs: what the kernels' raw pointers rely on.
+pub(super) fn assert_operands(
+    y_len: Option<usize>,
+    x: &Input<'_>,
+    w: &PackedBf16,
+    b: Option<&[f32]>,
+    m: usize,
+) {
     assert!(
-        x.len() == m * w.k && b.is_none_or(|b| b.len() == w.n),
+        x.len() == m * w.k
+            && b.is_none_or(|b| b.len() == w.n)
+            && y_len.is_none_or(|l| l == m * w.n),
         "linear_bf16: operand lengths"
     );
+}
+
+/// A new `len`-element vector that `write` fills, every element (never zeroed first).
+///
+/// # Safety
+/// `write` initialises every element of the slice it is given.
+unsafe fn written<T>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut y = Vec::with_capacity(len);
+    write(&mut y.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's contract.
+    unsafe { y.set_len(len) };
+    y
 }
 
 /// `y[m, n] = epilogue(bf16(x)[m, k] · W^T + b)`, f32 accumulation, into a new vector, from f32
@@ -432,15 +453,14 @@ pub(crate) fn linear_bf16_alloc(
     epilogue: Epilogue,
 ) -> Vec<f32> {
     let n = w.n;
-    assert_operands(&x, w, b, m);
+    assert_operands(None, &x, w, b, m);
     if bf16_kernel() && m > 0 && n > 0 {
-        let mut y = Vec::with_capacity(m * n);
-        let out = Output::F32(&mut y.spare_capacity_mut()[..m * n]);
-        linear_packed_tiles(out, x, w, b, m, threads, epilogue);
+        let write = |y: &mut [MaybeUninit<f32>]| {
+            linear_packed_tiles(Output::F32(y), x, w, b, m, threads, epilogue)
+        };
         // SAFETY: both kernels write every element of their [m, n] output (amx: each row < m
         // of each column pair's columns < n; avx512_bf16: each row of each block triple).
-        unsafe { y.set_len(m * n) };
-        return y;
+        return unsafe { written(m * n, write) };
     }
     let mut y = vec![0f32; m * n];
     if m > 0 && n > 0 {
@@ -459,24 +479,19 @@ pub(crate) fn linear_bf16_alloc_bf16(
     threads: usize,
     epilogue: Epilogue,
 ) -> Vec<half::bf16> {
-    let n = w.n;
-    assert_operands(&x, w, b, m);
-    if bf16_kernel() && m > 0 && n > 0 {
-        let mut y: Vec<half::bf16> = Vec::with_capacity(m * n);
-        let spare = &mut y.spare_capacity_mut()[..m * n];
-        // SAFETY: bf16 is a transparent u16 (same size, alignment and validity).
-        let bits = unsafe {
-            std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<MaybeUninit<u16>>(), m * n)
-        };
-        linear_packed_tiles(Output::Bf16(bits), x, w, b, m, threads, epilogue);
-        // SAFETY: both kernels write every element of their [m, n] output (see above).
-        unsafe { y.set_len(m * n) };
-        return y;
+    if !(bf16_kernel() && m > 0 && w.n > 0) {
+        let y = linear_bf16_alloc(x, w, b, m, threads, epilogue);
+        return y.into_iter().map(half::bf16::from_f32).collect();
     }
-    linear_bf16_alloc(x, w, b, m, threads, epilogue)
-        .into_iter()
-        .map(half::bf16::from_f32)
-        .collect()
+    assert_operands(None, &x, w, b, m);
+    let write = |y: &mut [MaybeUninit<half::bf16>]| {
+        // SAFETY: bf16 is a transparent u16 (same size, alignment and validity).
+        let bits =
+            unsafe { &mut *(y as *mut [MaybeUninit<half::bf16>] as *mut [MaybeUninit<u16>]) };
+        linear_packed_tiles(Output::Bf16(bits), x, w, b, m, threads, epilogue)
+    };
+    // SAFETY: both kernels write every element of their [m, n] output (see above).
+    unsafe { written(m * w.n, write) }
 }
 
 /// Whether a bf16 kernel (AMX or AVX512-BF16) runs here, reading [`PackedBf16`]'s tiles (else

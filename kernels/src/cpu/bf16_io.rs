@@ -99,50 +99,34 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
-impl OutPtr {
-    /// Copies `rows x cols` finished f32 values (row `r` at `src + r * lds`) to rows `row..`,
-    /// columns `col..` of the `[.., n]` output, rounding to bf16 for a bf16 output.
-    ///
-    /// # Safety
-    /// The region lies inside the output and nothing else accesses it; `src` holds what is read.
-    pub(crate) unsafe fn write_rows(
-        self,
-        n: usize,
-        (row, col): (usize, usize),
-        (src, lds): (*const f32, usize),
-        (rows, cols): (usize, usize),
-    ) {
-        for r in 0..rows {
+/// Rounds `rows x cols` finished f32 values (row `r` at `src + r * lds`) to bf16 into rows
+/// `row..`, columns `col..` of the `[.., n]` bf16 output `y`.
+///
+/// # Safety
+/// The region lies inside the output and nothing else accesses it; `src` holds what is read.
+pub(crate) unsafe fn round_rows(
+    y: *mut u16,
+    n: usize,
+    (row, col): (usize, usize),
+    (src, lds): (*const f32, usize),
+    (rows, cols): (usize, usize),
+) {
+    for r in 0..rows {
+        // SAFETY: the caller's contract.
+        let s = unsafe { std::slice::from_raw_parts(src.add(r * lds), cols) };
+        let d = y.wrapping_add((row + r) * n + col);
+        #[cfg(target_arch = "x86_64")]
+        if super::bf16_gemm::avx512_bf16() {
+            // SAFETY: the CPU has AVX512-BF16 (checked); the caller's contract.
+            unsafe { round_row_avx512(d, s) };
+            continue;
+        }
+        // Rounded into a stack buffer, then copied: the output may be uninitialised.
+        let mut bits = [0u16; 64];
+        for (j, piece) in s.chunks(64).enumerate() {
+            super::bf16_gemm::bf16_bits_into(&mut bits, piece);
             // SAFETY: the caller's contract.
-            let s = unsafe { std::slice::from_raw_parts(src.add(r * lds), cols) };
-            match self {
-                // SAFETY: the caller's contract.
-                OutPtr::F32(y) => unsafe {
-                    std::ptr::copy_nonoverlapping(s.as_ptr(), y.add((row + r) * n + col), cols)
-                },
-                OutPtr::Bf16(y) => {
-                    let d = y.wrapping_add((row + r) * n + col);
-                    #[cfg(target_arch = "x86_64")]
-                    if super::bf16_gemm::avx512_bf16() {
-                        // SAFETY: the CPU has AVX512-BF16 (checked); the caller's contract.
-                        unsafe { round_row_avx512(d, s) };
-                        continue;
-                    }
-                    // Rounded into a stack buffer, then copied: the output may be uninitialised.
-                    let mut bits = [0u16; 64];
-                    for (j, piece) in s.chunks(64).enumerate() {
-                        super::bf16_gemm::bf16_bits_into(&mut bits, piece);
-                        // SAFETY: the caller's contract.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                bits.as_ptr(),
-                                d.add(64 * j),
-                                piece.len(),
-                            );
-                        }
-                    }
-                }
-            }
+            unsafe { std::ptr::copy_nonoverlapping(bits.as_ptr(), d.add(64 * j), piece.len()) };
         }
     }
 }
