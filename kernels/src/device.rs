@@ -730,6 +730,11 @@ impl Device {
                             &mut out, l, qc, kc, vc, kb, dims,
                         );
                     }
+                    #[cfg(target_arch = "x86_64")]
+                    if kc.seq > 0 && cpu::fma_attention::chosen() {
+                        let l = lse.as_deref_mut();
+                        return cpu::fma_attention::attention(&mut out, l, qc, kc, vc, kb, dims);
+                    }
                     cpu::attention::attention(&mut out, lse.as_deref_mut(), qc, kc, vc, kb, dims)
                 });
                 let lse = lse

@@ -7,6 +7,8 @@ mod amx;
 pub(crate) mod attention;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention_bf16;
+#[cfg(test)]
+mod attention_check;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
 #[cfg(target_arch = "x86_64")]
@@ -19,6 +21,12 @@ pub(crate) mod conv;
 pub(crate) mod f32_gemm;
 #[cfg(target_arch = "x86_64")]
 mod f32_tile;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod fma_attention;
+#[cfg(target_arch = "x86_64")]
+mod fma_math;
+#[cfg(target_arch = "x86_64")]
+mod fma_tile;
 pub(crate) mod layout;
 pub(crate) mod math;
 pub(crate) mod matmul;

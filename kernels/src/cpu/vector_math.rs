@@ -21,6 +21,11 @@ pub(crate) fn exp_scaled_sub_sum(x: &mut [f32], scale: f32, m: f32) -> f32 {
         // SAFETY: the CPU has AVX-512F (checked).
         return unsafe { avx512::exp_scaled_sub_sum(x, scale, m) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::fma_math::available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        return unsafe { super::fma_math::exp_scaled_sub_sum(x, scale, m) };
+    }
     let mut sum = 0.0;
     for v in x.iter_mut() {
         // `mul_add(1, -m)` is `v - m` exactly; without FMA in the build, `mul_add` is a libm call.

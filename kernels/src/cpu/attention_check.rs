@@ -1,0 +1,121 @@
+//! The test that every fused attention kernel passes (the AVX2/FMA f32 one and the
+//! AVX512-BF16 one), run on the kernel directly so that a host whose dispatch picks another
+//! path tests it too.
+
+use super::attention::{attention, attention_slow, AttnDims, AttnInput};
+
+/// A kernel with [`super::attention::attention`]'s signature.
+pub(super) type Kernel = fn(
+    &mut [f32],
+    Option<&mut [f32]>,
+    AttnInput<'_>,
+    AttnInput<'_>,
+    AttnInput<'_>,
+    Option<&[f32]>,
+    AttnDims,
+);
+
+/// `[b, seq, stride]` data from column `col`.
+fn view(data: &[f32], seq: usize, stride: usize, col: usize) -> AttnInput<'_> {
+    AttnInput {
+        data,
+        seq,
+        batch_stride: seq * stride,
+        row_stride: stride,
+        col_offset: col,
+    }
+}
+
+/// Runs `kernel` on random Q, K, V for each case `(batch, seq_q, seq_k, heads, head_dim,
+/// masked)` and checks:
+/// - the output against the f64 reference over the inputs as `round` gives them (the kernel's
+///   own input rounding): relative L2 <= `tol`;
+/// - each log-sum-exp against the tiled f32 path's over the rounded inputs, within
+///   `lse_tol * (1 + |lse|)`;
+/// - masked cases: every third key of batch 0 removed, every key of the last batch (zeros out,
+///   log-sum-exp -inf);
+/// - unmasked: a NaN key gives NaN rows (as the tiled path does);
+/// - one batch: a patch of query rows (rows 3..) gives bitwise the rows the whole sequence gave.
+pub(super) fn check_fused_attention(
+    kernel: Kernel,
+    round: fn(&[f32]) -> Vec<f32>,
+    (tol, lse_tol): (f64, f32),
+    cases: &[(usize, usize, usize, usize, usize, bool)],
+) {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut randn = |len: usize| super::test_values(&mut seed, len, 3.0);
+    for &(b, sq, sk, heads, dh, masked) in cases {
+        let d = heads * dh;
+        let (q, kv) = (randn(b * sq * d), randn(b * sk * 2 * d));
+        let bias: Option<Vec<f32>> = masked.then(|| {
+            (0..b * sk)
+                .map(|i| match (i / sk, i % sk) {
+                    (0, s) if s % 3 == 1 => f32::NEG_INFINITY,
+                    (bb, _) if bb == b - 1 && b > 1 => f32::NEG_INFINITY,
+                    _ => 0.5,
+                })
+                .collect()
+        });
+        let dims = AttnDims {
+            batch: b,
+            heads,
+            head_dim: dh,
+        };
+        let (k, v) = (view(&kv, sk, 2 * d, 0), view(&kv, sk, 2 * d, d));
+        let run = |q: AttnInput<'_>| {
+            let mut out = vec![f32::NAN; b * q.seq * d];
+            let mut lse = vec![f32::NAN; b * q.seq * heads];
+            kernel(&mut out, Some(&mut lse), q, k, v, bias.as_deref(), dims);
+            (out, lse)
+        };
+        let (got, lse) = run(view(&q, sq, d, 0));
+        let (qr, kvr) = (round(&q), round(&kv));
+        let (kr, vr) = (view(&kvr, sk, 2 * d, 0), view(&kvr, sk, 2 * d, d));
+        let want = attention_slow(view(&qr, sq, d, 0), kr, vr, bias.as_deref(), b, heads, dh);
+        let (mut e, mut n) = (0f64, 0f64);
+        for (&g, &w) in got.iter().zip(&want) {
+            e += (g as f64 - w as f64).powi(2);
+            n += (w as f64).powi(2);
+        }
+        let shape = format!("[{b}, {sq}] over [{b}, {sk}], {heads} heads of {dh}");
+        assert!((e / n).sqrt() <= tol, "{shape}: rel L2 {}", (e / n).sqrt());
+        let mut tiled = (vec![0f32; got.len()], vec![0f32; lse.len()]);
+        let qv = view(&qr, sq, d, 0);
+        attention(
+            &mut tiled.0,
+            Some(&mut tiled.1),
+            qv,
+            kr,
+            vr,
+            bias.as_deref(),
+            dims,
+        );
+        for (i, (&g, &w)) in lse.iter().zip(&tiled.1).enumerate() {
+            assert!(
+                g == w || (g - w).abs() <= lse_tol * (1.0 + w.abs()),
+                "{shape}: log-sum-exp [{i}] {g} vs the tiled path's {w}"
+            );
+        }
+        if masked && b > 1 {
+            let last = (b - 1) * sq;
+            assert!(got[last * d..].iter().all(|&x| x == 0.0), "{shape}");
+            assert!(lse[last * heads..].iter().all(|&l| l == f32::NEG_INFINITY));
+        }
+        // A NaN key poisons every row that attends it, as in the tiled path (a mask that
+        // dropped NaN lanes once turned it into a zero weight).
+        if !masked && sk > 1 {
+            let mut bad = kv.clone();
+            bad[0] = f32::NAN; // key 0, head 0, dim 0 of batch 0
+            let mut out = vec![0f32; b * sq * d];
+            let (k, v) = (view(&bad, sk, 2 * d, 0), view(&bad, sk, 2 * d, d));
+            kernel(&mut out, None, view(&q, sq, d, 0), k, v, None, dims);
+            assert!((0..sq).all(|i| out[i * d..i * d + dh].iter().all(|x| x.is_nan())));
+        }
+        // Rows 3.. of batch 0 alone (b = 1 keeps the strides: batch 0 only).
+        if b == 1 {
+            let (p, pl) = run(view(&q[3 * d..], sq - 3, d, 0));
+            assert_eq!(p, got[3 * d..], "{shape}: a patch's rows");
+            assert_eq!(pl, lse[3 * heads..], "{shape}: a patch's log-sum-exp");
+        }
+    }
+}
