@@ -166,11 +166,7 @@ pub(crate) fn attention(
                     0.0
                 };
                 if let Some(l) = lse_ptr {
-                    let v = if row_sum[r] > 0.0 {
-                        row_max[r] + row_sum[r].ln()
-                    } else {
-                        f32::NEG_INFINITY
-                    };
+                    let v = log_sum_exp(row_max[r], row_sum[r]);
                     // SAFETY: one task per (b, query row, head), as for `out`.
                     unsafe { *l.get().add((b * sq + q0 + r) * heads + h) = v };
                 }
@@ -181,6 +177,19 @@ pub(crate) fn attention(
                 }
             }
         });
+}
+
+/// A row's log-sum-exp from its max `m` and its sum of `e^(s - m)`: `-inf` when every key was
+/// removed (sum 0), NaN when a score was NaN (so that a Ring merge of the row, whose output is
+/// NaN, does not drop it as an empty block), else `m + ln(sum)`. Shared by every attention path.
+pub(crate) fn log_sum_exp(m: f32, sum: f32) -> f32 {
+    if sum > 0.0 {
+        m + sum.ln()
+    } else if sum.is_nan() {
+        f32::NAN
+    } else {
+        f32::NEG_INFINITY
+    }
 }
 
 /// An output pointer shared by attention tasks that write disjoint rows x heads of it.

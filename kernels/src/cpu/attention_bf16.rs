@@ -119,11 +119,7 @@ pub(crate) fn attention_bf16(
                     *d = x * inv;
                 }
                 if let Some(l) = lse_ptr {
-                    let v = if sums[r] > 0.0 {
-                        maxes[r] + sums[r].ln()
-                    } else {
-                        f32::NEG_INFINITY
-                    };
+                    let v = super::attention::log_sum_exp(maxes[r], sums[r]);
                     // SAFETY: as for `out`.
                     unsafe { *l.get().add((b * sq + q0 + r) * heads + h) = v };
                 }

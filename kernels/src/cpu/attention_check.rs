@@ -26,6 +26,16 @@ fn view(data: &[f32], seq: usize, stride: usize, col: usize) -> AttnInput<'_> {
     }
 }
 
+/// Q as the second half of `[b, sq, 2d]` rows whose first half is NaN (as Q sits in a fused
+/// QKV buffer; a read outside the view would poison the output).
+fn strided_queries(q: &[f32], (b, sq, d): (usize, usize, usize)) -> Vec<f32> {
+    let mut buf = vec![f32::NAN; b * sq * 2 * d];
+    for (dst, src) in buf.chunks_exact_mut(2 * d).zip(q.chunks_exact(d)) {
+        dst[d..].copy_from_slice(src);
+    }
+    buf
+}
+
 /// Runs `kernel` on random Q, K, V for each case `(batch, seq_q, seq_k, heads, head_dim,
 /// masked)` and checks:
 /// - the output against the f64 reference over the inputs as `round` gives them (the kernel's
@@ -34,8 +44,10 @@ fn view(data: &[f32], seq: usize, stride: usize, col: usize) -> AttnInput<'_> {
 ///   `lse_tol * (1 + |lse|)`;
 /// - masked cases: every third key of batch 0 removed, every key of the last batch (zeros out,
 ///   log-sum-exp -inf);
-/// - unmasked: a NaN key gives NaN rows (as the tiled path does);
-/// - one batch: a patch of query rows (rows 3..) gives bitwise the rows the whole sequence gave.
+/// - unmasked: a NaN key gives NaN rows and NaN log-sum-exps (as the tiled path does);
+/// - Q read as a strided column slice of wider rows (a fused QKV buffer);
+/// - a patch of query rows (rows 3.. of every batch: a PipeFusion patch of a batched tensor)
+///   gives bitwise the rows the whole sequence gave.
 pub(super) fn check_fused_attention(
     kernel: Kernel,
     round: fn(&[f32]) -> Vec<f32>,
@@ -69,6 +81,10 @@ pub(super) fn check_fused_attention(
             (out, lse)
         };
         let (got, lse) = run(view(&q, sq, d, 0));
+        let qs = strided_queries(&q, (b, sq, d));
+        let (got_strided, lse_strided) = run(view(&qs, sq, 2 * d, d));
+        assert_eq!(got_strided, got, "strided Q: the same rows");
+        assert_eq!(lse_strided, lse, "strided Q: the same log-sum-exps");
         let (qr, kvr) = (round(&q), round(&kv));
         let (kr, vr) = (view(&kvr, sk, 2 * d, 0), view(&kvr, sk, 2 * d, d));
         let want = attention_slow(view(&qr, sq, d, 0), kr, vr, bias.as_deref(), b, heads, dh);
@@ -107,15 +123,47 @@ pub(super) fn check_fused_attention(
             let mut bad = kv.clone();
             bad[0] = f32::NAN; // key 0, head 0, dim 0 of batch 0
             let mut out = vec![0f32; b * sq * d];
+            let mut lse = vec![0f32; b * sq * heads];
             let (k, v) = (view(&bad, sk, 2 * d, 0), view(&bad, sk, 2 * d, d));
-            kernel(&mut out, None, view(&q, sq, d, 0), k, v, None, dims);
+            kernel(
+                &mut out,
+                Some(&mut lse),
+                view(&q, sq, d, 0),
+                k,
+                v,
+                None,
+                dims,
+            );
             assert!((0..sq).all(|i| out[i * d..i * d + dh].iter().all(|x| x.is_nan())));
+            assert!(
+                (0..sq).all(|i| lse[i * heads].is_nan()),
+                "{shape}: NaN log-sum-exp"
+            );
         }
-        // Rows 3.. of batch 0 alone (b = 1 keeps the strides: batch 0 only).
-        if b == 1 {
-            let (p, pl) = run(view(&q[3 * d..], sq - 3, d, 0));
-            assert_eq!(p, got[3 * d..], "{shape}: a patch's rows");
-            assert_eq!(pl, lse[3 * heads..], "{shape}: a patch's log-sum-exp");
+        // Rows 3.. of every batch: the patch's view keeps the whole sequence's batch stride.
+        if sq > 3 {
+            let patch = AttnInput {
+                data: &qs[3 * 2 * d..],
+                seq: sq - 3,
+                batch_stride: sq * 2 * d,
+                row_stride: 2 * d,
+                col_offset: d,
+            };
+            let (p, pl) = run(patch);
+            for bb in 0..b {
+                let (rows, whole) = (&p[bb * (sq - 3) * d..][..(sq - 3) * d], bb * sq + 3);
+                assert_eq!(
+                    rows,
+                    &got[whole * d..][..(sq - 3) * d],
+                    "{shape}: patch rows"
+                );
+                let lses = &pl[bb * (sq - 3) * heads..][..(sq - 3) * heads];
+                assert_eq!(
+                    lses,
+                    &lse[whole * heads..][..(sq - 3) * heads],
+                    "{shape}: patch lse"
+                );
+            }
         }
     }
 }

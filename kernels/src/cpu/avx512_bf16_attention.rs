@@ -182,11 +182,7 @@ unsafe fn head<'a>(
             let o = unsafe { std::slice::from_raw_parts_mut(o_row(r), dh) };
             o.iter_mut().for_each(|x| *x *= inv);
             if let Some(l) = lse {
-                let v = if sums[r] > 0.0 {
-                    maxes[r] + sums[r].ln()
-                } else {
-                    f32::NEG_INFINITY
-                };
+                let v = super::attention::log_sum_exp(maxes[r], sums[r]);
                 // SAFETY: as for `out`.
                 unsafe { *l.get().add((b * sq + q0 + r) * heads + bh % heads) = v };
             }

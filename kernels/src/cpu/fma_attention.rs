@@ -60,7 +60,26 @@ pub(crate) fn attention(
         "AVX2/FMA attention without the CPU features"
     );
     assert!(k.seq > 0, "AVX2/FMA attention without keys");
-    let AttnDims { batch, heads, .. } = dims;
+    let AttnDims {
+        batch,
+        heads,
+        head_dim,
+    } = dims;
+    // The kernel reads and writes through raw pointers: the shapes the device checked, once
+    // more here, so that this function is sound on its own.
+    let width = heads * head_dim;
+    assert!(
+        head_dim > 0
+            && out.len() == batch * q.seq * width
+            && lse
+                .as_ref()
+                .is_none_or(|l| l.len() == batch * q.seq * heads)
+            && key_bias.is_none_or(|kb| kb.len() == batch * k.seq)
+            && [q, k, v]
+                .iter()
+                .all(|t| t.extent(batch, width).is_some_and(|e| e <= t.data.len())),
+        "AVX2/FMA attention: operand shapes"
+    );
     let out_ptr = SendPtr(out.as_mut_ptr());
     let lse_ptr = lse.map(|l| SendPtr(l.as_mut_ptr()));
     (0..batch * heads).into_par_iter().for_each(|bh| {
@@ -161,14 +180,13 @@ unsafe fn head<'a>(
             } else {
                 // SAFETY: AVX2 and FMA (the caller's contract).
                 let sum = unsafe { super::fma_math::exp_scaled_sub_sum(scores, row_scale, m) };
-                if sum > 0.0 {
-                    *inv = 1.0 / sum;
-                    log_sum = m + sum.ln();
-                } else if sum.is_nan() {
-                    // A NaN score: NaN out, as the tiled path gives.
-                    *inv = f32::NAN;
-                    log_sum = f32::NAN;
-                }
+                // A NaN score makes the sum NaN: NaN out (P V has it too) and NaN log-sum-exp.
+                *inv = if sum > 0.0 || sum.is_nan() {
+                    1.0 / sum
+                } else {
+                    0.0
+                };
+                log_sum = super::attention::log_sum_exp(m, sum);
             }
             if let Some(l) = lse {
                 // SAFETY: this head's entry of row q0 + r (the caller's contract).

@@ -118,7 +118,18 @@ mod tests {
             return;
         }
         let mut x: Vec<f32> = (-2000..2000).map(|i| i as f32 * 0.0461).collect();
-        x.extend([-87.3, -87.29, -87.31, 88.3, 88.4, 1e30, -1e30, 0.0, -0.0]);
+        x.extend([
+            -87.3,
+            -87.29,
+            -87.31,
+            88.3,
+            88.4,
+            1e30,
+            -1e30,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+        ]);
         x.push(f32::NEG_INFINITY);
         for &v in &x {
             let (g, w) = (exp_one(v), exp_fast(v));
