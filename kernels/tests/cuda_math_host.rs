@@ -96,28 +96,40 @@ fn online_softmax_update_gives_the_log_sum_exp() {
 
 /// Ring attention's merge weights (`merge_lse_weights`) against the CPU backend's merge of two
 /// one-element partial results: with acc = 1 and part = 0 the merged value is the accumulator's
-/// weight, and the merged log-sum-exp is the CPU's. Empty blocks (-inf) included.
+/// weight, and the merged log-sum-exp is the CPU's. Empty blocks (-inf) and NaN blocks included
+/// (NaN on both sides where either log-sum-exp is NaN, except an empty part after a NaN
+/// accumulator, which keeps it).
 #[test]
 fn merge_weights_match_the_cpu_merge() {
     let rows = run_harness(
         "merge",
-        "float v[] = {-INFINITY, -30.0f, -2.5f, 0.0f, 0.75f, 4.0f, 60.0f};\n\
+        "float v[] = {-INFINITY, -30.0f, -2.5f, 0.0f, 0.75f, 4.0f, 60.0f, NAN};\n\
          for (float la : v) for (float lp : v) { float wa, wp; float l = merge_lse_weights(la, lp, &wa, &wp);\n\
          printf(\"%.9g %.9g %.9g %.9g %.9g\\n\", la, lp, wa, wp, l); }",
     );
-    assert_eq!(rows.len(), 49);
+    assert_eq!(rows.len(), 64);
     for r in &rows {
         let (la, lp) = (r[0] as f32, r[1] as f32);
         let (acc, lse) = kernels::reference::merge_partial_slow(&[1.0], &[la], &[0.0], &[lp], 1);
+        if lp.is_nan() || (la.is_nan() && lp != f32::NEG_INFINITY) {
+            assert!(
+                lse[0].is_nan() && acc[0].is_nan(),
+                "CPU merge of {la}, {lp}"
+            );
+        }
         let close = |got: f64, want: f64, what: &str| {
-            let ok = (got == want) || (got - want).abs() <= 2e-6 * want.abs().max(1.0);
+            let ok = (got == want)
+                || (got.is_nan() && want.is_nan())
+                || (got - want).abs() <= 2e-6 * want.abs().max(1.0);
             assert!(
                 ok,
                 "{what} for lse {la}, {lp}: device math {got}, CPU {want}"
             );
         };
         close(r[2], acc[0] as f64, "accumulator weight");
-        close(r[2] + r[3], 1.0, "weights' sum");
+        if !lse[0].is_nan() {
+            close(r[2] + r[3], 1.0, "weights' sum");
+        }
         close(r[4], lse[0] as f64, "merged log-sum-exp");
     }
 }

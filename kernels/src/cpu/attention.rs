@@ -210,7 +210,8 @@ impl SendPtr {
 /// (the Ring attention step, ALGORITHMS.md section 4): with `l = ln(e^lse_acc + e^lse_part)`,
 /// `acc = e^(lse_acc - l) acc + e^(lse_part - l) part` and `lse_acc = l`, per (row, head).
 /// `acc`/`part` are `[rows, heads * head_dim]`, `lse_*` `[rows, heads]`; a block whose keys were
-/// all masked (`-inf`) leaves the accumulator as it is.
+/// all masked (`-inf`) leaves the accumulator as it is; a NaN log-sum-exp (a NaN score) makes
+/// the row NaN, also into an empty accumulator.
 pub(crate) fn merge_partial(
     acc: &mut [f32],
     lse_acc: &mut [f32],
@@ -222,7 +223,8 @@ pub(crate) fn merge_partial(
         .zip(lse_acc.par_iter_mut())
         .zip(part.par_chunks(head_dim).zip(lse_part.par_iter()))
         .for_each(|((a, la), (p, &lp))| {
-            let m = la.max(lp);
+            // `f32::max` ignores a NaN operand: keep it, so NaN stays NaN.
+            let m = if lp.is_nan() { lp } else { la.max(lp) };
             if m == f32::NEG_INFINITY {
                 return;
             }
@@ -246,7 +248,7 @@ pub fn merge_partial_slow(
     let mut lse = lse_acc.to_vec();
     for (i, (&la, &lp)) in lse_acc.iter().zip(lse_part).enumerate() {
         let (la, lp) = (la as f64, lp as f64);
-        let m = la.max(lp);
+        let m = if lp.is_nan() { lp } else { la.max(lp) };
         if m == f64::NEG_INFINITY {
             continue;
         }

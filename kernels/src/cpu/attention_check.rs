@@ -167,3 +167,23 @@ pub(super) fn check_fused_attention(
         }
     }
 }
+
+/// A NaN row (NaN output and log-sum-exp, what every attention path gives for a NaN score)
+/// stays NaN through a Ring merge, into a finite accumulator and into an empty one (`-inf`:
+/// all keys so far removed), in the fast merge and its reference.
+#[test]
+fn a_nan_block_is_not_merged_away() {
+    use super::attention::{merge_partial, merge_partial_slow};
+    let dh = 3;
+    let part = vec![f32::NAN; 2 * dh];
+    let lse_part = [f32::NAN, f32::NAN];
+    let acc0 = vec![0.5f32; 2 * dh];
+    let lse0 = [1.0, f32::NEG_INFINITY]; // row 0 finite, row 1 empty
+    let (mut acc, mut lse) = (acc0.clone(), lse0);
+    merge_partial(&mut acc, &mut lse, &part, &lse_part, dh);
+    let (ref_acc, ref_lse) = merge_partial_slow(&acc0, &lse0, &part, &lse_part, dh);
+    for (a, l) in [(&acc, &lse.to_vec()), (&ref_acc, &ref_lse)] {
+        assert!(a.iter().all(|x| x.is_nan()), "{a:?}");
+        assert!(l.iter().all(|x| x.is_nan()), "{l:?}");
+    }
+}

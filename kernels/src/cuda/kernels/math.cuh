@@ -38,13 +38,15 @@ PF_FN float online_softmax_rescale(float* m, float* l, float block_max) {
 
 // Ring attention's merge of an accumulated partial attention (log-sum-exp `la`) with another key
 // block's (`lp`): the weights of each (summing to 1) and the merged log-sum-exp. Both empty
-// (-inf) keeps the accumulator as it is (weights 1 and 0, log-sum-exp -inf).
+// (-inf) keeps the accumulator as it is (weights 1 and 0, log-sum-exp -inf); a NaN block (a NaN
+// score) makes both weights and the log-sum-exp NaN, also after an empty accumulator (fmaxf
+// would ignore the NaN), as the CPU's merge_partial.
 PF_FN float merge_lse_weights(float la, float lp, float* wa, float* wp) {
-    const float m = fmaxf(la, lp);
-    if (m == PF_NEG_INF) {
+    const float m = isnan(lp) ? lp : fmaxf(la, lp);
+    if (m == PF_NEG_INF) {  // an empty part: the accumulator as it is (-inf, or NaN)
         *wa = 1.0f;
         *wp = 0.0f;
-        return PF_NEG_INF;
+        return la;
     }
     const float ea = expf(la - m), ep = expf(lp - m), z = ea + ep;
     *wa = ea / z;
