@@ -48,9 +48,11 @@ pub(crate) fn bench_header() -> String {
     #[cfg(not(target_arch = "x86_64"))]
     let f32_kernels = "portable";
     format!(
-        "{}; f32 linears: {}; other f32 products: gemm crate, {f32_kernels} kernels; bf16 GEMM: {}",
+        "{}; f32 linears: {}; f32 attention: {}; other f32 products: gemm crate, {f32_kernels} \
+         kernels; bf16 GEMM: {}",
         cpu_summary(),
         kernels::f32_gemm_path(),
+        kernels::f32_attention_path(),
         kernels::bf16_gemm_path()
     )
 }

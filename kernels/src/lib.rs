@@ -43,6 +43,7 @@ mod tensor;
 pub mod ulysses;
 
 pub use copy::{BlockCopy, Strides};
+pub use cpu::attention::f32_attention_path;
 pub use cpu::bf16_gemm::{
     bf16_bits, bf16_gemm_path, bf16_kernel, bf16_to_f32, bf16_weight_bytes, PackedBf16,
 };

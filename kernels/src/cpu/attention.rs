@@ -179,6 +179,15 @@ pub(crate) fn attention(
         });
 }
 
+/// Which path runs f32 attention on this CPU, for benchmark headers.
+pub fn f32_attention_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if super::fma_attention::chosen() {
+        return "fused AVX2/FMA";
+    }
+    "tiled on the gemm crate"
+}
+
 /// A row's log-sum-exp from its max `m` and its sum of `e^(s - m)`: `-inf` when every key was
 /// removed (sum 0), NaN when a score was NaN (so that a Ring merge of the row, whose output is
 /// NaN, does not drop it as an empty block), else `m + ln(sum)`. Shared by every attention path.
