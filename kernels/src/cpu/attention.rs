@@ -188,6 +188,43 @@ pub fn f32_attention_path() -> &'static str {
     "tiled on the gemm crate"
 }
 
+/// The first step of a row's softmax, shared by the paths that hold a whole row of scores:
+/// with a key bias, `scores = scores * scale + bias` in place and the row scale is 1; without
+/// one the scale goes into the exponent (the max of the scaled scores is the scaled max, the
+/// scale being positive), saving a pass over the row. Returns `(row_scale, m)`: `e^(x * row_scale - m)` are the
+/// row's unnormalised probabilities; `m` is `-inf` when every key is removed.
+pub(crate) fn scale_row(scores: &mut [f32], bias: Option<&[f32]>, scale: f32) -> (f32, f32) {
+    let row_scale = match bias {
+        Some(bb) => {
+            scores
+                .iter_mut()
+                .zip(bb)
+                .for_each(|(x, b)| *x = *x * scale + b);
+            1.0
+        }
+        None => scale,
+    };
+    (row_scale, max_lanes(scores) * row_scale)
+}
+
+/// Runs `head(scratch, bias, bh)` for every (batch, head) `bh` in parallel, with this thread's
+/// `scratch` (taken from the thread-local `cell` and put back, so buffers are kept across tasks
+/// and calls) and the batch's row of `key_bias` (`[batch, seq_k]`): the driver of the fused
+/// attention kernels.
+pub(crate) fn for_each_head<S: Default>(
+    cell: &'static std::thread::LocalKey<std::cell::Cell<S>>,
+    (batch, heads, seq_k): (usize, usize, usize),
+    key_bias: Option<&[f32]>,
+    head: impl Fn(&mut S, Option<&[f32]>, usize) + Sync,
+) {
+    (0..batch * heads).into_par_iter().for_each(|bh| {
+        let mut scratch = cell.take();
+        let bias = key_bias.map(|kb| &kb[bh / heads * seq_k..][..seq_k]);
+        head(&mut scratch, bias, bh);
+        cell.set(scratch);
+    });
+}
+
 /// A row's log-sum-exp from its max `m` and its sum of `e^(s - m)`: `-inf` when every key was
 /// removed (sum 0), NaN when a score was NaN (so that a Ring merge of the row, whose output is
 /// NaN, does not drop it as an empty block), else `m + ln(sum)`. Shared by every attention path.

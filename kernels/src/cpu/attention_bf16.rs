@@ -20,7 +20,6 @@ use super::bf16_gemm::{
     bf16_bits_into, linear_packed_tiles, Epilogue, PackedBf16, BLOCK_N, CHUNK_K, TILE,
 };
 use super::bf16_io::{Input, Output};
-use super::math::max_lanes;
 use super::vector_math::exp_scaled_sub_sum;
 
 /// Query rows per tile (scores: `Q_TILE x S_k` f32).
@@ -86,18 +85,7 @@ pub(crate) fn attention_bf16(
             linear_packed_tiles(out, x, &kp, None, rows, 1, Epilogue::Bias);
             let mut maxes = [f32::NEG_INFINITY; Q_TILE];
             for (r, row) in s.chunks_mut(sk).enumerate() {
-                // Without a bias the scale goes into the exponent (the max of the scaled
-                // scores is the scaled max: scale > 0), saving a pass over the row.
-                let row_scale = match bias {
-                    Some(bb) => {
-                        row.iter_mut()
-                            .zip(bb)
-                            .for_each(|(x, b)| *x = *x * scale + b);
-                        1.0
-                    }
-                    None => scale,
-                };
-                let m = max_lanes(row) * row_scale;
+                let (row_scale, m) = super::attention::scale_row(row, bias, scale);
                 if m == f32::NEG_INFINITY {
                     row.fill(0.0); // every key removed: zeros out, -inf log-sum-exp
                     sums[r] = 0.0;

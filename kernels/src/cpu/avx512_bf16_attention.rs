@@ -13,16 +13,13 @@
 //! Each output row is computed the same way whatever rows share its block, so a PipeFusion patch
 //! attending a K/V buffer gets what the whole sequence would have.
 
-use rayon::prelude::*;
-
 use super::aligned::AlignedVec;
-use super::attention::{AttnDims, AttnInput, SendPtr};
+use super::attention::{for_each_head, scale_row, AttnDims, AttnInput, SendPtr};
 use super::attention_bf16::{prefetch, PREFETCH_ROWS};
 use super::avx512_bf16::dispatch;
 use super::avx512_bf16_tile::{Tile, PAIR};
 use super::bf16_gemm::{bf16_bits_into, BLOCK_N};
 use super::f32_tile::Start;
-use super::math::max_lanes;
 
 /// Query rows per micro-kernel call (its largest `R`).
 const ROWS: usize = 8;
@@ -49,14 +46,11 @@ pub(crate) fn attention(
     let AttnDims { batch, heads, .. } = dims;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let lse_ptr = lse.map(|l| SendPtr(l.as_mut_ptr()));
-    (0..batch * heads).into_par_iter().for_each(|bh| {
-        let mut scratch = SCRATCH.take();
-        let bias = key_bias.map(|kb| &kb[bh / heads * k.seq..][..k.seq]);
+    for_each_head(&SCRATCH, (batch, heads, k.seq), key_bias, |s, bias, bh| {
         // SAFETY: the CPU has AVX-512F and AVX512-BF16 (asserted); each task writes only its
         // (batch, head) columns of `out` and `lse`, which lie inside them (the device checked
         // the views and sized the outputs).
-        unsafe { head(&mut scratch, (q, k, v), bias, dims, bh, (out_ptr, lse_ptr)) };
-        SCRATCH.set(scratch);
+        unsafe { head(s, (q, k, v), bias, dims, bh, (out_ptr, lse_ptr)) }
     });
 }
 
@@ -138,19 +132,8 @@ unsafe fn head<'a>(
         let mut maxes = [f32::NEG_INFINITY; ROWS];
         for r in 0..rows {
             let scores = &mut s.scores[r * sk..][..sk];
-            // Without a bias the scale goes into the exponent (the max of the scaled scores is
-            // the scaled max: scale > 0), saving a pass over the row.
-            let row_scale = match bias {
-                Some(bb) => {
-                    for (x, b) in scores.iter_mut().zip(bb) {
-                        *x = *x * scale + b;
-                    }
-                    1.0
-                }
-                None => scale,
-            };
+            let (row_scale, m) = scale_row(scores, bias, scale);
             let p = &mut s.probs[r * 2 * key_pairs..][..2 * key_pairs];
-            let m = max_lanes(scores) * row_scale;
             if m == f32::NEG_INFINITY {
                 p.fill(0); // every key removed: zeros out, -inf log-sum-exp
                 continue;

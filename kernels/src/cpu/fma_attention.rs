@@ -12,13 +12,10 @@
 //! row in key order, the softmax is per row), so a PipeFusion patch attending a K/V buffer gets
 //! exactly what the whole sequence would.
 
-use rayon::prelude::*;
-
 use super::aligned::AlignedVec;
-use super::attention::{AttnDims, AttnInput, SendPtr};
+use super::attention::{for_each_head, scale_row, AttnDims, AttnInput, SendPtr};
 use super::attention_bf16::{prefetch, PREFETCH_ROWS};
 use super::fma_tile::{tile_rows, Tile, MR, NR};
-use super::math::max_lanes;
 
 /// Floats of scores per query-row block (64 KiB): DiT's 256 keys give blocks of 60 rows,
 /// PixArt-alpha-512's 1024 keys 12 rows.
@@ -82,14 +79,10 @@ pub(crate) fn attention(
     );
     let out_ptr = SendPtr(out.as_mut_ptr());
     let lse_ptr = lse.map(|l| SendPtr(l.as_mut_ptr()));
-    (0..batch * heads).into_par_iter().for_each(|bh| {
-        let mut scratch = SCRATCH.take();
-        let bias = key_bias.map(|kb| &kb[bh / heads * k.seq..][..k.seq]);
+    for_each_head(&SCRATCH, (batch, heads, k.seq), key_bias, |s, bias, bh| {
         // SAFETY: the CPU has AVX2 and FMA (asserted); each task writes only its (batch, head)
-        // columns of `out` and `lse`, which lie inside them (the device checked the views and
-        // sized the outputs).
-        unsafe { head(&mut scratch, (q, k, v), bias, dims, bh, (out_ptr, lse_ptr)) };
-        SCRATCH.set(scratch);
+        // columns of `out` and `lse`, which lie inside them (checked above).
+        unsafe { head(s, (q, k, v), bias, dims, bh, (out_ptr, lse_ptr)) }
     });
 }
 
@@ -161,18 +154,7 @@ unsafe fn head<'a>(
         for (r, inv) in inv[..rows].iter_mut().enumerate() {
             prefetch(row(q, (q0 + rows + r).min(sq - 1)));
             let scores = &mut s.scores[r * lds..][..sk];
-            // Without a bias the scale goes into the exponent (the max of the scaled scores is
-            // the scaled max: scale > 0), saving a pass over the row.
-            let row_scale = match bias {
-                Some(bb) => {
-                    for (x, b) in scores.iter_mut().zip(bb) {
-                        *x = *x * scale + b;
-                    }
-                    1.0
-                }
-                None => scale,
-            };
-            let m = max_lanes(scores) * row_scale;
+            let (row_scale, m) = scale_row(scores, bias, scale);
             *inv = 0.0;
             let mut log_sum = f32::NEG_INFINITY;
             if m == f32::NEG_INFINITY {
