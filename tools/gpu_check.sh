@@ -48,21 +48,29 @@ if [ ! -e "$nv/lib/libcublasLt.so.13" ]; then
     [ -n "$lt" ] && libs="$libs:$(dirname "$lt")"
 fi
 echo "libraries: $libs; headers: $include" | tee -a "$out/cuda_tools.txt"
+# gpu_build.sh carries the binaries xz-compressed: unpack them outside $OUT.
+exe=$(mktemp -d)
+for b in gpu_check gpu_golden pipefuse; do
+    "$py" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.decompress(open(sys.argv[1], "rb").read()))' \
+        "$bin/$b.xz" "$exe/$b" 2> /dev/null || xz -dc "$bin/$b.xz" > "$exe/$b" \
+        || { echo "error: could not unpack $bin/$b.xz (neither Python's lzma nor xz)" >&2; exit 2; }
+    chmod +x "$exe/$b"
+done
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PIPEFUSE_CUDA_INCLUDE="$include"
 status=0
 
 echo "== ops"
-timeout 120 "$bin/gpu_check" | tee "$out/ops.jsonl"
+timeout 120 "$exe/gpu_check" | tee "$out/ops.jsonl"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== golden fixtures and two stages"
-PIPEFUSE_FIXTURES=model/tests/fixtures timeout 120 "$bin/gpu_golden" | tee "$out/golden.jsonl"
+PIPEFUSE_FIXTURES=model/tests/fixtures timeout 120 "$exe/gpu_golden" | tee "$out/golden.jsonl"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== generate on the demo model, cuda vs cpu"
 for d in cuda cpu; do
-    timeout 120 "$bin/pipefuse" generate --device "$d" --model assets/digits-dit --pipefusion-degree 1 \
+    timeout 120 "$exe/pipefuse" generate --device "$d" --model assets/digits-dit --pipefusion-degree 1 \
         --class-label 3 --steps 8 --save-latent "$out/latent_$d.safetensors" \
         > "$out/generate_$d.log" 2>&1 || { echo "generate --device $d failed" | tee -a "$out/generate.txt"; status=1; }
 done
@@ -89,7 +97,7 @@ pylib=$(mktemp -d)
 for case in "DiT-XL/2 256 2" "PixArt-alpha-1024 1024 1"; do
     set -- $case
     tag=$(echo "$1" | tr -c 'A-Za-z0-9\n' '_')
-    timeout 150 "$bin/pipefuse" bench forward --device cuda --dtype bf16 --preset "$1" --resolution "$2" \
+    timeout 150 "$exe/pipefuse" bench forward --device cuda --dtype bf16 --preset "$1" --resolution "$2" \
         --batch "$3" --iters 5 --json 2> "$out/bench_${tag}_pipefuse.log" | tail -1 > "$out/bench_${tag}_pipefuse.json"
     PYTHONPATH="$pylib" timeout 150 "$py" tools/bench_torch.py --device cuda --dtype bf16 --preset "$1" \
         --resolution "$2" --batch "$3" --warmup 2 --iters 5 --json 2> "$out/bench_${tag}_torch.log" \
@@ -97,7 +105,7 @@ for case in "DiT-XL/2 256 2" "PixArt-alpha-1024 1024 1"; do
     cat "$out"/bench_"${tag}"_*.json
 done
 # The row attention kernel instead of the tensor-core one, on the attention-bound model.
-PIPEFUSE_CUDA_ATTENTION=rows timeout 150 "$bin/pipefuse" bench forward --device cuda --dtype bf16 \
+PIPEFUSE_CUDA_ATTENTION=rows timeout 150 "$exe/pipefuse" bench forward --device cuda --dtype bf16 \
     --preset PixArt-alpha-1024 --resolution 1024 --batch 1 --iters 3 --json \
     2> "$out/bench_pixart_rows.log" | tail -1 | tee "$out/bench_PixArt_alpha_1024_pipefuse_rows_attention.json"
 exit $status
