@@ -47,7 +47,9 @@ pub use cpu::attention::f32_attention_path;
 pub use cpu::bf16_gemm::{
     bf16_bits, bf16_gemm_path, bf16_kernel, bf16_to_f32, bf16_weight_bytes, PackedBf16,
 };
-pub use cpu::f32_gemm::{f32_gemm_avx512, f32_gemm_path, PackedF32};
+pub use cpu::f32_gemm::{
+    f32_gemm_avx512, f32_gemm_packed, f32_gemm_path, f32_kernel, F32Kernel, PackedF32,
+};
 pub use cpu::math::{exp_fast, gelu_tanh_scalar};
 pub use cpu::CpuDevice;
 pub use cuda_probe::{cuda_devices, cuda_libraries, CudaDeviceInfo};

@@ -1,16 +1,18 @@
 //! The f32 linear on weights packed at load (`Device::linear_packed`: the AVX-512 8x48 kernel
-//! where the CPU has AVX-512F, the `gemm` crate elsewhere) against `linear_slow` (f64
+//! where the CPU has AVX-512F, the AVX2 6x16 one where it has AVX2 and FMA, the `gemm` crate
+//! elsewhere; `PIPEFUSE_F32_GEMM` picks one) against `linear_slow` (f64
 //! accumulation). Tolerance per element: 1e-6 x (|b| + sum |x_k w_k|) + 1e-30, the rounding
 //! of k f32 products and sums in any order (k <= 1300 here; the bound holds with room). Shapes
-//! cover every edge of the kernel: rows that are not whole 8-row blocks or 128-row groups,
-//! features that are not whole 48-wide panels, inputs that are not whole 128-element blocks,
-//! fewer panels than threads (rows split instead), and the DiT-XL/2 shapes.
+//! cover every edge of both kernels: rows that are not whole 8-row blocks, 6-row panels or
+//! 128-row groups, features that are not whole 48- or 16-wide panels, inputs that are not whole
+//! 384- or 576-element blocks, fewer panels than threads (rows split instead), more rows than
+//! the AVX2 kernel packs at once (1024).
 
 mod common;
 
 use common::randn;
 use kernels::reference::{gelu_tanh_slow, linear_slow};
-use kernels::{f32_gemm_avx512, Device, PackedF32, Tensor};
+use kernels::{f32_kernel, Device, F32Kernel, PackedF32, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -45,6 +47,7 @@ fn packed_linear_matches_the_f64_reference_on_every_edge() {
         (13, 256, 100),
         (130, 300, 145),
         (257, 1300, 50),
+        (1100, 40, 33),
     ];
     for threads in [1, 2, 3] {
         let dev = Device::cpu(threads).unwrap();
@@ -98,14 +101,14 @@ fn packing_keeps_every_element_and_names_its_kernel() {
                 assert_eq!(p.get(j, t), w[j * k + t], "({j}, {t}) of [{n}, {k}]");
             }
         }
-        let want = if f32_gemm_avx512() {
-            "avx512"
-        } else {
-            "gemm crate"
-        };
-        assert_eq!(p.path(), want);
+        assert_eq!(p.path(), f32_kernel().name());
         // Padding to whole panels costs at most one panel.
-        assert!(p.size_in_bytes() <= (n.div_ceil(48) * 48) * k * 4);
+        let nr = match f32_kernel() {
+            F32Kernel::Avx512 => 48,
+            F32Kernel::Avx2 => 16,
+            F32Kernel::GemmCrate => 1,
+        };
+        assert!(p.size_in_bytes() <= (n.div_ceil(nr) * nr) * k * 4);
     }
 }
 
@@ -145,4 +148,32 @@ fn a_weight_of_the_wrong_width_is_refused() {
     let x = Tensor::from_vec(vec![0.0; 8], &[2, 4]).unwrap();
     let e = dev.linear_packed(&x, &p, Some(&b)).unwrap_err().to_string();
     assert!(e.contains("bias"), "{e}");
+}
+
+#[test]
+fn one_device_used_from_two_threads_at_once_gives_each_its_own_product() {
+    // Two callers share one device's pool: while one product's thread waits for its tasks, the
+    // pool may run the other's on it (the AVX2 kernel's packing buffer must not be shared).
+    let mut rng = StdRng::seed_from_u64(15);
+    let dev = Device::cpu(2).unwrap();
+    let products: Vec<_> = [(200, 300, 100), (90, 700, 40)]
+        .into_iter()
+        .map(|(m, k, n)| {
+            let x = Tensor::from_vec(randn(&mut rng, m * k, 1.0), &[m, k]).unwrap();
+            let p = PackedF32::pack(&randn(&mut rng, n * k, 0.1), n, k);
+            let want = dev.linear_packed(&x, &p, None).unwrap();
+            (x, p, want)
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (x, p, want) in &products {
+            let dev = dev.clone();
+            s.spawn(move || {
+                for _ in 0..30 {
+                    let got = dev.linear_packed(x, p, None).unwrap();
+                    assert_eq!(got.as_f32().unwrap(), want.as_f32().unwrap());
+                }
+            });
+        }
+    });
 }

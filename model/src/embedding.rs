@@ -35,7 +35,7 @@ impl Linear {
         let w = match dtype {
             DType::BF16 => LinearWeight::Bf16(PackedBf16::from_f32(w.as_f32()?, out, inp)),
             DType::F32 | DType::F16
-                if w.is_host() && w.dtype() == DType::F32 && kernels::f32_gemm_avx512() =>
+                if w.is_host() && w.dtype() == DType::F32 && kernels::f32_gemm_packed() =>
             {
                 LinearWeight::F32Packed(PackedF32::pack(w.as_f32()?, out, inp))
             }

@@ -77,7 +77,7 @@ pub(super) unsafe fn tile<const R: usize>(t: Tile, mult: [f32; R]) {
 /// The store mask of the first `min(n, 8)` lanes.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn lane_mask(n: usize) -> __m256i {
+pub(super) fn lane_mask(n: usize) -> __m256i {
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes)
 }

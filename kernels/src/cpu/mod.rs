@@ -24,6 +24,8 @@ mod f32_tile;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod fma_attention;
 #[cfg(target_arch = "x86_64")]
+mod fma_gemm;
+#[cfg(target_arch = "x86_64")]
 mod fma_math;
 #[cfg(target_arch = "x86_64")]
 mod fma_tile;
