@@ -168,16 +168,16 @@ pub(super) unsafe fn tile<const R: usize>(t: Tile, slab: &[f32], start: Start<'_
         // modulation: 2) used to prefetch 8 rows, most of them addresses past x.
         let half = R * kc.div_ceil(16);
         for kk in 0..kc {
-            // Spread over the loop: the next tile's x (first), its y (R rows x 3 lines, after
-            // that), then this call's share of the next slab.
+            // Spread over the loop: the next tile's x (first), its y (R rows x 4 lines, after
+            // that: 48 floats span four lines where y is not 64-byte aligned, as a fresh Vec
+            // is not), then this call's share of the next slab.
             if kk < half {
                 let (r, col) = (kk % R, kk / R * 16);
                 _mm_prefetch::<_MM_HINT_T0>(next.0.wrapping_add(r * ldx + col).cast());
             } else if kk - half < 4 * R {
-                if (kk - half) % 4 != 3 {
-                    let (r, v) = ((kk - half) / 4, (kk - half) % 4);
-                    _mm_prefetch::<_MM_HINT_T0>(next.1.wrapping_add(r * ldc + 16 * v).cast());
-                }
+                let (r, v) = ((kk - half) / 4, (kk - half) % 4);
+                let col = (16 * v).min(NR - 1);
+                _mm_prefetch::<_MM_HINT_T0>(next.1.wrapping_add(r * ldc + col).cast());
             } else if kk - half - 4 * R < slab_lines {
                 let line = kk - half - 4 * R;
                 _mm_prefetch::<_MM_HINT_T1>(next_slab.wrapping_add(16 * line).cast());
