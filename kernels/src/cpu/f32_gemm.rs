@@ -83,9 +83,22 @@ pub fn f32_kernel() -> F32Kernel {
             Ok("avx512") => Some(F32Kernel::Avx512),
             Ok("avx2") => Some(F32Kernel::Avx2),
             Ok("gemm") => Some(F32Kernel::GemmCrate),
+            Ok(other) => {
+                tracing::warn!(
+                    value = other,
+                    "PIPEFUSE_F32_GEMM: expected avx512, avx2 or gemm; choosing by the CPU"
+                );
+                None
+            }
             _ if off => Some(F32Kernel::GemmCrate),
             _ => None,
         };
+        if let Some(k) = asked.filter(|k| !k.runs_here()) {
+            tracing::warn!(
+                kernel = k.name(),
+                "PIPEFUSE_F32_GEMM: this CPU cannot run it"
+            );
+        }
         let kernel = asked.filter(|k| k.runs_here()).unwrap_or_else(|| {
             [F32Kernel::Avx512, F32Kernel::Avx2]
                 .into_iter()

@@ -34,6 +34,13 @@ pub(crate) fn chosen() -> bool {
         let on = match std::env::var("PIPEFUSE_F32_ATTENTION").as_deref() {
             Ok("fused") => has,
             Ok("tiled") => false,
+            Ok(other) => {
+                tracing::warn!(
+                    value = other,
+                    "PIPEFUSE_F32_ATTENTION: expected fused or tiled; choosing by the CPU"
+                );
+                has && !super::f32_gemm::f32_gemm_avx512()
+            }
             _ => has && !super::f32_gemm::f32_gemm_avx512(),
         };
         tracing::debug!(fused = on, "f32 attention path");
