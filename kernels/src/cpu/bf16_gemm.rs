@@ -2,8 +2,9 @@
 //! bf16 per call, as PyTorch's bf16 autocast rounds activations) or already bf16
 //! ([`super::bf16_io`]) and `W` is bf16, packed once at load into [`PackedBf16`]. Intel AMX tiles run it where the CPU has them (`amx.rs`), else
 //! AVX512-BF16's `vdpbf16ps` where the CPU has that (`avx512_bf16.rs`: AMD Zen 4); elsewhere the
-//! weight is unpacked to f32 once, at packing, and the f32 GEMM runs (same numbers: the bf16
-//! products are exact in f32, only the summation order differs; f32's speed and memory).
+//! weight is unpacked to f32 once, at packing, into this CPU's f32 kernel's layout
+//! ([`PackedF32`]) and that kernel runs (same numbers: the bf16 products are exact in f32, only
+//! the summation order differs; f32's speed and memory).
 //!
 //! Packing (the layout AMX's `tdpbf16ps` reads for its B operand): `W` `[n, k]` is cut into
 //! blocks of 16 output columns and chunks of 32 inputs, zero-padded to whole blocks and chunks;
@@ -16,6 +17,7 @@ use std::mem::MaybeUninit;
 
 use super::aligned::AlignedVec;
 use super::bf16_io::{Input, Output};
+use super::f32_gemm::PackedF32;
 
 /// Output columns per packed block (one tile's columns).
 pub(crate) const BLOCK_N: usize = 16;
@@ -159,10 +161,10 @@ pub struct PackedBf16 {
     k: usize,
     /// The tiles, on cache-line boundaries (AMX loads straddling lines run ~2.5x slower).
     data: AlignedVec<u16>,
-    /// Where no bf16 kernel runs: the same bf16 values as f32 `[n, k]`, unpacked once so
-    /// that the f32 GEMM runs without a per-call conversion (f32's memory and speed; `data` is
-    /// then empty).
-    unpacked: Option<Vec<f32>>,
+    /// Where no bf16 kernel runs: the same bf16 values as f32, packed once for this CPU's f32
+    /// kernel ([`PackedF32`]) so that the f32 linear runs without a per-call conversion (f32's
+    /// memory and speed; `data` is then empty).
+    unpacked: Option<PackedF32>,
 }
 
 impl std::fmt::Debug for PackedBf16 {
@@ -198,7 +200,7 @@ impl PackedBf16 {
             unpacked: None,
         };
         if kernel() == Kernel::F32 {
-            packed.unpacked = Some(packed.unpack_f32());
+            packed.unpacked = Some(PackedF32::pack(&packed.unpack_f32(), n, k));
             packed.data = AlignedVec::zeroed(0); // only the bf16 kernels read the tiles
         }
         packed
@@ -241,7 +243,7 @@ impl PackedBf16 {
 
     /// Bytes held.
     pub fn size_in_bytes(&self) -> usize {
-        self.data.len() * 2 + self.unpacked.as_ref().map_or(0, |u| u.len() * 4)
+        self.data.len() * 2 + self.unpacked.as_ref().map_or(0, PackedF32::size_in_bytes)
     }
 
     /// K chunks per block.
@@ -258,7 +260,7 @@ impl PackedBf16 {
     /// Element `(j, kk)` of the weight (bf16 bits).
     pub fn get(&self, j: usize, kk: usize) -> u16 {
         if let Some(u) = &self.unpacked {
-            return bf16_bits(u[j * self.k + kk]); // exact: the values are bf16's
+            return bf16_bits(u.get(j, kk)); // exact: the values are bf16's
         }
         let (nb, c, kc) = (j / BLOCK_N, j % BLOCK_N, kk / CHUNK_K);
         let (r, e) = ((kk % CHUNK_K) / 2, kk % 2);
@@ -267,9 +269,6 @@ impl PackedBf16 {
 
     /// The weight as f32 `[n, k]` (the portable path and the tests).
     pub fn unpack_f32(&self) -> Vec<f32> {
-        if let Some(u) = &self.unpacked {
-            return u.clone();
-        }
         let mut out = vec![0f32; self.n * self.k];
         out.par_chunks_mut(self.k.max(1))
             .enumerate()
@@ -390,25 +389,24 @@ impl Epilogue {
     }
 }
 
-/// The f32 fallback of [`linear_bf16_alloc`] (no bf16 kernel): the weight unpacked to f32, `x`
-/// as the product sees it, `y` overwritten.
+/// The f32 fallback of [`linear_bf16_alloc`] (no bf16 kernel): `x` as the product sees it
+/// (rounded to bf16), the weight's bf16 values on this CPU's f32 kernel.
 fn linear_bf16_unpacked(
-    y: &mut [f32],
     x: Input<'_>,
     w: &PackedBf16,
     b: Option<&[f32]>,
     m: usize,
     threads: usize,
     epilogue: Epilogue,
-) {
-    let (k, n) = (w.k, w.n);
+) -> Vec<f32> {
     let xr = x.rounded_f32();
+    let gelu = epilogue == Epilogue::BiasGeluTanh;
     match &w.unpacked {
-        Some(wf) => super::matmul::linear(y, &xr, wf, b, m, k, n, threads),
-        None => super::matmul::linear(y, &xr, &w.unpack_f32(), b, m, k, n, threads),
-    }
-    if epilogue == Epilogue::BiasGeluTanh {
-        super::activation::gelu_tanh(y);
+        Some(wf) => super::f32_gemm::linear_packed(&xr, wf, b, m, threads, gelu),
+        None => {
+            let wf = PackedF32::pack(&w.unpack_f32(), w.n, w.k);
+            super::f32_gemm::linear_packed(&xr, &wf, b, m, threads, gelu)
+        }
     }
 }
 
@@ -462,11 +460,7 @@ pub(crate) fn linear_bf16_alloc(
         // of each column pair's columns < n; avx512_bf16: each row of each block triple).
         return unsafe { written(m * n, write) };
     }
-    let mut y = vec![0f32; m * n];
-    if m > 0 && n > 0 {
-        linear_bf16_unpacked(&mut y, x, w, b, m, threads, epilogue);
-    }
-    y
+    linear_bf16_unpacked(x, w, b, m, threads, epilogue)
 }
 
 /// [`linear_bf16_alloc`] with the outputs rounded to bf16 (nearest even) after the epilogue:
