@@ -175,8 +175,12 @@ impl Task<'_> {
         let (m, k, n) = self.shape;
         let (i0, i1) = self.row_panels;
         let (p0, p1) = self.w_panels;
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
+        // One row panel (DiT's modulation: m = batch): the product is bound by reading the
+        // weight, which whole-k blocks read as one sequential stream (DiT-XL/2's modulation
+        // 48-49 -> 43-44.5 ms per forward, Zen 3, alternating runs).
+        let block = if i1 - i0 <= 1 { k } else { KC };
+        for k0 in (0..k).step_by(block) {
+            let kc = block.min(k - k0);
             let last = k0 + kc == k;
             for p in p0..p1 {
                 let cols = NR.min(n - p * NR);
