@@ -68,10 +68,10 @@ pub(crate) unsafe fn linear(
     if n == 0 {
         return;
     }
-    // Row chunks bound the packed copy of x (PixArt-alpha-1024's fc2 input is 75 MB); each
-    // chunk re-reads the weight, once per ROW_CHUNK rows.
-    // Taken out of the thread-local, not borrowed: while this thread waits for the tasks,
-    // rayon may run another product's job on it, which then finds an empty buffer.
+    // The packed copy of x is taken out of the thread-local, not borrowed: while this thread
+    // waits for the tasks, rayon may run another product's job on it, which then finds an
+    // empty buffer. Row chunks bound that copy (PixArt-alpha-1024's fc2 input is 75 MB); each
+    // chunk re-reads the weight.
     let mut packed = PACKED_X.take();
     for r0 in (0..m).step_by(ROW_CHUNK) {
         let rows = ROW_CHUNK.min(m - r0);
