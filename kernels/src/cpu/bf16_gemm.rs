@@ -460,6 +460,9 @@ pub(crate) fn linear_bf16_alloc(
         // of each column pair's columns < n; avx512_bf16: each row of each block triple).
         return unsafe { written(m * n, write) };
     }
+    if m == 0 || n == 0 {
+        return Vec::new(); // not worth unpacking the weight for (a bf16 host's `w` has tiles)
+    }
     linear_bf16_unpacked(x, w, b, m, threads, epilogue)
 }
 

@@ -50,10 +50,7 @@ impl F32Kernel {
         #[cfg(target_arch = "x86_64")]
         return match self {
             F32Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
-            F32Kernel::Avx2 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
+            F32Kernel::Avx2 => super::fma_math::available(),
             F32Kernel::GemmCrate => true,
         };
         #[cfg(not(target_arch = "x86_64"))]
@@ -260,33 +257,47 @@ pub(crate) fn linear_packed(
         // (`pack_for`); y has room for m x n elements; the lengths were checked above; k > 0.
         unsafe { super::fma_gemm::linear(out, x, &w.panels, b, (m, k, n), threads, gelu) };
     } else {
-        let panels = n.div_ceil(NR);
-        // Tasks over panels (each reads only its part of the weight); rows split too where there
-        // are fewer panels than threads.
-        let row_tasks = if panels >= threads { 1 } else { threads };
-        let panel_tasks = threads.min(panels).max(1);
-        let rows_per = m.div_ceil(row_tasks).next_multiple_of(super::f32_tile::MR);
         let out = SendPtr(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        let tasks = panel_tasks * row_tasks;
-        let run = |t: usize| {
-            let (pt, rt) = (t % panel_tasks, t / panel_tasks);
-            let (p0, p1) = (panels * pt / panel_tasks, panels * (pt + 1) / panel_tasks);
-            let (r0, r1) = ((rt * rows_per).min(m), ((rt + 1) * rows_per).min(m));
+        let mr = super::f32_tile::MR;
+        let row_blocks = m.div_ceil(mr);
+        for_each_part(threads, n.div_ceil(NR), row_blocks, |panels, (b0, b1)| {
+            let rows = ((b0 * mr).min(m), (b1 * mr).min(m));
             // SAFETY: the panels are in the AVX-512 layout (the kernel is neither the gemm
-            // crate's nor the AVX2 one), which exists only where the CPU has AVX-512F; tasks
+            // crate's nor the AVX2 one), which exists only where the CPU has AVX-512F; the parts
             // write disjoint (row, panel) ranges of y's m x n elements, each element before
             // reading it.
-            unsafe { task(out, x, w, b, (r0, r1), (p0, p1), gelu) };
-        };
-        if tasks == 1 {
-            run(0);
-        } else {
-            (0..tasks).into_par_iter().for_each(run);
-        }
+            unsafe { task(out, x, w, b, rows, panels, gelu) };
+        });
     }
     // SAFETY: the tasks wrote every element (row ranges cover 0..m, panel ranges 0..n).
     unsafe { y.set_len(m * n) };
     y
+}
+
+/// Runs `part(panels, rows)` over `threads` parts of a product with `panels` weight panels and
+/// `rows` row blocks: contiguous ranges of panels (each part reads only its share of the
+/// weight), the row blocks split too where there are fewer panels than threads. The parts cover
+/// every (panel, row block) once.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn for_each_part(
+    threads: usize,
+    panels: usize,
+    rows: usize,
+    part: impl Fn((usize, usize), (usize, usize)) + Sync,
+) {
+    let row_parts = if panels >= threads { 1 } else { threads };
+    let panel_parts = threads.min(panels).max(1);
+    let run = |t: usize| {
+        let (pt, rt) = (t % panel_parts, t / panel_parts);
+        part(
+            (panels * pt / panel_parts, panels * (pt + 1) / panel_parts),
+            (rows * rt / row_parts, rows * (rt + 1) / row_parts),
+        );
+    };
+    match panel_parts * row_parts {
+        1 => run(0),
+        parts => (0..parts).into_par_iter().for_each(run),
+    }
 }
 
 #[cfg(test)]

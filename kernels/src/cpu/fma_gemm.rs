@@ -75,18 +75,26 @@ pub(crate) unsafe fn linear(
     let mut packed = PACKED_X.take();
     for r0 in (0..m).step_by(ROW_CHUNK) {
         let rows = ROW_CHUNK.min(m - r0);
-        let whole = Task {
-            y: SendPtr(y.wrapping_add(r0 * n)),
-            xp: pack_rows(&mut packed, &x[r0 * k..][..rows * k], k),
-            panels,
-            b,
-            shape: (rows, k, n),
-            row_panels: (0, rows.div_ceil(MR)),
-            w_panels: (0, n.div_ceil(NR)),
-            gelu,
-        };
-        // SAFETY: AVX2 + FMA and rows r0..r0 + rows of y, per the caller's contract.
-        unsafe { whole.split_and_run(threads) };
+        let (y, xp) = (
+            SendPtr(y.wrapping_add(r0 * n)),
+            pack_rows(&mut packed, &x[r0 * k..][..rows * k], k),
+        );
+        let (w_panels, row_panels) = (n.div_ceil(NR), rows.div_ceil(MR));
+        super::f32_gemm::for_each_part(threads, w_panels, row_panels, |w_panels, row_panels| {
+            let part = Task {
+                y,
+                xp,
+                panels,
+                b,
+                shape: (rows, k, n),
+                row_panels,
+                w_panels,
+                gelu,
+            };
+            // SAFETY: AVX2 + FMA and rows r0..r0 + rows of y, per the caller's contract; the
+            // parts write disjoint (row, panel) ranges.
+            unsafe { part.run() };
+        });
     }
     PACKED_X.set(packed);
 }
@@ -143,41 +151,6 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
-    /// Runs this task as `threads` tasks: over its weight panels (each reads only its part of
-    /// the weight), its row panels split too where there are fewer weight panels than threads.
-    ///
-    /// # Safety
-    /// As [`Task::run`].
-    unsafe fn split_and_run(self, threads: usize) {
-        let (i0, i1) = self.row_panels;
-        let (p0, p1) = self.w_panels;
-        let (row_panels, w_panels) = (i1 - i0, p1 - p0);
-        let row_tasks = if w_panels >= threads { 1 } else { threads };
-        let panel_tasks = threads.min(w_panels).max(1);
-        let run = |t: usize| {
-            let (pt, rt) = (t % panel_tasks, t / panel_tasks);
-            let part = Task {
-                row_panels: (
-                    i0 + row_panels * rt / row_tasks,
-                    i0 + row_panels * (rt + 1) / row_tasks,
-                ),
-                w_panels: (
-                    p0 + w_panels * pt / panel_tasks,
-                    p0 + w_panels * (pt + 1) / panel_tasks,
-                ),
-                ..self
-            };
-            // SAFETY: the caller's contract; the parts write disjoint (row, panel) ranges.
-            unsafe { part.run() };
-        };
-        let tasks = panel_tasks * row_tasks;
-        if tasks == 1 {
-            run(0);
-        } else {
-            (0..tasks).into_par_iter().for_each(run);
-        }
-    }
-
     /// # Safety
     /// AVX2 + FMA; `y` as [`linear`] says; no other task writes this task's region.
     #[target_feature(enable = "avx2,fma")]
